@@ -1,0 +1,49 @@
+# Quick start: `make demo` runs a real Dagster job through the controller on a local moto
+# server; `make test` sets everything up and runs every test. Both work on a fresh machine
+# with the Rust toolchain and Python 3.11.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := target/release/dagster-taskiq-controller
+STAMP := $(VENV)/.installed
+
+.PHONY: setup build demo test test-rust test-python lint fmt bench clean
+
+setup: $(STAMP)
+
+$(STAMP): python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e 'python[test]'
+	touch $(STAMP)
+
+build:
+	cargo build --release --locked
+
+demo: setup build
+	$(PY) -m dagster_taskiq_controller.demo --binary $(BIN)
+
+lint: setup
+	cargo fmt --check
+	cargo clippy --all-targets --locked -- -D warnings
+	$(VENV)/bin/ruff check python
+	$(VENV)/bin/ruff format --check python
+
+test-rust: setup
+	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server cargo test --locked
+
+test-python: setup build
+	$(PY) -m pytest python/tests -q -p no:cacheprovider --durations=10
+
+test: lint test-rust test-python
+
+fmt: setup
+	cargo fmt
+	$(VENV)/bin/ruff format python
+	$(VENV)/bin/ruff check --fix python
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

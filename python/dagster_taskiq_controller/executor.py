@@ -1,0 +1,302 @@
+"""``taskiq_controller_executor``: a step-delegating executor that enqueues one SQS message per
+step attempt for the dagster-taskiq-controller to launch (docs/protocol.md, section 1).
+
+The run worker never launches anything itself. It publishes the step, then follows the step
+through the event log like every step-delegating executor. The controller reports a step that
+died without a terminal Dagster event as a *verdict* engine event; ``check_step_health`` turns
+that verdict into "unhealthy" so Dagster applies the op's RetryPolicy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from dagster import (
+    Field,
+    IntSource,
+    Noneable,
+    StringSource,
+    executor,
+)
+from dagster import (
+    _check as check,
+)
+from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
+from dagster._core.definitions.metadata import MetadataValue
+from dagster._core.definitions.reconstruct import ReconstructableJob
+from dagster._core.event_api import EventLogCursor
+from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
+from dagster._core.execution.retries import RetryMode, get_retries_config
+from dagster._core.execution.tags import get_tag_concurrency_limits_config
+from dagster._core.executor.base import Executor
+from dagster._core.executor.init import InitExecutorContext
+from dagster._core.executor.step_delegating import (
+    CheckStepHealthResult,
+    StepDelegatingExecutor,
+    StepHandler,
+    StepHandlerContext,
+)
+from dagster._utils.hosted_user_process import recon_job_from_origin
+
+from dagster_taskiq_controller import contract
+
+logger = logging.getLogger("dagster_taskiq_controller")
+
+QUEUE_URL_ENV = "DAGSTER_TASKIQ_SQS_QUEUE_URL"
+
+TASKIQ_CONTROLLER_EXECUTOR_CONFIG: dict[str, Field] = {
+    "queue_url": Field(
+        Noneable(StringSource),
+        is_required=False,
+        default_value=None,
+        description=f"SQS queue URL to publish steps to. Defaults to env {QUEUE_URL_ENV}.",
+    ),
+    "region_name": Field(
+        Noneable(StringSource),
+        is_required=False,
+        default_value=None,
+        description="AWS region of the queue. Defaults to the standard AWS environment.",
+    ),
+    "endpoint_url": Field(
+        Noneable(StringSource),
+        is_required=False,
+        default_value=None,
+        description="SQS endpoint URL. Defaults to the standard AWS environment "
+        "(AWS_ENDPOINT_URL_SQS / AWS_ENDPOINT_URL).",
+    ),
+    "retries": get_retries_config(),
+    "max_concurrent": Field(
+        Noneable(IntSource),
+        is_required=False,
+        default_value=None,
+        description="Steps of one run in flight at once (enqueued or running). Default: no limit.",
+    ),
+    "tag_concurrency_limits": get_tag_concurrency_limits_config(),
+    "step_health_check_interval_seconds": Field(
+        int,
+        is_required=False,
+        default_value=1,
+        description="Seconds between checks for controller verdicts on running steps.",
+    ),
+    "poll_interval_seconds": Field(
+        float,
+        is_required=False,
+        default_value=0.1,
+        description="Seconds between polls of the event log for step events.",
+    ),
+}
+
+
+class SqsStepHandler(StepHandler):
+    """Publishes each step to SQS and reads the controller's verdicts from the event log."""
+
+    def __init__(
+        self,
+        queue_url: str,
+        region_name: str | None = None,
+        endpoint_url: str | None = None,
+    ) -> None:
+        super().__init__()
+        self._queue_url = check.str_param(queue_url, "queue_url")
+        self._region_name = region_name
+        self._endpoint_url = endpoint_url
+        self._client: Any = None
+        # Per run: highest ENGINE_EVENT storage id read so far and the verdicts found, keyed by
+        # (step key, attempt). Events are append-only, so each check reads only new records.
+        self._verdict_cursors: dict[str, int] = {}
+        self._verdicts: dict[str, dict[tuple[str, int], str]] = {}
+
+    @property
+    def name(self) -> str:
+        return "SqsStepHandler"
+
+    @property
+    def queue_url(self) -> str:
+        return self._queue_url
+
+    def _sqs(self) -> Any:
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.client(
+                "sqs", region_name=self._region_name, endpoint_url=self._endpoint_url
+            )
+        return self._client
+
+    @staticmethod
+    def _step_key(step_handler_context: StepHandlerContext) -> str:
+        step_keys = step_handler_context.execute_step_args.step_keys_to_execute or []
+        check.invariant(len(step_keys) == 1, "Launching multiple steps is not supported")
+        return step_keys[0]
+
+    @staticmethod
+    def _executable_dict(step_handler_context: StepHandlerContext) -> Mapping[str, Any]:
+        plan_context = getattr(step_handler_context, "_plan_context", None)
+        job = getattr(plan_context, "job", None)
+        if isinstance(job, ReconstructableJob):
+            return job.to_dict()
+        origin = step_handler_context.execute_step_args.job_origin
+        return recon_job_from_origin(origin).to_dict()
+
+    def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        step_key = self._step_key(step_handler_context)
+        args = step_handler_context.execute_step_args
+        message = contract.build_step_message(
+            args,
+            self._executable_dict(step_handler_context),
+            job_name=step_handler_context.dagster_run.job_name,
+            step_tags=step_handler_context.step_tags[step_key],
+        )
+        body = contract.encode_body(message)
+        if len(body.encode()) > contract.MAX_BODY_BYTES:
+            raise ValueError(
+                f"Step message for {step_key} is {len(body.encode())} bytes; SQS takes at "
+                f"most {contract.MAX_BODY_BYTES}"
+            )
+        task_id = message["task_id"]
+        send_kwargs: dict[str, Any] = {"QueueUrl": self._queue_url, "MessageBody": body}
+        if self._queue_url.endswith(".fifo"):
+            # One group per step attempt: FIFO group locking must not serialize a run's steps.
+            send_kwargs["MessageGroupId"] = task_id
+            send_kwargs["MessageDeduplicationId"] = task_id
+        response = self._sqs().send_message(**send_kwargs)
+        message_id = str(response.get("MessageId", ""))
+        attempt = contract.step_attempt(args, step_key)
+        logger.debug("enqueued %s attempt %d as %s (%s)", step_key, attempt, task_id, message_id)
+
+        yield DagsterEvent.engine_event(
+            step_handler_context.get_step_context(step_key),
+            message=f"Step enqueued for dagster-taskiq-controller (attempt {attempt}).",
+            event_specific_data=EngineEventData(
+                metadata={
+                    "task_id": MetadataValue.text(task_id),
+                    "sqs_message_id": MetadataValue.text(message_id),
+                    "attempt": MetadataValue.int(attempt),
+                    "queue_url": MetadataValue.text(self._queue_url),
+                }
+            ),
+        )
+
+    def _refresh_verdicts(self, step_handler_context: StepHandlerContext) -> None:
+        instance = step_handler_context.instance
+        run_id = step_handler_context.execute_step_args.run_id
+        found = self._verdicts.setdefault(run_id, {})
+        high = self._verdict_cursors.get(run_id, 0)
+        # Storages whose ids may commit out of order (Postgres) ask tailers to re-read a window.
+        offset = instance.event_log_storage.default_run_scoped_event_tailer_offset()
+        start = max(0, high - offset)
+        cursor = EventLogCursor.from_storage_id(start).to_string() if start else None
+        while True:
+            conn = instance.get_records_for_run(
+                run_id, cursor=cursor, of_type=DagsterEventType.ENGINE_EVENT, limit=1000
+            )
+            for record in conn.records:
+                high = max(high, record.storage_id)
+                verdict = read_verdict(record.event_log_entry.dagster_event)
+                if verdict is not None:
+                    found.setdefault(verdict[0:2], verdict[2])
+            cursor = conn.cursor
+            if not conn.has_more:
+                break
+        self._verdict_cursors[run_id] = high
+
+    def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
+        step_key = self._step_key(step_handler_context)
+        attempt = contract.step_attempt(step_handler_context.execute_step_args, step_key)
+        self._refresh_verdicts(step_handler_context)
+        run_id = step_handler_context.execute_step_args.run_id
+        verdict = self._verdicts.get(run_id, {}).get((step_key, attempt))
+        if verdict is not None:
+            return CheckStepHealthResult.unhealthy(verdict)
+        return CheckStepHealthResult.healthy()
+
+    def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        step_key = self._step_key(step_handler_context)
+        attempt = contract.step_attempt(step_handler_context.execute_step_args, step_key)
+        yield DagsterEvent.engine_event(
+            step_handler_context.get_step_context(step_key),
+            message=(
+                f"Termination of step {step_key} requested; the dagster-taskiq-controller stops "
+                "it when it sees the run canceling."
+            ),
+            event_specific_data=EngineEventData(
+                metadata={
+                    "task_id": MetadataValue.text(
+                        contract.step_task_id(
+                            step_handler_context.execute_step_args.run_id, step_key, attempt
+                        )
+                    ),
+                    "attempt": MetadataValue.int(attempt),
+                }
+            ),
+        )
+
+
+def read_verdict(event: DagsterEvent | None) -> tuple[str, int, str] | None:
+    """``(step_key, attempt, verdict)`` when the event is a controller verdict, else None."""
+    if event is None or event.event_type != DagsterEventType.ENGINE_EVENT or not event.step_key:
+        return None
+    metadata = event.engine_event_data.metadata or {}
+    if contract.META_VERDICT not in metadata or contract.META_ATTEMPT not in metadata:
+        return None
+    verdict = getattr(metadata[contract.META_VERDICT], "value", None)
+    attempt = getattr(metadata[contract.META_ATTEMPT], "value", None)
+    if not isinstance(attempt, int) or isinstance(attempt, bool):
+        try:
+            attempt = int(str(attempt))
+        except ValueError:
+            return None
+    return event.step_key, attempt, str(verdict)
+
+
+def _resolve_queue_url(config: Mapping[str, Any]) -> str:
+    queue_url = config.get("queue_url") or os.environ.get(QUEUE_URL_ENV)
+    if not queue_url:
+        check.failed(
+            f"taskiq_controller executor needs a queue: set executor config queue_url or env "
+            f"{QUEUE_URL_ENV}"
+        )
+    return queue_url
+
+
+@executor(
+    name="taskiq_controller",
+    config_schema=TASKIQ_CONTROLLER_EXECUTOR_CONFIG,
+    requirements=multiple_process_executor_requirements(),
+)
+def taskiq_controller_executor(init_context: InitExecutorContext) -> Executor:
+    """Run each step through the dagster-taskiq-controller: one SQS message per step attempt.
+
+    Select it with ``executor_def=taskiq_controller_executor`` or in run config:
+
+    .. code-block:: yaml
+
+        execution:
+          config:
+            queue_url: https://sqs.eu-west-1.amazonaws.com/123456789012/dagster-steps
+            max_concurrent: 20
+
+    Op tags steer the launch: ``dagster/priority`` (higher first), ``dagster-taskiq/timeout``
+    (seconds), ``dagster-taskiq/launcher`` (``process`` or ``ecs``) and ``ecs/*``.
+    """
+    config = init_context.executor_config
+    retries = RetryMode.from_config(check.dict_elem(config, "retries"))
+    check.invariant(retries is not None, "retries config is required")
+    assert retries is not None
+    return StepDelegatingExecutor(
+        SqsStepHandler(
+            queue_url=_resolve_queue_url(config),
+            region_name=check.opt_str_elem(config, "region_name"),
+            endpoint_url=check.opt_str_elem(config, "endpoint_url"),
+        ),
+        retries=retries,
+        sleep_seconds=float(config["poll_interval_seconds"]),  # type: ignore[arg-type]
+        check_step_health_interval_seconds=check.int_elem(
+            config, "step_health_check_interval_seconds"
+        ),
+        max_concurrent=check.opt_int_elem(config, "max_concurrent"),
+        tag_concurrency_limits=check.opt_list_elem(config, "tag_concurrency_limits"),
+    )

@@ -1,0 +1,215 @@
+"""A local stack for the demo and the tests: a moto server on 127.0.0.1, a work queue with its
+dead-letter queue, and a controller process. Nothing here is used in production."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TypeVar
+
+import boto3
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_BINARY = REPO_ROOT / "target" / "release" / "dagster-taskiq-controller"
+REGION = "us-east-1"
+
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+) -> T:
+    """Polls `condition` until it returns a truthy value; raises after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def aws_env(endpoint_url: str) -> dict[str, str]:
+    """The standard AWS variables that point every client (boto3 and the Rust SDK) at moto."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "AWS_REGION": REGION,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return 200 <= response.status < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except OSError:
+        return False
+
+
+@dataclass
+class MotoServer:
+    """`moto_server` on 127.0.0.1 with a free port."""
+
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> MotoServer:
+        executable = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+        command = (
+            [executable] if executable else [sys.executable, "-m", "moto.server"]
+        ) + ["-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for(lambda: _http_ok(f"{self.url}/moto-api/"), 30, "moto server to answer")
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> MotoServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class Queues:
+    queue_url: str
+    dlq_url: str
+
+
+def create_queues(
+    endpoint_url: str,
+    name: str,
+    visibility_timeout: int = 30,
+    max_receive_count: int = 10,
+) -> Queues:
+    """A work queue and its dead-letter queue, tied by a RedrivePolicy."""
+    sqs = boto3.client("sqs", endpoint_url=endpoint_url, region_name=REGION)
+    dlq_url = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    redrive = f'{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receive_count}"}}'
+    queue_url = sqs.create_queue(
+        QueueName=name,
+        Attributes={
+            "VisibilityTimeout": str(visibility_timeout),
+            "RedrivePolicy": redrive,
+        },
+    )["QueueUrl"]
+    return Queues(queue_url=queue_url, dlq_url=dlq_url)
+
+
+@dataclass
+class Controller:
+    """A controller process started with the given flags."""
+
+    queue_url: str
+    env: Mapping[str, str]
+    binary: Path = DEFAULT_BINARY
+    args: Sequence[str] = ()
+    log_path: Path | None = None
+    dashboard_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self, wait_ready: bool = True) -> Controller:
+        if not self.binary.exists():
+            raise FileNotFoundError(f"{self.binary} not found: run `cargo build --release` first")
+        command = [
+            str(self.binary),
+            "run",
+            "--queue-url",
+            self.queue_url,
+            "--python",
+            sys.executable,
+            "--dashboard-addr",
+            f"127.0.0.1:{self.dashboard_port}",
+            *self.args,
+        ]
+        env = {**os.environ, **self.env}
+        env.setdefault("RUST_LOG", "info")
+        stdout: IO[bytes] | int = subprocess.DEVNULL
+        if self.log_path is not None:
+            self._log = open(self.log_path, "ab")  # noqa: SIM115
+            stdout = self._log
+        self.process = subprocess.Popen(
+            command, env=env, stdout=stdout, stderr=subprocess.STDOUT
+        )
+        if wait_ready:
+            wait_for(self._ready, 60, "controller to be ready")
+        return self
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(
+                f"controller exited with {self.process.returncode}; log: {self.log_path}"
+            )
+        return _http_ok(f"{self.dashboard_url}/readyz")
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then wait; SIGKILL if it does not exit in time. Returns the exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.process.returncode
+
+    def __enter__(self) -> Controller:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,357 @@
+"""The bridge sidecar as the controller sees it: a real subprocess speaking JSON lines."""
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import dagster
+import pytest
+from conftest import child_env, make_dagster_home, wait_for
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    OpExecutionContext,
+    RetryPolicy,
+    in_process_executor,
+    job,
+    op,
+)
+from dagster._core.instance.ref import InstanceRef
+from dagster._serdes import pack_value
+
+from dagster_taskiq_controller import contract
+
+DEADLINE = 30.0
+
+
+@op(retry_policy=RetryPolicy(max_retries=1))
+def first(context: OpExecutionContext) -> int:
+    if context.retry_number == 0:
+        raise RuntimeError("first attempt fails")
+    return 1
+
+
+@op
+def second(x: int) -> int:
+    return x + 1
+
+
+@job(executor_def=in_process_executor)
+def tiny() -> None:
+    second(first())
+
+
+class BridgeProcess:
+    """The bridge subprocess with a reader thread, so every read has a deadline."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dagster_taskiq_controller.bridge"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self._lines: queue.Queue[bytes] = queue.Queue()
+        self.stderr: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True).start()
+        threading.Thread(target=self._drain, args=(self.proc.stderr,), daemon=True).start()
+        self._next_id = 0
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        for line in iter(stream.readline, b""):
+            self._lines.put(line)
+
+    def _drain(self, stream: IO[bytes]) -> None:
+        for line in iter(stream.readline, b""):
+            self.stderr.append(line.decode(errors="replace"))
+
+    def write(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def read(self) -> dict[str, Any]:
+        try:
+            line = self._lines.get(timeout=DEADLINE)
+        except queue.Empty:
+            raise AssertionError(f"no bridge response; stderr: {''.join(self.stderr)}") from None
+        return json.loads(line)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._next_id += 1
+        request_id = self._next_id
+        self.write(json.dumps({"id": request_id, "method": method, "params": params}).encode())
+        self.write(b"\n")
+        response = self.read()
+        assert response["id"] == request_id
+        return response
+
+    def result(self, method: str, **params: Any) -> dict[str, Any]:
+        response = self.call(method, **params)
+        assert response["ok"], response
+        return response["result"]
+
+    def close(self) -> int:
+        assert self.proc.stdin is not None
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            return self.proc.wait(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+class World:
+    """A Dagster home with one finished run of ``tiny`` and one run that never started."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
+        result = tiny.execute_in_process(instance=self.instance, raise_on_error=False)
+        assert result.success
+        self.done_run_id = result.run_id
+        pending = self.instance.create_run_for_job(job_def=tiny)
+        self.pending_run_id = pending.run_id
+        self.ref = pack_value(self.instance.get_ref())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    home = make_dagster_home(tmp_path_factory.mktemp("bridge") / "dagster_home")
+    w = World(home)
+    yield w
+    w.instance.dispose()
+
+
+@pytest.fixture
+def bridge(world: World) -> Iterator[BridgeProcess]:
+    proc = BridgeProcess(child_env(DAGSTER_HOME=str(world.home)))
+    yield proc
+    if proc.proc.poll() is None:
+        proc.close()
+
+
+def _engine_events(world: World, run_id: str, step_key: str) -> list[Any]:
+    conn = world.instance.get_records_for_run(run_id, of_type=DagsterEventType.ENGINE_EVENT)
+    return [
+        r.event_log_entry.dagster_event
+        for r in conn.records
+        if r.event_log_entry.dagster_event and r.event_log_entry.dagster_event.step_key == step_key
+    ]
+
+
+def test_ping(bridge: BridgeProcess) -> None:
+    result = bridge.result("ping")
+    assert result == {"dagster_version": dagster.__version__, "pid": bridge.proc.pid}
+
+
+def test_run_status_with_home_instance_and_instance_ref(
+    bridge: BridgeProcess, world: World
+) -> None:
+    run_ids = [world.done_run_id, world.pending_run_id, "no-such-run"]
+    for ref in (None, world.ref):
+        result = bridge.result("run_status", instance_ref=ref, run_ids=run_ids)
+        assert result == {
+            "statuses": {
+                world.done_run_id: "SUCCESS",
+                world.pending_run_id: "NOT_STARTED",
+                "no-such-run": None,
+            }
+        }
+
+
+def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) -> None:
+    def state(step_key: str, attempt: int) -> dict[str, Any]:
+        return bridge.result(
+            "step_state",
+            instance_ref=world.ref,
+            run_id=world.done_run_id,
+            step_key=step_key,
+            attempt=attempt,
+        )
+
+    # first: STEP_UP_FOR_RETRY (attempt 0) then STEP_SUCCESS (attempt 1)
+    assert state("first", 0) == {
+        "run_status": "SUCCESS",
+        "terminal_events": 2,
+        "attempt_finished": True,
+        "last_terminal": "STEP_SUCCESS",
+    }
+    assert state("first", 1)["attempt_finished"] is True
+    assert state("first", 2)["attempt_finished"] is False
+    assert state("second", 0)["terminal_events"] == 1
+    assert state("second", 1)["attempt_finished"] is False
+    missing = bridge.result(
+        "step_state", instance_ref=None, run_id="no-such-run", step_key="first", attempt=0
+    )
+    assert missing == {
+        "run_status": None,
+        "terminal_events": 0,
+        "attempt_finished": False,
+        "last_terminal": None,
+    }
+
+
+def test_pipelined_requests(bridge: BridgeProcess, world: World) -> None:
+    requests = [
+        {"id": 100, "method": "ping", "params": {}},
+        {"id": "b", "method": "run_status", "params": {"run_ids": [world.done_run_id]}},
+        {
+            "id": 102,
+            "method": "step_state",
+            "params": {"run_id": world.done_run_id, "step_key": "second", "attempt": 0},
+        },
+        {"id": 103, "method": "nope", "params": {}},
+        {"id": 104, "method": "ping"},
+    ]
+    bridge.write(b"".join(json.dumps(r).encode() + b"\n" for r in requests))
+    responses = {}
+    for _ in requests:
+        response = bridge.read()
+        responses[response["id"]] = response
+    assert set(responses) == {100, "b", 102, 103, 104}
+    assert responses["b"]["result"]["statuses"][world.done_run_id] == "SUCCESS"
+    assert responses[102]["result"]["attempt_finished"] is True
+    assert responses[103]["ok"] is False
+    assert responses[103]["error"]["kind"] == "bad_request"
+    assert responses[104]["ok"] is True
+
+
+def test_bad_lines_get_errors_and_the_loop_goes_on(bridge: BridgeProcess) -> None:
+    bridge.write(b"this is not json\n")
+    response = bridge.read()
+    assert response["id"] is None and response["ok"] is False
+    assert response["error"]["kind"] == "bad_request"
+    bridge.write(b"[1, 2]\n\n\xff\xfe\n")
+    assert bridge.read()["error"]["kind"] == "bad_request"
+    assert bridge.read()["error"]["kind"] == "bad_request"  # not UTF-8; blank line ignored
+    assert bridge.call("step_state", run_id="x")["error"]["kind"] == "bad_request"
+    assert bridge.call("step_state", run_id="x", step_key="s", attempt=-1)["ok"] is False
+    bad_ref = bridge.call("run_status", instance_ref={"__class__": "Nope"}, run_ids=[])
+    assert bad_ref["error"]["kind"] == "bad_request"
+    assert bridge.result("ping")["pid"] == bridge.proc.pid
+    assert bridge.close() == 0
+
+
+def test_unknown_run_is_not_found(bridge: BridgeProcess) -> None:
+    response = bridge.call(
+        "report_verdict",
+        instance_ref=None,
+        run_id="no-such-run",
+        step_key="first",
+        attempt=0,
+        task_id="t",
+        verdict="v",
+        exit="signal 9",
+        stderr_tail="",
+    )
+    assert response["ok"] is False and response["error"]["kind"] == "not_found"
+    response = bridge.call(
+        "report_event", run_id="no-such-run", step_key="first", message="m", metadata={}
+    )
+    assert response["error"]["kind"] == "not_found"
+
+
+def test_report_verdict_is_idempotent(bridge: BridgeProcess, world: World) -> None:
+    task_id = contract.step_task_id(world.pending_run_id, "first", 0)
+    params = {
+        "instance_ref": world.ref,
+        "run_id": world.pending_run_id,
+        "step_key": "first",
+        "attempt": 0,
+        "task_id": task_id,
+        "verdict": "process killed by signal 9 (SIGKILL)",
+        "exit": "signal 9",
+        "stderr_tail": "line 1\nline 2\n",
+    }
+    assert bridge.result("report_verdict", **params) == {
+        "written": True,
+        "attempt_finished": False,
+    }
+    # the controller retries the same report: nothing new is written
+    assert bridge.result("report_verdict", **params) == {
+        "written": False,
+        "attempt_finished": False,
+    }
+    events = [
+        e
+        for e in _engine_events(world, world.pending_run_id, "first")
+        if contract.META_VERDICT in e.engine_event_data.metadata
+    ]
+    assert len(events) == 1
+    metadata = {k: v.value for k, v in events[0].engine_event_data.metadata.items()}
+    assert metadata == {
+        contract.META_VERDICT: "process killed by signal 9 (SIGKILL)",
+        contract.META_ATTEMPT: 0,
+        contract.META_TASK_ID: task_id,
+        contract.META_EXIT: "signal 9",
+        contract.META_STDERR_TAIL: "line 1\nline 2\n",
+    }
+    assert events[0].message == (
+        "dagster-taskiq-controller: step attempt 0 of first failed: "
+        "process killed by signal 9 (SIGKILL)"
+    )
+    # the next attempt is a different verdict
+    params.update(attempt=1, task_id=contract.step_task_id(world.pending_run_id, "first", 1))
+    assert bridge.result("report_verdict", **params)["written"] is True
+
+
+def test_report_verdict_refused_after_terminal_event(bridge: BridgeProcess, world: World) -> None:
+    before = len(_engine_events(world, world.done_run_id, "second"))
+    result = bridge.result(
+        "report_verdict",
+        instance_ref=world.ref,
+        run_id=world.done_run_id,
+        step_key="second",
+        attempt=0,
+        task_id=contract.step_task_id(world.done_run_id, "second", 0),
+        verdict="exited 0 without a terminal event",
+        exit="exit code 0",
+        stderr_tail="",
+    )
+    assert result == {"written": False, "attempt_finished": True}
+    assert len(_engine_events(world, world.done_run_id, "second")) == before
+
+
+def test_report_event(bridge: BridgeProcess, world: World) -> None:
+    result = bridge.result(
+        "report_event",
+        instance_ref=world.ref,
+        run_id=world.pending_run_id,
+        step_key="second",
+        message="dagster-taskiq-controller: relaunching attempt 0 (lease lost)",
+        metadata={"reason": "lease lost", "host": "controller-1"},
+    )
+    assert result == {"written": True}
+    events = wait_for(
+        lambda: [
+            e
+            for e in _engine_events(world, world.pending_run_id, "second")
+            if "relaunching" in (e.message or "")
+        ],
+        timeout=5,
+        what="informational engine event",
+    )
+    metadata = {k: v.value for k, v in events[0].engine_event_data.metadata.items()}
+    assert metadata == {"reason": "lease lost", "host": "controller-1"}
+    bad = bridge.call("report_event", run_id=world.pending_run_id, message="m", metadata=[1])
+    assert bad["error"]["kind"] == "bad_request"
+
+
+def test_exits_cleanly_on_eof(bridge: BridgeProcess) -> None:
+    assert bridge.result("ping")
+    assert bridge.close() == 0
+    wait_for(
+        lambda: any("stdin closed" in line for line in bridge.stderr),
+        timeout=5,
+        what="the bridge's exit log line",
+    )

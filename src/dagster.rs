@@ -1,0 +1,433 @@
+//! The Dagster boundary: run status, step outcomes and verdicts, read and written with
+//! Dagster's own APIs by a long-lived Python sidecar (`python -m
+//! dagster_taskiq_controller.bridge`) that speaks JSON lines (docs/protocol.md, section 2).
+//!
+//! The sidecar is started lazily, restarted on the next request if it dies, and its requests
+//! are pipelined: each carries an id and its answer may come in any order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::envelope::StepRequest;
+use crate::metrics::Metrics;
+
+/// Dagster's run statuses (`DagsterRunStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RunStatus {
+    Queued,
+    NotStarted,
+    Managed,
+    Starting,
+    Started,
+    Success,
+    Failure,
+    Canceling,
+    Canceled,
+}
+
+impl RunStatus {
+    /// True when no new step of the run should start.
+    pub fn stops_new_steps(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Success | RunStatus::Failure | RunStatus::Canceling | RunStatus::Canceled
+        )
+    }
+}
+
+/// What the event log says about one step attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StepState {
+    /// `None`: the run does not exist in that instance.
+    pub run_status: Option<RunStatus>,
+    /// STEP_SUCCESS / STEP_FAILURE / STEP_UP_FOR_RETRY events of the step, all attempts.
+    pub terminal_events: u32,
+    /// The asked attempt already ended (it has its terminal event).
+    pub attempt_finished: bool,
+    /// Type of the newest terminal event, e.g. `STEP_SUCCESS`.
+    pub last_terminal: Option<String>,
+}
+
+/// The controller's account of an attempt that ended without a terminal event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// Why the attempt failed, e.g. "process killed by signal 9 (SIGKILL)".
+    pub verdict: String,
+    /// How the process ended, e.g. "signal 9".
+    pub exit: String,
+    /// Last lines the step wrote to stderr.
+    pub stderr_tail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct VerdictAck {
+    /// False when the attempt had already finished or the verdict was already there.
+    pub written: bool,
+    pub attempt_finished: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BridgeError {
+    #[error("Dagster bridge unavailable: {0}")]
+    Unavailable(String),
+    #[error("Dagster bridge did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("Dagster bridge rejected the request ({kind}): {message}")]
+    Rejected { kind: String, message: String },
+    #[error("Dagster raised in the bridge: {0}")]
+    Internal(String),
+}
+
+impl BridgeError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, BridgeError::Rejected { .. })
+    }
+}
+
+/// Reads and writes Dagster state for the controller.
+#[async_trait]
+pub trait DagsterBridge: Send + Sync + 'static {
+    /// Status of each run (`None` for an unknown run), in one round trip.
+    async fn run_statuses(
+        &self,
+        instance_ref: &Value,
+        run_ids: &[String],
+    ) -> Result<HashMap<String, Option<RunStatus>>, BridgeError>;
+
+    /// What the event log says about the request's step attempt.
+    async fn step_state(&self, step: &StepRequest) -> Result<StepState, BridgeError>;
+
+    /// Writes the verdict engine event that the executor's health check turns into a
+    /// failure or a retry. Idempotent.
+    async fn report_verdict(
+        &self,
+        step: &StepRequest,
+        verdict: &Verdict,
+    ) -> Result<VerdictAck, BridgeError>;
+
+    /// Writes an informational engine event for the step.
+    async fn report_event(
+        &self,
+        step: &StepRequest,
+        message: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<(), BridgeError>;
+}
+
+/// How to start the sidecar.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    pub python: PathBuf,
+    /// Per-request deadline.
+    pub request_timeout: Duration,
+}
+
+/// [`DagsterBridge`] backed by the Python sidecar.
+pub struct SidecarBridge {
+    config: SidecarConfig,
+    metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+    connection: tokio::sync::Mutex<Option<Connection>>,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+
+struct Connection {
+    requests: mpsc::UnboundedSender<String>,
+    pending: Pending,
+    /// Cancelled when the sidecar has exited.
+    exited: CancellationToken,
+    /// Cancel to stop the sidecar.
+    stop: CancellationToken,
+}
+
+#[derive(Deserialize)]
+struct Response {
+    id: u64,
+    ok: bool,
+    #[serde(default)]
+    result: Value,
+    #[serde(default)]
+    error: Option<ErrorBody>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    kind: String,
+    message: String,
+}
+
+impl SidecarBridge {
+    pub fn new(config: SidecarConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            config,
+            metrics,
+            next_id: AtomicU64::new(1),
+            connection: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Starts the sidecar now and checks that it imports Dagster; returns Dagster's version.
+    pub async fn ping(&self) -> Result<String, BridgeError> {
+        let result = self.call("ping", json!({})).await?;
+        Ok(result
+            .get("dagster_version")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_owned())
+    }
+
+    /// True while a sidecar process is running.
+    pub async fn is_alive(&self) -> bool {
+        let guard = self.connection.lock().await;
+        guard.as_ref().is_some_and(|c| !c.exited.is_cancelled())
+    }
+
+    /// Stops the sidecar (closing its stdin first so it exits by itself).
+    pub async fn close(&self) {
+        if let Some(connection) = self.connection.lock().await.take() {
+            drop(connection.requests);
+            connection.stop.cancel();
+            connection.exited.cancelled().await;
+        }
+    }
+
+    async fn call(&self, method: &'static str, params: Value) -> Result<Value, BridgeError> {
+        self.metrics
+            .bridge_requests
+            .get_or_create(&[("method", method)])
+            .inc();
+        let started = Instant::now();
+        let result = self.call_inner(method, params).await;
+        self.metrics
+            .bridge_latency_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.metrics
+                .bridge_errors
+                .get_or_create(&[("method", method)])
+                .inc();
+        }
+        result
+    }
+
+    async fn call_inner(&self, method: &'static str, params: Value) -> Result<Value, BridgeError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let line = json!({"id": id, "method": method, "params": params}).to_string();
+        let (tx, rx) = oneshot::channel();
+        let pending = {
+            let mut guard = self.connection.lock().await;
+            let connection = match guard.as_ref() {
+                Some(c) if !c.exited.is_cancelled() => c,
+                _ => {
+                    self.metrics.bridge_restarts.inc();
+                    guard.insert(self.spawn()?)
+                }
+            };
+            connection.pending.lock().expect("lock").insert(id, tx);
+            if connection.requests.send(line).is_err() {
+                connection.pending.lock().expect("lock").remove(&id);
+                return Err(BridgeError::Unavailable("sidecar stdin closed".into()));
+            }
+            connection.pending.clone()
+        };
+        match tokio::time::timeout(self.config.request_timeout, rx).await {
+            Err(_) => {
+                pending.lock().expect("lock").remove(&id);
+                Err(BridgeError::Timeout(self.config.request_timeout))
+            }
+            Ok(Err(_)) => Err(BridgeError::Unavailable(
+                "sidecar exited before answering".into(),
+            )),
+            Ok(Ok(response)) if response.ok => Ok(response.result),
+            Ok(Ok(response)) => {
+                let error = response.error.unwrap_or(ErrorBody {
+                    kind: "internal".into(),
+                    message: "error without details".into(),
+                });
+                Err(match error.kind.as_str() {
+                    "internal" => BridgeError::Internal(error.message),
+                    _ => BridgeError::Rejected {
+                        kind: error.kind,
+                        message: error.message,
+                    },
+                })
+            }
+        }
+    }
+
+    fn spawn(&self) -> Result<Connection, BridgeError> {
+        let mut child = Command::new(&self.config.python)
+            .args(["-m", "dagster_taskiq_controller.bridge"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                BridgeError::Unavailable(format!(
+                    "cannot start {} -m dagster_taskiq_controller.bridge: {e}",
+                    self.config.python.display()
+                ))
+            })?;
+        let pid = child.id().unwrap_or_default();
+        tracing::info!(pid, "Dagster bridge started");
+        let mut stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let (requests, mut request_rx) = mpsc::unbounded_channel::<String>();
+        let pending: Pending = Arc::default();
+        let exited = CancellationToken::new();
+        let stop = CancellationToken::new();
+
+        tokio::spawn(async move {
+            while let Some(mut line) = request_rx.recv().await {
+                line.push('\n');
+                if stdin.write_all(line.as_bytes()).await.is_err() || stdin.flush().await.is_err() {
+                    break;
+                }
+            }
+            // Dropping stdin tells the sidecar to exit.
+        });
+        let reader_pending = pending.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<Response>(&line) {
+                    Ok(response) => {
+                        let waiter = reader_pending.lock().expect("lock").remove(&response.id);
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(response);
+                        }
+                    }
+                    Err(e) => tracing::warn!(%e, line, "unparseable line from Dagster bridge"),
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::debug!(target: "dagster_bridge", "{line}");
+            }
+        });
+        let waiter_exited = exited.clone();
+        let waiter_stop = stop.clone();
+        let waiter_pending = pending.clone();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = waiter_stop.cancelled() => {
+                    // Give it a moment to exit on stdin EOF, then make sure.
+                    match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                        Ok(status) => status,
+                        Err(_) => {
+                            let _ = child.start_kill();
+                            child.wait().await
+                        }
+                    }
+                }
+            };
+            if waiter_stop.is_cancelled() {
+                tracing::info!(pid, ?status, "Dagster bridge stopped");
+            } else {
+                tracing::warn!(
+                    pid,
+                    ?status,
+                    "Dagster bridge exited; restarting on next request"
+                );
+            }
+            // Dropping the senders wakes every waiter with an error.
+            waiter_pending.lock().expect("lock").clear();
+            waiter_exited.cancel();
+        });
+        Ok(Connection {
+            requests,
+            pending,
+            exited,
+            stop,
+        })
+    }
+}
+
+fn step_params(step: &StepRequest) -> serde_json::Map<String, Value> {
+    let mut params = serde_json::Map::new();
+    params.insert("instance_ref".into(), step.instance_ref.clone());
+    params.insert("run_id".into(), step.run_id.clone().into());
+    params.insert("step_key".into(), step.step_key.clone().into());
+    params.insert("attempt".into(), step.attempt.into());
+    params.insert("task_id".into(), step.task_id.clone().into());
+    params
+}
+
+fn parse<T: serde::de::DeserializeOwned>(method: &str, value: Value) -> Result<T, BridgeError> {
+    serde_json::from_value(value)
+        .map_err(|e| BridgeError::Internal(format!("unexpected {method} result: {e}")))
+}
+
+#[async_trait]
+impl DagsterBridge for SidecarBridge {
+    async fn run_statuses(
+        &self,
+        instance_ref: &Value,
+        run_ids: &[String],
+    ) -> Result<HashMap<String, Option<RunStatus>>, BridgeError> {
+        #[derive(Deserialize)]
+        struct Statuses {
+            statuses: HashMap<String, Option<RunStatus>>,
+        }
+        let result = self
+            .call(
+                "run_status",
+                json!({"instance_ref": instance_ref, "run_ids": run_ids}),
+            )
+            .await?;
+        Ok(parse::<Statuses>("run_status", result)?.statuses)
+    }
+
+    async fn step_state(&self, step: &StepRequest) -> Result<StepState, BridgeError> {
+        let result = self
+            .call("step_state", Value::Object(step_params(step)))
+            .await?;
+        parse("step_state", result)
+    }
+
+    async fn report_verdict(
+        &self,
+        step: &StepRequest,
+        verdict: &Verdict,
+    ) -> Result<VerdictAck, BridgeError> {
+        let mut params = step_params(step);
+        params.insert("verdict".into(), verdict.verdict.clone().into());
+        params.insert("exit".into(), verdict.exit.clone().into());
+        params.insert("stderr_tail".into(), verdict.stderr_tail.clone().into());
+        let result = self.call("report_verdict", Value::Object(params)).await?;
+        parse("report_verdict", result)
+    }
+
+    async fn report_event(
+        &self,
+        step: &StepRequest,
+        message: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<(), BridgeError> {
+        let mut params = step_params(step);
+        params.insert("message".into(), message.into());
+        params.insert("metadata".into(), json!(metadata));
+        self.call("report_event", Value::Object(params)).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,427 @@
+//! The wire contract: a TaskIQ broker message from SQS becomes a [`StepRequest`], or a
+//! [`Poison`] error that says exactly why it can never run. See `docs/protocol.md`.
+//!
+//! Dagster's serdes objects are never deserialized here: the packed `ExecuteStepArgs` is kept
+//! as the exact JSON text that arrived and handed to the step unchanged; only the few fields
+//! the controller needs (run id, step key, attempt, instance ref) are read from it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+/// SQS refuses larger bodies; anything bigger that reaches us is not ours.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The only TaskIQ task the controller runs.
+pub const TASK_NAME: &str = "execute_plan";
+
+/// Label names our executor adds (see docs/protocol.md).
+pub mod labels {
+    pub const RUN_ID: &str = "dagster_run_id";
+    pub const STEP_KEY: &str = "dagster_step_key";
+    pub const ATTEMPT: &str = "dagster_attempt";
+    pub const JOB_NAME: &str = "dagster_job_name";
+    pub const LAUNCHER: &str = "dagster_launcher";
+    pub const PRIORITY: &str = "dagster_priority";
+    pub const TIMEOUT: &str = "dagster_timeout";
+    pub const TAGS: &str = "dagster_tags";
+}
+
+/// Where a step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LauncherKind {
+    Process,
+    Ecs,
+}
+
+impl std::str::FromStr for LauncherKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "process" => Ok(Self::Process),
+            "ecs" => Ok(Self::Ecs),
+            other => Err(format!(
+                "unknown launcher {other:?} (expected process or ecs)"
+            )),
+        }
+    }
+}
+
+/// One step attempt, decoded and validated.
+#[derive(Debug, Clone)]
+pub struct StepRequest {
+    /// Idempotency key of the attempt (the TaskIQ task id).
+    pub task_id: String,
+    pub run_id: String,
+    pub step_key: String,
+    /// Dagster's retry attempt number, from 0.
+    pub attempt: u32,
+    pub job_name: Option<String>,
+    /// `None`: the controller's default launcher.
+    pub launcher: Option<LauncherKind>,
+    /// Higher runs first.
+    pub priority: i32,
+    pub timeout: Option<Duration>,
+    /// Op tags that steer the launch (`ecs/*`, `dagster/priority`, `dagster-taskiq/*`).
+    pub tags: BTreeMap<String, String>,
+    /// All TaskIQ labels, as sent.
+    pub labels: BTreeMap<String, String>,
+    /// The packed `InstanceRef` (or null), for the bridge.
+    pub instance_ref: Value,
+    /// `execute_step_args_packed` exactly as it arrived.
+    pub step_args_json: Box<RawValue>,
+}
+
+/// Why a message can never run. `name()` is the stable short reason used in metrics, the
+/// dead-letter attribute and the shared test vectors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Poison {
+    #[error("body is {0} bytes, over the 1 MiB limit")]
+    TooLarge(usize),
+    #[error("body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("message does not have the TaskIQ shape: {0}")]
+    InvalidShape(String),
+    #[error("invalid task_id {0:?}: expected 1 to 64 characters of [0-9A-Za-z_-]")]
+    InvalidTaskId(String),
+    #[error("unknown task_name {0:?}: this controller only runs {TASK_NAME:?}")]
+    WrongTaskName(String),
+    #[error("positional args must be empty, got {0} value(s)")]
+    UnexpectedArgs(usize),
+    #[error("execute_step_args_packed is invalid: {0}")]
+    InvalidStepArgs(String),
+    #[error("expected exactly one step in step_keys_to_execute, got {0}")]
+    StepCount(usize),
+    #[error("invalid step key {0:?}: expected 1 to 255 characters of [A-Za-z0-9_.[]-]")]
+    InvalidStepKey(String),
+    #[error("invalid run id {0:?}: expected 1 to 64 characters of [0-9A-Za-z_-]")]
+    InvalidRunId(String),
+    #[error("label {label} is invalid: {reason}")]
+    InvalidLabel { label: &'static str, reason: String },
+    #[error("label {label} says {label_value:?} but the step args say {args_value:?}")]
+    LabelMismatch {
+        label: &'static str,
+        label_value: String,
+        args_value: String,
+    },
+}
+
+impl Poison {
+    /// Stable snake_case name of the reason.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Poison::TooLarge(_) => "too_large",
+            Poison::InvalidJson(_) => "invalid_json",
+            Poison::InvalidShape(_) => "invalid_shape",
+            Poison::InvalidTaskId(_) => "invalid_task_id",
+            Poison::WrongTaskName(_) => "wrong_task_name",
+            Poison::UnexpectedArgs(_) => "unexpected_args",
+            Poison::InvalidStepArgs(_) => "invalid_step_args",
+            Poison::StepCount(_) => "step_count",
+            Poison::InvalidStepKey(_) => "invalid_step_key",
+            Poison::InvalidRunId(_) => "invalid_run_id",
+            Poison::InvalidLabel { .. } => "invalid_label",
+            Poison::LabelMismatch { .. } => "label_mismatch",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawMessage {
+    task_id: String,
+    task_name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    // Read so that a wrong type is reported; TaskIQ's type codes are not needed.
+    #[serde(default)]
+    #[allow(dead_code)]
+    labels_types: BTreeMap<String, i64>,
+    #[serde(default)]
+    args: Vec<Value>,
+    kwargs: RawKwargs,
+}
+
+#[derive(Deserialize)]
+struct RawKwargs {
+    execute_step_args_packed: Box<RawValue>,
+    // Required by the dagster-taskiq task signature; the step reloads code from the args.
+    #[allow(dead_code)]
+    executable_dict: Box<RawValue>,
+}
+
+/// The few fields of the packed `ExecuteStepArgs` the controller needs.
+#[derive(Deserialize)]
+struct PackedStepArgs {
+    pipeline_run_id: String,
+    step_keys_to_execute: Vec<String>,
+    #[serde(default)]
+    instance_ref: Value,
+    #[serde(default)]
+    known_state: Option<KnownState>,
+}
+
+#[derive(Deserialize)]
+struct KnownState {
+    #[serde(default)]
+    previous_retry_attempts: BTreeMap<String, u32>,
+}
+
+/// Decodes and validates one SQS body.
+pub fn decode(body: &str) -> Result<StepRequest, Poison> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(Poison::TooLarge(body.len()));
+    }
+    let raw: RawMessage = serde_json::from_str(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => Poison::InvalidShape(e.to_string()),
+        _ => Poison::InvalidJson(e.to_string()),
+    })?;
+    if !is_identifier(&raw.task_id, 64) {
+        return Err(Poison::InvalidTaskId(raw.task_id));
+    }
+    if raw.task_name != TASK_NAME {
+        return Err(Poison::WrongTaskName(raw.task_name));
+    }
+    if !raw.args.is_empty() {
+        return Err(Poison::UnexpectedArgs(raw.args.len()));
+    }
+    let packed: PackedStepArgs = serde_json::from_str(raw.kwargs.execute_step_args_packed.get())
+        .map_err(|e| Poison::InvalidStepArgs(e.to_string()))?;
+    let [args_step_key] = <[String; 1]>::try_from(packed.step_keys_to_execute)
+        .map_err(|keys| Poison::StepCount(keys.len()))?;
+    let args_attempt = packed
+        .known_state
+        .as_ref()
+        .and_then(|k| k.previous_retry_attempts.get(&args_step_key).copied())
+        .unwrap_or(0);
+    if !packed.instance_ref.is_null() && !packed.instance_ref.is_object() {
+        return Err(Poison::InvalidStepArgs(
+            "instance_ref must be an object or null".into(),
+        ));
+    }
+
+    let labels = raw.labels;
+    let run_id = agree(&labels, labels::RUN_ID, packed.pipeline_run_id)?;
+    let step_key = agree(&labels, labels::STEP_KEY, args_step_key)?;
+    let attempt = match label(&labels, labels::ATTEMPT) {
+        None => args_attempt,
+        Some(text) => {
+            let value: u32 = text.parse().map_err(|_| Poison::InvalidLabel {
+                label: labels::ATTEMPT,
+                reason: format!("{text:?} is not a non-negative integer"),
+            })?;
+            if value != args_attempt {
+                return Err(Poison::LabelMismatch {
+                    label: labels::ATTEMPT,
+                    label_value: text.to_owned(),
+                    args_value: args_attempt.to_string(),
+                });
+            }
+            value
+        }
+    };
+    if !is_identifier(&run_id, 64) {
+        return Err(Poison::InvalidRunId(run_id));
+    }
+    if !is_step_key(&step_key) {
+        return Err(Poison::InvalidStepKey(step_key));
+    }
+
+    let launcher = parse_label(&labels, labels::LAUNCHER, |s| s.parse::<LauncherKind>())?;
+    let priority = parse_label(&labels, labels::PRIORITY, |s| {
+        s.parse::<i32>()
+            .map_err(|_| format!("{s:?} is not an integer"))
+    })?
+    .unwrap_or(0);
+    let timeout = parse_label(&labels, labels::TIMEOUT, parse_timeout)?;
+    let tags = parse_label(&labels, labels::TAGS, |s| {
+        serde_json::from_str::<BTreeMap<String, String>>(s)
+            .map_err(|e| format!("not a JSON object of strings: {e}"))
+    })?
+    .unwrap_or_default();
+    let job_name = label(&labels, labels::JOB_NAME).map(str::to_owned);
+
+    Ok(StepRequest {
+        task_id: raw.task_id,
+        run_id,
+        step_key,
+        attempt,
+        job_name,
+        launcher,
+        priority,
+        timeout,
+        tags,
+        labels,
+        instance_ref: packed.instance_ref,
+        step_args_json: raw.kwargs.execute_step_args_packed,
+    })
+}
+
+impl StepRequest {
+    /// `DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS`: base64 of zlib of the packed args' JSON, the
+    /// form Dagster's own step handlers pass.
+    pub fn compressed_step_args(&self) -> String {
+        let mut encoder =
+            flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder
+            .write_all(self.step_args_json.get().as_bytes())
+            .expect("writing to a Vec cannot fail");
+        let compressed = encoder.finish().expect("writing to a Vec cannot fail");
+        base64::engine::general_purpose::STANDARD.encode(compressed)
+    }
+
+    /// A short name for logs: `run_id/step_key#attempt`.
+    pub fn display_name(&self) -> String {
+        format!("{}/{}#{}", self.run_id, self.step_key, self.attempt)
+    }
+}
+
+/// A label's value, treating an empty string as absent.
+fn label<'a>(labels: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
+    labels
+        .get(name)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+fn parse_label<T>(
+    labels: &BTreeMap<String, String>,
+    name: &'static str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, Poison> {
+    label(labels, name)
+        .map(|text| {
+            parse(text).map_err(|reason| Poison::InvalidLabel {
+                label: name,
+                reason,
+            })
+        })
+        .transpose()
+}
+
+/// The args' value, checked against the label when the label is present.
+fn agree(
+    labels: &BTreeMap<String, String>,
+    name: &'static str,
+    args_value: String,
+) -> Result<String, Poison> {
+    match label(labels, name) {
+        Some(label_value) if label_value != args_value => Err(Poison::LabelMismatch {
+            label: name,
+            label_value: label_value.to_owned(),
+            args_value,
+        }),
+        _ => Ok(args_value),
+    }
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 7.0 * 24.0 * 3600.0) {
+        return Err(format!("{text:?} must be between 0 and 604800 seconds"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn is_identifier(s: &str, max_len: usize) -> bool {
+    (1..=max_len).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn is_step_key(s: &str) -> bool {
+    (1..=255).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'[' | b']' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(labels: Value, packed: Value) -> String {
+        serde_json::json!({
+            "task_id": "0123456789abcdef0123456789abcdef",
+            "task_name": "execute_plan",
+            "labels": labels,
+            "labels_types": {},
+            "args": [],
+            "kwargs": {"execute_step_args_packed": packed, "executable_dict": {}},
+        })
+        .to_string()
+    }
+
+    fn packed(run_id: &str, step_key: &str, attempt: u32) -> Value {
+        serde_json::json!({
+            "__class__": "ExecuteStepArgs",
+            "pipeline_run_id": run_id,
+            "step_keys_to_execute": [step_key],
+            "instance_ref": null,
+            "known_state": {"__class__": "KnownExecutionState",
+                            "previous_retry_attempts": {step_key: attempt}},
+        })
+    }
+
+    #[test]
+    fn reads_fields_from_packed_args_without_labels() {
+        let req = decode(&body(serde_json::json!({}), packed("run-1", "op_a", 2))).unwrap();
+        assert_eq!(
+            (req.run_id.as_str(), req.step_key.as_str(), req.attempt),
+            ("run-1", "op_a", 2)
+        );
+        assert_eq!(req.launcher, None);
+        assert_eq!(req.timeout, None);
+    }
+
+    #[test]
+    fn labels_must_agree_with_args() {
+        let labels = serde_json::json!({"dagster_attempt": "1"});
+        let err = decode(&body(labels, packed("run-1", "op_a", 2))).unwrap_err();
+        assert_eq!(err.name(), "label_mismatch");
+    }
+
+    #[test]
+    fn steering_labels_are_parsed() {
+        let labels = serde_json::json!({
+            "dagster_timeout": "2.5", "dagster_priority": "-3", "dagster_launcher": "ecs",
+            "dagster_tags": "{\"ecs/cpu\": \"256\"}",
+        });
+        let req = decode(&body(labels, packed("r", "s", 0))).unwrap();
+        assert_eq!(req.timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(req.priority, -3);
+        assert_eq!(req.launcher, Some(LauncherKind::Ecs));
+        assert_eq!(req.tags["ecs/cpu"], "256");
+    }
+
+    #[test]
+    fn compressed_args_round_trip() {
+        use std::io::Read;
+        let req = decode(&body(serde_json::json!({}), packed("r", "s", 0))).unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(req.compressed_step_args())
+            .unwrap();
+        let mut text = String::new();
+        flate2::read::ZlibDecoder::new(&bytes[..])
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, req.step_args_json.get());
+    }
+
+    #[test]
+    fn oversized_body_is_poison() {
+        let big = "x".repeat(MAX_BODY_BYTES + 1);
+        assert_eq!(decode(&big).unwrap_err().name(), "too_large");
+    }
+
+    #[test]
+    fn shell_metacharacters_in_step_key_are_poison() {
+        let err = decode(&body(serde_json::json!({}), packed("r", "a;rm -rf /", 0))).unwrap_err();
+        assert_eq!(err.name(), "invalid_step_key");
+    }
+}

@@ -1,0 +1,482 @@
+//! In-memory implementations of the three boundaries, for unit tests of the state machine
+//! and for benchmarks of the controller's own overhead. Never the only test of a feature:
+//! the integration tests use moto, real processes and real Dagster.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::dagster::{BridgeError, DagsterBridge, RunStatus, StepState, Verdict, VerdictAck};
+use crate::envelope::{LauncherKind, StepRequest};
+use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
+use crate::queue::{DeadLetter, ExtendResult, QueueError, ReceivedMessage, WorkQueue};
+
+/// What happened to a message in the fake queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueEvent {
+    Acked(String),
+    Released(String, Duration),
+    DeadLettered(String, String),
+}
+
+#[derive(Default)]
+struct QueueInner {
+    visible: VecDeque<ReceivedMessage>,
+    /// receipt handle → message, for messages in flight.
+    in_flight: HashMap<String, ReceivedMessage>,
+    receive_counts: HashMap<String, u32>,
+    events: Vec<QueueEvent>,
+    /// Handles whose extension reports a lost lease.
+    lost_handles: Vec<String>,
+    extend_calls: u64,
+}
+
+/// A work queue in memory. Receives return at once (no long poll) when empty after a
+/// short wait, so tests stay fast.
+#[derive(Default, Clone)]
+pub struct FakeQueue {
+    inner: Arc<Mutex<QueueInner>>,
+    next_handle: Arc<AtomicU64>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl FakeQueue {
+    pub fn push(&self, message_id: &str, body: &str) {
+        let mut inner = self.inner.lock().expect("lock");
+        inner.visible.push_back(ReceivedMessage {
+            message_id: message_id.to_owned(),
+            receipt_handle: String::new(),
+            body: body.to_owned(),
+            receive_count: 0,
+            attributes: HashMap::new(),
+        });
+        drop(inner);
+        self.changed.notify_waiters();
+    }
+
+    pub fn events(&self) -> Vec<QueueEvent> {
+        self.inner.lock().expect("lock").events.clone()
+    }
+
+    pub fn extend_calls(&self) -> u64 {
+        self.inner.lock().expect("lock").extend_calls
+    }
+
+    /// Makes the next extension of this message's current handle report a lost lease.
+    pub fn lose_lease(&self, message_id: &str) {
+        let mut inner = self.inner.lock().expect("lock");
+        let handles: Vec<String> = inner
+            .in_flight
+            .iter()
+            .filter(|(_, m)| m.message_id == message_id)
+            .map(|(h, _)| h.clone())
+            .collect();
+        inner.lost_handles.extend(handles);
+    }
+
+    /// Waits until `predicate` holds for the recorded events.
+    pub async fn wait_for(&self, predicate: impl Fn(&[QueueEvent]) -> bool) {
+        loop {
+            let notified = self.changed.notified();
+            if predicate(&self.events()) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn record(&self, event: QueueEvent) {
+        self.inner.lock().expect("lock").events.push(event);
+        self.changed.notify_waiters();
+    }
+
+    fn take(&self, handle: &str) -> Result<ReceivedMessage, QueueError> {
+        self.inner
+            .lock()
+            .expect("lock")
+            .in_flight
+            .remove(handle)
+            .ok_or(QueueError::ReceiptHandleInvalid { operation: "fake" })
+    }
+}
+
+#[async_trait]
+impl WorkQueue for FakeQueue {
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+        _visibility: Duration,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut inner = self.inner.lock().expect("lock");
+                if !inner.visible.is_empty() {
+                    let mut out = Vec::new();
+                    while out.len() < max {
+                        let Some(mut message) = inner.visible.pop_front() else {
+                            break;
+                        };
+                        let count = inner
+                            .receive_counts
+                            .entry(message.message_id.clone())
+                            .or_insert(0);
+                        *count += 1;
+                        message.receive_count = *count;
+                        message.receipt_handle =
+                            format!("h{}", self.next_handle.fetch_add(1, Ordering::Relaxed));
+                        inner
+                            .in_flight
+                            .insert(message.receipt_handle.clone(), message.clone());
+                        out.push(message);
+                    }
+                    return Ok(out);
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    async fn extend(
+        &self,
+        receipt_handles: &[String],
+        _visibility: Duration,
+    ) -> Result<Vec<ExtendResult>, QueueError> {
+        let mut inner = self.inner.lock().expect("lock");
+        inner.extend_calls += receipt_handles.len().div_ceil(10) as u64;
+        Ok(receipt_handles
+            .iter()
+            .map(|h| {
+                if inner.lost_handles.contains(h) {
+                    ExtendResult::Lost("ReceiptHandleIsInvalid".into())
+                } else {
+                    ExtendResult::Extended
+                }
+            })
+            .collect())
+    }
+
+    async fn release(&self, receipt_handle: &str, delay: Duration) -> Result<(), QueueError> {
+        let message = self.take(receipt_handle)?;
+        self.record(QueueEvent::Released(message.message_id.clone(), delay));
+        self.inner.lock().expect("lock").visible.push_back(message);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn ack(&self, receipt_handle: &str) -> Result<(), QueueError> {
+        let message = self.take(receipt_handle)?;
+        self.record(QueueEvent::Acked(message.message_id));
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        message: &ReceivedMessage,
+        dead_letter: &DeadLetter,
+    ) -> Result<(), QueueError> {
+        self.take(&message.receipt_handle)?;
+        self.record(QueueEvent::DeadLettered(
+            message.message_id.clone(),
+            dead_letter.reason.clone(),
+        ));
+        Ok(())
+    }
+}
+
+/// How a fake step ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FakeOutcome {
+    /// Exits 0 and the fake bridge records a terminal event for the attempt.
+    Succeed,
+    /// Exits with this status and no terminal event.
+    Crash(StepExit),
+    /// Runs until killed.
+    Hang,
+}
+
+/// A launcher whose steps end as told, after `duration`.
+#[derive(Clone)]
+pub struct FakeLauncher {
+    pub bridge: FakeBridge,
+    pub duration: Duration,
+    outcomes: Arc<Mutex<HashMap<String, FakeOutcome>>>,
+    launches: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeLauncher {
+    pub fn new(bridge: FakeBridge, duration: Duration) -> Self {
+        Self {
+            bridge,
+            duration,
+            outcomes: Arc::default(),
+            launches: Arc::default(),
+        }
+    }
+
+    /// Sets how the steps with this step key end (default: succeed).
+    pub fn outcome(&self, step_key: &str, outcome: FakeOutcome) {
+        self.outcomes
+            .lock()
+            .expect("lock")
+            .insert(step_key.to_owned(), outcome);
+    }
+
+    /// Task ids launched, in order.
+    pub fn launches(&self) -> Vec<String> {
+        self.launches.lock().expect("lock").clone()
+    }
+}
+
+#[async_trait]
+impl Launcher for FakeLauncher {
+    fn kind(&self) -> LauncherKind {
+        LauncherKind::Process
+    }
+
+    async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
+        self.launches
+            .lock()
+            .expect("lock")
+            .push(step.task_id.clone());
+        let outcome = self
+            .outcomes
+            .lock()
+            .expect("lock")
+            .get(&step.step_key)
+            .copied()
+            .unwrap_or(FakeOutcome::Succeed);
+        let (kill_tx, kill_rx) = watch::channel(false);
+        Ok(Box::new(FakeStep {
+            step: step.clone(),
+            outcome,
+            duration: self.duration,
+            bridge: self.bridge.clone(),
+            kill_tx,
+            kill_rx,
+        }))
+    }
+}
+
+struct FakeStep {
+    step: StepRequest,
+    outcome: FakeOutcome,
+    duration: Duration,
+    bridge: FakeBridge,
+    kill_tx: watch::Sender<bool>,
+    kill_rx: watch::Receiver<bool>,
+}
+
+#[async_trait]
+impl RunningStep for FakeStep {
+    fn locator(&self) -> String {
+        format!("fake {}", self.step.task_id)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+
+    async fn wait(&mut self) -> StepExit {
+        let finished = async {
+            match self.outcome {
+                FakeOutcome::Hang => std::future::pending().await,
+                _ => tokio::time::sleep(self.duration).await,
+            }
+        };
+        let mut kill_rx = self.kill_rx.clone();
+        tokio::select! {
+            _ = kill_rx.wait_for(|killed| *killed) => StepExit::Signal(libc::SIGKILL),
+            _ = finished => match self.outcome {
+                FakeOutcome::Succeed => {
+                    self.bridge.finish(&self.step, "STEP_SUCCESS");
+                    StepExit::Code(0)
+                }
+                FakeOutcome::Crash(exit) => exit,
+                FakeOutcome::Hang => unreachable!(),
+            },
+        }
+    }
+
+    fn terminate(&mut self) {
+        let _ = self.kill_tx.send(true);
+    }
+
+    fn kill(&mut self) {
+        let _ = self.kill_tx.send(true);
+    }
+
+    fn stderr_tail(&self) -> Vec<String> {
+        vec!["fake stderr".into()]
+    }
+}
+
+#[derive(Default)]
+struct BridgeInner {
+    run_statuses: HashMap<String, RunStatus>,
+    /// (run_id, step_key) → terminal event types in order.
+    terminal: HashMap<(String, String), Vec<String>>,
+    verdicts: Vec<(String, String)>,
+    events: Vec<(String, String)>,
+    calls: u64,
+}
+
+/// A Dagster instance in memory: runs default to STARTED.
+#[derive(Default, Clone)]
+pub struct FakeBridge {
+    inner: Arc<Mutex<BridgeInner>>,
+}
+
+impl FakeBridge {
+    pub fn set_run_status(&self, run_id: &str, status: RunStatus) {
+        self.inner
+            .lock()
+            .expect("lock")
+            .run_statuses
+            .insert(run_id.to_owned(), status);
+    }
+
+    /// Records a terminal event for the step's next attempt.
+    pub fn finish(&self, step: &StepRequest, event: &str) {
+        self.inner
+            .lock()
+            .expect("lock")
+            .terminal
+            .entry((step.run_id.clone(), step.step_key.clone()))
+            .or_default()
+            .push(event.to_owned());
+    }
+
+    /// (task_id, verdict) pairs written.
+    pub fn verdicts(&self) -> Vec<(String, String)> {
+        self.inner.lock().expect("lock").verdicts.clone()
+    }
+
+    /// (task_id, message) informational events written.
+    pub fn events(&self) -> Vec<(String, String)> {
+        self.inner.lock().expect("lock").events.clone()
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.inner.lock().expect("lock").calls
+    }
+
+    fn state(inner: &BridgeInner, step: &StepRequest) -> StepState {
+        let events = inner
+            .terminal
+            .get(&(step.run_id.clone(), step.step_key.clone()))
+            .cloned()
+            .unwrap_or_default();
+        StepState {
+            run_status: Some(
+                inner
+                    .run_statuses
+                    .get(&step.run_id)
+                    .copied()
+                    .unwrap_or(RunStatus::Started),
+            ),
+            terminal_events: events.len() as u32,
+            attempt_finished: events.len() as u32 > step.attempt,
+            last_terminal: events.last().cloned(),
+        }
+    }
+}
+
+#[async_trait]
+impl DagsterBridge for FakeBridge {
+    async fn run_statuses(
+        &self,
+        _instance_ref: &Value,
+        run_ids: &[String],
+    ) -> Result<HashMap<String, Option<RunStatus>>, BridgeError> {
+        let mut inner = self.inner.lock().expect("lock");
+        inner.calls += 1;
+        Ok(run_ids
+            .iter()
+            .map(|id| {
+                let status = inner
+                    .run_statuses
+                    .get(id)
+                    .copied()
+                    .unwrap_or(RunStatus::Started);
+                (id.clone(), Some(status))
+            })
+            .collect())
+    }
+
+    async fn step_state(&self, step: &StepRequest) -> Result<StepState, BridgeError> {
+        let mut inner = self.inner.lock().expect("lock");
+        inner.calls += 1;
+        Ok(Self::state(&inner, step))
+    }
+
+    async fn report_verdict(
+        &self,
+        step: &StepRequest,
+        verdict: &Verdict,
+    ) -> Result<VerdictAck, BridgeError> {
+        let mut inner = self.inner.lock().expect("lock");
+        inner.calls += 1;
+        let state = Self::state(&inner, step);
+        if state.attempt_finished {
+            return Ok(VerdictAck {
+                written: false,
+                attempt_finished: true,
+            });
+        }
+        inner
+            .verdicts
+            .push((step.task_id.clone(), verdict.verdict.clone()));
+        Ok(VerdictAck {
+            written: true,
+            attempt_finished: false,
+        })
+    }
+
+    async fn report_event(
+        &self,
+        step: &StepRequest,
+        message: &str,
+        _metadata: &BTreeMap<String, String>,
+    ) -> Result<(), BridgeError> {
+        let mut inner = self.inner.lock().expect("lock");
+        inner.calls += 1;
+        inner
+            .events
+            .push((step.task_id.clone(), message.to_owned()));
+        Ok(())
+    }
+}
+
+/// A valid step message body for the fakes.
+pub fn step_body(task_id: &str, run_id: &str, step_key: &str, attempt: u32) -> String {
+    serde_json::json!({
+        "task_id": task_id,
+        "task_name": "execute_plan",
+        "labels": {"dagster_run_id": run_id, "dagster_step_key": step_key,
+                   "dagster_attempt": attempt.to_string()},
+        "labels_types": {},
+        "args": [],
+        "kwargs": {
+            "execute_step_args_packed": {
+                "__class__": "ExecuteStepArgs",
+                "pipeline_run_id": run_id,
+                "step_keys_to_execute": [step_key],
+                "instance_ref": null,
+                "known_state": {"__class__": "KnownExecutionState",
+                                "previous_retry_attempts": {step_key: attempt}},
+            },
+            "executable_dict": {},
+        },
+    })
+    .to_string()
+}

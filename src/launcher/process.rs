@@ -1,0 +1,212 @@
+//! Each step as a local child process: `<python> -m dagster api execute_step`, no shell, in
+//! its own process group, its output streamed into the step's tracing span.
+
+use std::collections::VecDeque;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use super::{LaunchError, Launcher, RunningStep, StepExit};
+use crate::envelope::{LauncherKind, StepRequest};
+
+/// How many stderr lines a verdict quotes.
+const STDERR_TAIL_LINES: usize = 20;
+/// How long to wait for output pipes to close after the process exited (a grandchild may
+/// still hold them).
+const PIPE_DRAIN: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct ProcessLauncherConfig {
+    /// The interpreter whose `dagster` runs the step.
+    pub python: PathBuf,
+}
+
+pub struct ProcessLauncher {
+    config: ProcessLauncherConfig,
+}
+
+impl ProcessLauncher {
+    pub fn new(config: ProcessLauncherConfig) -> Self {
+        Self { config }
+    }
+}
+
+#[async_trait]
+impl Launcher for ProcessLauncher {
+    fn kind(&self) -> LauncherKind {
+        LauncherKind::Process
+    }
+
+    async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
+        let mut command = Command::new(&self.config.python);
+        command
+            .args(["-m", "dagster", "api", "execute_step"])
+            // The child inherits the controller's environment (user code paths, credentials,
+            // DAGSTER_HOME); the message sets only these.
+            .env(
+                "DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS",
+                step.compressed_step_args(),
+            )
+            .env(
+                "DAGSTER_RUN_JOB_NAME",
+                step.job_name.as_deref().unwrap_or(""),
+            )
+            .env("DAGSTER_RUN_STEP_KEY", &step.step_key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Own process group, so cancel and kill reach whatever the step starts.
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL the child
+        // when the controller's thread dies, so a crashed controller leaves no step behind.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| classify_spawn_error(&self.config, e))?;
+        let pid = child.id().expect("a just-spawned child has a pid");
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)));
+        let span = tracing::Span::current();
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let readers = vec![
+            tokio::spawn(forward_lines(stdout, Stream::Stdout, None).instrument(span.clone())),
+            tokio::spawn(
+                forward_lines(stderr, Stream::Stderr, Some(stderr_tail.clone())).instrument(span),
+            ),
+        ];
+        Ok(Box::new(ChildStep {
+            child,
+            pid,
+            readers,
+            exit: None,
+            stderr_tail,
+        }))
+    }
+}
+
+fn classify_spawn_error(config: &ProcessLauncherConfig, e: std::io::Error) -> LaunchError {
+    let message = format!("cannot start {}: {e}", config.python.display());
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::ENOMEM) | Some(libc::EMFILE) | Some(libc::ENFILE) => {
+            LaunchError::Transient(message)
+        }
+        _ => LaunchError::Permanent(message),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+async fn forward_lines(
+    pipe: impl AsyncRead + Unpin,
+    stream: Stream,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+) {
+    let mut lines = BufReader::new(pipe).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        match stream {
+            // With print_serialized_events the step prints one serialized event per line.
+            Stream::Stdout => tracing::debug!(target: "step::stdout", "{line}"),
+            Stream::Stderr => tracing::info!(target: "step::stderr", "{line}"),
+        }
+        if let Some(tail) = &tail {
+            let mut tail = tail.lock().expect("lock");
+            if tail.len() == STDERR_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    }
+}
+
+struct ChildStep {
+    child: Child,
+    pid: u32,
+    readers: Vec<JoinHandle<()>>,
+    exit: Option<StepExit>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl ChildStep {
+    fn signal_group(&self, signal: Signal) {
+        if self.exit.is_some() {
+            return;
+        }
+        // The child leads its own group, so its pid is the group id.
+        if let Err(e) = killpg(Pid::from_raw(self.pid as i32), signal) {
+            tracing::debug!(pid = self.pid, %e, ?signal, "signal to step process group failed");
+        }
+    }
+}
+
+#[async_trait]
+impl RunningStep for ChildStep {
+    fn locator(&self) -> String {
+        format!("pid {}", self.pid)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Some(self.pid)
+    }
+
+    async fn wait(&mut self) -> StepExit {
+        if let Some(exit) = self.exit {
+            return exit;
+        }
+        let exit = match self.child.wait().await {
+            Ok(status) => match (status.code(), status.signal()) {
+                (Some(code), _) => StepExit::Code(code),
+                (None, Some(signal)) => StepExit::Signal(signal),
+                (None, None) => StepExit::Code(-1),
+            },
+            Err(e) => {
+                tracing::error!(%e, "waiting for step process failed");
+                StepExit::Code(-1)
+            }
+        };
+        // Let the readers finish so the stderr tail is complete.
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(PIPE_DRAIN, reader).await;
+        }
+        self.exit = Some(exit);
+        exit
+    }
+
+    fn terminate(&mut self) {
+        self.signal_group(Signal::SIGTERM);
+    }
+
+    fn kill(&mut self) {
+        self.signal_group(Signal::SIGKILL);
+    }
+
+    fn stderr_tail(&self) -> Vec<String> {
+        self.stderr_tail
+            .lock()
+            .expect("lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}

@@ -1,0 +1,186 @@
+//! Visibility leases: while the controller holds a message, one background task keeps it
+//! invisible with batched `ChangeMessageVisibilityBatch` calls. A lease that is really lost
+//! (receipt handle rejected, or its deadline passed while SQS could not be reached) is
+//! signalled through its token so the step is fenced: someone else may hold the message now.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::queue::{ExtendResult, WorkQueue};
+
+/// Leave this much room before a deadline when deciding a lease may already be gone.
+const SAFETY_MARGIN: Duration = Duration::from_secs(1);
+
+struct Lease {
+    receipt_handle: String,
+    /// When the message becomes visible again unless extended.
+    expires: Instant,
+    lost: CancellationToken,
+}
+
+/// The messages this controller holds, by task id.
+pub struct LeaseTable {
+    leases: Mutex<HashMap<String, Lease>>,
+    visibility: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl LeaseTable {
+    pub fn new(visibility: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            leases: Mutex::default(),
+            visibility,
+            metrics,
+        }
+    }
+
+    /// The visibility each extension asks for.
+    pub fn visibility(&self) -> Duration {
+        self.visibility
+    }
+
+    /// How often the keeper extends: a third of the visibility, so two extensions can fail
+    /// before a lease runs out; clamped so tiny timeouts still work.
+    pub fn heartbeat_interval(&self) -> Duration {
+        (self.visibility / 3).clamp(Duration::from_millis(200), Duration::from_secs(60))
+    }
+
+    /// Starts holding a message just received. Returns the token cancelled if the lease is lost.
+    pub fn hold(&self, task_id: &str, receipt_handle: &str) -> CancellationToken {
+        let lost = CancellationToken::new();
+        let lease = Lease {
+            receipt_handle: receipt_handle.to_owned(),
+            expires: Instant::now() + self.visibility,
+            lost: lost.clone(),
+        };
+        let mut leases = self.leases.lock().expect("lock");
+        if let Some(old) = leases.insert(task_id.to_owned(), lease) {
+            old.lost.cancel();
+        }
+        self.metrics.leases_held.set(leases.len() as i64);
+        lost
+    }
+
+    /// A new delivery of a message we hold: its receipt handle is now the valid one.
+    /// Returns false if the task is not held here.
+    pub fn renew_handle(&self, task_id: &str, receipt_handle: &str) -> bool {
+        let mut leases = self.leases.lock().expect("lock");
+        match leases.get_mut(task_id) {
+            Some(lease) => {
+                lease.receipt_handle = receipt_handle.to_owned();
+                lease.expires = Instant::now() + self.visibility;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The current receipt handle of a held message.
+    pub fn receipt_handle(&self, task_id: &str) -> Option<String> {
+        let leases = self.leases.lock().expect("lock");
+        leases.get(task_id).map(|l| l.receipt_handle.clone())
+    }
+
+    /// Stops holding a message (after ack, release or dead-letter).
+    pub fn drop_lease(&self, task_id: &str) {
+        let mut leases = self.leases.lock().expect("lock");
+        leases.remove(task_id);
+        self.metrics.leases_held.set(leases.len() as i64);
+    }
+
+    pub fn len(&self) -> usize {
+        self.leases.lock().expect("lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Extends every held lease once. Returns how many were lost.
+    pub async fn extend_all(&self, queue: &dyn WorkQueue) -> usize {
+        let snapshot: Vec<(String, String)> = {
+            let leases = self.leases.lock().expect("lock");
+            leases
+                .iter()
+                .map(|(task_id, lease)| (task_id.clone(), lease.receipt_handle.clone()))
+                .collect()
+        };
+        if snapshot.is_empty() {
+            return 0;
+        }
+        let asked_at = Instant::now();
+        let handles: Vec<String> = snapshot.iter().map(|(_, h)| h.clone()).collect();
+        let results = match queue.extend(&handles, self.visibility).await {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::warn!(%e, leases = handles.len(), "extending leases failed; retrying");
+                self.metrics
+                    .queue_errors
+                    .get_or_create(&[
+                        ("operation", "ChangeMessageVisibilityBatch"),
+                        ("kind", e.kind()),
+                    ])
+                    .inc();
+                vec![ExtendResult::Failed(e.to_string()); handles.len()]
+            }
+        };
+        let mut lost = 0;
+        let mut leases = self.leases.lock().expect("lock");
+        for ((task_id, handle), result) in snapshot.into_iter().zip(results) {
+            let Some(lease) = leases.get_mut(&task_id) else {
+                continue; // dropped meanwhile
+            };
+            if lease.receipt_handle != handle {
+                continue; // renewed meanwhile; the next round extends the new handle
+            }
+            let outcome = match result {
+                ExtendResult::Extended => {
+                    lease.expires = asked_at + self.visibility;
+                    "extended"
+                }
+                ExtendResult::Lost(reason) => {
+                    tracing::warn!(task_id, reason, "lease lost: receipt handle rejected");
+                    lease.lost.cancel();
+                    "lost"
+                }
+                ExtendResult::Failed(reason) => {
+                    if Instant::now() + SAFETY_MARGIN >= lease.expires {
+                        tracing::warn!(task_id, reason, "lease lost: deadline passed unextended");
+                        lease.lost.cancel();
+                        "lost"
+                    } else {
+                        "failed"
+                    }
+                }
+            };
+            if outcome == "lost" {
+                leases.remove(&task_id);
+                lost += 1;
+            }
+            self.metrics
+                .lease_extensions
+                .get_or_create(&[("result", outcome)])
+                .inc();
+        }
+        self.metrics.leases_held.set(leases.len() as i64);
+        lost
+    }
+
+    /// The keeper: extends all leases every heartbeat interval until `stop`.
+    pub async fn keep(&self, queue: Arc<dyn WorkQueue>, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.heartbeat_interval());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            self.extend_all(queue.as_ref()).await;
+        }
+    }
+}

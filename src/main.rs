@@ -1,0 +1,190 @@
+//! The binary: CLI parsing and wiring only.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
+use dagster_taskiq_controller::config::{Cli, Command, LogFormat, RunArgs};
+use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
+use dagster_taskiq_controller::dashboard::{self, DashboardState};
+use dagster_taskiq_controller::launcher::{ProcessLauncher, ProcessLauncherConfig};
+use dagster_taskiq_controller::lease::LeaseTable;
+use dagster_taskiq_controller::metrics::Metrics;
+use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
+use dagster_taskiq_controller::reconciler::{Controller, ReconcilerConfig};
+use dagster_taskiq_controller::retry::Backoff;
+use dagster_taskiq_controller::state::StepTable;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Run(args) => run(args).await,
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    let controller_id = args.controller_id();
+    let metrics = Arc::new(Metrics::new());
+
+    let aws = aws_config::load_from_env().await;
+    let sqs = aws_sdk_sqs::Client::new(&aws);
+    let dlq_url = match &args.dlq_url {
+        Some(url) => url.clone(),
+        None => match SqsQueue::discover_dlq(&sqs, &args.queue_url)
+            .await
+            .with_context(|| format!("cannot read the work queue {}", args.queue_url))?
+        {
+            Some(url) => url,
+            None => bail!(
+                "the work queue {} has no RedrivePolicy and no --dlq-url was given: \
+                 poison messages need a dead-letter queue",
+                args.queue_url
+            ),
+        },
+    };
+    let queue = Arc::new(SqsQueue::new(
+        sqs,
+        SqsQueueConfig {
+            queue_url: args.queue_url.clone(),
+            dlq_url: dlq_url.clone(),
+        },
+    ));
+    queue
+        .depth(&args.queue_url)
+        .await
+        .with_context(|| format!("cannot read the work queue {}", args.queue_url))?;
+
+    let bridge = Arc::new(SidecarBridge::new(
+        SidecarConfig {
+            python: args.python.clone(),
+            request_timeout: args.bridge_timeout,
+        },
+        metrics.clone(),
+    ));
+    let dagster_version = bridge.ping().await.with_context(|| {
+        format!(
+            "the Dagster bridge does not start with {}: is dagster-taskiq-controller (the Python package) installed there?",
+            args.python.display()
+        )
+    })?;
+
+    let draining = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let steps = Arc::new(StepTable::default());
+    let listener = dashboard::bind(args.dashboard_addr)
+        .await
+        .with_context(|| format!("cannot listen on --dashboard-addr {}", args.dashboard_addr))?;
+    let dashboard_stop = CancellationToken::new();
+    let dashboard = tokio::spawn(dashboard::serve(
+        listener,
+        DashboardState {
+            metrics: metrics.clone(),
+            steps: steps.clone(),
+            draining: draining.clone(),
+        },
+        dashboard_stop.clone(),
+    ));
+
+    let controller = Arc::new(Controller {
+        config: ReconcilerConfig {
+            controller_id: controller_id.clone(),
+            receive_wait: args.receive_wait,
+            max_attempts: args.max_attempts,
+            backoff: Backoff {
+                base: args.backoff_base,
+                cap: args.backoff_cap,
+            },
+            shutdown_grace: args.shutdown_grace,
+            call_retry_budget: args.visibility_timeout / 2,
+        },
+        queue,
+        launcher: Arc::new(ProcessLauncher::new(ProcessLauncherConfig {
+            python: args.python.clone(),
+        })),
+        bridge: bridge.clone(),
+        admission: Admission::new(AdmissionConfig {
+            max_concurrent: args.max_concurrent,
+            launch_rate: args.launch_rate(),
+            launch_burst: args.launch_burst(),
+        }),
+        leases: Arc::new(LeaseTable::new(args.visibility_timeout, metrics.clone())),
+        steps,
+        metrics,
+        draining: draining.clone(),
+        abort: abort.clone(),
+    });
+
+    tokio::spawn(watch_signals(draining, abort));
+    tracing::info!(
+        controller_id,
+        queue_url = %args.queue_url,
+        dlq_url,
+        dagster_version,
+        dashboard = %args.dashboard_addr,
+        max_concurrent = args.max_concurrent,
+        "controller started"
+    );
+    controller.run().await;
+    bridge.close().await;
+    dashboard_stop.cancel();
+    // Keep-alive connections must not hold the exit.
+    if tokio::time::timeout(std::time::Duration::from_secs(2), dashboard)
+        .await
+        .is_err()
+    {
+        tracing::debug!("dashboard did not close in time");
+    }
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: drain. Second: stop running steps now (their messages are released).
+async fn watch_signals(draining: CancellationToken, abort: CancellationToken) {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    for round in 0.. {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        if round == 0 {
+            tracing::info!(
+                signal = name,
+                "draining: no new messages; running steps may finish"
+            );
+            draining.cancel();
+        } else {
+            tracing::warn!(signal = name, "second signal: stopping running steps now");
+            abort.cancel();
+            return;
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Prometheus metrics (prometheus-client). Names follow Prometheus conventions: a
+//! `dagster_taskiq_` prefix, `_total` on counters, base units (seconds).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// One label whose value is known at compile time.
+pub type Label = [(&'static str, &'static str); 1];
+/// Two such labels.
+pub type Labels2 = [(&'static str, &'static str); 2];
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms .. ~9 h
+    Histogram::new(exponential_buckets(0.001, 2.5, 18))
+}
+
+/// Every metric the controller exports.
+pub struct Metrics {
+    registry: Registry,
+    pub messages_received: Counter,
+    /// `outcome`: succeeded, failed, skipped, verdict, relaunch_exhausted ...
+    pub messages_acked: Family<Label, Counter>,
+    /// `reason`: backoff, shutdown, duplicate ...
+    pub messages_released: Family<Label, Counter>,
+    /// `reason`: the poison name or `attempts_exhausted`.
+    pub messages_dead_lettered: Family<Label, Counter>,
+    /// `launcher`.
+    pub steps_launched: Family<Label, Counter>,
+    /// `launcher`, `outcome`: succeeded, failed, verdict, fenced, timed_out, killed.
+    pub steps_finished: Family<Labels2, Counter>,
+    pub steps_in_flight: Gauge,
+    pub leases_held: Gauge,
+    /// `result`: extended, lost, failed.
+    pub lease_extensions: Family<Label, Counter>,
+    /// `operation`, `kind`.
+    pub queue_errors: Family<Labels2, Counter>,
+    /// `method`.
+    pub bridge_requests: Family<Label, Counter>,
+    pub bridge_errors: Family<Label, Counter>,
+    pub bridge_restarts: Counter,
+    /// Message received → child spawned.
+    pub launch_latency_seconds: Histogram,
+    /// Child spawned → child exited.
+    pub step_duration_seconds: Histogram,
+    /// Child exited → message deleted.
+    pub settle_latency_seconds: Histogram,
+    pub bridge_latency_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dagster_taskiq");
+        let metrics = Metrics {
+            messages_received: Counter::default(),
+            messages_acked: Family::default(),
+            messages_released: Family::default(),
+            messages_dead_lettered: Family::default(),
+            steps_launched: Family::default(),
+            steps_finished: Family::default(),
+            steps_in_flight: Gauge::default(),
+            leases_held: Gauge::default(),
+            lease_extensions: Family::default(),
+            queue_errors: Family::default(),
+            bridge_requests: Family::default(),
+            bridge_errors: Family::default(),
+            bridge_restarts: Counter::default(),
+            launch_latency_seconds: seconds_histogram(),
+            step_duration_seconds: seconds_histogram(),
+            settle_latency_seconds: seconds_histogram(),
+            bridge_latency_seconds: seconds_histogram(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "build",
+            "Controller build information",
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        r.register(
+            "messages_received",
+            "Step messages received from the work queue",
+            metrics.messages_received.clone(),
+        );
+        r.register(
+            "messages_acked",
+            "Messages deleted after a durable outcome, by outcome",
+            metrics.messages_acked.clone(),
+        );
+        r.register(
+            "messages_released",
+            "Messages made visible again, by reason",
+            metrics.messages_released.clone(),
+        );
+        r.register(
+            "messages_dead_lettered",
+            "Messages sent to the dead-letter queue, by reason",
+            metrics.messages_dead_lettered.clone(),
+        );
+        r.register(
+            "steps_launched",
+            "Step executions started, by launcher",
+            metrics.steps_launched.clone(),
+        );
+        r.register(
+            "steps_finished",
+            "Step executions ended, by launcher and outcome",
+            metrics.steps_finished.clone(),
+        );
+        r.register(
+            "steps_in_flight",
+            "Messages held by this controller (admitted, launching or running)",
+            metrics.steps_in_flight.clone(),
+        );
+        r.register(
+            "leases_held",
+            "Visibility leases held",
+            metrics.leases_held.clone(),
+        );
+        r.register(
+            "lease_extensions",
+            "Visibility extensions, by result",
+            metrics.lease_extensions.clone(),
+        );
+        r.register(
+            "queue_errors",
+            "SQS API errors, by operation and kind",
+            metrics.queue_errors.clone(),
+        );
+        r.register(
+            "bridge_requests",
+            "Dagster bridge requests, by method",
+            metrics.bridge_requests.clone(),
+        );
+        r.register(
+            "bridge_errors",
+            "Dagster bridge errors, by method",
+            metrics.bridge_errors.clone(),
+        );
+        r.register(
+            "bridge_restarts",
+            "Times the Dagster bridge sidecar was (re)started",
+            metrics.bridge_restarts.clone(),
+        );
+        r.register(
+            "launch_latency_seconds",
+            "Time from message received to step started",
+            metrics.launch_latency_seconds.clone(),
+        );
+        r.register(
+            "step_duration_seconds",
+            "Time from step started to step exited",
+            metrics.step_duration_seconds.clone(),
+        );
+        r.register(
+            "settle_latency_seconds",
+            "Time from step exited to message deleted",
+            metrics.settle_latency_seconds.clone(),
+        );
+        r.register(
+            "bridge_latency_seconds",
+            "Dagster bridge round-trip time",
+            metrics.bridge_latency_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The registry in Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_labels() {
+        let m = Metrics::new();
+        m.messages_dead_lettered
+            .get_or_create(&[("reason", "invalid_json")])
+            .inc();
+        let text = m.render();
+        assert!(
+            text.contains("dagster_taskiq_messages_dead_lettered_total{reason=\"invalid_json\"} 1")
+        );
+        assert!(text.contains("dagster_taskiq_build_info"));
+    }
+}

@@ -1,0 +1,670 @@
+//! The controller loop and the step state machine.
+//!
+//! Intake long-polls the queue whenever admission has room and hands each message to its own
+//! task, which decodes it, reconciles it against Dagster (skip a finished attempt or a
+//! canceled run, relaunch an attempt whose execution vanished), launches it, holds its lease
+//! while it runs, and settles the message only once the outcome is durable: the step's
+//! terminal event is in Dagster's event log, or the bridge acknowledged our verdict, or the
+//! dead-letter send succeeded.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::admission::Admission;
+use crate::dagster::{BridgeError, DagsterBridge, StepState as DagsterStepState, Verdict};
+use crate::envelope::{self, StepRequest};
+use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
+use crate::lease::LeaseTable;
+use crate::metrics::Metrics;
+use crate::queue::{DeadLetter, QueueError, ReceivedMessage, WorkQueue};
+use crate::retry::Backoff;
+use crate::state::{StepState, StepTable};
+
+/// Settings of the loop.
+#[derive(Debug, Clone)]
+pub struct ReconcilerConfig {
+    /// Identifies this replica in dead letters and events.
+    pub controller_id: String,
+    /// Long-poll wait of one receive (≤ 20 s).
+    pub receive_wait: Duration,
+    /// Deliveries of one message before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Backoff of released messages (by receive count) and of retried calls.
+    pub backoff: Backoff,
+    /// How long running steps may take to finish after shutdown starts.
+    pub shutdown_grace: Duration,
+    /// How long to keep retrying a bridge or queue call before giving the message back.
+    pub call_retry_budget: Duration,
+}
+
+/// Everything the loop needs; shared by the intake and every step task.
+pub struct Controller {
+    pub config: ReconcilerConfig,
+    pub queue: Arc<dyn WorkQueue>,
+    pub launcher: Arc<dyn Launcher>,
+    pub bridge: Arc<dyn DagsterBridge>,
+    pub admission: Admission,
+    pub leases: Arc<LeaseTable>,
+    pub steps: Arc<StepTable>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when draining starts (stop receiving, do not launch).
+    pub draining: CancellationToken,
+    /// Cancelled when the grace is over (kill running steps, release their messages).
+    pub abort: CancellationToken,
+}
+
+/// What happens to a message once this controller is done with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// The outcome is durable: delete the message.
+    Ack {
+        outcome: &'static str,
+        state: StepState,
+    },
+    /// Make it visible again after `delay`.
+    Release {
+        delay: Duration,
+        reason: &'static str,
+        state: StepState,
+    },
+    /// Send it to the dead-letter queue.
+    DeadLetter {
+        /// Stable short reason: a poison name, `unknown_run`, `attempts_exhausted` ...
+        reason: &'static str,
+        detail: String,
+        error_class: &'static str,
+    },
+    /// The lease was lost: the message belongs to someone else now; touch nothing.
+    Abandon,
+}
+
+impl Controller {
+    /// Runs until `draining` is cancelled and every held message is settled.
+    pub async fn run(self: Arc<Self>) {
+        let keeper_stop = CancellationToken::new();
+        let keeper = tokio::spawn({
+            let leases = self.leases.clone();
+            let queue = self.queue.clone();
+            let stop = keeper_stop.clone();
+            async move { leases.keep(queue, stop).await }
+        });
+        let mut tasks = JoinSet::new();
+        self.clone().intake(&mut tasks).await;
+
+        tracing::info!(held = tasks.len(), grace = ?self.config.shutdown_grace, "draining");
+        let grace_over = tokio::time::sleep(self.config.shutdown_grace);
+        tokio::pin!(grace_over);
+        loop {
+            tokio::select! {
+                joined = tasks.join_next() => if joined.is_none() { break },
+                _ = &mut grace_over, if !self.abort.is_cancelled() => {
+                    tracing::warn!(running = tasks.len(), "shutdown grace over: killing running steps");
+                    self.abort.cancel();
+                }
+                _ = self.abort.cancelled(), if !grace_over.is_elapsed() => {
+                    // Forced: fall through to the abort branch on the next turn.
+                    grace_over.as_mut().reset(Instant::now());
+                }
+            }
+        }
+        keeper_stop.cancel();
+        let _ = keeper.await;
+        tracing::info!("drained");
+    }
+
+    async fn intake(self: Arc<Self>, tasks: &mut JoinSet<()>) {
+        let mut failures = 0u32;
+        loop {
+            // Reap finished tasks so the set does not grow without bound.
+            while tasks.try_join_next().is_some() {}
+            let first = tokio::select! {
+                _ = self.draining.cancelled() => return,
+                permit = self.admission.reserve() => permit,
+            };
+            let mut permits = vec![first];
+            while permits.len() < 10 {
+                match self.admission.try_reserve() {
+                    Some(permit) => permits.push(permit),
+                    None => break,
+                }
+            }
+            let received = tokio::select! {
+                _ = self.draining.cancelled() => return,
+                received = self.queue.receive(
+                    permits.len(),
+                    self.config.receive_wait,
+                    self.leases.visibility(),
+                ) => received,
+            };
+            match received {
+                Ok(messages) => {
+                    failures = 0;
+                    for message in messages {
+                        let permit = permits.pop().expect("no more messages than permits");
+                        self.metrics.messages_received.inc();
+                        self.metrics.steps_in_flight.inc();
+                        let this = self.clone();
+                        tasks.spawn(async move {
+                            this.handle(message).await;
+                            this.metrics.steps_in_flight.dec();
+                            drop(permit);
+                        });
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    self.count_queue_error("ReceiveMessage", &e);
+                    let pause = self.config.backoff.delay(failures);
+                    tracing::warn!(%e, ?pause, "receiving failed; pausing intake");
+                    tokio::select! {
+                        _ = self.draining.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Processes one received message to the end.
+    async fn handle(&self, message: ReceivedMessage) {
+        let step = match envelope::decode(&message.body) {
+            Ok(step) => step,
+            Err(poison) => {
+                let span = tracing::warn_span!("poison", message_id = %message.message_id);
+                async {
+                    tracing::warn!(reason = poison.name(), error = %poison, "poison message");
+                    let disposition = Disposition::DeadLetter {
+                        reason: poison.name(),
+                        detail: poison.to_string(),
+                        error_class: "poison",
+                    };
+                    self.settle_unclaimed(&message, disposition).await;
+                }
+                .instrument(span)
+                .await;
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "step",
+            run_id = %step.run_id,
+            step_key = %step.step_key,
+            attempt = step.attempt,
+            task_id = %step.task_id,
+            message_id = %message.message_id,
+        );
+        async {
+            if !self
+                .steps
+                .claim(&step, &message.message_id, message.receive_count)
+            {
+                // Redelivered while we still hold it (our lease ran out and came back): the
+                // new receipt handle is the valid one; the running execution is adopted.
+                if self
+                    .leases
+                    .renew_handle(&step.task_id, &message.receipt_handle)
+                {
+                    tracing::info!("redelivered while running here: adopted");
+                } else {
+                    tracing::warn!("redelivered while being settled here: releasing");
+                    let _ = self
+                        .queue
+                        .release(&message.receipt_handle, Duration::from_secs(5))
+                        .await;
+                }
+                return;
+            }
+            let lost = self.leases.hold(&step.task_id, &message.receipt_handle);
+            let disposition = self.process(&step, &message, lost).await;
+            self.settle(&step, &message, disposition).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Decides the fate of a decoded message, launching it when it should run.
+    async fn process(
+        &self,
+        step: &StepRequest,
+        message: &ReceivedMessage,
+        lost: CancellationToken,
+    ) -> Disposition {
+        let received_at = Instant::now();
+        let task_id = step.task_id.as_str();
+        let state = match self
+            .retrying("step_state", || self.bridge.step_state(step))
+            .await
+        {
+            Ok(state) => state,
+            Err(e) => return self.bridge_failure(e, message),
+        };
+        if let Some(skip) = self.skip_reason(step, &state).await {
+            return skip;
+        }
+        if message.receive_count > self.config.max_attempts {
+            return self.give_up(step, message).await;
+        }
+        if message.receive_count > 1 {
+            tracing::info!(
+                delivery = message.receive_count,
+                "relaunching attempt: its previous execution ended without an outcome"
+            );
+            let metadata = BTreeMap::from([
+                ("delivery".to_owned(), message.receive_count.to_string()),
+                ("controller".to_owned(), self.config.controller_id.clone()),
+            ]);
+            let note = format!(
+                "dagster-taskiq-controller: relaunching attempt {} of {} (delivery {}): the previous execution ended without an outcome",
+                step.attempt, step.step_key, message.receive_count
+            );
+            if let Err(e) = self.bridge.report_event(step, &note, &metadata).await {
+                tracing::warn!(%e, "could not record the relaunch in Dagster");
+            }
+        }
+
+        self.steps.transition(task_id, StepState::Admitted);
+        tokio::select! {
+            _ = self.draining.cancelled() => return release_for_shutdown(),
+            _ = self.admission.until_launch_allowed() => {}
+        }
+        if self.draining.is_cancelled() {
+            return release_for_shutdown();
+        }
+        self.steps.transition(task_id, StepState::Launching);
+        let kind = self.launcher.kind();
+        let launcher_label = [("launcher", launcher_name(kind))];
+        let mut running = match self.launcher.launch(step).await {
+            Ok(running) => running,
+            Err(e) => {
+                tracing::warn!(%e, "launch failed");
+                return Disposition::Release {
+                    delay: self.config.backoff.delay(message.receive_count),
+                    reason: match e {
+                        LaunchError::Transient(_) => "launch_transient",
+                        LaunchError::Permanent(_) => "launch_failed",
+                    },
+                    state: StepState::Backoff,
+                };
+            }
+        };
+        let started = Instant::now();
+        self.metrics
+            .steps_launched
+            .get_or_create(&launcher_label)
+            .inc();
+        self.metrics
+            .launch_latency_seconds
+            .observe((started - received_at).as_secs_f64());
+        let locator = running.locator();
+        tracing::info!(%locator, "step started");
+        self.steps.update(task_id, |r| {
+            r.locator = Some(locator.clone());
+            r.state = StepState::Running;
+            r.history.push((StepState::Running, chrono::Utc::now()));
+        });
+
+        let exit = tokio::select! {
+            exit = running.wait() => exit,
+            _ = lost.cancelled() => {
+                tracing::warn!(%locator, "lease lost: fencing the step");
+                running.kill();
+                running.wait().await;
+                self.finish_metric(kind, "fenced");
+                return Disposition::Abandon;
+            }
+            _ = self.abort.cancelled() => {
+                tracing::warn!(%locator, "shutdown grace over: killing the step; its message goes back to the queue");
+                running.kill();
+                running.wait().await;
+                self.finish_metric(kind, "killed");
+                return release_for_shutdown();
+            }
+        };
+        let exited_at = Instant::now();
+        self.metrics
+            .step_duration_seconds
+            .observe((exited_at - started).as_secs_f64());
+        self.steps.update(task_id, |r| {
+            r.state = StepState::Exited;
+            r.history.push((StepState::Exited, chrono::Utc::now()));
+            r.stderr_tail = running.stderr_tail();
+        });
+        tracing::info!(exit = %exit.short(), elapsed = ?(exited_at - started), "step exited");
+        self.conclude(step, message, running.as_ref(), exit).await
+    }
+
+    /// After the execution ended: read the outcome, or write a verdict.
+    async fn conclude(
+        &self,
+        step: &StepRequest,
+        message: &ReceivedMessage,
+        running: &dyn RunningStep,
+        exit: StepExit,
+    ) -> Disposition {
+        let kind = self.launcher.kind();
+        let state = match self
+            .retrying("step_state", || self.bridge.step_state(step))
+            .await
+        {
+            Ok(state) => state,
+            Err(e) => return self.bridge_failure(e, message),
+        };
+        if state.attempt_finished {
+            let outcome = match state.last_terminal.as_deref() {
+                Some("STEP_SUCCESS") => "succeeded",
+                Some("STEP_UP_FOR_RETRY") => "up_for_retry",
+                _ => "failed",
+            };
+            self.finish_metric(kind, outcome);
+            tracing::info!(outcome, "step finished");
+            return Disposition::Ack {
+                outcome,
+                state: StepState::Acked,
+            };
+        }
+        if state.run_status.is_some_and(|s| s.stops_new_steps()) {
+            self.finish_metric(kind, "run_ended");
+            return Disposition::Ack {
+                outcome: "run_ended",
+                state: StepState::Acked,
+            };
+        }
+        let tail = running.stderr_tail();
+        let verdict = Verdict {
+            verdict: exit.describe(),
+            exit: exit.short(),
+            stderr_tail: tail.join("\n"),
+        };
+        tracing::warn!(verdict = %verdict.verdict, "no outcome in Dagster: reporting a verdict");
+        self.steps
+            .update(&step.task_id, |r| r.verdict = Some(verdict.verdict.clone()));
+        match self
+            .retrying("report_verdict", || {
+                self.bridge.report_verdict(step, &verdict)
+            })
+            .await
+        {
+            Ok(_) => {
+                self.steps.transition(&step.task_id, StepState::Reported);
+                self.finish_metric(kind, "verdict");
+                Disposition::Ack {
+                    outcome: "verdict",
+                    state: StepState::Acked,
+                }
+            }
+            Err(e) => self.bridge_failure(e, message),
+        }
+    }
+
+    /// A message that must not run: its attempt already finished, or its run is over.
+    async fn skip_reason(
+        &self,
+        step: &StepRequest,
+        state: &DagsterStepState,
+    ) -> Option<Disposition> {
+        let Some(run_status) = state.run_status else {
+            return Some(Disposition::DeadLetter {
+                reason: "unknown_run",
+                detail: format!(
+                    "run {} does not exist in the Dagster instance named by the message",
+                    step.run_id
+                ),
+                error_class: "poison",
+            });
+        };
+        if state.attempt_finished {
+            tracing::info!("attempt already finished in Dagster: acknowledging without running");
+            return Some(Disposition::Ack {
+                outcome: "already_finished",
+                state: StepState::Skipped,
+            });
+        }
+        if run_status.stops_new_steps() {
+            tracing::info!(?run_status, "run is over: acknowledging without running");
+            let note = format!(
+                "dagster-taskiq-controller: not running {} (attempt {}): the run is {:?}",
+                step.step_key, step.attempt, run_status
+            );
+            let metadata =
+                BTreeMap::from([("controller".to_owned(), self.config.controller_id.clone())]);
+            if let Err(e) = self.bridge.report_event(step, &note, &metadata).await {
+                tracing::warn!(%e, "could not record the skip in Dagster");
+            }
+            return Some(Disposition::Ack {
+                outcome: "run_ended",
+                state: StepState::Skipped,
+            });
+        }
+        None
+    }
+
+    /// Too many deliveries without an outcome: tell Dagster, then dead-letter.
+    async fn give_up(&self, step: &StepRequest, message: &ReceivedMessage) -> Disposition {
+        let detail = format!(
+            "delivered {} times (limit {}) without reaching an outcome",
+            message.receive_count, self.config.max_attempts
+        );
+        tracing::error!(%detail, "giving up on the attempt");
+        let verdict = Verdict {
+            verdict: format!("dagster-taskiq-controller gave up: {detail}"),
+            exit: "not run".into(),
+            stderr_tail: String::new(),
+        };
+        match self
+            .retrying("report_verdict", || {
+                self.bridge.report_verdict(step, &verdict)
+            })
+            .await
+        {
+            Ok(_) => Disposition::DeadLetter {
+                reason: "attempts_exhausted",
+                detail,
+                error_class: "transient",
+            },
+            Err(e) => self.bridge_failure(e, message),
+        }
+    }
+
+    /// The bridge could not answer: give the message back for later, never lose it.
+    fn bridge_failure(&self, e: BridgeError, message: &ReceivedMessage) -> Disposition {
+        if e.is_transient() {
+            tracing::warn!(%e, "Dagster bridge failing: releasing the message for later");
+            Disposition::Release {
+                delay: self.config.backoff.delay(message.receive_count),
+                reason: "bridge_unavailable",
+                state: StepState::Backoff,
+            }
+        } else {
+            Disposition::DeadLetter {
+                reason: "bridge_rejected",
+                detail: e.to_string(),
+                error_class: "poison",
+            }
+        }
+    }
+
+    /// Carries out a disposition for a claimed step.
+    async fn settle(
+        &self,
+        step: &StepRequest,
+        message: &ReceivedMessage,
+        disposition: Disposition,
+    ) {
+        let task_id = step.task_id.as_str();
+        // A redelivery may have renewed the handle meanwhile.
+        let mut current = message.clone();
+        if let Some(handle) = self.leases.receipt_handle(task_id) {
+            current.receipt_handle = handle;
+        }
+        let final_state = match &disposition {
+            Disposition::Ack { state, .. } | Disposition::Release { state, .. } => *state,
+            Disposition::DeadLetter { .. } => StepState::DeadLettered,
+            Disposition::Abandon => StepState::Fenced,
+        };
+        let settle_started = Instant::now();
+        self.settle_unclaimed(&current, disposition).await;
+        self.metrics
+            .settle_latency_seconds
+            .observe(settle_started.elapsed().as_secs_f64());
+        self.leases.drop_lease(task_id);
+        self.steps.transition(task_id, final_state);
+    }
+
+    /// Carries out a disposition on the queue, retrying transient failures within budget.
+    async fn settle_unclaimed(&self, message: &ReceivedMessage, disposition: Disposition) {
+        let handle = message.receipt_handle.as_str();
+        let result = match &disposition {
+            Disposition::Ack { outcome, .. } => {
+                let r = self
+                    .retrying("DeleteMessage", || self.queue.ack(handle))
+                    .await;
+                if r.is_ok() {
+                    self.metrics
+                        .messages_acked
+                        .get_or_create(&[("outcome", outcome)])
+                        .inc();
+                }
+                r
+            }
+            Disposition::Release { delay, reason, .. } => {
+                let r = self
+                    .retrying("ChangeMessageVisibility", || {
+                        self.queue.release(handle, *delay)
+                    })
+                    .await;
+                if r.is_ok() {
+                    tracing::info!(?delay, reason, "message released");
+                    self.metrics
+                        .messages_released
+                        .get_or_create(&[("reason", reason)])
+                        .inc();
+                }
+                r
+            }
+            Disposition::DeadLetter {
+                reason,
+                detail,
+                error_class,
+            } => {
+                let dead_letter = DeadLetter {
+                    reason: reason.to_string(),
+                    detail: detail.clone(),
+                    error_class,
+                    controller_id: self.config.controller_id.clone(),
+                };
+                let r = self
+                    .retrying("SendMessage", || {
+                        self.queue.dead_letter(message, &dead_letter)
+                    })
+                    .await;
+                if r.is_ok() {
+                    tracing::warn!(reason, detail, "message dead-lettered");
+                    self.metrics
+                        .messages_dead_lettered
+                        .get_or_create(&[("reason", reason)])
+                        .inc();
+                }
+                r
+            }
+            Disposition::Abandon => Ok(()),
+        };
+        if let Err(e) = result {
+            // Nothing is lost: the message becomes visible again when its visibility runs
+            // out, and the next delivery finds the durable outcome or relaunches.
+            tracing::error!(%e, ?disposition, "could not settle the message; it will be redelivered");
+        }
+    }
+
+    /// Retries a call while its errors are transient, within the configured budget.
+    async fn retrying<T, E, F, Fut>(&self, operation: &'static str, mut call: F) -> Result<T, E>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: RetryableError,
+    {
+        let deadline = Instant::now() + self.config.call_retry_budget;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match call().await {
+                Ok(value) => return Ok(value),
+                Err(e) => {
+                    e.count(&self.metrics, operation);
+                    let pause = self
+                        .config
+                        .backoff
+                        .delay(attempt)
+                        .max(Duration::from_millis(50));
+                    if !e.is_transient() || Instant::now() + pause > deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(operation, attempt, ?pause, "transient failure; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    fn finish_metric(&self, kind: envelope::LauncherKind, outcome: &'static str) {
+        self.metrics
+            .steps_finished
+            .get_or_create(&[("launcher", launcher_name(kind)), ("outcome", outcome)])
+            .inc();
+    }
+
+    fn count_queue_error(&self, operation: &'static str, e: &QueueError) {
+        self.metrics
+            .queue_errors
+            .get_or_create(&[("operation", operation), ("kind", e.kind())])
+            .inc();
+    }
+}
+
+fn release_for_shutdown() -> Disposition {
+    Disposition::Release {
+        delay: Duration::ZERO,
+        reason: "shutdown",
+        state: StepState::Released,
+    }
+}
+
+fn launcher_name(kind: envelope::LauncherKind) -> &'static str {
+    match kind {
+        envelope::LauncherKind::Process => "process",
+        envelope::LauncherKind::Ecs => "ecs",
+    }
+}
+
+/// Errors the retry helper understands.
+pub trait RetryableError: std::fmt::Display {
+    fn is_transient(&self) -> bool;
+    fn count(&self, metrics: &Metrics, operation: &'static str);
+}
+
+impl RetryableError for QueueError {
+    fn is_transient(&self) -> bool {
+        QueueError::is_transient(self)
+    }
+    fn count(&self, metrics: &Metrics, operation: &'static str) {
+        metrics
+            .queue_errors
+            .get_or_create(&[("operation", operation), ("kind", self.kind())])
+            .inc();
+    }
+}
+
+impl RetryableError for BridgeError {
+    fn is_transient(&self) -> bool {
+        BridgeError::is_transient(self)
+    }
+    fn count(&self, _metrics: &Metrics, _operation: &'static str) {
+        // Counted by the bridge client per method.
+    }
+}

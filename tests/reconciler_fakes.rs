@@ -1,0 +1,246 @@
+//! The reconciler's state machine with fakes behind the three boundaries and paused time.
+//! (The same behaviours run against moto, real processes and real Dagster in python/tests.)
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
+use dagster_taskiq_controller::dagster::RunStatus;
+use dagster_taskiq_controller::envelope;
+use dagster_taskiq_controller::fakes::{
+    step_body, FakeBridge, FakeLauncher, FakeOutcome, FakeQueue, QueueEvent,
+};
+use dagster_taskiq_controller::launcher::StepExit;
+use dagster_taskiq_controller::lease::LeaseTable;
+use dagster_taskiq_controller::metrics::Metrics;
+use dagster_taskiq_controller::reconciler::{Controller, ReconcilerConfig};
+use dagster_taskiq_controller::retry::Backoff;
+use dagster_taskiq_controller::state::StepTable;
+use tokio_util::sync::CancellationToken;
+
+struct Bed {
+    queue: FakeQueue,
+    bridge: FakeBridge,
+    launcher: FakeLauncher,
+    controller: Arc<Controller>,
+}
+
+fn bed(step_duration: Duration) -> Bed {
+    let queue = FakeQueue::default();
+    let bridge = FakeBridge::default();
+    let launcher = FakeLauncher::new(bridge.clone(), step_duration);
+    let metrics = Arc::new(Metrics::new());
+    let controller = Arc::new(Controller {
+        config: ReconcilerConfig {
+            controller_id: "test".into(),
+            receive_wait: Duration::from_secs(1),
+            max_attempts: 3,
+            backoff: Backoff {
+                base: Duration::from_secs(1),
+                cap: Duration::from_secs(30),
+            },
+            shutdown_grace: Duration::from_secs(10),
+            call_retry_budget: Duration::from_secs(5),
+        },
+        queue: Arc::new(queue.clone()),
+        launcher: Arc::new(launcher.clone()),
+        bridge: Arc::new(bridge.clone()),
+        admission: Admission::new(AdmissionConfig {
+            max_concurrent: 4,
+            launch_rate: None,
+            launch_burst: std::num::NonZeroU32::MIN,
+        }),
+        leases: Arc::new(LeaseTable::new(Duration::from_secs(30), metrics.clone())),
+        steps: Arc::new(StepTable::default()),
+        metrics,
+        draining: CancellationToken::new(),
+        abort: CancellationToken::new(),
+    });
+    Bed {
+        queue,
+        bridge,
+        launcher,
+        controller,
+    }
+}
+
+fn task_id(n: u32) -> String {
+    format!("{n:032x}")
+}
+
+impl Bed {
+    fn start(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.controller.clone().run())
+    }
+
+    async fn stop(&self, handle: tokio::task::JoinHandle<()>) {
+        self.controller.draining.cancel();
+        handle.await.unwrap();
+    }
+}
+
+fn acked(id: &str) -> impl Fn(&[QueueEvent]) -> bool + '_ {
+    move |events| events.contains(&QueueEvent::Acked(id.to_owned()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_successful_step_is_launched_once_and_acked() {
+    let bed = bed(Duration::from_secs(5));
+    bed.queue
+        .push("m1", &step_body(&task_id(1), "run1", "op_a", 0));
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m1")).await;
+    assert_eq!(bed.launcher.launches(), vec![task_id(1)]);
+    assert!(bed.bridge.verdicts().is_empty());
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn poison_is_dead_lettered_with_its_reason_and_never_launched() {
+    let bed = bed(Duration::from_secs(1));
+    bed.queue.push("bad", "{not json");
+    bed.queue
+        .push("good", &step_body(&task_id(2), "run1", "op_a", 0));
+    let handle = bed.start();
+    bed.queue.wait_for(acked("good")).await;
+    assert!(bed.queue.events().contains(&QueueEvent::DeadLettered(
+        "bad".into(),
+        "invalid_json".into()
+    )));
+    assert_eq!(bed.launcher.launches(), vec![task_id(2)]);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_without_terminal_event_gets_a_verdict_before_the_ack() {
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher
+        .outcome("op_a", FakeOutcome::Crash(StepExit::Signal(9)));
+    bed.queue
+        .push("m1", &step_body(&task_id(3), "run1", "op_a", 0));
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m1")).await;
+    let verdicts = bed.bridge.verdicts();
+    assert_eq!(verdicts.len(), 1);
+    assert!(verdicts[0].1.contains("signal 9 (SIGKILL)"), "{verdicts:?}");
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn exit_zero_without_terminal_event_is_not_success() {
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher
+        .outcome("op_a", FakeOutcome::Crash(StepExit::Code(0)));
+    bed.queue
+        .push("m1", &step_body(&task_id(4), "run1", "op_a", 0));
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m1")).await;
+    assert_eq!(bed.bridge.verdicts().len(), 1);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn finished_attempts_and_ended_runs_are_acked_without_running() {
+    let bed = bed(Duration::from_secs(1));
+    let done = envelope::decode(&step_body(&task_id(5), "run1", "op_a", 0)).unwrap();
+    bed.bridge.finish(&done, "STEP_SUCCESS");
+    bed.bridge.set_run_status("run2", RunStatus::Canceled);
+    bed.queue
+        .push("done", &step_body(&task_id(5), "run1", "op_a", 0));
+    bed.queue
+        .push("canceled", &step_body(&task_id(6), "run2", "op_b", 0));
+    let handle = bed.start();
+    bed.queue.wait_for(acked("done")).await;
+    bed.queue.wait_for(acked("canceled")).await;
+    assert!(bed.launcher.launches().is_empty());
+    let events = bed.bridge.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].1.contains("Canceled"), "{events:?}");
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_fences_the_step_and_reports_nothing() {
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher.outcome("op_a", FakeOutcome::Hang);
+    bed.queue
+        .push("m1", &step_body(&task_id(7), "run1", "op_a", 0));
+    let handle = bed.start();
+    // Wait until it runs, then make SQS reject its receipt handle.
+    while bed.launcher.launches().is_empty() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bed.queue.lose_lease("m1");
+    while bed.controller.steps.is_active(&task_id(7)) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(bed.queue.events().is_empty(), "{:?}", bed.queue.events());
+    assert!(bed.bridge.verdicts().is_empty());
+    let record = bed.controller.steps.get(&task_id(7)).unwrap();
+    assert_eq!(
+        serde_json::to_value(record.state).unwrap(),
+        serde_json::json!("fenced")
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_many_deliveries_dead_letter_with_a_verdict() {
+    let body = step_body(&task_id(8), "run1", "op_a", 0);
+    // Deliveries past max_attempts (3) are given up on.
+    let bed = bed_with_receive_count(&body, 4);
+    let handle = bed.start();
+    bed.queue
+        .wait_for(|events| {
+            events.contains(&QueueEvent::DeadLettered(
+                "m1".into(),
+                "attempts_exhausted".into(),
+            ))
+        })
+        .await;
+    assert!(bed.launcher.launches().is_empty());
+    assert_eq!(bed.bridge.verdicts().len(), 1);
+    assert!(bed.bridge.verdicts()[0].1.contains("gave up"));
+    bed.stop(handle).await;
+}
+
+/// A bed whose message has already been delivered `count - 1` times.
+fn bed_with_receive_count(body: &str, count: u32) -> Bed {
+    let bed = bed(Duration::from_secs(1));
+    bed.queue.push("m1", body);
+    let queue = bed.queue.clone();
+    futures::executor::block_on(async move {
+        use dagster_taskiq_controller::queue::WorkQueue;
+        for _ in 1..count {
+            let got = queue
+                .receive(1, Duration::ZERO, Duration::from_secs(1))
+                .await
+                .unwrap();
+            queue
+                .release(&got[0].receipt_handle, Duration::ZERO)
+                .await
+                .unwrap();
+        }
+    });
+    bed
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_kills_steps_past_the_grace_and_releases_their_messages() {
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher.outcome("op_a", FakeOutcome::Hang);
+    bed.queue
+        .push("m1", &step_body(&task_id(9), "run1", "op_a", 0));
+    let handle = bed.start();
+    while bed.launcher.launches().is_empty() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let began = tokio::time::Instant::now();
+    bed.stop(handle).await;
+    assert!(began.elapsed() >= Duration::from_secs(10), "grace honoured");
+    assert!(bed
+        .queue
+        .events()
+        .contains(&QueueEvent::Released("m1".into(), Duration::ZERO)));
+    assert!(bed.bridge.verdicts().is_empty());
+}
