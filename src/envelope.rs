@@ -243,7 +243,15 @@ pub fn decode(body: &str) -> Result<StepRequest, Poison> {
             .map_err(|e| format!("not a JSON object of strings: {e}"))
     })?
     .unwrap_or_default();
-    let job_name = label(&labels, labels::JOB_NAME).map(str::to_owned);
+    let job_name = parse_label(&labels, labels::JOB_NAME, |s| {
+        if is_dagster_name(s) {
+            Ok(s.to_owned())
+        } else {
+            Err(format!(
+                "{s:?} is not a Dagster name (1 to 255 characters of [A-Za-z0-9_])"
+            ))
+        }
+    })?;
 
     Ok(StepRequest {
         task_id: raw.task_id,
@@ -333,6 +341,10 @@ fn is_identifier(s: &str, max_len: usize) -> bool {
     (1..=max_len).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn is_dagster_name(s: &str) -> bool {
+    (1..=255).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 fn is_step_key(s: &str) -> bool {

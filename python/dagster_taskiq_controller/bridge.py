@@ -54,14 +54,13 @@ def _bad_request(message: str) -> BridgeError:
     return BridgeError("bad_request", message)
 
 
-def _param(params: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+def _param(params: dict[str, Any], name: str, kind: type) -> Any:
     if name not in params:
         raise _bad_request(f"missing param {name}")
     value = params[name]
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise _bad_request(f"param {name} has the wrong type")
-    if not isinstance(value, kind):
-        raise _bad_request(f"param {name} has the wrong type")
+    # JSON true/false arrive as bool, which Python also counts as int: refuse them.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise _bad_request(f"param {name} must be a {kind.__name__}")
     return value
 
 

@@ -72,7 +72,11 @@ def run_job(started: float, dashboard_url: str) -> bool:
     outcome: dict[str, object] = {}
 
     def execute() -> None:
-        with execute_job(reconstructable(fan_out_fan_in), instance) as result:
+        # Quiet Dagster's console logger: the demo prints its own progress lines.
+        run_config = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+        with execute_job(
+            reconstructable(fan_out_fan_in), instance, run_config=run_config
+        ) as result:
             outcome["success"] = result.success
             outcome["run_id"] = result.run_id
 

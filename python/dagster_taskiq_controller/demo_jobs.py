@@ -32,7 +32,10 @@ TRANSFORMS = [_make_transform(region, i + 1) for i, region in enumerate(REGIONS)
 
 @op(ins={name: In(dict) for name in REGIONS}, out=Out(dict))
 def combine(**parts: dict) -> dict:
-    return {"grand_total": sum(p["total"] for p in parts.values()), "pids": [p["pid"] for p in parts.values()]}
+    return {
+        "grand_total": sum(p["total"] for p in parts.values()),
+        "pids": [p["pid"] for p in parts.values()],
+    }
 
 
 @op(ins={"summary": In(dict)})
@@ -45,5 +48,5 @@ def report(summary: dict) -> None:
 @job(executor_def=taskiq_controller_executor)
 def fan_out_fan_in() -> None:
     numbers = extract()
-    parts = {region: t(numbers) for region, t in zip(REGIONS, TRANSFORMS)}
+    parts = {region: t(numbers) for region, t in zip(REGIONS, TRANSFORMS, strict=True)}
     report(combine(**parts))

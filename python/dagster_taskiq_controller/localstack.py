@@ -83,9 +83,12 @@ class MotoServer:
 
     def start(self) -> MotoServer:
         executable = shutil.which("moto_server", path=str(Path(sys.executable).parent))
-        command = (
-            [executable] if executable else [sys.executable, "-m", "moto.server"]
-        ) + ["-H", "127.0.0.1", "-p", str(self.port)]
+        command = ([executable] if executable else [sys.executable, "-m", "moto.server"]) + [
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+        ]
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -123,9 +126,9 @@ def create_queues(
     """A work queue and its dead-letter queue, tied by a RedrivePolicy."""
     sqs = boto3.client("sqs", endpoint_url=endpoint_url, region_name=REGION)
     dlq_url = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
-        "Attributes"
-    ]["QueueArn"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
     redrive = f'{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receive_count}"}}'
     queue_url = sqs.create_queue(
         QueueName=name,
@@ -172,11 +175,9 @@ class Controller:
         env.setdefault("RUST_LOG", "info")
         stdout: IO[bytes] | int = subprocess.DEVNULL
         if self.log_path is not None:
-            self._log = open(self.log_path, "ab")  # noqa: SIM115
+            self._log = open(self.log_path, "ab")
             stdout = self._log
-        self.process = subprocess.Popen(
-            command, env=env, stdout=stdout, stderr=subprocess.STDOUT
-        )
+        self.process = subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT)
         if wait_ready:
             wait_for(self._ready, 60, "controller to be ready")
         return self

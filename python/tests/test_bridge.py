@@ -132,12 +132,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     w.instance.dispose()
 
 
-@pytest.fixture
-def bridge(world: World) -> Iterator[BridgeProcess]:
+def _start(world: World) -> Iterator[BridgeProcess]:
     proc = BridgeProcess(child_env(DAGSTER_HOME=str(world.home)))
     yield proc
     if proc.proc.poll() is None:
         proc.close()
+
+
+@pytest.fixture(scope="module")
+def bridge(world: World) -> Iterator[BridgeProcess]:
+    """One bridge shared by the module's tests, as the controller shares one."""
+    yield from _start(world)
+
+
+@pytest.fixture
+def own_bridge(world: World) -> Iterator[BridgeProcess]:
+    """A bridge for a test that ends it."""
+    yield from _start(world)
 
 
 def _engine_events(world: World, run_id: str, step_key: str) -> list[Any]:
@@ -226,7 +237,8 @@ def test_pipelined_requests(bridge: BridgeProcess, world: World) -> None:
     assert responses[104]["ok"] is True
 
 
-def test_bad_lines_get_errors_and_the_loop_goes_on(bridge: BridgeProcess) -> None:
+def test_bad_lines_get_errors_and_the_loop_goes_on(own_bridge: BridgeProcess) -> None:
+    bridge = own_bridge
     bridge.write(b"this is not json\n")
     response = bridge.read()
     assert response["id"] is None and response["ok"] is False
@@ -347,7 +359,8 @@ def test_report_event(bridge: BridgeProcess, world: World) -> None:
     assert bad["error"]["kind"] == "bad_request"
 
 
-def test_exits_cleanly_on_eof(bridge: BridgeProcess) -> None:
+def test_exits_cleanly_on_eof(own_bridge: BridgeProcess) -> None:
+    bridge = own_bridge
     assert bridge.result("ping")
     assert bridge.close() == 0
     wait_for(

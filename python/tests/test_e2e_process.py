@@ -1,0 +1,215 @@
+"""End to end: real Dagster jobs through a real SQS API (moto server) and the controller binary,
+each step a real `dagster api execute_step` child process."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import jobs
+import pytest
+from conftest import wait_for
+from dagster import DagsterEventType, DagsterInstance, execute_job
+
+from dagster_taskiq_controller import contract
+from dagster_taskiq_controller.localstack import DEFAULT_BINARY, Controller, Queues, create_queues
+
+pytestmark = pytest.mark.skipif(
+    not DEFAULT_BINARY.exists(), reason="controller binary not built (make build)"
+)
+
+
+@dataclass
+class Stack:
+    queues: Queues
+    controller: Controller
+    instance: DagsterInstance
+
+    def queue_empty(self, url: str | None = None) -> bool:
+        attributes = boto3.client("sqs").get_queue_attributes(
+            QueueUrl=url or self.queues.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return all(v == "0" for v in attributes.values())
+
+    def api(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.controller.dashboard_url}{path}", timeout=5) as r:
+            return json.load(r)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.controller.dashboard_url}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+
+def start_stack(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    args: tuple[str, ...] = (),
+    visibility_timeout: int = 30,
+) -> Stack:
+    queues = create_queues(
+        aws_env["AWS_ENDPOINT_URL"],
+        f"steps-{uuid.uuid4().hex[:10]}",
+        visibility_timeout=visibility_timeout,
+    )
+    monkeypatch.setenv("DAGSTER_TASKIQ_SQS_QUEUE_URL", queues.queue_url)
+    controller = Controller(
+        queue_url=queues.queue_url,
+        env={**aws_env, "DAGSTER_HOME": str(dagster_home)},
+        args=("--receive-wait", "1", "--shutdown-grace", "10", *args),
+        log_path=tmp_path / "controller.log",
+    )
+    controller.start()
+    return Stack(queues=queues, controller=controller, instance=instance)
+
+
+@pytest.fixture
+def stack(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Iterator[Stack]:
+    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path)
+    try:
+        yield s
+    finally:
+        assert s.controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]
+
+
+def events_of(instance: DagsterInstance, run_id: str, event_type: DagsterEventType) -> list[Any]:
+    return [
+        r.event_log_entry
+        for r in instance.get_records_for_run(run_id, of_type=event_type, limit=10_000).records
+    ]
+
+
+def step_pids(instance: DagsterInstance, run_id: str) -> dict[str, int]:
+    pids = {}
+    for entry in events_of(instance, run_id, DagsterEventType.STEP_OUTPUT):
+        metadata = entry.dagster_event.event_specific_data.metadata
+        pids[entry.step_key] = metadata["pid"].value
+    return pids
+
+
+def test_diamond_runs_every_step_in_its_own_process(stack: Stack) -> None:
+    with execute_job(jobs.recon("diamond"), stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+        # Values flowed between steps through the filesystem IO manager.
+        assert result.output_for_node("report") == ((1 + 1) + (1 * 2) + (1 * 1)) * 10
+    pids = step_pids(stack.instance, run_id)
+    assert set(pids) == {"emit", "add_one", "double", "square", "join", "report"}
+    assert len(set(pids.values())) == len(pids), f"steps shared a process: {pids}"
+    wait_for(stack.queue_empty, 10, "every message to be deleted")
+    records = [r for r in stack.api("/api/v1/steps") if r["run_id"] == run_id]
+    assert sorted(r["step_key"] for r in records) == sorted(pids)
+    assert all(r["state"] == "acked" for r in records), records
+
+
+def test_an_op_that_raises_fails_the_run_with_its_error(stack: Stack) -> None:
+    with execute_job(jobs.recon("failing"), stack.instance) as result:
+        assert not result.success
+        run_id = result.run_id
+    failures = events_of(stack.instance, run_id, DagsterEventType.STEP_FAILURE)
+    assert [f.step_key for f in failures] == ["boom"]
+    error = failures[0].dagster_event.step_failure_data.error
+    assert "boom" in error.message
+    wait_for(stack.queue_empty, 10, "every message to be deleted")
+
+
+def test_retry_policy_attempts_each_arrive_as_their_own_message(stack: Stack) -> None:
+    with execute_job(jobs.recon("flaky"), stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+    (stats,) = [s for s in stack.instance.get_run_step_stats(run_id) if s.step_key == "flaky_op"]
+    assert stats.attempts == 3
+    records = [
+        r
+        for r in stack.api("/api/v1/steps")
+        if r["run_id"] == run_id and r["step_key"] == "flaky_op"
+    ]
+    assert sorted(r["attempt"] for r in records) == [0, 1, 2]
+    assert len({r["task_id"] for r in records}) == 3
+    assert len({r["message_id"] for r in records}) == 3
+    wait_for(stack.queue_empty, 10, "every message to be deleted")
+
+
+def test_a_step_killed_by_sigkill_gets_a_verdict_and_is_retried(stack: Stack) -> None:
+    with execute_job(jobs.recon("self_kill"), stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+    verdicts = [
+        e
+        for e in events_of(stack.instance, run_id, DagsterEventType.ENGINE_EVENT)
+        if e.step_key == "kill_self"
+        and contract.META_VERDICT in e.dagster_event.event_specific_data.metadata
+    ]
+    assert len(verdicts) == 1
+    metadata = verdicts[0].dagster_event.event_specific_data.metadata
+    assert "signal 9" in metadata[contract.META_VERDICT].value
+    assert metadata[contract.META_ATTEMPT].value == 0
+    retries = events_of(stack.instance, run_id, DagsterEventType.STEP_UP_FOR_RETRY)
+    assert [r.step_key for r in retries] == ["kill_self"]
+    wait_for(stack.queue_empty, 10, "every message to be deleted")
+
+
+def test_a_step_longer_than_the_visibility_timeout_is_not_redelivered(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    s = start_stack(
+        aws_env,
+        dagster_home,
+        instance,
+        monkeypatch,
+        tmp_path,
+        args=("--visibility-timeout", "2"),
+        visibility_timeout=2,
+    )
+    try:
+        run_config = {"ops": {"sleep_op": {"config": {"seconds": 7.0}}}}
+        with execute_job(jobs.recon("slow"), instance, run_config=run_config) as result:
+            assert result.success
+            run_id = result.run_id
+        starts = events_of(instance, run_id, DagsterEventType.STEP_START)
+        assert [e.step_key for e in starts] == ["sleep_op"]
+        assert "dagster_taskiq_messages_received_total 1" in s.metrics()
+        assert 'result="extended"' in s.metrics()
+        wait_for(s.queue_empty, 10, "the message to be deleted")
+    finally:
+        assert s.controller.stop() == 0
+
+
+def test_a_malformed_message_is_dead_lettered_and_the_next_one_runs(stack: Stack) -> None:
+    sqs = boto3.client("sqs")
+    sqs.send_message(QueueUrl=stack.queues.queue_url, MessageBody='{"task_id": "x", "oops"')
+    with execute_job(jobs.recon("flaky"), stack.instance) as result:
+        assert result.success
+
+    def dead_letter() -> Any:
+        got = sqs.receive_message(
+            QueueUrl=stack.queues.dlq_url, MessageAttributeNames=["All"], WaitTimeSeconds=1
+        )
+        return got.get("Messages")
+
+    (message,) = wait_for(dead_letter, 15, "the malformed message in the DLQ")
+    assert message["Body"] == '{"task_id": "x", "oops"'
+    attributes = message["MessageAttributes"]
+    assert attributes["dagster_taskiq_error"]["StringValue"] == "invalid_json"
+    assert "not valid JSON" in attributes["dagster_taskiq_error_detail"]["StringValue"]
+    assert 'dagster_taskiq_messages_dead_lettered_total{reason="invalid_json"} 1' in stack.metrics()
+    wait_for(stack.queue_empty, 10, "the work queue to be empty")
