@@ -82,6 +82,18 @@ pub struct RunArgs {
     #[arg(long, env = "DAGSTER_TASKIQ_SHUTDOWN_GRACE", default_value = "110", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
 
+    /// Timeout of steps without a `dagster-taskiq/timeout` op tag, in seconds; 0: none.
+    #[arg(long, env = "DAGSTER_TASKIQ_STEP_TIMEOUT", default_value = "0", value_parser = parse_seconds)]
+    pub step_timeout: Duration,
+
+    /// Seconds a canceled step gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "DAGSTER_TASKIQ_STOP_GRACE", default_value = "10", value_parser = parse_seconds)]
+    pub stop_grace: Duration,
+
+    /// How often the status of runs with running steps is read from Dagster, in seconds.
+    #[arg(long, env = "DAGSTER_TASKIQ_RUN_STATUS_INTERVAL", default_value = "1", value_parser = parse_seconds)]
+    pub run_status_interval: Duration,
+
     /// Launches per second (token bucket); 0 means unlimited.
     #[arg(long, env = "DAGSTER_TASKIQ_LAUNCH_RATE", default_value_t = 0)]
     pub launch_rate: u32,
@@ -146,10 +158,20 @@ impl RunArgs {
         if self.receive_wait > Duration::from_secs(20) {
             return Err(invalid("receive-wait", "SQS long polls at most 20 seconds"));
         }
+        if self.run_status_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "run-status-interval",
+                "must be at least 0.1 seconds",
+            ));
+        }
         if self.launch_burst == 0 {
             return Err(invalid("launch-burst", "must be at least 1"));
         }
         Ok(())
+    }
+
+    pub fn step_timeout(&self) -> Option<Duration> {
+        Some(self.step_timeout).filter(|t| !t.is_zero())
     }
 
     pub fn launch_rate(&self) -> Option<NonZeroU32> {

@@ -119,6 +119,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             shutdown_grace: args.shutdown_grace,
             call_retry_budget: args.visibility_timeout / 2,
+            default_step_timeout: args.step_timeout(),
+            stop_grace: args.stop_grace,
+            run_status_interval: args.run_status_interval,
         },
         queue,
         launcher: Arc::new(ProcessLauncher::new(ProcessLauncherConfig {

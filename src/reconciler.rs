@@ -25,7 +25,7 @@ use crate::lease::LeaseTable;
 use crate::metrics::Metrics;
 use crate::queue::{DeadLetter, QueueError, ReceivedMessage, WorkQueue};
 use crate::retry::Backoff;
-use crate::state::{StepState, StepTable};
+use crate::state::{StepState, StepTable, StopReason};
 
 /// Settings of the loop.
 #[derive(Debug, Clone)]
@@ -42,6 +42,12 @@ pub struct ReconcilerConfig {
     pub shutdown_grace: Duration,
     /// How long to keep retrying a bridge or queue call before giving the message back.
     pub call_retry_budget: Duration,
+    /// Timeout of steps without a `dagster-taskiq/timeout` tag; `None`: no limit.
+    pub default_step_timeout: Option<Duration>,
+    /// After SIGTERM (cancel), how long a step may take to exit before SIGKILL.
+    pub stop_grace: Duration,
+    /// How often the status of runs with held steps is read from Dagster.
+    pub run_status_interval: Duration,
 }
 
 /// Everything the loop needs; shared by the intake and every step task.
@@ -95,6 +101,7 @@ impl Controller {
             let stop = keeper_stop.clone();
             async move { leases.keep(queue, stop).await }
         });
+        let watcher = tokio::spawn(self.clone().watch_runs(keeper_stop.clone()));
         let mut tasks = JoinSet::new();
         self.clone().intake(&mut tasks).await;
 
@@ -116,6 +123,7 @@ impl Controller {
         }
         keeper_stop.cancel();
         let _ = keeper.await;
+        let _ = watcher.await;
         tracing::info!("drained");
     }
 
@@ -135,13 +143,29 @@ impl Controller {
                     None => break,
                 }
             }
+            let queue = self.queue.clone();
+            let (max, wait, visibility) = (
+                permits.len(),
+                self.config.receive_wait,
+                self.leases.visibility(),
+            );
+            let mut receive = Box::pin(async move { queue.receive(max, wait, visibility).await });
             let received = tokio::select! {
-                _ = self.draining.cancelled() => return,
-                received = self.queue.receive(
-                    permits.len(),
-                    self.config.receive_wait,
-                    self.leases.visibility(),
-                ) => received,
+                received = &mut receive => received,
+                _ = self.draining.cancelled() => {
+                    // Dropping a long poll mid-way could hide messages SQS already handed
+                    // out; let it finish in the background and give back what it brings.
+                    let this = self.clone();
+                    tasks.spawn(async move {
+                        if let Ok(messages) = receive.await {
+                            for message in messages {
+                                this.metrics.messages_received.inc();
+                                this.settle_unclaimed(&message, release_for_shutdown()).await;
+                            }
+                        }
+                    });
+                    return;
+                }
             };
             match received {
                 Ok(messages) => {
@@ -166,6 +190,45 @@ impl Controller {
                     tokio::select! {
                         _ = self.draining.cancelled() => return,
                         _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the steps of runs that ended (canceled, failed, succeeded) in Dagster: one
+    /// batched status query per Dagster instance per interval.
+    async fn watch_runs(self: Arc<Self>, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.config.run_status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            for (instance_ref, run_ids) in self.steps.active_runs() {
+                let statuses = match self.bridge.run_statuses(&instance_ref, &run_ids).await {
+                    Ok(statuses) => statuses,
+                    Err(e) => {
+                        tracing::debug!(%e, "run status poll failed; trying again next tick");
+                        continue;
+                    }
+                };
+                for (run_id, status) in statuses {
+                    let Some(status) = status.filter(|s| s.stops_new_steps()) else {
+                        continue;
+                    };
+                    let reason = StopReason::RunEnded {
+                        run_status: format!("{status:?}").to_uppercase(),
+                    };
+                    let asked = self.steps.request_stop_run(&run_id, &reason);
+                    if asked > 0 {
+                        tracing::info!(
+                            run_id,
+                            ?status,
+                            steps = asked,
+                            "run ended in Dagster: stopping its steps"
+                        );
                     }
                 }
             }
@@ -222,8 +285,14 @@ impl Controller {
                 return;
             }
             let lost = self.leases.hold(&step.task_id, &message.receipt_handle);
-            let disposition = self.process(&step, &message, lost).await;
+            let mut exited_at = None;
+            let disposition = self.process(&step, &message, lost, &mut exited_at).await;
             self.settle(&step, &message, disposition).await;
+            if let Some(exited_at) = exited_at {
+                self.metrics
+                    .exit_to_delete_seconds
+                    .observe(exited_at.elapsed().as_secs_f64());
+            }
         }
         .instrument(span)
         .await
@@ -235,6 +304,7 @@ impl Controller {
         step: &StepRequest,
         message: &ReceivedMessage,
         lost: CancellationToken,
+        exited_at: &mut Option<Instant>,
     ) -> Disposition {
         let received_at = Instant::now();
         let task_id = step.task_id.as_str();
@@ -310,6 +380,10 @@ impl Controller {
             r.history.push((StepState::Running, chrono::Utc::now()));
         });
 
+        let timeout = step.timeout.or(self.config.default_step_timeout);
+        let deadline = timeout.map(|t| started + t);
+        let stop = self.steps.stop_signal(task_id).unwrap_or_default();
+        let mut cause = None;
         let exit = tokio::select! {
             exit = running.wait() => exit,
             _ = lost.cancelled() => {
@@ -326,8 +400,35 @@ impl Controller {
                 self.finish_metric(kind, "killed");
                 return release_for_shutdown();
             }
+            _ = sleep_until_deadline(deadline) => {
+                let limit = timeout.expect("a deadline comes from a timeout");
+                tracing::warn!(%locator, ?limit, "step timed out: killing its process group");
+                // SIGKILL, not SIGTERM: Dagster turns SIGTERM into an interrupt failure that
+                // skips the RetryPolicy; the verdict below lets the policy decide.
+                running.kill();
+                cause = Some(format!("step timed out after {:.1}s and was killed", limit.as_secs_f64()));
+                running.wait().await
+            }
+            _ = stop.cancelled() => {
+                let reason = self.steps.stop_reason(task_id);
+                tracing::info!(%locator, ?reason, "stopping the step: SIGTERM, then SIGKILL after the grace");
+                running.terminate();
+                let exit = match tokio::time::timeout(self.config.stop_grace, running.wait()).await {
+                    Ok(exit) => exit,
+                    Err(_) => {
+                        running.kill();
+                        running.wait().await
+                    }
+                };
+                if let Some(StopReason::Operator { reason }) = reason {
+                    cause = Some(format!("step stopped by an operator: {reason}"));
+                }
+                exit
+            }
         };
-        let exited_at = Instant::now();
+        let exited_at_now = Instant::now();
+        *exited_at = Some(exited_at_now);
+        let exited_at = exited_at_now;
         self.metrics
             .step_duration_seconds
             .observe((exited_at - started).as_secs_f64());
@@ -337,7 +438,8 @@ impl Controller {
             r.stderr_tail = running.stderr_tail();
         });
         tracing::info!(exit = %exit.short(), elapsed = ?(exited_at - started), "step exited");
-        self.conclude(step, message, running.as_ref(), exit).await
+        self.conclude(step, message, running.as_ref(), exit, cause)
+            .await
     }
 
     /// After the execution ended: read the outcome, or write a verdict.
@@ -347,6 +449,7 @@ impl Controller {
         message: &ReceivedMessage,
         running: &dyn RunningStep,
         exit: StepExit,
+        cause: Option<String>,
     ) -> Disposition {
         let kind = self.launcher.kind();
         let state = match self
@@ -377,8 +480,13 @@ impl Controller {
             };
         }
         let tail = running.stderr_tail();
+        let outcome = if cause.as_deref().is_some_and(|c| c.contains("timed out")) {
+            "timed_out"
+        } else {
+            "verdict"
+        };
         let verdict = Verdict {
-            verdict: exit.describe(),
+            verdict: cause.unwrap_or_else(|| exit.describe()),
             exit: exit.short(),
             stderr_tail: tail.join("\n"),
         };
@@ -393,7 +501,7 @@ impl Controller {
         {
             Ok(_) => {
                 self.steps.transition(&step.task_id, StepState::Reported);
-                self.finish_metric(kind, "verdict");
+                self.finish_metric(kind, outcome);
                 Disposition::Ack {
                     outcome: "verdict",
                     state: StepState::Acked,
@@ -624,6 +732,13 @@ impl Controller {
             .queue_errors
             .get_or_create(&[("operation", operation), ("kind", e.kind())])
             .inc();
+    }
+}
+
+async fn sleep_until_deadline(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
