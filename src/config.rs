@@ -94,6 +94,11 @@ pub struct RunArgs {
     #[arg(long, env = "DAGSTER_TASKIQ_RUN_STATUS_INTERVAL", default_value = "1", value_parser = parse_seconds)]
     pub run_status_interval: Duration,
 
+    /// Total visibility SQS allows one delivery, in seconds; leases are handed off to a
+    /// continuation message before it. Lower only for tests.
+    #[arg(long, env = "DAGSTER_TASKIQ_VISIBILITY_CAP", default_value = "43200", value_parser = parse_seconds, hide = true)]
+    pub visibility_cap: Duration,
+
     /// Launches per second (token bucket); 0 means unlimited.
     #[arg(long, env = "DAGSTER_TASKIQ_LAUNCH_RATE", default_value_t = 0)]
     pub launch_rate: u32,
@@ -147,6 +152,14 @@ impl RunArgs {
             return Err(invalid(
                 "visibility-timeout",
                 "must be a whole number of seconds from 1 to 43200 (SQS limits)",
+            ));
+        }
+        if self.visibility_cap < self.visibility_timeout * 2
+            || self.visibility_cap.as_secs_f64() > MAX_VISIBILITY_SECS
+        {
+            return Err(invalid(
+                "visibility-cap",
+                "must be at least twice --visibility-timeout and at most 43200",
             ));
         }
         if self.max_attempts == 0 {

@@ -22,6 +22,7 @@ pub enum QueueEvent {
     Acked(String),
     Released(String, Duration),
     DeadLettered(String, String),
+    Sent(String),
 }
 
 #[derive(Default)]
@@ -177,6 +178,26 @@ impl WorkQueue for FakeQueue {
         let message = self.take(receipt_handle)?;
         self.record(QueueEvent::Acked(message.message_id));
         Ok(())
+    }
+
+    async fn send(
+        &self,
+        body: &str,
+        attributes: &HashMap<String, String>,
+    ) -> Result<String, QueueError> {
+        let message_id = format!("sent{}", self.next_handle.fetch_add(1, Ordering::Relaxed));
+        let mut inner = self.inner.lock().expect("lock");
+        inner.visible.push_back(ReceivedMessage {
+            message_id: message_id.clone(),
+            receipt_handle: String::new(),
+            body: body.to_owned(),
+            receive_count: 0,
+            attributes: attributes.clone(),
+        });
+        inner.events.push(QueueEvent::Sent(message_id.clone()));
+        drop(inner);
+        self.changed.notify_waiters();
+        Ok(message_id)
     }
 
     async fn dead_letter(

@@ -122,6 +122,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             default_step_timeout: args.step_timeout(),
             stop_grace: args.stop_grace,
             run_status_interval: args.run_status_interval,
+            adoption_window: (args.visibility_timeout * 3).max(std::time::Duration::from_secs(60)),
         },
         queue,
         launcher: Arc::new(ProcessLauncher::new(ProcessLauncherConfig {
@@ -133,7 +134,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             launch_rate: args.launch_rate(),
             launch_burst: args.launch_burst(),
         }),
-        leases: Arc::new(LeaseTable::new(args.visibility_timeout, metrics.clone())),
+        leases: Arc::new(LeaseTable::new(
+            args.visibility_timeout,
+            args.visibility_cap,
+            metrics.clone(),
+        )),
         steps,
         metrics,
         draining: draining.clone(),

@@ -21,9 +21,10 @@ use crate::admission::Admission;
 use crate::dagster::{BridgeError, DagsterBridge, StepState as DagsterStepState, Verdict};
 use crate::envelope::{self, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
+use crate::lease::LeaseSignals;
 use crate::lease::LeaseTable;
 use crate::metrics::Metrics;
-use crate::queue::{DeadLetter, QueueError, ReceivedMessage, WorkQueue};
+use crate::queue::{continuation, DeadLetter, QueueError, ReceivedMessage, WorkQueue};
 use crate::retry::Backoff;
 use crate::state::{StepState, StepTable, StopReason};
 
@@ -48,7 +49,13 @@ pub struct ReconcilerConfig {
     pub stop_grace: Duration,
     /// How often the status of runs with held steps is read from Dagster.
     pub run_status_interval: Duration,
+    /// After a hand-off, how long the owner waits for its continuation before fencing its
+    /// step; other replicas relaunch a continuation only after this (plus a clock margin).
+    pub adoption_window: Duration,
 }
+
+/// Allowance for clock skew between replicas when reading a hand-off time.
+const CLOCK_MARGIN: Duration = Duration::from_secs(10);
 
 /// Everything the loop needs; shared by the intake and every step task.
 pub struct Controller {
@@ -284,9 +291,9 @@ impl Controller {
                 }
                 return;
             }
-            let lost = self.leases.hold(&step.task_id, &message.receipt_handle);
+            let signals = self.leases.hold(&step.task_id, &message.receipt_handle);
             let mut exited_at = None;
-            let disposition = self.process(&step, &message, lost, &mut exited_at).await;
+            let disposition = self.process(&step, &message, signals, &mut exited_at).await;
             self.settle(&step, &message, disposition).await;
             if let Some(exited_at) = exited_at {
                 self.metrics
@@ -303,7 +310,7 @@ impl Controller {
         &self,
         step: &StepRequest,
         message: &ReceivedMessage,
-        lost: CancellationToken,
+        signals: LeaseSignals,
         exited_at: &mut Option<Instant>,
     ) -> Disposition {
         let received_at = Instant::now();
@@ -318,7 +325,31 @@ impl Controller {
         if let Some(skip) = self.skip_reason(step, &state).await {
             return skip;
         }
-        if message.receive_count > self.config.max_attempts {
+        let is_continuation = message
+            .attributes
+            .get(continuation::MARKER)
+            .map(String::as_str)
+            == Some("true");
+        if is_continuation {
+            if let Some(wait) = self.owner_may_adopt(message) {
+                // Its owner still runs the step and may receive it: pass it on.
+                return Disposition::Release {
+                    delay: wait.min(Duration::from_secs(1)),
+                    reason: "continuation_not_ours",
+                    state: StepState::Released,
+                };
+            }
+            tracing::warn!(
+                "continuation's owner did not adopt it in time: relaunching the attempt"
+            );
+        }
+        // Passing on a continuation raises its receive count without any failure.
+        let attempt_limit = if is_continuation {
+            self.config.max_attempts.saturating_mul(10)
+        } else {
+            self.config.max_attempts
+        };
+        if message.receive_count > attempt_limit {
             return self.give_up(step, message).await;
         }
         if message.receive_count > 1 {
@@ -384,46 +415,61 @@ impl Controller {
         let deadline = timeout.map(|t| started + t);
         let stop = self.steps.stop_signal(task_id).unwrap_or_default();
         let mut cause = None;
-        let exit = tokio::select! {
-            exit = running.wait() => exit,
-            _ = lost.cancelled() => {
-                tracing::warn!(%locator, "lease lost: fencing the step");
-                running.kill();
-                running.wait().await;
-                self.finish_metric(kind, "fenced");
-                return Disposition::Abandon;
-            }
-            _ = self.abort.cancelled() => {
-                tracing::warn!(%locator, "shutdown grace over: killing the step; its message goes back to the queue");
-                running.kill();
-                running.wait().await;
-                self.finish_metric(kind, "killed");
-                return release_for_shutdown();
-            }
-            _ = sleep_until_deadline(deadline) => {
-                let limit = timeout.expect("a deadline comes from a timeout");
-                tracing::warn!(%locator, ?limit, "step timed out: killing its process group");
-                // SIGKILL, not SIGTERM: Dagster turns SIGTERM into an interrupt failure that
-                // skips the RetryPolicy; the verdict below lets the policy decide.
-                running.kill();
-                cause = Some(format!("step timed out after {:.1}s and was killed", limit.as_secs_f64()));
-                running.wait().await
-            }
-            _ = stop.cancelled() => {
-                let reason = self.steps.stop_reason(task_id);
-                tracing::info!(%locator, ?reason, "stopping the step: SIGTERM, then SIGKILL after the grace");
-                running.terminate();
-                let exit = match tokio::time::timeout(self.config.stop_grace, running.wait()).await {
-                    Ok(exit) => exit,
-                    Err(_) => {
-                        running.kill();
-                        running.wait().await
-                    }
-                };
-                if let Some(StopReason::Operator { reason }) = reason {
-                    cause = Some(format!("step stopped by an operator: {reason}"));
+        let exit = loop {
+            let handoff_at = self.leases.handoff_deadline(task_id);
+            let adopt_by = self
+                .leases
+                .adoption_deadline(task_id, self.config.adoption_window);
+            tokio::select! {
+                exit = running.wait() => break exit,
+                _ = signals.lost.cancelled() => {
+                    tracing::warn!(%locator, "lease lost: fencing the step");
+                    running.kill();
+                    running.wait().await;
+                    self.finish_metric(kind, "fenced");
+                    return Disposition::Abandon;
                 }
-                exit
+                _ = self.abort.cancelled() => {
+                    tracing::warn!(%locator, "shutdown grace over: killing the step; its message goes back to the queue");
+                    running.kill();
+                    running.wait().await;
+                    self.finish_metric(kind, "killed");
+                    return release_for_shutdown();
+                }
+                _ = sleep_until_deadline(deadline) => {
+                    let limit = timeout.expect("a deadline comes from a timeout");
+                    tracing::warn!(%locator, ?limit, "step timed out: killing its process group");
+                    // SIGKILL, not SIGTERM: Dagster turns SIGTERM into an interrupt failure
+                    // that skips the RetryPolicy; the verdict below lets the policy decide.
+                    running.kill();
+                    cause = Some(format!("step timed out after {:.1}s and was killed", limit.as_secs_f64()));
+                    break running.wait().await;
+                }
+                _ = stop.cancelled() => {
+                    let reason = self.steps.stop_reason(task_id);
+                    tracing::info!(%locator, ?reason, "stopping the step: SIGTERM, then SIGKILL after the grace");
+                    running.terminate();
+                    let exit = match tokio::time::timeout(self.config.stop_grace, running.wait()).await {
+                        Ok(exit) => exit,
+                        Err(_) => {
+                            running.kill();
+                            running.wait().await
+                        }
+                    };
+                    if let Some(StopReason::Operator { reason }) = reason {
+                        cause = Some(format!("step stopped by an operator: {reason}"));
+                    }
+                    break exit;
+                }
+                _ = sleep_until_deadline(handoff_at) => self.hand_off(task_id, message).await,
+                _ = sleep_until_deadline(adopt_by) => {
+                    tracing::error!(%locator, "continuation not received back in time: fencing the step");
+                    running.kill();
+                    running.wait().await;
+                    self.finish_metric(kind, "fenced");
+                    return Disposition::Abandon;
+                }
+                _ = signals.renewed.notified() => {}
             }
         };
         let exited_at_now = Instant::now();
@@ -509,6 +555,73 @@ impl Controller {
             }
             Err(e) => self.bridge_failure(e, message),
         }
+    }
+
+    /// Before SQS's visibility cap: send a continuation of the message (same body, marked
+    /// with this controller as owner), then delete the old one. The intake adopts the
+    /// continuation when it comes back; other replicas pass it on (see `owner_may_adopt`).
+    async fn hand_off(&self, task_id: &str, message: &ReceivedMessage) {
+        let Some(handle) = self.leases.receipt_handle(task_id) else {
+            return;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let attributes = std::collections::HashMap::from([
+            (continuation::MARKER.to_owned(), "true".to_owned()),
+            (
+                continuation::OWNER.to_owned(),
+                self.config.controller_id.clone(),
+            ),
+            (continuation::HANDOFF_AT_MS.to_owned(), now_ms.to_string()),
+            (
+                continuation::CONTINUES.to_owned(),
+                message.message_id.clone(),
+            ),
+        ]);
+        match self.queue.send(&message.body, &attributes).await {
+            Ok(continuation_id) => {
+                // Stop extending the old handle before deleting it.
+                self.leases.mark_handed_off(task_id);
+                if let Err(e) = self.queue.ack(&handle).await {
+                    // It comes back later and is adopted like any redelivery.
+                    tracing::warn!(%e, "could not delete the handed-off message");
+                }
+                self.metrics
+                    .lease_extensions
+                    .get_or_create(&[("result", "handed_off")])
+                    .inc();
+                tracing::info!(
+                    continuation_id,
+                    "visibility cap near: lease handed off to a continuation"
+                );
+            }
+            Err(e) => {
+                self.count_queue_error("SendMessage", &e);
+                tracing::warn!(%e, "hand-off failed; retrying shortly");
+                tokio::time::sleep(self.leases.heartbeat_interval()).await;
+            }
+        }
+    }
+
+    /// For a continuation owned by another controller: how long its owner may still adopt
+    /// it. `None` when the owner had its chance (it fences its step by then) or is us.
+    fn owner_may_adopt(&self, message: &ReceivedMessage) -> Option<Duration> {
+        let owner = message.attributes.get(continuation::OWNER)?;
+        if *owner == self.config.controller_id {
+            // We own it but no longer hold the step: that execution died with a previous
+            // run of this controller.
+            return None;
+        }
+        let handoff_ms: u64 = message
+            .attributes
+            .get(continuation::HANDOFF_AT_MS)?
+            .parse()
+            .ok()?;
+        let handoff = std::time::UNIX_EPOCH + Duration::from_millis(handoff_ms);
+        let fenced_by = handoff + self.config.adoption_window + CLOCK_MARGIN;
+        fenced_by.duration_since(std::time::SystemTime::now()).ok()
     }
 
     /// A message that must not run: its attempt already finished, or its run is over.
