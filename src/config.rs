@@ -14,6 +14,7 @@ const MAX_VISIBILITY_SECS: f64 = 43_200.0;
 #[command(
     name = "dagster-taskiq-controller",
     version,
+    args_override_self = true,
     about = "Runs Dagster steps published to SQS (TaskIQ format) as isolated processes"
 )]
 pub struct Cli {

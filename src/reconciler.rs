@@ -649,13 +649,17 @@ impl Controller {
         }
         if run_status.stops_new_steps() {
             tracing::info!(?run_status, "run is over: acknowledging without running");
-            let note = format!(
-                "dagster-taskiq-controller: not running {} (attempt {}): the run is {:?}",
-                step.step_key, step.attempt, run_status
-            );
-            let metadata =
-                BTreeMap::from([("controller".to_owned(), self.config.controller_id.clone())]);
-            if let Err(e) = self.bridge.report_event(step, &note, &metadata).await {
+            // As a verdict, so that a run worker still waiting on this step (a cancel that did
+            // not interrupt it) sees it fail instead of waiting forever.
+            let verdict = Verdict {
+                verdict: format!(
+                    "dagster-taskiq-controller did not run this step: the run is {}",
+                    format!("{run_status:?}").to_uppercase()
+                ),
+                exit: "not run".into(),
+                stderr_tail: String::new(),
+            };
+            if let Err(e) = self.bridge.report_verdict(step, &verdict).await {
                 tracing::warn!(%e, "could not record the skip in Dagster");
             }
             return Some(Disposition::Ack {
@@ -730,6 +734,14 @@ impl Controller {
             Disposition::Abandon => StepState::Fenced,
         };
         let settle_started = Instant::now();
+        let outcome = match &disposition {
+            Disposition::Ack { outcome, .. } => *outcome,
+            Disposition::Release { reason, .. } => reason,
+            Disposition::DeadLetter { reason, .. } => reason,
+            Disposition::Abandon => "lease_lost",
+        };
+        // One line per step attempt with what happened to it.
+        tracing::info!(state = final_state.as_str(), outcome, "message settled");
         self.settle_unclaimed(&current, disposition).await;
         self.metrics
             .settle_latency_seconds

@@ -35,6 +35,24 @@ pub enum StepState {
 }
 
 impl StepState {
+    /// The snake_case name used in the API and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Received => "received",
+            StepState::Admitted => "admitted",
+            StepState::Launching => "launching",
+            StepState::Running => "running",
+            StepState::Exited => "exited",
+            StepState::Reported => "reported",
+            StepState::Acked => "acked",
+            StepState::Backoff => "backoff",
+            StepState::DeadLettered => "dead_lettered",
+            StepState::Skipped => "skipped",
+            StepState::Fenced => "fenced",
+            StepState::Released => "released",
+        }
+    }
+
     /// True once this controller is done with the message.
     pub fn is_final(self) -> bool {
         matches!(

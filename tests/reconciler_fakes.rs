@@ -165,9 +165,12 @@ async fn finished_attempts_and_ended_runs_are_acked_without_running() {
     bed.queue.wait_for(acked("done")).await;
     bed.queue.wait_for(acked("canceled")).await;
     assert!(bed.launcher.launches().is_empty());
-    let events = bed.bridge.events();
-    assert_eq!(events.len(), 1, "{events:?}");
-    assert!(events[0].1.contains("Canceled"), "{events:?}");
+    let verdicts = bed.bridge.verdicts();
+    assert_eq!(verdicts.len(), 1, "{verdicts:?}");
+    assert!(
+        verdicts[0].1.contains("the run is CANCELED"),
+        "{verdicts:?}"
+    );
     bed.stop(handle).await;
 }
 

@@ -13,7 +13,9 @@ import time
 from dagster import (
     Config,
     Definitions,
+    Field,
     FilesystemIOManager,
+    OpDefinition,
     OpExecutionContext,
     Output,
     RetryPolicy,
@@ -164,6 +166,54 @@ def slow_timeout() -> None:
     sleep_with_timeout()
 
 
+# --- lifecycle: cancel, timeout, shutdown ------------------------------------------------------
+
+
+def _sleeper(name: str, default_seconds: float) -> OpDefinition:
+    @op(name=name, config_schema={"seconds": Field(float, default_value=default_seconds)})
+    def _sleep(context: OpExecutionContext) -> Output[int]:
+        deadline = time.monotonic() + context.op_config["seconds"]
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+        return _out(0)
+
+    return _sleep
+
+
+WIDE_OPS = [_sleeper(f"sleep_{i}", 60.0) for i in range(8)]
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def wide() -> None:
+    """Eight independent ops sleeping 60 s each: all enqueued at once."""
+    for sleeper in WIDE_OPS:
+        sleeper()
+
+
+# The timeout covers the whole step process, Dagster's own start-up included (about 2 s idle,
+# over 6 s on a heavily loaded 2-core machine), so it is 10 s here rather than the 3 s of the issue.
+@op(tags={"dagster-taskiq/timeout": "10"}, retry_policy=RetryPolicy(max_retries=1))
+def hangs_first_time(context: OpExecutionContext) -> Output[int]:
+    """Sleeps 60 s on its first attempt (killed by the 10 s timeout), 0.1 s on the retry."""
+    time.sleep(60 if context.retry_number == 0 else 0.1)
+    return _out(context.retry_number)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def timeout_retry() -> None:
+    hangs_first_time()
+
+
+SHUTDOWN_OPS = [_sleeper("quick_a", 3.0), _sleeper("quick_b", 3.0), _sleeper("lengthy", 20.0)]
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def shutdown_mix() -> None:
+    """Two ops that finish within a shutdown grace and one that does not."""
+    for sleeper in SHUTDOWN_OPS:
+        sleeper()
+
+
 # --- tagged: steering tags for the contract tests ----------------------------------------------
 
 
@@ -187,9 +237,21 @@ def tagged() -> None:
     tagged_op()
 
 
-JOB_NAMES = ("diamond", "failing", "flaky", "self_kill", "slow", "slow_timeout", "tagged")
+ALL_JOBS = [
+    diamond,
+    failing,
+    flaky,
+    self_kill,
+    slow,
+    slow_timeout,
+    tagged,
+    wide,
+    timeout_retry,
+    shutdown_mix,
+]
+JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 
-defs = Definitions(jobs=[diamond, failing, flaky, self_kill, slow, slow_timeout, tagged])
+defs = Definitions(jobs=ALL_JOBS)
 
 
 def recon(name: str) -> ReconstructableJob:

@@ -1,0 +1,313 @@
+"""Run lifecycle end to end: cancellation, step timeouts and graceful shutdown, with real
+Dagster, a real SQS API (moto), real child processes and real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import jobs
+import pytest
+from conftest import child_env, wait_for
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
+from test_e2e_process import Stack, events_of, start_stack
+
+from dagster_taskiq_controller import contract
+from dagster_taskiq_controller.localstack import DEFAULT_BINARY, Controller
+
+pytestmark = pytest.mark.skipif(
+    not DEFAULT_BINARY.exists(), reason="controller binary not built (make build)"
+)
+
+JOBS_FILE = str(Path(jobs.__file__).resolve())
+
+
+def records(stack: Stack | Controller, run_id: str | None = None) -> list[dict[str, Any]]:
+    controller = stack.controller if isinstance(stack, Stack) else stack
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{controller.dashboard_url}/api/v1/steps", timeout=5) as r:
+        found = json.load(r)
+    return [r for r in found if run_id is None or r["run_id"] == run_id]
+
+
+def pid_of(record: dict[str, Any]) -> int:
+    return int(record["locator"].removeprefix("pid "))
+
+
+def process_group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def visible_messages(queue_url: str) -> int:
+    attributes = boto3.client("sqs").get_queue_attributes(
+        QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages"]
+    )["Attributes"]
+    return int(attributes["ApproximateNumberOfMessages"])
+
+
+def start_run_worker(job_name: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+    """`dagster job execute` as its own process, like a launched run worker."""
+    log = open(tmp_path / f"run-worker-{job_name}.log", "wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "dagster", "job", "execute", "-f", JOBS_FILE, "-j", job_name],
+        env=child_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def only_run(instance: DagsterInstance) -> Any:
+    runs = instance.get_runs()
+    return runs[0] if len(runs) == 1 else None
+
+
+def terminate_run(instance: DagsterInstance, run_id: str, run_worker: subprocess.Popen) -> None:
+    """What Dagster's terminate does for a run in a local process: mark it CANCELING, then
+    interrupt the run worker."""
+    run = instance.get_run_by_id(run_id)
+    assert run is not None
+    instance.report_run_canceling(run)
+    run_worker.send_signal(signal.SIGINT)
+
+
+@pytest.fixture
+def stack(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Any:
+    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path)
+    yield s
+    assert s.controller.stop() == 0
+
+
+@pytest.fixture
+def capped_stack(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Any:
+    s = start_stack(
+        aws_env, dagster_home, instance, monkeypatch, tmp_path, args=("--max-concurrent", "3")
+    )
+    yield s
+    assert s.controller.stop() == 0
+
+
+def test_terminating_a_run_stops_its_steps_and_skips_the_queued_ones(
+    capped_stack: Stack, tmp_path: Path
+) -> None:
+    stack = capped_stack
+    worker = start_run_worker("wide", tmp_path)
+    try:
+        run = wait_for(lambda: only_run(stack.instance), 60, "the run to start")
+
+        def three_running_five_queued() -> list[dict[str, Any]] | None:
+            running = [r for r in records(stack, run.run_id) if r["state"] == "running"]
+            queued = visible_messages(stack.queues.queue_url)
+            return running if len(running) == 3 and queued == 5 else None
+
+        running = wait_for(three_running_five_queued, 90, "3 steps running and 5 queued")
+        pids = [pid_of(r) for r in running]
+        canceled_at = time.monotonic()
+        terminate_run(stack.instance, run.run_id, worker)
+        wait_for(lambda: all(process_group_gone(p) for p in pids), 5, "steps to be stopped")
+        stopped_within = time.monotonic() - canceled_at
+        assert stopped_within < 5
+
+        wait_for(
+            lambda: stack.queue_empty(),
+            30,
+            "the queued messages to be acknowledged",
+        )
+        seen = records(stack, run.run_id)
+        skipped = [r for r in seen if r["state"] == "skipped"]
+        assert len(skipped) == 5, seen
+        assert all(r["locator"] is None for r in skipped), "a queued step was spawned"
+        assert worker.wait(60) is not None
+        final = wait_for(
+            lambda: (
+                stack.instance.get_run_by_id(run.run_id).status
+                in (DagsterRunStatus.CANCELED, DagsterRunStatus.FAILURE)
+                and stack.instance.get_run_by_id(run.run_id).status
+            ),
+            30,
+            "the run to end",
+        )
+        assert final == DagsterRunStatus.CANCELED
+        # The stopped steps were settled (not fenced, not left running), and no process of
+        # any step of the run is left.
+        stopped = {r["step_key"]: r["state"] for r in seen if r["locator"] is not None}
+        assert stopped == {r["step_key"]: "acked" for r in running}, stopped
+        assert all(process_group_gone(pid_of(r)) for r in seen if r["locator"])
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
+def test_a_step_past_its_timeout_is_killed_and_retried_by_its_policy(stack: Stack) -> None:
+    with execute_job(jobs.recon("timeout_retry"), stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+    verdicts = [
+        e.dagster_event.event_specific_data.metadata
+        for e in events_of(stack.instance, run_id, DagsterEventType.ENGINE_EVENT)
+        if contract.META_VERDICT in e.dagster_event.event_specific_data.metadata
+    ]
+    assert len(verdicts) == 1
+    assert "timed out after 10.0s" in verdicts[0][contract.META_VERDICT].value
+    (first,) = [r for r in records(stack, run_id) if r["attempt"] == 0]
+    history = dict((state, t) for state, t in first["history"])
+    from datetime import datetime
+
+    ran = datetime.fromisoformat(history["exited"]) - datetime.fromisoformat(history["running"])
+    assert 9.9 <= ran.total_seconds() < 16, ran
+    (stats,) = stack.instance.get_run_step_stats(run_id)
+    assert stats.attempts == 2
+
+
+def test_sigterm_drains_then_hands_the_unfinished_step_to_another_controller(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    first = start_stack(
+        aws_env,
+        dagster_home,
+        instance,
+        monkeypatch,
+        tmp_path,
+        args=("--shutdown-grace", "10", "--log-format", "json"),
+    )
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        with execute_job(jobs.recon("shutdown_mix"), instance) as result:
+            outcome["success"] = result.success
+            outcome["run_id"] = result.run_id
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    second = None
+    try:
+        wait_for(
+            lambda: len([r for r in records(first) if r["state"] == "running"]) == 3,
+            60,
+            "three steps running",
+        )
+        first.controller.signal(signal.SIGTERM)
+        assert first.controller.process is not None
+        assert first.controller.process.wait(30) == 0
+        by_step = {r["step_key"]: r for r in records_from_log(first)}
+        assert by_step["quick_a"]["state"] == "acked", by_step
+        assert by_step["quick_b"]["state"] == "acked", by_step
+        assert by_step["lengthy"]["state"] == "released", by_step
+
+        second = Controller(
+            queue_url=first.queues.queue_url,
+            env={**aws_env, "DAGSTER_HOME": str(dagster_home)},
+            args=("--receive-wait", "1"),
+            log_path=tmp_path / "second.log",
+        ).start()
+        runner.join(90)
+        assert outcome.get("success") is True
+        relaunched = [r for r in records(second) if r["step_key"] == "lengthy"]
+        assert len(relaunched) == 1 and relaunched[0]["receive_count"] == 2, relaunched
+        assert relaunched[0]["state"] == "acked"
+        starts = events_of(instance, outcome["run_id"], DagsterEventType.STEP_START)
+        assert sorted(e.step_key for e in starts) == ["lengthy", "lengthy", "quick_a", "quick_b"]
+    finally:
+        first.controller.stop()
+        if second is not None:
+            assert second.stop() == 0
+
+
+def records_from_log(stack: Stack) -> list[dict[str, Any]]:
+    """What a stopped controller did with each step: its "message settled" log lines."""
+    import json
+
+    states: dict[str, dict[str, Any]] = {}
+    assert stack.controller.log_path is not None
+    for line in stack.controller.log_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("message") == "message settled":
+            states[entry["span"]["step_key"]] = {"state": entry["state"]}
+    return [{"step_key": k, **v} for k, v in states.items()]
+
+
+def test_sigterm_releases_held_messages_to_another_controller_at_once(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    first = start_stack(
+        aws_env,
+        dagster_home,
+        instance,
+        monkeypatch,
+        tmp_path,
+        args=("--launch-rate", "1", "--launch-burst", "1", "--shutdown-grace", "1"),
+    )
+    worker = start_run_worker("wide", tmp_path)
+    second = None
+    try:
+        run = wait_for(lambda: only_run(instance), 60, "the run to start")
+        held = wait_for(
+            lambda: (
+                [r for r in records(first, run.run_id) if r["state"] == "admitted"]
+                if len(records(first, run.run_id)) == 8
+                else None
+            ),
+            60,
+            "all 8 messages held",
+        )
+        assert len(held) >= 3, held
+        second = Controller(
+            queue_url=first.queues.queue_url,
+            env={**aws_env, "DAGSTER_HOME": str(dagster_home)},
+            args=("--receive-wait", "20"),
+            log_path=tmp_path / "second.log",
+        ).start()
+        released_at = time.monotonic()
+        first.controller.signal(signal.SIGTERM)
+        held_keys = {r["step_key"] for r in held}
+        wait_for(
+            lambda: held_keys <= {r["step_key"] for r in records(second, run.run_id)},
+            2,
+            "the second controller to receive the released messages",
+        )
+        assert time.monotonic() - released_at < 2
+        terminate_run(instance, run.run_id, worker)
+        wait_for(lambda: worker.poll() is not None, 60, "the run worker to exit")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        first.controller.stop()
+        if second is not None:
+            assert second.stop() == 0
