@@ -376,6 +376,8 @@ struct BridgeInner {
     verdicts: Vec<(String, String)>,
     events: Vec<(String, String)>,
     calls: u64,
+    /// While true, every call fails as if the sidecar were down.
+    down: bool,
 }
 
 /// A Dagster instance in memory: runs default to STARTED.
@@ -418,6 +420,20 @@ impl FakeBridge {
         self.inner.lock().expect("lock").calls
     }
 
+    /// Makes every call fail as unavailable (true) or work again (false).
+    pub fn set_down(&self, down: bool) {
+        self.inner.lock().expect("lock").down = down;
+    }
+
+    fn enter(&self) -> Result<std::sync::MutexGuard<'_, BridgeInner>, BridgeError> {
+        let mut inner = self.inner.lock().expect("lock");
+        inner.calls += 1;
+        if inner.down {
+            return Err(BridgeError::Unavailable("fake bridge is down".into()));
+        }
+        Ok(inner)
+    }
+
     fn state(inner: &BridgeInner, step: &StepRequest) -> StepState {
         let events = inner
             .terminal
@@ -446,8 +462,7 @@ impl DagsterBridge for FakeBridge {
         _instance_ref: &Value,
         run_ids: &[String],
     ) -> Result<HashMap<String, Option<RunStatus>>, BridgeError> {
-        let mut inner = self.inner.lock().expect("lock");
-        inner.calls += 1;
+        let inner = self.enter()?;
         Ok(run_ids
             .iter()
             .map(|id| {
@@ -462,8 +477,7 @@ impl DagsterBridge for FakeBridge {
     }
 
     async fn step_state(&self, step: &StepRequest) -> Result<StepState, BridgeError> {
-        let mut inner = self.inner.lock().expect("lock");
-        inner.calls += 1;
+        let inner = self.enter()?;
         Ok(Self::state(&inner, step))
     }
 
@@ -472,8 +486,7 @@ impl DagsterBridge for FakeBridge {
         step: &StepRequest,
         verdict: &Verdict,
     ) -> Result<VerdictAck, BridgeError> {
-        let mut inner = self.inner.lock().expect("lock");
-        inner.calls += 1;
+        let mut inner = self.enter()?;
         let state = Self::state(&inner, step);
         if state.attempt_finished {
             return Ok(VerdictAck {

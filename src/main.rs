@@ -1,6 +1,7 @@
 //! The binary: CLI parsing and wiring only.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -49,7 +50,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let controller_id = args.controller_id();
     let metrics = Arc::new(Metrics::new());
 
-    let aws = aws_config::load_from_env().await;
+    // Bounded calls: a hung connection must fail (and be retried) rather than stall a lease.
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .operation_attempt_timeout(args.receive_wait + Duration::from_secs(10))
+        .build();
+    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .load()
+        .await;
     let sqs = aws_sdk_sqs::Client::new(&aws);
     let dlq_url = match &args.dlq_url {
         Some(url) => url.clone(),
@@ -122,7 +131,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             default_step_timeout: args.step_timeout(),
             stop_grace: args.stop_grace,
             run_status_interval: args.run_status_interval,
-            adoption_window: (args.visibility_timeout * 3).max(std::time::Duration::from_secs(60)),
+            adoption_window: (args.visibility_timeout * 3).max(Duration::from_secs(60)),
         },
         queue,
         launcher: Arc::new(ProcessLauncher::new(ProcessLauncherConfig {
@@ -159,7 +168,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     bridge.close().await;
     dashboard_stop.cancel();
     // Keep-alive connections must not hold the exit.
-    if tokio::time::timeout(std::time::Duration::from_secs(2), dashboard)
+    if tokio::time::timeout(Duration::from_secs(2), dashboard)
         .await
         .is_err()
     {

@@ -316,7 +316,7 @@ impl Controller {
         let received_at = Instant::now();
         let task_id = step.task_id.as_str();
         let state = match self
-            .retrying("step_state", || self.bridge.step_state(step))
+            .ask_bridge("step_state", || self.bridge.step_state(step))
             .await
         {
             Ok(state) => state,
@@ -499,7 +499,7 @@ impl Controller {
     ) -> Disposition {
         let kind = self.launcher.kind();
         let state = match self
-            .retrying("step_state", || self.bridge.step_state(step))
+            .ask_bridge("step_state", || self.bridge.step_state(step))
             .await
         {
             Ok(state) => state,
@@ -540,7 +540,7 @@ impl Controller {
         self.steps
             .update(&step.task_id, |r| r.verdict = Some(verdict.verdict.clone()));
         match self
-            .retrying("report_verdict", || {
+            .ask_bridge("report_verdict", || {
                 self.bridge.report_verdict(step, &verdict)
             })
             .await
@@ -682,35 +682,83 @@ impl Controller {
             exit: "not run".into(),
             stderr_tail: String::new(),
         };
-        match self
-            .retrying("report_verdict", || {
+        let detail = match self
+            .ask_bridge("report_verdict", || {
                 self.bridge.report_verdict(step, &verdict)
             })
             .await
         {
-            Ok(_) => Disposition::DeadLetter {
-                reason: "attempts_exhausted",
-                detail,
-                error_class: "transient",
-            },
-            Err(e) => self.bridge_failure(e, message),
+            Ok(_) => detail,
+            // Bounded retries matter more than the event: the dead letter keeps the message.
+            Err(e) => format!("{detail}; the verdict could not be written to Dagster: {e}"),
+        };
+        Disposition::DeadLetter {
+            reason: "attempts_exhausted",
+            detail,
+            error_class: "transient",
         }
     }
 
-    /// The bridge could not answer: give the message back for later, never lose it.
+    /// The bridge could not answer: give the message back for later, never lose it; past
+    /// the delivery limit, dead-letter it with the error.
     fn bridge_failure(&self, e: BridgeError, message: &ReceivedMessage) -> Disposition {
-        if e.is_transient() {
-            tracing::warn!(%e, "Dagster bridge failing: releasing the message for later");
-            Disposition::Release {
-                delay: self.config.backoff.delay(message.receive_count),
-                reason: "bridge_unavailable",
-                state: StepState::Backoff,
-            }
-        } else {
-            Disposition::DeadLetter {
+        if !e.is_transient() {
+            return Disposition::DeadLetter {
                 reason: "bridge_rejected",
                 detail: e.to_string(),
                 error_class: "poison",
+            };
+        }
+        if message.receive_count >= self.config.max_attempts {
+            return Disposition::DeadLetter {
+                reason: "attempts_exhausted",
+                detail: format!(
+                    "delivered {} times (limit {}); Dagster kept failing: {e}",
+                    message.receive_count, self.config.max_attempts
+                ),
+                error_class: "transient",
+            };
+        }
+        tracing::warn!(%e, "Dagster bridge failing: releasing the message for later");
+        Disposition::Release {
+            delay: self.config.backoff.delay(message.receive_count),
+            reason: "bridge_unavailable",
+            state: StepState::Backoff,
+        }
+    }
+
+    /// Calls the bridge. While the sidecar itself is down or hung the message is kept (its
+    /// lease goes on being extended) and the call waits for the sidecar to come back, so an
+    /// outage costs no delivery attempt; errors Dagster raises for this very request are
+    /// retried within the call budget and then returned.
+    async fn ask_bridge<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        mut call: F,
+    ) -> Result<T, BridgeError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, BridgeError>>,
+    {
+        let mut outage = 0;
+        loop {
+            match self.retrying(operation, &mut call).await {
+                Err(e @ (BridgeError::Unavailable(_) | BridgeError::Timeout(_)))
+                    if !self.draining.is_cancelled() =>
+                {
+                    outage += 1;
+                    let pause = self
+                        .config
+                        .backoff
+                        .delay(outage)
+                        .clamp(Duration::from_millis(100), Duration::from_secs(30));
+                    tracing::warn!(%e, ?pause, operation, "Dagster bridge unavailable; holding the message and waiting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.draining.cancelled() => {}
+                    }
+                }
+                other => return other,
             }
         }
     }

@@ -463,3 +463,21 @@ fn rebuild(bed: Bed) -> Bed {
     });
     Bed { controller, ..bed }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_bridge_outage_holds_messages_without_spending_attempts() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.set_down(true);
+    bed.queue
+        .push("m1", &step_body(&task_id(30), "run1", "op_a", 0));
+    let handle = bed.start();
+    // Ten minutes of outage: the message stays held, its lease extended, nothing settled.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert!(bed.queue.events().is_empty(), "{:?}", bed.queue.events());
+    assert!(bed.controller.steps.is_active(&task_id(30)));
+    assert!(bed.queue.extend_calls() > 100);
+    bed.bridge.set_down(false);
+    bed.queue.wait_for(acked("m1")).await;
+    assert_eq!(bed.launcher.launches(), vec![task_id(30)]);
+    bed.stop(handle).await;
+}
