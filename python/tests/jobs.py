@@ -6,6 +6,7 @@ Load them so a step process can find them again, e.g.
 ``DAGSTER_TASKIQ_SQS_QUEUE_URL`` (or executor config ``queue_url``).
 """
 
+import json
 import os
 import signal
 import time
@@ -214,6 +215,52 @@ def shutdown_mix() -> None:
         sleeper()
 
 
+# --- ledgered: ops that record when they run, to prove no attempt ever overlaps itself --------
+
+LEDGER_ENV = "DAGSTER_TASKIQ_TEST_LEDGER"
+
+
+def _ledgered(name: str, default_seconds: float) -> OpDefinition:
+    @op(name=name, config_schema={"seconds": Field(float, default_value=default_seconds)})
+    def _work(context: OpExecutionContext) -> Output[int]:
+        path = os.environ.get(LEDGER_ENV)
+
+        def note(event: str) -> None:
+            if path:
+                line = json.dumps(
+                    {
+                        "run_id": context.run_id,
+                        "step": context.op_handle.name,
+                        "attempt": context.retry_number,
+                        "pid": os.getpid(),
+                        "event": event,
+                        "t": time.time(),
+                    }
+                )
+                with open(path, "a") as ledger:  # one small O_APPEND write per line
+                    ledger.write(line + "\n")
+
+        note("start")
+        deadline = time.monotonic() + context.op_config["seconds"]
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            note("beat")
+        note("end")
+        return _out(0)
+
+    return _work
+
+
+LEDGER_OPS = [_ledgered(f"work_{i}", 4.0) for i in range(6)]
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def ledger_fan() -> None:
+    """Six independent ops of 4 s that write start/beat/end lines to the ledger."""
+    for work in LEDGER_OPS:
+        work()
+
+
 # --- tagged: steering tags for the contract tests ----------------------------------------------
 
 
@@ -248,6 +295,7 @@ ALL_JOBS = [
     wide,
     timeout_retry,
     shutdown_mix,
+    ledger_fan,
 ]
 JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 

@@ -1,0 +1,352 @@
+"""Never lose a step, never run one twice at once: controller crashes, SQS outages, injected
+SQS faults and bad input, end to end with real Dagster, moto and real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import jobs
+import pytest
+from conftest import VECTORS_DIR, wait_for
+from dagster import DagsterInstance, execute_job
+from faultproxy import FaultProxy
+from ledger import overlaps
+
+from dagster_taskiq_controller.localstack import (
+    DEFAULT_BINARY,
+    Controller,
+    Queues,
+    create_queues,
+)
+
+pytestmark = pytest.mark.skipif(
+    not DEFAULT_BINARY.exists(), reason="controller binary not built (make build)"
+)
+
+
+class Bed:
+    """Queues, a ledger and a way to start controllers against them."""
+
+    def __init__(
+        self,
+        aws_env: dict[str, str],
+        dagster_home: Path,
+        instance: DagsterInstance,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        visibility_timeout: int = 5,
+    ) -> None:
+        self.aws_env = aws_env
+        self.dagster_home = dagster_home
+        self.instance = instance
+        self.tmp_path = tmp_path
+        self.visibility_timeout = visibility_timeout
+        self.queues: Queues = create_queues(
+            aws_env["AWS_ENDPOINT_URL"],
+            f"steps-{uuid.uuid4().hex[:10]}",
+            visibility_timeout=visibility_timeout,
+            max_receive_count=20,
+        )
+        monkeypatch.setenv("DAGSTER_TASKIQ_SQS_QUEUE_URL", self.queues.queue_url)
+        self.ledger = tmp_path / "ledger.jsonl"
+        self.controllers: list[Controller] = []
+
+    def controller(self, *args: str, endpoint: str | None = None) -> Controller:
+        env = {
+            **self.aws_env,
+            "DAGSTER_HOME": str(self.dagster_home),
+            jobs.LEDGER_ENV: str(self.ledger),
+        }
+        if endpoint:
+            env["AWS_ENDPOINT_URL"] = endpoint
+        c = Controller(
+            queue_url=self.queues.queue_url,
+            env=env,
+            args=(
+                "--receive-wait",
+                "1",
+                "--visibility-timeout",
+                str(self.visibility_timeout),
+                "--backoff-base",
+                "0.5",
+                "--backoff-cap",
+                "3",
+                *args,
+            ),
+            log_path=self.tmp_path / f"controller-{len(self.controllers)}.log",
+        )
+        self.controllers.append(c)
+        return c.start()
+
+    def queue_empty(self, url: str | None = None) -> bool:
+        attributes = boto3.client("sqs").get_queue_attributes(
+            QueueUrl=url or self.queues.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return all(v == "0" for v in attributes.values())
+
+    def stop_all(self) -> None:
+        for c in self.controllers:
+            c.stop()
+
+
+@pytest.fixture
+def bed(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Bed]:
+    b = Bed(aws_env, dagster_home, instance, tmp_path, monkeypatch)
+    try:
+        yield b
+    finally:
+        b.stop_all()
+
+
+def api(controller: Controller, path: str) -> Any:
+    with urllib.request.urlopen(f"{controller.dashboard_url}{path}", timeout=5) as r:
+        return json.load(r)
+
+
+def metrics(controller: Controller) -> str:
+    with urllib.request.urlopen(f"{controller.dashboard_url}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def run_in_background(instance: DagsterInstance, job_name: str) -> tuple[threading.Thread, dict]:
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        with execute_job(jobs.recon(job_name), instance) as result:
+            outcome["success"] = result.success
+            outcome["run_id"] = result.run_id
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def running_pids(controller: Controller) -> list[int]:
+    return [
+        int(r["locator"].removeprefix("pid "))
+        for r in api(controller, "/api/v1/steps")
+        if r["state"] == "running"
+    ]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_kill_9_of_the_controller_loses_nothing_and_never_overlaps_an_attempt(bed: Bed) -> None:
+    first = bed.controller()
+    thread, outcome = run_in_background(bed.instance, "ledger_fan")
+    pids = wait_for(
+        lambda: (p := running_pids(first)) and len(p) >= 3 and p, 90, "three steps running"
+    )
+    assert first.process is not None
+    first.process.kill()  # SIGKILL: no drain, no release, no report
+    first.process.wait(10)
+    # Its children die with it (PR_SET_PDEATHSIG): nothing keeps running unleased.
+    wait_for(lambda: not any(alive(p) for p in pids), 5, "the orphaned steps to die")
+
+    second = bed.controller()
+    thread.join(180)
+    assert outcome.get("success") is True
+    wait_for(bed.queue_empty, 30, "every message to be deleted")
+    assert overlaps(bed.ledger) == []
+    # The steps the crash killed were redelivered to the second controller and relaunched as
+    # the same attempt (their first executions may have died before reaching the op code).
+    relaunched = [r for r in api(second, "/api/v1/steps") if r["receive_count"] >= 2]
+    assert len(relaunched) >= len(pids), relaunched
+    assert all(r["state"] == "acked" for r in relaunched), relaunched
+
+
+def moto_pid(endpoint: str) -> int:
+    port = endpoint.rsplit(":", 1)[1]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"moto" in part for part in cmdline) and port.encode() in cmdline:
+            return int(entry.name)
+    raise LookupError(f"no moto server on port {port}")
+
+
+def test_an_sqs_outage_of_15_seconds_mid_run_loses_nothing(bed: Bed) -> None:
+    bed.controller("--visibility-timeout", "30")
+    thread, outcome = run_in_background(bed.instance, "ledger_fan")
+    wait_for(
+        lambda: any(r["state"] == "running" for r in api(bed.controllers[0], "/api/v1/steps")),
+        90,
+        "a step running",
+    )
+    pid = moto_pid(bed.aws_env["AWS_ENDPOINT_URL"])
+    os.kill(pid, signal.SIGSTOP)  # moto keeps its state, answers nothing
+    try:
+        stopped_at = threading.Event()
+        stopped_at.wait(15)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    thread.join(180)
+    assert outcome.get("success") is True
+    wait_for(bed.queue_empty, 60, "every message to be deleted")
+    assert overlaps(bed.ledger) == []
+    assert bed.controllers[0].process is not None
+    assert bed.controllers[0].process.poll() is None, "the controller survived the outage"
+
+
+def bad_bodies() -> list[tuple[str, str]]:
+    """(expected reason, body): the shared invalid vectors plus bodies SQS can carry that
+    the vectors do not cover (sizes, unicode, bogus instance refs)."""
+    bodies = []
+    for path in sorted((VECTORS_DIR / "invalid").glob("*.json")):
+        vector = json.loads(path.read_text())
+        bodies.append((vector["error"], vector["body"]))
+    valid = json.loads((VECTORS_DIR / "valid" / "ours_all_labels.json").read_text())["body"]
+    message = json.loads(valid)
+    packed = message["kwargs"]["execute_step_args_packed"]
+
+    def variant(**changes: Any) -> str:
+        m = json.loads(valid)
+        for path, value in changes.items():
+            target = m
+            keys = path.split("__")
+            for key in keys[:-1]:
+                target = target[key]
+            target[keys[-1]] = value
+        return json.dumps(m)
+
+    def with_step_key(key: str) -> str:
+        return variant(
+            labels__dagster_step_key=key,
+            kwargs__execute_step_args_packed__step_keys_to_execute=[key],
+        )
+
+    bodies += [
+        ("invalid_json", "x" * 200_000),
+        ("invalid_json", "é" * 1000),
+        ("invalid_shape", json.dumps({"task_id": "a" * 32, "unicode": "ünïcödé ✓"})),
+        ("invalid_step_key", with_step_key("../../etc/passwd")),
+        ("invalid_step_key", with_step_key("$(reboot)")),
+        ("invalid_step_key", with_step_key("a\u0007b")),
+        ("wrong_task_name", variant(task_name="os.system")),
+        ("invalid_task_id", variant(task_id="a b")),
+        (
+            "bridge_rejected",
+            variant(
+                kwargs__execute_step_args_packed={
+                    **packed,
+                    "instance_ref": {"__class__": "NotAnInstanceRef"},
+                }
+            ),
+        ),
+    ]
+    return bodies
+
+
+def test_a_corpus_of_bad_messages_is_dead_lettered_with_reasons_and_never_spawns(
+    bed: Bed,
+) -> None:
+    controller = bed.controller()
+    sqs = boto3.client("sqs")
+    sent: dict[str, str] = {}
+    for reason, body in bad_bodies():
+        try:
+            message_id = sqs.send_message(QueueUrl=bed.queues.queue_url, MessageBody=body)[
+                "MessageId"
+            ]
+        except sqs.exceptions.ClientError:
+            continue  # a body SQS itself refuses never reaches the controller
+        sent[message_id] = reason
+    assert len(sent) >= 40
+
+    dead: dict[str, Any] = {}
+
+    def drain_dlq() -> bool:
+        got = sqs.receive_message(
+            QueueUrl=bed.queues.dlq_url,
+            MaxNumberOfMessages=10,
+            MessageAttributeNames=["All"],
+            WaitTimeSeconds=1,
+        )
+        for m in got.get("Messages", []):
+            attributes = m["MessageAttributes"]
+            original = attributes["dagster_taskiq_original_message_id"]["StringValue"]
+            dead[original] = attributes
+            sqs.delete_message(QueueUrl=bed.queues.dlq_url, ReceiptHandle=m["ReceiptHandle"])
+        return len(dead) >= len(sent)
+
+    wait_for(drain_dlq, 120, "every bad message in the DLQ")
+    for message_id, reason in sent.items():
+        attributes = dead[message_id]
+        assert attributes["dagster_taskiq_error"]["StringValue"] == reason, message_id
+        assert attributes["dagster_taskiq_error_detail"]["StringValue"]
+    text = metrics(controller)
+    assert "dagster_taskiq_steps_launched_total" not in text, "a bad message was spawned"
+    assert controller.process is not None and controller.process.poll() is None
+    wait_for(bed.queue_empty, 30, "the work queue to be empty")
+
+
+@pytest.fixture
+def proxy(moto_server: str) -> Iterator[FaultProxy]:
+    p = FaultProxy(upstream=moto_server).start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def test_throttling_and_server_errors_are_retried_and_nothing_is_lost(
+    bed: Bed, proxy: FaultProxy
+) -> None:
+    controller = bed.controller(endpoint=proxy.url)
+    proxy.arm("ReceiveMessage", "throttle", times=3)
+    proxy.arm("ReceiveMessage", "server_error", times=3)
+    proxy.arm("DeleteMessage", "throttle", times=2)
+    proxy.arm("DeleteMessage", "server_error", times=2)
+    proxy.arm("ChangeMessageVisibilityBatch", "server_error", times=2)
+    with execute_job(jobs.recon("diamond"), bed.instance) as result:
+        assert result.success
+    wait_for(bed.queue_empty, 30, "every message to be deleted")
+    assert proxy.hits.get("ReceiveMessage:throttle") == 3
+    assert proxy.hits.get("DeleteMessage:server_error") == 2
+    text = metrics(controller)
+    assert 'operation="ReceiveMessage",kind="throttled"' in text
+    assert 'operation="DeleteMessage",kind="unavailable"' in text
+
+
+def test_a_lost_lease_fences_the_step_and_the_attempt_is_relaunched_once(
+    bed: Bed, proxy: FaultProxy
+) -> None:
+    controller = bed.controller("--visibility-timeout", "3", endpoint=proxy.url)
+    thread, outcome = run_in_background(bed.instance, "ledger_fan")
+    wait_for(lambda: running_pids(controller), 90, "a step running")
+    proxy.arm("ChangeMessageVisibilityBatch", "invalid_handle", times=1)
+    wait_for(lambda: 'outcome="fenced"' in metrics(controller), 30, "a step to be fenced")
+    thread.join(180)
+    assert outcome.get("success") is True
+    wait_for(bed.queue_empty, 30, "every message to be deleted")
+    assert overlaps(bed.ledger) == []
+    seen = api(controller, "/api/v1/steps")
+    fenced = {r["task_id"] for r in seen if r["state"] == "fenced"}
+    rerun = {r["task_id"] for r in seen if r["receive_count"] >= 2 and r["state"] == "acked"}
+    assert fenced and fenced <= rerun, seen
