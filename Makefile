@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 BIN := target/release/dagster-taskiq-controller
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo test test-rust test-python lint fmt bench clean
+.PHONY: setup build demo test test-rust test-python lint fmt bench chaos fuzz clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,17 @@ test-python: setup build
 	$(PY) -m pytest python/tests -q -p no:cacheprovider --durations=10
 
 test: lint test-rust test-python
+
+# Minutes of random controller kills, step kills and an SQS outage over 10 runs.
+chaos: setup build
+	$(PY) python/tests/chaos.py
+
+# Fuzz the envelope decoder (cargo install cargo-fuzz); seeds are the shared test vectors.
+# RUSTC_BOOTSTRAP lets cargo-fuzz's sanitizer flags run on the stable toolchain.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	$(PY) -c "import json, glob, hashlib, pathlib; d = pathlib.Path('fuzz/corpus/envelope'); d.mkdir(parents=True, exist_ok=True); [(d / hashlib.sha1(b).hexdigest()).write_bytes(b) for b in (json.load(open(f))['body'].encode() for f in glob.glob('tests/vectors/*/*.json'))]"
+	RUSTC_BOOTSTRAP=1 cargo fuzz run envelope -- -max_total_time=$(FUZZ_SECONDS)
 
 fmt: setup
 	cargo fmt

@@ -220,8 +220,12 @@ def shutdown_mix() -> None:
 LEDGER_ENV = "DAGSTER_TASKIQ_TEST_LEDGER"
 
 
-def _ledgered(name: str, default_seconds: float) -> OpDefinition:
-    @op(name=name, config_schema={"seconds": Field(float, default_value=default_seconds)})
+def _ledgered(name: str, default_seconds: float, retries: int = 0) -> OpDefinition:
+    @op(
+        name=name,
+        config_schema={"seconds": Field(float, default_value=default_seconds)},
+        retry_policy=RetryPolicy(max_retries=retries) if retries else None,
+    )
     def _work(context: OpExecutionContext) -> Output[int]:
         path = os.environ.get(LEDGER_ENV)
 
@@ -261,6 +265,16 @@ def ledger_fan() -> None:
         work()
 
 
+CHAOS_OPS = [_ledgered(f"chaos_{i}", 1.5, retries=5) for i in range(10)]
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def chaos() -> None:
+    """Ten independent ledgered ops of 1.5 s that survive a few step kills each."""
+    for work in CHAOS_OPS:
+        work()
+
+
 # --- tagged: steering tags for the contract tests ----------------------------------------------
 
 
@@ -296,6 +310,7 @@ ALL_JOBS = [
     timeout_retry,
     shutdown_mix,
     ledger_fan,
+    chaos,
 ]
 JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 
