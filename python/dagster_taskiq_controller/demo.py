@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -121,25 +122,56 @@ def print_progress(instance: object, started: float, seen: int) -> int:
     return len(records)
 
 
+def _overhead_ms(history: list[list[str]], start: str, end: str) -> float | None:
+    """Milliseconds between two states of a step's history in the controller's API."""
+    from datetime import datetime
+
+    times = {state: datetime.fromisoformat(at) for state, at in history}
+    if start not in times or end not in times:
+        return None
+    return (times[end] - times[start]).total_seconds() * 1000
+
+
 def print_summary(instance: object, run_id: str, dashboard_url: str) -> None:
     from dagster import DagsterInstance
 
     assert isinstance(instance, DagsterInstance)
-    pids: dict[tuple[str, int], str] = {}
+    records: dict[tuple[str, int], dict] = {}
     try:
         with urllib.request.urlopen(f"{dashboard_url}/api/v1/steps", timeout=2) as response:
             for record in json.load(response):
                 if record["run_id"] == run_id:
-                    pids[(record["step_key"], record["attempt"])] = record.get("locator") or "-"
+                    records[(record["step_key"], record["attempt"])] = record
     except OSError:
         pass
-    print(f"\n{'step':<18} {'attempts':>8} {'seconds':>8}  {'outcome':<10} process")
+    print(
+        f"\n{'step':<18} {'attempts':>8} {'seconds':>8}  {'outcome':<10} "
+        f"{'process':<11} {'recv->spawn':>11} {'exit->ack':>9}"
+    )
+    spawn_ms: list[float] = []
+    ack_ms: list[float] = []
     for stats in sorted(instance.get_run_step_stats(run_id), key=lambda s: s.start_time or 0):
         seconds = (stats.end_time or 0) - (stats.start_time or 0)
         attempts = stats.attempts or 1
-        locator = pids.get((stats.step_key, attempts - 1), "-")
+        record = records.get((stats.step_key, attempts - 1), {})
+        history = record.get("history", [])
+        to_spawn = _overhead_ms(history, "received", "running")
+        to_ack = _overhead_ms(history, "exited", "acked")
+        spawn_ms += [to_spawn] if to_spawn is not None else []
+        ack_ms += [to_ack] if to_ack is not None else []
         status = stats.status.value if stats.status else "?"
-        print(f"{stats.step_key:<18} {attempts:>8} {seconds:>8.2f}  {status:<10} {locator}")
+        print(
+            f"{stats.step_key:<18} {attempts:>8} {seconds:>8.2f}  {status:<10} "
+            f"{record.get('locator') or '-':<11} "
+            f"{'-' if to_spawn is None else f'{to_spawn:.0f} ms':>11} "
+            f"{'-' if to_ack is None else f'{to_ack:.0f} ms':>9}"
+        )
+    if spawn_ms and ack_ms:
+        print(
+            f"controller overhead per step (median): received -> spawned "
+            f"{statistics.median(spawn_ms):.0f} ms, exited -> deleted "
+            f"{statistics.median(ack_ms):.0f} ms"
+        )
     print()
 
 

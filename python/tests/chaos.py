@@ -68,6 +68,10 @@ def main() -> int:
         queues = create_queues(moto.url, f"chaos-{uuid.uuid4().hex[:8]}", 5, 50)
         env["DAGSTER_TASKIQ_SQS_QUEUE_URL"] = queues.queue_url
         os.environ.update(env)
+        from dagster import DagsterInstance
+
+        # Create the sqlite schema once, before a dozen processes race to create it.
+        DagsterInstance.get().get_runs(limit=1)
 
         def new_controller(n: int) -> Controller:
             return Controller(
@@ -155,7 +159,7 @@ def main() -> int:
                 kills["outage"] += 1
         elapsed = time.monotonic() - began
 
-        from dagster import DagsterInstance, DagsterRunStatus
+        from dagster import DagsterRunStatus
 
         instance = DagsterInstance.get()
         runs = instance.get_runs()
