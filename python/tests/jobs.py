@@ -164,6 +164,29 @@ def slow_timeout() -> None:
     sleep_with_timeout()
 
 
+# --- slow_fanout: three sleeping steps side by side, then a join -------------------------------
+
+
+@op
+def nap(config: SleepConfig) -> Output[int]:
+    deadline = time.monotonic() + config.seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    return _out(int(config.seconds))
+
+
+@op
+def total(a: int, b: int, c: int) -> Output[int]:
+    return _out(a + b + c)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def slow_fanout() -> None:
+    """nap_a, nap_b and nap_c sleep ``ops.nap_X.config.seconds`` each, side by side; total adds
+    their seconds."""
+    total(nap.alias("nap_a")(), nap.alias("nap_b")(), nap.alias("nap_c")())
+
+
 # --- tagged: steering tags for the contract tests ----------------------------------------------
 
 
@@ -187,9 +210,20 @@ def tagged() -> None:
     tagged_op()
 
 
-JOB_NAMES = ("diamond", "failing", "flaky", "self_kill", "slow", "slow_timeout", "tagged")
+JOB_NAMES = (
+    "diamond",
+    "failing",
+    "flaky",
+    "self_kill",
+    "slow",
+    "slow_fanout",
+    "slow_timeout",
+    "tagged",
+)
 
-defs = Definitions(jobs=[diamond, failing, flaky, self_kill, slow, slow_timeout, tagged])
+defs = Definitions(
+    jobs=[diamond, failing, flaky, self_kill, slow, slow_fanout, slow_timeout, tagged]
+)
 
 
 def recon(name: str) -> ReconstructableJob:
