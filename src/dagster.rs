@@ -182,8 +182,9 @@ impl SidecarBridge {
     }
 
     /// Starts the sidecar now and checks that it imports Dagster; returns Dagster's version.
-    pub async fn ping(&self) -> Result<String, BridgeError> {
-        let result = self.call("ping", json!({})).await?;
+    /// Importing Dagster can take long on a busy host, so this waits up to `startup`.
+    pub async fn ping(&self, startup: Duration) -> Result<String, BridgeError> {
+        let result = self.call_within("ping", json!({}), startup).await?;
         Ok(result
             .get("dagster_version")
             .and_then(Value::as_str)
@@ -207,12 +208,22 @@ impl SidecarBridge {
     }
 
     async fn call(&self, method: &'static str, params: Value) -> Result<Value, BridgeError> {
+        self.call_within(method, params, self.config.request_timeout)
+            .await
+    }
+
+    async fn call_within(
+        &self,
+        method: &'static str,
+        params: Value,
+        deadline: Duration,
+    ) -> Result<Value, BridgeError> {
         self.metrics
             .bridge_requests
             .get_or_create(&[("method", method)])
             .inc();
         let started = Instant::now();
-        let result = self.call_inner(method, params).await;
+        let result = self.call_inner(method, params, deadline).await;
         self.metrics
             .bridge_latency_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -225,7 +236,12 @@ impl SidecarBridge {
         result
     }
 
-    async fn call_inner(&self, method: &'static str, params: Value) -> Result<Value, BridgeError> {
+    async fn call_inner(
+        &self,
+        method: &'static str,
+        params: Value,
+        deadline: Duration,
+    ) -> Result<Value, BridgeError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let line = json!({"id": id, "method": method, "params": params}).to_string();
         let (tx, rx) = oneshot::channel();
@@ -245,10 +261,10 @@ impl SidecarBridge {
             }
             connection.pending.clone()
         };
-        match tokio::time::timeout(self.config.request_timeout, rx).await {
+        match tokio::time::timeout(deadline, rx).await {
             Err(_) => {
                 pending.lock().expect("lock").remove(&id);
-                Err(BridgeError::Timeout(self.config.request_timeout))
+                Err(BridgeError::Timeout(deadline))
             }
             Ok(Err(_)) => Err(BridgeError::Unavailable(
                 "sidecar exited before answering".into(),

@@ -75,6 +75,9 @@ pub struct StepRequest {
     pub instance_ref: Value,
     /// `execute_step_args_packed` exactly as it arrived.
     pub step_args_json: Box<RawValue>,
+    /// Deliveries of the message so far (SQS ApproximateReceiveCount), set by the
+    /// reconciler; 0 when unknown. The ECS launcher adopts earlier tasks on redelivery.
+    pub receive_count: u32,
 }
 
 /// Why a message can never run. `name()` is the stable short reason used in metrics, the
@@ -266,6 +269,7 @@ pub fn decode(body: &str) -> Result<StepRequest, Poison> {
         labels,
         instance_ref: packed.instance_ref,
         step_args_json: raw.kwargs.execute_step_args_packed,
+        receive_count: 0,
     })
 }
 

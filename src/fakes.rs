@@ -242,6 +242,11 @@ pub struct FakeLauncher {
     pub duration: Duration,
     outcomes: Arc<Mutex<HashMap<String, FakeOutcome>>>,
     launches: Arc<Mutex<Vec<String>>>,
+    /// step key → (reason, detail) of a `LaunchError::Invalid`.
+    refusals: Arc<Mutex<HashMap<String, (&'static str, String)>>>,
+    /// Steps outlive the controller (like ECS tasks).
+    survives: Arc<std::sync::atomic::AtomicBool>,
+    kills: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeLauncher {
@@ -251,7 +256,28 @@ impl FakeLauncher {
             duration,
             outcomes: Arc::default(),
             launches: Arc::default(),
+            refusals: Arc::default(),
+            survives: Arc::default(),
+            kills: Arc::default(),
         }
+    }
+
+    /// Launches of this step key fail as invalid launch settings.
+    pub fn refuse(&self, step_key: &str, reason: &'static str, detail: &str) {
+        self.refusals
+            .lock()
+            .expect("lock")
+            .insert(step_key.to_owned(), (reason, detail.to_owned()));
+    }
+
+    /// Makes the steps outlive the controller, like ECS tasks.
+    pub fn survive_controller(&self, survives: bool) {
+        self.survives.store(survives, Ordering::SeqCst);
+    }
+
+    /// Task ids of the steps that were killed or terminated.
+    pub fn kills(&self) -> Vec<String> {
+        self.kills.lock().expect("lock").clone()
     }
 
     /// Sets how the steps with this step key end (default: succeed).
@@ -275,6 +301,12 @@ impl Launcher for FakeLauncher {
     }
 
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
+        if let Some((reason, detail)) = self.refusals.lock().expect("lock").get(&step.step_key) {
+            return Err(LaunchError::Invalid {
+                reason,
+                detail: detail.clone(),
+            });
+        }
         self.launches
             .lock()
             .expect("lock")
@@ -294,6 +326,8 @@ impl Launcher for FakeLauncher {
             bridge: self.bridge.clone(),
             kill_tx,
             kill_rx,
+            survives: self.survives.load(Ordering::SeqCst),
+            kills: self.kills.clone(),
         }))
     }
 }
@@ -305,6 +339,8 @@ struct FakeStep {
     bridge: FakeBridge,
     kill_tx: watch::Sender<FakeSignal>,
     kill_rx: watch::Receiver<FakeSignal>,
+    survives: bool,
+    kills: Arc<Mutex<Vec<String>>>,
 }
 
 #[async_trait]
@@ -360,11 +396,19 @@ impl RunningStep for FakeStep {
     }
 
     fn kill(&mut self) {
+        self.kills
+            .lock()
+            .expect("lock")
+            .push(self.step.task_id.clone());
         let _ = self.kill_tx.send(FakeSignal::Kill);
     }
 
     fn stderr_tail(&self) -> Vec<String> {
         vec!["fake stderr".into()]
+    }
+
+    fn survives_controller(&self) -> bool {
+        self.survives
     }
 }
 

@@ -13,7 +13,9 @@ use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
 use dagster_taskiq_controller::config::{Cli, Command, LogFormat, RunArgs};
 use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
 use dagster_taskiq_controller::dashboard::{self, DashboardState};
-use dagster_taskiq_controller::launcher::{ProcessLauncher, ProcessLauncherConfig};
+use dagster_taskiq_controller::launcher::{
+    EcsLauncher, Launcher, LauncherRouter, ProcessLauncher, ProcessLauncherConfig,
+};
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
@@ -93,12 +95,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         metrics.clone(),
     ));
-    let dagster_version = bridge.ping().await.with_context(|| {
+    let dagster_version = bridge.ping(Duration::from_secs(180)).await.with_context(|| {
         format!(
             "the Dagster bridge does not start with {}: is dagster-taskiq-controller (the Python package) installed there?",
             args.python.display()
         )
     })?;
+
+    let mut launchers: Vec<Arc<dyn Launcher>> =
+        vec![Arc::new(ProcessLauncher::new(ProcessLauncherConfig {
+            python: args.python.clone(),
+        }))];
+    if args.ecs_enabled() {
+        let config = args.ecs_config(&controller_id)?;
+        tracing::info!(
+            cluster = %config.cluster,
+            task_definition = %config.task_definition,
+            offload_bucket = ?config.offload.as_ref().map(|o| &o.bucket),
+            "ECS launcher enabled"
+        );
+        let ecs = EcsLauncher::connect(config, &aws, metrics.clone())
+            .await
+            .context("cannot set up the ECS launcher")?;
+        launchers.push(Arc::new(ecs));
+    }
+    let launcher = LauncherRouter::new(args.launcher.into(), launchers)
+        .map_err(|e| anyhow::anyhow!("--launcher: {e}"))?;
 
     let draining = CancellationToken::new();
     let abort = CancellationToken::new();
@@ -134,9 +156,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             adoption_window: (args.visibility_timeout * 3).max(Duration::from_secs(60)),
         },
         queue,
-        launcher: Arc::new(ProcessLauncher::new(ProcessLauncherConfig {
-            python: args.python.clone(),
-        })),
+        launcher: Arc::new(launcher),
         bridge: bridge.clone(),
         admission: Admission::new(AdmissionConfig {
             max_concurrent: args.max_concurrent,

@@ -43,6 +43,11 @@ pub struct Metrics {
     pub bridge_requests: Family<Label, Counter>,
     pub bridge_errors: Family<Label, Counter>,
     pub bridge_restarts: Counter,
+    /// ECS and S3 API calls of the ECS launcher: `operation`, `result` (ok, throttled,
+    /// transient, permanent).
+    pub ecs_api_calls: Family<Labels2, Counter>,
+    /// ECS tasks whose status the shared tracker polls.
+    pub ecs_tasks_tracked: Gauge,
     /// Message received → child spawned.
     pub launch_latency_seconds: Histogram,
     /// Child spawned → child exited.
@@ -77,6 +82,8 @@ impl Metrics {
             bridge_requests: Family::default(),
             bridge_errors: Family::default(),
             bridge_restarts: Counter::default(),
+            ecs_api_calls: Family::default(),
+            ecs_tasks_tracked: Gauge::default(),
             launch_latency_seconds: seconds_histogram(),
             step_duration_seconds: seconds_histogram(),
             settle_latency_seconds: seconds_histogram(),
@@ -134,6 +141,16 @@ impl Metrics {
             "lease_extensions",
             "Visibility extensions, by result",
             metrics.lease_extensions.clone(),
+        );
+        r.register(
+            "ecs_api_calls",
+            "ECS and S3 calls of the ECS launcher, by operation and result",
+            metrics.ecs_api_calls.clone(),
+        );
+        r.register(
+            "ecs_tasks_tracked",
+            "ECS tasks whose status is polled",
+            metrics.ecs_tasks_tracked.clone(),
         );
         r.register(
             "queue_errors",

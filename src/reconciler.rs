@@ -244,7 +244,7 @@ impl Controller {
 
     /// Processes one received message to the end.
     async fn handle(&self, message: ReceivedMessage) {
-        let step = match envelope::decode(&message.body) {
+        let mut step = match envelope::decode(&message.body) {
             Ok(step) => step,
             Err(poison) => {
                 let span = tracing::warn_span!("poison", message_id = %message.message_id);
@@ -262,6 +262,7 @@ impl Controller {
                 return;
             }
         };
+        step.receive_count = message.receive_count;
         let span = tracing::info_span!(
             "step",
             run_id = %step.run_id,
@@ -355,14 +356,14 @@ impl Controller {
         if message.receive_count > 1 {
             tracing::info!(
                 delivery = message.receive_count,
-                "relaunching attempt: its previous execution ended without an outcome"
+                "redelivered attempt: relaunching it (an ECS task that is still there is adopted)"
             );
             let metadata = BTreeMap::from([
                 ("delivery".to_owned(), message.receive_count.to_string()),
                 ("controller".to_owned(), self.config.controller_id.clone()),
             ]);
             let note = format!(
-                "dagster-taskiq-controller: relaunching attempt {} of {} (delivery {}): the previous execution ended without an outcome",
+                "dagster-taskiq-controller: relaunching attempt {} of {} (delivery {}): the previous holder of the message ended without an outcome (a surviving ECS task is adopted instead)",
                 step.attempt, step.step_key, message.receive_count
             );
             if let Err(e) = self.bridge.report_event(step, &note, &metadata).await {
@@ -379,17 +380,20 @@ impl Controller {
             return release_for_shutdown();
         }
         self.steps.transition(task_id, StepState::Launching);
-        let kind = self.launcher.kind();
+        let kind = self.launcher.kind_for(step);
         let launcher_label = [("launcher", launcher_name(kind))];
         let mut running = match self.launcher.launch(step).await {
             Ok(running) => running,
+            Err(LaunchError::Invalid { reason, detail }) => {
+                return self.refuse_launch(step, message, reason, detail).await;
+            }
             Err(e) => {
                 tracing::warn!(%e, "launch failed");
                 return Disposition::Release {
                     delay: self.config.backoff.delay(message.receive_count),
                     reason: match e {
                         LaunchError::Transient(_) => "launch_transient",
-                        LaunchError::Permanent(_) => "launch_failed",
+                        LaunchError::Permanent(_) | LaunchError::Invalid { .. } => "launch_failed",
                     },
                     state: StepState::Backoff,
                 };
@@ -423,13 +427,28 @@ impl Controller {
             tokio::select! {
                 exit = running.wait() => break exit,
                 _ = signals.lost.cancelled() => {
-                    tracing::warn!(%locator, "lease lost: fencing the step");
-                    running.kill();
-                    running.wait().await;
+                    if running.survives_controller() {
+                        // The new holder of the message adopts the execution.
+                        tracing::warn!(%locator, "lease lost: leaving the step to the new holder");
+                    } else {
+                        tracing::warn!(%locator, "lease lost: fencing the step");
+                        running.kill();
+                        running.wait().await;
+                    }
                     self.finish_metric(kind, "fenced");
                     return Disposition::Abandon;
                 }
+                _ = self.draining.cancelled(), if running.survives_controller() => {
+                    tracing::info!(%locator, "shutting down: handing the running step over to another replica");
+                    self.finish_metric(kind, "handed_off");
+                    return release_for_shutdown();
+                }
                 _ = self.abort.cancelled() => {
+                    if running.survives_controller() {
+                        tracing::warn!(%locator, "shutdown: leaving the step running for another replica to adopt");
+                        self.finish_metric(kind, "handed_off");
+                        return release_for_shutdown();
+                    }
                     tracing::warn!(%locator, "shutdown grace over: killing the step; its message goes back to the queue");
                     running.kill();
                     running.wait().await;
@@ -497,7 +516,7 @@ impl Controller {
         exit: StepExit,
         cause: Option<String>,
     ) -> Disposition {
-        let kind = self.launcher.kind();
+        let kind = self.launcher.kind_for(step);
         let state = match self
             .ask_bridge("step_state", || self.bridge.step_state(step))
             .await
@@ -523,6 +542,15 @@ impl Controller {
             return Disposition::Ack {
                 outcome: "run_ended",
                 state: StepState::Acked,
+            };
+        }
+        if exit.relaunch() {
+            tracing::warn!(exit = %exit.describe(), "the execution never started: relaunching the attempt after a backoff");
+            self.finish_metric(kind, "never_started");
+            return Disposition::Release {
+                delay: self.config.backoff.delay(message.receive_count),
+                reason: "never_started",
+                state: StepState::Backoff,
             };
         }
         let tail = running.stderr_tail();
@@ -668,6 +696,36 @@ impl Controller {
             });
         }
         None
+    }
+
+    /// The step's launch settings can never work: tell Dagster (so the run does not wait for
+    /// it), then dead-letter the message with the reason.
+    async fn refuse_launch(
+        &self,
+        step: &StepRequest,
+        message: &ReceivedMessage,
+        reason: &'static str,
+        detail: String,
+    ) -> Disposition {
+        tracing::error!(reason, %detail, "invalid launch settings");
+        let verdict = Verdict {
+            verdict: format!("dagster-taskiq-controller cannot launch the step: {detail}"),
+            exit: "not run".into(),
+            stderr_tail: String::new(),
+        };
+        match self
+            .retrying("report_verdict", || {
+                self.bridge.report_verdict(step, &verdict)
+            })
+            .await
+        {
+            Ok(_) => Disposition::DeadLetter {
+                reason,
+                detail,
+                error_class: "poison",
+            },
+            Err(e) => self.bridge_failure(e, message),
+        }
     }
 
     /// Too many deliveries without an outcome: tell Dagster, then dead-letter.

@@ -10,7 +10,7 @@ use dagster_taskiq_controller::envelope;
 use dagster_taskiq_controller::fakes::{
     step_body, FakeBridge, FakeLauncher, FakeOutcome, FakeQueue, QueueEvent,
 };
-use dagster_taskiq_controller::launcher::StepExit;
+use dagster_taskiq_controller::launcher::{EcsStopCause, StepExit};
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::reconciler::{Controller, ReconcilerConfig};
@@ -479,5 +479,100 @@ async fn a_bridge_outage_holds_messages_without_spending_attempts() {
     bed.bridge.set_down(false);
     bed.queue.wait_for(acked("m1")).await;
     assert_eq!(bed.launcher.launches(), vec![task_id(30)]);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_that_survives_the_controller_is_handed_over_at_once_on_shutdown() {
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher.survive_controller(true);
+    bed.launcher.outcome("op_a", FakeOutcome::Hang);
+    bed.queue
+        .push("m1", &step_body(&task_id(10), "run1", "op_a", 0));
+    let handle = bed.start();
+    while bed.launcher.launches().is_empty() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let began = tokio::time::Instant::now();
+    bed.stop(handle).await;
+    assert!(began.elapsed() < Duration::from_secs(10), "no grace wait");
+    assert!(
+        bed.launcher.kills().is_empty(),
+        "the execution keeps running"
+    );
+    assert!(bed
+        .queue
+        .events()
+        .contains(&QueueEvent::Released("m1".into(), Duration::ZERO)));
+    assert!(bed.bridge.verdicts().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_leaves_a_surviving_step_to_the_new_holder() {
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher.survive_controller(true);
+    bed.launcher.outcome("op_a", FakeOutcome::Hang);
+    bed.queue
+        .push("m1", &step_body(&task_id(11), "run1", "op_a", 0));
+    let handle = bed.start();
+    while bed.launcher.launches().is_empty() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bed.queue.lose_lease("m1");
+    while bed.controller.steps.is_active(&task_id(11)) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(bed.launcher.kills().is_empty());
+    assert!(bed.queue.events().is_empty(), "{:?}", bed.queue.events());
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_launch_settings_dead_letter_with_a_verdict() {
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher.refuse(
+        "op_a",
+        "invalid_launch_tags",
+        "ecs/memory: \"lots\" is not a positive whole number of MiB",
+    );
+    bed.queue
+        .push("m1", &step_body(&task_id(12), "run1", "op_a", 0));
+    let handle = bed.start();
+    bed.queue
+        .wait_for(|events| {
+            events.contains(&QueueEvent::DeadLettered(
+                "m1".into(),
+                "invalid_launch_tags".into(),
+            ))
+        })
+        .await;
+    let verdicts = bed.bridge.verdicts();
+    assert_eq!(verdicts.len(), 1);
+    assert!(verdicts[0].1.contains("ecs/memory"), "{verdicts:?}");
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_execution_that_never_started_is_relaunched_without_a_verdict() {
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher.outcome(
+        "op_a",
+        FakeOutcome::Crash(StepExit::Ecs {
+            cause: EcsStopCause::CannotPullContainer,
+            exit_code: None,
+        }),
+    );
+    bed.queue
+        .push("m1", &step_body(&task_id(13), "run1", "op_a", 0));
+    let handle = bed.start();
+    // Released with backoff, received again and relaunched.
+    while bed.launcher.launches().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        bed.queue.events()[0],
+        QueueEvent::Released(ref id, delay) if id == "m1" && delay <= Duration::from_secs(1)
+    ));
+    assert!(bed.bridge.verdicts().is_empty());
     bed.stop(handle).await;
 }

@@ -179,7 +179,7 @@ class Controller:
             stdout = self._log
         self.process = subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT)
         if wait_ready:
-            wait_for(self._ready, 60, "controller to be ready")
+            wait_for(self._ready, 180, "controller to be ready")
         return self
 
     def _ready(self) -> bool:

@@ -275,6 +275,29 @@ def chaos() -> None:
         work()
 
 
+# --- slow_fanout: three sleeping steps side by side, then a join -------------------------------
+
+
+@op
+def nap(config: SleepConfig) -> Output[int]:
+    deadline = time.monotonic() + config.seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    return _out(int(config.seconds))
+
+
+@op
+def total(a: int, b: int, c: int) -> Output[int]:
+    return _out(a + b + c)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def slow_fanout() -> None:
+    """nap_a, nap_b and nap_c sleep ``ops.nap_X.config.seconds`` each, side by side; total adds
+    their seconds."""
+    total(nap.alias("nap_a")(), nap.alias("nap_b")(), nap.alias("nap_c")())
+
+
 # --- tagged: steering tags for the contract tests ----------------------------------------------
 
 
@@ -304,6 +327,7 @@ ALL_JOBS = [
     flaky,
     self_kill,
     slow,
+    slow_fanout,
     slow_timeout,
     tagged,
     wide,

@@ -168,7 +168,7 @@ def test_kill_9_of_the_controller_loses_nothing_and_never_overlaps_an_attempt(be
     second = bed.controller()
     thread.join(180)
     assert outcome.get("success") is True
-    wait_for(bed.queue_empty, 30, "every message to be deleted")
+    wait_for(bed.queue_empty, 60, "every message to be deleted")
     assert overlaps(bed.ledger) == []
     # The steps the crash killed were redelivered to the second controller and relaunched as
     # the same attempt (their first executions may have died before reaching the op code).
@@ -303,7 +303,7 @@ def test_a_corpus_of_bad_messages_is_dead_lettered_with_reasons_and_never_spawns
     text = metrics(controller)
     assert "dagster_taskiq_steps_launched_total" not in text, "a bad message was spawned"
     assert controller.process is not None and controller.process.poll() is None
-    wait_for(bed.queue_empty, 30, "the work queue to be empty")
+    wait_for(bed.queue_empty, 60, "the work queue to be empty")
 
 
 @pytest.fixture
@@ -326,7 +326,7 @@ def test_throttling_and_server_errors_are_retried_and_nothing_is_lost(
     proxy.arm("ChangeMessageVisibilityBatch", "server_error", times=2)
     with execute_job(jobs.recon("diamond"), bed.instance) as result:
         assert result.success
-    wait_for(bed.queue_empty, 30, "every message to be deleted")
+    wait_for(bed.queue_empty, 60, "every message to be deleted")
     assert proxy.hits.get("ReceiveMessage:throttle") == 3
     assert proxy.hits.get("DeleteMessage:server_error") == 2
     text = metrics(controller)
@@ -344,7 +344,7 @@ def test_a_lost_lease_fences_the_step_and_the_attempt_is_relaunched_once(
     wait_for(lambda: 'outcome="fenced"' in metrics(controller), 30, "a step to be fenced")
     thread.join(180)
     assert outcome.get("success") is True
-    wait_for(bed.queue_empty, 30, "every message to be deleted")
+    wait_for(bed.queue_empty, 60, "every message to be deleted")
     assert overlaps(bed.ledger) == []
     seen = api(controller, "/api/v1/steps")
     fenced = {r["task_id"] for r in seen if r["state"] == "fenced"}

@@ -1,11 +1,16 @@
 //! The launcher boundary: how a step attempt becomes a running execution.
-//! [`ProcessLauncher`] runs `dagster api execute_step` as a local child process.
+//! [`ProcessLauncher`] runs `dagster api execute_step` as a local child process,
+//! [`EcsLauncher`] as its own ECS task; [`LauncherRouter`] picks one per step.
 
+pub mod ecs;
 mod process;
+mod router;
 
 use async_trait::async_trait;
 
+pub use ecs::{EcsLauncher, EcsLauncherConfig, EcsStopCause};
 pub use process::{ProcessLauncher, ProcessLauncherConfig};
+pub use router::LauncherRouter;
 
 use crate::envelope::{LauncherKind, StepRequest};
 
@@ -17,6 +22,12 @@ pub enum StepExit {
     Code(i32),
     /// Ended by this signal.
     Signal(i32),
+    /// An ECS task stopped; `cause` names why (docs/ecs.md), `exit_code` is the step
+    /// container's exit code when it ran.
+    Ecs {
+        cause: EcsStopCause,
+        exit_code: Option<i32>,
+    },
 }
 
 impl StepExit {
@@ -25,6 +36,23 @@ impl StepExit {
         match self {
             StepExit::Code(code) => format!("exit code {code}"),
             StepExit::Signal(signal) => format!("signal {signal}"),
+            StepExit::Ecs {
+                cause,
+                exit_code: Some(code),
+            } => format!("ecs {} exit code {code}", cause.name()),
+            StepExit::Ecs {
+                cause,
+                exit_code: None,
+            } => format!("ecs {}", cause.name()),
+        }
+    }
+
+    /// True when the execution failed before the step could start (the infrastructure failed,
+    /// not the op): the same attempt is relaunched with backoff instead of getting a verdict.
+    pub fn relaunch(&self) -> bool {
+        match self {
+            StepExit::Ecs { cause, .. } => cause.never_started(),
+            _ => false,
         }
     }
 
@@ -46,6 +74,7 @@ impl StepExit {
                 };
                 format!("process killed by signal {signal} ({name}){hint}")
             }
+            StepExit::Ecs { cause, exit_code } => cause.describe(*exit_code),
         }
     }
 }
@@ -58,12 +87,23 @@ pub enum LaunchError {
     /// The launcher cannot run this step as configured.
     #[error("launch failed: {0}")]
     Permanent(String),
+    /// The step's launch settings are invalid (bad `ecs/*` op tags, no launcher of the asked
+    /// kind): it can never launch, so the message is dead-lettered with `reason`.
+    #[error("invalid launch settings ({reason}): {detail}")]
+    Invalid {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 /// Starts step executions.
 #[async_trait]
 pub trait Launcher: Send + Sync + 'static {
     fn kind(&self) -> LauncherKind;
+    /// The kind that will run this step (a router answers per step).
+    fn kind_for(&self, _step: &StepRequest) -> LauncherKind {
+        self.kind()
+    }
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError>;
 }
 
@@ -80,6 +120,12 @@ pub trait RunningStep: Send + Sync {
     fn terminate(&mut self);
     /// Stops the step at once (SIGKILL to its whole process group: nothing is written).
     fn kill(&mut self);
-    /// The last lines the step wrote to stderr.
+    /// The last lines the step wrote to stderr (for ECS: why the task stopped).
     fn stderr_tail(&self) -> Vec<String>;
+    /// True when the execution keeps running without this controller (an ECS task): on
+    /// shutdown or lease loss its message is handed back for another replica to adopt the
+    /// execution, instead of killing it.
+    fn survives_controller(&self) -> bool {
+        false
+    }
 }

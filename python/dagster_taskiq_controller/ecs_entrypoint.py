@@ -1,0 +1,93 @@
+"""The step command of an ECS task whose step args were offloaded to S3.
+
+ECS refuses RunTask overrides longer than 8192 characters. When a step's compressed
+``ExecuteStepArgs`` would not fit, the controller puts them in S3 and starts the task with
+
+    python -m dagster_taskiq_controller.ecs_entrypoint
+
+and two variables: ``DAGSTER_TASKIQ_STEP_ARGS_S3_URI`` (``s3://bucket/key`` of an object that
+holds exactly the value ``DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS`` would have had) and
+``DAGSTER_TASKIQ_STEP_ARGS_SHA256`` (its sha256, hex). This shim fetches the object, checks it,
+and replaces itself with ``python -m dagster api execute_step`` with the args in
+``DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS``. The task role needs ``s3:GetObject`` on the bucket.
+Without the pointer variables it just runs the step (the args are already inline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Callable, Mapping
+
+URI_ENV = "DAGSTER_TASKIQ_STEP_ARGS_S3_URI"
+SHA256_ENV = "DAGSTER_TASKIQ_STEP_ARGS_SHA256"
+ARGS_ENV = "DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS"
+
+# Distinct exit codes so a verdict says which part failed.
+EXIT_BAD_POINTER = 64
+EXIT_FETCH_FAILED = 65
+EXIT_CORRUPT = 66
+
+
+class ShimError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``(bucket, key)``."""
+    if not uri.startswith("s3://"):
+        raise ShimError(f"{URI_ENV}={uri!r} is not an s3:// URI", EXIT_BAD_POINTER)
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket or not key:
+        raise ShimError(f"{URI_ENV}={uri!r} has no bucket or key", EXIT_BAD_POINTER)
+    return bucket, key
+
+
+def fetch(uri: str) -> bytes:
+    import boto3
+
+    bucket, key = parse_s3_uri(uri)
+    try:
+        return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as e:
+        raise ShimError(f"cannot read the step args from {uri}: {e}", EXIT_FETCH_FAILED) from e
+
+
+def resolve_env(
+    env: Mapping[str, str], fetcher: Callable[[str], bytes] | None = None
+) -> dict[str, str]:
+    """The step's environment: the offloaded args put back in ``ARGS_ENV``."""
+    resolved = dict(env)
+    uri = resolved.pop(URI_ENV, None)
+    expected = resolved.pop(SHA256_ENV, None)
+    if not uri:
+        return resolved
+    body = (fetcher or fetch)(uri)
+    digest = hashlib.sha256(body).hexdigest()
+    if expected and digest != expected:
+        raise ShimError(
+            f"the step args at {uri} have sha256 {digest}, expected {expected}", EXIT_CORRUPT
+        )
+    try:
+        resolved[ARGS_ENV] = body.decode("ascii")
+    except UnicodeDecodeError as e:
+        raise ShimError(f"the step args at {uri} are not base64 text", EXIT_CORRUPT) from e
+    return resolved
+
+
+def main() -> None:
+    try:
+        env = resolve_env(os.environ)
+    except ShimError as e:
+        print(f"dagster_taskiq_controller.ecs_entrypoint: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    # Same interpreter, no shell; the controller chose this command, not the message.
+    argv = [sys.executable, "-m", "dagster", "api", "execute_step"]
+    os.execve(sys.executable, argv, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""End to end with the ECS launcher: real Dagster jobs through the controller binary, every step
+an "ECS task" of the harness (moto in-process plus a local agent that runs each task's
+overridden command and reports its real exit code; see dagster_taskiq_controller.ecs_harness).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import threading
+import urllib.request
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import jobs
+import pytest
+from conftest import make_dagster_home, wait_for
+from dagster import DagsterEventType, DagsterInstance, execute_job
+from dagster._core.instance.ref import InstanceRef
+
+from dagster_taskiq_controller import contract
+from dagster_taskiq_controller.ecs_harness import BUCKET, EcsHarness
+from dagster_taskiq_controller.localstack import DEFAULT_BINARY, Controller, Queues, create_queues
+
+BINARY = Path(os.environ.get("DAGSTER_TASKIQ_CONTROLLER_BINARY", DEFAULT_BINARY))
+
+pytestmark = [
+    pytest.mark.skipif(not BINARY.exists(), reason="controller binary not built (make build)"),
+    # moto has no ECS error shape for ThrottlingException; it still sends the right code.
+    pytest.mark.filterwarnings("ignore:Exception\\(ECSException\\) with code ThrottlingException"),
+]
+
+DIAMOND_STEPS = {"emit", "add_one", "double", "square", "join", "report"}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EcsHarness]:
+    with EcsHarness(tmp_path_factory.mktemp("ecs-agent")) as h:
+        yield h
+
+
+@dataclass
+class Stack:
+    harness: EcsHarness
+    queues: Queues
+    instance: DagsterInstance
+    controller: Controller
+    dagster_home: Path
+    tmp_path: Path
+
+    def start_controller(self, name: str, *extra: str) -> Controller:
+        controller = Controller(
+            queue_url=self.queues.queue_url,
+            env={**self.harness.env, "DAGSTER_HOME": str(self.dagster_home)},
+            binary=BINARY,
+            args=(
+                "--receive-wait",
+                "1",
+                "--shutdown-grace",
+                "10",
+                "--visibility-timeout",
+                "4",
+                "--backoff-base",
+                "0.5",
+                "--controller-id",
+                name,
+                *self.harness.controller_args(),
+                *extra,
+            ),
+            log_path=self.tmp_path / f"{name}.log",
+        )
+        return controller.start()
+
+    def log(self, name: str = "controller-a") -> str:
+        return (self.tmp_path / f"{name}.log").read_text()
+
+    def metrics(self, controller: Controller | None = None) -> str:
+        url = f"{(controller or self.controller).dashboard_url}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.read().decode()
+
+    def api(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.controller.dashboard_url}{path}", timeout=5) as r:
+            return json.load(r)
+
+    def queue_empty(self) -> bool:
+        attributes = boto3.client("sqs").get_queue_attributes(
+            QueueUrl=self.queues.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return all(v == "0" for v in attributes.values())
+
+    def finished(self, run_id: str, count: int) -> list[Any]:
+        """The run's stopped tasks, once there are `count` of them."""
+
+        def stopped() -> list[Any] | None:
+            tasks = [t for t in self.harness.finished_tasks() if t.run_id == run_id]
+            return tasks if len(tasks) >= count else None
+
+        return wait_for(stopped, 30, f"{count} tasks of the run to stop")
+
+    def launches(self, run_id: str) -> dict[tuple[str, int], int]:
+        return {
+            (step, attempt): n
+            for (run, step, attempt), n in self.harness.launches().items()
+            if run == run_id
+        }
+
+
+@pytest.fixture
+def stack(harness: EcsHarness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    for key, value in harness.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    dagster_home = make_dagster_home(tmp_path / "dagster_home")
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    queues = create_queues(
+        harness.endpoint_url, f"ecs-steps-{uuid.uuid4().hex[:10]}", visibility_timeout=4
+    )
+    monkeypatch.setenv("DAGSTER_TASKIQ_SQS_QUEUE_URL", queues.queue_url)
+    with DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home))) as instance:
+        s = Stack(harness, queues, instance, None, dagster_home, tmp_path)  # type: ignore[arg-type]
+        s.controller = s.start_controller("controller-a")
+        try:
+            yield s
+        finally:
+            code = s.controller.stop()
+            assert code in (0, -signal.SIGKILL), s.log()[-4000:]
+
+
+def events_of(instance: DagsterInstance, run_id: str, event_type: DagsterEventType) -> list[Any]:
+    return [
+        r.event_log_entry
+        for r in instance.get_records_for_run(run_id, of_type=event_type, limit=10_000).records
+    ]
+
+
+def verdicts_of(instance: DagsterInstance, run_id: str) -> list[Any]:
+    return [
+        e
+        for e in events_of(instance, run_id, DagsterEventType.ENGINE_EVENT)
+        if contract.META_VERDICT in (e.dagster_event.event_specific_data.metadata or {})
+    ]
+
+
+def test_diamond_runs_every_step_as_its_own_ecs_task(stack: Stack) -> None:
+    with execute_job(jobs.recon("diamond"), stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+        assert result.output_for_node("report") == 50
+    launches = stack.launches(run_id)
+    assert launches == {(step, 0): 1 for step in DIAMOND_STEPS}
+    # Dagster has the step's success before its process exits: wait for the agent.
+    tasks = stack.finished(run_id, 6)
+    assert {t.step_key for t in tasks} == DIAMOND_STEPS
+    assert all(t.command == ["dagster", "api", "execute_step"] for t in tasks)
+    assert all((t.stop_code, t.exit_code) == ("EssentialContainerExited", 0) for t in tasks)
+    wait_for(stack.queue_empty, 60, "every message to be deleted")
+
+    # The record turns acked just after the delete.
+    def acked_records() -> list[Any] | None:
+        records = [r for r in stack.api("/api/v1/steps") if r["run_id"] == run_id]
+        return records if all(r["state"] == "acked" for r in records) else None
+
+    records = wait_for(acked_records, 10, "every step record to be acked")
+    assert len(records) == 6
+    assert all(r["locator"].startswith("arn:aws:ecs:") for r in records), records
+    metrics = stack.metrics()
+    assert 'dagster_taskiq_steps_launched_total{launcher="ecs"} 6' in metrics
+    assert 'operation="DescribeTasks",result="ok"' in metrics
+
+
+def test_an_oom_killed_task_gets_a_verdict_and_the_retry_policy_applies(stack: Stack) -> None:
+    # kill_self SIGKILLs itself on attempt 0: the harness reports that as ECS reports an OOM
+    # kill (exit code 137, container reason OutOfMemoryError).
+    with execute_job(jobs.recon("self_kill"), stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+    (verdict,) = verdicts_of(stack.instance, run_id)
+    metadata = verdict.dagster_event.event_specific_data.metadata
+    assert "ran out of memory" in metadata[contract.META_VERDICT].value
+    assert metadata[contract.META_EXIT].value == "ecs OutOfMemoryError exit code 137"
+    assert "OutOfMemoryError: Container killed" in metadata[contract.META_STDERR_TAIL].value
+    retries = events_of(stack.instance, run_id, DagsterEventType.STEP_UP_FOR_RETRY)
+    assert [r.step_key for r in retries] == ["kill_self"]
+    assert stack.launches(run_id) == {("kill_self", 0): 1, ("kill_self", 1): 1}
+    wait_for(stack.queue_empty, 60, "every message to be deleted")
+
+
+def test_a_killed_controller_is_replaced_and_its_running_tasks_are_adopted(stack: Stack) -> None:
+    run_config = {
+        "ops": {name: {"config": {"seconds": 8.0}} for name in ("nap_a", "nap_b", "nap_c")}
+    }
+    replacement: list[Controller] = []
+
+    def kill_and_replace() -> None:
+        wait_for(
+            lambda: len({t.step_key for t in stack.harness.running_tasks()}) >= 3,
+            60,
+            "three naps to run as tasks",
+        )
+        stack.controller.signal(signal.SIGKILL)
+        stack.controller.process.wait()  # type: ignore[union-attr]
+        replacement.append(stack.start_controller("controller-b"))
+
+    killer = threading.Thread(target=kill_and_replace)
+    killer.start()
+    try:
+        with execute_job(jobs.recon("slow_fanout"), stack.instance, run_config=run_config) as r:
+            assert r.success
+            run_id = r.run_id
+            assert r.output_for_node("total") == 24
+    finally:
+        killer.join(90)
+    assert replacement, "the controller was never replaced"
+    first, stack.controller = stack.controller, replacement[0]
+    assert first.process is not None and first.process.returncode == -signal.SIGKILL
+    # Every step attempt ran as exactly one task: the naps were adopted, not relaunched.
+    assert stack.launches(run_id) == {
+        ("nap_a", 0): 1,
+        ("nap_b", 0): 1,
+        ("nap_c", 0): 1,
+        ("total", 0): 1,
+    }
+    assert stack.log("controller-b").count("adopting the running ECS task") == 3
+    assert not verdicts_of(stack.instance, run_id)
+    wait_for(stack.queue_empty, 15, "every message to be deleted")
+
+
+def test_throttled_run_task_calls_are_retried_and_the_run_succeeds(stack: Stack) -> None:
+    stack.harness.throttle_next_run_tasks(6)
+    before = stack.harness.throttled_calls
+    run_config = {"ops": {n: {"config": {"seconds": 0.1}} for n in ("nap_a", "nap_b", "nap_c")}}
+    with execute_job(jobs.recon("slow_fanout"), stack.instance, run_config=run_config) as result:
+        assert result.success
+        run_id = result.run_id
+    assert stack.harness.throttled_calls - before == 6
+    assert stack.launches(run_id) == {(s, 0): 1 for s in ("nap_a", "nap_b", "nap_c", "total")}
+    assert 'operation="RunTask",result="throttled"' in stack.metrics()
+    wait_for(stack.queue_empty, 60, "every message to be deleted")
+
+
+def test_a_task_that_fails_to_start_is_relaunched_without_a_verdict(stack: Stack) -> None:
+    stack.harness.fail_to_start[("*", "flaky_op", 0)] = (
+        "CannotPullContainerError: pull image manifest has been retried 5 time(s): not found"
+    )
+    with execute_job(jobs.recon("flaky"), stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+    # Attempt 0 got a second task after the first never started; no verdict, so the op's
+    # RetryPolicy saw only its own two failures.
+    assert stack.launches(run_id) == {("flaky_op", 0): 2, ("flaky_op", 1): 1, ("flaky_op", 2): 1}
+    assert not verdicts_of(stack.instance, run_id)
+    assert 'reason="never_started"' in stack.metrics()
+    wait_for(stack.queue_empty, 60, "every message to be deleted")
+
+
+def test_step_args_over_the_overrides_limit_are_offloaded_to_s3(stack: Stack) -> None:
+    # The code location's container context travels in every step's ExecuteStepArgs; ~20 KB
+    # of incompressible text there is far over ECS's 8192-character overrides limit.
+    padding = os.urandom(10_000).hex()
+    recon = jobs.recon("slow")
+    recon = recon._replace(repository=recon.repository._replace(container_context={"pad": padding}))
+    run_config = {"ops": {"sleep_op": {"config": {"seconds": 0.1}}}}
+    with execute_job(recon, stack.instance, run_config=run_config) as result:
+        assert result.success
+        run_id = result.run_id
+    (task,) = stack.finished(run_id, 1)
+    assert task.command == ["python", "-m", "dagster_taskiq_controller.ecs_entrypoint"]
+    assert (task.stop_code, task.exit_code) == ("EssentialContainerExited", 0)
+    s3 = boto3.client("s3")
+    keys = [
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])
+        if o["Key"].startswith("dagster-taskiq/step-args/")
+    ]
+    bodies = [s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys]
+    # The object is DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS: base64 of zlib of the args' JSON.
+    args = [json.loads(zlib.decompress(base64.b64decode(b))) for b in bodies]
+    (step_args,) = [a for a in args if a["pipeline_run_id"] == run_id]
+    assert len(json.dumps(step_args)) > 20_000
+    assert max(len(b) for b in bodies) > 8192
+    assert "step args offloaded" in stack.log()
+    wait_for(stack.queue_empty, 60, "every message to be deleted")

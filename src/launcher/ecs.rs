@@ -1,0 +1,560 @@
+//! Each step as its own ECS task (docs/ecs.md).
+//!
+//! - **Idempotent**: every task of a step attempt carries `startedBy` derived from the
+//!   message's task id; RunTask's `clientToken` is derived from (task id, delivery), so a
+//!   retried call of one delivery never starts a second task. A redelivered message first
+//!   looks for its tasks (ListTasks by `startedBy`, running and stopped) and **adopts** a live
+//!   one, or the stopped one whose outcome is still to be concluded; it relaunches only when
+//!   the last task never got to start its container.
+//! - **Tracked together**: one [`tracker::Tracker`] describes all running tasks, 100 per call.
+//! - **Throttling-safe**: RunTask goes through its own token bucket and is retried with
+//!   backoff on throttling (`ThrottlingException` or "Rate exceeded") and 5xx, always with the
+//!   same `clientToken`.
+//! - **Small overrides**: when the compressed step args would push the overrides over ECS's
+//!   8192 characters, they are put in S3 and the task gets a pointer that the Python shim
+//!   `dagster_taskiq_controller.ecs_entrypoint` resolves.
+//! - **Survives the controller**: on shutdown the task keeps running and its message is
+//!   handed back for another replica to adopt.
+
+pub mod api;
+#[cfg(test)]
+mod fake;
+pub mod outcome;
+pub mod request;
+pub mod tracker;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::Instrument;
+
+use self::api::{ApiError, BlobStore, Desired, EcsApi, ErrorClass};
+pub use self::outcome::EcsStopCause;
+use self::outcome::TaskView;
+use self::request::{
+    BaseRequest, CapacityProviderItem, NetworkConfiguration, RunTaskRequest, StepArgs,
+    StepSettings, OVERRIDES_LIMIT,
+};
+use self::tracker::{Tracked, Tracker};
+use super::{LaunchError, Launcher, RunningStep, StepExit};
+use crate::envelope::{LauncherKind, StepRequest};
+use crate::metrics::Metrics;
+use crate::retry::Backoff;
+
+/// RunTask calls per launch before giving the message back with backoff.
+const RUN_TASK_TRIES: u32 = 5;
+/// Backoff between those calls.
+const RUN_TASK_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(250),
+    cap: Duration::from_secs(5),
+};
+/// StopTask calls before giving up (the task is then stopped by its own end or a later call).
+const STOP_TASK_TRIES: u32 = 3;
+
+/// Where offloaded step args go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffloadConfig {
+    pub bucket: String,
+    /// Key prefix; the object key is `<prefix><task_id>`.
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct EcsLauncherConfig {
+    pub cluster: String,
+    /// Family, family:revision or ARN.
+    pub task_definition: String,
+    /// The container that runs the step; `None`: the task definition's only container.
+    pub container: Option<String>,
+    pub launch_type: Option<String>,
+    pub capacity_provider_strategy: Vec<CapacityProviderItem>,
+    pub network_configuration: Option<NetworkConfiguration>,
+    /// How often the tracker describes running tasks.
+    pub poll_interval: Duration,
+    /// RunTask calls per second (token bucket) and burst.
+    pub run_task_rate: NonZeroU32,
+    pub run_task_burst: NonZeroU32,
+    pub offload: Option<OffloadConfig>,
+    pub controller_id: String,
+}
+
+/// Why the launcher cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum EcsSetupError {
+    #[error("cannot read task definition {task_definition}: {source}")]
+    TaskDefinition {
+        task_definition: String,
+        source: ApiError,
+    },
+    #[error("task definition {task_definition} has containers {names:?}: name the step's with --ecs-container")]
+    AmbiguousContainer {
+        task_definition: String,
+        names: Vec<String>,
+    },
+    #[error(
+        "task definition {task_definition} has no container named {container:?} (it has {names:?})"
+    )]
+    NoSuchContainer {
+        task_definition: String,
+        container: String,
+        names: Vec<String>,
+    },
+}
+
+pub struct EcsLauncher {
+    base: BaseRequest,
+    api: Arc<dyn EcsApi>,
+    blobs: Arc<dyn BlobStore>,
+    offload: Option<OffloadConfig>,
+    tracker: Arc<Tracker>,
+    limiter: DefaultDirectRateLimiter,
+    metrics: Arc<Metrics>,
+    /// Stops the tracker when the launcher goes.
+    _tracker_guard: DropGuard,
+}
+
+impl EcsLauncher {
+    /// Connects to ECS and S3 with the standard AWS configuration and checks the task
+    /// definition (finding the step container when none is named).
+    pub async fn connect(
+        config: EcsLauncherConfig,
+        aws: &aws_config::SdkConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, EcsSetupError> {
+        let api: Arc<dyn EcsApi> = Arc::new(api::AwsEcs::new(aws_sdk_ecs::Client::new(aws)));
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(aws)
+                // A local endpoint would otherwise become bucket.localhost.
+                .force_path_style(true)
+                .build(),
+        );
+        let names = api
+            .container_names(&config.task_definition)
+            .await
+            .map_err(|source| EcsSetupError::TaskDefinition {
+                task_definition: config.task_definition.clone(),
+                source,
+            })?;
+        let container = match (&config.container, names.as_slice()) {
+            (Some(name), _) if names.contains(name) => name.clone(),
+            (Some(name), _) => {
+                return Err(EcsSetupError::NoSuchContainer {
+                    task_definition: config.task_definition.clone(),
+                    container: name.clone(),
+                    names,
+                })
+            }
+            (None, [only]) => only.clone(),
+            (None, _) => {
+                return Err(EcsSetupError::AmbiguousContainer {
+                    task_definition: config.task_definition.clone(),
+                    names,
+                })
+            }
+        };
+        let config = EcsLauncherConfig {
+            container: Some(container),
+            ..config
+        };
+        Ok(Self::new(
+            config,
+            api,
+            Arc::new(api::AwsBlobStore::new(s3)),
+            metrics,
+        ))
+    }
+
+    /// A launcher on the given API implementations. Spawns the tracker (needs a runtime).
+    pub fn new(
+        config: EcsLauncherConfig,
+        api: Arc<dyn EcsApi>,
+        blobs: Arc<dyn BlobStore>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let base = BaseRequest {
+            cluster: config.cluster.clone(),
+            task_definition: config.task_definition.clone(),
+            container: config.container.clone().unwrap_or_default(),
+            launch_type: config.launch_type.clone(),
+            capacity_provider_strategy: config.capacity_provider_strategy.clone(),
+            network_configuration: config.network_configuration.clone(),
+            controller_id: config.controller_id.clone(),
+        };
+        let tracker = Arc::new(Tracker::new(
+            config.cluster.clone(),
+            config.poll_interval,
+            api.clone(),
+            metrics.clone(),
+        ));
+        let stop = CancellationToken::new();
+        tokio::spawn(tracker.clone().run(stop.clone()));
+        Self {
+            base,
+            api,
+            blobs,
+            offload: config.offload,
+            tracker,
+            limiter: RateLimiter::direct(
+                Quota::per_second(config.run_task_rate).allow_burst(config.run_task_burst),
+            ),
+            metrics,
+            _tracker_guard: stop.drop_guard(),
+        }
+    }
+
+    fn count(&self, operation: &'static str, result: &Result<impl Sized, ApiError>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => e.class.name(),
+        };
+        self.metrics
+            .ecs_api_calls
+            .get_or_create(&[("operation", operation), ("result", outcome)])
+            .inc();
+    }
+
+    /// The step's task from an earlier delivery, if one should be adopted rather than a new
+    /// one launched.
+    async fn find_existing(&self, step: &StepRequest) -> Result<Option<TaskView>, ApiError> {
+        let started_by = request::started_by(&step.task_id);
+        let cluster = &self.base.cluster;
+        let mut arns = Vec::new();
+        for desired in [Desired::Running, Desired::Stopped] {
+            let result = self.api.list_tasks(cluster, &started_by, desired).await;
+            self.count("ListTasks", &result);
+            for arn in result? {
+                if !arns.contains(&arn) {
+                    arns.push(arn);
+                }
+            }
+        }
+        if arns.is_empty() {
+            return Ok(None);
+        }
+        let mut views = Vec::new();
+        for batch in arns.chunks(tracker::DESCRIBE_BATCH) {
+            let result = self.api.describe_tasks(cluster, batch).await;
+            self.count("DescribeTasks", &result);
+            views.extend(result?.tasks);
+        }
+        // Newest first.
+        views.sort_by(|a, b| {
+            b.created_at
+                .unwrap_or_default()
+                .total_cmp(&a.created_at.unwrap_or_default())
+        });
+        let (live, stopped): (Vec<_>, Vec<_>) = views.into_iter().partition(|v| !v.is_stopped());
+        if let Some((newest, extra)) = live.split_first() {
+            for duplicate in extra {
+                // Two live tasks for one attempt should never happen; keep one.
+                tracing::warn!(task = %duplicate.task_arn, "stopping a duplicate ECS task of the attempt");
+                self.stop(
+                    &duplicate.task_arn,
+                    "dagster-taskiq-controller: duplicate execution of the step attempt",
+                );
+            }
+            tracing::info!(task = %newest.task_arn, status = %newest.last_status, "adopting the running ECS task of the attempt");
+            return Ok(Some(newest.clone()));
+        }
+        let Some(last) = stopped.into_iter().next() else {
+            return Ok(None);
+        };
+        let (cause, _) = last.stop_cause(&self.base.container);
+        if cause.never_started() {
+            tracing::info!(task = %last.task_arn, cause = cause.name(), "the attempt's last ECS task never started: launching again");
+            return Ok(None);
+        }
+        tracing::info!(task = %last.task_arn, cause = cause.name(), "adopting the stopped ECS task of the attempt");
+        Ok(Some(last))
+    }
+
+    /// The request for this delivery, with the args inline or offloaded to S3.
+    async fn request(
+        &self,
+        step: &StepRequest,
+        settings: &StepSettings,
+        delivery: u32,
+    ) -> Result<RunTaskRequest, LaunchError> {
+        let compressed = step.compressed_step_args();
+        let inline = settings.build(
+            &self.base,
+            step,
+            delivery,
+            &StepArgs::Inline(compressed.clone()),
+        );
+        if inline.overrides_fit() {
+            return Ok(inline);
+        }
+        let inline_chars = inline.overrides_chars();
+        let Some(offload) = &self.offload else {
+            return Err(LaunchError::Invalid {
+                reason: "overrides_too_large",
+                detail: format!(
+                    "the RunTask overrides would be {inline_chars} characters (ECS allows \
+                     {OVERRIDES_LIMIT}) and no --offload-bucket is configured for the step args"
+                ),
+            });
+        };
+        let key = format!("{}{}", offload.prefix, step.task_id);
+        let sha256 = hex::encode(Sha256::digest(compressed.as_bytes()));
+        let result = self
+            .blobs
+            .put(&offload.bucket, &key, compressed.into_bytes())
+            .await;
+        self.count("PutObject", &result);
+        result.map_err(|e| match e.class {
+            ErrorClass::Permanent => LaunchError::Permanent(e.to_string()),
+            _ => LaunchError::Transient(e.to_string()),
+        })?;
+        let uri = format!("s3://{}/{key}", offload.bucket);
+        tracing::info!(%uri, inline_chars, "step args offloaded: the overrides would not fit");
+        let offloaded = settings.build(
+            &self.base,
+            step,
+            delivery,
+            &StepArgs::Offloaded { uri, sha256 },
+        );
+        if !offloaded.overrides_fit() {
+            return Err(LaunchError::Invalid {
+                reason: "overrides_too_large",
+                detail: format!(
+                    "even with the step args in S3 the RunTask overrides are {} characters \
+                     (ECS allows {OVERRIDES_LIMIT}): shrink ecs/container_overrides or \
+                     ecs/task_overrides",
+                    offloaded.overrides_chars()
+                ),
+            });
+        }
+        Ok(offloaded)
+    }
+
+    /// RunTask under the rate limit, retried on throttling and transient failures with the
+    /// same clientToken (so a call that did start a task is never doubled).
+    async fn run_task(&self, request: &RunTaskRequest) -> Result<TaskView, LaunchError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.limiter.until_ready().await;
+            let result = self.api.run_task(request).await;
+            self.count("RunTask", &result);
+            let error = match result {
+                Ok(out) => match out.tasks.into_iter().next() {
+                    Some(task) => return Ok(task),
+                    None => {
+                        let reasons: Vec<String> = out
+                            .failures
+                            .iter()
+                            .map(|(arn, reason, detail)| format!("{reason} {detail} {arn}"))
+                            .collect();
+                        // No capacity now (RESOURCE:CPU, RESOURCE:MEMORY, AGENT ...) may pass.
+                        let capacity = out.failures.iter().all(|(_, reason, _)| {
+                            reason.starts_with("RESOURCE")
+                                || reason.contains("AGENT")
+                                || reason.contains("apacity")
+                        });
+                        ApiError {
+                            operation: "RunTask",
+                            class: if capacity {
+                                ErrorClass::Transient
+                            } else {
+                                ErrorClass::Permanent
+                            },
+                            code: None,
+                            message: format!("no task started: {}", reasons.join("; ").trim()),
+                        }
+                    }
+                },
+                Err(e) => e,
+            };
+            if !error.retryable() {
+                return Err(LaunchError::Permanent(error.to_string()));
+            }
+            if attempt >= RUN_TASK_TRIES {
+                return Err(LaunchError::Transient(error.to_string()));
+            }
+            let pause = RUN_TASK_BACKOFF
+                .delay(attempt)
+                .max(Duration::from_millis(50));
+            tracing::warn!(%error, attempt, ?pause, "RunTask failed; retrying with the same clientToken");
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    fn running(&self, view: TaskView) -> Box<dyn RunningStep> {
+        let arn = view.task_arn.clone();
+        let rx = self.tracker.track(&arn, Some(view));
+        Box::new(EcsStep {
+            arn,
+            container: self.base.container.clone(),
+            stopper: Stopper {
+                api: self.api.clone(),
+                cluster: self.base.cluster.clone(),
+            },
+            rx,
+            exit: None,
+            stop_sent: false,
+        })
+    }
+
+    fn stop(&self, arn: &str, reason: &str) {
+        Stopper {
+            api: self.api.clone(),
+            cluster: self.base.cluster.clone(),
+        }
+        .stop(arn, reason);
+    }
+}
+
+#[async_trait]
+impl Launcher for EcsLauncher {
+    fn kind(&self) -> LauncherKind {
+        LauncherKind::Ecs
+    }
+
+    async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
+        let span = tracing::info_span!("ecs_launch", delivery = step.receive_count);
+        async {
+            let settings =
+                StepSettings::from_tags(&step.tags, &self.base.container).map_err(|e| {
+                    LaunchError::Invalid {
+                        reason: "invalid_launch_tags",
+                        detail: e.to_string(),
+                    }
+                })?;
+            // A first delivery has no task yet (an SQS duplicate of it gets the same
+            // clientToken); any other may have one to adopt.
+            if step.receive_count != 1 {
+                let existing = self.find_existing(step).await.map_err(|e| {
+                    LaunchError::Transient(format!("cannot look for the attempt's task: {e}"))
+                })?;
+                if let Some(view) = existing {
+                    return Ok(self.running(view));
+                }
+            }
+            let request = self
+                .request(step, &settings, step.receive_count.max(1))
+                .await?;
+            let view = self.run_task(&request).await?;
+            tracing::info!(task = %view.task_arn, "ECS task started");
+            Ok(self.running(view))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Sends StopTask in the background (RunningStep's stop methods are not async).
+#[derive(Clone)]
+struct Stopper {
+    api: Arc<dyn EcsApi>,
+    cluster: String,
+}
+
+impl Stopper {
+    fn stop(&self, arn: &str, reason: &str) {
+        let this = self.clone();
+        let arn = arn.to_owned();
+        let reason = reason.to_owned();
+        tokio::spawn(
+            async move {
+                for attempt in 1..=STOP_TASK_TRIES {
+                    match this.api.stop_task(&this.cluster, &arn, &reason).await {
+                        Ok(()) => {
+                            tracing::info!(task = %arn, %reason, "StopTask sent");
+                            return;
+                        }
+                        Err(e) if e.retryable() && attempt < STOP_TASK_TRIES => {
+                            tokio::time::sleep(RUN_TASK_BACKOFF.ceiling(attempt)).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(task = %arn, %e, "StopTask failed");
+                            return;
+                        }
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// A step running as an ECS task; its status comes from the shared tracker.
+struct EcsStep {
+    arn: String,
+    container: String,
+    stopper: Stopper,
+    rx: watch::Receiver<Tracked>,
+    exit: Option<StepExit>,
+    stop_sent: bool,
+}
+
+impl EcsStep {
+    fn stop(&mut self, reason: &str) {
+        if self.exit.is_some() || self.stop_sent {
+            return;
+        }
+        self.stop_sent = true;
+        self.stopper.stop(&self.arn, reason);
+    }
+}
+
+#[async_trait]
+impl RunningStep for EcsStep {
+    fn locator(&self) -> String {
+        self.arn.clone()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+
+    async fn wait(&mut self) -> StepExit {
+        if let Some(exit) = self.exit {
+            return exit;
+        }
+        // An error means the tracker dropped the channel; its last value still counts.
+        let _ = self.rx.wait_for(Tracked::is_final).await;
+        let exit = match &*self.rx.borrow() {
+            Tracked::Seen(view) if view.is_stopped() => {
+                let (cause, exit_code) = view.stop_cause(&self.container);
+                StepExit::Ecs { cause, exit_code }
+            }
+            _ => StepExit::Ecs {
+                cause: EcsStopCause::Vanished,
+                exit_code: None,
+            },
+        };
+        self.exit = Some(exit);
+        exit
+    }
+
+    fn terminate(&mut self) {
+        // ECS sends SIGTERM, then SIGKILL after the container's stopTimeout.
+        self.stop("dagster-taskiq-controller: step terminated (run canceled or timed out)");
+    }
+
+    fn kill(&mut self) {
+        self.stop("dagster-taskiq-controller: step killed");
+    }
+
+    fn stderr_tail(&self) -> Vec<String> {
+        match &*self.rx.borrow() {
+            Tracked::Seen(view) => view.report_lines(),
+            Tracked::Pending => vec![format!("ECS task {} (not described yet)", self.arn)],
+            Tracked::Vanished => vec![format!("ECS task {} (no longer known to ECS)", self.arn)],
+        }
+    }
+
+    fn survives_controller(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests;

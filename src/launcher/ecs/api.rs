@@ -1,0 +1,485 @@
+//! The ECS and S3 calls the launcher makes, behind traits so the launch logic (adoption,
+//! retries, offload, batching) is tested with fakes; [`AwsEcs`] and [`AwsBlobStore`] are the
+//! aws-sdk implementations.
+
+use async_trait::async_trait;
+use aws_sdk_ecs::config::http::HttpResponse;
+use aws_sdk_ecs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ecs::types as ecs;
+
+use super::outcome::{ContainerView, TaskView};
+use super::request::RunTaskRequest;
+
+/// How a failed call may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// AWS said slow down (`ThrottlingException`, or `InvalidParameterException` "Rate
+    /// exceeded", which the SDK does not retry itself).
+    Throttled,
+    /// 5xx, timeouts, connection failures, no capacity right now.
+    Transient,
+    /// The request is wrong or not allowed: retrying the same call will not help.
+    Permanent,
+}
+
+impl ErrorClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Throttled => "throttled",
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{operation} failed ({}): {message}", class.name())]
+pub struct ApiError {
+    pub operation: &'static str,
+    pub class: ErrorClass,
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn retryable(&self) -> bool {
+        self.class != ErrorClass::Permanent
+    }
+}
+
+/// Classifies an AWS error by its code, message and HTTP status.
+pub fn classify(code: Option<&str>, message: &str, status: Option<u16>) -> ErrorClass {
+    let code = code.unwrap_or_default();
+    let throttled = matches!(
+        code,
+        "ThrottlingException"
+            | "Throttling"
+            | "TooManyRequestsException"
+            | "RequestLimitExceeded"
+            | "SlowDown"
+    ) || (code == "InvalidParameterException" && message.contains("Rate exceeded"))
+        || status == Some(429);
+    if throttled {
+        ErrorClass::Throttled
+    } else if matches!(
+        code,
+        "ServerException" | "ServiceUnavailable" | "InternalError" | "RequestTimeout"
+    ) || status.is_some_and(|s| s >= 500)
+    {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::Permanent
+    }
+}
+
+fn api_error<E>(operation: &'static str, err: SdkError<E, HttpResponse>) -> ApiError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let message = DisplayErrorContext(&err).to_string();
+    let (class, code) = match &err {
+        SdkError::ServiceError(ctx) => {
+            let code = ctx.err().code().map(str::to_owned);
+            let text = ctx.err().message().unwrap_or_default();
+            let status = ctx.raw().status().as_u16();
+            (classify(code.as_deref(), text, Some(status)), code)
+        }
+        SdkError::ConstructionFailure(_) => (ErrorClass::Permanent, None),
+        // Timeouts, dispatch and response failures: the call may not have happened.
+        _ => (ErrorClass::Transient, None),
+    };
+    ApiError {
+        operation,
+        class,
+        code,
+        message,
+    }
+}
+
+/// A RunTask answer: the started task, or ECS's reasons for not starting one.
+#[derive(Debug, Clone, Default)]
+pub struct RunTaskOutput {
+    pub tasks: Vec<TaskView>,
+    /// `(arn, reason, detail)`: e.g. `RESOURCE:MEMORY`, `AGENT`, `MISSING`.
+    pub failures: Vec<(String, String, String)>,
+}
+
+/// A DescribeTasks answer.
+#[derive(Debug, Clone, Default)]
+pub struct DescribeOutput {
+    pub tasks: Vec<TaskView>,
+    /// ARNs ECS reported as failures (normally `MISSING`).
+    pub missing: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Desired {
+    Running,
+    Stopped,
+}
+
+/// The ECS calls of the launcher.
+#[async_trait]
+pub trait EcsApi: Send + Sync + 'static {
+    async fn run_task(&self, request: &RunTaskRequest) -> Result<RunTaskOutput, ApiError>;
+    /// Every task ARN with this `startedBy` and desired status (all pages).
+    async fn list_tasks(
+        &self,
+        cluster: &str,
+        started_by: &str,
+        desired: Desired,
+    ) -> Result<Vec<String>, ApiError>;
+    /// At most 100 ARNs per call (the ECS limit).
+    async fn describe_tasks(
+        &self,
+        cluster: &str,
+        arns: &[String],
+    ) -> Result<DescribeOutput, ApiError>;
+    async fn stop_task(&self, cluster: &str, arn: &str, reason: &str) -> Result<(), ApiError>;
+    /// Container names of a task definition, for finding the step container at startup.
+    async fn container_names(&self, task_definition: &str) -> Result<Vec<String>, ApiError>;
+}
+
+/// Where offloaded step args go.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    async fn put(&self, bucket: &str, key: &str, body: Vec<u8>) -> Result<(), ApiError>;
+}
+
+// ---- aws-sdk implementations ----------------------------------------------------------------
+
+pub struct AwsEcs {
+    client: aws_sdk_ecs::Client,
+}
+
+impl AwsEcs {
+    pub fn new(client: aws_sdk_ecs::Client) -> Self {
+        Self { client }
+    }
+}
+
+fn task_view(task: &ecs::Task) -> TaskView {
+    TaskView {
+        task_arn: task.task_arn().unwrap_or_default().to_owned(),
+        last_status: task.last_status().unwrap_or_default().to_owned(),
+        desired_status: task.desired_status().unwrap_or_default().to_owned(),
+        stop_code: task.stop_code().map(|c| c.as_str().to_owned()),
+        stopped_reason: task.stopped_reason().map(str::to_owned),
+        started_by: task.started_by().map(str::to_owned),
+        containers: task
+            .containers()
+            .iter()
+            .map(|c| ContainerView {
+                name: c.name().unwrap_or_default().to_owned(),
+                last_status: c.last_status().map(str::to_owned),
+                exit_code: c.exit_code(),
+                reason: c.reason().map(str::to_owned),
+            })
+            .collect(),
+        created_at: task.created_at().map(|t| t.as_secs_f64()),
+    }
+}
+
+fn build_error(operation: &'static str, e: impl std::fmt::Display) -> ApiError {
+    ApiError {
+        operation,
+        class: ErrorClass::Permanent,
+        code: None,
+        message: e.to_string(),
+    }
+}
+
+/// The SDK's TaskOverride from ours.
+fn sdk_overrides(request: &RunTaskRequest) -> Result<ecs::TaskOverride, ApiError> {
+    let o = &request.overrides;
+    let mut containers = Vec::with_capacity(o.container_overrides.len());
+    for c in &o.container_overrides {
+        let mut b = ecs::ContainerOverride::builder().name(&c.name);
+        if !c.command.is_empty() {
+            b = b.set_command(Some(c.command.clone()));
+        }
+        for kv in &c.environment {
+            b = b.environment(
+                ecs::KeyValuePair::builder()
+                    .name(&kv.name)
+                    .value(&kv.value)
+                    .build(),
+            );
+        }
+        for file in &c.settings.environment_files {
+            b = b.environment_files(
+                ecs::EnvironmentFile::builder()
+                    .value(&file.value)
+                    .r#type(ecs::EnvironmentFileType::from(file.kind.as_str()))
+                    .build()
+                    .map_err(|e| build_error("RunTask", e))?,
+            );
+        }
+        for rr in &c.settings.resource_requirements {
+            b = b.resource_requirements(
+                ecs::ResourceRequirement::builder()
+                    .value(&rr.value)
+                    .r#type(ecs::ResourceType::from(rr.kind.as_str()))
+                    .build()
+                    .map_err(|e| build_error("RunTask", e))?,
+            );
+        }
+        b = b
+            .set_cpu(c.settings.cpu)
+            .set_memory(c.settings.memory)
+            .set_memory_reservation(c.settings.memory_reservation);
+        containers.push(b.build());
+    }
+    Ok(ecs::TaskOverride::builder()
+        .set_container_overrides(Some(containers))
+        .set_cpu(o.cpu.clone())
+        .set_memory(o.memory.clone())
+        .set_ephemeral_storage(o.ephemeral_storage.map(|s| {
+            ecs::EphemeralStorage::builder()
+                .size_in_gib(s.size_in_gib)
+                .build()
+        }))
+        .set_task_role_arn(o.task_role_arn.clone())
+        .set_execution_role_arn(o.execution_role_arn.clone())
+        .build())
+}
+
+#[async_trait]
+impl EcsApi for AwsEcs {
+    async fn run_task(&self, r: &RunTaskRequest) -> Result<RunTaskOutput, ApiError> {
+        let mut call = self
+            .client
+            .run_task()
+            .cluster(&r.cluster)
+            .task_definition(&r.task_definition)
+            .count(1)
+            .client_token(&r.client_token)
+            .started_by(&r.started_by)
+            .overrides(sdk_overrides(r)?)
+            .set_launch_type(r.launch_type.as_deref().map(ecs::LaunchType::from))
+            .set_platform_version(r.platform_version.clone())
+            .set_group(r.group.clone())
+            .set_propagate_tags(r.propagate_tags.as_deref().map(ecs::PropagateTags::from))
+            .set_enable_execute_command(r.enable_execute_command)
+            .set_enable_ecs_managed_tags(r.enable_ecs_managed_tags);
+        for item in &r.capacity_provider_strategy {
+            call = call.capacity_provider_strategy(
+                ecs::CapacityProviderStrategyItem::builder()
+                    .capacity_provider(&item.capacity_provider)
+                    .set_weight(item.weight)
+                    .set_base(item.base)
+                    .build()
+                    .map_err(|e| build_error("RunTask", e))?,
+            );
+        }
+        if let Some(network) = &r.network_configuration {
+            let vpc = &network.awsvpc_configuration;
+            call = call.network_configuration(
+                ecs::NetworkConfiguration::builder()
+                    .awsvpc_configuration(
+                        ecs::AwsVpcConfiguration::builder()
+                            .set_subnets(Some(vpc.subnets.clone()))
+                            .set_security_groups(
+                                (!vpc.security_groups.is_empty())
+                                    .then(|| vpc.security_groups.clone()),
+                            )
+                            .set_assign_public_ip(
+                                vpc.assign_public_ip
+                                    .as_deref()
+                                    .map(ecs::AssignPublicIp::from),
+                            )
+                            .build()
+                            .map_err(|e| build_error("RunTask", e))?,
+                    )
+                    .build(),
+            );
+        }
+        for c in &r.placement_constraints {
+            call = call.placement_constraints(
+                ecs::PlacementConstraint::builder()
+                    .r#type(ecs::PlacementConstraintType::from(c.kind.as_str()))
+                    .set_expression(c.expression.clone())
+                    .build(),
+            );
+        }
+        for s in &r.placement_strategy {
+            call = call.placement_strategy(
+                ecs::PlacementStrategy::builder()
+                    .r#type(ecs::PlacementStrategyType::from(s.kind.as_str()))
+                    .set_field(s.field.clone())
+                    .build(),
+            );
+        }
+        for tag in &r.tags {
+            call = call.tags(ecs::Tag::builder().key(&tag.key).value(&tag.value).build());
+        }
+        let out = call.send().await.map_err(|e| api_error("RunTask", e))?;
+        Ok(RunTaskOutput {
+            tasks: out.tasks().iter().map(task_view).collect(),
+            failures: out
+                .failures()
+                .iter()
+                .map(|f| {
+                    (
+                        f.arn().unwrap_or_default().to_owned(),
+                        f.reason().unwrap_or_default().to_owned(),
+                        f.detail().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    async fn list_tasks(
+        &self,
+        cluster: &str,
+        started_by: &str,
+        desired: Desired,
+    ) -> Result<Vec<String>, ApiError> {
+        let status = match desired {
+            Desired::Running => ecs::DesiredStatus::Running,
+            Desired::Stopped => ecs::DesiredStatus::Stopped,
+        };
+        let mut arns = Vec::new();
+        let mut next_token = None;
+        loop {
+            let out = self
+                .client
+                .list_tasks()
+                .cluster(cluster)
+                .started_by(started_by)
+                .desired_status(status.clone())
+                .set_next_token(next_token)
+                .send()
+                .await
+                .map_err(|e| api_error("ListTasks", e))?;
+            arns.extend(out.task_arns().iter().cloned());
+            next_token = out.next_token().map(str::to_owned);
+            if next_token.is_none() {
+                return Ok(arns);
+            }
+        }
+    }
+
+    async fn describe_tasks(
+        &self,
+        cluster: &str,
+        arns: &[String],
+    ) -> Result<DescribeOutput, ApiError> {
+        let out = self
+            .client
+            .describe_tasks()
+            .cluster(cluster)
+            .set_tasks(Some(arns.to_vec()))
+            .send()
+            .await
+            .map_err(|e| api_error("DescribeTasks", e))?;
+        Ok(DescribeOutput {
+            tasks: out.tasks().iter().map(task_view).collect(),
+            missing: out
+                .failures()
+                .iter()
+                .filter_map(|f| f.arn().map(str::to_owned))
+                .collect(),
+        })
+    }
+
+    async fn stop_task(&self, cluster: &str, arn: &str, reason: &str) -> Result<(), ApiError> {
+        self.client
+            .stop_task()
+            .cluster(cluster)
+            .task(arn)
+            .reason(reason)
+            .send()
+            .await
+            .map_err(|e| api_error("StopTask", e))?;
+        Ok(())
+    }
+
+    async fn container_names(&self, task_definition: &str) -> Result<Vec<String>, ApiError> {
+        let out = self
+            .client
+            .describe_task_definition()
+            .task_definition(task_definition)
+            .send()
+            .await
+            .map_err(|e| api_error("DescribeTaskDefinition", e))?;
+        Ok(out
+            .task_definition()
+            .map(|td| {
+                td.container_definitions()
+                    .iter()
+                    .filter_map(|c| c.name().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+pub struct AwsBlobStore {
+    client: aws_sdk_s3::Client,
+}
+
+impl AwsBlobStore {
+    pub fn new(client: aws_sdk_s3::Client) -> Self {
+        Self { client }
+    }
+}
+
+#[async_trait]
+impl BlobStore for AwsBlobStore {
+    async fn put(&self, bucket: &str, key: &str, body: Vec<u8>) -> Result<(), ApiError> {
+        self.client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type("text/plain")
+            .body(body.into())
+            .send()
+            .await
+            .map_err(|e| api_error("PutObject", e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_in_both_shapes_is_throttled() {
+        assert_eq!(
+            classify(Some("ThrottlingException"), "Rate exceeded", None),
+            ErrorClass::Throttled
+        );
+        assert_eq!(
+            classify(Some("InvalidParameterException"), "Rate exceeded", None),
+            ErrorClass::Throttled
+        );
+        assert_eq!(
+            classify(
+                Some("InvalidParameterException"),
+                "No Container Instances were found",
+                None
+            ),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            classify(Some("ServerException"), "boom", None),
+            ErrorClass::Transient
+        );
+        assert_eq!(classify(None, "", Some(503)), ErrorClass::Transient);
+        assert_eq!(
+            classify(
+                Some("ClientException"),
+                "Unable to describe task definition.",
+                Some(400)
+            ),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            classify(Some("AccessDeniedException"), "", None),
+            ErrorClass::Permanent
+        );
+    }
+}

@@ -1,0 +1,358 @@
+//! The launcher's logic on a fake ECS: launch, adoption, retries, offload, tracking, stop.
+
+use std::io::Read;
+
+use base64::Engine as _;
+
+use super::fake::{throttled, FakeEcs};
+use super::request::{client_token, started_by, ENV_ARGS_SHA256, ENV_ARGS_URI};
+use super::*;
+use crate::fakes::step_body;
+
+const TASK_ID: &str = "0123456789abcdef0123456789abcdef";
+
+fn config(offload: Option<&str>) -> EcsLauncherConfig {
+    EcsLauncherConfig {
+        cluster: "c".into(),
+        task_definition: "dagster-step".into(),
+        container: Some("dagster".into()),
+        launch_type: Some("FARGATE".into()),
+        capacity_provider_strategy: Vec::new(),
+        network_configuration: None,
+        poll_interval: Duration::from_millis(20),
+        run_task_rate: NonZeroU32::new(1000).unwrap(),
+        run_task_burst: NonZeroU32::new(1000).unwrap(),
+        offload: offload.map(|bucket| OffloadConfig {
+            bucket: bucket.into(),
+            prefix: "step-args/".into(),
+        }),
+        controller_id: "ctl-test".into(),
+    }
+}
+
+fn launcher(fake: &FakeEcs, offload: Option<&str>) -> EcsLauncher {
+    EcsLauncher::new(
+        config(offload),
+        Arc::new(fake.clone()),
+        Arc::new(fake.clone()),
+        Arc::new(Metrics::new()),
+    )
+}
+
+fn step(delivery: u32) -> StepRequest {
+    let mut step =
+        crate::envelope::decode(&step_body(TASK_ID, "run-1", "op_a", 0)).expect("valid body");
+    step.receive_count = delivery;
+    step
+}
+
+fn invalid_reason(result: Result<Box<dyn RunningStep>, LaunchError>) -> &'static str {
+    match result {
+        Err(LaunchError::Invalid { reason, .. }) => reason,
+        Err(other) => panic!("expected an invalid launch, got {other}"),
+        Ok(_) => panic!("expected an invalid launch, got a task"),
+    }
+}
+
+#[tokio::test]
+async fn first_delivery_launches_one_task_without_looking_for_others() {
+    let fake = FakeEcs::default();
+    let ecs = launcher(&fake, None);
+    let running = ecs.launch(&step(1)).await.unwrap();
+    assert!(running.survives_controller());
+    assert!(running.locator().starts_with("arn:aws:ecs:"));
+    let calls = fake.run_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].client_token, client_token(TASK_ID, 1));
+    assert_eq!(calls[0].started_by, started_by(TASK_ID));
+    assert_eq!(fake.lock().list_calls, 0);
+}
+
+#[tokio::test]
+async fn redelivery_adopts_the_running_task_instead_of_launching() {
+    let fake = FakeEcs::default();
+    let arn = fake.add_task(&started_by(TASK_ID), "RUNNING");
+    let ecs = launcher(&fake, None);
+    let running = ecs.launch(&step(2)).await.unwrap();
+    assert_eq!(running.locator(), arn);
+    assert!(fake.run_calls().is_empty(), "adopted, not launched");
+    assert_eq!(
+        fake.lock().list_calls,
+        2,
+        "running and stopped tasks are both looked up"
+    );
+}
+
+#[tokio::test]
+async fn redelivery_concludes_a_task_that_stopped_after_running() {
+    let fake = FakeEcs::default();
+    let arn = fake.add_task(&started_by(TASK_ID), "RUNNING");
+    fake.finish(
+        &arn,
+        "EssentialContainerExited",
+        Some(137),
+        Some("OutOfMemoryError: Container killed due to memory usage"),
+    );
+    let ecs = launcher(&fake, None);
+    let mut running = ecs.launch(&step(3)).await.unwrap();
+    assert!(fake.run_calls().is_empty());
+    let exit = running.wait().await;
+    assert_eq!(
+        exit,
+        StepExit::Ecs {
+            cause: EcsStopCause::OutOfMemory,
+            exit_code: Some(137)
+        }
+    );
+    assert!(!exit.relaunch());
+    assert!(running
+        .stderr_tail()
+        .iter()
+        .any(|l| l.contains("OutOfMemoryError")));
+}
+
+#[tokio::test]
+async fn redelivery_after_a_failed_start_launches_a_new_task_with_a_new_token() {
+    let fake = FakeEcs::default();
+    let arn = fake.add_task(&started_by(TASK_ID), "RUNNING");
+    fake.finish(
+        &arn,
+        "TaskFailedToStart",
+        None,
+        Some("CannotPullContainerError: pull image manifest has been retried 5 time(s)"),
+    );
+    let ecs = launcher(&fake, None);
+    let running = ecs.launch(&step(2)).await.unwrap();
+    assert_ne!(running.locator(), arn);
+    let calls = fake.run_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].client_token, client_token(TASK_ID, 2));
+}
+
+#[tokio::test]
+async fn two_live_tasks_for_one_attempt_keep_the_newest() {
+    let fake = FakeEcs::default();
+    let older = fake.add_task(&started_by(TASK_ID), "RUNNING");
+    let newer = fake.add_task(&started_by(TASK_ID), "RUNNING");
+    let ecs = launcher(&fake, None);
+    let running = ecs.launch(&step(2)).await.unwrap();
+    assert_eq!(running.locator(), newer);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while fake.lock().stops.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the duplicate is stopped");
+    assert_eq!(fake.lock().stops[0].0, older);
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttling_in_both_shapes_is_retried_with_the_same_token() {
+    let fake = FakeEcs::default();
+    fake.lock().run_errors = vec![
+        throttled("Rate exceeded"),
+        throttled("Rate exceeded (InvalidParameterException)"),
+    ];
+    assert_eq!(fake.lock().run_errors[1].class, ErrorClass::Throttled);
+    let ecs = launcher(&fake, None);
+    ecs.launch(&step(1)).await.unwrap();
+    let calls = fake.run_calls();
+    assert_eq!(calls.len(), 3);
+    assert!(calls
+        .iter()
+        .all(|c| c.client_token == calls[0].client_token));
+}
+
+#[tokio::test(start_paused = true)]
+async fn persistent_throttling_gives_the_message_back_as_transient() {
+    let fake = FakeEcs::default();
+    fake.lock().run_errors = (0..RUN_TASK_TRIES)
+        .map(|_| throttled("Rate exceeded"))
+        .collect();
+    let ecs = launcher(&fake, None);
+    match ecs.launch(&step(1)).await {
+        Err(LaunchError::Transient(message)) => assert!(message.contains("Rate exceeded")),
+        Err(other) => panic!("expected transient, got {other}"),
+        Ok(_) => panic!("expected transient, got a task"),
+    }
+    assert_eq!(fake.run_calls().len(), RUN_TASK_TRIES as usize);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_capacity_is_retried_and_a_rejected_request_is_permanent() {
+    let fake = FakeEcs::default();
+    fake.lock().run_failures = vec!["RESOURCE:MEMORY".into()];
+    let ecs = launcher(&fake, None);
+    ecs.launch(&step(1)).await.unwrap();
+    assert_eq!(fake.run_calls().len(), 2);
+
+    fake.lock().run_errors = vec![super::fake::error(ErrorClass::Permanent)];
+    match ecs.launch(&step(1)).await {
+        Err(LaunchError::Permanent(_)) => {}
+        Err(other) => panic!("expected permanent, got {other}"),
+        Ok(_) => panic!("expected permanent, got a task"),
+    }
+}
+
+#[tokio::test]
+async fn invalid_tags_are_refused_before_any_call() {
+    let fake = FakeEcs::default();
+    let ecs = launcher(&fake, None);
+    let mut bad = step(1);
+    bad.tags.insert("ecs/memory".into(), "a lot".into());
+    assert_eq!(
+        invalid_reason(ecs.launch(&bad).await),
+        "invalid_launch_tags"
+    );
+    assert!(fake.run_calls().is_empty());
+    assert_eq!(fake.lock().list_calls, 0);
+}
+
+fn big_step() -> StepRequest {
+    // ~20 KB of incompressible op config inside the packed args.
+    let noise: String = (0..20_000u32)
+        .map(|i| {
+            let x = i.wrapping_mul(2_654_435_761).rotate_left(7) ^ 0x9e37_79b9;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    let mut body: serde_json::Value =
+        serde_json::from_str(&step_body(TASK_ID, "run-1", "op_a", 0)).unwrap();
+    body["kwargs"]["execute_step_args_packed"]["noise"] = noise.into();
+    let mut step = crate::envelope::decode(&body.to_string()).unwrap();
+    step.receive_count = 1;
+    step
+}
+
+#[tokio::test]
+async fn step_args_that_do_not_fit_are_offloaded_behind_a_pointer() {
+    let fake = FakeEcs::default();
+    let ecs = launcher(&fake, Some("bucket-1"));
+    let step = big_step();
+    ecs.launch(&step).await.unwrap();
+    let (bucket, key, body) = fake.lock().puts[0].clone();
+    assert_eq!(
+        (bucket.as_str(), key.as_str()),
+        ("bucket-1", "step-args/0123456789abcdef0123456789abcdef")
+    );
+    // The object is exactly DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS.
+    assert_eq!(body, step.compressed_step_args().into_bytes());
+    let compressed = base64::engine::general_purpose::STANDARD
+        .decode(&body)
+        .unwrap();
+    let mut json = String::new();
+    flate2::read::ZlibDecoder::new(&compressed[..])
+        .read_to_string(&mut json)
+        .unwrap();
+    assert_eq!(json, step.step_args_json.get());
+
+    let request = &fake.run_calls()[0];
+    assert!(request.overrides_fit());
+    let env: std::collections::BTreeMap<_, _> = request.overrides.container_overrides[0]
+        .environment
+        .iter()
+        .map(|kv| (kv.name.as_str(), kv.value.as_str()))
+        .collect();
+    assert_eq!(
+        env[ENV_ARGS_URI],
+        "s3://bucket-1/step-args/0123456789abcdef0123456789abcdef"
+    );
+    assert_eq!(env[ENV_ARGS_SHA256], hex::encode(Sha256::digest(&body)));
+}
+
+#[tokio::test]
+async fn step_args_that_do_not_fit_without_a_bucket_are_refused() {
+    let fake = FakeEcs::default();
+    let ecs = launcher(&fake, None);
+    assert_eq!(
+        invalid_reason(ecs.launch(&big_step()).await),
+        "overrides_too_large"
+    );
+    assert!(fake.run_calls().is_empty());
+}
+
+#[tokio::test]
+async fn one_describe_call_per_hundred_tracked_tasks() {
+    let fake = FakeEcs::default();
+    let tracker = Tracker::new(
+        "c".into(),
+        Duration::from_secs(3600),
+        Arc::new(fake.clone()),
+        Arc::new(Metrics::new()),
+    );
+    let mut receivers = Vec::new();
+    for _ in 0..250 {
+        let arn = fake.add_task("someone", "RUNNING");
+        receivers.push((arn.clone(), tracker.track(&arn, None)));
+    }
+    tracker.poll().await;
+    assert_eq!(fake.lock().describe_batches, vec![100, 100, 50]);
+
+    // Stopped tasks resolve and leave the poll; dropped waiters are no longer polled.
+    let (first, _) = receivers.remove(0);
+    fake.finish(&first, "EssentialContainerExited", Some(0), None);
+    receivers.truncate(99);
+    let mut first_rx = tracker.track(&first, None);
+    tracker.poll().await;
+    assert!(first_rx.wait_for(Tracked::is_final).await.is_ok());
+    tracker.poll().await;
+    // 99 waiters plus the stopped task in the first poll, then only the 99.
+    assert_eq!(fake.lock().describe_batches[3..], [100, 99]);
+}
+
+#[tokio::test]
+async fn a_task_that_ecs_forgets_ends_as_vanished() {
+    let fake = FakeEcs::default();
+    let tracker = Tracker::new(
+        "c".into(),
+        Duration::from_secs(3600),
+        Arc::new(fake.clone()),
+        Arc::new(Metrics::new()),
+    );
+    let rx = tracker.track("arn:aws:ecs:us-east-1:1:task/c/gone", None);
+    for _ in 0..3 {
+        tracker.poll().await;
+    }
+    assert_eq!(*rx.borrow(), Tracked::Vanished);
+    assert_eq!(tracker.tracked(), 0);
+}
+
+#[tokio::test]
+async fn wait_resolves_from_the_tracker_and_terminate_sends_stop_task() {
+    let fake = FakeEcs::default();
+    let ecs = launcher(&fake, None);
+    let mut running = ecs.launch(&step(1)).await.unwrap();
+    let arn = running.locator();
+    running.terminate();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while fake.lock().stops.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("StopTask sent");
+    let (stopped, reason) = fake.lock().stops[0].clone();
+    assert_eq!(stopped, arn);
+    assert!(
+        reason.starts_with("dagster-taskiq-controller: "),
+        "{reason}"
+    );
+    fake.finish(
+        &arn,
+        "UserInitiated",
+        Some(143),
+        Some("dagster-taskiq-controller: step terminated"),
+    );
+    let exit = tokio::time::timeout(Duration::from_secs(5), running.wait())
+        .await
+        .expect("the tracker reports the stop");
+    assert_eq!(
+        exit,
+        StepExit::Ecs {
+            cause: EcsStopCause::StoppedByUser,
+            exit_code: Some(143)
+        }
+    );
+    assert_eq!(exit.short(), "ecs UserInitiated exit code 143");
+}
