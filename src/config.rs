@@ -113,7 +113,15 @@ pub struct RunArgs {
     /// Name of this replica in dead letters and events. Default: hostname and pid.
     #[arg(long, env = "DAGSTER_TASKIQ_CONTROLLER_ID")]
     pub controller_id: Option<String>,
+
+    /// Bearer token for the API's mutating endpoints (cancel, DLQ redrive); without one they
+    /// are disabled. At least 16 characters.
+    #[arg(long, env = "DAGSTER_TASKIQ_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
+
+/// Shortest admin token accepted: the API can stop steps and move messages.
+const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -166,6 +174,15 @@ impl RunArgs {
         }
         if self.launch_burst == 0 {
             return Err(invalid("launch-burst", "must be at least 1"));
+        }
+        if let Some(token) = &self.admin_token {
+            if token.chars().count() < MIN_ADMIN_TOKEN_LEN || token.chars().any(char::is_whitespace)
+            {
+                return Err(invalid(
+                    "admin-token",
+                    format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters without spaces"),
+                ));
+            }
         }
         Ok(())
     }
@@ -242,5 +259,10 @@ mod tests {
         assert!(
             Cli::try_parse_from(["x", "run", "--queue-url", "u", "--backoff-cap", "soon"]).is_err()
         );
+        let err = args(&["--admin-token", "short"]).validate().unwrap_err();
+        assert!(err.to_string().starts_with("--admin-token"), "{err}");
+        args(&["--admin-token", "0123456789abcdef"])
+            .validate()
+            .unwrap();
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::Heartbeat;
 use crate::metrics::Metrics;
 use crate::queue::{ExtendResult, WorkQueue};
 
@@ -93,6 +94,16 @@ impl LeaseTable {
         self.metrics.leases_held.set(leases.len() as i64);
     }
 
+    /// When a held message becomes visible again unless extended (wall clock, for the API).
+    pub fn deadline(&self, task_id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        let leases = self.leases.lock().expect("lock");
+        let expires = leases.get(task_id)?.expires;
+        let now = Instant::now();
+        let left = chrono::Duration::from_std(expires.saturating_duration_since(now)).ok()?;
+        let overdue = chrono::Duration::from_std(now.saturating_duration_since(expires)).ok()?;
+        Some(chrono::Utc::now() + left - overdue)
+    }
+
     pub fn len(&self) -> usize {
         self.leases.lock().expect("lock").len()
     }
@@ -172,7 +183,13 @@ impl LeaseTable {
     }
 
     /// The keeper: extends all leases every heartbeat interval until `stop`.
-    pub async fn keep(&self, queue: Arc<dyn WorkQueue>, stop: CancellationToken) {
+    /// Each round beats `heartbeat`, so `/healthz` sees the keeper is alive.
+    pub async fn keep(
+        &self,
+        queue: Arc<dyn WorkQueue>,
+        stop: CancellationToken,
+        heartbeat: &Heartbeat,
+    ) {
         let mut ticker = tokio::time::interval(self.heartbeat_interval());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -180,6 +197,7 @@ impl LeaseTable {
                 _ = stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            heartbeat.beat();
             self.extend_all(queue.as_ref()).await;
         }
     }

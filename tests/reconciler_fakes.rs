@@ -10,6 +10,7 @@ use dagster_taskiq_controller::envelope;
 use dagster_taskiq_controller::fakes::{
     step_body, FakeBridge, FakeLauncher, FakeOutcome, FakeQueue, QueueEvent,
 };
+use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::launcher::StepExit;
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
@@ -56,6 +57,7 @@ fn bed(step_duration: Duration) -> Bed {
         leases: Arc::new(LeaseTable::new(Duration::from_secs(30), metrics.clone())),
         steps: Arc::new(StepTable::default()),
         metrics,
+        health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10))),
         draining: CancellationToken::new(),
         abort: CancellationToken::new(),
     });
