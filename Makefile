@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 BIN := target/release/dagster-taskiq-controller
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo test test-rust test-python lint fmt bench chaos fuzz clean
+.PHONY: setup build browser demo test test-rust test-python lint fmt bench chaos fuzz clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,13 @@ $(STAMP): python/pyproject.toml
 
 build:
 	cargo build --release --locked
+
+# Headless Chromium for the dashboard's browser test (Debian package; needs root and apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium >/dev/null; }; }
+	@chromium --version
 
 demo: setup build
 	$(PY) -m dagster_taskiq_controller.demo --binary $(BIN)
@@ -34,8 +41,8 @@ lint: setup
 test-rust: setup
 	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server cargo test --locked
 
-test-python: setup build
-	$(PY) -m pytest python/tests -q -p no:cacheprovider --durations=10
+test-python: setup build browser
+	DAGSTER_TASKIQ_REQUIRE_BROWSER=1 $(PY) -m pytest python/tests -q -p no:cacheprovider --durations=10
 
 test: lint test-rust test-python
 

@@ -21,7 +21,37 @@ pub struct AdmissionConfig {
 pub struct Admission {
     capacity: Arc<Semaphore>,
     max_concurrent: usize,
+    config: AdmissionConfig,
     launches: Option<DefaultDirectRateLimiter>,
+}
+
+/// A read-only handle on the admission state, for the dashboard.
+#[derive(Clone)]
+pub struct AdmissionView {
+    capacity: Arc<Semaphore>,
+    config: AdmissionConfig,
+}
+
+/// What the dashboard shows about admission.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdmissionState {
+    /// Messages held now.
+    pub in_use: usize,
+    pub max_concurrent: usize,
+    /// Launches per second; `None`: unlimited.
+    pub launch_rate: Option<u32>,
+    pub launch_burst: u32,
+}
+
+impl AdmissionView {
+    pub fn state(&self) -> AdmissionState {
+        AdmissionState {
+            in_use: self.config.max_concurrent - self.capacity.available_permits(),
+            max_concurrent: self.config.max_concurrent,
+            launch_rate: self.config.launch_rate.map(NonZeroU32::get),
+            launch_burst: self.config.launch_burst.get(),
+        }
+    }
 }
 
 impl Admission {
@@ -29,6 +59,7 @@ impl Admission {
         Self {
             capacity: Arc::new(Semaphore::new(config.max_concurrent)),
             max_concurrent: config.max_concurrent,
+            config,
             launches: config.launch_rate.map(|rate| {
                 RateLimiter::direct(Quota::per_second(rate).allow_burst(config.launch_burst))
             }),
@@ -63,5 +94,12 @@ impl Admission {
 
     pub fn max_concurrent(&self) -> usize {
         self.max_concurrent
+    }
+
+    pub fn view(&self) -> AdmissionView {
+        AdmissionView {
+            capacity: self.capacity.clone(),
+            config: self.config,
+        }
     }
 }

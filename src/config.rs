@@ -126,6 +126,10 @@ pub struct RunArgs {
     #[arg(long, env = "DAGSTER_TASKIQ_CONTROLLER_ID")]
     pub controller_id: Option<String>,
 
+    /// Bearer token for the API's mutating endpoints (cancel, DLQ redrive); without one they
+    /// are disabled. At least 16 characters.
+    #[arg(long, env = "DAGSTER_TASKIQ_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Where steps run unless their op tag dagster-taskiq/launcher says otherwise.
     #[arg(long, env = "DAGSTER_TASKIQ_LAUNCHER", value_enum, default_value_t = LauncherChoice::Process)]
     pub launcher: LauncherChoice,
@@ -220,6 +224,9 @@ pub struct EcsArgs {
     pub offload_prefix: String,
 }
 
+/// Shortest admin token accepted: the API can stop steps and move messages.
+const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--{flag}: {message}")]
@@ -282,6 +289,15 @@ impl RunArgs {
         }
         if self.ecs_enabled() {
             self.ecs_config("validation")?;
+        }
+        if let Some(token) = &self.admin_token {
+            if token.chars().count() < MIN_ADMIN_TOKEN_LEN || token.chars().any(char::is_whitespace)
+            {
+                return Err(invalid(
+                    "admin-token",
+                    format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters without spaces"),
+                ));
+            }
         }
         Ok(())
     }
@@ -493,6 +509,11 @@ mod tests {
         assert!(
             Cli::try_parse_from(["x", "run", "--queue-url", "u", "--backoff-cap", "soon"]).is_err()
         );
+        let err = args(&["--admin-token", "short"]).validate().unwrap_err();
+        assert!(err.to_string().starts_with("--admin-token"), "{err}");
+        args(&["--admin-token", "0123456789abcdef"])
+            .validate()
+            .unwrap();
     }
 
     #[test]

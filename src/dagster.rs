@@ -226,6 +226,7 @@ impl SidecarBridge {
         let result = self.call_inner(method, params, deadline).await;
         self.metrics
             .bridge_latency_seconds
+            .get_or_create(&[("method", method)])
             .observe(started.elapsed().as_secs_f64());
         if result.is_err() {
             self.metrics

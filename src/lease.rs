@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::Heartbeat;
 use crate::metrics::Metrics;
 use crate::queue::{ExtendResult, WorkQueue};
 
@@ -148,17 +149,21 @@ impl LeaseTable {
         leases.get(task_id).and_then(|l| l.receipt_handle.clone())
     }
 
-    /// When the held message becomes visible again unless extended.
-    pub fn deadline(&self, task_id: &str) -> Option<Instant> {
-        let leases = self.leases.lock().expect("lock");
-        leases.get(task_id).map(|l| l.expires)
-    }
-
     /// Stops holding a message (after ack, release or dead-letter).
     pub fn drop_lease(&self, task_id: &str) {
         let mut leases = self.leases.lock().expect("lock");
         leases.remove(task_id);
         self.metrics.leases_held.set(leases.len() as i64);
+    }
+
+    /// When a held message becomes visible again unless extended (wall clock, for the API).
+    pub fn deadline(&self, task_id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        let leases = self.leases.lock().expect("lock");
+        let expires = leases.get(task_id)?.expires;
+        let now = Instant::now();
+        let left = chrono::Duration::from_std(expires.saturating_duration_since(now)).ok()?;
+        let overdue = chrono::Duration::from_std(now.saturating_duration_since(expires)).ok()?;
+        Some(chrono::Utc::now() + left - overdue)
     }
 
     pub fn len(&self) -> usize {
@@ -242,7 +247,13 @@ impl LeaseTable {
     }
 
     /// The keeper: extends all leases every heartbeat interval until `stop`.
-    pub async fn keep(&self, queue: Arc<dyn WorkQueue>, stop: CancellationToken) {
+    /// Each round beats `heartbeat`, so `/healthz` sees the keeper is alive.
+    pub async fn keep(
+        &self,
+        queue: Arc<dyn WorkQueue>,
+        stop: CancellationToken,
+        heartbeat: &Heartbeat,
+    ) {
         let mut ticker = tokio::time::interval(self.heartbeat_interval());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -250,6 +261,7 @@ impl LeaseTable {
                 _ = stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            heartbeat.beat();
             self.extend_all(queue.as_ref()).await;
         }
     }

@@ -17,7 +17,8 @@
 //! - [`state`]: step states and the table the API reads.
 //! - [`retry`]: failure classes and backoff.
 //! - [`dagster`]: the [`dagster::DagsterBridge`] boundary and its Python sidecar client.
-//! - [`dashboard`]: probes, metrics and JSON API (warp).
+//! - [`dashboard`]: HTML dashboard, probes, metrics and JSON API (warp).
+//! - [`health`]: loop heartbeats and SQS reachability, read by the probes.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`fakes`]: in-memory boundaries for unit tests and benchmarks.
 
@@ -27,6 +28,7 @@ pub mod dagster;
 pub mod dashboard;
 pub mod envelope;
 pub mod fakes;
+pub mod health;
 pub mod launcher;
 pub mod lease;
 pub mod metrics;

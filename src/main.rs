@@ -12,7 +12,8 @@ use tracing_subscriber::EnvFilter;
 use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
 use dagster_taskiq_controller::config::{Cli, Command, LogFormat, RunArgs};
 use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
-use dagster_taskiq_controller::dashboard::{self, DashboardState};
+use dagster_taskiq_controller::dashboard::{self, ControllerInfo, DashboardState, QueueCache};
+use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::launcher::{
     EcsLauncher, Launcher, LauncherRouter, ProcessLauncher, ProcessLauncherConfig,
 };
@@ -22,6 +23,9 @@ use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
 use dagster_taskiq_controller::reconciler::{Controller, ReconcilerConfig};
 use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::StepTable;
+
+/// How old the dashboard's queue depths may get before GetQueueAttributes is called again.
+const QUEUE_COUNTS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -76,17 +80,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ),
         },
     };
-    let queue = Arc::new(SqsQueue::new(
-        sqs,
-        SqsQueueConfig {
-            queue_url: args.queue_url.clone(),
-            dlq_url: dlq_url.clone(),
-        },
-    ));
+    let queue = Arc::new(
+        SqsQueue::new(
+            sqs,
+            SqsQueueConfig {
+                queue_url: args.queue_url.clone(),
+                dlq_url: dlq_url.clone(),
+            },
+        )
+        .with_metrics(metrics.clone()),
+    );
     queue
         .depth(&args.queue_url)
         .await
         .with_context(|| format!("cannot read the work queue {}", args.queue_url))?;
+    let leases = Arc::new(LeaseTable::new(
+        args.visibility_timeout,
+        args.visibility_cap,
+        metrics.clone(),
+    ));
+    let health = Arc::new(Health::new(args.receive_wait, leases.heartbeat_interval()));
+    // SQS just answered: ready before the first long poll returns.
+    health.queue_contact("GetQueueAttributes", None);
 
     let bridge = Arc::new(SidecarBridge::new(
         SidecarConfig {
@@ -125,6 +140,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let draining = CancellationToken::new();
     let abort = CancellationToken::new();
     let steps = Arc::new(StepTable::default());
+    let admission = Admission::new(AdmissionConfig {
+        max_concurrent: args.max_concurrent,
+        launch_rate: args.launch_rate(),
+        launch_burst: args.launch_burst(),
+    });
+    metrics
+        .admission_capacity
+        .set(i64::try_from(args.max_concurrent).unwrap_or(i64::MAX));
     let listener = dashboard::bind(args.dashboard_addr)
         .await
         .with_context(|| format!("cannot listen on --dashboard-addr {}", args.dashboard_addr))?;
@@ -132,9 +155,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let dashboard = tokio::spawn(dashboard::serve(
         listener,
         DashboardState {
+            info: Arc::new(ControllerInfo {
+                controller_id: controller_id.clone(),
+                version: env!("CARGO_PKG_VERSION"),
+                queue_url: args.queue_url.clone(),
+                dlq_url: dlq_url.clone(),
+                started_at: chrono::Utc::now(),
+            }),
             metrics: metrics.clone(),
             steps: steps.clone(),
+            leases: leases.clone(),
+            admission: admission.view(),
+            health: health.clone(),
+            queues: queue.clone(),
+            bridge: bridge.clone(),
+            admin_token: args.admin_token.as_deref().map(Arc::from),
             draining: draining.clone(),
+            queue_cache: Arc::new(QueueCache::new(QUEUE_COUNTS_MAX_AGE)),
         },
         dashboard_stop.clone(),
     ));
@@ -158,18 +195,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         queue,
         launcher: Arc::new(launcher),
         bridge: bridge.clone(),
-        admission: Admission::new(AdmissionConfig {
-            max_concurrent: args.max_concurrent,
-            launch_rate: args.launch_rate(),
-            launch_burst: args.launch_burst(),
-        }),
-        leases: Arc::new(LeaseTable::new(
-            args.visibility_timeout,
-            args.visibility_cap,
-            metrics.clone(),
-        )),
+        admission,
+        leases,
         steps,
         metrics,
+        health,
         draining: draining.clone(),
         abort: abort.clone(),
     });
@@ -182,6 +212,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         dagster_version,
         dashboard = %args.dashboard_addr,
         max_concurrent = args.max_concurrent,
+        admin_api = args.admin_token.is_some(),
         "controller started"
     );
     controller.run().await;

@@ -13,6 +13,8 @@ use prometheus_client::registry::Registry;
 pub type Label = [(&'static str, &'static str); 1];
 /// Two such labels.
 pub type Labels2 = [(&'static str, &'static str); 2];
+/// Histograms by one label, each with the seconds buckets.
+pub type HistogramFamily = Family<Label, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {
     // 1 ms .. ~9 h
@@ -33,12 +35,24 @@ pub struct Metrics {
     pub steps_launched: Family<Label, Counter>,
     /// `launcher`, `outcome`: succeeded, failed, verdict, fenced, timed_out, killed.
     pub steps_finished: Family<Labels2, Counter>,
+    /// `launcher`: attempts launched again because an earlier delivery left no outcome.
+    pub steps_relaunched: Family<Label, Counter>,
     pub steps_in_flight: Gauge,
     pub leases_held: Gauge,
     /// `result`: extended, lost, failed.
     pub lease_extensions: Family<Label, Counter>,
-    /// `operation`, `kind`.
+    /// `operation`, `kind`: failures the controller saw through the queue boundary.
     pub queue_errors: Family<Labels2, Counter>,
+    /// `operation`: every SQS API call made.
+    pub sqs_requests: Family<Label, Counter>,
+    /// `operation`, `kind`: SQS API calls that failed.
+    pub sqs_request_errors: Family<Labels2, Counter>,
+    /// `operation`: SQS API call latency.
+    pub sqs_request_duration_seconds: HistogramFamily,
+    /// `queue` (work, dlq), `state` (visible, in_flight, delayed): from GetQueueAttributes.
+    pub queue_messages: Family<Labels2, Gauge>,
+    /// Messages this controller may hold at once (`--max-concurrent`).
+    pub admission_capacity: Gauge,
     /// `method`.
     pub bridge_requests: Family<Label, Counter>,
     pub bridge_errors: Family<Label, Counter>,
@@ -48,6 +62,8 @@ pub struct Metrics {
     pub ecs_api_calls: Family<Labels2, Counter>,
     /// ECS tasks whose status the shared tracker polls.
     pub ecs_tasks_tracked: Gauge,
+    /// Step admitted → launch allowed by the launch rate limit.
+    pub admission_wait_seconds: Histogram,
     /// Message received → child spawned.
     pub launch_latency_seconds: Histogram,
     /// Child spawned → child exited.
@@ -56,7 +72,8 @@ pub struct Metrics {
     pub settle_latency_seconds: Histogram,
     /// Step exited → its message deleted (outcome read or verdict written, then deleted).
     pub exit_to_delete_seconds: Histogram,
-    pub bridge_latency_seconds: Histogram,
+    /// `method`: Dagster bridge round trips.
+    pub bridge_latency_seconds: HistogramFamily,
 }
 
 impl Default for Metrics {
@@ -75,27 +92,44 @@ impl Metrics {
             messages_dead_lettered: Family::default(),
             steps_launched: Family::default(),
             steps_finished: Family::default(),
+            steps_relaunched: Family::default(),
             steps_in_flight: Gauge::default(),
             leases_held: Gauge::default(),
             lease_extensions: Family::default(),
             queue_errors: Family::default(),
+            sqs_requests: Family::default(),
+            sqs_request_errors: Family::default(),
+            sqs_request_duration_seconds: Family::new_with_constructor(seconds_histogram),
+            queue_messages: Family::default(),
+            admission_capacity: Gauge::default(),
             bridge_requests: Family::default(),
             bridge_errors: Family::default(),
             bridge_restarts: Counter::default(),
             ecs_api_calls: Family::default(),
             ecs_tasks_tracked: Gauge::default(),
+            admission_wait_seconds: seconds_histogram(),
             launch_latency_seconds: seconds_histogram(),
             step_duration_seconds: seconds_histogram(),
             settle_latency_seconds: seconds_histogram(),
             exit_to_delete_seconds: seconds_histogram(),
-            bridge_latency_seconds: seconds_histogram(),
+            bridge_latency_seconds: Family::new_with_constructor(seconds_histogram),
             registry: Registry::default(),
         };
         let r = &mut registry;
         r.register(
             "build",
             "Controller build information",
-            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+            Info::new([
+                ("version", env!("CARGO_PKG_VERSION")),
+                (
+                    "profile",
+                    if cfg!(debug_assertions) {
+                        "debug"
+                    } else {
+                        "release"
+                    },
+                ),
+            ]),
         );
         r.register(
             "messages_received",
@@ -128,6 +162,11 @@ impl Metrics {
             metrics.steps_finished.clone(),
         );
         r.register(
+            "steps_relaunched",
+            "Step attempts launched again after a delivery without an outcome, by launcher",
+            metrics.steps_relaunched.clone(),
+        );
+        r.register(
             "steps_in_flight",
             "Messages held by this controller (admitted, launching or running)",
             metrics.steps_in_flight.clone(),
@@ -156,6 +195,36 @@ impl Metrics {
             "queue_errors",
             "SQS API errors, by operation and kind",
             metrics.queue_errors.clone(),
+        );
+        r.register(
+            "sqs_requests",
+            "SQS API calls, by operation",
+            metrics.sqs_requests.clone(),
+        );
+        r.register(
+            "sqs_request_errors",
+            "SQS API calls that failed, by operation and kind",
+            metrics.sqs_request_errors.clone(),
+        );
+        r.register(
+            "sqs_request_duration_seconds",
+            "SQS API call latency, by operation",
+            metrics.sqs_request_duration_seconds.clone(),
+        );
+        r.register(
+            "queue_messages",
+            "Approximate messages in the work queue and the DLQ, by state (GetQueueAttributes)",
+            metrics.queue_messages.clone(),
+        );
+        r.register(
+            "admission_capacity",
+            "Messages this controller may hold at once",
+            metrics.admission_capacity.clone(),
+        );
+        r.register(
+            "admission_wait_seconds",
+            "Time a step waited for the launch rate limit",
+            metrics.admission_wait_seconds.clone(),
         );
         r.register(
             "bridge_requests",
@@ -194,7 +263,7 @@ impl Metrics {
         );
         r.register(
             "bridge_latency_seconds",
-            "Dagster bridge round-trip time",
+            "Dagster bridge round-trip time, by method",
             metrics.bridge_latency_seconds.clone(),
         );
         Metrics {
@@ -226,5 +295,14 @@ mod tests {
             text.contains("dagster_taskiq_messages_dead_lettered_total{reason=\"invalid_json\"} 1")
         );
         assert!(text.contains("dagster_taskiq_build_info"));
+        m.bridge_latency_seconds
+            .get_or_create(&[("method", "ping")])
+            .observe(0.01);
+        m.queue_messages
+            .get_or_create(&[("queue", "dlq"), ("state", "visible")])
+            .set(3);
+        let text = m.render();
+        assert!(text.contains("dagster_taskiq_bridge_latency_seconds_count{method=\"ping\"} 1"));
+        assert!(text.contains("dagster_taskiq_queue_messages{queue=\"dlq\",state=\"visible\"} 3"));
     }
 }

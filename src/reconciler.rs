@@ -20,6 +20,7 @@ use tracing::Instrument;
 use crate::admission::Admission;
 use crate::dagster::{BridgeError, DagsterBridge, StepState as DagsterStepState, Verdict};
 use crate::envelope::{self, StepRequest};
+use crate::health::{Health, IDLE_BEAT};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
 use crate::lease::LeaseSignals;
 use crate::lease::LeaseTable;
@@ -67,6 +68,8 @@ pub struct Controller {
     pub leases: Arc<LeaseTable>,
     pub steps: Arc<StepTable>,
     pub metrics: Arc<Metrics>,
+    /// Heartbeats of the loops and the last SQS contact, for the probes.
+    pub health: Arc<Health>,
     /// Cancelled when draining starts (stop receiving, do not launch).
     pub draining: CancellationToken,
     /// Cancelled when the grace is over (kill running steps, release their messages).
@@ -106,11 +109,16 @@ impl Controller {
             let leases = self.leases.clone();
             let queue = self.queue.clone();
             let stop = keeper_stop.clone();
-            async move { leases.keep(queue, stop).await }
+            let health = self.health.clone();
+            async move {
+                leases.keep(queue, stop, &health.lease_keeper).await;
+                health.lease_keeper.stop();
+            }
         });
         let watcher = tokio::spawn(self.clone().watch_runs(keeper_stop.clone()));
         let mut tasks = JoinSet::new();
         self.clone().intake(&mut tasks).await;
+        self.health.intake.stop();
 
         tracing::info!(held = tasks.len(), grace = ?self.config.shutdown_grace, "draining");
         let grace_over = tokio::time::sleep(self.config.shutdown_grace);
@@ -139,9 +147,16 @@ impl Controller {
         loop {
             // Reap finished tasks so the set does not grow without bound.
             while tasks.try_join_next().is_some() {}
-            let first = tokio::select! {
-                _ = self.draining.cancelled() => return,
-                permit = self.admission.reserve() => permit,
+            self.health.intake.beat();
+            // Beat while waiting for room too: a full controller is busy, not stuck.
+            let reserve = self.admission.reserve();
+            tokio::pin!(reserve);
+            let first = loop {
+                tokio::select! {
+                    _ = self.draining.cancelled() => return,
+                    permit = &mut reserve => break permit,
+                    _ = tokio::time::sleep(IDLE_BEAT) => self.health.intake.beat(),
+                }
             };
             let mut permits = vec![first];
             while permits.len() < 10 {
@@ -174,6 +189,10 @@ impl Controller {
                     return;
                 }
             };
+            self.health.queue_contact(
+                "ReceiveMessage",
+                received.as_ref().err().map(ToString::to_string),
+            );
             match received {
                 Ok(messages) => {
                     failures = 0;
@@ -196,10 +215,19 @@ impl Controller {
                     tracing::warn!(%e, ?pause, "receiving failed; pausing intake");
                     tokio::select! {
                         _ = self.draining.cancelled() => return,
-                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.sleep_beating(pause) => {}
                     }
                 }
             }
+        }
+    }
+
+    /// Sleeps, beating the intake heartbeat: a backoff pause is not a stuck loop.
+    async fn sleep_beating(&self, pause: Duration) {
+        let until = Instant::now() + pause;
+        while Instant::now() < until {
+            tokio::time::sleep_until(until.min(Instant::now() + IDLE_BEAT)).await;
+            self.health.intake.beat();
         }
     }
 
@@ -354,6 +382,10 @@ impl Controller {
             return self.give_up(step, message).await;
         }
         if message.receive_count > 1 {
+            self.metrics
+                .steps_relaunched
+                .get_or_create(&[("launcher", launcher_name(self.launcher.kind()))])
+                .inc();
             tracing::info!(
                 delivery = message.receive_count,
                 "redelivered attempt: relaunching it (an ECS task that is still there is adopted)"
@@ -372,10 +404,14 @@ impl Controller {
         }
 
         self.steps.transition(task_id, StepState::Admitted);
+        let admitted_at = Instant::now();
         tokio::select! {
             _ = self.draining.cancelled() => return release_for_shutdown(),
             _ = self.admission.until_launch_allowed() => {}
         }
+        self.metrics
+            .admission_wait_seconds
+            .observe(admitted_at.elapsed().as_secs_f64());
         if self.draining.is_cancelled() {
             return release_for_shutdown();
         }
@@ -411,6 +447,7 @@ impl Controller {
         tracing::info!(%locator, "step started");
         self.steps.update(task_id, |r| {
             r.locator = Some(locator.clone());
+            r.launcher = Some(launcher_name(kind).to_owned());
             r.state = StepState::Running;
             r.history.push((StepState::Running, chrono::Utc::now()));
         });
@@ -834,11 +871,14 @@ impl Controller {
         if let Some(handle) = self.leases.receipt_handle(task_id) {
             current.receipt_handle = handle;
         }
-        let final_state = match &disposition {
-            Disposition::Ack { state, .. } | Disposition::Release { state, .. } => *state,
-            Disposition::DeadLetter { .. } => StepState::DeadLettered,
-            Disposition::Abandon => StepState::Fenced,
+        let (final_state, outcome) = match &disposition {
+            Disposition::Ack { state, outcome } => (*state, *outcome),
+            Disposition::Release { state, reason, .. } => (*state, *reason),
+            Disposition::DeadLetter { reason, .. } => (StepState::DeadLettered, *reason),
+            Disposition::Abandon => (StepState::Fenced, "lease_lost"),
         };
+        self.steps
+            .update(task_id, |r| r.outcome = Some(outcome.to_owned()));
         let settle_started = Instant::now();
         let outcome = match &disposition {
             Disposition::Ack { outcome, .. } => *outcome,

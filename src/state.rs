@@ -9,7 +9,23 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::StepRequest;
+use crate::envelope::{LauncherKind, StepRequest};
+
+fn serialize_history<S: serde::Serializer>(
+    history: &[(StepState, DateTime<Utc>)],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Transition<'a> {
+        state: StepState,
+        at: &'a DateTime<Utc>,
+    }
+    serializer.collect_seq(
+        history
+            .iter()
+            .map(|(state, at)| Transition { state: *state, at }),
+    )
+}
 
 /// The step lifecycle (docs/protocol.md and DESIGN.md):
 /// `Received → Admitted → Launching → Running → Exited → Reported → Acked`, with side exits.
@@ -35,7 +51,22 @@ pub enum StepState {
 }
 
 impl StepState {
-    /// The snake_case name used in the API and logs.
+    pub const ALL: [StepState; 12] = [
+        StepState::Received,
+        StepState::Admitted,
+        StepState::Launching,
+        StepState::Running,
+        StepState::Exited,
+        StepState::Reported,
+        StepState::Acked,
+        StepState::Backoff,
+        StepState::DeadLettered,
+        StepState::Skipped,
+        StepState::Fenced,
+        StepState::Released,
+    ];
+
+    /// The name used in JSON and in API filters, e.g. `dead_lettered`.
     pub fn as_str(self) -> &'static str {
         match self {
             StepState::Received => "received",
@@ -51,6 +82,11 @@ impl StepState {
             StepState::Fenced => "fenced",
             StepState::Released => "released",
         }
+    }
+
+    /// Parses an API filter value.
+    pub fn parse(name: &str) -> Option<StepState> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
     }
 
     /// True once this controller is done with the message.
@@ -87,10 +123,17 @@ pub struct StepRecord {
     pub message_id: String,
     pub receive_count: u32,
     pub state: StepState,
+    /// Every transition, oldest first; serialized as `{"state", "at"}` objects.
+    #[serde(serialize_with = "serialize_history")]
     pub history: Vec<(StepState, DateTime<Utc>)>,
+    /// `process` or `ecs`: as labelled on the message, then the launcher that ran it.
+    pub launcher: Option<String>,
     /// `pid 1234` or a task ARN once launched.
     pub locator: Option<String>,
     pub verdict: Option<String>,
+    /// How the controller settled the message: `succeeded`, `failed`, `verdict`, a dead-letter
+    /// or release reason, ...
+    pub outcome: Option<String>,
     pub stderr_tail: Vec<String>,
     /// Set when someone asked the step to stop.
     pub stop_reason: Option<StopReason>,
@@ -133,8 +176,16 @@ impl StepTable {
             receive_count,
             state: StepState::Received,
             history: vec![(StepState::Received, Utc::now())],
+            launcher: step.launcher.map(|kind| {
+                match kind {
+                    LauncherKind::Process => "process",
+                    LauncherKind::Ecs => "ecs",
+                }
+                .to_owned()
+            }),
             locator: None,
             verdict: None,
+            outcome: None,
             stderr_tail: Vec::new(),
             stop_reason: None,
             stop: CancellationToken::new(),
@@ -258,5 +309,20 @@ impl StepTable {
             .get(task_id)
             .or_else(|| inner.recent.iter().rev().find(|r| r.task_id == task_id))
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_match_their_json() {
+        for state in StepState::ALL {
+            let json = serde_json::to_value(state).expect("serializes");
+            assert_eq!(json, serde_json::Value::String(state.as_str().to_owned()));
+            assert_eq!(StepState::parse(state.as_str()), Some(state));
+        }
+        assert_eq!(StepState::parse("nope"), None);
     }
 }

@@ -10,6 +10,7 @@ use dagster_taskiq_controller::envelope;
 use dagster_taskiq_controller::fakes::{
     step_body, FakeBridge, FakeLauncher, FakeOutcome, FakeQueue, QueueEvent,
 };
+use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::launcher::{EcsStopCause, StepExit};
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
@@ -65,6 +66,7 @@ fn bed_with_cap(step_duration: Duration, visibility_cap: Duration) -> Bed {
         )),
         steps: Arc::new(StepTable::default()),
         metrics,
+        health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10))),
         draining: CancellationToken::new(),
         abort: CancellationToken::new(),
     });
@@ -458,6 +460,7 @@ fn rebuild(bed: Bed) -> Bed {
         leases: c.leases.clone(),
         steps: c.steps.clone(),
         metrics: c.metrics.clone(),
+        health: c.health.clone(),
         draining: CancellationToken::new(),
         abort: CancellationToken::new(),
     });

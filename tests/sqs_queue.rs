@@ -4,8 +4,9 @@ mod common;
 
 use std::time::Duration;
 
+use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{
-    DeadLetter, ExtendResult, SqsQueue, SqsQueueConfig, WorkQueue,
+    DeadLetter, ExtendResult, QueueAdmin, RedriveFilter, SqsQueue, SqsQueueConfig, WorkQueue,
 };
 
 async fn send(sqs: &aws_sdk_sqs::Client, url: &str, body: &str) {
@@ -116,4 +117,77 @@ async fn dead_letter_queue_is_found_from_the_redrive_policy() {
         .queue_url
         .unwrap();
     assert_eq!(SqsQueue::discover_dlq(&sqs, &plain).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn redrive_moves_matching_dead_letters_back_and_counts_calls() {
+    let moto = common::Moto::start();
+    let sqs = moto.sqs();
+    let (queue_url, dlq_url) = moto.queues("redrive", 30).await;
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let queue = SqsQueue::new(
+        sqs.clone(),
+        SqsQueueConfig {
+            queue_url: queue_url.clone(),
+            dlq_url: dlq_url.clone(),
+        },
+    )
+    .with_metrics(metrics.clone());
+    for (i, reason) in ["invalid_json", "unknown_run", "invalid_json"]
+        .iter()
+        .enumerate()
+    {
+        send(&sqs, &queue_url, &format!(r#"{{"task_id": "t{i}"}}"#)).await;
+        let held = queue
+            .receive(1, Duration::from_secs(1), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let dead_letter = DeadLetter {
+            reason: reason.to_string(),
+            detail: "test".into(),
+            error_class: "poison",
+            controller_id: "test".into(),
+        };
+        queue.dead_letter(&held[0], &dead_letter).await.unwrap();
+    }
+    let (work, dlq) = queue.counts().await.unwrap();
+    assert_eq!((work.visible, dlq.visible), (0, 3));
+
+    let filter = RedriveFilter {
+        reason: Some("invalid_json".into()),
+        ..RedriveFilter::default()
+    };
+    let report = queue.redrive(10, &filter).await.unwrap();
+    assert_eq!(report.moved, 2);
+    assert_eq!(report.examined, 3);
+    // The one left behind is visible again at once; the moved ones are in the work queue.
+    let (work, dlq) = queue.counts().await.unwrap();
+    assert_eq!((work.visible, dlq.visible), (2, 1));
+    let back = queue
+        .receive(10, Duration::from_secs(1), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut bodies: Vec<&str> = back.iter().map(|m| m.body.as_str()).collect();
+    bodies.sort();
+    assert_eq!(bodies, [r#"{"task_id": "t0"}"#, r#"{"task_id": "t2"}"#]);
+    assert!(back[0]
+        .attributes
+        .contains_key("dagster_taskiq_redriven_from"));
+
+    // A task-id filter and a limit of one.
+    let only = RedriveFilter {
+        task_id: Some("t1".into()),
+        ..RedriveFilter::default()
+    };
+    assert_eq!(queue.redrive(1, &only).await.unwrap().moved, 1);
+    assert_eq!(queue.counts().await.unwrap().1.visible, 0);
+
+    let text = metrics.render();
+    assert!(
+        text.contains("dagster_taskiq_sqs_requests_total{operation=\"SendMessage\"} 6"),
+        "{text}"
+    );
+    assert!(text.contains(
+        "dagster_taskiq_sqs_request_duration_seconds_count{operation=\"GetQueueAttributes\"}"
+    ));
 }

@@ -1,30 +1,168 @@
-//! The operator HTTP surface (warp): health probes, Prometheus metrics and the JSON API.
+//! The operator HTTP surface (warp): the HTML dashboard, health probes, Prometheus metrics and
+//! the JSON API (`api`). Probes and reads never call out except for the cached queue depths;
+//! the two mutating endpoints need the admin bearer token.
+
+mod api;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use warp::http::StatusCode;
 use warp::Filter;
 
+use crate::admission::AdmissionView;
+use crate::dagster::SidecarBridge;
+use crate::health::Health;
+use crate::lease::LeaseTable;
 use crate::metrics::Metrics;
+use crate::queue::{QueueAdmin, QueueCounts};
 use crate::state::StepTable;
 
-/// What the routes read.
-#[derive(Clone)]
-pub struct DashboardState {
-    pub metrics: Arc<Metrics>,
-    pub steps: Arc<StepTable>,
-    /// Cancelled when draining starts: `/readyz` turns not-ready.
-    pub draining: CancellationToken,
+pub use api::ApiError;
+
+const INDEX_HTML: &str = include_str!("index.html");
+const DASHBOARD_CSS: &str = include_str!("dashboard.css");
+const DASHBOARD_JS: &str = include_str!("dashboard.js");
+/// The page loads only its own script and style and talks only to this origin.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                   img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Whether the Dagster bridge sidecar is up, for `/readyz`.
+#[async_trait]
+pub trait BridgeProbe: Send + Sync + 'static {
+    async fn alive(&self) -> bool;
 }
 
-#[derive(Serialize)]
-struct ErrorBody {
-    error: String,
+#[async_trait]
+impl BridgeProbe for SidecarBridge {
+    async fn alive(&self) -> bool {
+        self.is_alive().await
+    }
+}
+
+/// Static facts about this controller shown by the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct ControllerInfo {
+    pub controller_id: String,
+    pub version: &'static str,
+    pub queue_url: String,
+    pub dlq_url: String,
+    pub started_at: DateTime<Utc>,
+}
+
+/// What the routes read (and the two things they may change: stop requests, dead letters).
+#[derive(Clone)]
+pub struct DashboardState {
+    pub info: Arc<ControllerInfo>,
+    pub metrics: Arc<Metrics>,
+    pub steps: Arc<StepTable>,
+    pub leases: Arc<LeaseTable>,
+    pub admission: AdmissionView,
+    pub health: Arc<Health>,
+    pub queues: Arc<dyn QueueAdmin>,
+    pub bridge: Arc<dyn BridgeProbe>,
+    /// Bearer token of the mutating endpoints; `None`: they answer 403.
+    pub admin_token: Option<Arc<str>>,
+    /// Cancelled when draining starts: `/readyz` turns not-ready.
+    pub draining: CancellationToken,
+    pub queue_cache: Arc<QueueCache>,
+}
+
+/// Queue depths from GetQueueAttributes, refreshed at most every `max_age` however many
+/// dashboards poll, so the API never drives SQS traffic.
+pub struct QueueCache {
+    max_age: Duration,
+    current: tokio::sync::Mutex<Option<(Instant, QueueSnapshot)>>,
+}
+
+/// The queue part of `/api/v1/summary`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QueueSnapshot {
+    pub work: Option<QueueCounts>,
+    pub dlq: Option<QueueCounts>,
+    /// When the counts were read.
+    pub updated_at: Option<DateTime<Utc>>,
+    /// The last refresh failed with this; the counts (if any) are older.
+    pub error: Option<String>,
+}
+
+/// A refresh that takes longer than this is abandoned; the old counts are served.
+const QUEUE_REFRESH_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl QueueCache {
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            max_age,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The cached counts, refreshed first if older than `max_age`.
+    pub async fn get(&self, state: &DashboardState) -> QueueSnapshot {
+        // Holding the lock across the refresh makes concurrent callers share one refresh.
+        let mut current = self.current.lock().await;
+        if let Some((at, snapshot)) = current.as_ref() {
+            if at.elapsed() < self.max_age {
+                return snapshot.clone();
+            }
+        }
+        let previous = current.as_ref().map(|(_, s)| s.clone());
+        let result = tokio::time::timeout(QUEUE_REFRESH_TIMEOUT, state.queues.counts()).await;
+        let snapshot = match result {
+            Ok(Ok((work, dlq))) => {
+                state.health.queue_contact("GetQueueAttributes", None);
+                for (queue, counts) in [("work", work), ("dlq", dlq)] {
+                    for (name, value) in [
+                        ("visible", counts.visible),
+                        ("in_flight", counts.in_flight),
+                        ("delayed", counts.delayed),
+                    ] {
+                        state
+                            .metrics
+                            .queue_messages
+                            .get_or_create(&[("queue", queue), ("state", name)])
+                            .set(i64::try_from(value).unwrap_or(i64::MAX));
+                    }
+                }
+                QueueSnapshot {
+                    work: Some(work),
+                    dlq: Some(dlq),
+                    updated_at: Some(Utc::now()),
+                    error: None,
+                }
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!(
+                        "GetQueueAttributes did not answer within {QUEUE_REFRESH_TIMEOUT:?}"
+                    ),
+                };
+                state
+                    .health
+                    .queue_contact("GetQueueAttributes", Some(error.clone()));
+                QueueSnapshot {
+                    error: Some(error),
+                    ..previous.unwrap_or(QueueSnapshot {
+                        work: None,
+                        dlq: None,
+                        updated_at: None,
+                        error: None,
+                    })
+                }
+            }
+        };
+        *current = Some((Instant::now(), snapshot.clone()));
+        snapshot
+    }
 }
 
 /// Binds the dashboard; fails clearly if the address is taken.
@@ -32,7 +170,8 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves until `stop` is cancelled.
+/// Serves until `stop` is cancelled. The caller bounds how long it waits after that, so an
+/// idle keep-alive connection cannot hold the exit.
 pub async fn serve(listener: TcpListener, state: DashboardState, stop: CancellationToken) {
     warp::serve(routes(state))
         .incoming(listener)
@@ -47,79 +186,100 @@ fn with_state(
     warp::any().map(move || state.clone())
 }
 
+fn asset(body: &'static str, content_type: &'static str) -> impl warp::Reply + 'static {
+    let reply = warp::reply::with_header(body, "content-type", content_type);
+    let reply = warp::reply::with_header(reply, "content-security-policy", CSP);
+    let reply = warp::reply::with_header(reply, "x-content-type-options", "nosniff");
+    warp::reply::with_header(reply, "cache-control", "no-cache")
+}
+
 pub fn routes(
     state: DashboardState,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = Infallible> + Clone {
+    let page = warp::path::end()
+        .and(warp::get())
+        .map(|| asset(INDEX_HTML, "text/html; charset=utf-8"));
+    let css = warp::path!("static" / "dashboard.css")
+        .and(warp::get())
+        .map(|| asset(DASHBOARD_CSS, "text/css; charset=utf-8"));
+    let js = warp::path!("static" / "dashboard.js")
+        .and(warp::get())
+        .map(|| asset(DASHBOARD_JS, "text/javascript; charset=utf-8"));
     let healthz = warp::path!("healthz")
         .and(warp::get())
-        .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})));
+        .and(with_state(state.clone()))
+        .map(|state: DashboardState| {
+            let loops = state.health.loops();
+            let healthy = loops.iter().all(|l| l.status != "stale");
+            let body = serde_json::json!({
+                "status": if healthy { "ok" } else { "unhealthy" },
+                "loops": loops,
+            });
+            warp::reply::with_status(
+                warp::reply::json(&body),
+                if healthy {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                },
+            )
+        });
     let readyz = warp::path!("readyz")
         .and(warp::get())
         .and(with_state(state.clone()))
-        .map(|state: DashboardState| {
-            if state.draining.is_cancelled() {
-                warp::reply::with_status(
-                    warp::reply::json(&serde_json::json!({"status": "draining"})),
-                    StatusCode::SERVICE_UNAVAILABLE,
-                )
-            } else {
-                warp::reply::with_status(
-                    warp::reply::json(&serde_json::json!({"status": "ready"})),
-                    StatusCode::OK,
-                )
-            }
-        });
+        .then(readiness);
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(with_state(state.clone()))
-        .map(|state: DashboardState| {
+        .then(|state: DashboardState| async move {
+            // Refresh the queue depth gauges (cached; at most one SQS call per max age).
+            state.queue_cache.get(&state).await;
             warp::reply::with_header(
                 state.metrics.render(),
                 "content-type",
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )
         });
-    let steps = warp::path!("api" / "v1" / "steps")
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .map(|state: DashboardState| warp::reply::json(&state.steps.snapshot()));
-    let step = warp::path!("api" / "v1" / "steps" / String)
-        .and(warp::get())
-        .and(with_state(state))
-        .map(
-            |task_id: String, state: DashboardState| match state.steps.get(&task_id) {
-                Some(record) => {
-                    warp::reply::with_status(warp::reply::json(&record), StatusCode::OK)
-                }
-                None => warp::reply::with_status(
-                    warp::reply::json(&ErrorBody {
-                        error: format!("no step attempt with task_id {task_id:?} is known here"),
-                    }),
-                    StatusCode::NOT_FOUND,
-                ),
-            },
-        );
-    healthz
+    page.or(css)
+        .or(js)
+        .or(healthz)
         .or(readyz)
         .or(metrics)
-        .or(steps)
-        .or(step)
-        .recover(handle_rejection)
+        .or(api::routes(state))
+        .recover(api::handle_rejection)
 }
 
-async fn handle_rejection(rejection: warp::Rejection) -> Result<impl warp::Reply, Infallible> {
-    let (status, message) = if rejection.is_not_found() {
-        (StatusCode::NOT_FOUND, "not found".to_owned())
-    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed".to_owned(),
-        )
+/// Ready when SQS answered the last call, the bridge runs and the controller is not draining.
+async fn readiness(state: DashboardState) -> impl warp::Reply {
+    let draining = state.draining.is_cancelled();
+    let sqs = state.health.last_queue_contact();
+    let sqs_ok = sqs.as_ref().is_some_and(|c| c.ok);
+    let bridge_alive = state.bridge.alive().await;
+    let ready = !draining && sqs_ok && bridge_alive;
+    let status = if draining {
+        "draining"
+    } else if ready {
+        "ready"
     } else {
-        (StatusCode::BAD_REQUEST, format!("{rejection:?}"))
+        "not_ready"
     };
-    Ok(warp::reply::with_status(
-        warp::reply::json(&ErrorBody { error: message }),
-        status,
-    ))
+    let body = serde_json::json!({
+        "status": status,
+        "checks": {
+            "draining": draining,
+            "sqs": sqs,
+            "bridge_alive": bridge_alive,
+        },
+    });
+    warp::reply::with_status(
+        warp::reply::json(&body),
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+    )
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use sqs::{SqsQueue, SqsQueueConfig};
+pub use sqs::{SqsQueue, SqsQueueConfig, DLQ_REASON_ATTRIBUTE};
 
 /// Message attributes of a hand-off continuation (docs/guarantees.md).
 pub mod continuation {
@@ -137,4 +137,97 @@ pub trait WorkQueue: Send + Sync + 'static {
         message: &ReceivedMessage,
         dead_letter: &DeadLetter,
     ) -> Result<(), QueueError>;
+}
+
+/// Approximate message counts of one queue (GetQueueAttributes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueCounts {
+    /// ApproximateNumberOfMessages.
+    pub visible: u64,
+    /// ApproximateNumberOfMessagesNotVisible: held by a consumer.
+    pub in_flight: u64,
+    /// ApproximateNumberOfMessagesDelayed.
+    pub delayed: u64,
+}
+
+/// Which dead letters a redrive moves; an empty filter matches every message.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveFilter {
+    /// The dead-letter reason (message attribute `dagster_taskiq_error`), e.g. `invalid_json`.
+    pub reason: Option<String>,
+    /// The Dagster run: label `dagster_run_id`, else the packed args' `pipeline_run_id`.
+    pub run_id: Option<String>,
+    /// The message's `task_id`.
+    pub task_id: Option<String>,
+}
+
+impl RedriveFilter {
+    /// Whether a dead letter matches. Bodies stored in S3 (extended messages) carry no run or
+    /// task id here, so they match only filters without those fields.
+    pub fn matches(&self, message: &ReceivedMessage) -> bool {
+        if let Some(reason) = &self.reason {
+            if message.attributes.get(DLQ_REASON_ATTRIBUTE) != Some(reason) {
+                return false;
+            }
+        }
+        if self.run_id.is_none() && self.task_id.is_none() {
+            return true;
+        }
+        let body: serde_json::Value = match serde_json::from_str(&message.body) {
+            Ok(body) => body,
+            Err(_) => return false,
+        };
+        if let Some(task_id) = &self.task_id {
+            if body.get("task_id").and_then(serde_json::Value::as_str) != Some(task_id.as_str()) {
+                return false;
+            }
+        }
+        if let Some(run_id) = &self.run_id {
+            let labelled = body
+                .pointer("/labels/dagster_run_id")
+                .and_then(serde_json::Value::as_str);
+            let packed = body
+                .pointer("/kwargs/execute_step_args_packed/pipeline_run_id")
+                .and_then(serde_json::Value::as_str);
+            if labelled.or(packed) != Some(run_id.as_str()) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// What a redrive did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RedriveReport {
+    /// Dead letters sent back to the work queue and deleted from the DLQ.
+    pub moved: usize,
+    /// Dead letters looked at (moved or left).
+    pub examined: usize,
+    /// Message ids (in the DLQ) of the moved messages.
+    pub message_ids: Vec<String>,
+}
+
+/// A redrive that stopped on a queue error; `moved` messages had already been moved.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("redrive stopped after moving {} message(s): {source}", .report.moved)]
+pub struct RedriveError {
+    pub report: RedriveReport,
+    #[source]
+    pub source: QueueError,
+}
+
+/// Operator actions on the queues: depths for the dashboard and moving dead letters back.
+#[async_trait]
+pub trait QueueAdmin: Send + Sync + 'static {
+    /// Counts of the work queue and of the dead-letter queue.
+    async fn counts(&self) -> Result<(QueueCounts, QueueCounts), QueueError>;
+
+    /// Moves up to `max` dead letters that match `filter` back to the work queue.
+    async fn redrive(
+        &self,
+        max: usize,
+        filter: &RedriveFilter,
+    ) -> Result<RedriveReport, RedriveError>;
 }

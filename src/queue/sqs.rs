@@ -1,7 +1,9 @@
 //! [`WorkQueue`] on Amazon SQS (aws-sdk-sqs).
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -11,7 +13,11 @@ use aws_sdk_sqs::types::{
 };
 use aws_sdk_sqs::Client;
 
-use super::{DeadLetter, ExtendResult, QueueError, ReceivedMessage, WorkQueue};
+use super::{
+    DeadLetter, ExtendResult, QueueAdmin, QueueCounts, QueueError, ReceivedMessage, RedriveError,
+    RedriveFilter, RedriveReport, WorkQueue,
+};
+use crate::metrics::Metrics;
 
 /// SQS accepts at most 10 entries per batch call.
 const BATCH_LIMIT: usize = 10;
@@ -26,16 +32,62 @@ pub struct SqsQueueConfig {
     pub dlq_url: String,
 }
 
+/// How long a redrive hides the dead letters it looks at but leaves, so one pass does not see
+/// them twice; they are made visible again when the pass ends.
+const REDRIVE_HOLD_SECS: i32 = 60;
+/// A redrive looks at no more than this many dead letters per moved message asked for, so a
+/// narrow filter over a large DLQ ends.
+const REDRIVE_SCAN_FACTOR: usize = 10;
+
 /// The work queue and its dead-letter queue on SQS.
 #[derive(Clone)]
 pub struct SqsQueue {
     client: Client,
     config: SqsQueueConfig,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl SqsQueue {
     pub fn new(client: Client, config: SqsQueueConfig) -> Self {
-        Self { client, config }
+        Self {
+            client,
+            config,
+            metrics: None,
+        }
+    }
+
+    /// Counts every SQS call (and its errors and latency) in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Sends one SDK request, counting it, and maps its error.
+    async fn call<T, E>(
+        &self,
+        operation: &'static str,
+        request: impl Future<Output = Result<T, SdkError<E>>>,
+    ) -> Result<T, QueueError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let started = Instant::now();
+        let result = request.await.map_err(|e| classify(operation, e));
+        if let Some(metrics) = &self.metrics {
+            let label = [("operation", operation)];
+            metrics.sqs_requests.get_or_create(&label).inc();
+            metrics
+                .sqs_request_duration_seconds
+                .get_or_create(&label)
+                .observe(started.elapsed().as_secs_f64());
+            if let Err(e) = &result {
+                metrics
+                    .sqs_request_errors
+                    .get_or_create(&[("operation", operation), ("kind", e.kind())])
+                    .inc();
+            }
+        }
+        result
     }
 
     pub fn config(&self) -> &SqsQueueConfig {
@@ -88,46 +140,176 @@ impl SqsQueue {
 
     /// Approximate number of visible messages, for dashboards and `doctor`.
     pub async fn depth(&self, queue_url: &str) -> Result<u64, QueueError> {
-        let out = self
-            .client
-            .get_queue_attributes()
-            .queue_url(queue_url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .send()
-            .await
-            .map_err(|e| classify("GetQueueAttributes", e))?;
-        Ok(out
-            .attributes()
-            .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessages))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0))
+        Ok(self.queue_counts(queue_url).await?.visible)
     }
-}
 
-fn visibility_secs(visibility: Duration) -> i32 {
-    visibility.as_secs().min(MAX_VISIBILITY_SECS) as i32
-}
+    /// Visible, in-flight and delayed message counts of one queue, in one call.
+    pub async fn queue_counts(&self, queue_url: &str) -> Result<QueueCounts, QueueError> {
+        let out = self
+            .call(
+                "GetQueueAttributes",
+                self.client
+                    .get_queue_attributes()
+                    .queue_url(queue_url)
+                    .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                    .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                    .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+                    .send(),
+            )
+            .await?;
+        let count = |name: QueueAttributeName| {
+            out.attributes()
+                .and_then(|a| a.get(&name))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(QueueCounts {
+            visible: count(QueueAttributeName::ApproximateNumberOfMessages),
+            in_flight: count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+            delayed: count(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+        })
+    }
 
-#[async_trait]
-impl WorkQueue for SqsQueue {
-    async fn receive(
+    /// Moves up to `max` dead letters accepted by `filter` back to the work queue: each is
+    /// sent to the work queue first and deleted from the DLQ only after the send succeeded,
+    /// so a failure midway can duplicate a message (the controller dedupes by task id) but
+    /// never lose one. Dead letters left behind become visible again when the pass ends.
+    pub async fn redrive_where(
         &self,
         max: usize,
+        filter: impl Fn(&ReceivedMessage) -> bool,
+    ) -> Result<RedriveReport, RedriveError> {
+        let mut report = RedriveReport::default();
+        let mut left = Vec::new();
+        let scan_limit = max.saturating_mul(REDRIVE_SCAN_FACTOR).max(100);
+        let result = self
+            .redrive_pass(max, scan_limit, &filter, &mut report, &mut left)
+            .await;
+        // Best effort: a handle we fail to release becomes visible when its hold runs out.
+        for handle in left {
+            let _ = self
+                .call(
+                    "ChangeMessageVisibility",
+                    self.client
+                        .change_message_visibility()
+                        .queue_url(&self.config.dlq_url)
+                        .receipt_handle(handle)
+                        .visibility_timeout(0)
+                        .send(),
+                )
+                .await;
+        }
+        match result {
+            Ok(()) => Ok(report),
+            Err(source) => Err(RedriveError { report, source }),
+        }
+    }
+
+    async fn redrive_pass(
+        &self,
+        max: usize,
+        scan_limit: usize,
+        filter: &impl Fn(&ReceivedMessage) -> bool,
+        report: &mut RedriveReport,
+        left: &mut Vec<String>,
+    ) -> Result<(), QueueError> {
+        while report.moved < max && report.examined < scan_limit {
+            let batch = self
+                .receive_from(
+                    &self.config.dlq_url,
+                    BATCH_LIMIT,
+                    // A short wait: SQS short polls sample servers and may miss messages.
+                    Duration::from_secs(1),
+                    REDRIVE_HOLD_SECS,
+                )
+                .await?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for message in batch {
+                report.examined += 1;
+                if report.moved >= max || !filter(&message) {
+                    left.push(message.receipt_handle);
+                    continue;
+                }
+                self.send_back(&message).await?;
+                self.call(
+                    "DeleteMessage",
+                    self.client
+                        .delete_message()
+                        .queue_url(&self.config.dlq_url)
+                        .receipt_handle(&message.receipt_handle)
+                        .send(),
+                )
+                .await?;
+                tracing::info!(message_id = %message.message_id, "dead letter redriven to the work queue");
+                report.moved += 1;
+                report.message_ids.push(message.message_id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a dead letter's body back to the work queue as a new message.
+    async fn send_back(&self, message: &ReceivedMessage) -> Result<(), QueueError> {
+        let mut attributes: HashMap<String, MessageAttributeValue> = message
+            .attributes
+            .iter()
+            .filter(|(k, _)| k.as_str() == "s3_extended_message")
+            .map(|(k, v)| (k.clone(), string_attribute(v)))
+            .collect();
+        attributes.insert(
+            "dagster_taskiq_redriven_from".to_owned(),
+            string_attribute(&message.message_id),
+        );
+        let mut send = self
+            .client
+            .send_message()
+            .queue_url(&self.config.queue_url)
+            .message_body(&message.body)
+            .set_message_attributes(Some(attributes));
+        if self.config.queue_url.ends_with(".fifo") {
+            // One group per step attempt, as the executor does; a fresh deduplication id so
+            // SQS does not drop the redrive as a repeat of the original send.
+            let group = serde_json::from_str::<serde_json::Value>(&message.body)
+                .ok()
+                .and_then(|b| b.get("task_id")?.as_str().map(str::to_owned))
+                .unwrap_or_else(|| message.message_id.clone());
+            send = send
+                .message_group_id(group)
+                .message_deduplication_id(format!(
+                    "{}-redrive-{}",
+                    message.message_id,
+                    chrono::Utc::now().timestamp_millis()
+                ));
+        }
+        self.call("SendMessage", send.send()).await?;
+        Ok(())
+    }
+
+    async fn receive_from(
+        &self,
+        queue_url: &str,
+        max: usize,
         wait: Duration,
-        visibility: Duration,
+        visibility_secs: i32,
     ) -> Result<Vec<ReceivedMessage>, QueueError> {
         let out = self
-            .client
-            .receive_message()
-            .queue_url(&self.config.queue_url)
-            .max_number_of_messages(max.clamp(1, BATCH_LIMIT) as i32)
-            .wait_time_seconds(wait.as_secs().min(20) as i32)
-            .visibility_timeout(visibility_secs(visibility))
-            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-            .message_attribute_names("All")
-            .send()
-            .await
-            .map_err(|e| classify("ReceiveMessage", e))?;
+            .call(
+                "ReceiveMessage",
+                self.client
+                    .receive_message()
+                    .queue_url(queue_url)
+                    .max_number_of_messages(max.clamp(1, BATCH_LIMIT) as i32)
+                    .wait_time_seconds(wait.as_secs().min(20) as i32)
+                    .visibility_timeout(visibility_secs)
+                    .message_system_attribute_names(
+                        MessageSystemAttributeName::ApproximateReceiveCount,
+                    )
+                    .message_attribute_names("All")
+                    .send(),
+            )
+            .await?;
         Ok(out
             .messages()
             .iter()
@@ -152,6 +334,56 @@ impl WorkQueue for SqsQueue {
             })
             .collect())
     }
+}
+
+fn string_attribute(value: &str) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        // SQS rejects empty string attribute values.
+        .string_value(if value.is_empty() { "-" } else { value })
+        .build()
+        .expect("data type is set")
+}
+
+#[async_trait]
+impl QueueAdmin for SqsQueue {
+    async fn counts(&self) -> Result<(QueueCounts, QueueCounts), QueueError> {
+        let (work, dlq) = futures::join!(
+            self.queue_counts(&self.config.queue_url),
+            self.queue_counts(&self.config.dlq_url)
+        );
+        Ok((work?, dlq?))
+    }
+
+    async fn redrive(
+        &self,
+        max: usize,
+        filter: &RedriveFilter,
+    ) -> Result<RedriveReport, RedriveError> {
+        self.redrive_where(max, |m| filter.matches(m)).await
+    }
+}
+
+fn visibility_secs(visibility: Duration) -> i32 {
+    visibility.as_secs().min(MAX_VISIBILITY_SECS) as i32
+}
+
+#[async_trait]
+impl WorkQueue for SqsQueue {
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
+        self.receive_from(
+            &self.config.queue_url,
+            max,
+            wait,
+            visibility_secs(visibility),
+        )
+        .await
+    }
 
     async fn extend(
         &self,
@@ -173,13 +405,15 @@ impl WorkQueue for SqsQueue {
                 })
                 .collect();
             let out = self
-                .client
-                .change_message_visibility_batch()
-                .queue_url(&self.config.queue_url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| classify("ChangeMessageVisibilityBatch", e))?;
+                .call(
+                    "ChangeMessageVisibilityBatch",
+                    self.client
+                        .change_message_visibility_batch()
+                        .queue_url(&self.config.queue_url)
+                        .set_entries(Some(entries))
+                        .send(),
+                )
+                .await?;
             let mut chunk_results = vec![ExtendResult::Extended; chunk.len()];
             for failed in out.failed() {
                 let Ok(index) = failed.id().parse::<usize>() else {
@@ -200,25 +434,29 @@ impl WorkQueue for SqsQueue {
     }
 
     async fn release(&self, receipt_handle: &str, delay: Duration) -> Result<(), QueueError> {
-        self.client
-            .change_message_visibility()
-            .queue_url(&self.config.queue_url)
-            .receipt_handle(receipt_handle)
-            .visibility_timeout(visibility_secs(delay))
-            .send()
-            .await
-            .map_err(|e| classify("ChangeMessageVisibility", e))?;
+        self.call(
+            "ChangeMessageVisibility",
+            self.client
+                .change_message_visibility()
+                .queue_url(&self.config.queue_url)
+                .receipt_handle(receipt_handle)
+                .visibility_timeout(visibility_secs(delay))
+                .send(),
+        )
+        .await?;
         Ok(())
     }
 
     async fn ack(&self, receipt_handle: &str) -> Result<(), QueueError> {
-        self.client
-            .delete_message()
-            .queue_url(&self.config.queue_url)
-            .receipt_handle(receipt_handle)
-            .send()
-            .await
-            .map_err(|e| classify("DeleteMessage", e))?;
+        self.call(
+            "DeleteMessage",
+            self.client
+                .delete_message()
+                .queue_url(&self.config.queue_url)
+                .receipt_handle(receipt_handle)
+                .send(),
+        )
+        .await?;
         Ok(())
     }
 
@@ -275,30 +513,23 @@ impl WorkQueue for SqsQueue {
         ] {
             attributes.insert(key.to_owned(), attribute(value));
         }
-        self.client
-            .send_message()
-            .queue_url(&self.config.dlq_url)
-            .message_body(if message.body.is_empty() {
-                // SQS rejects empty bodies; keep the fact visible.
-                "<empty body>"
-            } else {
-                message.body.as_str()
-            })
-            .set_message_attributes(Some(attributes))
-            .send()
-            .await
-            .map_err(|e| classify("SendMessage", e))?;
+        self.call(
+            "SendMessage",
+            self.client
+                .send_message()
+                .queue_url(&self.config.dlq_url)
+                .message_body(if message.body.is_empty() {
+                    // SQS rejects empty bodies; keep the fact visible.
+                    "<empty body>"
+                } else {
+                    message.body.as_str()
+                })
+                .set_message_attributes(Some(attributes))
+                .send(),
+        )
+        .await?;
         self.ack(&message.receipt_handle).await
     }
-}
-
-fn string_attribute(value: &str) -> MessageAttributeValue {
-    MessageAttributeValue::builder()
-        .data_type("String")
-        // SQS rejects empty string attribute values.
-        .string_value(if value.is_empty() { "-" } else { value })
-        .build()
-        .expect("data type is set")
 }
 
 fn is_lost_handle(code: &str, message: &str) -> bool {

@@ -1,0 +1,393 @@
+"""The operator surface of a running controller binary on a moto server, with real Dagster
+jobs: metrics, the JSON API and its admin endpoints, probes, JSON logs, shutdown with a
+keep-alive connection open, and the HTML dashboard in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import jobs
+import pytest
+from conftest import REPO_ROOT, wait_for
+from dagster import DagsterInstance, execute_job
+from test_e2e_process import Stack, start_stack
+
+from dagster_taskiq_controller.localstack import DEFAULT_BINARY
+
+pytestmark = pytest.mark.skipif(
+    not DEFAULT_BINARY.exists(), reason="controller binary not built (make build)"
+)
+
+TOKEN = "dashboard-test-token-4f9c2a"
+SCREENSHOT = REPO_ROOT / "target" / "dashboard.png"
+
+
+def request(
+    stack: Stack,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    token: str | None = None,
+) -> tuple[int, Any]:
+    """One HTTP request to the dashboard; returns the status and the decoded JSON body."""
+    headers = {"content-type": "application/json"}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(
+        f"{stack.controller.dashboard_url}{path}", data=body, method=method, headers=headers
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text format to {series with labels: value}."""
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        series, _, value = line.rpartition(" ")
+        values[series] = float(value)
+    return values
+
+
+@pytest.fixture
+def stack(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Iterator[Stack]:
+    """A controller without an admin token."""
+    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path)
+    try:
+        yield s
+    finally:
+        assert s.controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]
+
+
+@pytest.fixture
+def admin_stack(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Iterator[Stack]:
+    s = start_stack(
+        aws_env,
+        dagster_home,
+        instance,
+        monkeypatch,
+        tmp_path,
+        args=("--admin-token", TOKEN, "--stop-grace", "5", "--log-format", "json"),
+    )
+    try:
+        yield s
+    finally:
+        assert s.controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]
+
+
+class JobThread(threading.Thread):
+    """Runs a job in the background; `result_success` once it ends."""
+
+    def __init__(self, stack: Stack, name: str, run_config: dict[str, Any] | None = None) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.job_name, self.run_config = stack, name, run_config or {}
+        self.result_success: bool | None = None
+        self.run_id: str | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with execute_job(
+                jobs.recon(self.job_name), self.stack.instance, run_config=self.run_config
+            ) as result:
+                self.run_id = result.run_id
+                self.result_success = result.success
+        except BaseException as e:
+            self.error = e
+
+
+def running_step(stack: Stack, step_key: str) -> Any:
+    for record in stack.api("/api/v1/steps?state=running"):
+        if record["step_key"] == step_key:
+            return record
+    return None
+
+
+def test_counters_and_the_api_follow_a_real_job(stack: Stack) -> None:
+    before = metric_values(stack.metrics())
+    assert before.get("dagster_taskiq_messages_received_total", 0) == 0
+    with execute_job(jobs.recon("diamond"), stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+    wait_for(stack.queue_empty, 10, "every message to be deleted")
+    after = metric_values(stack.metrics())
+    assert after["dagster_taskiq_messages_received_total"] == 6
+    assert after['dagster_taskiq_steps_launched_total{launcher="process"}'] == 6
+    assert after['dagster_taskiq_steps_finished_total{launcher="process",outcome="succeeded"}'] == 6
+    assert after['dagster_taskiq_messages_acked_total{outcome="succeeded"}'] == 6
+    assert after['dagster_taskiq_sqs_requests_total{operation="ReceiveMessage"}'] >= 1
+    assert after['dagster_taskiq_sqs_requests_total{operation="DeleteMessage"}'] == 6
+    assert after['dagster_taskiq_bridge_latency_seconds_count{method="step_state"}'] >= 12
+    assert after["dagster_taskiq_step_duration_seconds_count"] == 6
+    assert after["dagster_taskiq_admission_wait_seconds_count"] == 6
+    assert after["dagster_taskiq_admission_capacity"] == 16
+    assert any(k.startswith("dagster_taskiq_build_info{") for k in after)
+
+    status, records = request(stack, "GET", f"/api/v1/steps?run={run_id}&state=acked")
+    assert status == 200
+    assert sorted(r["step_key"] for r in records) == [
+        "add_one",
+        "double",
+        "emit",
+        "join",
+        "report",
+        "square",
+    ]
+    record = records[0]
+    assert record["outcome"] == "succeeded"
+    assert record["launcher"] == "process"
+    assert record["locator"].startswith("pid ")
+    states = [h["state"] for h in record["history"]]
+    assert states[0] == "received" and states[-1] == "acked" and "running" in states
+    status, one = request(stack, "GET", f"/api/v1/steps/{record['task_id']}")
+    assert status == 200 and one["task_id"] == record["task_id"]
+    assert one["lease_deadline"] is None  # settled: no lease held
+
+    status, summary = request(stack, "GET", "/api/v1/summary")
+    assert status == 200
+    assert summary["steps"]["by_state"]["acked"] == 6
+    assert summary["steps"]["outcomes"]["succeeded"] == 6
+    # Launches in the last minute (the whole job may take longer on a busy machine).
+    assert 1 <= summary["rates"]["launched_per_minute"] <= 6
+    assert summary["queue"]["work"] == {"visible": 0, "in_flight": 0, "delayed": 0}
+    assert summary["queue"]["dlq"]["visible"] == 0
+    assert summary["admission"]["max_concurrent"] == 16
+    assert summary["admission"]["held"] == 0
+    # Reading the summary refreshed the queue gauges.
+    assert 'dagster_taskiq_queue_messages{queue="dlq",state="visible"} 0' in stack.metrics()
+
+    status, health = request(stack, "GET", "/healthz")
+    assert status == 200 and health["status"] == "ok"
+    assert {loop["name"]: loop["status"] for loop in health["loops"]} == {
+        "intake": "ok",
+        "lease_keeper": "ok",
+    }
+    status, ready = request(stack, "GET", "/readyz")
+    assert status == 200 and ready["checks"]["bridge_alive"] is True
+
+
+def test_bad_paths_and_bodies_get_json_errors(admin_stack: Stack) -> None:
+    for method, path, body, expected in [
+        ("GET", "/api/v1/nope", None, 404),
+        ("GET", "/api/v1/steps/0123", None, 404),
+        ("GET", "/api/v1/steps?state=bogus", None, 400),
+        ("POST", "/api/v1/summary", b"{}", 405),
+        ("POST", "/api/v1/steps/0123/cancel", b"{not json", 400),
+        ("POST", "/api/v1/dlq/redrive", b'{"max": "ten"}', 400),
+        ("POST", "/api/v1/dlq/redrive", b'{"max": 5000}', 400),
+        ("POST", "/api/v1/steps/0123/cancel", b"{}", 404),
+    ]:
+        status, reply = request(admin_stack, method, path, body, token=TOKEN)
+        assert status == expected, (method, path, reply)
+        assert isinstance(reply["error"], str) and reply["error"], reply
+
+
+def test_admin_endpoints_are_disabled_without_a_configured_token(stack: Stack) -> None:
+    for path in ["/api/v1/steps/0123/cancel", "/api/v1/dlq/redrive"]:
+        status, reply = request(stack, "POST", path, b"{}", token=TOKEN)
+        assert status == 403, reply
+        assert reply["error"].startswith("disabled")
+
+
+def test_redrive_needs_the_token_and_moves_dead_letters_back(admin_stack: Stack) -> None:
+    sqs = boto3.client("sqs")
+    sqs.send_message(QueueUrl=admin_stack.queues.queue_url, MessageBody="not json at all")
+
+    def dlq_visible() -> int:
+        _, summary = request(admin_stack, "GET", "/api/v1/summary")
+        return int(summary["queue"]["dlq"]["visible"]) if summary["queue"]["dlq"] else 0
+
+    wait_for(dlq_visible, 30, "the poison message in the DLQ", interval=0.5)
+    for token in (None, "wrong-token-wrong-token"):
+        status, reply = request(admin_stack, "POST", "/api/v1/dlq/redrive", b"{}", token=token)
+        assert status == 401, reply
+    status, report = request(
+        admin_stack,
+        "POST",
+        "/api/v1/dlq/redrive",
+        json.dumps({"max": 5, "filter": {"reason": "no_such_reason"}}).encode(),
+        token=TOKEN,
+    )
+    assert status == 200 and report["moved"] == 0, report
+    status, report = request(
+        admin_stack,
+        "POST",
+        "/api/v1/dlq/redrive",
+        json.dumps({"max": 5, "filter": {"reason": "invalid_json"}}).encode(),
+        token=TOKEN,
+    )
+    assert status == 200 and report["moved"] == 1, report
+    # Back in the work queue it is received again, and dead-lettered again.
+    wait_for(
+        lambda: (
+            'dagster_taskiq_messages_dead_lettered_total{reason="invalid_json"} 2'
+            in admin_stack.metrics()
+        ),
+        30,
+        "the redriven message to be dead-lettered again",
+        interval=0.5,
+    )
+
+
+def test_cancel_stops_a_running_step_and_the_run_ends(admin_stack: Stack) -> None:
+    job = JobThread(admin_stack, "slow", {"ops": {"sleep_op": {"config": {"seconds": 30.0}}}})
+    started = time.monotonic()
+    job.start()
+    record = wait_for(lambda: running_step(admin_stack, "sleep_op"), 60, "sleep_op to run", 0.2)
+    path = f"/api/v1/steps/{record['task_id']}/cancel"
+    status, reply = request(admin_stack, "POST", path, b"")
+    assert status == 401, reply
+    assert running_step(admin_stack, "sleep_op") is not None
+    status, reply = request(
+        admin_stack, "POST", path, json.dumps({"reason": "test cancel"}).encode(), token=TOKEN
+    )
+    assert status == 202, reply
+    job.join(45)
+    assert not job.is_alive(), "the run did not end after the cancel"
+    assert job.error is None, job.error
+    assert job.result_success is False
+    assert time.monotonic() - started < 30, "the step ran to its end instead of stopping"
+    status, after = request(admin_stack, "GET", f"/api/v1/steps/{record['task_id']}")
+    assert status == 200
+    assert after["active"] is False
+    assert after["stop_reason"] == {"kind": "operator", "reason": "test cancel"}
+    wait_for(admin_stack.queue_empty, 15, "the message to be deleted")
+
+
+def test_json_logs_carry_the_step_span(admin_stack: Stack, tmp_path: Path) -> None:
+    with execute_job(jobs.recon("tagged"), admin_stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+    wait_for(admin_stack.queue_empty, 10, "the message to be deleted")
+    events = []
+    for line in (tmp_path / "controller.log").read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue  # a step's own output
+    started = [e for e in events if e.get("message") == "step started"]
+    assert len(started) == 1, started
+    span = started[0]["span"]
+    assert span["name"] == "step"
+    assert span["run_id"] == run_id
+    assert span["step_key"] == "tagged_op"
+    assert span["attempt"] == 0
+    assert re.fullmatch(r"[0-9a-f]{32}", span["task_id"])
+    assert started[0]["level"] == "INFO"
+
+
+def test_shutdown_does_not_wait_for_an_idle_keep_alive_connection(stack: Stack) -> None:
+    sock = socket.create_connection(("127.0.0.1", stack.controller.dashboard_port), timeout=5)
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert stack.controller.stop(timeout=20) == 0
+        took = time.monotonic() - started
+        assert took < 8, f"shutdown took {took:.1f}s with a keep-alive connection open"
+    finally:
+        sock.close()
+
+
+# --- the HTML dashboard in headless Chromium ---------------------------------------------------
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def run_chromium(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    binary = chromium()
+    assert binary is not None
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        return subprocess.run(
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                "--window-size=1400,900",
+                "--virtual-time-budget=4000",
+                *extra,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+
+def test_the_dashboard_shows_running_steps_in_a_browser(stack: Stack) -> None:
+    if chromium() is None:
+        if os.environ.get("DAGSTER_TASKIQ_REQUIRE_BROWSER"):
+            pytest.fail("chromium not installed (make browser)")
+        pytest.skip("chromium not installed (make browser)")
+    # Something settled and something failed with a verdict; then a step that keeps running.
+    # (One job at a time: two concurrent execute_job calls on one instance stalled here.)
+    with execute_job(jobs.recon("self_kill"), stack.instance) as result:
+        assert result.success
+    slow = JobThread(stack, "slow", {"ops": {"sleep_op": {"config": {"seconds": 25.0}}}})
+    slow.start()
+    wait_for(lambda: running_step(stack, "sleep_op"), 60, "sleep_op to run", 0.2)
+
+    url = f"{stack.controller.dashboard_url}/"
+    dom = run_chromium(url, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    inflight = html[html.index('id="inflight"') : html.index('id="recent"')]
+    assert "sleep_op" in inflight, html
+    assert "running" in inflight
+    failures = html[html.index('id="failures"') :]
+    assert "kill_self" in failures and "signal 9" in failures, failures
+    assert 'id="status-pill" class="pill pill-good">ready<' in html
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    SCREENSHOT.unlink(missing_ok=True)
+    shot = run_chromium(url, f"--screenshot={SCREENSHOT}")
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert SCREENSHOT.stat().st_size > 10_000
+    slow.join(60)
+    assert slow.result_success is True, slow.error

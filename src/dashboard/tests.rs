@@ -1,0 +1,488 @@
+//! Route tests with `warp::test`: auth, filters, error bodies, probes.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use serde_json::Value;
+
+use super::*;
+use crate::admission::{Admission, AdmissionConfig};
+use crate::envelope;
+use crate::fakes::step_body;
+use crate::queue::{QueueError, RedriveError, RedriveFilter, RedriveReport};
+use crate::state::{StepState, StopReason};
+
+const TOKEN: &str = "test-token-0123456789";
+
+#[derive(Default)]
+struct FakeQueues {
+    fail: AtomicBool,
+    counts_calls: AtomicUsize,
+    redrives: Mutex<Vec<(usize, RedriveFilter)>>,
+}
+
+#[async_trait]
+impl QueueAdmin for FakeQueues {
+    async fn counts(&self) -> Result<(QueueCounts, QueueCounts), QueueError> {
+        self.counts_calls.fetch_add(1, Ordering::SeqCst);
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(QueueError::Unavailable {
+                operation: "GetQueueAttributes",
+                message: "connection refused".into(),
+            });
+        }
+        Ok((
+            QueueCounts {
+                visible: 4,
+                in_flight: 2,
+                delayed: 0,
+            },
+            QueueCounts {
+                visible: 1,
+                in_flight: 0,
+                delayed: 0,
+            },
+        ))
+    }
+
+    async fn redrive(
+        &self,
+        max: usize,
+        filter: &RedriveFilter,
+    ) -> Result<RedriveReport, RedriveError> {
+        self.redrives
+            .lock()
+            .expect("lock")
+            .push((max, filter.clone()));
+        Ok(RedriveReport {
+            moved: 1,
+            examined: 1,
+            message_ids: vec!["m-1".into()],
+        })
+    }
+}
+
+struct FakeBridge(AtomicBool);
+
+#[async_trait]
+impl BridgeProbe for FakeBridge {
+    async fn alive(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+struct Bed {
+    state: DashboardState,
+    queues: Arc<FakeQueues>,
+    bridge: Arc<FakeBridge>,
+}
+
+fn bed(token: Option<&str>) -> Bed {
+    let metrics = Arc::new(Metrics::new());
+    let queues = Arc::new(FakeQueues::default());
+    let bridge = Arc::new(FakeBridge(AtomicBool::new(true)));
+    let admission = Admission::new(AdmissionConfig {
+        max_concurrent: 4,
+        launch_rate: std::num::NonZeroU32::new(2),
+        launch_burst: std::num::NonZeroU32::MIN,
+    });
+    let health = Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(1)));
+    health.queue_contact("GetQueueAttributes", None);
+    let state = DashboardState {
+        info: Arc::new(ControllerInfo {
+            controller_id: "test-1".into(),
+            version: "0.0.0",
+            queue_url: "http://q/work".into(),
+            dlq_url: "http://q/dlq".into(),
+            started_at: Utc::now(),
+        }),
+        metrics: metrics.clone(),
+        steps: Arc::new(StepTable::default()),
+        leases: Arc::new(LeaseTable::new(
+            Duration::from_secs(30),
+            Duration::from_secs(43200),
+            metrics,
+        )),
+        admission: admission.view(),
+        health,
+        queues: queues.clone(),
+        bridge: bridge.clone(),
+        admin_token: token.map(Arc::from),
+        draining: CancellationToken::new(),
+        queue_cache: Arc::new(QueueCache::new(Duration::from_secs(60))),
+    };
+    Bed {
+        state,
+        queues,
+        bridge,
+    }
+}
+
+impl Bed {
+    /// Claims a step attempt; `n` makes the task id.
+    fn claim(&self, n: u32, run: &str, step: &str) -> String {
+        let task_id = format!("{n:032x}");
+        let request = envelope::decode(&step_body(&task_id, run, step, 0)).expect("valid body");
+        assert!(self.state.steps.claim(&request, &format!("msg-{n}"), 1));
+        task_id
+    }
+
+    async fn call(&self, method: &str, path: &str) -> (StatusCode, Value) {
+        self.call_with(method, path, None, "").await
+    }
+
+    async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, Value) {
+        let mut request = warp::test::request().method(method).path(path).body(body);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let response = request.reply(&routes(self.state.clone())).await;
+        let status = response.status();
+        let body = serde_json::from_slice(response.body()).unwrap_or_else(|e| {
+            panic!(
+                "{method} {path}: body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(response.body())
+            )
+        });
+        (status, body)
+    }
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_get_json_errors() {
+    let bed = bed(None);
+    let (status, body) = bed.call("GET", "/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "not found");
+    let (status, body) = bed.call("GET", "/api/v1/steps/ffff").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].as_str().unwrap().contains("ffff"), "{body}");
+    let (status, body) = bed.call("DELETE", "/api/v1/steps").await;
+    assert!(status.is_client_error(), "{status}");
+    assert!(body["error"].is_string());
+}
+
+#[tokio::test]
+async fn steps_are_listed_with_filters() {
+    let bed = bed(None);
+    let a = bed.claim(1, "run-a", "emit");
+    let b = bed.claim(2, "run-a", "join");
+    bed.claim(3, "run-b", "emit");
+    bed.state.steps.transition(&b, StepState::Running);
+    bed.state
+        .steps
+        .update(&a, |r| r.launcher = Some("ecs".into()));
+
+    let (status, body) = bed.call("GET", "/api/v1/steps").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.as_array().unwrap().len(), 3);
+
+    let (_, body) = bed.call("GET", "/api/v1/steps?run=run-a").await;
+    let keys: Vec<&str> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["step_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["emit", "join"]);
+
+    let (_, body) = bed.call("GET", "/api/v1/steps?state=running").await;
+    assert_eq!(body.as_array().unwrap().len(), 1);
+    assert_eq!(body[0]["task_id"], b.as_str());
+    assert_eq!(body[0]["history"][1]["state"], "running");
+    assert!(body[0]["history"][1]["at"].is_string());
+
+    let (_, body) = bed
+        .call("GET", "/api/v1/steps?launcher=ecs&run=run-a")
+        .await;
+    assert_eq!(body.as_array().unwrap().len(), 1);
+    assert_eq!(body[0]["task_id"], a.as_str());
+
+    let (_, body) = bed.call("GET", "/api/v1/steps?limit=1").await;
+    assert_eq!(body.as_array().unwrap().len(), 1);
+
+    let (status, body) = bed.call("GET", "/api/v1/steps?state=bogus").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"].as_str().unwrap().contains("dead_lettered"));
+    let (status, _) = bed.call("GET", "/api/v1/steps?colour=red").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = bed.call("GET", "/api/v1/steps?limit=-1").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn one_step_shows_its_lease_deadline_and_history() {
+    let bed = bed(None);
+    let task_id = bed.claim(7, "run-a", "emit");
+    bed.state.leases.hold(&task_id, "handle-7");
+    bed.state.steps.update(&task_id, |r| {
+        r.stderr_tail = vec!["<script>alert(1)</script>".into()];
+    });
+    let (status, body) = bed.call("GET", &format!("/api/v1/steps/{task_id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["state"], "received");
+    assert_eq!(body["active"], true);
+    assert_eq!(body["receive_count"], 1);
+    assert!(body["lease_deadline"].is_string(), "{body}");
+    assert_eq!(body["stderr_tail"][0], "<script>alert(1)</script>");
+    assert!(body.get("instance_ref").is_none());
+}
+
+#[tokio::test]
+async fn admin_endpoints_are_disabled_without_a_token() {
+    let bed = bed(None);
+    let task_id = bed.claim(1, "run-a", "emit");
+    let (status, body) = bed
+        .call_with(
+            "POST",
+            &format!("/api/v1/steps/{task_id}/cancel"),
+            Some(TOKEN),
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["error"].as_str().unwrap().starts_with("disabled"));
+    let (status, _) = bed.call("POST", "/api/v1/dlq/redrive").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(bed.state.steps.stop_reason(&task_id).is_none());
+}
+
+#[tokio::test]
+async fn admin_endpoints_need_the_right_bearer_token() {
+    let bed = bed(Some(TOKEN));
+    let task_id = bed.claim(1, "run-a", "emit");
+    let path = format!("/api/v1/steps/{task_id}/cancel");
+    let (status, _) = bed.call("POST", &path).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = bed
+        .call_with("POST", &path, Some("test-token-0123456780"), "")
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body["error"].as_str().unwrap().contains("bearer"));
+    let response = warp::test::request()
+        .method("POST")
+        .path(&path)
+        .header("authorization", format!("Basic {TOKEN}"))
+        .reply(&routes(bed.state.clone()))
+        .await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    assert!(bed.state.steps.stop_reason(&task_id).is_none());
+
+    let (status, body) = bed
+        .call_with("POST", &path, Some(TOKEN), r#"{"reason": "stuck"}"#)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "stopping");
+    assert_eq!(
+        bed.state.steps.stop_reason(&task_id),
+        Some(StopReason::Operator {
+            reason: "stuck".into()
+        })
+    );
+    // Asking twice is a conflict; an unknown step is a 404.
+    let (status, _) = bed.call_with("POST", &path, Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = bed
+        .call_with("POST", "/api/v1/steps/abc/cancel", Some(TOKEN), "")
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_json_bodies_are_rejected_with_400() {
+    let bed = bed(Some(TOKEN));
+    let task_id = bed.claim(1, "run-a", "emit");
+    for body in [
+        "{not json",
+        r#"{"reason": 5}"#,
+        r#"{"colour": "red"}"#,
+        "[]",
+    ] {
+        let (status, reply) = bed
+            .call_with(
+                "POST",
+                &format!("/api/v1/steps/{task_id}/cancel"),
+                Some(TOKEN),
+                body,
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {reply}");
+        assert!(reply["error"].as_str().unwrap().contains("JSON"));
+    }
+    let (status, _) = bed
+        .call_with("POST", "/api/v1/dlq/redrive", Some(TOKEN), r#"{"max": 0}"#)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = bed
+        .call_with("POST", "/api/v1/dlq/redrive", Some(TOKEN), "{\"max\":")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let big = format!(r#"{{"reason": "{}"}}"#, "x".repeat(70_000));
+    let (status, _) = bed
+        .call_with(
+            "POST",
+            &format!("/api/v1/steps/{task_id}/cancel"),
+            Some(TOKEN),
+            &big,
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(bed.state.steps.stop_reason(&task_id).is_none());
+}
+
+#[tokio::test]
+async fn redrive_passes_max_and_filter_to_the_queue() {
+    let bed = bed(Some(TOKEN));
+    let (status, body) = bed
+        .call_with(
+            "POST",
+            "/api/v1/dlq/redrive",
+            Some(TOKEN),
+            r#"{"max": 5, "filter": {"reason": "invalid_json"}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["moved"], 1);
+    let (status, _) = bed
+        .call_with("POST", "/api/v1/dlq/redrive", Some(TOKEN), "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let calls = bed.queues.redrives.lock().unwrap().clone();
+    assert_eq!(calls[0].0, 5);
+    assert_eq!(calls[0].1.reason.as_deref(), Some("invalid_json"));
+    assert_eq!(calls[1], (10, RedriveFilter::default()));
+}
+
+#[tokio::test]
+async fn summary_counts_states_and_caches_queue_depths() {
+    let bed = bed(None);
+    let a = bed.claim(1, "run-a", "emit");
+    bed.claim(2, "run-a", "join");
+    bed.state.steps.transition(&a, StepState::Running);
+    bed.state
+        .steps
+        .update(&a, |r| r.outcome = Some("succeeded".into()));
+    bed.state.steps.transition(&a, StepState::Acked);
+    let (status, body) = bed.call("GET", "/api/v1/summary").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["steps"]["active"], 1);
+    assert_eq!(body["steps"]["by_state"]["acked"], 1);
+    assert_eq!(body["steps"]["outcomes"]["succeeded"], 1);
+    assert_eq!(body["queue"]["work"]["visible"], 4);
+    assert_eq!(body["queue"]["dlq"]["visible"], 1);
+    assert_eq!(body["admission"]["max_concurrent"], 4);
+    assert_eq!(body["admission"]["held"], 1);
+    assert_eq!(body["admission"]["launch_rate"], 2);
+    assert_eq!(body["controller"]["controller_id"], "test-1");
+    assert_eq!(body["rates"]["received_per_minute"], 2.0);
+    assert_eq!(body["rates"]["launched_per_minute"], 1.0);
+    assert_eq!(body["rates"]["settled_per_minute"], 1.0);
+    // Within the cache age a second summary and a scrape read no attributes.
+    bed.call("GET", "/api/v1/summary").await;
+    let metrics = warp::test::request()
+        .path("/metrics")
+        .reply(&routes(bed.state.clone()))
+        .await;
+    let text = String::from_utf8_lossy(metrics.body()).to_string();
+    assert!(text.contains("dagster_taskiq_queue_messages{queue=\"work\",state=\"visible\"} 4"));
+    assert_eq!(bed.queues.counts_calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn readiness_follows_sqs_bridge_and_draining() {
+    let bed = bed(None);
+    let (status, body) = bed.call("GET", "/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    bed.bridge.0.store(false, Ordering::SeqCst);
+    let (status, body) = bed.call("GET", "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["checks"]["bridge_alive"], false);
+    bed.bridge.0.store(true, Ordering::SeqCst);
+    bed.state
+        .health
+        .queue_contact("ReceiveMessage", Some("connection refused".into()));
+    let (status, body) = bed.call("GET", "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["checks"]["sqs"]["error"], "connection refused");
+    bed.state.health.queue_contact("ReceiveMessage", None);
+    bed.state.draining.cancel();
+    let (status, body) = bed.call("GET", "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["status"], "draining");
+}
+
+#[tokio::test(start_paused = true)]
+async fn liveness_fails_when_a_loop_stops_beating() {
+    let bed = bed(None);
+    bed.state.health.intake.beat();
+    bed.state.health.lease_keeper.beat();
+    let (status, body) = bed.call("GET", "/healthz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tokio::time::advance(Duration::from_secs(600)).await;
+    bed.state.health.intake.beat();
+    let (status, body) = bed.call("GET", "/healthz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["loops"][1]["name"], "lease_keeper");
+    assert_eq!(body["loops"][1]["status"], "stale");
+    // A loop that ended on purpose (draining) is not a fault.
+    bed.state.health.lease_keeper.stop();
+    let (status, _) = bed.call("GET", "/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_failing_queue_refresh_keeps_the_page_working() {
+    let bed = bed(None);
+    bed.queues.fail.store(true, Ordering::SeqCst);
+    let (status, body) = bed.call("GET", "/api/v1/summary").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body["queue"]["work"].is_null());
+    assert!(body["queue"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("connection refused"));
+    let (status, _) = bed.call("GET", "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn the_page_and_its_assets_are_served_with_a_strict_policy() {
+    let bed = bed(None);
+    let state = bed.state.clone();
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/static/dashboard.js", "text/javascript"),
+        ("/static/dashboard.css", "text/css"),
+    ] {
+        let response = warp::test::request()
+            .path(path)
+            .reply(&routes(state.clone()))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let content_type = response.headers()["content-type"].to_str().unwrap();
+        assert!(content_type.starts_with(kind), "{path}: {content_type}");
+        let csp = response.headers()["content-security-policy"]
+            .to_str()
+            .unwrap();
+        assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"));
+    }
+    // The script writes API text with textContent only.
+    assert!(!DASHBOARD_JS.contains("innerHTML"));
+    assert!(!INDEX_HTML.contains("<script>"));
+}
+
+#[test]
+fn token_comparison_is_exact() {
+    use api::constant_time_eq as eq;
+    assert!(eq(b"abc", b"abc"));
+    assert!(!eq(b"abc", b"abd"));
+    assert!(!eq(b"abc", b"abcd"));
+    assert!(!eq(b"", b"a"));
+}
