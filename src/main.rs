@@ -12,7 +12,9 @@ use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
 use dagster_taskiq_controller::config::{Cli, Command, LogFormat, RunArgs};
 use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
 use dagster_taskiq_controller::dashboard::{self, DashboardState};
-use dagster_taskiq_controller::launcher::{ProcessLauncher, ProcessLauncherConfig};
+use dagster_taskiq_controller::launcher::{
+    Launcher, ProcessLauncher, ProcessLauncherConfig, WarmLauncher, WarmLauncherConfig,
+};
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
@@ -108,6 +110,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         dashboard_stop.clone(),
     ));
 
+    let cold = ProcessLauncher::new(ProcessLauncherConfig {
+        python: args.python.clone(),
+    });
+    let launcher: Arc<dyn Launcher> = if args.warm_pool {
+        Arc::new(WarmLauncher::new(
+            WarmLauncherConfig {
+                python: args.python.clone(),
+                preload: args.warm_preload.clone(),
+                recycle_after: args.warm_recycle_after,
+                max_rss_growth: args.warm_max_rss_growth_mb * 1024 * 1024,
+                start_timeout: args.warm_start_timeout,
+                spawn_timeout: std::time::Duration::from_secs(30),
+            },
+            cold,
+            metrics.clone(),
+        ))
+    } else {
+        Arc::new(cold)
+    };
+
     let controller = Arc::new(Controller {
         config: ReconcilerConfig {
             controller_id: controller_id.clone(),
@@ -121,9 +143,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             call_retry_budget: args.visibility_timeout / 2,
         },
         queue,
-        launcher: Arc::new(ProcessLauncher::new(ProcessLauncherConfig {
-            python: args.python.clone(),
-        })),
+        launcher,
         bridge: bridge.clone(),
         admission: Admission::new(AdmissionConfig {
             max_concurrent: args.max_concurrent,
@@ -145,6 +165,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         dagster_version,
         dashboard = %args.dashboard_addr,
         max_concurrent = args.max_concurrent,
+        warm_pool = args.warm_pool,
         "controller started"
     );
     controller.run().await;

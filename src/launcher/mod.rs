@@ -1,11 +1,14 @@
 //! The launcher boundary: how a step attempt becomes a running execution.
-//! [`ProcessLauncher`] runs `dagster api execute_step` as a local child process.
+//! [`ProcessLauncher`] runs `dagster api execute_step` as a local child process;
+//! [`WarmLauncher`] forks it from a zygote that has already imported Dagster.
 
 mod process;
+mod warm;
 
 use async_trait::async_trait;
 
 pub use process::{ProcessLauncher, ProcessLauncherConfig};
+pub use warm::{WarmLauncher, WarmLauncherConfig};
 
 use crate::envelope::{LauncherKind, StepRequest};
 
@@ -17,6 +20,8 @@ pub enum StepExit {
     Code(i32),
     /// Ended by this signal.
     Signal(i32),
+    /// Ended, but nobody could read its status (a warm step whose zygote died first).
+    Unknown,
 }
 
 impl StepExit {
@@ -25,6 +30,7 @@ impl StepExit {
         match self {
             StepExit::Code(code) => format!("exit code {code}"),
             StepExit::Signal(signal) => format!("signal {signal}"),
+            StepExit::Unknown => "exit status unknown".into(),
         }
     }
 
@@ -45,6 +51,9 @@ impl StepExit {
                     ""
                 };
                 format!("process killed by signal {signal} ({name}){hint}")
+            }
+            StepExit::Unknown => {
+                "process ended after its zygote died, exit status unknown, and Dagster recorded no outcome for the attempt".into()
             }
         }
     }
