@@ -82,6 +82,23 @@ pub struct RunArgs {
     #[arg(long, env = "DAGSTER_TASKIQ_SHUTDOWN_GRACE", default_value = "110", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
 
+    /// Timeout of steps without a `dagster-taskiq/timeout` op tag, in seconds; 0: none.
+    #[arg(long, env = "DAGSTER_TASKIQ_STEP_TIMEOUT", default_value = "0", value_parser = parse_seconds)]
+    pub step_timeout: Duration,
+
+    /// Seconds a canceled step gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "DAGSTER_TASKIQ_STOP_GRACE", default_value = "10", value_parser = parse_seconds)]
+    pub stop_grace: Duration,
+
+    /// How often the status of runs with running steps is read from Dagster, in seconds.
+    #[arg(long, env = "DAGSTER_TASKIQ_RUN_STATUS_INTERVAL", default_value = "1", value_parser = parse_seconds)]
+    pub run_status_interval: Duration,
+
+    /// Total visibility SQS allows one delivery, in seconds; leases are handed off to a
+    /// continuation message before it. Lower only for tests.
+    #[arg(long, env = "DAGSTER_TASKIQ_VISIBILITY_CAP", default_value = "43200", value_parser = parse_seconds, hide = true)]
+    pub visibility_cap: Duration,
+
     /// Launches per second (token bucket); 0 means unlimited.
     #[arg(long, env = "DAGSTER_TASKIQ_LAUNCH_RATE", default_value_t = 0)]
     pub launch_rate: u32,
@@ -160,6 +177,14 @@ impl RunArgs {
                 "must be a whole number of seconds from 1 to 43200 (SQS limits)",
             ));
         }
+        if self.visibility_cap < self.visibility_timeout * 2
+            || self.visibility_cap.as_secs_f64() > MAX_VISIBILITY_SECS
+        {
+            return Err(invalid(
+                "visibility-cap",
+                "must be at least twice --visibility-timeout and at most 43200",
+            ));
+        }
         if self.max_attempts == 0 {
             return Err(invalid("max-attempts", "must be at least 1"));
         }
@@ -168,6 +193,12 @@ impl RunArgs {
         }
         if self.receive_wait > Duration::from_secs(20) {
             return Err(invalid("receive-wait", "SQS long polls at most 20 seconds"));
+        }
+        if self.run_status_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "run-status-interval",
+                "must be at least 0.1 seconds",
+            ));
         }
         if self.launch_burst == 0 {
             return Err(invalid("launch-burst", "must be at least 1"));
@@ -182,6 +213,10 @@ impl RunArgs {
             ));
         }
         Ok(())
+    }
+
+    pub fn step_timeout(&self) -> Option<Duration> {
+        Some(self.step_timeout).filter(|t| !t.is_zero())
     }
 
     pub fn launch_rate(&self) -> Option<NonZeroU32> {

@@ -22,6 +22,7 @@ pub enum QueueEvent {
     Acked(String),
     Released(String, Duration),
     DeadLettered(String, String),
+    Sent(String),
 }
 
 #[derive(Default)]
@@ -179,6 +180,26 @@ impl WorkQueue for FakeQueue {
         Ok(())
     }
 
+    async fn send(
+        &self,
+        body: &str,
+        attributes: &HashMap<String, String>,
+    ) -> Result<String, QueueError> {
+        let message_id = format!("sent{}", self.next_handle.fetch_add(1, Ordering::Relaxed));
+        let mut inner = self.inner.lock().expect("lock");
+        inner.visible.push_back(ReceivedMessage {
+            message_id: message_id.clone(),
+            receipt_handle: String::new(),
+            body: body.to_owned(),
+            receive_count: 0,
+            attributes: attributes.clone(),
+        });
+        inner.events.push(QueueEvent::Sent(message_id.clone()));
+        drop(inner);
+        self.changed.notify_waiters();
+        Ok(message_id)
+    }
+
     async fn dead_letter(
         &self,
         message: &ReceivedMessage,
@@ -200,8 +221,18 @@ pub enum FakeOutcome {
     Succeed,
     /// Exits with this status and no terminal event.
     Crash(StepExit),
-    /// Runs until killed.
+    /// Runs until stopped; SIGTERM makes it write an interrupt failure, like Dagster.
     Hang,
+    /// Runs until SIGKILL; ignores SIGTERM.
+    HangIgnoringTerm,
+}
+
+/// Signals a fake step has received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FakeSignal {
+    None,
+    Term,
+    Kill,
 }
 
 /// A launcher whose steps end as told, after `duration`.
@@ -255,7 +286,7 @@ impl Launcher for FakeLauncher {
             .get(&step.step_key)
             .copied()
             .unwrap_or(FakeOutcome::Succeed);
-        let (kill_tx, kill_rx) = watch::channel(false);
+        let (kill_tx, kill_rx) = watch::channel(FakeSignal::None);
         Ok(Box::new(FakeStep {
             step: step.clone(),
             outcome,
@@ -272,8 +303,8 @@ struct FakeStep {
     outcome: FakeOutcome,
     duration: Duration,
     bridge: FakeBridge,
-    kill_tx: watch::Sender<bool>,
-    kill_rx: watch::Receiver<bool>,
+    kill_tx: watch::Sender<FakeSignal>,
+    kill_rx: watch::Receiver<FakeSignal>,
 }
 
 #[async_trait]
@@ -287,32 +318,49 @@ impl RunningStep for FakeStep {
     }
 
     async fn wait(&mut self) -> StepExit {
+        let outcome = self.outcome;
         let finished = async {
-            match self.outcome {
-                FakeOutcome::Hang => std::future::pending().await,
+            match outcome {
+                FakeOutcome::Hang | FakeOutcome::HangIgnoringTerm => {
+                    std::future::pending::<()>().await
+                }
                 _ => tokio::time::sleep(self.duration).await,
             }
         };
-        let mut kill_rx = self.kill_rx.clone();
+        let mut signals = self.kill_rx.clone();
+        let stopped = signals.wait_for(|signal| match signal {
+            FakeSignal::Kill => true,
+            FakeSignal::Term => outcome != FakeOutcome::HangIgnoringTerm,
+            FakeSignal::None => false,
+        });
         tokio::select! {
-            _ = kill_rx.wait_for(|killed| *killed) => StepExit::Signal(libc::SIGKILL),
-            _ = finished => match self.outcome {
+            signal = stopped => match *signal.expect("sender alive") {
+                FakeSignal::Kill => StepExit::Signal(libc::SIGKILL),
+                _ => {
+                    // Dagster's interrupt handling writes STEP_FAILURE and exits 1.
+                    self.bridge.finish(&self.step, "STEP_FAILURE");
+                    StepExit::Code(1)
+                }
+            },
+            _ = finished => match outcome {
                 FakeOutcome::Succeed => {
                     self.bridge.finish(&self.step, "STEP_SUCCESS");
                     StepExit::Code(0)
                 }
                 FakeOutcome::Crash(exit) => exit,
-                FakeOutcome::Hang => unreachable!(),
+                FakeOutcome::Hang | FakeOutcome::HangIgnoringTerm => unreachable!(),
             },
         }
     }
 
     fn terminate(&mut self) {
-        let _ = self.kill_tx.send(true);
+        if *self.kill_tx.borrow() == FakeSignal::None {
+            let _ = self.kill_tx.send(FakeSignal::Term);
+        }
     }
 
     fn kill(&mut self) {
-        let _ = self.kill_tx.send(true);
+        let _ = self.kill_tx.send(FakeSignal::Kill);
     }
 
     fn stderr_tail(&self) -> Vec<String> {

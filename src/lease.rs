@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -17,25 +18,78 @@ use crate::queue::{ExtendResult, WorkQueue};
 const SAFETY_MARGIN: Duration = Duration::from_secs(1);
 
 struct Lease {
-    receipt_handle: String,
+    /// `None` while handed off: the old message is deleted and its continuation not yet
+    /// received back.
+    receipt_handle: Option<String>,
     /// When the message becomes visible again unless extended.
     expires: Instant,
-    lost: CancellationToken,
+    /// When this delivery was received: SQS caps its total visibility from here.
+    received: Instant,
+    /// When the hand-off happened, while waiting for the continuation.
+    handed_off: Option<Instant>,
+    signals: LeaseSignals,
+}
+
+/// How a lease tells its step task what happened to it.
+#[derive(Clone, Default)]
+pub struct LeaseSignals {
+    /// Cancelled when the lease is lost: fence the step.
+    pub lost: CancellationToken,
+    /// Notified when a new delivery (a continuation) renews the lease.
+    pub renewed: Arc<Notify>,
 }
 
 /// The messages this controller holds, by task id.
 pub struct LeaseTable {
     leases: Mutex<HashMap<String, Lease>>,
     visibility: Duration,
+    /// Total visibility SQS allows one delivery (12 h); hand-offs happen before it.
+    visibility_cap: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl LeaseTable {
-    pub fn new(visibility: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(visibility: Duration, visibility_cap: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             leases: Mutex::default(),
             visibility,
+            visibility_cap,
             metrics,
+        }
+    }
+
+    /// How long before the cap a lease is handed off: enough for a few heartbeats and the
+    /// continuation's round trip, at most five minutes.
+    pub fn handoff_margin(&self) -> Duration {
+        (self.heartbeat_interval() * 3)
+            .max(Duration::from_secs(300))
+            .min(self.visibility_cap / 4)
+    }
+
+    /// When the lease of `task_id` must be handed off; `None` if not held or handed off.
+    pub fn handoff_deadline(&self, task_id: &str) -> Option<Instant> {
+        let leases = self.leases.lock().expect("lock");
+        let lease = leases.get(task_id)?;
+        if lease.handed_off.is_some() {
+            return None;
+        }
+        Some(lease.received + self.visibility_cap - self.handoff_margin())
+    }
+
+    /// When the step of a handed-off lease must be fenced if its continuation has not come
+    /// back; `None` if not handed off.
+    pub fn adoption_deadline(&self, task_id: &str, window: Duration) -> Option<Instant> {
+        let leases = self.leases.lock().expect("lock");
+        leases.get(task_id)?.handed_off.map(|at| at + window)
+    }
+
+    /// The old message was deleted after its continuation was sent: stop extending until
+    /// the continuation renews the lease.
+    pub fn mark_handed_off(&self, task_id: &str) {
+        let mut leases = self.leases.lock().expect("lock");
+        if let Some(lease) = leases.get_mut(task_id) {
+            lease.receipt_handle = None;
+            lease.handed_off = Some(Instant::now());
         }
     }
 
@@ -50,40 +104,54 @@ impl LeaseTable {
         (self.visibility / 3).clamp(Duration::from_millis(200), Duration::from_secs(60))
     }
 
-    /// Starts holding a message just received. Returns the token cancelled if the lease is lost.
-    pub fn hold(&self, task_id: &str, receipt_handle: &str) -> CancellationToken {
-        let lost = CancellationToken::new();
+    /// Starts holding a message just received.
+    pub fn hold(&self, task_id: &str, receipt_handle: &str) -> LeaseSignals {
+        let signals = LeaseSignals::default();
+        let now = Instant::now();
         let lease = Lease {
-            receipt_handle: receipt_handle.to_owned(),
-            expires: Instant::now() + self.visibility,
-            lost: lost.clone(),
+            receipt_handle: Some(receipt_handle.to_owned()),
+            expires: now + self.visibility,
+            received: now,
+            handed_off: None,
+            signals: signals.clone(),
         };
         let mut leases = self.leases.lock().expect("lock");
         if let Some(old) = leases.insert(task_id.to_owned(), lease) {
-            old.lost.cancel();
+            old.signals.lost.cancel();
         }
         self.metrics.leases_held.set(leases.len() as i64);
-        lost
+        signals
     }
 
-    /// A new delivery of a message we hold: its receipt handle is now the valid one.
-    /// Returns false if the task is not held here.
+    /// A new delivery of a message we hold (a redelivery after our lease ran out, or the
+    /// continuation of a hand-off): its receipt handle is now the valid one, with a fresh
+    /// visibility budget. Returns false if the task is not held here.
     pub fn renew_handle(&self, task_id: &str, receipt_handle: &str) -> bool {
         let mut leases = self.leases.lock().expect("lock");
         match leases.get_mut(task_id) {
             Some(lease) => {
-                lease.receipt_handle = receipt_handle.to_owned();
-                lease.expires = Instant::now() + self.visibility;
+                let now = Instant::now();
+                lease.receipt_handle = Some(receipt_handle.to_owned());
+                lease.expires = now + self.visibility;
+                lease.received = now;
+                lease.handed_off = None;
+                lease.signals.renewed.notify_one();
                 true
             }
             None => false,
         }
     }
 
-    /// The current receipt handle of a held message.
+    /// The current receipt handle of a held message (`None` while handed off).
     pub fn receipt_handle(&self, task_id: &str) -> Option<String> {
         let leases = self.leases.lock().expect("lock");
-        leases.get(task_id).map(|l| l.receipt_handle.clone())
+        leases.get(task_id).and_then(|l| l.receipt_handle.clone())
+    }
+
+    /// When the held message becomes visible again unless extended.
+    pub fn deadline(&self, task_id: &str) -> Option<Instant> {
+        let leases = self.leases.lock().expect("lock");
+        leases.get(task_id).map(|l| l.expires)
     }
 
     /// Stops holding a message (after ack, release or dead-letter).
@@ -107,7 +175,9 @@ impl LeaseTable {
             let leases = self.leases.lock().expect("lock");
             leases
                 .iter()
-                .map(|(task_id, lease)| (task_id.clone(), lease.receipt_handle.clone()))
+                .filter_map(|(task_id, lease)| {
+                    Some((task_id.clone(), lease.receipt_handle.clone()?))
+                })
                 .collect()
         };
         if snapshot.is_empty() {
@@ -135,7 +205,7 @@ impl LeaseTable {
             let Some(lease) = leases.get_mut(&task_id) else {
                 continue; // dropped meanwhile
             };
-            if lease.receipt_handle != handle {
+            if lease.receipt_handle.as_deref() != Some(handle.as_str()) {
                 continue; // renewed meanwhile; the next round extends the new handle
             }
             let outcome = match result {
@@ -145,13 +215,13 @@ impl LeaseTable {
                 }
                 ExtendResult::Lost(reason) => {
                     tracing::warn!(task_id, reason, "lease lost: receipt handle rejected");
-                    lease.lost.cancel();
+                    lease.signals.lost.cancel();
                     "lost"
                 }
                 ExtendResult::Failed(reason) => {
                     if Instant::now() + SAFETY_MARGIN >= lease.expires {
                         tracing::warn!(task_id, reason, "lease lost: deadline passed unextended");
-                        lease.lost.cancel();
+                        lease.signals.lost.cancel();
                         "lost"
                     } else {
                         "failed"

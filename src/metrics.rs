@@ -47,8 +47,10 @@ pub struct Metrics {
     pub launch_latency_seconds: Histogram,
     /// Child spawned → child exited.
     pub step_duration_seconds: Histogram,
-    /// Child exited → message deleted.
+    /// Queue call that settles a message (delete, release or dead-letter).
     pub settle_latency_seconds: Histogram,
+    /// Step exited → its message deleted (outcome read or verdict written, then deleted).
+    pub exit_to_delete_seconds: Histogram,
     pub bridge_latency_seconds: Histogram,
     /// Steps forked from a warm zygote.
     pub warm_pool_forks: Counter,
@@ -91,6 +93,7 @@ impl Metrics {
             launch_latency_seconds: seconds_histogram(),
             step_duration_seconds: seconds_histogram(),
             settle_latency_seconds: seconds_histogram(),
+            exit_to_delete_seconds: seconds_histogram(),
             bridge_latency_seconds: seconds_histogram(),
             warm_pool_forks: Counter::default(),
             warm_pool_fallbacks: Family::default(),
@@ -184,8 +187,13 @@ impl Metrics {
         );
         r.register(
             "settle_latency_seconds",
-            "Time from step exited to message deleted",
+            "Time of the queue call that settles a message",
             metrics.settle_latency_seconds.clone(),
+        );
+        r.register(
+            "exit_to_delete_seconds",
+            "Time from step exited to its message deleted",
+            metrics.exit_to_delete_seconds.clone(),
         );
         r.register(
             "bridge_latency_seconds",

@@ -21,11 +21,12 @@ use crate::admission::Admission;
 use crate::dagster::{BridgeError, DagsterBridge, StepState as DagsterStepState, Verdict};
 use crate::envelope::{self, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
+use crate::lease::LeaseSignals;
 use crate::lease::LeaseTable;
 use crate::metrics::Metrics;
-use crate::queue::{DeadLetter, QueueError, ReceivedMessage, WorkQueue};
+use crate::queue::{continuation, DeadLetter, QueueError, ReceivedMessage, WorkQueue};
 use crate::retry::Backoff;
-use crate::state::{StepState, StepTable};
+use crate::state::{StepState, StepTable, StopReason};
 
 /// Settings of the loop.
 #[derive(Debug, Clone)]
@@ -42,7 +43,19 @@ pub struct ReconcilerConfig {
     pub shutdown_grace: Duration,
     /// How long to keep retrying a bridge or queue call before giving the message back.
     pub call_retry_budget: Duration,
+    /// Timeout of steps without a `dagster-taskiq/timeout` tag; `None`: no limit.
+    pub default_step_timeout: Option<Duration>,
+    /// After SIGTERM (cancel), how long a step may take to exit before SIGKILL.
+    pub stop_grace: Duration,
+    /// How often the status of runs with held steps is read from Dagster.
+    pub run_status_interval: Duration,
+    /// After a hand-off, how long the owner waits for its continuation before fencing its
+    /// step; other replicas relaunch a continuation only after this (plus a clock margin).
+    pub adoption_window: Duration,
 }
+
+/// Allowance for clock skew between replicas when reading a hand-off time.
+const CLOCK_MARGIN: Duration = Duration::from_secs(10);
 
 /// Everything the loop needs; shared by the intake and every step task.
 pub struct Controller {
@@ -95,6 +108,7 @@ impl Controller {
             let stop = keeper_stop.clone();
             async move { leases.keep(queue, stop).await }
         });
+        let watcher = tokio::spawn(self.clone().watch_runs(keeper_stop.clone()));
         let mut tasks = JoinSet::new();
         self.clone().intake(&mut tasks).await;
 
@@ -116,6 +130,7 @@ impl Controller {
         }
         keeper_stop.cancel();
         let _ = keeper.await;
+        let _ = watcher.await;
         tracing::info!("drained");
     }
 
@@ -135,13 +150,29 @@ impl Controller {
                     None => break,
                 }
             }
+            let queue = self.queue.clone();
+            let (max, wait, visibility) = (
+                permits.len(),
+                self.config.receive_wait,
+                self.leases.visibility(),
+            );
+            let mut receive = Box::pin(async move { queue.receive(max, wait, visibility).await });
             let received = tokio::select! {
-                _ = self.draining.cancelled() => return,
-                received = self.queue.receive(
-                    permits.len(),
-                    self.config.receive_wait,
-                    self.leases.visibility(),
-                ) => received,
+                received = &mut receive => received,
+                _ = self.draining.cancelled() => {
+                    // Dropping a long poll mid-way could hide messages SQS already handed
+                    // out; let it finish in the background and give back what it brings.
+                    let this = self.clone();
+                    tasks.spawn(async move {
+                        if let Ok(messages) = receive.await {
+                            for message in messages {
+                                this.metrics.messages_received.inc();
+                                this.settle_unclaimed(&message, release_for_shutdown()).await;
+                            }
+                        }
+                    });
+                    return;
+                }
             };
             match received {
                 Ok(messages) => {
@@ -166,6 +197,45 @@ impl Controller {
                     tokio::select! {
                         _ = self.draining.cancelled() => return,
                         _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the steps of runs that ended (canceled, failed, succeeded) in Dagster: one
+    /// batched status query per Dagster instance per interval.
+    async fn watch_runs(self: Arc<Self>, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.config.run_status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            for (instance_ref, run_ids) in self.steps.active_runs() {
+                let statuses = match self.bridge.run_statuses(&instance_ref, &run_ids).await {
+                    Ok(statuses) => statuses,
+                    Err(e) => {
+                        tracing::debug!(%e, "run status poll failed; trying again next tick");
+                        continue;
+                    }
+                };
+                for (run_id, status) in statuses {
+                    let Some(status) = status.filter(|s| s.stops_new_steps()) else {
+                        continue;
+                    };
+                    let reason = StopReason::RunEnded {
+                        run_status: format!("{status:?}").to_uppercase(),
+                    };
+                    let asked = self.steps.request_stop_run(&run_id, &reason);
+                    if asked > 0 {
+                        tracing::info!(
+                            run_id,
+                            ?status,
+                            steps = asked,
+                            "run ended in Dagster: stopping its steps"
+                        );
                     }
                 }
             }
@@ -221,9 +291,15 @@ impl Controller {
                 }
                 return;
             }
-            let lost = self.leases.hold(&step.task_id, &message.receipt_handle);
-            let disposition = self.process(&step, &message, lost).await;
+            let signals = self.leases.hold(&step.task_id, &message.receipt_handle);
+            let mut exited_at = None;
+            let disposition = self.process(&step, &message, signals, &mut exited_at).await;
             self.settle(&step, &message, disposition).await;
+            if let Some(exited_at) = exited_at {
+                self.metrics
+                    .exit_to_delete_seconds
+                    .observe(exited_at.elapsed().as_secs_f64());
+            }
         }
         .instrument(span)
         .await
@@ -234,7 +310,8 @@ impl Controller {
         &self,
         step: &StepRequest,
         message: &ReceivedMessage,
-        lost: CancellationToken,
+        signals: LeaseSignals,
+        exited_at: &mut Option<Instant>,
     ) -> Disposition {
         let received_at = Instant::now();
         let task_id = step.task_id.as_str();
@@ -248,7 +325,31 @@ impl Controller {
         if let Some(skip) = self.skip_reason(step, &state).await {
             return skip;
         }
-        if message.receive_count > self.config.max_attempts {
+        let is_continuation = message
+            .attributes
+            .get(continuation::MARKER)
+            .map(String::as_str)
+            == Some("true");
+        if is_continuation {
+            if let Some(wait) = self.owner_may_adopt(message) {
+                // Its owner still runs the step and may receive it: pass it on.
+                return Disposition::Release {
+                    delay: wait.min(Duration::from_secs(1)),
+                    reason: "continuation_not_ours",
+                    state: StepState::Released,
+                };
+            }
+            tracing::warn!(
+                "continuation's owner did not adopt it in time: relaunching the attempt"
+            );
+        }
+        // Passing on a continuation raises its receive count without any failure.
+        let attempt_limit = if is_continuation {
+            self.config.max_attempts.saturating_mul(10)
+        } else {
+            self.config.max_attempts
+        };
+        if message.receive_count > attempt_limit {
             return self.give_up(step, message).await;
         }
         if message.receive_count > 1 {
@@ -310,24 +411,70 @@ impl Controller {
             r.history.push((StepState::Running, chrono::Utc::now()));
         });
 
-        let exit = tokio::select! {
-            exit = running.wait() => exit,
-            _ = lost.cancelled() => {
-                tracing::warn!(%locator, "lease lost: fencing the step");
-                running.kill();
-                running.wait().await;
-                self.finish_metric(kind, "fenced");
-                return Disposition::Abandon;
-            }
-            _ = self.abort.cancelled() => {
-                tracing::warn!(%locator, "shutdown grace over: killing the step; its message goes back to the queue");
-                running.kill();
-                running.wait().await;
-                self.finish_metric(kind, "killed");
-                return release_for_shutdown();
+        let timeout = step.timeout.or(self.config.default_step_timeout);
+        let deadline = timeout.map(|t| started + t);
+        let stop = self.steps.stop_signal(task_id).unwrap_or_default();
+        let mut cause = None;
+        let exit = loop {
+            let handoff_at = self.leases.handoff_deadline(task_id);
+            let adopt_by = self
+                .leases
+                .adoption_deadline(task_id, self.config.adoption_window);
+            tokio::select! {
+                exit = running.wait() => break exit,
+                _ = signals.lost.cancelled() => {
+                    tracing::warn!(%locator, "lease lost: fencing the step");
+                    running.kill();
+                    running.wait().await;
+                    self.finish_metric(kind, "fenced");
+                    return Disposition::Abandon;
+                }
+                _ = self.abort.cancelled() => {
+                    tracing::warn!(%locator, "shutdown grace over: killing the step; its message goes back to the queue");
+                    running.kill();
+                    running.wait().await;
+                    self.finish_metric(kind, "killed");
+                    return release_for_shutdown();
+                }
+                _ = sleep_until_deadline(deadline) => {
+                    let limit = timeout.expect("a deadline comes from a timeout");
+                    tracing::warn!(%locator, ?limit, "step timed out: killing its process group");
+                    // SIGKILL, not SIGTERM: Dagster turns SIGTERM into an interrupt failure
+                    // that skips the RetryPolicy; the verdict below lets the policy decide.
+                    running.kill();
+                    cause = Some(format!("step timed out after {:.1}s and was killed", limit.as_secs_f64()));
+                    break running.wait().await;
+                }
+                _ = stop.cancelled() => {
+                    let reason = self.steps.stop_reason(task_id);
+                    tracing::info!(%locator, ?reason, "stopping the step: SIGTERM, then SIGKILL after the grace");
+                    running.terminate();
+                    let exit = match tokio::time::timeout(self.config.stop_grace, running.wait()).await {
+                        Ok(exit) => exit,
+                        Err(_) => {
+                            running.kill();
+                            running.wait().await
+                        }
+                    };
+                    if let Some(StopReason::Operator { reason }) = reason {
+                        cause = Some(format!("step stopped by an operator: {reason}"));
+                    }
+                    break exit;
+                }
+                _ = sleep_until_deadline(handoff_at) => self.hand_off(task_id, message).await,
+                _ = sleep_until_deadline(adopt_by) => {
+                    tracing::error!(%locator, "continuation not received back in time: fencing the step");
+                    running.kill();
+                    running.wait().await;
+                    self.finish_metric(kind, "fenced");
+                    return Disposition::Abandon;
+                }
+                _ = signals.renewed.notified() => {}
             }
         };
-        let exited_at = Instant::now();
+        let exited_at_now = Instant::now();
+        *exited_at = Some(exited_at_now);
+        let exited_at = exited_at_now;
         self.metrics
             .step_duration_seconds
             .observe((exited_at - started).as_secs_f64());
@@ -337,7 +484,8 @@ impl Controller {
             r.stderr_tail = running.stderr_tail();
         });
         tracing::info!(exit = %exit.short(), elapsed = ?(exited_at - started), "step exited");
-        self.conclude(step, message, running.as_ref(), exit).await
+        self.conclude(step, message, running.as_ref(), exit, cause)
+            .await
     }
 
     /// After the execution ended: read the outcome, or write a verdict.
@@ -347,6 +495,7 @@ impl Controller {
         message: &ReceivedMessage,
         running: &dyn RunningStep,
         exit: StepExit,
+        cause: Option<String>,
     ) -> Disposition {
         let kind = self.launcher.kind();
         let state = match self
@@ -377,8 +526,13 @@ impl Controller {
             };
         }
         let tail = running.stderr_tail();
+        let outcome = if cause.as_deref().is_some_and(|c| c.contains("timed out")) {
+            "timed_out"
+        } else {
+            "verdict"
+        };
         let verdict = Verdict {
-            verdict: exit.describe(),
+            verdict: cause.unwrap_or_else(|| exit.describe()),
             exit: exit.short(),
             stderr_tail: tail.join("\n"),
         };
@@ -393,7 +547,7 @@ impl Controller {
         {
             Ok(_) => {
                 self.steps.transition(&step.task_id, StepState::Reported);
-                self.finish_metric(kind, "verdict");
+                self.finish_metric(kind, outcome);
                 Disposition::Ack {
                     outcome: "verdict",
                     state: StepState::Acked,
@@ -401,6 +555,73 @@ impl Controller {
             }
             Err(e) => self.bridge_failure(e, message),
         }
+    }
+
+    /// Before SQS's visibility cap: send a continuation of the message (same body, marked
+    /// with this controller as owner), then delete the old one. The intake adopts the
+    /// continuation when it comes back; other replicas pass it on (see `owner_may_adopt`).
+    async fn hand_off(&self, task_id: &str, message: &ReceivedMessage) {
+        let Some(handle) = self.leases.receipt_handle(task_id) else {
+            return;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let attributes = std::collections::HashMap::from([
+            (continuation::MARKER.to_owned(), "true".to_owned()),
+            (
+                continuation::OWNER.to_owned(),
+                self.config.controller_id.clone(),
+            ),
+            (continuation::HANDOFF_AT_MS.to_owned(), now_ms.to_string()),
+            (
+                continuation::CONTINUES.to_owned(),
+                message.message_id.clone(),
+            ),
+        ]);
+        match self.queue.send(&message.body, &attributes).await {
+            Ok(continuation_id) => {
+                // Stop extending the old handle before deleting it.
+                self.leases.mark_handed_off(task_id);
+                if let Err(e) = self.queue.ack(&handle).await {
+                    // It comes back later and is adopted like any redelivery.
+                    tracing::warn!(%e, "could not delete the handed-off message");
+                }
+                self.metrics
+                    .lease_extensions
+                    .get_or_create(&[("result", "handed_off")])
+                    .inc();
+                tracing::info!(
+                    continuation_id,
+                    "visibility cap near: lease handed off to a continuation"
+                );
+            }
+            Err(e) => {
+                self.count_queue_error("SendMessage", &e);
+                tracing::warn!(%e, "hand-off failed; retrying shortly");
+                tokio::time::sleep(self.leases.heartbeat_interval()).await;
+            }
+        }
+    }
+
+    /// For a continuation owned by another controller: how long its owner may still adopt
+    /// it. `None` when the owner had its chance (it fences its step by then) or is us.
+    fn owner_may_adopt(&self, message: &ReceivedMessage) -> Option<Duration> {
+        let owner = message.attributes.get(continuation::OWNER)?;
+        if *owner == self.config.controller_id {
+            // We own it but no longer hold the step: that execution died with a previous
+            // run of this controller.
+            return None;
+        }
+        let handoff_ms: u64 = message
+            .attributes
+            .get(continuation::HANDOFF_AT_MS)?
+            .parse()
+            .ok()?;
+        let handoff = std::time::UNIX_EPOCH + Duration::from_millis(handoff_ms);
+        let fenced_by = handoff + self.config.adoption_window + CLOCK_MARGIN;
+        fenced_by.duration_since(std::time::SystemTime::now()).ok()
     }
 
     /// A message that must not run: its attempt already finished, or its run is over.
@@ -624,6 +845,13 @@ impl Controller {
             .queue_errors
             .get_or_create(&[("operation", operation), ("kind", e.kind())])
             .inc();
+    }
+}
+
+async fn sleep_until_deadline(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -6,6 +6,8 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use crate::envelope::StepRequest;
 
@@ -47,6 +49,16 @@ impl StepState {
     }
 }
 
+/// Why a running step is being stopped from outside its own task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StopReason {
+    /// The run is canceling, canceled or over: Dagster writes the interrupt failure.
+    RunEnded { run_status: String },
+    /// An operator asked (dashboard or API).
+    Operator { reason: String },
+}
+
 /// What the controller knows about one step attempt.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRecord {
@@ -62,6 +74,14 @@ pub struct StepRecord {
     pub locator: Option<String>,
     pub verdict: Option<String>,
     pub stderr_tail: Vec<String>,
+    /// Set when someone asked the step to stop.
+    pub stop_reason: Option<StopReason>,
+    /// Cancelled together with `stop_reason` being set.
+    #[serde(skip)]
+    pub stop: CancellationToken,
+    /// The run's Dagster instance, for batched run-status queries.
+    #[serde(skip)]
+    pub instance_ref: Value,
 }
 
 /// How many finished records to keep for the API.
@@ -98,6 +118,9 @@ impl StepTable {
             locator: None,
             verdict: None,
             stderr_tail: Vec::new(),
+            stop_reason: None,
+            stop: CancellationToken::new(),
+            instance_ref: step.instance_ref.clone(),
         };
         inner.active.insert(step.task_id.clone(), record);
         true
@@ -125,6 +148,66 @@ impl StepTable {
             }
             inner.recent.push_back(record);
         }
+    }
+
+    /// Asks an active step to stop. Returns false if it is not active (or already asked).
+    pub fn request_stop(&self, task_id: &str, reason: StopReason) -> bool {
+        let mut inner = self.inner.lock().expect("lock");
+        match inner.active.get_mut(task_id) {
+            Some(record) if record.stop_reason.is_none() => {
+                record.stop_reason = Some(reason);
+                record.stop.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Asks every active step of a run to stop. Returns how many were asked.
+    pub fn request_stop_run(&self, run_id: &str, reason: &StopReason) -> usize {
+        let mut inner = self.inner.lock().expect("lock");
+        let mut asked = 0;
+        for record in inner.active.values_mut() {
+            if record.run_id == run_id && record.stop_reason.is_none() {
+                record.stop_reason = Some(reason.clone());
+                record.stop.cancel();
+                asked += 1;
+            }
+        }
+        asked
+    }
+
+    /// The stop signal of an active step and, once signalled, why.
+    pub fn stop_signal(&self, task_id: &str) -> Option<CancellationToken> {
+        let inner = self.inner.lock().expect("lock");
+        inner.active.get(task_id).map(|r| r.stop.clone())
+    }
+
+    pub fn stop_reason(&self, task_id: &str) -> Option<StopReason> {
+        let inner = self.inner.lock().expect("lock");
+        inner
+            .active
+            .get(task_id)
+            .and_then(|r| r.stop_reason.clone())
+    }
+
+    /// Runs with active steps, grouped by Dagster instance (one status query per group).
+    pub fn active_runs(&self) -> Vec<(Value, Vec<String>)> {
+        let inner = self.inner.lock().expect("lock");
+        let mut groups: Vec<(Value, Vec<String>)> = Vec::new();
+        for record in inner.active.values() {
+            let group = match groups.iter_mut().find(|(r, _)| *r == record.instance_ref) {
+                Some(group) => group,
+                None => {
+                    groups.push((record.instance_ref.clone(), Vec::new()));
+                    groups.last_mut().expect("just pushed")
+                }
+            };
+            if !group.1.contains(&record.run_id) {
+                group.1.push(record.run_id.clone());
+            }
+        }
+        groups
     }
 
     pub fn is_active(&self, task_id: &str) -> bool {

@@ -26,6 +26,10 @@ struct Bed {
 }
 
 fn bed(step_duration: Duration) -> Bed {
+    bed_with_cap(step_duration, Duration::from_secs(12 * 3600))
+}
+
+fn bed_with_cap(step_duration: Duration, visibility_cap: Duration) -> Bed {
     let queue = FakeQueue::default();
     let bridge = FakeBridge::default();
     let launcher = FakeLauncher::new(bridge.clone(), step_duration);
@@ -41,6 +45,10 @@ fn bed(step_duration: Duration) -> Bed {
             },
             shutdown_grace: Duration::from_secs(10),
             call_retry_budget: Duration::from_secs(5),
+            default_step_timeout: None,
+            stop_grace: Duration::from_secs(3),
+            run_status_interval: Duration::from_secs(1),
+            adoption_window: Duration::from_secs(60),
         },
         queue: Arc::new(queue.clone()),
         launcher: Arc::new(launcher.clone()),
@@ -50,7 +58,11 @@ fn bed(step_duration: Duration) -> Bed {
             launch_rate: None,
             launch_burst: std::num::NonZeroU32::MIN,
         }),
-        leases: Arc::new(LeaseTable::new(Duration::from_secs(30), metrics.clone())),
+        leases: Arc::new(LeaseTable::new(
+            Duration::from_secs(3),
+            visibility_cap,
+            metrics.clone(),
+        )),
         steps: Arc::new(StepTable::default()),
         metrics,
         draining: CancellationToken::new(),
@@ -243,4 +255,208 @@ async fn shutdown_kills_steps_past_the_grace_and_releases_their_messages() {
         .events()
         .contains(&QueueEvent::Released("m1".into(), Duration::ZERO)));
     assert!(bed.bridge.verdicts().is_empty());
+}
+
+fn body_with_labels(id: u32, run_id: &str, step_key: &str, extra: &[(&str, &str)]) -> String {
+    let mut body: serde_json::Value =
+        serde_json::from_str(&step_body(&task_id(id), run_id, step_key, 0)).unwrap();
+    for (k, v) in extra {
+        body["labels"][*k] = serde_json::Value::from(*v);
+    }
+    body.to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_past_its_timeout_is_killed_and_gets_a_timeout_verdict() {
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher.outcome("op_a", FakeOutcome::HangIgnoringTerm);
+    bed.queue.push(
+        "m1",
+        &body_with_labels(10, "run1", "op_a", &[("dagster_timeout", "3")]),
+    );
+    let began = tokio::time::Instant::now();
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m1")).await;
+    let elapsed = began.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(3) && elapsed < Duration::from_secs(4),
+        "{elapsed:?}"
+    );
+    let verdicts = bed.bridge.verdicts();
+    assert_eq!(verdicts.len(), 1);
+    assert!(
+        verdicts[0].1.contains("timed out after 3.0s"),
+        "{verdicts:?}"
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_canceled_run_stops_its_running_steps_and_skips_later_ones() {
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher.outcome("op_a", FakeOutcome::Hang);
+    bed.launcher.outcome("op_b", FakeOutcome::HangIgnoringTerm);
+    bed.queue
+        .push("a", &step_body(&task_id(11), "run1", "op_a", 0));
+    bed.queue
+        .push("b", &step_body(&task_id(12), "run1", "op_b", 0));
+    let handle = bed.start();
+    while bed.launcher.launches().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let canceled_at = tokio::time::Instant::now();
+    bed.bridge.set_run_status("run1", RunStatus::Canceling);
+    bed.queue.wait_for(acked("a")).await;
+    // SIGTERM is honoured at once; within the poll interval.
+    assert!(canceled_at.elapsed() <= Duration::from_secs(2));
+    // The other ignores SIGTERM: SIGKILL after the stop grace (3 s).
+    bed.queue.wait_for(acked("b")).await;
+    assert!(canceled_at.elapsed() <= Duration::from_secs(5));
+    // Dagster wrote the interrupt failure for a; nothing from us for either.
+    assert!(
+        bed.bridge.verdicts().is_empty(),
+        "{:?}",
+        bed.bridge.verdicts()
+    );
+
+    bed.queue
+        .push("late", &step_body(&task_id(13), "run1", "op_c", 0));
+    bed.queue.wait_for(acked("late")).await;
+    assert_eq!(
+        bed.launcher.launches().len(),
+        2,
+        "a later step of the run never launched"
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_stop_of_a_step_in_a_live_run_reports_why() {
+    use dagster_taskiq_controller::state::StopReason;
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher.outcome("op_a", FakeOutcome::HangIgnoringTerm);
+    bed.queue
+        .push("m1", &step_body(&task_id(14), "run1", "op_a", 0));
+    let handle = bed.start();
+    while bed.launcher.launches().is_empty() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(bed.controller.steps.request_stop(
+        &task_id(14),
+        StopReason::Operator {
+            reason: "stuck".into()
+        }
+    ));
+    bed.queue.wait_for(acked("m1")).await;
+    let verdicts = bed.bridge.verdicts();
+    assert_eq!(verdicts.len(), 1);
+    assert!(
+        verdicts[0].1.contains("stopped by an operator: stuck"),
+        "{verdicts:?}"
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_longer_than_the_visibility_cap_is_handed_off_and_adopted_back() {
+    // Cap 20 s, visibility 3 s: hand-off 5 s before the cap, every 15 s.
+    let bed = bed_with_cap(Duration::from_secs(40), Duration::from_secs(20));
+    bed.queue
+        .push("m1", &step_body(&task_id(20), "run1", "op_a", 0));
+    let handle = bed.start();
+    bed.queue
+        .wait_for(|events| {
+            events
+                .iter()
+                .any(|e| matches!(e, QueueEvent::Acked(id) if id.starts_with("sent")))
+        })
+        .await;
+    let events = bed.queue.events();
+    let sent: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e, QueueEvent::Sent(_)))
+        .collect();
+    assert_eq!(sent.len(), 2, "two hand-offs in 40 s: {events:?}");
+    assert!(
+        events.contains(&QueueEvent::Acked("m1".into())),
+        "old message deleted"
+    );
+    assert_eq!(
+        bed.launcher.launches().len(),
+        1,
+        "adopted, never relaunched"
+    );
+    assert!(bed.bridge.verdicts().is_empty());
+    bed.stop(handle).await;
+}
+
+fn continuation_of(body: &str, owner: &str, handoff_at: std::time::SystemTime) -> FakeQueue {
+    use dagster_taskiq_controller::queue::{continuation, WorkQueue};
+    let queue = FakeQueue::default();
+    let ms = handoff_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let attributes = std::collections::HashMap::from([
+        (continuation::MARKER.to_owned(), "true".to_owned()),
+        (continuation::OWNER.to_owned(), owner.to_owned()),
+        (continuation::HANDOFF_AT_MS.to_owned(), ms),
+    ]);
+    futures::executor::block_on(queue.send(body, &attributes)).unwrap();
+    queue
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_owners_fresh_continuation_is_passed_on_and_a_stale_one_relaunched() {
+    let body = step_body(&task_id(21), "run1", "op_a", 0);
+    let mut bed = bed(Duration::from_secs(1));
+    bed.queue = continuation_of(&body, "other-controller", std::time::SystemTime::now());
+    let bed = rebuild(bed);
+    let handle = bed.start();
+    bed.queue
+        .wait_for(|events| {
+            events
+                .iter()
+                .any(|e| matches!(e, QueueEvent::Released(_, _)))
+        })
+        .await;
+    assert!(
+        bed.launcher.launches().is_empty(),
+        "the owner may still adopt it"
+    );
+    bed.stop(handle).await;
+
+    let stale = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let mut bed = self::bed(Duration::from_secs(1));
+    bed.queue = continuation_of(&body, "other-controller", stale);
+    let bed = rebuild(bed);
+    let handle = bed.start();
+    bed.queue
+        .wait_for(|events| events.iter().any(|e| matches!(e, QueueEvent::Acked(_))))
+        .await;
+    assert_eq!(bed.launcher.launches(), vec![task_id(21)]);
+    bed.stop(handle).await;
+}
+
+/// The same bed with its controller reading from `bed.queue`.
+fn rebuild(bed: Bed) -> Bed {
+    let c = &bed.controller;
+    let controller = Arc::new(Controller {
+        config: c.config.clone(),
+        queue: Arc::new(bed.queue.clone()),
+        launcher: Arc::new(bed.launcher.clone()),
+        bridge: Arc::new(bed.bridge.clone()),
+        admission: Admission::new(AdmissionConfig {
+            max_concurrent: 4,
+            launch_rate: None,
+            launch_burst: std::num::NonZeroU32::MIN,
+        }),
+        leases: c.leases.clone(),
+        steps: c.steps.clone(),
+        metrics: c.metrics.clone(),
+        draining: CancellationToken::new(),
+        abort: CancellationToken::new(),
+    });
+    Bed { controller, ..bed }
 }

@@ -10,6 +10,18 @@ use async_trait::async_trait;
 
 pub use sqs::{SqsQueue, SqsQueueConfig};
 
+/// Message attributes of a hand-off continuation (docs/guarantees.md).
+pub mod continuation {
+    /// Present (value "true") on a continuation message.
+    pub const MARKER: &str = "dagster_taskiq_continuation";
+    /// The controller that holds the running execution.
+    pub const OWNER: &str = "dagster_taskiq_owner";
+    /// When the hand-off happened, milliseconds since the Unix epoch.
+    pub const HANDOFF_AT_MS: &str = "dagster_taskiq_handoff_at_ms";
+    /// The message id of the message it continues.
+    pub const CONTINUES: &str = "dagster_taskiq_continues";
+}
+
 /// One message as received, with what SQS told us about its delivery.
 #[derive(Debug, Clone)]
 pub struct ReceivedMessage {
@@ -110,6 +122,14 @@ pub trait WorkQueue: Send + Sync + 'static {
 
     /// Deletes a message whose outcome is durable.
     async fn ack(&self, receipt_handle: &str) -> Result<(), QueueError>;
+
+    /// Sends a new message to the work queue (a hand-off continuation or a redrive).
+    /// Returns its message id.
+    async fn send(
+        &self,
+        body: &str,
+        attributes: &HashMap<String, String>,
+    ) -> Result<String, QueueError>;
 
     /// Sends the message to the dead-letter queue with the reason, then deletes it.
     async fn dead_letter(

@@ -222,19 +222,33 @@ impl WorkQueue for SqsQueue {
         Ok(())
     }
 
+    async fn send(
+        &self,
+        body: &str,
+        attributes: &HashMap<String, String>,
+    ) -> Result<String, QueueError> {
+        let attributes = attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), string_attribute(v)))
+            .collect();
+        let out = self
+            .client
+            .send_message()
+            .queue_url(&self.config.queue_url)
+            .message_body(body)
+            .set_message_attributes(Some(attributes))
+            .send()
+            .await
+            .map_err(|e| classify("SendMessage", e))?;
+        Ok(out.message_id().unwrap_or_default().to_owned())
+    }
+
     async fn dead_letter(
         &self,
         message: &ReceivedMessage,
         dead_letter: &DeadLetter,
     ) -> Result<(), QueueError> {
-        let attribute = |value: &str| {
-            MessageAttributeValue::builder()
-                .data_type("String")
-                // SQS rejects empty string attribute values.
-                .string_value(if value.is_empty() { "-" } else { value })
-                .build()
-                .expect("data type is set")
-        };
+        let attribute = string_attribute;
         // Keep the extended-payload marker so a redrive still resolves the S3 body; SQS allows
         // at most 10 attributes, so nothing else of the original's is carried over.
         let mut attributes: HashMap<String, MessageAttributeValue> = message
@@ -276,6 +290,15 @@ impl WorkQueue for SqsQueue {
             .map_err(|e| classify("SendMessage", e))?;
         self.ack(&message.receipt_handle).await
     }
+}
+
+fn string_attribute(value: &str) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        // SQS rejects empty string attribute values.
+        .string_value(if value.is_empty() { "-" } else { value })
+        .build()
+        .expect("data type is set")
 }
 
 fn is_lost_handle(code: &str, message: &str) -> bool {
