@@ -126,16 +126,29 @@ pub struct RunArgs {
 
     /// Module (or `.py` file) the zygote imports before forking, e.g. the code location's
     /// module; repeatable (env: comma-separated).
-    #[arg(long = "warm-preload", env = "DAGSTER_TASKIQ_WARM_PRELOAD", value_name = "MODULE", value_delimiter = ',')]
+    #[arg(
+        long = "warm-preload",
+        env = "DAGSTER_TASKIQ_WARM_PRELOAD",
+        value_name = "MODULE",
+        value_delimiter = ','
+    )]
     pub warm_preload: Vec<String>,
 
     /// Replace the zygote after this many forks (0: never).
-    #[arg(long, env = "DAGSTER_TASKIQ_WARM_RECYCLE_AFTER", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_WARM_RECYCLE_AFTER",
+        default_value_t = 1000
+    )]
     pub warm_recycle_after: u64,
 
     /// Replace the zygote when its resident memory grew by more than this many MiB since it
     /// was ready (0: never).
-    #[arg(long, env = "DAGSTER_TASKIQ_WARM_MAX_RSS_GROWTH_MB", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_WARM_MAX_RSS_GROWTH_MB",
+        default_value_t = 256
+    )]
     pub warm_max_rss_growth_mb: u64,
 
     /// Seconds the zygote may take to import Dagster and the preload modules.

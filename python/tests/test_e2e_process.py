@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import urllib.request
 import uuid
@@ -19,7 +21,7 @@ from typing import Any
 import boto3
 import jobs
 import pytest
-from conftest import wait_for
+from conftest import child_env, wait_for
 from dagster import DagsterEventType, DagsterInstance, execute_job
 
 from dagster_taskiq_controller import contract
@@ -328,3 +330,64 @@ def test_a_zygote_killed_mid_run_is_replaced_and_the_run_succeeds(warm_stack: St
     assert warm_stack.metric("warm_pool_forks_total") == 2
     assert new != old
     wait_for(warm_stack.queue_empty, 10, "every message to be deleted")
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (PID 1 here may not reap orphans)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_warm_steps_and_the_zygote_die_with_the_controller(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path, WARM_ARGS)
+    config = tmp_path / "run.yaml"
+    config.write_text("ops:\n  sleep_op:\n    config:\n      seconds: 120\n")
+    # The run worker in its own process: it waits for the step forever once the controller is
+    # gone, so it is killed at the end.
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "job",
+            "execute",
+            "-f",
+            jobs.__file__,
+            "-j",
+            "slow",
+            "-c",
+            str(config),
+        ],
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        zygote = s.zygote_pid()
+
+        def step_pid() -> int | None:
+            for r in s.api("/api/v1/steps"):
+                if r["step_key"] == "sleep_op" and r["state"] == "running" and r["locator"]:
+                    return int(r["locator"].split()[1])
+            return None
+
+        pid = wait_for(step_pid, 60, "sleep_op to be running")
+        assert _alive(pid) and _alive(zygote)
+        assert s.controller.process is not None
+        s.controller.process.kill()
+        s.controller.process.wait()
+        wait_for(lambda: not _alive(pid), 10, "the step to die with the controller")
+        wait_for(lambda: not _alive(zygote), 10, "the zygote to die with the controller")
+    finally:
+        run.kill()
+        run.wait()
+        s.controller.stop()

@@ -82,7 +82,7 @@ impl Launcher for ProcessLauncher {
             .spawn()
             .map_err(|e| classify_spawn_error(&self.config, e))?;
         let pid = child.id().expect("a just-spawned child has a pid");
-            let stderr_tail = new_tail();
+        let stderr_tail = new_tail();
         let span = tracing::Span::current();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");

@@ -390,14 +390,20 @@ impl Zygote {
                 Ok(())
             });
         }
-        let mut child = command
-            .spawn()
-            .map_err(|e| WarmError::Start(format!("cannot run {}: {e}", config.python.display())))?;
+        let mut child = command.spawn().map_err(|e| {
+            WarmError::Start(format!("cannot run {}: {e}", config.python.display()))
+        })?;
         let os_pid = child.id().unwrap_or_default();
         let span = tracing::info_span!("zygote", pid = os_pid);
         for pipe in [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
         ]
         .into_iter()
         .flatten()
@@ -419,7 +425,9 @@ impl Zygote {
                     },
                     _ => "closed its socket".into(),
                 };
-                return Err(WarmError::Start(format!("zygote {how} before it was ready")));
+                return Err(WarmError::Start(format!(
+                    "zygote {how} before it was ready"
+                )));
             }
         };
         let (pid, base_rss) = match serde_json::from_str::<Event>(&first) {
@@ -456,9 +464,7 @@ impl Zygote {
             dead: Default::default(),
             retiring: AtomicBool::new(false),
         });
-        tokio::spawn(
-            read_events(zygote.clone(), lines, child, replace, metrics).instrument(span),
-        );
+        tokio::spawn(read_events(zygote.clone(), lines, child, replace, metrics).instrument(span));
         Ok(zygote)
     }
 
@@ -568,7 +574,11 @@ impl Zygote {
                 // Opened before the go byte, so it names this child even if the zygote dies
                 // and the pid is reused later.
                 let pidfd = pidfd_open(pid)
-                    .and_then(|fd| AsyncFd::with_interest(fd, Interest::READABLE))
+                    // SAFETY: the AsyncFd owns the pidfd, which stays open until it is dropped.
+                    .and_then(|fd| {
+                        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                            .map_err(std::io::Error::from)
+                    })
                     .map_err(|e| tracing::debug!(pid, %e, "no pidfd for the step"))
                     .ok();
                 let mut control = std::fs::File::from(control_w);
@@ -824,11 +834,13 @@ impl RunningStep for WarmStep {
             return exit;
         }
         let exit = loop {
-            if let Some(exit) = *self.exit_rx.borrow_and_update() {
+            let reported = *self.exit_rx.borrow_and_update();
+            if let Some(exit) = reported {
                 break exit;
             }
             if self.exit_rx.changed().await.is_err() {
-                match *self.exit_rx.borrow() {
+                let reported = *self.exit_rx.borrow();
+                match reported {
                     Some(exit) => break exit,
                     None => break self.wait_orphan().await,
                 }
