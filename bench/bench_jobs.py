@@ -90,4 +90,7 @@ JOBS: dict[str, JobDefinition] = {
     for executor_name, executor in _executors().items()
 }
 
+# Step processes load a job by its attribute name in this file.
+globals().update(JOBS)
+
 defs = Definitions(jobs=list(JOBS.values()))

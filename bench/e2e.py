@@ -43,6 +43,7 @@ sys.path.insert(0, str(BENCH_DIR))
 GRAPHS = ("diamond4", "fanout11")
 STEPS = {"diamond4": 4, "fanout11": 11}
 MAX_CONCURRENT = 16
+TASKIQ_WORKERS = os.cpu_count() or 2
 
 
 @dataclass
@@ -93,8 +94,11 @@ def metric(dashboard: str, name: str) -> float:
 
 
 class Bench:
-    def __init__(self, repeats: int, binary: Path, workdir: Path) -> None:
+    def __init__(
+        self, repeats: int, binary: Path, workdir: Path, controller_concurrency: int
+    ) -> None:
         self.repeats = repeats
+        self.controller_concurrency = controller_concurrency
         self.binary = binary
         self.workdir = workdir
         self.results: dict[str, Measured] = {}
@@ -103,7 +107,8 @@ class Bench:
 
     def run_job(self, job_name: str, run_config: dict[str, Any]) -> tuple[float, str]:
         import bench_jobs
-        from dagster import DagsterInstance, ReconstructableJob, execute_job
+        from dagster import DagsterInstance, execute_job
+        from dagster._core.definitions.reconstruct import ReconstructableJob
 
         recon = ReconstructableJob.for_file(bench_jobs.__file__, job_name)
         instance = DagsterInstance.get()
@@ -176,7 +181,7 @@ class Bench:
             binary=self.binary,
             args=(
                 "--max-concurrent",
-                str(MAX_CONCURRENT),
+                str(self.controller_concurrency),
                 "--receive-wait",
                 "20",
                 *extra,
@@ -245,11 +250,9 @@ class Bench:
     def run_taskiq(self) -> None:
         import boto3
 
-        queue = f"bench-taskiq-{uuid.uuid4().hex[:8]}"
-        boto3.client("sqs").create_queue(QueueName=queue)
-        start_log = self.workdir / "taskiq-starts.log"
-        os.environ["BENCH_TASKIQ_QUEUE"] = queue
-        os.environ["BENCH_TASKIQ_START_LOG"] = str(start_log)
+        # Named (in main) before bench_jobs imported taskiq_app, whose broker reads it.
+        boto3.client("sqs").create_queue(QueueName=os.environ["BENCH_TASKIQ_QUEUE"])
+        start_log = Path(os.environ["BENCH_TASKIQ_START_LOG"])
         worker_log = open(self.workdir / "taskiq-worker.log", "ab")
         worker = subprocess.Popen(
             [
@@ -258,10 +261,12 @@ class Bench:
                 "taskiq",
                 "worker",
                 "taskiq_app:broker",
+                # One step at a time per worker process (Dagster steps deadlocked when run
+                # concurrently in threads of one process here), one process per CPU.
                 "--workers",
-                "1",
+                str(TASKIQ_WORKERS),
                 "--max-threadpool-threads",
-                str(MAX_CONCURRENT),
+                "1",
                 "--app-dir",
                 str(BENCH_DIR),
             ],
@@ -378,6 +383,12 @@ def main() -> int:
         choices=["cold", "warm", "warm_poll1", "spawn", "forkserver", "taskiq"],
         help="measure only these (repeatable); default: all",
     )
+    parser.add_argument(
+        "--controller-concurrency",
+        type=int,
+        default=MAX_CONCURRENT,
+        help="the controller's --max-concurrent (steps running at once)",
+    )
     args = parser.parse_args()
     only = set(args.only or ["cold", "warm", "warm_poll1", "spawn", "forkserver", "taskiq"])
 
@@ -394,7 +405,9 @@ def main() -> int:
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH", "")) if p
         )
-        bench = Bench(args.repeats, args.binary, workdir)
+        os.environ["BENCH_TASKIQ_QUEUE"] = f"bench-taskiq-{uuid.uuid4().hex[:8]}"
+        os.environ["BENCH_TASKIQ_START_LOG"] = str(workdir / "taskiq-starts.log")
+        bench = Bench(args.repeats, args.binary, workdir, args.controller_concurrency)
         import bench_jobs
 
         warm = ("--warm-pool", "--warm-preload", bench_jobs.__file__)

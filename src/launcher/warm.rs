@@ -44,7 +44,6 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::process::{forward_lines, new_tail, tail_lines, Stream, Tail, PIPE_DRAIN};
@@ -56,6 +55,8 @@ use crate::metrics::Metrics;
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
 /// How often a step whose zygote died is checked for exit where pidfds are unavailable.
 const ORPHAN_POLL: Duration = Duration::from_millis(100);
+/// How long a launch waits for a zygote that is (re)starting before it goes cold.
+const READY_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct WarmLauncherConfig {
@@ -81,8 +82,8 @@ enum WarmError {
     Start(String),
     #[error("zygote did not become ready within {0:?}")]
     StartTimeout(Duration),
-    #[error("zygote failed to start recently; next try in {0:?}")]
-    BackingOff(Duration),
+    #[error("no zygote ready within {0:?}")]
+    NotReady(Duration),
     #[error("zygote died before answering")]
     Died,
     #[error("zygote did not answer a spawn within {0:?}")]
@@ -98,7 +99,7 @@ impl WarmError {
     fn reason(&self) -> &'static str {
         match self {
             WarmError::Start(_) | WarmError::StartTimeout(_) => "start_failed",
-            WarmError::BackingOff(_) => "backing_off",
+            WarmError::NotReady(_) => "not_ready",
             WarmError::Died => "zygote_died",
             WarmError::SpawnTimeout(_) => "spawn_timeout",
             WarmError::Io(_) => "io",
@@ -117,37 +118,35 @@ struct Inner {
     config: WarmLauncherConfig,
     cold: ProcessLauncher,
     metrics: Arc<Metrics>,
-    pool: tokio::sync::Mutex<Pool>,
-    /// Asks the supervisor to make sure a usable zygote exists (after a death or a recycle).
-    replace: mpsc::UnboundedSender<()>,
-}
-
-#[derive(Default)]
-struct Pool {
-    current: Option<Arc<Zygote>>,
-    failures: u32,
-    retry_at: Option<Instant>,
+    /// The zygote new steps fork from; only the supervisor replaces it.
+    current: watch::Sender<Option<Arc<Zygote>>>,
+    /// Wakes the supervisor: a zygote died, wants recycling, or a launch found none.
+    wake: mpsc::UnboundedSender<()>,
 }
 
 impl WarmLauncher {
     /// Starts the supervisor, which brings up the first zygote right away. Needs a runtime.
     pub fn new(config: WarmLauncherConfig, cold: ProcessLauncher, metrics: Arc<Metrics>) -> Self {
-        let (replace, requests) = mpsc::unbounded_channel();
+        let (wake, wakes) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             config,
             cold,
             metrics,
-            pool: tokio::sync::Mutex::new(Pool::default()),
-            replace,
+            current: watch::Sender::new(None),
+            wake,
         });
-        tokio::spawn(supervise(Arc::downgrade(&inner), requests));
+        tokio::spawn(supervise(Arc::downgrade(&inner), wakes));
         Self { inner }
     }
 
     /// Pid of the zygote new steps fork from, once it is ready.
-    pub async fn zygote_pid(&self) -> Option<u32> {
-        let pool = self.inner.pool.lock().await;
-        pool.current.as_ref().filter(|z| z.usable()).map(|z| z.pid)
+    pub fn zygote_pid(&self) -> Option<u32> {
+        self.inner
+            .current
+            .borrow()
+            .as_ref()
+            .filter(|z| z.usable())
+            .map(|z| z.pid)
     }
 }
 
@@ -176,9 +175,8 @@ impl Launcher for WarmLauncher {
 
 impl Inner {
     async fn launch_warm(&self, step: &StepRequest) -> Result<WarmStep, WarmError> {
-        let zygote = self.ensure().await?;
-        let spawned = zygote.spawn(step, self.config.spawn_timeout).await;
-        let (running, forks, rss) = match spawned {
+        let zygote = self.ready_zygote().await?;
+        let (running, forks, rss) = match zygote.spawn(step, self.config.spawn_timeout).await {
             Ok(spawned) => spawned,
             Err(e) => {
                 if let WarmError::SpawnTimeout(_) = e {
@@ -200,65 +198,70 @@ impl Inner {
             None
         };
         if let Some(reason) = reason {
-            if zygote.retire().await {
+            if !zygote.recycle_wanted.swap(true, Ordering::SeqCst) {
                 tracing::info!(
                     pid = zygote.pid,
                     forks,
                     rss_growth = growth,
                     reason,
-                    "recycling the zygote"
+                    "recycling the zygote once its replacement is ready"
                 );
                 self.metrics
                     .warm_pool_recycles
                     .get_or_create(&[("reason", reason)])
                     .inc();
-                let _ = self.replace.send(());
+                let _ = self.wake.send(());
             }
         }
         Ok(running)
     }
 
-    /// The usable zygote, starting one if there is none (and no recent start failed).
-    async fn ensure(&self) -> Result<Arc<Zygote>, WarmError> {
-        let mut pool = self.pool.lock().await;
-        if let Some(zygote) = pool.current.as_ref().filter(|z| z.usable()) {
+    /// The current zygote; when there is none (starting, restarting, failing), waits a little
+    /// for one rather than paying a cold start at once.
+    async fn ready_zygote(&self) -> Result<Arc<Zygote>, WarmError> {
+        let mut current = self.current.subscribe();
+        if let Some(zygote) = current.borrow().as_ref().filter(|z| z.usable()) {
             return Ok(zygote.clone());
         }
-        if let Some(old) = pool.current.take() {
-            old.retire().await;
+        let _ = self.wake.send(());
+        let ready = tokio::time::timeout(
+            READY_WAIT,
+            current.wait_for(|z| z.as_ref().is_some_and(|z| z.usable())),
+        )
+        .await;
+        match ready {
+            Ok(Ok(zygote)) => Ok(zygote.clone().expect("waited for Some")),
+            _ => Err(WarmError::NotReady(READY_WAIT)),
+        }
+    }
+
+    /// True when the current zygote cannot serve (none, dead) or should be replaced.
+    fn needs_zygote(&self) -> bool {
+        match self.current.borrow().as_ref() {
+            None => true,
+            Some(z) => !z.usable() || z.recycle_wanted.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Starts a zygote and makes it current; the one it replaces is retired (it exits once
+    /// its last child has).
+    async fn replace(&self) -> Result<(), WarmError> {
+        if self.current.borrow().as_ref().is_none_or(|z| !z.usable()) {
             self.metrics.warm_pool_zygote_pid.set(0);
         }
-        let now = Instant::now();
-        if let Some(at) = pool.retry_at.filter(|at| *at > now) {
-            return Err(WarmError::BackingOff(at - now));
+        let zygote = Zygote::start(&self.config, self.wake.clone(), self.metrics.clone()).await?;
+        self.metrics
+            .warm_pool_zygote_starts
+            .get_or_create(&[("result", "ok")])
+            .inc();
+        self.metrics.warm_pool_zygote_pid.set(zygote.pid as i64);
+        self.metrics
+            .warm_pool_zygote_rss_bytes
+            .set(zygote.base_rss as i64);
+        if let Some(old) = self.current.send_replace(Some(zygote)) {
+            old.retire().await;
         }
-        match Zygote::start(&self.config, self.replace.clone(), self.metrics.clone()).await {
-            Ok(zygote) => {
-                pool.failures = 0;
-                pool.retry_at = None;
-                self.metrics
-                    .warm_pool_zygote_starts
-                    .get_or_create(&[("result", "ok")])
-                    .inc();
-                self.metrics.warm_pool_zygote_pid.set(zygote.pid as i64);
-                self.metrics
-                    .warm_pool_zygote_rss_bytes
-                    .set(zygote.base_rss as i64);
-                pool.current = Some(zygote.clone());
-                Ok(zygote)
-            }
-            Err(e) => {
-                pool.failures += 1;
-                let pause = restart_backoff(pool.failures);
-                pool.retry_at = Some(Instant::now() + pause);
-                self.metrics
-                    .warm_pool_zygote_starts
-                    .get_or_create(&[("result", "failed")])
-                    .inc();
-                tracing::warn!(error = %e, failures = pool.failures, retry_in = ?pause, "zygote failed to start");
-                Err(e)
-            }
-        }
+        Ok(())
     }
 }
 
@@ -267,29 +270,43 @@ fn restart_backoff(failures: u32) -> Duration {
     Duration::from_secs(secs).min(MAX_RESTART_BACKOFF)
 }
 
-/// Keeps a usable zygote up: at start, after a death, after a recycle; retries failed starts
+/// Keeps a usable zygote up: at start, after a death, for a recycle; retries failed starts
 /// with backoff. Ends when the launcher is dropped.
-async fn supervise(inner: Weak<Inner>, mut requests: mpsc::UnboundedReceiver<()>) {
+async fn supervise(inner: Weak<Inner>, mut wakes: mpsc::UnboundedReceiver<()>) {
+    let mut failures = 0u32;
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let result = strong.ensure().await;
-        drop(strong);
-        let retry = match result {
-            Ok(_) => None,
-            Err(WarmError::BackingOff(pause)) => Some(pause),
-            Err(_) => Some(Duration::from_secs(1)),
-        };
-        let wake = async {
-            match retry {
-                Some(pause) => tokio::time::sleep(pause).await,
-                None => std::future::pending().await,
+        let mut retry = None;
+        if strong.needs_zygote() {
+            match strong.replace().await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    let pause = restart_backoff(failures);
+                    strong
+                        .metrics
+                        .warm_pool_zygote_starts
+                        .get_or_create(&[("result", "failed")])
+                        .inc();
+                    tracing::warn!(error = %e, failures, retry_in = ?pause, "zygote failed to start; launching cold meanwhile");
+                    retry = Some(pause);
+                }
             }
-        };
-        tokio::select! {
-            request = requests.recv() => if request.is_none() { return },
-            _ = wake => {}
+        }
+        drop(strong);
+        match retry {
+            // Wakes during the backoff do not shorten it.
+            Some(pause) => {
+                tokio::time::sleep(pause).await;
+                while wakes.try_recv().is_ok() {}
+            }
+            None => {
+                if wakes.recv().await.is_none() {
+                    return;
+                }
+            }
         }
     }
 }
@@ -352,6 +369,8 @@ struct Zygote {
     dead: tokio_util::sync::CancellationToken,
     /// No new spawns; closed once its last child exits.
     retiring: AtomicBool,
+    /// Recycle due: still serving until its replacement is ready.
+    recycle_wanted: AtomicBool,
 }
 
 #[derive(Default)]
@@ -363,7 +382,7 @@ struct Table {
 impl Zygote {
     async fn start(
         config: &WarmLauncherConfig,
-        replace: mpsc::UnboundedSender<()>,
+        wake: mpsc::UnboundedSender<()>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Zygote>, WarmError> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
@@ -463,8 +482,9 @@ impl Zygote {
             table: Mutex::new(Table::default()),
             dead: Default::default(),
             retiring: AtomicBool::new(false),
+            recycle_wanted: AtomicBool::new(false),
         });
-        tokio::spawn(read_events(zygote.clone(), lines, child, replace, metrics).instrument(span));
+        tokio::spawn(read_events(zygote.clone(), lines, child, wake, metrics).instrument(span));
         Ok(zygote)
     }
 
@@ -472,11 +492,10 @@ impl Zygote {
         !self.dead.is_cancelled() && !self.retiring.load(Ordering::SeqCst)
     }
 
-    /// Stops new spawns; the zygote exits once its running children have. True the first time.
-    async fn retire(&self) -> bool {
-        let first = !self.retiring.swap(true, Ordering::SeqCst);
+    /// Stops new spawns; the zygote exits once its running children have.
+    async fn retire(&self) {
+        self.retiring.store(true, Ordering::SeqCst);
         self.close_if_idle().await;
-        first
     }
 
     async fn close_if_idle(&self) {
@@ -704,7 +723,7 @@ async fn read_events(
     zygote: Arc<Zygote>,
     mut lines: Lines<BufReader<OwnedReadHalf>>,
     mut child: Child,
-    replace: mpsc::UnboundedSender<()>,
+    wake: mpsc::UnboundedSender<()>,
     metrics: Arc<Metrics>,
 ) {
     loop {
@@ -742,7 +761,7 @@ async fn read_events(
     } else {
         tracing::warn!(%status, "zygote died; starting a new one");
         metrics.warm_pool_zygote_deaths.inc();
-        let _ = replace.send(());
+        let _ = wake.send(());
     }
 }
 
