@@ -8,8 +8,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := target/release/dagster-taskiq-controller
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: setup build browser demo test test-rust test-python lint fmt bench chaos fuzz clean
+.PHONY: setup build browser demo test test-rust test-python lint fmt bench bench-e2e chaos fuzz clean
 
 setup: $(STAMP)
 
@@ -37,6 +38,8 @@ lint: setup
 	cargo clippy --all-targets --locked -- -D warnings
 	$(VENV)/bin/ruff check python
 	$(VENV)/bin/ruff format --check python
+	$(VENV)/bin/ruff check --config python/pyproject.toml bench
+	$(VENV)/bin/ruff format --check --config python/pyproject.toml bench
 
 test-rust: setup
 	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server cargo test --locked
@@ -61,6 +64,18 @@ fmt: setup
 	cargo fmt
 	$(VENV)/bin/ruff format python
 	$(VENV)/bin/ruff check --fix python
+	$(VENV)/bin/ruff format --config python/pyproject.toml bench
+	$(VENV)/bin/ruff check --fix --config python/pyproject.toml bench
+
+# The taskiq packages of the in-process comparison (they pin boto3/botocore to aiobotocore's).
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e 'python[test,bench]'
+	touch $(BENCH_STAMP)
+
+# Wall time of a diamond and a fan-out: controller cold and warm, Dagster's multiprocess
+# executor, an in-process taskiq worker. Report: stdout and target/bench-e2e.md.
+bench-e2e: $(BENCH_STAMP) build
+	$(PY) bench/e2e.py
 
 clean:
 	cargo clean

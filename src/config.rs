@@ -136,6 +136,42 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub ecs: EcsArgs,
+
+    /// Fork process steps from a warm zygote that has imported Dagster once, instead of
+    /// starting a fresh interpreter per step. Falls back to cold starts while it is unhealthy.
+    #[arg(long, env = "DAGSTER_TASKIQ_WARM_POOL")]
+    pub warm_pool: bool,
+
+    /// Module (or `.py` file) the zygote imports before forking, e.g. the code location's
+    /// module; repeatable (env: comma-separated).
+    #[arg(
+        long = "warm-preload",
+        env = "DAGSTER_TASKIQ_WARM_PRELOAD",
+        value_name = "MODULE",
+        value_delimiter = ','
+    )]
+    pub warm_preload: Vec<String>,
+
+    /// Replace the zygote after this many forks (0: never).
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_WARM_RECYCLE_AFTER",
+        default_value_t = 1000
+    )]
+    pub warm_recycle_after: u64,
+
+    /// Replace the zygote when its resident memory grew by more than this many MiB since it
+    /// was ready (0: never).
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_WARM_MAX_RSS_GROWTH_MB",
+        default_value_t = 256
+    )]
+    pub warm_max_rss_growth_mb: u64,
+
+    /// Seconds the zygote may take to import Dagster and the preload modules.
+    #[arg(long, env = "DAGSTER_TASKIQ_WARM_START_TIMEOUT", default_value = "120", value_parser = parse_seconds)]
+    pub warm_start_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -298,6 +334,15 @@ impl RunArgs {
                     format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters without spaces"),
                 ));
             }
+        }
+        if self.warm_start_timeout.is_zero() {
+            return Err(invalid("warm-start-timeout", "must be more than 0"));
+        }
+        if let Some(bad) = self.warm_preload.iter().find(|m| m.trim().is_empty()) {
+            return Err(invalid(
+                "warm-preload",
+                format!("{bad:?} is not a module name or file"),
+            ));
         }
         Ok(())
     }
@@ -496,6 +541,27 @@ mod tests {
         a.validate().unwrap();
         assert_eq!(a.dashboard_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(a.visibility_timeout, Duration::from_secs(60));
+        assert!(!a.warm_pool);
+        assert!(a.warm_preload.is_empty());
+    }
+
+    #[test]
+    fn warm_pool_flags() {
+        let a = args(&[
+            "--warm-pool",
+            "--warm-preload",
+            "my_code",
+            "--warm-preload",
+            "jobs.py",
+            "--warm-recycle-after",
+            "5",
+        ]);
+        a.validate().unwrap();
+        assert!(a.warm_pool);
+        assert_eq!(a.warm_preload, ["my_code", "jobs.py"]);
+        assert_eq!(a.warm_recycle_after, 5);
+        let err = args(&["--warm-preload", " "]).validate().unwrap_err();
+        assert!(err.to_string().starts_with("--warm-preload"), "{err}");
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //! - [`envelope`]: the wire contract: SQS body → [`envelope::StepRequest`] or [`envelope::Poison`].
 //! - [`queue`]: the [`queue::WorkQueue`] boundary and its SQS implementation.
 //! - [`lease`]: batched visibility heartbeats and lease-loss detection.
-//! - [`launcher`]: the [`launcher::Launcher`] boundary; child processes, ECS tasks
-//!   ([`launcher::ecs`]) and the per-step router.
+//! - [`launcher`]: the [`launcher::Launcher`] boundary; child processes (cold, or forked from
+//!   a warm zygote), ECS tasks ([`launcher::ecs`]) and the per-step router.
 //! - [`admission`]: concurrency cap and launch rate limit.
 //! - [`reconciler`]: the loop and the step state machine.
 //! - [`state`]: step states and the table the API reads.

@@ -15,7 +15,8 @@ use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
 use dagster_taskiq_controller::dashboard::{self, ControllerInfo, DashboardState, QueueCache};
 use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::launcher::{
-    EcsLauncher, Launcher, LauncherRouter, ProcessLauncher, ProcessLauncherConfig,
+    EcsLauncher, Launcher, LauncherRouter, ProcessLauncher, ProcessLauncherConfig, WarmLauncher,
+    WarmLauncherConfig,
 };
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
@@ -117,10 +118,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
     })?;
 
-    let mut launchers: Vec<Arc<dyn Launcher>> =
-        vec![Arc::new(ProcessLauncher::new(ProcessLauncherConfig {
-            python: args.python.clone(),
-        }))];
+    let cold = ProcessLauncher::new(ProcessLauncherConfig {
+        python: args.python.clone(),
+    });
+    let process_launcher: Arc<dyn Launcher> = if args.warm_pool {
+        Arc::new(WarmLauncher::new(
+            WarmLauncherConfig {
+                python: args.python.clone(),
+                preload: args.warm_preload.clone(),
+                recycle_after: args.warm_recycle_after,
+                max_rss_growth: args.warm_max_rss_growth_mb * 1024 * 1024,
+                start_timeout: args.warm_start_timeout,
+                spawn_timeout: std::time::Duration::from_secs(30),
+            },
+            cold,
+            metrics.clone(),
+        ))
+    } else {
+        Arc::new(cold)
+    };
+    let mut launchers: Vec<Arc<dyn Launcher>> = vec![process_launcher];
     if args.ecs_enabled() {
         let config = args.ecs_config(&controller_id)?;
         tracing::info!(
@@ -213,6 +230,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         dashboard = %args.dashboard_addr,
         max_concurrent = args.max_concurrent,
         admin_api = args.admin_token.is_some(),
+        warm_pool = args.warm_pool,
         "controller started"
     );
     controller.run().await;

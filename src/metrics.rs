@@ -74,6 +74,19 @@ pub struct Metrics {
     pub exit_to_delete_seconds: Histogram,
     /// `method`: Dagster bridge round trips.
     pub bridge_latency_seconds: HistogramFamily,
+    /// Steps forked from a warm zygote.
+    pub warm_pool_forks: Counter,
+    /// `reason`: why a step was launched cold although the warm pool is on.
+    pub warm_pool_fallbacks: Family<Label, Counter>,
+    /// `result`: ok, failed.
+    pub warm_pool_zygote_starts: Family<Label, Counter>,
+    /// Zygotes that died without being asked to.
+    pub warm_pool_zygote_deaths: Counter,
+    /// `reason`: forks, rss.
+    pub warm_pool_recycles: Family<Label, Counter>,
+    /// Pid of the zygote new steps fork from (0: none).
+    pub warm_pool_zygote_pid: Gauge,
+    pub warm_pool_zygote_rss_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -113,6 +126,13 @@ impl Metrics {
             settle_latency_seconds: seconds_histogram(),
             exit_to_delete_seconds: seconds_histogram(),
             bridge_latency_seconds: Family::new_with_constructor(seconds_histogram),
+            warm_pool_forks: Counter::default(),
+            warm_pool_fallbacks: Family::default(),
+            warm_pool_zygote_starts: Family::default(),
+            warm_pool_zygote_deaths: Counter::default(),
+            warm_pool_recycles: Family::default(),
+            warm_pool_zygote_pid: Gauge::default(),
+            warm_pool_zygote_rss_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -265,6 +285,41 @@ impl Metrics {
             "bridge_latency_seconds",
             "Dagster bridge round-trip time, by method",
             metrics.bridge_latency_seconds.clone(),
+        );
+        r.register(
+            "warm_pool_forks",
+            "Steps forked from a warm zygote",
+            metrics.warm_pool_forks.clone(),
+        );
+        r.register(
+            "warm_pool_fallbacks",
+            "Steps launched cold although the warm pool is on, by reason",
+            metrics.warm_pool_fallbacks.clone(),
+        );
+        r.register(
+            "warm_pool_zygote_starts",
+            "Warm zygote starts, by result",
+            metrics.warm_pool_zygote_starts.clone(),
+        );
+        r.register(
+            "warm_pool_zygote_deaths",
+            "Warm zygotes that died without being asked to",
+            metrics.warm_pool_zygote_deaths.clone(),
+        );
+        r.register(
+            "warm_pool_recycles",
+            "Warm zygotes retired, by reason (forks, rss)",
+            metrics.warm_pool_recycles.clone(),
+        );
+        r.register(
+            "warm_pool_zygote_pid",
+            "Pid of the zygote new steps fork from (0: none)",
+            metrics.warm_pool_zygote_pid.clone(),
+        );
+        r.register(
+            "warm_pool_zygote_rss_bytes",
+            "Resident memory of the current zygote",
+            metrics.warm_pool_zygote_rss_bytes.clone(),
         );
         Metrics {
             registry,

@@ -321,6 +321,69 @@ def tagged() -> None:
     tagged_op()
 
 
+# --- polluting: a step changes its process's global state; the next step must not see it ------
+
+POLLUTION_ENV = "DAGSTER_TASKIQ_TEST_POLLUTED"
+STATE: dict[str, int] = {}
+
+
+def _polluted() -> list[str]:
+    found = []
+    if STATE:
+        found.append(f"module global STATE = {STATE}")
+    if POLLUTION_ENV in os.environ:
+        found.append(f"env {POLLUTION_ENV} = {os.environ[POLLUTION_ENV]}")
+    if getattr(signal.getsignal, "polluted", False):
+        found.append("signal.getsignal is monkeypatched")
+    return found
+
+
+@op
+def pollute() -> Output[int]:
+    found = _polluted()
+    if found:
+        raise RuntimeError(f"inherited state from an earlier step: {found}")
+    STATE["polluted_by"] = os.getpid()
+    os.environ[POLLUTION_ENV] = str(os.getpid())
+    original = signal.getsignal
+
+    def patched(signalnum: int) -> object:
+        return original(signalnum)
+
+    patched.polluted = True  # type: ignore[attr-defined]
+    signal.getsignal = patched
+    return _out(1)
+
+
+@op
+def check_clean(x: int) -> Output[int]:
+    found = _polluted()
+    if found:
+        raise RuntimeError(f"inherited state from an earlier step: {found}")
+    return _out(x + 1)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def polluting() -> None:
+    """pollute sets a module global, an environment variable and monkeypatches the stdlib;
+    check_clean (a later step) and pollute in any later run fail if they see any of it."""
+    check_clean(pollute())
+
+
+# --- slow_then_more: a slow step, then a quick one -------------------------------------------
+
+
+@op
+def after_sleep(x: int) -> Output[int]:
+    return _out(x + 1)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def slow_then_more() -> None:
+    """sleep_op (``ops.sleep_op.config.seconds``), then after_sleep."""
+    after_sleep(sleep_op())
+
+
 ALL_JOBS = [
     diamond,
     failing,

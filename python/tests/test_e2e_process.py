@@ -1,9 +1,16 @@
 """End to end: real Dagster jobs through a real SQS API (moto server) and the controller binary,
-each step a real `dagster api execute_step` child process."""
+each step a real `dagster api execute_step` child process: started cold, or forked from the warm
+pool's zygote (every test runs with both launchers)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -14,7 +21,7 @@ from typing import Any
 import boto3
 import jobs
 import pytest
-from conftest import wait_for
+from conftest import child_env, wait_for
 from dagster import DagsterEventType, DagsterInstance, execute_job
 
 from dagster_taskiq_controller import contract
@@ -46,6 +53,23 @@ class Stack:
         with urllib.request.urlopen(f"{self.controller.dashboard_url}/metrics", timeout=5) as r:
             return r.read().decode()
 
+    def metric(self, name: str) -> float:
+        """The value of one unlabelled metric (0 when absent)."""
+        match = re.search(rf"^dagster_taskiq_{name} (\S+)$", self.metrics(), re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    def zygote_pid(self) -> int:
+        return int(self.metric("warm_pool_zygote_pid"))
+
+
+# Warm: the zygote preloads the tests' job file, as a deployment would preload its code location.
+WARM_ARGS = ("--warm-pool", "--warm-preload", jobs.__file__)
+
+
+@pytest.fixture(params=["cold", "warm"])
+def launcher_args(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    return WARM_ARGS if request.param == "warm" else ()
+
 
 def start_stack(
     aws_env: dict[str, str],
@@ -69,7 +93,11 @@ def start_stack(
         log_path=tmp_path / "controller.log",
     )
     controller.start()
-    return Stack(queues=queues, controller=controller, instance=instance)
+    s = Stack(queues=queues, controller=controller, instance=instance)
+    if "--warm-pool" in args:
+        # Steps should find it ready (a step launched before would run cold: still correct).
+        wait_for(s.zygote_pid, 60, "the warm zygote to be ready")
+    return s
 
 
 @pytest.fixture
@@ -79,8 +107,9 @@ def stack(
     instance: DagsterInstance,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
+    launcher_args: tuple[str, ...],
 ) -> Iterator[Stack]:
-    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path)
+    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path, launcher_args)
     try:
         yield s
     finally:
@@ -170,6 +199,7 @@ def test_a_step_longer_than_the_visibility_timeout_is_not_redelivered(
     instance: DagsterInstance,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
+    launcher_args: tuple[str, ...],
 ) -> None:
     s = start_stack(
         aws_env,
@@ -177,7 +207,7 @@ def test_a_step_longer_than_the_visibility_timeout_is_not_redelivered(
         instance,
         monkeypatch,
         tmp_path,
-        args=("--visibility-timeout", "2"),
+        args=("--visibility-timeout", "2", *launcher_args),
         visibility_timeout=2,
     )
     try:
@@ -213,3 +243,151 @@ def test_a_malformed_message_is_dead_lettered_and_the_next_one_runs(stack: Stack
     assert "not valid JSON" in attributes["dagster_taskiq_error_detail"]["StringValue"]
     assert 'dagster_taskiq_messages_dead_lettered_total{reason="invalid_json"} 1' in stack.metrics()
     wait_for(stack.queue_empty, 60, "the work queue to be empty")
+
+
+# --- warm pool only ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def warm_stack(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Iterator[Stack]:
+    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path, WARM_ARGS)
+    try:
+        yield s
+    finally:
+        assert s.controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]
+
+
+def test_warm_steps_do_not_inherit_each_others_global_state(warm_stack: Stack) -> None:
+    zygote = warm_stack.zygote_pid()
+    for _ in range(2):
+        # pollute runs in both runs: the second run's copy must see a clean process too.
+        with execute_job(jobs.recon("polluting"), warm_stack.instance) as result:
+            assert result.success, [
+                e.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"
+            ]
+            pids = step_pids(warm_stack.instance, result.run_id)
+        assert set(pids) == {"pollute", "check_clean"}
+        assert zygote not in pids.values()
+    assert warm_stack.metric("warm_pool_forks_total") == 4
+    assert "dagster_taskiq_warm_pool_fallbacks_total" not in warm_stack.metrics()
+    assert warm_stack.zygote_pid() == zygote
+
+
+def test_a_warm_step_that_sigkills_itself_leaves_the_zygote_serving(warm_stack: Stack) -> None:
+    zygote = warm_stack.zygote_pid()
+    with execute_job(jobs.recon("self_kill"), warm_stack.instance) as result:
+        assert result.success
+    # Both attempts forked from the same zygote: the SIGKILL took down only its own step.
+    assert warm_stack.metric("warm_pool_forks_total") == 2
+    assert warm_stack.metric("warm_pool_zygote_deaths_total") == 0
+    assert warm_stack.zygote_pid() == zygote
+    os.kill(zygote, 0)  # still alive
+    with execute_job(jobs.recon("flaky"), warm_stack.instance) as result:
+        assert result.success
+    assert warm_stack.metric("warm_pool_forks_total") == 5
+
+
+def test_a_zygote_killed_mid_run_is_replaced_and_the_run_succeeds(warm_stack: Stack) -> None:
+    old = warm_stack.zygote_pid()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        run_config = {"ops": {"sleep_op": {"config": {"seconds": 3.0}}}}
+        with execute_job(
+            jobs.recon("slow_then_more"), warm_stack.instance, run_config=run_config
+        ) as result:
+            outcome["success"] = result.success
+            outcome["pids"] = step_pids(warm_stack.instance, result.run_id)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        wait_for(
+            lambda: any(
+                r["step_key"] == "sleep_op" and r["state"] == "running"
+                for r in warm_stack.api("/api/v1/steps")
+            ),
+            30,
+            "sleep_op to be running",
+        )
+        os.kill(old, signal.SIGKILL)
+        # The running step survives its zygote; a new zygote serves the next step.
+        new = wait_for(
+            lambda: (pid := warm_stack.zygote_pid()) not in (0, old) and pid, 60, "a new zygote"
+        )
+    finally:
+        runner.join(120)
+    assert not runner.is_alive()
+    assert outcome["success"]
+    assert set(outcome["pids"]) == {"sleep_op", "after_sleep"}
+    assert warm_stack.metric("warm_pool_zygote_deaths_total") == 1
+    assert warm_stack.metric("warm_pool_forks_total") == 2
+    assert new != old
+    wait_for(warm_stack.queue_empty, 10, "every message to be deleted")
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (PID 1 here may not reap orphans)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_warm_steps_and_the_zygote_die_with_the_controller(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path, WARM_ARGS)
+    config = tmp_path / "run.yaml"
+    config.write_text("ops:\n  sleep_op:\n    config:\n      seconds: 120\n")
+    # The run worker in its own process: it waits for the step forever once the controller is
+    # gone, so it is killed at the end.
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "job",
+            "execute",
+            "-f",
+            jobs.__file__,
+            "-j",
+            "slow",
+            "-c",
+            str(config),
+        ],
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        zygote = s.zygote_pid()
+
+        def step_pid() -> int | None:
+            for r in s.api("/api/v1/steps"):
+                if r["step_key"] == "sleep_op" and r["state"] == "running" and r["locator"]:
+                    return int(r["locator"].split()[1])
+            return None
+
+        pid = wait_for(step_pid, 60, "sleep_op to be running")
+        assert _alive(pid) and _alive(zygote)
+        assert s.controller.process is not None
+        s.controller.process.kill()
+        s.controller.process.wait()
+        wait_for(lambda: not _alive(pid), 10, "the step to die with the controller")
+        wait_for(lambda: not _alive(zygote), 10, "the zygote to die with the controller")
+    finally:
+        run.kill()
+        run.wait()
+        s.controller.stop()

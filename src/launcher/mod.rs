@@ -1,16 +1,19 @@
 //! The launcher boundary: how a step attempt becomes a running execution.
 //! [`ProcessLauncher`] runs `dagster api execute_step` as a local child process,
-//! [`EcsLauncher`] as its own ECS task; [`LauncherRouter`] picks one per step.
+//! [`WarmLauncher`] forks it from a zygote that has already imported Dagster,
+//! [`EcsLauncher`] runs it as its own ECS task; [`LauncherRouter`] picks one per step.
 
 pub mod ecs;
 mod process;
 mod router;
+mod warm;
 
 use async_trait::async_trait;
 
 pub use ecs::{EcsLauncher, EcsLauncherConfig, EcsStopCause};
 pub use process::{ProcessLauncher, ProcessLauncherConfig};
 pub use router::LauncherRouter;
+pub use warm::{WarmLauncher, WarmLauncherConfig};
 
 use crate::envelope::{LauncherKind, StepRequest};
 
@@ -28,6 +31,8 @@ pub enum StepExit {
         cause: EcsStopCause,
         exit_code: Option<i32>,
     },
+    /// Ended, but nobody could read its status (a warm step whose zygote died first).
+    Unknown,
 }
 
 impl StepExit {
@@ -44,6 +49,7 @@ impl StepExit {
                 cause,
                 exit_code: None,
             } => format!("ecs {}", cause.name()),
+            StepExit::Unknown => "exit status unknown".into(),
         }
     }
 
@@ -75,6 +81,9 @@ impl StepExit {
                 format!("process killed by signal {signal} ({name}){hint}")
             }
             StepExit::Ecs { cause, exit_code } => cause.describe(*exit_code),
+            StepExit::Unknown => {
+                "process ended after its zygote died, exit status unknown, and Dagster recorded no outcome for the attempt".into()
+            }
         }
     }
 }

@@ -20,10 +20,10 @@ use super::{LaunchError, Launcher, RunningStep, StepExit};
 use crate::envelope::{LauncherKind, StepRequest};
 
 /// How many stderr lines a verdict quotes.
-const STDERR_TAIL_LINES: usize = 20;
+pub(super) const STDERR_TAIL_LINES: usize = 20;
 /// How long to wait for output pipes to close after the process exited (a grandchild may
 /// still hold them).
-const PIPE_DRAIN: Duration = Duration::from_secs(2);
+pub(super) const PIPE_DRAIN: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct ProcessLauncherConfig {
@@ -82,7 +82,7 @@ impl Launcher for ProcessLauncher {
             .spawn()
             .map_err(|e| classify_spawn_error(&self.config, e))?;
         let pid = child.id().expect("a just-spawned child has a pid");
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)));
+        let stderr_tail = new_tail();
         let span = tracing::Span::current();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
@@ -102,6 +102,17 @@ impl Launcher for ProcessLauncher {
     }
 }
 
+/// The shared buffer of a step's last stderr lines.
+pub(super) type Tail = Arc<Mutex<VecDeque<String>>>;
+
+pub(super) fn new_tail() -> Tail {
+    Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)))
+}
+
+pub(super) fn tail_lines(tail: &Tail) -> Vec<String> {
+    tail.lock().expect("lock").iter().cloned().collect()
+}
+
 fn classify_spawn_error(config: &ProcessLauncherConfig, e: std::io::Error) -> LaunchError {
     let message = format!("cannot start {}: {e}", config.python.display());
     match e.raw_os_error() {
@@ -113,15 +124,15 @@ fn classify_spawn_error(config: &ProcessLauncherConfig, e: std::io::Error) -> La
 }
 
 #[derive(Clone, Copy)]
-enum Stream {
+pub(super) enum Stream {
     Stdout,
     Stderr,
 }
 
-async fn forward_lines(
+pub(super) async fn forward_lines(
     pipe: impl AsyncRead + Unpin,
     stream: Stream,
-    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+    tail: Option<Tail>,
 ) {
     let mut lines = BufReader::new(pipe).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -145,7 +156,7 @@ struct ChildStep {
     pid: u32,
     readers: Vec<JoinHandle<()>>,
     exit: Option<StepExit>,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    stderr_tail: Tail,
 }
 
 impl ChildStep {
@@ -202,11 +213,6 @@ impl RunningStep for ChildStep {
     }
 
     fn stderr_tail(&self) -> Vec<String> {
-        self.stderr_tail
-            .lock()
-            .expect("lock")
-            .iter()
-            .cloned()
-            .collect()
+        tail_lines(&self.stderr_tail)
     }
 }

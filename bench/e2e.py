@@ -1,0 +1,439 @@
+"""End-to-end benchmark, in one sitting: wall time of a 4-op diamond and an 11-op fan-out
+(median of N runs after one warm-up run each) through
+
+- the controller, cold (one fresh ``dagster api execute_step`` per step);
+- the controller with the warm pool (steps forked from a zygote that preloaded the job file);
+- the controller with the warm pool but the executor polling the event log every 1 s
+  (Dagster's default), to price the executor's poll interval;
+- Dagster's multiprocess executor with ``spawn``, and with ``forkserver`` + ``preload_modules``;
+- an in-process taskiq worker (real ``taskiq`` + ``taskiq-aio-sqs``) running the steps inside
+  its own process (no isolation), as dagster-taskiq does.
+
+Also the step start latency (message received → op code running) and, for the controller, where
+the time before a step starts goes (queue → received → bridge check → launch → op running).
+Writes a Markdown report to stdout and to ``target/bench-e2e.md``.
+
+Run with ``make bench-e2e`` (needs ``cargo build --release`` and the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+GRAPHS = ("diamond4", "fanout11")
+STEPS = {"diamond4": 4, "fanout11": 11}
+MAX_CONCURRENT = 16
+TASKIQ_WORKERS = os.cpu_count() or 2
+
+
+@dataclass
+class Variant:
+    name: str
+    label: str
+    executor: str  # which job family: controller, multiprocess, taskiq
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Measured:
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    # Seconds from message received (controller) or task entry (taskiq) to op code running.
+    start_latency: list[float] = field(default_factory=list)
+    # Controller only: per phase, seconds.
+    phases: dict[str, list[float]] = field(default_factory=dict)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def parse_time(text: str) -> float:
+    # chrono writes RFC 3339 with nanoseconds; Python takes at most microseconds.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text).replace("Z", "+00:00")
+    return datetime.fromisoformat(text).timestamp()
+
+
+def http_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
+
+
+def metric(dashboard: str, name: str) -> float:
+    with urllib.request.urlopen(f"{dashboard}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(rf"^dagster_taskiq_{name} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+class Bench:
+    def __init__(
+        self, repeats: int, binary: Path, workdir: Path, controller_concurrency: int
+    ) -> None:
+        self.repeats = repeats
+        self.controller_concurrency = controller_concurrency
+        self.binary = binary
+        self.workdir = workdir
+        self.results: dict[str, Measured] = {}
+
+    # --- one job run -------------------------------------------------------------------------
+
+    def run_job(self, job_name: str, run_config: dict[str, Any]) -> tuple[float, str]:
+        import bench_jobs
+        from dagster import DagsterInstance, execute_job
+        from dagster._core.definitions.reconstruct import ReconstructableJob
+
+        recon = ReconstructableJob.for_file(bench_jobs.__file__, job_name)
+        instance = DagsterInstance.get()
+        started = time.perf_counter()
+        with execute_job(recon, instance, run_config=run_config) as result:
+            elapsed = time.perf_counter() - started
+            if not result.success:
+                raise RuntimeError(f"{job_name} failed (run {result.run_id})")
+            return elapsed, result.run_id
+
+    def op_starts(self, run_id: str) -> dict[str, float]:
+        from dagster import DagsterEventType, DagsterInstance
+
+        instance = DagsterInstance.get()
+        starts = {}
+        for record in instance.get_records_for_run(
+            run_id, of_type=DagsterEventType.STEP_OUTPUT, limit=1000
+        ).records:
+            metadata = record.event_log_entry.dagster_event.event_specific_data.metadata
+            starts[record.event_log_entry.step_key] = float(metadata["started"].value)
+        return starts
+
+    def enqueue_times(self, run_id: str) -> dict[str, float]:
+        from dagster import DagsterEventType, DagsterInstance
+
+        instance = DagsterInstance.get()
+        times = {}
+        for record in instance.get_records_for_run(
+            run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=10_000
+        ).records:
+            entry = record.event_log_entry
+            if entry.step_key and "enqueued for dagster-taskiq-controller" in (
+                entry.user_message or ""
+            ):
+                times.setdefault(entry.step_key, entry.timestamp)
+        return times
+
+    def measure(
+        self,
+        variant: Variant,
+        observe: Callable[[str, Measured], None] | None = None,
+    ) -> None:
+        measured = self.results.setdefault(variant.name, Measured())
+        for graph in GRAPHS:
+            job_name = f"{graph}_{variant.executor}"
+            warmup, _ = self.run_job(job_name, variant.run_config)
+            times = []
+            for _ in range(self.repeats):
+                seconds, run_id = self.run_job(job_name, variant.run_config)
+                times.append(seconds)
+                if observe is not None:
+                    observe(run_id, measured)
+            measured.seconds[graph] = times
+            log(
+                f"{variant.label}: {graph} warm-up {warmup:.2f}s, runs "
+                + ", ".join(f"{t:.2f}" for t in times)
+            )
+
+    # --- variants ----------------------------------------------------------------------------
+
+    @contextmanager
+    def controller(self, name: str, extra: tuple[str, ...]) -> Iterator[str]:
+        from dagster_taskiq_controller.localstack import Controller, create_queues
+
+        queues = create_queues(os.environ["AWS_ENDPOINT_URL"], f"bench-{uuid.uuid4().hex[:8]}")
+        os.environ["DAGSTER_TASKIQ_SQS_QUEUE_URL"] = queues.queue_url
+        controller = Controller(
+            queue_url=queues.queue_url,
+            env=dict(os.environ),
+            binary=self.binary,
+            args=(
+                "--max-concurrent",
+                str(self.controller_concurrency),
+                "--receive-wait",
+                "20",
+                *extra,
+            ),
+            log_path=self.workdir / f"controller-{name}.log",
+        )
+        with controller:
+            if "--warm-pool" in extra:
+                deadline = time.monotonic() + 120
+                while metric(controller.dashboard_url, "warm_pool_zygote_pid") == 0:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the zygote did not become ready")
+                    time.sleep(0.05)
+            yield controller.dashboard_url
+
+    def controller_observer(self, dashboard: str) -> Callable[[str, Measured], None]:
+        def observe(run_id: str, measured: Measured) -> None:
+            records = [r for r in http_json(f"{dashboard}/api/v1/steps") if r["run_id"] == run_id]
+            starts = self.op_starts(run_id)
+            enqueued = self.enqueue_times(run_id)
+            for record in records:
+                history = {state: parse_time(at) for state, at in record["history"]}
+                step = record["step_key"]
+                if step not in starts or "received" not in history:
+                    continue
+                measured.start_latency.append(starts[step] - history["received"])
+                phases = {
+                    "queue (enqueued → received)": (enqueued.get(step), history["received"]),
+                    "bridge check (received → admitted)": (
+                        history["received"],
+                        history.get("admitted"),
+                    ),
+                    "admission (admitted → launching)": (
+                        history.get("admitted"),
+                        history.get("launching"),
+                    ),
+                    "launch (launching → running)": (
+                        history.get("launching"),
+                        history.get("running"),
+                    ),
+                    "step init (running → op code)": (history.get("running"), starts[step]),
+                }
+                for phase, (begin, end) in phases.items():
+                    if begin is not None and end is not None:
+                        measured.phases.setdefault(phase, []).append(end - begin)
+
+        return observe
+
+    def run_controller(self, name: str, label: str, extra: tuple[str, ...], poll: float) -> None:
+        variant = Variant(
+            name,
+            label,
+            "controller",
+            {"execution": {"config": {"poll_interval_seconds": poll}}},
+        )
+        with self.controller(name, extra) as dashboard:
+            self.measure(variant, self.controller_observer(dashboard))
+            if "--warm-pool" in extra:
+                forks = metric(dashboard, "warm_pool_forks_total")
+                log(f"{label}: {forks:.0f} warm forks")
+
+    def run_multiprocess(self, name: str, label: str, start_method: dict[str, Any]) -> None:
+        config = {"max_concurrent": MAX_CONCURRENT, "start_method": start_method}
+        self.measure(Variant(name, label, "multiprocess", {"execution": {"config": config}}))
+
+    def run_taskiq(self) -> None:
+        import boto3
+
+        # Named (in main) before bench_jobs imported taskiq_app, whose broker reads it.
+        boto3.client("sqs").create_queue(QueueName=os.environ["BENCH_TASKIQ_QUEUE"])
+        start_log = Path(os.environ["BENCH_TASKIQ_START_LOG"])
+        worker_log = open(self.workdir / "taskiq-worker.log", "ab")
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "taskiq",
+                "worker",
+                "taskiq_app:broker",
+                # One step at a time per worker process (Dagster steps deadlocked when run
+                # concurrently in threads of one process here), one process per CPU.
+                "--workers",
+                str(TASKIQ_WORKERS),
+                "--max-threadpool-threads",
+                "1",
+                "--app-dir",
+                str(BENCH_DIR),
+            ],
+            cwd=BENCH_DIR,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def observe(run_id: str, measured: Measured) -> None:
+            starts = self.op_starts(run_id)
+            for line in start_log.read_text().splitlines():
+                line_run, step, received = line.split()
+                if line_run == run_id and step in starts:
+                    measured.start_latency.append(starts[step] - float(received))
+
+        try:
+            variant = Variant("taskiq", "taskiq in-process worker", "taskiq")
+            self.measure(variant, observe)
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            worker_log.close()
+
+    # --- report ------------------------------------------------------------------------------
+
+    def report(self) -> str:
+        names = [
+            ("cold", "controller, cold"),
+            ("warm", "controller, warm pool"),
+            ("warm_poll1", "warm pool, executor poll 1 s"),
+            ("spawn", "multiprocess (spawn)"),
+            ("forkserver", "multiprocess (forkserver + preload)"),
+            ("taskiq", "taskiq in-process worker"),
+        ]
+        present = [(n, label) for n, label in names if n in self.results]
+        lines = [
+            f"# End-to-end benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs)",
+            "",
+            f"Wall time of a run in seconds, median of {self.repeats} after one warm-up run "
+            f"(max {MAX_CONCURRENT} steps at once everywhere).",
+            "",
+            "| job | " + " | ".join(label for _, label in present) + " |",
+            "|---|" + "---|" * len(present),
+        ]
+        medians: dict[tuple[str, str], float] = {}
+        for graph in GRAPHS:
+            cells = []
+            for name, _ in present:
+                value = statistics.median(self.results[name].seconds[graph])
+                medians[(name, graph)] = value
+                cells.append(f"{value:.2f}")
+            lines.append(f"| {graph} ({STEPS[graph]} ops) | " + " | ".join(cells) + " |")
+        if "taskiq" in self.results:
+            lines += [
+                "",
+                "Ratio to the taskiq in-process worker (lower is better; target ≤ 1.0):",
+                "",
+            ]
+            lines.append("| job | " + " | ".join(label for _, label in present) + " |")
+            lines.append("|---|" + "---|" * len(present))
+            for graph in GRAPHS:
+                base = medians[("taskiq", graph)]
+                cells = [f"{medians[(name, graph)] / base:.2f}" for name, _ in present]
+                lines.append(f"| {graph} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Step start latency, message received (taskiq: task entry) → op code running, "
+            "seconds, over every step of the timed runs:",
+            "",
+            "| launcher | steps | p50 | p99 |",
+            "|---|---|---|---|",
+        ]
+        for name, label in present:
+            latency = self.results[name].start_latency
+            if latency:
+                lines.append(
+                    f"| {label} | {len(latency)} | {percentile(latency, 0.5):.3f} | "
+                    f"{percentile(latency, 0.99):.3f} |"
+                )
+        for name, label in present:
+            phases = self.results[name].phases
+            if not phases:
+                continue
+            lines += [
+                "",
+                f"Where a step's start goes, {label} (seconds):",
+                "",
+                "| phase | p50 | p99 |",
+                "|---|---|---|",
+            ]
+            for phase, values in phases.items():
+                lines.append(
+                    f"| {phase} | {percentile(values, 0.5):.3f} | {percentile(values, 0.99):.3f} |"
+                )
+        return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--binary",
+        type=Path,
+        default=REPO_ROOT / "target" / "release" / "dagster-taskiq-controller",
+    )
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "target" / "bench-e2e.md")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=["cold", "warm", "warm_poll1", "spawn", "forkserver", "taskiq"],
+        help="measure only these (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--controller-concurrency",
+        type=int,
+        default=MAX_CONCURRENT,
+        help="the controller's --max-concurrent (steps running at once)",
+    )
+    args = parser.parse_args()
+    only = set(args.only or ["cold", "warm", "warm_poll1", "spawn", "forkserver", "taskiq"])
+
+    from dagster_taskiq_controller.localstack import MotoServer, aws_env
+
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp, MotoServer() as moto:
+        workdir = Path(tmp)
+        home = workdir / "dagster_home"
+        home.mkdir()
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        os.environ.update(aws_env(moto.url))
+        os.environ["DAGSTER_HOME"] = str(home)
+        # Step processes, the zygote, the forkserver and the taskiq worker import the bench jobs.
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH", "")) if p
+        )
+        os.environ["BENCH_TASKIQ_QUEUE"] = f"bench-taskiq-{uuid.uuid4().hex[:8]}"
+        os.environ["BENCH_TASKIQ_START_LOG"] = str(workdir / "taskiq-starts.log")
+        bench = Bench(args.repeats, args.binary, workdir, args.controller_concurrency)
+        import bench_jobs
+
+        warm = ("--warm-pool", "--warm-preload", bench_jobs.__file__)
+        if "cold" in only:
+            bench.run_controller("cold", "controller, cold", (), poll=0.1)
+        if "warm" in only:
+            bench.run_controller("warm", "controller, warm pool", warm, poll=0.1)
+        if "warm_poll1" in only:
+            bench.run_controller("warm_poll1", "warm pool, executor poll 1 s", warm, poll=1.0)
+        if "spawn" in only:
+            bench.run_multiprocess("spawn", "multiprocess (spawn)", {"spawn": {}})
+        if "forkserver" in only:
+            bench.run_multiprocess(
+                "forkserver",
+                "multiprocess (forkserver + preload)",
+                {"forkserver": {"preload_modules": ["dagster", "bench_jobs"]}},
+            )
+        if "taskiq" in only:
+            bench.run_taskiq()
+        report = bench.report()
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    log(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
