@@ -122,11 +122,11 @@ def print_progress(instance: object, started: float, seen: int) -> int:
     return len(records)
 
 
-def _overhead_ms(history: list[list[str]], start: str, end: str) -> float | None:
+def _overhead_ms(history: list[dict[str, str]], start: str, end: str) -> float | None:
     """Milliseconds between two states of a step's history in the controller's API."""
     from datetime import datetime
 
-    times = {state: datetime.fromisoformat(at) for state, at in history}
+    times = {entry["state"]: datetime.fromisoformat(entry["at"]) for entry in history}
     if start not in times or end not in times:
         return None
     return (times[end] - times[start]).total_seconds() * 1000

@@ -175,7 +175,7 @@ def test_a_step_past_its_timeout_is_killed_and_retried_by_its_policy(stack: Stac
     assert len(verdicts) == 1
     assert "timed out after 10.0s" in verdicts[0][contract.META_VERDICT].value
     (first,) = [r for r in records(stack, run_id) if r["attempt"] == 0]
-    history = dict((state, t) for state, t in first["history"])
+    history = {entry["state"]: entry["at"] for entry in first["history"]}
     from datetime import datetime
 
     ran = datetime.fromisoformat(history["exited"]) - datetime.fromisoformat(history["running"])
