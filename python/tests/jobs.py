@@ -398,6 +398,8 @@ ALL_JOBS = [
     shutdown_mix,
     ledger_fan,
     chaos,
+    polluting,
+    slow_then_more,
 ]
 JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 
