@@ -213,6 +213,9 @@ impl SqsQueue {
         report: &mut RedriveReport,
         left: &mut Vec<String>,
     ) -> Result<(), QueueError> {
+        // Only what was dead-lettered before the pass began: a message we move that fails
+        // again and comes back must not be moved again in the same pass.
+        let pass_started_ms = chrono::Utc::now().timestamp_millis();
         while report.moved < max && report.examined < scan_limit {
             let batch = self
                 .receive_from(
@@ -226,9 +229,10 @@ impl SqsQueue {
             if batch.is_empty() {
                 return Ok(());
             }
-            for message in batch {
+            for (message, sent_ms) in batch {
                 report.examined += 1;
-                if report.moved >= max || !filter(&message) {
+                let arrived_during_pass = sent_ms.is_some_and(|sent| sent > pass_started_ms);
+                if report.moved >= max || arrived_during_pass || !filter(&message) {
                     left.push(message.receipt_handle);
                     continue;
                 }
@@ -287,13 +291,14 @@ impl SqsQueue {
         Ok(())
     }
 
+    /// Receives from `queue_url`; each message comes with its SentTimestamp (ms), if given.
     async fn receive_from(
         &self,
         queue_url: &str,
         max: usize,
         wait: Duration,
         visibility_secs: i32,
-    ) -> Result<Vec<ReceivedMessage>, QueueError> {
+    ) -> Result<Vec<(ReceivedMessage, Option<i64>)>, QueueError> {
         let out = self
             .call(
                 "ReceiveMessage",
@@ -306,6 +311,7 @@ impl SqsQueue {
                     .message_system_attribute_names(
                         MessageSystemAttributeName::ApproximateReceiveCount,
                     )
+                    .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
                     .message_attribute_names("All")
                     .send(),
             )
@@ -313,26 +319,36 @@ impl SqsQueue {
         Ok(out
             .messages()
             .iter()
-            .map(|m| ReceivedMessage {
-                message_id: m.message_id().unwrap_or_default().to_owned(),
-                receipt_handle: m.receipt_handle().unwrap_or_default().to_owned(),
-                body: m.body().unwrap_or_default().to_owned(),
-                receive_count: m
+            .map(|m| {
+                let sent_ms = m
                     .attributes()
-                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(1),
-                attributes: m
-                    .message_attributes()
-                    .map(|attrs| {
-                        attrs
-                            .iter()
-                            .filter_map(|(k, v)| Some((k.clone(), v.string_value()?.to_owned())))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                    .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
+                    .and_then(|v| v.parse().ok());
+                (received(m), sent_ms)
             })
             .collect())
+    }
+}
+
+fn received(m: &aws_sdk_sqs::types::Message) -> ReceivedMessage {
+    ReceivedMessage {
+        message_id: m.message_id().unwrap_or_default().to_owned(),
+        receipt_handle: m.receipt_handle().unwrap_or_default().to_owned(),
+        body: m.body().unwrap_or_default().to_owned(),
+        receive_count: m
+            .attributes()
+            .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
+        attributes: m
+            .message_attributes()
+            .map(|attrs| {
+                attrs
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.string_value()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -376,13 +392,17 @@ impl WorkQueue for SqsQueue {
         wait: Duration,
         visibility: Duration,
     ) -> Result<Vec<ReceivedMessage>, QueueError> {
-        self.receive_from(
-            &self.config.queue_url,
-            max,
-            wait,
-            visibility_secs(visibility),
-        )
-        .await
+        Ok(self
+            .receive_from(
+                &self.config.queue_url,
+                max,
+                wait,
+                visibility_secs(visibility),
+            )
+            .await?
+            .into_iter()
+            .map(|(message, _)| message)
+            .collect())
     }
 
     async fn extend(
