@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::admission::Admission;
-use crate::dagster::{BridgeError, DagsterBridge, StepState as DagsterStepState, Verdict};
+use crate::dagster::{
+    BridgeError, DagsterBridge, RunStatus, StepState as DagsterStepState, Verdict,
+};
 use crate::envelope::{self, StepRequest};
 use crate::health::{Health, IDLE_BEAT};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
@@ -250,7 +252,13 @@ impl Controller {
                     }
                 };
                 for (run_id, status) in statuses {
-                    let Some(status) = status.filter(|s| s.stops_new_steps()) else {
+                    // Not SUCCESS: a successful run has only steps that are already exiting.
+                    let Some(status) = status.filter(|s| {
+                        matches!(
+                            s,
+                            RunStatus::Canceling | RunStatus::Canceled | RunStatus::Failure
+                        )
+                    }) else {
                         continue;
                     };
                     let reason = StopReason::RunEnded {
