@@ -134,6 +134,12 @@ def running_step(stack: Stack, step_key: str) -> Any:
     return None
 
 
+def metrics_when(stack: Stack, name: str, value: float) -> dict[str, float] | None:
+    """All metric values once ``name`` has reached ``value``, else None."""
+    values = metric_values(stack.metrics())
+    return values if values.get(name) == value else None
+
+
 def test_counters_and_the_api_follow_a_real_job(stack: Stack) -> None:
     before = metric_values(stack.metrics())
     assert before.get("dagster_taskiq_messages_received_total", 0) == 0
@@ -141,11 +147,12 @@ def test_counters_and_the_api_follow_a_real_job(stack: Stack) -> None:
         assert result.success
         run_id = result.run_id
     wait_for(stack.queue_empty, 10, "every message to be deleted")
-    after = metric_values(stack.metrics())
+    # The counters move a moment after the deletions.
+    acked = 'dagster_taskiq_messages_acked_total{outcome="succeeded"}'
+    after = wait_for(lambda: metrics_when(stack, acked, 6), 10, "six acknowledgements counted")
     assert after["dagster_taskiq_messages_received_total"] == 6
     assert after['dagster_taskiq_steps_launched_total{launcher="process"}'] == 6
     assert after['dagster_taskiq_steps_finished_total{launcher="process",outcome="succeeded"}'] == 6
-    assert after['dagster_taskiq_messages_acked_total{outcome="succeeded"}'] == 6
     assert after['dagster_taskiq_sqs_requests_total{operation="ReceiveMessage"}'] >= 1
     assert after['dagster_taskiq_sqs_requests_total{operation="DeleteMessage"}'] == 6
     assert after['dagster_taskiq_bridge_latency_seconds_count{method="step_state"}'] >= 12

@@ -231,15 +231,25 @@ def test_sigterm_drains_then_hands_the_unfinished_step_to_another_controller(
         ).start()
         runner.join(90)
         assert outcome.get("success") is True
-        relaunched = [r for r in records(second) if r["step_key"] == "lengthy"]
-        assert len(relaunched) == 1 and relaunched[0]["receive_count"] == 2, relaunched
-        assert relaunched[0]["state"] == "acked"
+        # The run ends when Dagster has the step's success; the controller acks just after.
+        wait_for(
+            lambda: (
+                [(r["receive_count"], r["state"]) for r in lengthy_records(second)]
+                == [(2, "acked")]
+            ),
+            30,
+            "the relaunched step to be acknowledged",
+        )
         starts = events_of(instance, outcome["run_id"], DagsterEventType.STEP_START)
         assert sorted(e.step_key for e in starts) == ["lengthy", "lengthy", "quick_a", "quick_b"]
     finally:
         first.controller.stop()
         if second is not None:
             assert second.stop() == 0
+
+
+def lengthy_records(controller: Controller) -> list[dict[str, Any]]:
+    return [r for r in records(controller) if r["step_key"] == "lengthy"]
 
 
 def records_from_log(stack: Stack) -> list[dict[str, Any]]:

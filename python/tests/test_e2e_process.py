@@ -141,7 +141,14 @@ def test_diamond_runs_every_step_in_its_own_process(stack: Stack) -> None:
     assert set(pids) == {"emit", "add_one", "double", "square", "join", "report"}
     assert len(set(pids.values())) == len(pids), f"steps shared a process: {pids}"
     wait_for(stack.queue_empty, 60, "every message to be deleted")
-    records = [r for r in stack.api("/api/v1/steps") if r["run_id"] == run_id]
+    # Deletion comes a moment before the record says "acked".
+    records = wait_for(
+        lambda: [
+            r for r in stack.api("/api/v1/steps") if r["run_id"] == run_id and not r["active"]
+        ],
+        30,
+        "the step records to settle",
+    )
     assert sorted(r["step_key"] for r in records) == sorted(pids)
     assert all(r["state"] == "acked" for r in records), records
 

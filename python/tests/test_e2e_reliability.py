@@ -145,6 +145,12 @@ def running_pids(controller: Controller) -> list[int]:
     ]
 
 
+def settled_records(controller: Controller) -> list[dict[str, Any]] | None:
+    """The controller's step records once none is still being worked on, else None."""
+    records = api(controller, "/api/v1/steps")
+    return None if any(r["active"] for r in records) else records
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -172,7 +178,8 @@ def test_kill_9_of_the_controller_loses_nothing_and_never_overlaps_an_attempt(be
     assert overlaps(bed.ledger) == []
     # The steps the crash killed were redelivered to the second controller and relaunched as
     # the same attempt (their first executions may have died before reaching the op code).
-    relaunched = [r for r in api(second, "/api/v1/steps") if r["receive_count"] >= 2]
+    seen = wait_for(lambda: settled_records(second), 30, "every step record to settle")
+    relaunched = [r for r in seen if r["receive_count"] >= 2]
     assert len(relaunched) >= len(pids), relaunched
     assert all(r["state"] == "acked" for r in relaunched), relaunched
 
@@ -346,7 +353,13 @@ def test_a_lost_lease_fences_the_step_and_the_attempt_is_relaunched_once(
     assert outcome.get("success") is True
     wait_for(bed.queue_empty, 60, "every message to be deleted")
     assert overlaps(bed.ledger) == []
-    seen = api(controller, "/api/v1/steps")
+    # The message is deleted a moment before the record says so.
+    seen = wait_for(lambda: settled_records(controller), 30, "every step record to settle")
     fenced = {r["task_id"] for r in seen if r["state"] == "fenced"}
-    rerun = {r["task_id"] for r in seen if r["receive_count"] >= 2 and r["state"] == "acked"}
-    assert fenced and fenced <= rerun, seen
+    # A redelivered attempt is relaunched, or acknowledged without running when the fenced
+    # child had already written its terminal event before it was killed.
+    settled = {
+        r["task_id"] for r in seen if r["receive_count"] >= 2 and r["state"] in ("acked", "skipped")
+    }
+    assert fenced and fenced <= settled, seen
+    assert any(r["receive_count"] >= 2 and r["state"] == "acked" for r in seen), seen
