@@ -41,6 +41,59 @@ pub enum LogFormat {
 pub enum Command {
     /// Receive step messages and run them until SIGTERM/SIGINT.
     Run(RunArgs),
+    /// Check the configuration `run` would use and what it reaches; exits 1 on any failure.
+    Doctor(RunArgs),
+    /// List dead letters, or move selected ones back to the work queue.
+    Dlq(DlqArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DlqArgs {
+    /// URL of the SQS work queue.
+    #[arg(long, env = "DAGSTER_TASKIQ_SQS_QUEUE_URL")]
+    pub queue_url: String,
+
+    /// URL of the dead-letter queue. Default: the work queue's RedrivePolicy target.
+    #[arg(long, env = "DAGSTER_TASKIQ_SQS_DLQ_URL")]
+    pub dlq_url: Option<String>,
+
+    #[command(subcommand)]
+    pub action: DlqAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DlqAction {
+    /// Show dead letters: reason, run, step, age. Reading does not remove them.
+    List {
+        /// Most dead letters to show.
+        #[arg(long, default_value_t = 100)]
+        max: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send matching dead letters back to the work queue (then delete them from the DLQ).
+    #[command(group(
+        clap::ArgGroup::new("selection").required(true).multiple(true)
+            .args(["reason", "run_id", "task_id", "all"])
+    ))]
+    Redrive {
+        /// Only dead letters with this reason (e.g. attempts_exhausted).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only the steps of this Dagster run.
+        #[arg(long = "run-id")]
+        run_id: Option<String>,
+        /// Only this step attempt (the message's task_id).
+        #[arg(long)]
+        task_id: Option<String>,
+        /// Every dead letter (required when no filter is given).
+        #[arg(long)]
+        all: bool,
+        /// Most dead letters to move.
+        #[arg(long, default_value_t = 1000)]
+        max: usize,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -532,6 +585,7 @@ mod tests {
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Run(args) => args,
+            other => panic!("parsed as {other:?}"),
         }
     }
 

@@ -18,6 +18,7 @@
 //! - [`retry`]: failure classes and backoff.
 //! - [`dagster`]: the [`dagster::DagsterBridge`] boundary and its Python sidecar client.
 //! - [`dashboard`]: HTML dashboard, probes, metrics and JSON API (warp).
+//! - [`doctor`]: the `doctor` subcommand's checks of a configuration.
 //! - [`health`]: loop heartbeats and SQS reachability, read by the probes.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`fakes`]: in-memory boundaries for unit tests and benchmarks.
@@ -26,6 +27,7 @@ pub mod admission;
 pub mod config;
 pub mod dagster;
 pub mod dashboard;
+pub mod doctor;
 pub mod envelope;
 pub mod fakes;
 pub mod health;

@@ -10,9 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
-use dagster_taskiq_controller::config::{Cli, Command, LogFormat, RunArgs};
+use dagster_taskiq_controller::config::{Cli, Command, DlqAction, DlqArgs, LogFormat, RunArgs};
 use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
 use dagster_taskiq_controller::dashboard::{self, ControllerInfo, DashboardState, QueueCache};
+use dagster_taskiq_controller::doctor;
 use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::launcher::{
     EcsLauncher, Launcher, LauncherRouter, ProcessLauncher, ProcessLauncherConfig, WarmLauncher,
@@ -20,7 +21,7 @@ use dagster_taskiq_controller::launcher::{
 };
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
-use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
+use dagster_taskiq_controller::queue::{DeadLetterEntry, RedriveFilter, SqsQueue, SqsQueueConfig};
 use dagster_taskiq_controller::reconciler::{Controller, ReconcilerConfig};
 use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::StepTable;
@@ -34,6 +35,145 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Doctor(args) => doctor(args).await,
+        Command::Dlq(args) => dlq(args).await,
+    }
+}
+
+/// The AWS configuration with bounded calls: a hung connection must fail (and be retried)
+/// rather than stall a lease.
+async fn load_aws(attempt_timeout: Duration) -> aws_config::SdkConfig {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .operation_attempt_timeout(attempt_timeout)
+        .build();
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .load()
+        .await
+}
+
+async fn doctor(args: RunArgs) -> anyhow::Result<()> {
+    let aws = load_aws(Duration::from_secs(20)).await;
+    let report = doctor::diagnose(&args, &aws).await;
+    println!("{report}");
+    if !report.passed() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
+    let aws = load_aws(Duration::from_secs(30)).await;
+    let sqs = aws_sdk_sqs::Client::new(&aws);
+    let dlq_url = match args.dlq_url {
+        Some(url) => url,
+        None => SqsQueue::discover_dlq(&sqs, &args.queue_url)
+            .await
+            .with_context(|| format!("cannot read the work queue {}", args.queue_url))?
+            .with_context(|| {
+                format!(
+                    "the work queue {} has no RedrivePolicy: pass --dlq-url",
+                    args.queue_url
+                )
+            })?,
+    };
+    let queue = SqsQueue::new(
+        sqs,
+        SqsQueueConfig {
+            queue_url: args.queue_url,
+            dlq_url,
+        },
+    );
+    match args.action {
+        DlqAction::List { max, json } => {
+            let entries = queue
+                .list_dead_letters(max)
+                .await
+                .context("cannot read the dead-letter queue")?;
+            let now = chrono::Utc::now();
+            if json {
+                for entry in &entries {
+                    println!("{}", serde_json::to_string(entry)?);
+                }
+            } else {
+                print!("{}", dead_letter_table(&entries, now));
+            }
+        }
+        DlqAction::Redrive {
+            reason,
+            run_id,
+            task_id,
+            all: _,
+            max,
+        } => {
+            let filter = RedriveFilter {
+                reason,
+                run_id,
+                task_id,
+            };
+            match queue.redrive_where(max, |m| filter.matches(m)).await {
+                Ok(report) => println!(
+                    "moved {} of {} dead letter(s) examined back to the work queue",
+                    report.moved, report.examined
+                ),
+                Err(e) => bail!("{e}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Dead letters as an aligned text table, newest first.
+fn dead_letter_table(entries: &[DeadLetterEntry], now: chrono::DateTime<chrono::Utc>) -> String {
+    let dash = || "-".to_owned();
+    let mut rows: Vec<[String; 6]> = vec![[
+        "AGE".into(),
+        "REASON".into(),
+        "RUN".into(),
+        "STEP".into(),
+        "TASK".into(),
+        "DETAIL".into(),
+    ]];
+    let mut sorted: Vec<&DeadLetterEntry> = entries.iter().collect();
+    sorted.sort_by_key(|e| std::cmp::Reverse(e.dead_lettered_at));
+    for e in sorted {
+        rows.push([
+            e.dead_lettered_at
+                .map(|at| format_age(now - at))
+                .unwrap_or_else(dash),
+            e.reason.clone().unwrap_or_else(|| "(moved by SQS)".into()),
+            e.run_id.clone().unwrap_or_else(dash),
+            e.step_key.clone().unwrap_or_else(dash),
+            e.task_id.clone().unwrap_or_else(dash),
+            e.detail
+                .as_deref()
+                .map(|d| d.chars().take(80).collect())
+                .unwrap_or_else(dash),
+        ]);
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        for (i, width) in widths.iter().enumerate() {
+            out.push_str(&format!("{:width$}  ", row[i]));
+        }
+        out.push_str(&row[5]);
+        out.push('\n');
+    }
+    out.push_str(&format!("{} dead letter(s)\n", entries.len()));
+    out
+}
+
+fn format_age(age: chrono::TimeDelta) -> String {
+    let secs = age.num_seconds().max(0);
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        3600..86400 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{:02}h", secs / 86400, secs % 86400 / 3600),
     }
 }
 
@@ -57,15 +197,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let controller_id = args.controller_id();
     let metrics = Arc::new(Metrics::new());
 
-    // Bounded calls: a hung connection must fail (and be retried) rather than stall a lease.
-    let timeouts = aws_config::timeout::TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(3))
-        .operation_attempt_timeout(args.receive_wait + Duration::from_secs(10))
-        .build();
-    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .timeout_config(timeouts)
-        .load()
-        .await;
+    let aws = load_aws(args.receive_wait + Duration::from_secs(10)).await;
     let sqs = aws_sdk_sqs::Client::new(&aws);
     let dlq_url = match &args.dlq_url {
         Some(url) => url.clone(),

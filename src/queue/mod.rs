@@ -198,6 +198,51 @@ impl RedriveFilter {
     }
 }
 
+/// One dead letter as `dlq list` shows it; read from the attributes the controller wrote and
+/// from the body, where it is a step message.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetterEntry {
+    pub message_id: String,
+    /// `dagster_taskiq_error`, or None for a message SQS moved itself (maxReceiveCount).
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    pub run_id: Option<String>,
+    pub step_key: Option<String>,
+    pub task_id: Option<String>,
+    /// When the controller dead-lettered it, else when it was sent to the DLQ.
+    pub dead_lettered_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Receives of the original message before it was dead-lettered.
+    pub original_receive_count: Option<u32>,
+}
+
+impl DeadLetterEntry {
+    pub fn from_message(message: &ReceivedMessage, sent_ms: Option<i64>) -> Self {
+        let attribute = |name: &str| message.attributes.get(name).cloned();
+        let body: Option<serde_json::Value> = serde_json::from_str(&message.body).ok();
+        let text = |pointer: &str| {
+            body.as_ref()
+                .and_then(|b| b.pointer(pointer)?.as_str().map(str::to_owned))
+        };
+        let dead_lettered_at = attribute("dagster_taskiq_dead_lettered_at")
+            .and_then(|at| chrono::DateTime::parse_from_rfc3339(&at).ok())
+            .map(|at| at.with_timezone(&chrono::Utc))
+            .or_else(|| sent_ms.and_then(chrono::DateTime::from_timestamp_millis));
+        Self {
+            message_id: message.message_id.clone(),
+            reason: attribute(DLQ_REASON_ATTRIBUTE),
+            detail: attribute("dagster_taskiq_error_detail"),
+            run_id: text("/labels/dagster_run_id")
+                .or_else(|| text("/kwargs/execute_step_args_packed/pipeline_run_id")),
+            step_key: text("/labels/dagster_step_key")
+                .or_else(|| text("/kwargs/execute_step_args_packed/step_keys_to_execute/0")),
+            task_id: text("/task_id"),
+            dead_lettered_at,
+            original_receive_count: attribute("dagster_taskiq_receive_count")
+                .and_then(|n| n.parse().ok()),
+        }
+    }
+}
+
 /// What a redrive did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RedriveReport {

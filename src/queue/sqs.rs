@@ -14,8 +14,8 @@ use aws_sdk_sqs::types::{
 use aws_sdk_sqs::Client;
 
 use super::{
-    DeadLetter, ExtendResult, QueueAdmin, QueueCounts, QueueError, ReceivedMessage, RedriveError,
-    RedriveFilter, RedriveReport, WorkQueue,
+    DeadLetter, DeadLetterEntry, ExtendResult, QueueAdmin, QueueCounts, QueueError,
+    ReceivedMessage, RedriveError, RedriveFilter, RedriveReport, WorkQueue,
 };
 use crate::metrics::Metrics;
 
@@ -185,23 +185,69 @@ impl SqsQueue {
         let result = self
             .redrive_pass(max, scan_limit, &filter, &mut report, &mut left)
             .await;
-        // Best effort: a handle we fail to release becomes visible when its hold runs out.
-        for handle in left {
-            let _ = self
-                .call(
-                    "ChangeMessageVisibility",
-                    self.client
-                        .change_message_visibility()
-                        .queue_url(&self.config.dlq_url)
-                        .receipt_handle(handle)
-                        .visibility_timeout(0)
-                        .send(),
-                )
-                .await;
-        }
+        self.release_dead_letters(left).await;
         match result {
             Ok(()) => Ok(report),
             Err(source) => Err(RedriveError { report, source }),
+        }
+    }
+
+    /// Reads up to `max` dead letters without removing them: each is held for a moment and
+    /// made visible again at the end (receiving adds one to its receive count).
+    pub async fn list_dead_letters(&self, max: usize) -> Result<Vec<DeadLetterEntry>, QueueError> {
+        let mut entries = Vec::new();
+        let mut held = Vec::new();
+        let result = async {
+            while entries.len() < max {
+                let batch = self
+                    .receive_from(
+                        &self.config.dlq_url,
+                        (max - entries.len()).min(BATCH_LIMIT),
+                        Duration::from_secs(1),
+                        REDRIVE_HOLD_SECS,
+                    )
+                    .await?;
+                if batch.is_empty() {
+                    break;
+                }
+                for (message, sent_ms) in batch {
+                    held.push(message.receipt_handle.clone());
+                    entries.push(DeadLetterEntry::from_message(&message, sent_ms));
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.release_dead_letters(held).await;
+        result.map(|()| entries)
+    }
+
+    /// Makes held dead letters visible again. Best effort: a handle we fail to release
+    /// becomes visible when its hold runs out.
+    async fn release_dead_letters(&self, handles: Vec<String>) {
+        for batch in handles.chunks(BATCH_LIMIT) {
+            let entries = batch
+                .iter()
+                .enumerate()
+                .map(|(i, handle)| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(handle)
+                        .visibility_timeout(0)
+                        .build()
+                        .expect("id and receipt handle are set")
+                })
+                .collect();
+            let _ = self
+                .call(
+                    "ChangeMessageVisibilityBatch",
+                    self.client
+                        .change_message_visibility_batch()
+                        .queue_url(&self.config.dlq_url)
+                        .set_entries(Some(entries))
+                        .send(),
+                )
+                .await;
         }
     }
 
