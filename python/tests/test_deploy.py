@@ -400,6 +400,58 @@ def test_controller_role_is_least_privilege() -> None:
     assert tag and all("RunTask" in json.dumps(s.condition) for s in tag)
 
 
+# --- docs/operations.md --------------------------------------------------------------------------
+
+OPERATIONS = REPO / "docs" / "operations.md"
+# Flags of the `dlq` subcommand, checked once src/config.rs has it.
+DLQ_FLAGS = {"--max", "--json", "--reason", "--run-id", "--task-id", "--all"}
+
+
+def registered_metrics() -> set[str]:
+    text = (SRC / "metrics.rs").read_text()
+    names = set(re.findall(r'\.register\(\s*"([a-z_]+)"', text))
+    assert "messages_received" in names, "src/metrics.rs no longer parses as expected"
+    return names
+
+
+def cli_flags() -> set[str]:
+    """Long flags clap derives from src/config.rs: field names in kebab-case, `long = "..."`."""
+    text = (SRC / "config.rs").read_text()
+    fields = re.findall(r"^\s*(?:pub\s+)?([a-z_][a-z0-9_]*)\s*:", text, re.M)
+    explicit = re.findall(r'\blong\s*=\s*"([a-z0-9-]+)"', text)
+    return {"--" + f.replace("_", "-") for f in fields} | {"--" + f for f in explicit}
+
+
+def test_operations_guide_names_real_metrics() -> None:
+    text = OPERATIONS.read_text()
+    registered = registered_metrics()
+    undocumented = {m for m in registered if f"`{m}" not in text and f" {m}" not in text}
+    assert not undocumented, f"metrics missing from docs/operations.md: {sorted(undocumented)}"
+    # Message attributes (src/queue/) and the Python package share the prefix.
+    not_metrics = {"controller"} | {
+        attribute
+        for path in (SRC / "queue").rglob("*.rs")
+        for attribute in re.findall(r'"dagster_taskiq_([a-z_]+)"', path.read_text())
+    }
+    mentioned = set(re.findall(r"dagster_taskiq_([a-z_]+)", text)) - not_metrics
+    suffixes = ("_total", "_bucket", "_sum", "_count", "_info")
+    unknown = set()
+    for name in mentioned:
+        base = next((name.removesuffix(x) for x in suffixes if name.endswith(x)), name)
+        if name not in registered and base not in registered:
+            unknown.add(name)
+    assert not unknown, f"docs/operations.md names metrics src/metrics.rs lacks: {unknown}"
+
+
+def test_operations_guide_names_real_flags() -> None:
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", OPERATIONS.read_text()))
+    flags -= {"--target", "--build-arg"}  # docker build's
+    if "dlq" not in cli_subcommands():
+        flags -= DLQ_FLAGS
+    unknown = flags - cli_flags()
+    assert not unknown, f"docs/operations.md names flags src/config.rs lacks: {sorted(unknown)}"
+
+
 # --- Kubernetes --------------------------------------------------------------------------------
 
 
@@ -597,6 +649,8 @@ def test_dockerfile_runtime_entrypoint_healthcheck_and_user() -> None:
     assert re.search(r"apt-get install[^;&]*\btini\b", runs), "tini is not installed"
 
 
-@pytest.mark.parametrize("path", [DOCKERFILE, REPO / ".dockerignore", TEMPLATE, K8S_DEPLOYMENT])
+@pytest.mark.parametrize(
+    "path", [DOCKERFILE, REPO / ".dockerignore", TEMPLATE, K8S_DEPLOYMENT, OPERATIONS]
+)
 def test_deployment_files_exist(path: Path) -> None:
     assert path.is_file(), path
