@@ -83,6 +83,7 @@ ARG APP_UID=10001
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini \
     && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /opt/dagster \
     && groupadd --system --gid ${APP_UID} dagster \
     && useradd --system --uid ${APP_UID} --gid dagster --home-dir /opt/dagster/home \
         --create-home --shell /usr/sbin/nologin dagster
