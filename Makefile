@@ -10,7 +10,7 @@ BIN := target/release/dagster-taskiq-controller
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: setup build browser demo test test-rust test-python lint fmt bench bench-e2e chaos fuzz clean
+.PHONY: setup build browser demo test test-rust test-python test-deploy lint fmt bench bench-e2e chaos fuzz clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ test-python: setup build browser
 	DAGSTER_TASKIQ_REQUIRE_BROWSER=1 $(PY) -m pytest python/tests -q -p no:cacheprovider --durations=10
 
 test: lint test-rust test-python
+
+# The deployment files (Dockerfile, manifests/, cfn-lint) against the code; no Rust build.
+# Also part of test-python.
+test-deploy: setup
+	$(PY) -m pytest python/tests/test_deploy.py -q -p no:cacheprovider
 
 # Minutes of random controller kills, step kills and an SQS outage over 10 runs.
 chaos: setup build

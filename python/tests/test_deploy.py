@@ -1,0 +1,656 @@
+"""Checks of the deployment files against the code: the Dockerfile, the CloudFormation template
+(cfn-lint, environment names, IAM coverage of every AWS call the controller makes) and the
+Kubernetes manifest.
+
+Nothing here builds an image or talks to AWS: the files are parsed and compared with the crate
+(Cargo.toml, src/config.rs, the SDK calls under src/) so that a renamed flag, a new AWS call
+without its policy line or a moved path fails here instead of in a deployment.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import botocore
+import botocore.session
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SRC = REPO / "src"
+DOCKERFILE = REPO / "Dockerfile"
+TEMPLATE = REPO / "manifests" / "cloudformation.yaml"
+K8S_DEPLOYMENT = REPO / "manifests" / "kubernetes" / "deployment.yaml"
+
+# Variables the deployment files may set that the controller's CLI does not read, and why.
+NON_CLI_ENV = {
+    "AWS_REGION": "the AWS SDKs' region (Rust controller, boto3 in the bridge and steps)",
+    "RUST_LOG": "the controller's log level (tracing EnvFilter in src/main.rs)",
+    "DAGSTER_PG_PASSWORD": "read by a dagster.yaml that takes the Postgres password from env",
+}
+
+# The SDKs whose calls the controller's IAM role must allow, by the crate that calls them.
+SDK_CRATES = {"aws_sdk_sqs": "sqs", "aws_sdk_ecs": "ecs", "aws_sdk_s3": "s3"}
+
+# SDK operations whose IAM action is not `<service>:<OperationName>`.
+IAM_ACTION_OF = {
+    "sqs:SendMessageBatch": {"sqs:SendMessage"},
+    "sqs:DeleteMessageBatch": {"sqs:DeleteMessage"},
+    "sqs:ChangeMessageVisibilityBatch": {"sqs:ChangeMessageVisibility"},
+    "s3:HeadBucket": {"s3:ListBucket"},
+    "s3:HeadObject": {"s3:GetObject"},
+    "s3:ListObjectsV2": {"s3:ListBucket"},
+    "s3:ListObjects": {"s3:ListBucket"},
+    "s3:DeleteObjects": {"s3:DeleteObject"},
+    "s3:CopyObject": {"s3:GetObject", "s3:PutObject"},
+    # The controller tags its tasks and RunTask hands the task definition's roles to ECS.
+    "ecs:RunTask": {"ecs:RunTask", "ecs:TagResource", "iam:PassRole"},
+}
+
+# Actions AWS authorizes only on Resource "*" (no resource-level permissions, or checked
+# against another resource type), and the condition key that must narrow them if any.
+STAR_RESOURCE_ACTIONS: dict[str, str | None] = {
+    "ecs:DescribeTaskDefinition": None,
+    "ecs:ListTasks": "ecs:cluster",
+}
+
+
+# --- the crate --------------------------------------------------------------------------------
+
+
+def cargo_bin_name() -> str:
+    """The binary built from src/main.rs: its [[bin]] name, else the package name.
+
+    (A regex rather than tomllib, which Python 3.10, still supported, lacks.)
+    """
+    cargo = (REPO / "Cargo.toml").read_text()
+    for section in re.split(r"^\[", cargo, flags=re.M):
+        if section.startswith("[bin]]"):
+            name = re.search(r'^name\s*=\s*"([^"]+)"', section, re.M)
+            path = re.search(r'^path\s*=\s*"([^"]+)"', section, re.M)
+            if name and (path is None or path.group(1) == "src/main.rs"):
+                return name.group(1)
+    package = re.search(r'^\[package\][^\[]*?^name\s*=\s*"([^"]+)"', cargo, re.M | re.S)
+    assert package, "no package name in Cargo.toml"
+    return package.group(1)
+
+
+def cli_env_names() -> set[str]:
+    """Every environment variable the CLI reads (`env = "..."` in src/config.rs)."""
+    names = set(re.findall(r'\benv\s*=\s*"([A-Z0-9_]+)"', (SRC / "config.rs").read_text()))
+    assert "DAGSTER_TASKIQ_SQS_QUEUE_URL" in names, "src/config.rs no longer parses as expected"
+    return names
+
+
+def cli_subcommands() -> set[str]:
+    """Subcommands of the binary: the variants of `enum Command` in src/config.rs."""
+    text = (SRC / "config.rs").read_text()
+    body = re.search(r"pub enum Command \{(.*?)\n\}", text, re.S)
+    assert body, "no `pub enum Command` in src/config.rs"
+    variants = re.findall(r"^\s{4}([A-Z][A-Za-z0-9]*)\s*[({,]", body.group(1), re.M)
+    # clap's derive names a subcommand by the kebab-case of its variant.
+    return {re.sub(r"(?<!^)([A-Z])", r"-\1", v).lower() for v in variants}
+
+
+def _strip_comments(rust: str) -> str:
+    return re.sub(r"^[ \t]*//.*$", "", rust, flags=re.M)
+
+
+@dataclass(frozen=True)
+class SdkCall:
+    service: str
+    operation: str
+    where: str
+
+
+@functools.cache
+def sdk_operations() -> dict[str, set[str]]:
+    """`service -> {OperationName}` for every API operation of the SDK clients we use."""
+    session = botocore.session.get_session()
+    return {
+        service: set(session.get_service_model(service).operation_names)
+        for service in SDK_CRATES.values()
+    }
+
+
+def sdk_calls() -> list[SdkCall]:
+    """Every AWS SDK operation the Rust code calls.
+
+    The SDK's fluent calls are `client.<operation_in_snake_case>()` (no arguments; the request
+    is built by the setters that follow). Any such call in a file that uses the service's crate
+    and whose name is an operation of that service (per botocore's service models) counts.
+    """
+    calls: list[SdkCall] = []
+    for path in sorted(SRC.rglob("*.rs")):
+        calls.extend(sdk_calls_in(path.read_text(), str(path.relative_to(REPO))))
+    return calls
+
+
+def sdk_calls_in(rust: str, filename: str) -> list[SdkCall]:
+    snake = {
+        service: {botocore.xform_name(op): op for op in ops}
+        for service, ops in sdk_operations().items()
+    }
+    text = _strip_comments(rust)
+    services = {svc for crate, svc in SDK_CRATES.items() if crate in text}
+    calls: list[SdkCall] = []
+    for match in re.finditer(r"\.\s*([a-z][a-z0-9_]*)\(\)", text):
+        name = match.group(1)
+        line = text.count("\n", 0, match.start()) + 1
+        for service in sorted(services):
+            if name in snake[service]:
+                calls.append(SdkCall(service, snake[service][name], f"{filename}:{line}"))
+    return calls
+
+
+def required_actions(call: SdkCall) -> set[str]:
+    action = f"{call.service}:{call.operation}"
+    return IAM_ACTION_OF.get(action, {action})
+
+
+# --- CloudFormation ----------------------------------------------------------------------------
+
+
+def load_template() -> dict[str, Any]:
+    from cfnlint.decode import decode
+
+    template, matches = decode(str(TEMPLATE))
+    assert not matches, [str(m) for m in matches]
+    assert template is not None
+    return template
+
+
+def without_novalue(items: list[Any]) -> Iterator[Any]:
+    """List items with `Fn::If` branches expanded (both: every optional feature on and off)."""
+    for item in items:
+        if isinstance(item, dict) and set(item) == {"Fn::If"}:
+            _, yes, no = item["Fn::If"]
+            yield from without_novalue([yes, no])
+        elif item != {"Ref": "AWS::NoValue"}:
+            yield item
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def container(template: dict[str, Any], task_definition: str, name: str) -> dict[str, Any]:
+    props = template["Resources"][task_definition]["Properties"]
+    matches = [c for c in props["ContainerDefinitions"] if c["Name"] == name]
+    assert len(matches) == 1, f"{task_definition} has no container {name!r}"
+    return matches[0]
+
+
+def container_env(c: dict[str, Any]) -> dict[str, Any]:
+    env = {e["Name"]: e.get("Value") for e in without_novalue(c.get("Environment", []))}
+    env.update({s["Name"]: s["ValueFrom"] for s in without_novalue(c.get("Secrets", []))})
+    return env
+
+
+@dataclass
+class Statement:
+    sid: str
+    actions: list[str]
+    resources: list[Any]
+    condition: dict[str, Any] = field(default_factory=dict)
+
+
+def role_statements(template: dict[str, Any], role: str) -> list[Statement]:
+    statements: list[Statement] = []
+    for policy in without_novalue(template["Resources"][role]["Properties"].get("Policies", [])):
+        for s in without_novalue(as_list(policy["PolicyDocument"]["Statement"])):
+            assert s["Effect"] == "Allow", s
+            assert "NotAction" not in s and "NotResource" not in s, s
+            statements.append(
+                Statement(
+                    sid=s.get("Sid", "?"),
+                    actions=as_list(s["Action"]),
+                    resources=as_list(s["Resource"]),
+                    condition=dict(s.get("Condition", {})),
+                )
+            )
+    return statements
+
+
+def allowed(statements: list[Statement], action: str) -> bool:
+    return any(fnmatch.fnmatchcase(action, pattern) for s in statements for pattern in s.actions)
+
+
+def parameter_default(template: dict[str, Any], name: str) -> int:
+    return int(template["Parameters"][name]["Default"])
+
+
+def test_cfn_lint_passes() -> None:
+    from cfnlint.api import lint_file
+
+    matches = lint_file(TEMPLATE)
+    assert not matches, "\n".join(str(m) for m in matches)
+
+
+def test_controller_env_names_are_read_by_the_cli() -> None:
+    template = load_template()
+    env = container_env(container(template, "ControllerTaskDefinition", "controller"))
+    cli = cli_env_names()
+    unknown = {n for n in env if n not in cli and n not in NON_CLI_ENV}
+    assert not unknown, f"not read by the controller (src/config.rs): {sorted(unknown)}"
+    for required in (
+        "DAGSTER_TASKIQ_SQS_QUEUE_URL",
+        "DAGSTER_TASKIQ_SQS_DLQ_URL",
+        "DAGSTER_TASKIQ_DASHBOARD_ADDR",
+        "DAGSTER_TASKIQ_ECS_TASK_DEFINITION",
+        "DAGSTER_TASKIQ_SHUTDOWN_GRACE",
+    ):
+        assert required in env, required
+    # Replicas must not share an id: continuations are matched by it.
+    assert "DAGSTER_TASKIQ_CONTROLLER_ID" not in env
+    assert env["DAGSTER_TASKIQ_DASHBOARD_ADDR"] == "0.0.0.0:8080"
+
+
+def test_step_env_names_are_known() -> None:
+    template = load_template()
+    env = container_env(container(template, "StepTaskDefinition", "step"))
+    assert set(env) <= set(NON_CLI_ENV), sorted(set(env) - set(NON_CLI_ENV))
+
+
+def test_template_settings_agree_with_the_controller() -> None:
+    template = load_template()
+    resources = template["Resources"]
+    controller = container(template, "ControllerTaskDefinition", "controller")
+    env = container_env(controller)
+    queue = resources["WorkQueue"]["Properties"]
+
+    # The queue and the controller use one visibility timeout parameter.
+    assert queue["VisibilityTimeout"] == {"Ref": "VisibilityTimeout"}
+    assert env["DAGSTER_TASKIQ_VISIBILITY_TIMEOUT"] == {"Ref": "VisibilityTimeout"}
+    assert parameter_default(template, "VisibilityTimeout") == 60
+
+    # The controller dead-letters (with a reason and a verdict) before SQS's redrive does,
+    # also for continuations, which may be delivered up to 10 x --max-attempts times.
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {
+        "Fn::GetAtt": ["DeadLetterQueue", "Arn"]
+    }
+    assert queue["RedrivePolicy"]["maxReceiveCount"] == {"Ref": "MaxReceiveCount"}
+    assert env["DAGSTER_TASKIQ_MAX_ATTEMPTS"] == {"Ref": "MaxAttempts"}
+    max_attempts = parameter_default(template, "MaxAttempts")
+    assert parameter_default(template, "MaxReceiveCount") > 10 * max_attempts >= 5 * 10
+    # Dead letters outlive the work queue's messages (SQS keeps the original enqueue time).
+    dlq = resources["DeadLetterQueue"]["Properties"]
+    assert dlq["MessageRetentionPeriod"] > queue["MessageRetentionPeriod"]
+
+    # Shutdown: the drain ends before ECS's SIGKILL.
+    assert int(env["DAGSTER_TASKIQ_SHUTDOWN_GRACE"]) < controller["StopTimeout"] == 120
+    health = controller["HealthCheck"]["Command"]
+    assert any("/healthz" in part for part in health), health
+    assert controller["LogConfiguration"]["LogDriver"] == "awslogs"
+
+    # The step container the controller overrides is the step task definition's.
+    step_props = resources["StepTaskDefinition"]["Properties"]
+    step_names = [c["Name"] for c in step_props["ContainerDefinitions"]]
+    assert env["DAGSTER_TASKIQ_ECS_CONTAINER"] in step_names
+    assert env["DAGSTER_TASKIQ_ECS_TASK_DEFINITION"] == {"Ref": "StepTaskDefinition"}
+    # RunTask is granted on that family only.
+    assert step_props["Family"] == {"Fn::Sub": "${AWS::StackName}-step"}
+
+
+def test_sdk_call_discovery_finds_the_known_calls() -> None:
+    found = {(c.service, c.operation) for c in sdk_calls()}
+    for known in [
+        ("sqs", "ReceiveMessage"),
+        ("sqs", "ChangeMessageVisibilityBatch"),
+        ("sqs", "DeleteMessage"),
+        ("sqs", "SendMessage"),
+        ("sqs", "GetQueueAttributes"),
+        ("ecs", "RunTask"),
+        ("ecs", "DescribeTasks"),
+        ("ecs", "StopTask"),
+        ("ecs", "ListTasks"),
+        ("s3", "PutObject"),
+    ]:
+        assert known in found, f"{known} not found in src/: the discovery regex is broken"
+
+
+def test_sdk_call_discovery_catches_a_new_call_without_a_policy_line() -> None:
+    rust = """
+use aws_sdk_sqs::Client;
+// client.delete_queue() in a comment does not count
+async fn purge(client: &Client, url: &str) {
+    client
+        .purge_queue()
+        .queue_url(url)
+        .send()
+        .await
+        .unwrap();
+    let _ = url.to_string();
+}
+"""
+    calls = sdk_calls_in(rust, "example.rs")
+    assert calls == [SdkCall("sqs", "PurgeQueue", "example.rs:6")]
+    statements = role_statements(load_template(), "ControllerTaskRole")
+    assert not allowed(statements, "sqs:PurgeQueue")
+    batch = sdk_calls_in("use aws_sdk_sqs::Client;\nc.delete_message_batch()", "x.rs")
+    assert required_actions(batch[0]) == {"sqs:DeleteMessage"}
+
+
+def test_controller_role_allows_every_aws_call_in_the_code() -> None:
+    statements = role_statements(load_template(), "ControllerTaskRole")
+    missing = {
+        (action, call.where)
+        for call in sdk_calls()
+        for action in required_actions(call)
+        if not allowed(statements, action)
+    }
+    assert not missing, "the controller role lacks: " + ", ".join(
+        f"{a} (called at {w})" for a, w in sorted(missing)
+    )
+    # Announced for the `doctor` subcommand (ECS checks).
+    for action in ("ecs:DescribeClusters", "ecs:DescribeTaskDefinition"):
+        assert allowed(statements, action), action
+
+
+def test_controller_role_is_least_privilege() -> None:
+    template = load_template()
+    statements = role_statements(template, "ControllerTaskRole")
+    for s in statements:
+        for action in s.actions:
+            assert "*" not in action, f"{s.sid}: wildcard action {action}"
+        if "*" in s.resources:
+            assert s.resources == ["*"], s
+            for action in s.actions:
+                assert action in STAR_RESOURCE_ACTIONS, f"{s.sid}: {action} on Resource *"
+                key = STAR_RESOURCE_ACTIONS[action]
+                if key is not None:
+                    conditions = json.dumps(s.condition)
+                    assert key in conditions, f"{s.sid}: {action} on * needs a {key} condition"
+
+    def statements_with(prefix: str) -> list[Statement]:
+        return [s for s in statements if any(a.startswith(prefix) for a in s.actions)]
+
+    queues = [{"Fn::GetAtt": ["WorkQueue", "Arn"]}, {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}]
+    for s in statements_with("sqs:"):
+        assert all(r in queues for r in s.resources), f"{s.sid}: SQS beyond the two queues"
+    for s in statements_with("iam:"):
+        assert s.actions == ["iam:PassRole"], s
+        assert s.resources == [
+            {"Fn::GetAtt": ["StepTaskRole", "Arn"]},
+            {"Fn::GetAtt": ["ExecutionRole", "Arn"]},
+        ], s
+        assert "ecs-tasks.amazonaws.com" in json.dumps(s.condition), s
+    for s in statements_with("s3:"):
+        assert all("OffloadBucket" in json.dumps(r) for r in s.resources), s
+    for s in statements_with("ecs:"):
+        if s.resources == ["*"]:
+            continue
+        for r in s.resources:
+            text = json.dumps(r)
+            assert any(
+                scope in text
+                for scope in ("cluster/${Name}", "task/${Name}/*", "task-definition/${AWS::")
+            ), f"{s.sid}: ECS resource not scoped to the cluster or step family: {text}"
+    run_task = [s for s in statements if "ecs:RunTask" in s.actions]
+    assert run_task and all("ecs:cluster" in json.dumps(s.condition) for s in run_task)
+    tag = [s for s in statements if "ecs:TagResource" in s.actions]
+    assert tag and all("RunTask" in json.dumps(s.condition) for s in tag)
+
+
+# --- docs/operations.md --------------------------------------------------------------------------
+
+OPERATIONS = REPO / "docs" / "operations.md"
+# Flags of the `dlq` subcommand, checked once src/config.rs has it.
+DLQ_FLAGS = {"--max", "--json", "--reason", "--run-id", "--task-id", "--all"}
+
+
+def registered_metrics() -> set[str]:
+    text = (SRC / "metrics.rs").read_text()
+    names = set(re.findall(r'\.register\(\s*"([a-z_]+)"', text))
+    assert "messages_received" in names, "src/metrics.rs no longer parses as expected"
+    return names
+
+
+def cli_flags() -> set[str]:
+    """Long flags clap derives from src/config.rs: field names in kebab-case, `long = "..."`."""
+    text = (SRC / "config.rs").read_text()
+    fields = re.findall(r"^\s*(?:pub\s+)?([a-z_][a-z0-9_]*)\s*:", text, re.M)
+    explicit = re.findall(r'\blong\s*=\s*"([a-z0-9-]+)"', text)
+    return {"--" + f.replace("_", "-") for f in fields} | {"--" + f for f in explicit}
+
+
+def test_operations_guide_names_real_metrics() -> None:
+    text = OPERATIONS.read_text()
+    registered = registered_metrics()
+    undocumented = {m for m in registered if f"`{m}" not in text and f" {m}" not in text}
+    assert not undocumented, f"metrics missing from docs/operations.md: {sorted(undocumented)}"
+    # Message attributes (src/queue/) and the Python package share the prefix.
+    not_metrics = {"controller"} | {
+        attribute
+        for path in (SRC / "queue").rglob("*.rs")
+        for attribute in re.findall(r'"dagster_taskiq_([a-z_]+)"', path.read_text())
+    }
+    mentioned = set(re.findall(r"dagster_taskiq_([a-z_]+)", text)) - not_metrics
+    suffixes = ("_total", "_bucket", "_sum", "_count", "_info")
+    unknown = set()
+    for name in mentioned:
+        base = next((name.removesuffix(x) for x in suffixes if name.endswith(x)), name)
+        if name not in registered and base not in registered:
+            unknown.add(name)
+    assert not unknown, f"docs/operations.md names metrics src/metrics.rs lacks: {unknown}"
+
+
+def test_operations_guide_names_real_flags() -> None:
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", OPERATIONS.read_text()))
+    flags -= {"--target", "--build-arg"}  # docker build's
+    if "dlq" not in cli_subcommands():
+        flags -= DLQ_FLAGS
+    unknown = flags - cli_flags()
+    assert not unknown, f"docs/operations.md names flags src/config.rs lacks: {sorted(unknown)}"
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+
+def k8s_documents() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(K8S_DEPLOYMENT.read_text()) if d]
+
+
+def test_kubernetes_env_names_are_read_by_the_cli() -> None:
+    deployment = next(d for d in k8s_documents() if d["kind"] == "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    (controller,) = spec["containers"]
+    names = {e["name"] for e in controller["env"]}
+    unknown = {n for n in names if n not in cli_env_names() and n not in NON_CLI_ENV}
+    assert not unknown, f"not read by the controller (src/config.rs): {sorted(unknown)}"
+    assert "DAGSTER_TASKIQ_CONTROLLER_ID" not in names
+    env = {e["name"]: e.get("value") for e in controller["env"]}
+    assert int(env["DAGSTER_TASKIQ_SHUTDOWN_GRACE"]) < spec["terminationGracePeriodSeconds"]
+    assert controller["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert controller["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert controller["args"][0] in cli_subcommands()
+    assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+# --- Dockerfile --------------------------------------------------------------------------------
+
+
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+    line: int
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+
+def dockerfile_instructions() -> list[Instruction]:
+    instructions: list[Instruction] = []
+    pending = ""
+    start = 0
+    for number, raw in enumerate(DOCKERFILE.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue
+        if not pending:
+            start = number
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        text = pending + line
+        pending = ""
+        keyword, _, args = text.partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip(), start))
+    assert not pending, "Dockerfile ends inside a continued line"
+    return instructions
+
+
+def dockerfile_stages() -> tuple[dict[str, str], list[Stage]]:
+    """Global ARG defaults and the stages, in order."""
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for i in dockerfile_instructions():
+        if i.keyword == "FROM":
+            words = i.args.split()
+            name = words[2] if len(words) >= 3 and words[1].lower() == "as" else None
+            stages.append(Stage(base=words[0], name=name))
+        elif not stages:
+            assert i.keyword == "ARG", f"line {i.line}: {i.keyword} before the first FROM"
+            key, _, value = i.args.partition("=")
+            global_args[key] = value
+        else:
+            stages[-1].instructions.append(i)
+    return global_args, stages
+
+
+def expand(text: str, variables: dict[str, str]) -> str:
+    def one(match: re.Match[str]) -> str:
+        name, default = match.group(1) or match.group(3), match.group(2)
+        value = variables.get(name, "")
+        return value if value else (default or "")
+
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", one, text)
+
+
+def stage_args(stage: Stage) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for i in stage.all("ARG"):
+        key, _, value = i.args.partition("=")
+        args[key] = value
+    return args
+
+
+def final_stage_chain(stages: list[Stage]) -> list[Stage]:
+    """The last stage and the stages it is built FROM, nearest first."""
+    by_name = {s.name: s for s in stages if s.name}
+    chain = [stages[-1]]
+    while chain[-1].base in by_name:
+        chain.append(by_name[chain[-1].base])
+    return chain
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    return value
+
+
+def test_dockerfile_copy_sources_exist_and_are_not_ignored() -> None:
+    global_args, stages = dockerfile_stages()
+    ignored = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    copies = 0
+    for stage in stages:
+        variables = {**global_args, **stage_args(stage)}
+        for i in stage.all("COPY") + stage.all("ADD"):
+            words = shlex.split(i.args)
+            if any(w.startswith("--from=") for w in words):
+                continue
+            sources = [expand(w, variables) for w in words[:-1] if not w.startswith("--")]
+            for source in sources:
+                copies += 1
+                path = REPO / source
+                assert path.exists(), f"Dockerfile line {i.line}: COPY source {source} is missing"
+                for pattern in ignored:
+                    pattern = pattern.removeprefix("**/")
+                    parts = Path(source).parts
+                    hit = any(
+                        fnmatch.fnmatchcase("/".join(parts[: n + 1]), pattern)
+                        or fnmatch.fnmatchcase(parts[n], pattern)
+                        for n in range(len(parts))
+                    )
+                    assert not hit, f"COPY source {source} is excluded by .dockerignore {pattern}"
+    assert copies >= 4
+
+
+def test_dockerfile_builds_the_crate_binary_and_the_python_package() -> None:
+    _, stages = dockerfile_stages()
+    binary = cargo_bin_name()
+    text = DOCKERFILE.read_text()
+    assert f"target/release/{binary}" in text, f"the builder does not produce {binary}"
+    copies = [i.args for s in stages for i in s.all("COPY")]
+    assert any(c.startswith("Cargo.toml Cargo.lock") for c in copies), copies
+    # The dependency layer is built before the sources are copied.
+    builder = next(s for s in stages if "cargo build" in json.dumps([i.args for i in s.all("RUN")]))
+    kinds = [(i.keyword, i.args) for i in builder.instructions if i.keyword in ("COPY", "RUN")]
+    first_build = next(n for n, (k, a) in enumerate(kinds) if k == "RUN" and "cargo build" in a)
+    src_copy = next(n for n, (k, a) in enumerate(kinds) if k == "COPY" and a.startswith("src"))
+    assert first_build < src_copy, "no cached dependency layer before COPY src"
+    # The Python package of the bridge.
+    package = REPO / "python" / "dagster_taskiq_controller"
+    assert (package / "bridge.py").exists()
+    assert any("python/dagster_taskiq_controller" in c for c in copies), copies
+    assert any("python/pyproject.toml" in c for c in copies), copies
+
+
+def test_dockerfile_runtime_entrypoint_healthcheck_and_user() -> None:
+    global_args, stages = dockerfile_stages()
+    chain = final_stage_chain(stages)
+    final = chain[0]
+    runtime_base = expand(chain[-1].base, global_args)
+    assert runtime_base.startswith("python:3.11-slim"), runtime_base
+    entrypoint = exec_form(final.all("ENTRYPOINT")[-1].args)
+    assert entrypoint[:2] == ["tini", "--"], entrypoint
+    assert entrypoint[2] == cargo_bin_name(), entrypoint
+    cmd = exec_form(final.all("CMD")[-1].args)
+    assert cmd[0] in cli_subcommands(), cmd
+    health = final.all("HEALTHCHECK")
+    assert health and "/healthz" in health[-1].args
+    # ...on the port the image's dashboard address listens on.
+    env = " ".join(i.args for s in chain for i in s.all("ENV"))
+    addr = re.search(r"DAGSTER_TASKIQ_DASHBOARD_ADDR=(\S+)", env)
+    assert addr and addr.group(1) == "0.0.0.0:8080", env
+    assert ":8080/healthz" in health[-1].args
+    for name in re.findall(r"\b(DAGSTER_TASKIQ_[A-Z0-9_]+)=", env):
+        assert name in cli_env_names(), name
+    # Non-root: the last USER of the chain (nearest stage first).
+    users = [expand(i.args, stage_args(s)) for s in chain for i in reversed(s.all("USER"))]
+    assert users, "no USER: the image runs as root"
+    user = users[0].split(":")[0]
+    assert user not in ("root", "0", ""), user
+    # tini is installed in the runtime.
+    runs = " ".join(i.args for s in chain for i in s.all("RUN"))
+    assert re.search(r"apt-get install[^;&]*\btini\b", runs), "tini is not installed"
+
+
+@pytest.mark.parametrize(
+    "path", [DOCKERFILE, REPO / ".dockerignore", TEMPLATE, K8S_DEPLOYMENT, OPERATIONS]
+)
+def test_deployment_files_exist(path: Path) -> None:
+    assert path.is_file(), path
