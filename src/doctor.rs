@@ -239,15 +239,26 @@ async fn check_dead_letter_queue(
     }
     // SQS must not move a message before the controller has dead-lettered it with a reason
     // and written its verdict.
+    // A continuation (steps past SQS's 12-hour cap) may be passed between replicas up to ten
+    // times --max-attempts.
+    let continuation_limit = args.max_attempts.saturating_mul(10);
     match redrive.max_receive_count {
         Some(count) if count <= args.max_attempts => report.push(
             NAME,
             Outcome::Failed(format!(
                 "{url}: the work queue's maxReceiveCount ({count}) is not above --max-attempts \
                  ({}): SQS would move failing messages to the DLQ without a reason or a verdict \
-                 in Dagster. Raise maxReceiveCount (e.g. to {}) or lower --max-attempts",
+                 in Dagster. Raise maxReceiveCount (to {} if steps may run past 12 hours) or \
+                 lower --max-attempts",
                 args.max_attempts,
-                args.max_attempts * 2
+                continuation_limit + 10
+            )),
+        ),
+        Some(count) if count <= continuation_limit => report.push(
+            NAME,
+            Outcome::Passed(format!(
+                "{url} (maxReceiveCount {count}: enough unless steps run past 12 hours, whose \
+                 continuations may be received up to {continuation_limit} times)"
             )),
         ),
         _ => report.push(NAME, Outcome::Passed(url)),

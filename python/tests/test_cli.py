@@ -55,7 +55,7 @@ def test_doctor_passes_on_a_correct_setup(queues: Queues, dagster_home: Path) ->
     result = doctor(queues.queue_url)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.rstrip().endswith("all checks passed"), result.stdout
-    assert check_line(result.stdout, "dead-letter queue").endswith(queues.dlq_url)
+    assert f"dead-letter queue: {queues.dlq_url} (maxReceiveCount 10" in result.stdout
     assert "runs the bridge with dagster 1." in check_line(result.stdout, "dagster bridge")
     assert check_line(result.stdout, "ECS cluster").startswith("[skip]")
 
