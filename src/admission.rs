@@ -1,83 +1,354 @@
-//! Admission control between intake and launch: a global concurrency cap (how many messages
-//! this controller holds at once, which also bounds prefetch) and a governor token bucket
-//! on launches, so a fan-out storm never hits the launcher faster than it can take.
+//! Admission control between intake and launch.
+//!
+//! Two limits keep a fan-out storm from overwhelming the launcher, AWS or the host:
+//! - **held messages** (a semaphore): running steps plus a bounded prefetch. Intake receives
+//!   only when there is room, so the controller never holds work it cannot start soon;
+//! - **run slots** (the [`Scheduler`]): a global cap, an optional cap per run and
+//!   Dagster-style tag caps. Waiting steps are granted a slot by priority (op tag
+//!   `dagster/priority`, higher first), then fair share (the run with fewer running steps
+//!   first, so one run with 500 ready steps cannot starve a run with 5), then arrival order.
+//!
+//! Launches then pass a governor token bucket. All limits are per controller replica.
 
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-#[derive(Debug, Clone, Copy)]
+/// Which steps a tag limit counts, as in Dagster's `tag_concurrency_limits`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TagMatch {
+    /// Steps with the key, whatever the value, share one limit (`key:N`).
+    AnyValue,
+    /// Steps with exactly this value share the limit (`key=value:N`).
+    Value(String),
+    /// Each distinct value has a limit of its own (`key=*:N`).
+    PerUniqueValue,
+}
+
+/// `--tag-limit`: at most `limit` running steps whose op tags match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagLimit {
+    pub key: String,
+    pub matches: TagMatch,
+    pub limit: usize,
+}
+
+impl TagLimit {
+    /// The counter a step with these tags uses under this limit, if it is counted.
+    fn bucket(&self, index: usize, tags: &BTreeMap<String, String>) -> Option<TagBucket> {
+        let value = tags.get(&self.key)?;
+        let counted = match &self.matches {
+            TagMatch::AnyValue => String::new(),
+            TagMatch::Value(v) if v == value => String::new(),
+            TagMatch::Value(_) => return None,
+            TagMatch::PerUniqueValue => value.clone(),
+        };
+        Some((index, counted))
+    }
+}
+
+impl FromStr for TagLimit {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (selector, limit) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text:?}: expected key=value:N, key=*:N or key:N"))?;
+        let limit: usize = limit
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?}: the limit {limit:?} is not a whole number"))?;
+        let (key, matches) = match selector.split_once('=') {
+            None => (selector, TagMatch::AnyValue),
+            Some((key, "*")) => (key, TagMatch::PerUniqueValue),
+            Some((key, value)) => (key, TagMatch::Value(value.to_owned())),
+        };
+        if key.is_empty() {
+            return Err(format!("{text:?}: the tag key is empty"));
+        }
+        Ok(Self {
+            key: key.to_owned(),
+            matches,
+            limit,
+        })
+    }
+}
+
+impl fmt::Display for TagLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.matches {
+            TagMatch::AnyValue => write!(f, "{}:{}", self.key, self.limit),
+            TagMatch::Value(v) => write!(f, "{}={v}:{}", self.key, self.limit),
+            TagMatch::PerUniqueValue => write!(f, "{}=*:{}", self.key, self.limit),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct AdmissionConfig {
-    /// Messages held at once (received and not yet settled).
+    /// Steps running at once.
     pub max_concurrent: usize,
+    /// Messages held beyond the running steps, waiting for a slot.
+    pub prefetch: usize,
+    /// Steps of one run running at once; `None`: no per-run cap.
+    pub max_per_run: Option<usize>,
+    pub tag_limits: Vec<TagLimit>,
     /// Launches per second; `None`: unlimited.
     pub launch_rate: Option<NonZeroU32>,
     /// Launches allowed back to back before the rate applies.
     pub launch_burst: NonZeroU32,
 }
 
-pub struct Admission {
-    capacity: Arc<Semaphore>,
+impl AdmissionConfig {
+    /// Only a global cap: no prefetch, per-run or tag caps, no launch rate.
+    pub fn capped(max_concurrent: usize) -> Self {
+        Self {
+            max_concurrent,
+            prefetch: 0,
+            max_per_run: None,
+            tag_limits: Vec::new(),
+            launch_rate: None,
+            launch_burst: NonZeroU32::MIN,
+        }
+    }
+}
+
+/// What admission needs to know about a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub run_id: String,
+    /// Higher first.
+    pub priority: i32,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// (index of the tag limit, counted value: empty unless the limit is per unique value).
+type TagBucket = (usize, String);
+
+struct Waiter {
+    id: u64,
+    ticket: Ticket,
+    grant: oneshot::Sender<()>,
+}
+
+/// The run-slot bookkeeping. Plain data behind a mutex: every decision is a short scan.
+struct Scheduler {
     max_concurrent: usize,
+    max_per_run: Option<usize>,
+    tag_limits: Vec<TagLimit>,
+    running: usize,
+    running_per_run: HashMap<String, usize>,
+    running_per_tag: HashMap<TagBucket, usize>,
+    /// In arrival order (ids increase).
+    waiting: Vec<Waiter>,
+    next_id: u64,
+    decisions: u64,
+}
+
+impl Scheduler {
+    fn buckets(&self, ticket: &Ticket) -> Vec<TagBucket> {
+        self.tag_limits
+            .iter()
+            .enumerate()
+            .filter_map(|(i, limit)| limit.bucket(i, &ticket.tags))
+            .collect()
+    }
+
+    fn fits(&self, ticket: &Ticket) -> bool {
+        if self.running >= self.max_concurrent {
+            return false;
+        }
+        let run = self
+            .running_per_run
+            .get(&ticket.run_id)
+            .copied()
+            .unwrap_or(0);
+        if self.max_per_run.is_some_and(|cap| run >= cap) {
+            return false;
+        }
+        self.buckets(ticket).iter().all(|bucket| {
+            self.running_per_tag.get(bucket).copied().unwrap_or(0) < self.tag_limits[bucket.0].limit
+        })
+    }
+
+    fn take(&mut self, ticket: &Ticket) {
+        self.running += 1;
+        *self
+            .running_per_run
+            .entry(ticket.run_id.clone())
+            .or_default() += 1;
+        for bucket in self.buckets(ticket) {
+            *self.running_per_tag.entry(bucket).or_default() += 1;
+        }
+    }
+
+    fn give_back(&mut self, ticket: &Ticket) {
+        self.running -= 1;
+        decrement(&mut self.running_per_run, &ticket.run_id);
+        for bucket in self.buckets(ticket) {
+            decrement(&mut self.running_per_tag, &bucket);
+        }
+    }
+
+    /// Grants slots to waiters while any fits: highest priority, then the run with the
+    /// fewest running steps, then the earliest arrival.
+    fn dispatch(&mut self) {
+        while self.running < self.max_concurrent {
+            let best = self
+                .waiting
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| self.fits(&w.ticket))
+                .min_by_key(|(_, w)| {
+                    let run_running = self
+                        .running_per_run
+                        .get(&w.ticket.run_id)
+                        .copied()
+                        .unwrap_or(0);
+                    (std::cmp::Reverse(w.ticket.priority), run_running, w.id)
+                })
+                .map(|(index, _)| index);
+            let Some(index) = best else { return };
+            let waiter = self.waiting.remove(index);
+            self.decisions += 1;
+            self.take(&waiter.ticket);
+            if waiter.grant.send(()).is_err() {
+                // Its admit() was dropped between our lock and now.
+                self.give_back(&waiter.ticket);
+            }
+        }
+    }
+}
+
+fn decrement<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(count) = counts.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
+pub struct Admission {
+    held: Arc<Semaphore>,
+    max_held: usize,
+    scheduler: Arc<Mutex<Scheduler>>,
     config: AdmissionConfig,
     launches: Option<DefaultDirectRateLimiter>,
 }
 
-/// A read-only handle on the admission state, for the dashboard.
-#[derive(Clone)]
-pub struct AdmissionView {
-    capacity: Arc<Semaphore>,
-    config: AdmissionConfig,
+/// A run slot; dropping it frees the slot and wakes the next waiter that fits.
+pub struct Slot {
+    scheduler: Arc<Mutex<Scheduler>>,
+    ticket: Ticket,
 }
 
-/// What the dashboard shows about admission.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct AdmissionState {
-    /// Messages held now.
-    pub in_use: usize,
-    pub max_concurrent: usize,
-    /// Launches per second; `None`: unlimited.
-    pub launch_rate: Option<u32>,
-    pub launch_burst: u32,
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut scheduler = lock(&self.scheduler);
+        scheduler.give_back(&self.ticket);
+        scheduler.dispatch();
+    }
 }
 
-impl AdmissionView {
-    pub fn state(&self) -> AdmissionState {
-        AdmissionState {
-            in_use: self.config.max_concurrent - self.capacity.available_permits(),
-            max_concurrent: self.config.max_concurrent,
-            launch_rate: self.config.launch_rate.map(NonZeroU32::get),
-            launch_burst: self.config.launch_burst.get(),
+/// Removes a waiter whose admit() was dropped, or gives back a slot granted meanwhile.
+struct WaitGuard {
+    scheduler: Arc<Mutex<Scheduler>>,
+    id: u64,
+    ticket: Option<Ticket>,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        let mut scheduler = lock(&self.scheduler);
+        if let Some(index) = scheduler.waiting.iter().position(|w| w.id == self.id) {
+            scheduler.waiting.remove(index);
+        } else {
+            // Granted after we stopped waiting: the slot is ours to give back.
+            scheduler.give_back(&ticket);
+            scheduler.dispatch();
         }
     }
+}
+
+fn lock(scheduler: &Mutex<Scheduler>) -> MutexGuard<'_, Scheduler> {
+    // The scheduler's invariants hold between statements; a panic elsewhere cannot break them.
+    scheduler.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Admission {
     pub fn new(config: AdmissionConfig) -> Self {
+        let max_held = config.max_concurrent + config.prefetch;
         Self {
-            capacity: Arc::new(Semaphore::new(config.max_concurrent)),
-            max_concurrent: config.max_concurrent,
-            config,
+            held: Arc::new(Semaphore::new(max_held)),
+            max_held,
+            scheduler: Arc::new(Mutex::new(Scheduler {
+                max_concurrent: config.max_concurrent,
+                max_per_run: config.max_per_run,
+                tag_limits: config.tag_limits.clone(),
+                running: 0,
+                running_per_run: HashMap::new(),
+                running_per_tag: HashMap::new(),
+                waiting: Vec::new(),
+                next_id: 0,
+                decisions: 0,
+            })),
             launches: config.launch_rate.map(|rate| {
                 RateLimiter::direct(Quota::per_second(rate).allow_burst(config.launch_burst))
             }),
+            config,
         }
     }
 
-    /// Waits for room for one more message.
+    /// Waits for room to hold one more message.
     pub async fn reserve(&self) -> OwnedSemaphorePermit {
-        self.capacity
+        self.held
             .clone()
             .acquire_owned()
             .await
             .expect("the semaphore is never closed")
     }
 
-    /// Room for another message right now, if any.
+    /// Room to hold another message right now, if any.
     pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
-        self.capacity.clone().try_acquire_owned().ok()
+        self.held.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for a run slot under every cap, in priority and fair-share order.
+    pub async fn admit(&self, ticket: Ticket) -> Slot {
+        let (grant, granted) = oneshot::channel();
+        let mut guard = {
+            let mut scheduler = lock(&self.scheduler);
+            let id = scheduler.next_id;
+            scheduler.next_id += 1;
+            scheduler.waiting.push(Waiter {
+                id,
+                ticket: ticket.clone(),
+                grant,
+            });
+            scheduler.dispatch();
+            WaitGuard {
+                scheduler: self.scheduler.clone(),
+                id,
+                ticket: Some(ticket.clone()),
+            }
+        };
+        granted
+            .await
+            .expect("a waiter's sender is only dropped after it was granted");
+        guard.ticket = None;
+        Slot {
+            scheduler: self.scheduler.clone(),
+            ticket,
+        }
     }
 
     /// Waits until the launch rate allows one more launch.
@@ -87,19 +358,77 @@ impl Admission {
         }
     }
 
-    /// Messages held now.
+    /// Messages held now (running or waiting).
     pub fn in_use(&self) -> usize {
-        self.max_concurrent - self.capacity.available_permits()
+        self.max_held - self.held.available_permits()
     }
 
     pub fn max_concurrent(&self) -> usize {
-        self.max_concurrent
+        self.config.max_concurrent
     }
 
     pub fn view(&self) -> AdmissionView {
         AdmissionView {
-            capacity: self.capacity.clone(),
-            config: self.config,
+            held: self.held.clone(),
+            max_held: self.max_held,
+            scheduler: self.scheduler.clone(),
+            config: self.config.clone(),
         }
     }
 }
+
+/// A read-only handle on the admission state, for the dashboard and benchmarks.
+#[derive(Clone)]
+pub struct AdmissionView {
+    held: Arc<Semaphore>,
+    max_held: usize,
+    scheduler: Arc<Mutex<Scheduler>>,
+    config: AdmissionConfig,
+}
+
+/// What the dashboard shows about admission.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdmissionState {
+    /// Messages held now: running steps and steps waiting for a slot.
+    pub in_use: usize,
+    /// Steps holding a run slot.
+    pub running: usize,
+    /// Steps waiting for a slot (held messages).
+    pub waiting: usize,
+    pub max_concurrent: usize,
+    pub prefetch: usize,
+    pub max_per_run: Option<usize>,
+    /// `--tag-limit` values as given.
+    pub tag_limits: Vec<String>,
+    /// Slots granted since start.
+    pub decisions: u64,
+    /// Launches per second; `None`: unlimited.
+    pub launch_rate: Option<u32>,
+    pub launch_burst: u32,
+}
+
+impl AdmissionView {
+    pub fn state(&self) -> AdmissionState {
+        let scheduler = lock(&self.scheduler);
+        AdmissionState {
+            in_use: self.max_held - self.held.available_permits(),
+            running: scheduler.running,
+            waiting: scheduler.waiting.len(),
+            max_concurrent: self.config.max_concurrent,
+            prefetch: self.config.prefetch,
+            max_per_run: self.config.max_per_run,
+            tag_limits: self
+                .config
+                .tag_limits
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            decisions: scheduler.decisions,
+            launch_rate: self.config.launch_rate.map(NonZeroU32::get),
+            launch_burst: self.config.launch_burst.get(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

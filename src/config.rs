@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::admission::{AdmissionConfig, TagLimit};
 use crate::envelope::LauncherKind;
 use crate::launcher::ecs::request::{
     check_strategy, AwsVpcConfiguration, CapacityProviderItem, NetworkConfiguration,
@@ -106,9 +107,36 @@ pub struct RunArgs {
     #[arg(long, env = "DAGSTER_TASKIQ_SQS_DLQ_URL")]
     pub dlq_url: Option<String>,
 
-    /// Messages held (and steps run) at once by this controller.
+    /// Steps run at once by this controller.
     #[arg(long, env = "DAGSTER_TASKIQ_MAX_CONCURRENT", default_value_t = 16)]
     pub max_concurrent: usize,
+
+    /// Steps of one Dagster run run at once by this controller (0: no cap).
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_MAX_CONCURRENT_PER_RUN",
+        default_value_t = 0
+    )]
+    pub max_concurrent_per_run: usize,
+
+    /// Cap on running steps by op tag, as Dagster's tag_concurrency_limits: `key=value:N`
+    /// (that value), `key:N` (any value, shared) or `key=*:N` (each value its own cap).
+    /// Repeatable; comma-separated in the environment.
+    #[arg(
+        long = "tag-limit",
+        env = "DAGSTER_TASKIQ_TAG_LIMITS",
+        value_delimiter = ','
+    )]
+    pub tag_limits: Vec<TagLimit>,
+
+    /// Messages held beyond the running steps, ready to start when a slot frees.
+    #[arg(long, env = "DAGSTER_TASKIQ_PREFETCH", default_value_t = 10)]
+    pub prefetch: usize,
+
+    /// Seconds a held message may wait for a run slot before it goes back to the queue for
+    /// other replicas (0: wait here).
+    #[arg(long, env = "DAGSTER_TASKIQ_WAITING_LIMIT", default_value = "30", value_parser = parse_seconds)]
+    pub waiting_limit: Duration,
 
     /// Visibility timeout of a held message, in seconds; extended every third of it.
     #[arg(long, env = "DAGSTER_TASKIQ_VISIBILITY_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
@@ -511,6 +539,22 @@ impl RunArgs {
 
     pub fn launch_rate(&self) -> Option<NonZeroU32> {
         NonZeroU32::new(self.launch_rate)
+    }
+
+    pub fn admission_config(&self) -> AdmissionConfig {
+        AdmissionConfig {
+            max_concurrent: self.max_concurrent,
+            prefetch: self.prefetch,
+            max_per_run: (self.max_concurrent_per_run > 0).then_some(self.max_concurrent_per_run),
+            tag_limits: self.tag_limits.clone(),
+            launch_rate: self.launch_rate(),
+            launch_burst: self.launch_burst(),
+        }
+    }
+
+    /// `None`: held messages wait for a slot however long it takes.
+    pub fn waiting_limit(&self) -> Option<Duration> {
+        (!self.waiting_limit.is_zero()).then_some(self.waiting_limit)
     }
 
     pub fn launch_burst(&self) -> NonZeroU32 {

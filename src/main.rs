@@ -9,7 +9,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
+use dagster_taskiq_controller::admission::Admission;
 use dagster_taskiq_controller::config::{Cli, Command, DlqAction, DlqArgs, LogFormat, RunArgs};
 use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
 use dagster_taskiq_controller::dashboard::{self, ControllerInfo, DashboardState, QueueCache};
@@ -289,11 +289,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let draining = CancellationToken::new();
     let abort = CancellationToken::new();
     let steps = Arc::new(StepTable::default());
-    let admission = Admission::new(AdmissionConfig {
-        max_concurrent: args.max_concurrent,
-        launch_rate: args.launch_rate(),
-        launch_burst: args.launch_burst(),
-    });
+    let admission = Admission::new(args.admission_config());
     metrics
         .admission_capacity
         .set(i64::try_from(args.max_concurrent).unwrap_or(i64::MAX));
@@ -340,6 +336,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             stop_grace: args.stop_grace,
             run_status_interval: args.run_status_interval,
             adoption_window: (args.visibility_timeout * 3).max(Duration::from_secs(60)),
+            waiting_limit: args.waiting_limit(),
         },
         queue,
         launcher: Arc::new(launcher),

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Ticket};
 use crate::dagster::{
     BridgeError, DagsterBridge, RunStatus, StepState as DagsterStepState, Verdict,
 };
@@ -55,6 +55,9 @@ pub struct ReconcilerConfig {
     /// After a hand-off, how long the owner waits for its continuation before fencing its
     /// step; other replicas relaunch a continuation only after this (plus a clock margin).
     pub adoption_window: Duration,
+    /// A held message that waits this long for a run slot goes back to the queue for other
+    /// replicas; `None`: it waits here.
+    pub waiting_limit: Option<Duration>,
 }
 
 /// Allowance for clock skew between replicas when reading a hand-off time.
@@ -279,7 +282,14 @@ impl Controller {
     }
 
     /// Processes one received message to the end.
-    async fn handle(&self, message: ReceivedMessage) {
+    async fn handle(&self, mut message: ReceivedMessage) {
+        // A requeued copy continues the count of the message it replaced.
+        let prior = message
+            .attributes
+            .get(continuation::PRIOR_DELIVERIES)
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0);
+        message.receive_count = message.receive_count.saturating_add(prior);
         let mut step = match envelope::decode(&message.body) {
             Ok(step) => step,
             Err(poison) => {
@@ -411,15 +421,38 @@ impl Controller {
             }
         }
 
+        let waiting_since = Instant::now();
+        let stop = self.steps.stop_signal(task_id).unwrap_or_default();
+        let ticket = Ticket {
+            run_id: step.run_id.clone(),
+            priority: step.priority,
+            tags: step.tags.clone(),
+        };
+        // Held until the step has exited: the run slot is what the caps count.
+        let _slot = tokio::select! {
+            slot = self.admission.admit(ticket) => slot,
+            _ = self.draining.cancelled() => return release_for_shutdown(),
+            _ = signals.lost.cancelled() => return Disposition::Abandon,
+            _ = stop.cancelled() => {
+                // Its run ended while it waited: the next delivery is acknowledged unrun.
+                return Disposition::Release {
+                    delay: Duration::ZERO,
+                    reason: "stopped_while_waiting",
+                    state: StepState::Released,
+                };
+            }
+            _ = sleep_until_deadline(self.config.waiting_limit.map(|limit| waiting_since + limit)) => {
+                return self.requeue(message).await;
+            }
+        };
         self.steps.transition(task_id, StepState::Admitted);
-        let admitted_at = Instant::now();
         tokio::select! {
             _ = self.draining.cancelled() => return release_for_shutdown(),
             _ = self.admission.until_launch_allowed() => {}
         }
         self.metrics
             .admission_wait_seconds
-            .observe(admitted_at.elapsed().as_secs_f64());
+            .observe(waiting_since.elapsed().as_secs_f64());
         if self.draining.is_cancelled() {
             return release_for_shutdown();
         }
@@ -462,7 +495,6 @@ impl Controller {
 
         let timeout = step.timeout.or(self.config.default_step_timeout);
         let deadline = timeout.map(|t| started + t);
-        let stop = self.steps.stop_signal(task_id).unwrap_or_default();
         let mut cause = None;
         let exit = loop {
             let handoff_at = self.leases.handoff_deadline(task_id);
@@ -674,6 +706,38 @@ impl Controller {
                 self.count_queue_error("SendMessage", &e);
                 tracing::warn!(%e, "hand-off failed; retrying shortly");
                 tokio::time::sleep(self.leases.heartbeat_interval()).await;
+            }
+        }
+    }
+
+    /// A message that waited too long for a run slot: a copy goes back to the queue for any
+    /// replica with room, and this one is deleted. The copy carries the deliveries so far, so
+    /// that waiting never uses up the message's attempts (SQS's receive count restarts).
+    async fn requeue(&self, message: &ReceivedMessage) -> Disposition {
+        let mut attributes = message.attributes.clone();
+        attributes.insert(
+            continuation::PRIOR_DELIVERIES.to_owned(),
+            message.receive_count.saturating_sub(1).to_string(),
+        );
+        match self.queue.send(&message.body, &attributes).await {
+            Ok(copy_id) => {
+                tracing::info!(
+                    copy_id,
+                    "waited too long for a run slot: requeued for other replicas"
+                );
+                Disposition::Ack {
+                    outcome: "requeued",
+                    state: StepState::Released,
+                }
+            }
+            Err(e) => {
+                self.count_queue_error("SendMessage", &e);
+                tracing::warn!(%e, "could not requeue; releasing instead");
+                Disposition::Release {
+                    delay: Duration::ZERO,
+                    reason: "waited_too_long",
+                    state: StepState::Released,
+                }
             }
         }
     }

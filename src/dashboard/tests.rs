@@ -82,9 +82,8 @@ fn bed(token: Option<&str>) -> Bed {
     let queues = Arc::new(FakeQueues::default());
     let bridge = Arc::new(FakeBridge(AtomicBool::new(true)));
     let admission = Admission::new(AdmissionConfig {
-        max_concurrent: 4,
         launch_rate: std::num::NonZeroU32::new(2),
-        launch_burst: std::num::NonZeroU32::MIN,
+        ..AdmissionConfig::capped(4)
     });
     let health = Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(1)));
     health.queue_contact("GetQueueAttributes", None);

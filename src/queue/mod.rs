@@ -20,6 +20,9 @@ pub mod continuation {
     pub const HANDOFF_AT_MS: &str = "dagster_taskiq_handoff_at_ms";
     /// The message id of the message it continues.
     pub const CONTINUES: &str = "dagster_taskiq_continues";
+    /// On a message requeued because it waited too long for a run slot: deliveries of the
+    /// message it replaces before that one, added to the copy's receive count.
+    pub const PRIOR_DELIVERIES: &str = "dagster_taskiq_prior_deliveries";
 }
 
 /// One message as received, with what SQS told us about its delivery.
