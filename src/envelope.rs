@@ -67,7 +67,8 @@ pub struct StepRequest {
     /// Higher runs first.
     pub priority: i32,
     pub timeout: Option<Duration>,
-    /// Op tags that steer the launch (`ecs/*`, `dagster/priority`, `dagster-taskiq/*`).
+    /// The op tags: some steer the launch (`ecs/*`, `dagster/priority`, `dagster-taskiq/*`);
+    /// tag limits count any of them.
     pub tags: BTreeMap<String, String>,
     /// All TaskIQ labels, as sent.
     pub labels: BTreeMap<String, String>,

@@ -63,8 +63,6 @@ LAUNCHERS: tuple[str, ...] = ("process", "ecs")
 TAG_PRIORITY = "dagster/priority"
 TAG_TIMEOUT = "dagster-taskiq/timeout"
 TAG_LAUNCHER = "dagster-taskiq/launcher"
-STEERING_TAG_PREFIXES: tuple[str, ...] = ("ecs/", "dagster-taskiq/")
-STEERING_TAGS: tuple[str, ...] = (TAG_PRIORITY,)
 
 # --- verdict engine events -------------------------------------------------------------------
 
@@ -127,13 +125,11 @@ def step_task_id(run_id: str, step_key: str, attempt: int) -> str:
     return digest[:32]
 
 
-def select_steering_tags(tags: Mapping[str, str]) -> dict[str, str]:
-    """The op tags that steer the launch: ``ecs/*``, ``dagster-taskiq/*``, ``dagster/priority``."""
-    selected: dict[str, str] = {}
-    for key in sorted(tags):
-        if key.startswith(STEERING_TAG_PREFIXES) or key in STEERING_TAGS:
-            selected[key] = str(tags[key])
-    return selected
+def label_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """The op tags sent in the ``dagster_tags`` label: all of them, as strings. Some steer the
+    launch (``ecs/*``, ``dagster-taskiq/*``, ``dagster/priority``); the controller's
+    ``--tag-limit`` caps count any of them."""
+    return {key: str(tags[key]) for key in sorted(tags)}
 
 
 def _priority_label(tags: Mapping[str, str]) -> str:
@@ -195,7 +191,7 @@ def build_step_message(
         LABEL_LAUNCHER: _launcher_label(step_tags),
         LABEL_PRIORITY: _priority_label(step_tags),
         LABEL_TIMEOUT: _timeout_label(step_tags),
-        LABEL_TAGS: json.dumps(select_steering_tags(step_tags), sort_keys=True),
+        LABEL_TAGS: json.dumps(label_tags(step_tags), sort_keys=True),
     }
     return {
         "task_id": step_task_id(run_id, step_key, attempt),

@@ -175,7 +175,7 @@ def valid_vectors() -> dict[str, dict[str, Any]]:
     msg = ours("tagged", step_args("tagged", RUN_ID_2, tagged_key), tags)
     vectors["ours_steering_tags"] = {
         "description": "our executor's message for an op with priority, timeout, launcher and "
-        "ecs tags (the tag 'team' does not steer and is left out)",
+        "ecs tags, and the tag 'team' that only tag limits count",
         "body": contract.encode_body(msg),
         "expect": expect_of(
             msg,
@@ -186,7 +186,7 @@ def valid_vectors() -> dict[str, dict[str, Any]]:
             launcher="process",
             priority=5,
             timeout_seconds=30.0,
-            tags=contract.select_steering_tags(tags),
+            tags=contract.label_tags(tags),
         ),
     }
 

@@ -36,7 +36,7 @@ def test_task_id_is_deterministic_and_distinct() -> None:
     assert task_id not in others and len(others) == 3
 
 
-def test_steering_tags_selection() -> None:
+def test_every_op_tag_is_sent_as_a_string_in_key_order() -> None:
     tags = {
         "ecs/cpu": "256",
         "dagster-taskiq/timeout": "10",
@@ -45,11 +45,8 @@ def test_steering_tags_selection() -> None:
         "team": "data",
         "ecsx/cpu": "1",
     }
-    assert contract.select_steering_tags(tags) == {
-        "dagster-taskiq/timeout": "10",
-        "dagster/priority": "3",
-        "ecs/cpu": "256",
-    }
+    assert contract.label_tags(tags) == dict(sorted(tags.items()))
+    assert list(contract.label_tags(tags)) == sorted(tags)
 
 
 def _args(step_key: str = "add_one", attempt: int | None = None) -> ExecuteStepArgs:
@@ -90,7 +87,7 @@ def test_message_shape_follows_taskiq_conventions() -> None:
         "dagster_priority": "7",
         "dagster_timeout": "1.5",
         "dagster_tags": json.dumps(
-            {"dagster-taskiq/timeout": "1.5", "dagster/priority": "7"}, sort_keys=True
+            {"dagster-taskiq/timeout": "1.5", "dagster/priority": "7", "x": "y"}, sort_keys=True
         ),
     }
     assert set(message["kwargs"]) == {"execute_step_args_packed", "executable_dict"}

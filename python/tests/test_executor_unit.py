@@ -103,7 +103,7 @@ def test_launch_step_sends_the_contract_message(instance: DagsterInstance, sqs_q
     assert decoded.task_id == contract.step_task_id(run.run_id, "tagged_op", 2)
     assert decoded.job_name == "tagged"
     assert (decoded.launcher, decoded.priority, decoded.timeout_seconds) == ("process", 5, 30.0)
-    assert decoded.tags == contract.select_steering_tags(jobs.tagged_op.tags)
+    assert decoded.tags == contract.label_tags(jobs.tagged_op.tags)
 
     payload = json.loads(body)
     assert payload["labels_types"] == {name: 3 for name in contract.ALL_LABELS}
