@@ -220,11 +220,14 @@ def shutdown_mix() -> None:
 LEDGER_ENV = "DAGSTER_TASKIQ_TEST_LEDGER"
 
 
-def _ledgered(name: str, default_seconds: float, retries: int = 0) -> OpDefinition:
+def _ledgered(
+    name: str, default_seconds: float, retries: int = 0, tags: dict[str, str] | None = None
+) -> OpDefinition:
     @op(
         name=name,
         config_schema={"seconds": Field(float, default_value=default_seconds)},
         retry_policy=RetryPolicy(max_retries=retries) if retries else None,
+        tags=tags,
     )
     def _work(context: OpExecutionContext) -> Output[int]:
         path = os.environ.get(LEDGER_ENV)
@@ -262,6 +265,19 @@ LEDGER_OPS = [_ledgered(f"work_{i}", 4.0) for i in range(6)]
 def ledger_fan() -> None:
     """Six independent ops of 4 s that write start/beat/end lines to the ledger."""
     for work in LEDGER_OPS:
+        work()
+
+
+TAGGED_LEDGER_OPS = [
+    *(_ledgered(f"redshift_{i}", 1.0, tags={"database": "redshift"}) for i in range(2)),
+    *(_ledgered(f"plain_{i}", 1.0, tags={"database": "postgres"}) for i in range(3)),
+]
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def tagged_fan() -> None:
+    """Five independent ledgered ops of 1 s, two of them tagged database=redshift."""
+    for work in TAGGED_LEDGER_OPS:
         work()
 
 
@@ -397,6 +413,7 @@ ALL_JOBS = [
     timeout_retry,
     shutdown_mix,
     ledger_fan,
+    tagged_fan,
     chaos,
     polluting,
     slow_then_more,
