@@ -48,13 +48,22 @@ pub struct FakeQueue {
 
 impl FakeQueue {
     pub fn push(&self, message_id: &str, body: &str) {
+        self.push_with_attributes(message_id, body, HashMap::new());
+    }
+
+    pub fn push_with_attributes(
+        &self,
+        message_id: &str,
+        body: &str,
+        attributes: HashMap<String, String>,
+    ) {
         let mut inner = self.inner.lock().expect("lock");
         inner.visible.push_back(ReceivedMessage {
             message_id: message_id.to_owned(),
             receipt_handle: String::new(),
             body: body.to_owned(),
             receive_count: 0,
-            attributes: HashMap::new(),
+            attributes,
         });
         drop(inner);
         self.changed.notify_waiters();

@@ -31,6 +31,20 @@ fn bed(step_duration: Duration) -> Bed {
 }
 
 fn bed_with_cap(step_duration: Duration, visibility_cap: Duration) -> Bed {
+    bed_with_admission(
+        step_duration,
+        visibility_cap,
+        AdmissionConfig::capped(4),
+        None,
+    )
+}
+
+fn bed_with_admission(
+    step_duration: Duration,
+    visibility_cap: Duration,
+    admission: AdmissionConfig,
+    waiting_limit: Option<Duration>,
+) -> Bed {
     let queue = FakeQueue::default();
     let bridge = FakeBridge::default();
     let launcher = FakeLauncher::new(bridge.clone(), step_duration);
@@ -50,12 +64,12 @@ fn bed_with_cap(step_duration: Duration, visibility_cap: Duration) -> Bed {
             stop_grace: Duration::from_secs(3),
             run_status_interval: Duration::from_secs(1),
             adoption_window: Duration::from_secs(60),
-            waiting_limit: None,
+            waiting_limit,
         },
         queue: Arc::new(queue.clone()),
         launcher: Arc::new(launcher.clone()),
         bridge: Arc::new(bridge.clone()),
-        admission: Admission::new(AdmissionConfig::capped(4)),
+        admission: Admission::new(admission),
         leases: Arc::new(LeaseTable::new(
             Duration::from_secs(3),
             visibility_cap,
@@ -571,4 +585,77 @@ async fn an_execution_that_never_started_is_relaunched_without_a_verdict() {
     ));
     assert!(bed.bridge.verdicts().is_empty());
     bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_that_waits_too_long_for_a_slot_is_requeued_with_its_deliveries() {
+    let bed = bed_with_admission(
+        Duration::from_secs(60),
+        Duration::from_secs(12 * 3600),
+        AdmissionConfig {
+            prefetch: 1,
+            ..AdmissionConfig::capped(1)
+        },
+        Some(Duration::from_secs(10)),
+    );
+    bed.queue
+        .push("long", &step_body(&task_id(20), "run1", "op_a", 0));
+    let handle = bed.start();
+    launched(&bed, &task_id(20)).await;
+    bed.queue
+        .push("waits", &step_body(&task_id(21), "run1", "op_b", 0));
+    // Held, not startable (the one slot is busy): after 10 s it goes back as a copy.
+    bed.queue.wait_for(acked("waits")).await;
+    let events = bed.queue.events();
+    assert!(
+        events.iter().any(|e| matches!(e, QueueEvent::Sent(_))),
+        "{events:?}"
+    );
+    assert_eq!(bed.launcher.launches(), vec![task_id(20)]);
+    // The copy (and its own requeues) run once the slot frees; never dead-lettered.
+    bed.queue.wait_for(acked("long")).await;
+    launched(&bed, &task_id(21)).await;
+    assert!(!bed
+        .queue
+        .events()
+        .iter()
+        .any(|e| matches!(e, QueueEvent::DeadLettered(..))));
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_requeued_copy_keeps_counting_the_deliveries_before_it() {
+    let bed = bed(Duration::from_secs(1));
+    let attributes = std::collections::HashMap::from([(
+        dagster_taskiq_controller::queue::continuation::PRIOR_DELIVERIES.to_owned(),
+        "3".to_owned(),
+    )]);
+    bed.queue.push_with_attributes(
+        "copy",
+        &step_body(&task_id(22), "run1", "op_a", 0),
+        attributes,
+    );
+    let handle = bed.start();
+    // First delivery of the copy + 3 before it: past max_attempts (3).
+    bed.queue
+        .wait_for(|events| {
+            events.contains(&QueueEvent::DeadLettered(
+                "copy".into(),
+                "attempts_exhausted".into(),
+            ))
+        })
+        .await;
+    assert!(bed.launcher.launches().is_empty());
+    bed.stop(handle).await;
+}
+
+/// Waits (in paused time) until the launcher has started this task.
+async fn launched(bed: &Bed, task_id: &str) {
+    for _ in 0..10_000 {
+        if bed.launcher.launches().iter().any(|t| t == task_id) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{task_id} was never launched");
 }
