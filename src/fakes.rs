@@ -297,6 +297,11 @@ impl FakeLauncher {
             .insert(step_key.to_owned(), outcome);
     }
 
+    /// How many launches so far (cheap, for benchmarks polling it).
+    pub fn launch_count(&self) -> usize {
+        self.launches.lock().expect("lock").len()
+    }
+
     /// Task ids launched, in order.
     pub fn launches(&self) -> Vec<String> {
         self.launches.lock().expect("lock").clone()
