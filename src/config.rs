@@ -190,6 +190,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub ecs: EcsArgs,
 
+    #[command(flatten)]
+    pub taskiq: crate::results::TaskiqArgs,
+
     /// Fork process steps from a warm zygote that has imported Dagster once, instead of
     /// starting a fresh interpreter per step. Falls back to cold starts while it is unhealthy.
     #[arg(long, env = "DAGSTER_TASKIQ_WARM_POOL")]
