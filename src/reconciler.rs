@@ -889,6 +889,9 @@ impl Controller {
         message: &ReceivedMessage,
         disposition: Disposition,
     ) -> Disposition {
+        if !self.taskiq.results_enabled() {
+            return disposition;
+        }
         let verdict = self.steps.get(&step.task_id).and_then(|r| r.verdict);
         match self
             .taskiq

@@ -39,8 +39,15 @@ class Bed:
         return all(v == "0" for v in attributes.values())
 
     def result(self, task_id: str) -> Any:
+        """The task's result, once written: the run may end (its last step's event is in the
+        event log) a moment before the controller has written that step's result."""
         taskiq = Taskiq.get()
-        assert taskiq.run(taskiq.backend.is_result_ready(task_id)), f"no result for {task_id}"
+        wait_for(
+            lambda: taskiq.run(taskiq.backend.is_result_ready(task_id)),
+            30,
+            f"the result of {task_id}",
+            interval=0.2,
+        )
         return taskiq.run(taskiq.backend.get_result(task_id))
 
 
@@ -101,9 +108,10 @@ def test_a_three_op_job_runs_and_its_results_read_back_as_dagster_events(
         assert not taskiq_result.is_err
         assert taskiq_result.execution_time > 0
         events = [deserialize_value(line, DagsterEvent) for line in taskiq_result.return_value]
-        assert {e.step_key for e in events} == {step_key}
-        types = [e.event_type for e in events]
-        assert types[0] == DagsterEventType.STEP_START
+        # The step's own events (and run-level ones such as the step worker's start).
+        assert {e.step_key for e in events} - {None} == {step_key}
+        types = [e.event_type for e in events if e.step_key == step_key]
+        assert DagsterEventType.STEP_START in types
         assert types[-1] == DagsterEventType.STEP_SUCCESS
         # The same events Dagster's event log holds for the step.
         logged = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_SUCCESS).records
