@@ -18,6 +18,7 @@ use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::reconciler::{Controller, ReconcilerConfig};
+use dagster_taskiq_controller::results::TaskiqCompat;
 use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::StepTable;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +39,11 @@ fn rss_bytes() -> u64 {
 /// (min, median, max)
 fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
     values.sort_by(f64::total_cmp);
-    (values[0], values[values.len() / 2], values[values.len() - 1])
+    (
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1],
+    )
 }
 
 /// Grants per second: 200 000 steps of 50 runs with tags and priorities through 64 slots.
@@ -121,6 +126,7 @@ async fn pipeline() -> PipelineResult {
         steps: Arc::new(StepTable::default()),
         metrics,
         health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(20))),
+        taskiq: TaskiqCompat::default(),
         draining: CancellationToken::new(),
         abort: CancellationToken::new(),
     });

@@ -79,14 +79,20 @@ pub struct StepRequest {
     /// Deliveries of the message so far (SQS ApproximateReceiveCount), set by the
     /// reconciler; 0 when unknown. The ECS launcher adopts earlier tasks on redelivery.
     pub receive_count: u32,
+    /// The packed args ask the step to print its serialized events on stdout (dagster-taskiq
+    /// sets it); absent or not a boolean means false.
+    pub print_serialized_events: bool,
+    /// Keep the step's serialized event lines for a taskiq result (set when a result bucket
+    /// is configured, see `crate::results`); launchers that cannot capture output ignore it.
+    pub collect_events: bool,
 }
 
 /// Why a message can never run. `name()` is the stable short reason used in metrics, the
 /// dead-letter attribute and the shared test vectors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Poison {
-    #[error("body is {0} bytes, over the 1 MiB limit")]
-    TooLarge(usize),
+    #[error("body is {size} bytes, over the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
     #[error("body is not valid JSON: {0}")]
     InvalidJson(String),
     #[error("message does not have the TaskIQ shape: {0}")]
@@ -113,13 +119,16 @@ pub enum Poison {
         label_value: String,
         args_value: String,
     },
+    /// An extended (S3) message whose pointer is malformed or whose object is gone.
+    #[error("extended payload cannot be read: {0}")]
+    InvalidExtendedPayload(String),
 }
 
 impl Poison {
     /// Stable snake_case name of the reason.
     pub fn name(&self) -> &'static str {
         match self {
-            Poison::TooLarge(_) => "too_large",
+            Poison::TooLarge { .. } => "too_large",
             Poison::InvalidJson(_) => "invalid_json",
             Poison::InvalidShape(_) => "invalid_shape",
             Poison::InvalidTaskId(_) => "invalid_task_id",
@@ -131,6 +140,7 @@ impl Poison {
             Poison::InvalidRunId(_) => "invalid_run_id",
             Poison::InvalidLabel { .. } => "invalid_label",
             Poison::LabelMismatch { .. } => "label_mismatch",
+            Poison::InvalidExtendedPayload(_) => "invalid_extended_payload",
         }
     }
 }
@@ -167,6 +177,9 @@ struct PackedStepArgs {
     instance_ref: Value,
     #[serde(default)]
     known_state: Option<KnownState>,
+    /// Only `true` counts; anything else (absent, null, another type) means false.
+    #[serde(default)]
+    print_serialized_events: Value,
 }
 
 #[derive(Deserialize)]
@@ -177,8 +190,17 @@ struct KnownState {
 
 /// Decodes and validates one SQS body.
 pub fn decode(body: &str) -> Result<StepRequest, Poison> {
-    if body.len() > MAX_BODY_BYTES {
-        return Err(Poison::TooLarge(body.len()));
+    decode_with_limit(body, MAX_BODY_BYTES)
+}
+
+/// Decodes and validates a body of at most `limit` bytes: [`MAX_BODY_BYTES`] for an SQS body,
+/// more for a body resolved from S3 (`crate::results::MAX_EXTENDED_BODY_BYTES`).
+pub fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest, Poison> {
+    if body.len() > limit {
+        return Err(Poison::TooLarge {
+            size: body.len(),
+            limit,
+        });
     }
     let raw: RawMessage = serde_json::from_str(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => Poison::InvalidShape(e.to_string()),
@@ -271,6 +293,8 @@ pub fn decode(body: &str) -> Result<StepRequest, Poison> {
         instance_ref: packed.instance_ref,
         step_args_json: raw.kwargs.execute_step_args_packed,
         receive_count: 0,
+        print_serialized_events: packed.print_serialized_events == Value::Bool(true),
+        collect_events: false,
     })
 }
 
@@ -340,6 +364,11 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
         return Err(format!("{text:?} must be between 0 and 604800 seconds"));
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Whether `task_id` is a valid task id (1 to 64 characters of `[0-9A-Za-z_-]`).
+pub fn is_valid_task_id(task_id: &str) -> bool {
+    is_identifier(task_id, 64)
 }
 
 fn is_identifier(s: &str, max_len: usize) -> bool {
@@ -434,6 +463,38 @@ mod tests {
     fn oversized_body_is_poison() {
         let big = "x".repeat(MAX_BODY_BYTES + 1);
         assert_eq!(decode(&big).unwrap_err().name(), "too_large");
+    }
+
+    #[test]
+    fn a_larger_limit_admits_a_resolved_body() {
+        let mut packed = packed("r", "s", 0);
+        packed["padding"] = Value::String("x".repeat(MAX_BODY_BYTES));
+        let big = body(serde_json::json!({}), packed);
+        assert_eq!(decode(&big).unwrap_err().name(), "too_large");
+        let req = decode_with_limit(&big, 4 * MAX_BODY_BYTES).unwrap();
+        assert_eq!(req.step_key, "s");
+    }
+
+    #[test]
+    fn print_serialized_events_is_read_from_the_packed_args() {
+        let mut args = packed("r", "s", 0);
+        assert!(
+            !decode(&body(serde_json::json!({}), args.clone()))
+                .unwrap()
+                .print_serialized_events
+        );
+        args["print_serialized_events"] = Value::Bool(true);
+        assert!(
+            decode(&body(serde_json::json!({}), args.clone()))
+                .unwrap()
+                .print_serialized_events
+        );
+        args["print_serialized_events"] = Value::String("yes".into());
+        assert!(
+            !decode(&body(serde_json::json!({}), args))
+                .unwrap()
+                .print_serialized_events
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::dagster::{BridgeError, DagsterBridge, RunStatus, StepState, Verdict, 
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
 use crate::queue::{DeadLetter, ExtendResult, QueueError, ReceivedMessage, WorkQueue};
+use crate::results::{ObjectStore, StoreError};
 
 /// What happened to a message in the fake queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,22 +49,21 @@ pub struct FakeQueue {
 
 impl FakeQueue {
     pub fn push(&self, message_id: &str, body: &str) {
-        self.push_with_attributes(message_id, body, HashMap::new());
+        self.push_with_attributes(message_id, body, &[]);
     }
 
-    pub fn push_with_attributes(
-        &self,
-        message_id: &str,
-        body: &str,
-        attributes: HashMap<String, String>,
-    ) {
+    /// Pushes a message with string message attributes (e.g. `s3_extended_message`).
+    pub fn push_with_attributes(&self, message_id: &str, body: &str, attributes: &[(&str, &str)]) {
         let mut inner = self.inner.lock().expect("lock");
         inner.visible.push_back(ReceivedMessage {
             message_id: message_id.to_owned(),
             receipt_handle: String::new(),
             body: body.to_owned(),
             receive_count: 0,
-            attributes,
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         });
         drop(inner);
         self.changed.notify_waiters();
@@ -421,6 +421,18 @@ impl RunningStep for FakeStep {
         vec!["fake stderr".into()]
     }
 
+    /// A successful step printed one serialized event (when its events are collected).
+    fn take_events(&mut self) -> Option<crate::results::EventLines> {
+        let mut events = crate::results::EventLines::default();
+        if self.step.collect_events
+            && self.step.print_serialized_events
+            && self.outcome == FakeOutcome::Succeed
+        {
+            events.push(fake_event_line(&self.step.step_key, "STEP_SUCCESS"));
+        }
+        Some(events)
+    }
+
     fn survives_controller(&self) -> bool {
         self.survives
     }
@@ -576,6 +588,13 @@ impl DagsterBridge for FakeBridge {
     }
 }
 
+/// A serialized DagsterEvent line, as `dagster api execute_step` prints it (abridged).
+pub fn fake_event_line(step_key: &str, event_type: &str) -> String {
+    serde_json::json!({"__class__": "DagsterEvent", "event_type_value": event_type,
+                       "step_key": step_key})
+    .to_string()
+}
+
 /// A valid step message body for the fakes.
 pub fn step_body(task_id: &str, run_id: &str, step_key: &str, attempt: u32) -> String {
     serde_json::json!({
@@ -598,4 +617,93 @@ pub fn step_body(task_id: &str, run_id: &str, step_key: &str, attempt: u32) -> S
         },
     })
     .to_string()
+}
+
+#[derive(Default)]
+struct ObjectStoreInner {
+    objects: HashMap<(String, String), Vec<u8>>,
+    /// Calls that fail (transiently) before the store works again.
+    failing: u32,
+    puts: u64,
+}
+
+/// S3 in memory, for the taskiq results and extended payloads.
+#[derive(Default, Clone)]
+pub struct FakeObjectStore {
+    inner: Arc<Mutex<ObjectStoreInner>>,
+}
+
+impl FakeObjectStore {
+    pub fn insert(&self, bucket: &str, key: &str, body: Vec<u8>) {
+        self.inner
+            .lock()
+            .expect("lock")
+            .objects
+            .insert((bucket.to_owned(), key.to_owned()), body);
+    }
+
+    pub fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        self.inner
+            .lock()
+            .expect("lock")
+            .objects
+            .get(&(bucket.to_owned(), key.to_owned()))
+            .cloned()
+    }
+
+    /// Successful puts so far.
+    pub fn puts(&self) -> u64 {
+        self.inner.lock().expect("lock").puts
+    }
+
+    /// The next `calls` calls fail as if S3 were unreachable (0: work again).
+    pub fn fail_next(&self, calls: u32) {
+        self.inner.lock().expect("lock").failing = calls;
+    }
+
+    fn fail(&self, operation: &'static str, bucket: &str, key: &str) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().expect("lock");
+        if inner.failing == 0 {
+            return Ok(());
+        }
+        inner.failing -= 1;
+        Err(StoreError::Transient {
+            operation,
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            message: "fake outage".into(),
+        })
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FakeObjectStore {
+    async fn get(&self, bucket: &str, key: &str, limit: usize) -> Result<Vec<u8>, StoreError> {
+        self.fail("GetObject", bucket, key)?;
+        match self.object(bucket, key) {
+            None => Err(StoreError::NotFound {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+            }),
+            Some(body) if body.len() > limit => Err(StoreError::TooLarge {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+                size: body.len() as u64,
+                limit,
+            }),
+            Some(body) => Ok(body),
+        }
+    }
+
+    async fn put(&self, bucket: &str, key: &str, body: Vec<u8>) -> Result<(), StoreError> {
+        self.fail("PutObject", bucket, key)?;
+        self.insert(bucket, key, body);
+        self.inner.lock().expect("lock").puts += 1;
+        Ok(())
+    }
+
+    async fn exists(&self, bucket: &str, key: &str) -> Result<bool, StoreError> {
+        self.fail("HeadObject", bucket, key)?;
+        Ok(self.object(bucket, key).is_some())
+    }
 }

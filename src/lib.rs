@@ -14,6 +14,8 @@
 //!   a warm zygote), ECS tasks ([`launcher::ecs`]) and the per-step router.
 //! - [`admission`]: concurrency cap and launch rate limit.
 //! - [`reconciler`]: the loop and the step state machine.
+//! - [`results`]: dagster-taskiq compatibility: taskiq result objects in S3, extended (S3)
+//!   payloads, the step's serialized event lines.
 //! - [`state`]: step states and the table the API reads.
 //! - [`retry`]: failure classes and backoff.
 //! - [`dagster`]: the [`dagster::DagsterBridge`] boundary and its Python sidecar client.
@@ -36,6 +38,7 @@ pub mod lease;
 pub mod metrics;
 pub mod queue;
 pub mod reconciler;
+pub mod results;
 pub mod retry;
 pub mod state;
 

@@ -23,6 +23,7 @@ use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{DeadLetterEntry, RedriveFilter, SqsQueue, SqsQueueConfig};
 use dagster_taskiq_controller::reconciler::{Controller, ReconcilerConfig};
+use dagster_taskiq_controller::results::TaskiqCompat;
 use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::StepTable;
 
@@ -286,6 +287,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let launcher = LauncherRouter::new(args.launcher.into(), launchers)
         .map_err(|e| anyhow::anyhow!("--launcher: {e}"))?;
 
+    let taskiq = TaskiqCompat::connect(&args.taskiq, &aws)
+        .await
+        .context("cannot set up taskiq results")?
+        .with_retry_budget(args.visibility_timeout / 2);
+
     let draining = CancellationToken::new();
     let abort = CancellationToken::new();
     let steps = Arc::new(StepTable::default());
@@ -346,6 +352,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         steps,
         metrics,
         health,
+        taskiq,
         draining: draining.clone(),
         abort: abort.clone(),
     });
@@ -360,6 +367,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_concurrent = args.max_concurrent,
         admin_api = args.admin_token.is_some(),
         warm_pool = args.warm_pool,
+        result_bucket = ?args.taskiq.result_bucket,
         "controller started"
     );
     controller.run().await;

@@ -28,6 +28,7 @@ use crate::lease::LeaseSignals;
 use crate::lease::LeaseTable;
 use crate::metrics::Metrics;
 use crate::queue::{continuation, DeadLetter, QueueError, ReceivedMessage, WorkQueue};
+use crate::results::{DecodeError, StoreError, TaskiqCompat};
 use crate::retry::Backoff;
 use crate::state::{StepState, StepTable, StopReason};
 
@@ -75,6 +76,8 @@ pub struct Controller {
     pub metrics: Arc<Metrics>,
     /// Heartbeats of the loops and the last SQS contact, for the probes.
     pub health: Arc<Health>,
+    /// dagster-taskiq compatibility: extended (S3) payloads and taskiq results.
+    pub taskiq: TaskiqCompat,
     /// Cancelled when draining starts (stop receiving, do not launch).
     pub draining: CancellationToken,
     /// Cancelled when the grace is over (kill running steps, release their messages).
@@ -290,12 +293,20 @@ impl Controller {
             .and_then(|n| n.parse::<u32>().ok())
             .unwrap_or(0);
         message.receive_count = message.receive_count.saturating_add(prior);
-        let mut step = match envelope::decode(&message.body) {
+        let mut step = match self.taskiq.decode(&message).await {
             Ok(step) => step,
-            Err(poison) => {
+            Err(DecodeError::Unavailable(e)) => {
+                let disposition = self.payload_unavailable(e, &message);
+                self.settle_unclaimed(&message, disposition).await;
+                return;
+            }
+            Err(DecodeError::Poison { poison, task_id }) => {
                 let span = tracing::warn_span!("poison", message_id = %message.message_id);
                 async {
                     tracing::warn!(reason = poison.name(), error = %poison, "poison message");
+                    self.taskiq
+                        .write_poison_result(task_id.as_deref(), &poison)
+                        .await;
                     let disposition = Disposition::DeadLetter {
                         reason: poison.name(),
                         detail: poison.to_string(),
@@ -571,6 +582,8 @@ impl Controller {
         let exited_at_now = Instant::now();
         *exited_at = Some(exited_at_now);
         let exited_at = exited_at_now;
+        self.taskiq
+            .keep_output(task_id, running.take_events(), exited_at - started);
         self.metrics
             .step_duration_seconds
             .observe((exited_at - started).as_secs_f64());
@@ -673,7 +686,7 @@ impl Controller {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis();
-        let attributes = std::collections::HashMap::from([
+        let mut attributes = std::collections::HashMap::from([
             (continuation::MARKER.to_owned(), "true".to_owned()),
             (
                 continuation::OWNER.to_owned(),
@@ -685,6 +698,8 @@ impl Controller {
                 message.message_id.clone(),
             ),
         ]);
+        // The same body: an S3 pointer stays one.
+        attributes.extend(crate::results::extended_marker(message));
         match self.queue.send(&message.body, &attributes).await {
             Ok(continuation_id) => {
                 // Stop extending the old handle before deleting it.
@@ -930,6 +945,56 @@ impl Controller {
         }
     }
 
+    /// dagster-taskiq's executor waits for a taskiq result: write it before the message is
+    /// deleted; when it cannot be written yet, keep the message (released for later).
+    async fn write_taskiq_result(
+        &self,
+        step: &StepRequest,
+        message: &ReceivedMessage,
+        disposition: Disposition,
+    ) -> Disposition {
+        if !self.taskiq.results_enabled() {
+            return disposition;
+        }
+        let verdict = self.steps.get(&step.task_id).and_then(|r| r.verdict);
+        match self
+            .taskiq
+            .write_result(step, &disposition, verdict.as_deref())
+            .await
+        {
+            Ok(()) => disposition,
+            Err(e) => {
+                tracing::warn!(%e, "taskiq result not written: releasing the message for later");
+                Disposition::Release {
+                    delay: self.config.backoff.delay(message.receive_count),
+                    reason: "result_unwritten",
+                    state: StepState::Backoff,
+                }
+            }
+        }
+    }
+
+    /// An extended payload that S3 cannot serve now: release for later; past the delivery
+    /// limit, dead-letter with the error.
+    fn payload_unavailable(&self, e: StoreError, message: &ReceivedMessage) -> Disposition {
+        if message.receive_count >= self.config.max_attempts {
+            return Disposition::DeadLetter {
+                reason: "payload_unavailable",
+                detail: format!(
+                    "delivered {} times (limit {}); the extended payload stayed unreadable: {e}",
+                    message.receive_count, self.config.max_attempts
+                ),
+                error_class: "transient",
+            };
+        }
+        tracing::warn!(message_id = %message.message_id, %e, "extended payload unavailable: releasing the message for later");
+        Disposition::Release {
+            delay: self.config.backoff.delay(message.receive_count),
+            reason: "payload_unavailable",
+            state: StepState::Backoff,
+        }
+    }
+
     /// Carries out a disposition for a claimed step.
     async fn settle(
         &self,
@@ -938,6 +1003,7 @@ impl Controller {
         disposition: Disposition,
     ) {
         let task_id = step.task_id.as_str();
+        let disposition = self.write_taskiq_result(step, message, disposition).await;
         // A redelivery may have renewed the handle meanwhile.
         let mut current = message.clone();
         if let Some(handle) = self.leases.receipt_handle(task_id) {

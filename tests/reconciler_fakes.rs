@@ -8,13 +8,15 @@ use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
 use dagster_taskiq_controller::dagster::RunStatus;
 use dagster_taskiq_controller::envelope;
 use dagster_taskiq_controller::fakes::{
-    step_body, FakeBridge, FakeLauncher, FakeOutcome, FakeQueue, QueueEvent,
+    fake_event_line, step_body, FakeBridge, FakeLauncher, FakeObjectStore, FakeOutcome, FakeQueue,
+    QueueEvent,
 };
 use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::launcher::{EcsStopCause, StepExit};
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::reconciler::{Controller, ReconcilerConfig};
+use dagster_taskiq_controller::results::TaskiqCompat;
 use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::StepTable;
 use tokio_util::sync::CancellationToken;
@@ -31,11 +33,16 @@ fn bed(step_duration: Duration) -> Bed {
 }
 
 fn bed_with_cap(step_duration: Duration, visibility_cap: Duration) -> Bed {
-    bed_with_admission(
+    bed_with(step_duration, visibility_cap, TaskiqCompat::default())
+}
+
+fn bed_with(step_duration: Duration, visibility_cap: Duration, taskiq: TaskiqCompat) -> Bed {
+    bed_full(
         step_duration,
         visibility_cap,
         AdmissionConfig::capped(4),
         None,
+        taskiq,
     )
 }
 
@@ -44,6 +51,22 @@ fn bed_with_admission(
     visibility_cap: Duration,
     admission: AdmissionConfig,
     waiting_limit: Option<Duration>,
+) -> Bed {
+    bed_full(
+        step_duration,
+        visibility_cap,
+        admission,
+        waiting_limit,
+        TaskiqCompat::default(),
+    )
+}
+
+fn bed_full(
+    step_duration: Duration,
+    visibility_cap: Duration,
+    admission: AdmissionConfig,
+    waiting_limit: Option<Duration>,
+    taskiq: TaskiqCompat,
 ) -> Bed {
     let queue = FakeQueue::default();
     let bridge = FakeBridge::default();
@@ -78,6 +101,7 @@ fn bed_with_admission(
         steps: Arc::new(StepTable::default()),
         metrics,
         health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10))),
+        taskiq,
         draining: CancellationToken::new(),
         abort: CancellationToken::new(),
     });
@@ -468,6 +492,7 @@ fn rebuild(bed: Bed) -> Bed {
         steps: c.steps.clone(),
         metrics: c.metrics.clone(),
         health: c.health.clone(),
+        taskiq: TaskiqCompat::default(),
         draining: CancellationToken::new(),
         abort: CancellationToken::new(),
     });
@@ -587,6 +612,112 @@ async fn an_execution_that_never_started_is_relaunched_without_a_verdict() {
     bed.stop(handle).await;
 }
 
+// ---- dagster-taskiq compatibility: taskiq results and extended payloads ------------------
+
+fn taskiq_bed(store: &FakeObjectStore) -> Bed {
+    let taskiq = TaskiqCompat::new(Arc::new(store.clone()), Some("results".into()), "")
+        .with_retry_budget(Duration::from_secs(1));
+    bed_with(
+        Duration::from_secs(1),
+        Duration::from_secs(12 * 3600),
+        taskiq,
+    )
+}
+
+/// A body as dagster-taskiq sends it: no labels, `print_serialized_events` in the args.
+fn taskiq_body(id: u32, step_key: &str) -> String {
+    let mut body: serde_json::Value =
+        serde_json::from_str(&step_body(&task_id(id), "run1", step_key, 0)).unwrap();
+    body["labels"] = serde_json::json!({});
+    body["kwargs"]["execute_step_args_packed"]["print_serialized_events"] = true.into();
+    body.to_string()
+}
+
+fn result_of(store: &FakeObjectStore, id: u32) -> serde_json::Value {
+    serde_json::from_slice(&store.object("results", &task_id(id)).expect("a result")).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_step_gets_a_taskiq_result_with_its_events_and_a_crash_an_error() {
+    let store = FakeObjectStore::default();
+    let bed = taskiq_bed(&store);
+    bed.launcher
+        .outcome("op_b", FakeOutcome::Crash(StepExit::Code(3)));
+    bed.queue.push("m1", &taskiq_body(1, "op_a"));
+    bed.queue.push("m2", &taskiq_body(2, "op_b"));
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m1")).await;
+    bed.queue.wait_for(acked("m2")).await;
+    let ok = result_of(&store, 1);
+    assert_eq!(ok["is_err"], false);
+    assert_eq!(
+        ok["return_value"],
+        serde_json::json!([fake_event_line("op_a", "STEP_SUCCESS")])
+    );
+    assert!(ok["execution_time"].as_f64().unwrap() >= 1.0);
+    let crash = result_of(&store, 2);
+    assert_eq!(crash["is_err"], true);
+    let message = crash["error"]["exc_message"][0].as_str().unwrap();
+    assert!(message.contains("exited with code 3"), "{message}");
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_message_stays_until_its_result_is_written() {
+    let store = FakeObjectStore::default();
+    let bed = taskiq_bed(&store);
+    bed.queue.push("m1", &taskiq_body(1, "op_a"));
+    store.fail_next(1_000);
+    let handle = bed.start();
+    bed.queue
+        .wait_for(|events| {
+            events
+                .iter()
+                .any(|e| matches!(e, QueueEvent::Released(id, _) if id == "m1"))
+        })
+        .await;
+    assert!(!bed.queue.events().contains(&QueueEvent::Acked("m1".into())));
+    // S3 is back: the redelivery finds the attempt finished and writes the kept events.
+    store.fail_next(0);
+    bed.queue.wait_for(acked("m1")).await;
+    assert_eq!(bed.launcher.launches(), vec![task_id(1)]);
+    assert_eq!(result_of(&store, 1)["is_err"], false);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_extended_message_is_resolved_from_s3_and_run() {
+    let store = FakeObjectStore::default();
+    let bed = taskiq_bed(&store);
+    let mut body: serde_json::Value = serde_json::from_str(&taskiq_body(5, "op_a")).unwrap();
+    body["kwargs"]["executable_dict"] =
+        serde_json::json!({"padding": "x".repeat(envelope::MAX_BODY_BYTES)});
+    store.insert("payloads", "t5.json", body.to_string().into_bytes());
+    bed.queue.push_with_attributes(
+        "m5",
+        r#"{"s3_bucket": "payloads", "s3_key": "t5.json"}"#,
+        &[("s3_extended_message", "True")],
+    );
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m5")).await;
+    assert_eq!(bed.launcher.launches(), vec![task_id(5)]);
+    assert_eq!(result_of(&store, 5)["is_err"], false);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_skipped_step_of_a_canceled_run_gets_an_error_result() {
+    let store = FakeObjectStore::default();
+    let bed = taskiq_bed(&store);
+    bed.bridge.set_run_status("run1", RunStatus::Canceled);
+    bed.queue.push("m6", &taskiq_body(6, "op_a"));
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m6")).await;
+    assert!(bed.launcher.launches().is_empty());
+    assert_eq!(result_of(&store, 6)["is_err"], true);
+    bed.stop(handle).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_message_that_waits_too_long_for_a_slot_is_requeued_with_its_deliveries() {
     let bed = bed_with_admission(
@@ -626,14 +757,13 @@ async fn a_message_that_waits_too_long_for_a_slot_is_requeued_with_its_deliverie
 #[tokio::test(start_paused = true)]
 async fn a_requeued_copy_keeps_counting_the_deliveries_before_it() {
     let bed = bed(Duration::from_secs(1));
-    let attributes = std::collections::HashMap::from([(
-        dagster_taskiq_controller::queue::continuation::PRIOR_DELIVERIES.to_owned(),
-        "3".to_owned(),
-    )]);
     bed.queue.push_with_attributes(
         "copy",
         &step_body(&task_id(22), "run1", "op_a", 0),
-        attributes,
+        &[(
+            dagster_taskiq_controller::queue::continuation::PRIOR_DELIVERIES,
+            "3",
+        )],
     );
     let handle = bed.start();
     // First delivery of the copy + 3 before it: past max_attempts (3).

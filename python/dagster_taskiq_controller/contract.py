@@ -114,6 +114,23 @@ ERROR_NAMES: tuple[str, ...] = (
     ERR_LABEL_MISMATCH,
 )
 
+# Only for extended (S3) messages, which the controller resolves and this decoder does not.
+ERR_INVALID_EXTENDED_PAYLOAD = "invalid_extended_payload"
+
+# --- dagster-taskiq compatibility (docs/protocol.md, "TaskIQ compatibility") ------------------
+
+# Message attribute of a taskiq-aio-sqs extended message: the body is an S3 pointer
+# ``{"s3_bucket", "s3_key"}`` and the real body is that object.
+EXTENDED_MESSAGE_ATTRIBUTE = "s3_extended_message"
+
+
+class StepExecutionError(Exception):
+    """The exception of the controller's error results (``exc_module`` is this module): what
+    ``TaskiqResult.raise_for_error()`` raises for a step that crashed, timed out, was not run
+    or was dead-lettered. Without this package imported, taskiq builds an ``Exception``
+    subclass of the same name instead."""
+
+
 MAX_ATTEMPT = 2**32 - 1
 MAX_PRIORITY = 2**31 - 1
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0

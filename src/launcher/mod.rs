@@ -131,6 +131,12 @@ pub trait RunningStep: Send + Sync {
     fn kill(&mut self);
     /// The last lines the step wrote to stderr (for ECS: why the task stopped).
     fn stderr_tail(&self) -> Vec<String>;
+    /// The serialized event lines the step printed, once it ended, when the step asked for
+    /// them (`StepRequest::collect_events`); `None` from launchers that do not capture the
+    /// step's output (ECS).
+    fn take_events(&mut self) -> Option<crate::results::EventLines> {
+        None
+    }
     /// True when the execution keeps running without this controller (an ECS task): on
     /// shutdown or lease loss its message is handed back for another replica to adopt the
     /// execution, instead of killing it.

@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use super::{LaunchError, Launcher, RunningStep, StepExit};
 use crate::envelope::{LauncherKind, StepRequest};
+use crate::results::{self, EventLines, EventSink};
 
 /// How many stderr lines a verdict quotes.
 pub(super) const STDERR_TAIL_LINES: usize = 20;
@@ -86,10 +87,15 @@ impl Launcher for ProcessLauncher {
         let span = tracing::Span::current();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
+        let events = EventLines::sink_for(step);
         let readers = vec![
-            tokio::spawn(forward_lines(stdout, Stream::Stdout, None).instrument(span.clone())),
             tokio::spawn(
-                forward_lines(stderr, Stream::Stderr, Some(stderr_tail.clone())).instrument(span),
+                forward_lines(stdout, Stream::Stdout, None, event_lines_of(step, &events))
+                    .instrument(span.clone()),
+            ),
+            tokio::spawn(
+                forward_lines(stderr, Stream::Stderr, Some(stderr_tail.clone()), None)
+                    .instrument(span),
             ),
         ];
         Ok(Box::new(ChildStep {
@@ -98,6 +104,7 @@ impl Launcher for ProcessLauncher {
             readers,
             exit: None,
             stderr_tail,
+            events,
         }))
     }
 }
@@ -129,13 +136,36 @@ pub(super) enum Stream {
     Stderr,
 }
 
+/// Where a step's serialized event lines go: the sink, when the step prints them
+/// (`print_serialized_events`) and they are collected.
+pub(super) fn event_lines_of(step: &StepRequest, sink: &Option<EventSink>) -> Option<EventSink> {
+    sink.clone().filter(|_| step.print_serialized_events)
+}
+
+/// Streams a pipe's lines into the step's span. With `events`, stdout lines that are
+/// serialized Dagster events go there instead (bounded: see `results::MAX_EVENT_BYTES`).
 pub(super) async fn forward_lines(
     pipe: impl AsyncRead + Unpin,
     stream: Stream,
     tail: Option<Tail>,
+    events: Option<EventSink>,
 ) {
     let mut lines = BufReader::new(pipe).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(events) = events
+            .as_ref()
+            .filter(|_| results::is_serialized_event(&line))
+        {
+            let kept = events.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            if !kept {
+                tracing::warn!(
+                    target: "step::stdout",
+                    limit = results::MAX_EVENT_BYTES,
+                    "event line dropped: the step's events are over the limit"
+                );
+            }
+            continue;
+        }
         match stream {
             // With print_serialized_events the step prints one serialized event per line.
             Stream::Stdout => tracing::debug!(target: "step::stdout", "{line}"),
@@ -157,6 +187,7 @@ struct ChildStep {
     readers: Vec<JoinHandle<()>>,
     exit: Option<StepExit>,
     stderr_tail: Tail,
+    events: Option<EventSink>,
 }
 
 impl ChildStep {
@@ -214,5 +245,9 @@ impl RunningStep for ChildStep {
 
     fn stderr_tail(&self) -> Vec<String> {
         tail_lines(&self.stderr_tail)
+    }
+
+    fn take_events(&mut self) -> Option<EventLines> {
+        self.events.as_ref().map(EventLines::take)
     }
 }

@@ -46,10 +46,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use super::process::{forward_lines, new_tail, tail_lines, Stream, Tail, PIPE_DRAIN};
+use super::process::{
+    event_lines_of, forward_lines, new_tail, tail_lines, Stream, Tail, PIPE_DRAIN,
+};
 use super::{LaunchError, Launcher, ProcessLauncher, RunningStep, StepExit};
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::metrics::Metrics;
+use crate::results::{EventLines, EventSink};
 
 /// Longest pause between restart attempts of a zygote that fails to start.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
@@ -559,17 +562,24 @@ impl Zygote {
         }
         // Read output from the start, so a chatty child never blocks on a full pipe.
         let stderr_tail = new_tail();
+        let events = EventLines::sink_for(step);
         let span = tracing::Span::current();
         let readers = vec![
             tokio::spawn(
-                forward_lines(pipe::Receiver::from_owned_fd(out_r)?, Stream::Stdout, None)
-                    .instrument(span.clone()),
+                forward_lines(
+                    pipe::Receiver::from_owned_fd(out_r)?,
+                    Stream::Stdout,
+                    None,
+                    event_lines_of(step, &events),
+                )
+                .instrument(span.clone()),
             ),
             tokio::spawn(
                 forward_lines(
                     pipe::Receiver::from_owned_fd(err_r)?,
                     Stream::Stderr,
                     Some(stderr_tail.clone()),
+                    None,
                 )
                 .instrument(span),
             ),
@@ -613,6 +623,7 @@ impl Zygote {
                     readers,
                     exit: None,
                     stderr_tail,
+                    events,
                 };
                 Ok((running, forks, rss))
             }
@@ -805,6 +816,7 @@ struct WarmStep {
     readers: Vec<JoinHandle<()>>,
     exit: Option<StepExit>,
     stderr_tail: Tail,
+    events: Option<EventSink>,
 }
 
 impl WarmStep {
@@ -883,6 +895,10 @@ impl RunningStep for WarmStep {
 
     fn stderr_tail(&self) -> Vec<String> {
         tail_lines(&self.stderr_tail)
+    }
+
+    fn take_events(&mut self) -> Option<EventLines> {
+        self.events.as_ref().map(EventLines::take)
     }
 }
 
