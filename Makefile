@@ -72,6 +72,14 @@ fmt: setup
 	$(VENV)/bin/ruff format --config python/pyproject.toml bench
 	$(VENV)/bin/ruff check --fix --config python/pyproject.toml bench
 
+# Benchmarks: (a) controller overhead with fakes, (b)+(d) latency and SQS calls per step
+# against moto, then (c) the end-to-end comparison. Tables on stdout and in target/bench/.
+bench: $(BENCH_STAMP) build
+	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server cargo bench --locked --bench overhead --bench latency
+	$(PY) bench/e2e.py --repeats 3
+	cat target/bench/overhead.md target/bench/latency.md target/bench-e2e.md > target/bench/report.md
+	@echo "report: target/bench/report.md"
+
 # The taskiq packages of the in-process comparison (they pin boto3/botocore to aiobotocore's).
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e 'python[test,bench]'

@@ -133,6 +133,8 @@ type TagBucket = (usize, String);
 struct Waiter {
     id: u64,
     ticket: Ticket,
+    /// The tag counters this step uses, worked out once.
+    buckets: Vec<TagBucket>,
     grant: oneshot::Sender<()>,
 }
 
@@ -159,7 +161,7 @@ impl Scheduler {
             .collect()
     }
 
-    fn fits(&self, ticket: &Ticket) -> bool {
+    fn fits(&self, ticket: &Ticket, buckets: &[TagBucket]) -> bool {
         if self.running >= self.max_concurrent {
             return false;
         }
@@ -171,27 +173,27 @@ impl Scheduler {
         if self.max_per_run.is_some_and(|cap| run >= cap) {
             return false;
         }
-        self.buckets(ticket).iter().all(|bucket| {
+        buckets.iter().all(|bucket| {
             self.running_per_tag.get(bucket).copied().unwrap_or(0) < self.tag_limits[bucket.0].limit
         })
     }
 
-    fn take(&mut self, ticket: &Ticket) {
+    fn take(&mut self, ticket: &Ticket, buckets: &[TagBucket]) {
         self.running += 1;
         *self
             .running_per_run
             .entry(ticket.run_id.clone())
             .or_default() += 1;
-        for bucket in self.buckets(ticket) {
-            *self.running_per_tag.entry(bucket).or_default() += 1;
+        for bucket in buckets {
+            *self.running_per_tag.entry(bucket.clone()).or_default() += 1;
         }
     }
 
-    fn give_back(&mut self, ticket: &Ticket) {
+    fn give_back(&mut self, ticket: &Ticket, buckets: &[TagBucket]) {
         self.running -= 1;
         decrement(&mut self.running_per_run, &ticket.run_id);
-        for bucket in self.buckets(ticket) {
-            decrement(&mut self.running_per_tag, &bucket);
+        for bucket in buckets {
+            decrement(&mut self.running_per_tag, bucket);
         }
     }
 
@@ -203,7 +205,7 @@ impl Scheduler {
                 .waiting
                 .iter()
                 .enumerate()
-                .filter(|(_, w)| self.fits(&w.ticket))
+                .filter(|(_, w)| self.fits(&w.ticket, &w.buckets))
                 .min_by_key(|(_, w)| {
                     let run_running = self
                         .running_per_run
@@ -216,10 +218,10 @@ impl Scheduler {
             let Some(index) = best else { return };
             let waiter = self.waiting.remove(index);
             self.decisions += 1;
-            self.take(&waiter.ticket);
+            self.take(&waiter.ticket, &waiter.buckets);
             if waiter.grant.send(()).is_err() {
                 // Its admit() was dropped between our lock and now.
-                self.give_back(&waiter.ticket);
+                self.give_back(&waiter.ticket, &waiter.buckets);
             }
         }
     }
@@ -246,12 +248,13 @@ pub struct Admission {
 pub struct Slot {
     scheduler: Arc<Mutex<Scheduler>>,
     ticket: Ticket,
+    buckets: Vec<TagBucket>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut scheduler = lock(&self.scheduler);
-        scheduler.give_back(&self.ticket);
+        scheduler.give_back(&self.ticket, &self.buckets);
         scheduler.dispatch();
     }
 }
@@ -260,12 +263,13 @@ impl Drop for Slot {
 struct WaitGuard {
     scheduler: Arc<Mutex<Scheduler>>,
     id: u64,
-    ticket: Option<Ticket>,
+    /// Taken once the slot is ours.
+    ticket: Option<(Ticket, Vec<TagBucket>)>,
 }
 
 impl Drop for WaitGuard {
     fn drop(&mut self) {
-        let Some(ticket) = self.ticket.take() else {
+        let Some((ticket, buckets)) = self.ticket.take() else {
             return;
         };
         let mut scheduler = lock(&self.scheduler);
@@ -273,7 +277,7 @@ impl Drop for WaitGuard {
             scheduler.waiting.remove(index);
         } else {
             // Granted after we stopped waiting: the slot is ours to give back.
-            scheduler.give_back(&ticket);
+            scheduler.give_back(&ticket, &buckets);
             scheduler.dispatch();
         }
     }
@@ -329,25 +333,28 @@ impl Admission {
             let mut scheduler = lock(&self.scheduler);
             let id = scheduler.next_id;
             scheduler.next_id += 1;
+            let buckets = scheduler.buckets(&ticket);
             scheduler.waiting.push(Waiter {
                 id,
                 ticket: ticket.clone(),
+                buckets: buckets.clone(),
                 grant,
             });
             scheduler.dispatch();
             WaitGuard {
                 scheduler: self.scheduler.clone(),
                 id,
-                ticket: Some(ticket.clone()),
+                ticket: Some((ticket, buckets)),
             }
         };
         granted
             .await
             .expect("a waiter's sender is only dropped after it was granted");
-        guard.ticket = None;
+        let (ticket, buckets) = guard.ticket.take().expect("set until granted");
         Slot {
             scheduler: self.scheduler.clone(),
             ticket,
+            buckets,
         }
     }
 
