@@ -314,6 +314,12 @@ impl Launcher for FakeLauncher {
         LauncherKind::Process
     }
 
+    /// Like ECS: an attempt launched before, by a launcher whose steps outlive controllers.
+    async fn has_execution_to_adopt(&self, step: &StepRequest) -> bool {
+        self.survives.load(Ordering::SeqCst)
+            && self.launches.lock().expect("lock").contains(&step.task_id)
+    }
+
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
         if let Some((reason, detail)) = self.refusals.lock().expect("lock").get(&step.step_key) {
             return Err(LaunchError::Invalid {

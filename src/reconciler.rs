@@ -408,7 +408,16 @@ impl Controller {
             self.config.max_attempts
         };
         if message.receive_count > attempt_limit {
-            return self.give_up(step, message).await;
+            // A controller that keeps restarting under a long ECS task redelivers it again
+            // and again; the task itself is fine and is adopted, not given up on.
+            if self.launcher.has_execution_to_adopt(step).await {
+                tracing::info!(
+                    delivery = message.receive_count,
+                    "past --max-attempts, but the attempt's ECS task is there: adopting it"
+                );
+            } else {
+                return self.give_up(step, message).await;
+            }
         }
         if message.receive_count > 1 {
             self.metrics

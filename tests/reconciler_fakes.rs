@@ -789,3 +789,28 @@ async fn launched(bed: &Bed, task_id: &str) {
     }
     panic!("{task_id} was never launched");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_surviving_execution_is_adopted_even_past_max_attempts() {
+    use dagster_taskiq_controller::launcher::Launcher;
+    let body = step_body(&task_id(30), "run1", "op_a", 0);
+    let bed = bed_with_receive_count(&body, 4);
+    bed.launcher.survive_controller(true);
+    // An earlier controller started it (an ECS task that outlived it).
+    let step = envelope::decode(&body).unwrap();
+    let earlier = bed.launcher.launch(&step).await.unwrap();
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m1")).await;
+    assert!(!bed
+        .queue
+        .events()
+        .iter()
+        .any(|e| matches!(e, QueueEvent::DeadLettered(..))));
+    assert!(
+        bed.bridge.verdicts().is_empty(),
+        "{:?}",
+        bed.bridge.verdicts()
+    );
+    drop(earlier);
+    bed.stop(handle).await;
+}

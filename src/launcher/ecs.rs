@@ -417,6 +417,11 @@ impl Launcher for EcsLauncher {
         LauncherKind::Ecs
     }
 
+    async fn has_execution_to_adopt(&self, step: &StepRequest) -> bool {
+        // On an ECS error, say no: the caller then treats the delivery as a failed one.
+        matches!(self.find_existing(step).await, Ok(Some(_)))
+    }
+
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
         let span = tracing::info_span!("ecs_launch", delivery = step.receive_count);
         async {

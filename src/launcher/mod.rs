@@ -114,6 +114,12 @@ pub trait Launcher: Send + Sync + 'static {
         self.kind()
     }
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError>;
+    /// Whether an execution of this attempt from an earlier delivery is there to adopt (an
+    /// ECS task outlives the controller that started it). Such a redelivery costs no
+    /// attempt: the step is still running, nothing failed. Local launchers have none.
+    async fn has_execution_to_adopt(&self, _step: &StepRequest) -> bool {
+        false
+    }
 }
 
 /// One running execution of a step attempt.

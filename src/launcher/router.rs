@@ -60,6 +60,13 @@ impl Launcher for LauncherRouter {
         step.launcher.unwrap_or(self.default)
     }
 
+    async fn has_execution_to_adopt(&self, step: &StepRequest) -> bool {
+        match self.launchers.get(key(self.kind_for(step))) {
+            Some(launcher) => launcher.has_execution_to_adopt(step).await,
+            None => false,
+        }
+    }
+
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
         let kind = self.kind_for(step);
         match self.launchers.get(key(kind)) {
