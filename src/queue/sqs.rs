@@ -226,18 +226,7 @@ impl SqsQueue {
     /// becomes visible when its hold runs out.
     async fn release_dead_letters(&self, handles: Vec<String>) {
         for batch in handles.chunks(BATCH_LIMIT) {
-            let entries = batch
-                .iter()
-                .enumerate()
-                .map(|(i, handle)| {
-                    ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(handle)
-                        .visibility_timeout(0)
-                        .build()
-                        .expect("id and receipt handle are set")
-                })
-                .collect();
+            let entries = visibility_entries(batch, 0);
             let _ = self
                 .call(
                     "ChangeMessageVisibilityBatch",
@@ -398,6 +387,25 @@ fn received(m: &aws_sdk_sqs::types::Message) -> ReceivedMessage {
     }
 }
 
+/// Batch entries that set these handles' visibility; the entry id is the index in `handles`.
+fn visibility_entries(
+    handles: &[String],
+    visibility_secs: i32,
+) -> Vec<ChangeMessageVisibilityBatchRequestEntry> {
+    handles
+        .iter()
+        .enumerate()
+        .map(|(i, handle)| {
+            ChangeMessageVisibilityBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(handle)
+                .visibility_timeout(visibility_secs)
+                .build()
+                .expect("id and receipt handle are set")
+        })
+        .collect()
+}
+
 fn string_attribute(value: &str) -> MessageAttributeValue {
     MessageAttributeValue::builder()
         .data_type("String")
@@ -458,18 +466,7 @@ impl WorkQueue for SqsQueue {
     ) -> Result<Vec<ExtendResult>, QueueError> {
         let mut results = Vec::with_capacity(receipt_handles.len());
         for chunk in receipt_handles.chunks(BATCH_LIMIT) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, handle)| {
-                    ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(handle)
-                        .visibility_timeout(visibility_secs(visibility))
-                        .build()
-                        .expect("id and receipt handle are set")
-                })
-                .collect();
+            let entries = visibility_entries(chunk, visibility_secs(visibility));
             let out = self
                 .call(
                     "ChangeMessageVisibilityBatch",
