@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ def main() -> int:
         pending = list(range(options.runs))
         workers: list[subprocess.Popen[bytes]] = []
         kills = {"controller": 0, "step": 0, "outage": 0}
+        step_kills: Counter[tuple[str, str]] = Counter()
         outage_done = False
         began = time.monotonic()
         jobs_file = str(Path(jobs.__file__).resolve())
@@ -138,16 +140,20 @@ def main() -> int:
                 started_controllers += 1
                 kills["controller"] += 1
             elif action == "step":
+                # At most 3 kills per step: each costs one of its 5 Dagster retries, and
+                # the run must be able to succeed.
                 running = [
-                    int(r["locator"].removeprefix("pid "))
+                    ((r["run_id"], r["step_key"]), int(r["locator"].removeprefix("pid ")))
                     for c in controllers
                     for r in api_steps(c)
-                    if r["state"] == "running"
+                    if r["state"] == "running" and step_kills[(r["run_id"], r["step_key"])] < 3
                 ]
                 if running:
+                    step, pid = rng.choice(running)
                     try:
-                        os.kill(rng.choice(running), signal.SIGKILL)
+                        os.kill(pid, signal.SIGKILL)
                         kills["step"] += 1
+                        step_kills[step] += 1
                     except ProcessLookupError:
                         pass
             elif action == "outage":
