@@ -179,13 +179,16 @@ function renderSummary(summary, ready) {
   pill.className = "pill " + cls;
 
   const a = summary.admission;
-  setText("in-use", a.held);
+  setText("in-use", a.running);
   setText("max-concurrent", a.max_concurrent);
   const fill = document.getElementById("in-use-bar");
-  const ratio = a.max_concurrent ? a.held / a.max_concurrent : 0;
+  const ratio = a.max_concurrent ? a.running / a.max_concurrent : 0;
   fill.style.width = Math.min(100, ratio * 100).toFixed(1) + "%";
   fill.classList.toggle("full", ratio >= 1);
-  setText("in-use-note", ratio >= 1 ? "at capacity: intake paused" : "messages held");
+  // Intake pauses once the running steps and the prefetched ones fill what may be held.
+  const paused = a.held >= a.max_concurrent + a.prefetch;
+  const waiting = a.waiting ? a.waiting + " waiting for a slot" : "steps running";
+  setText("in-use-note", paused ? "at capacity: intake paused" : waiting);
 
   setText("launch-rate", summary.rates.launched_per_minute.toFixed(0));
   const limit = a.launch_rate ? "limit " + a.launch_rate + "/s (burst " + a.launch_burst + ")" : "no rate limit";
