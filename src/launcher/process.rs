@@ -83,28 +83,16 @@ impl Launcher for ProcessLauncher {
             .spawn()
             .map_err(|e| classify_spawn_error(&self.config, e))?;
         let pid = child.id().expect("a just-spawned child has a pid");
-        let stderr_tail = new_tail();
-        let span = tracing::Span::current();
-        let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
-        let events = EventLines::sink_for(step);
-        let readers = vec![
-            tokio::spawn(
-                forward_lines(stdout, Stream::Stdout, None, event_lines_of(step, &events))
-                    .instrument(span.clone()),
-            ),
-            tokio::spawn(
-                forward_lines(stderr, Stream::Stderr, Some(stderr_tail.clone()), None)
-                    .instrument(span),
-            ),
-        ];
+        let output = StepOutput::forward(
+            child.stdout.take().expect("piped"),
+            child.stderr.take().expect("piped"),
+            step,
+        );
         Ok(Box::new(ChildStep {
             child,
             pid,
-            readers,
+            output,
             exit: None,
-            stderr_tail,
-            events,
         }))
     }
 }
@@ -181,13 +169,67 @@ pub(super) async fn forward_lines(
     }
 }
 
+/// A step process's two pipes as they are read: stdout lines to the step's span (or, when
+/// collected, to its serialized events), stderr lines to the span and a bounded tail.
+pub(super) struct StepOutput {
+    readers: Vec<JoinHandle<()>>,
+    stderr_tail: Tail,
+    events: Option<EventSink>,
+}
+
+impl StepOutput {
+    /// Starts reading at once, so a chatty child never blocks on a full pipe.
+    pub(super) fn forward(
+        stdout: impl AsyncRead + Unpin + Send + 'static,
+        stderr: impl AsyncRead + Unpin + Send + 'static,
+        step: &StepRequest,
+    ) -> Self {
+        let stderr_tail = new_tail();
+        let events = EventLines::sink_for(step);
+        let span = tracing::Span::current();
+        let readers = vec![
+            tokio::spawn(
+                forward_lines(stdout, Stream::Stdout, None, event_lines_of(step, &events))
+                    .instrument(span.clone()),
+            ),
+            tokio::spawn(
+                forward_lines(stderr, Stream::Stderr, Some(stderr_tail.clone()), None)
+                    .instrument(span),
+            ),
+        ];
+        Self {
+            readers,
+            stderr_tail,
+            events,
+        }
+    }
+
+    /// After the exit: lets the readers finish so the stderr tail is complete.
+    pub(super) async fn drain(&mut self) {
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(PIPE_DRAIN, reader).await;
+        }
+    }
+
+    /// Stops reading (the step never started).
+    pub(super) fn abort(&self) {
+        self.readers.iter().for_each(JoinHandle::abort);
+    }
+
+    pub(super) fn stderr_tail(&self) -> Vec<String> {
+        tail_lines(&self.stderr_tail)
+    }
+
+    pub(super) fn take_events(&self) -> Option<EventLines> {
+        self.events.as_ref().map(EventLines::take)
+    }
+}
+
 struct ChildStep {
     child: Child,
     pid: u32,
-    readers: Vec<JoinHandle<()>>,
+    output: StepOutput,
     exit: Option<StepExit>,
-    stderr_tail: Tail,
-    events: Option<EventSink>,
 }
 
 impl ChildStep {
@@ -227,10 +269,7 @@ impl RunningStep for ChildStep {
                 StepExit::Code(-1)
             }
         };
-        // Let the readers finish so the stderr tail is complete.
-        for reader in self.readers.drain(..) {
-            let _ = tokio::time::timeout(PIPE_DRAIN, reader).await;
-        }
+        self.output.drain().await;
         self.exit = Some(exit);
         exit
     }
@@ -244,10 +283,10 @@ impl RunningStep for ChildStep {
     }
 
     fn stderr_tail(&self) -> Vec<String> {
-        tail_lines(&self.stderr_tail)
+        self.output.stderr_tail()
     }
 
     fn take_events(&mut self) -> Option<EventLines> {
-        self.events.as_ref().map(EventLines::take)
+        self.output.take_events()
     }
 }

@@ -43,16 +43,13 @@ use tokio::net::unix::{pipe, OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use super::process::{
-    event_lines_of, forward_lines, new_tail, tail_lines, Stream, Tail, PIPE_DRAIN,
-};
+use super::process::StepOutput;
 use super::{LaunchError, Launcher, ProcessLauncher, RunningStep, StepExit};
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::metrics::Metrics;
-use crate::results::{EventLines, EventSink};
+use crate::results::EventLines;
 
 /// Longest pause between restart attempts of a zygote that fails to start.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
@@ -560,36 +557,16 @@ impl Zygote {
             forget();
             return Err(e);
         }
-        // Read output from the start, so a chatty child never blocks on a full pipe.
-        let stderr_tail = new_tail();
-        let events = EventLines::sink_for(step);
-        let span = tracing::Span::current();
-        let readers = vec![
-            tokio::spawn(
-                forward_lines(
-                    pipe::Receiver::from_owned_fd(out_r)?,
-                    Stream::Stdout,
-                    None,
-                    event_lines_of(step, &events),
-                )
-                .instrument(span.clone()),
-            ),
-            tokio::spawn(
-                forward_lines(
-                    pipe::Receiver::from_owned_fd(err_r)?,
-                    Stream::Stderr,
-                    Some(stderr_tail.clone()),
-                    None,
-                )
-                .instrument(span),
-            ),
-        ];
-        let abort_readers = |readers: Vec<JoinHandle<()>>| readers.iter().for_each(|r| r.abort());
+        let output = StepOutput::forward(
+            pipe::Receiver::from_owned_fd(out_r)?,
+            pipe::Receiver::from_owned_fd(err_r)?,
+            step,
+        );
         let reply = tokio::select! {
             reply = reply_rx => reply,
             _ = tokio::time::sleep(timeout) => {
                 forget();
-                abort_readers(readers);
+                output.abort();
                 return Err(WarmError::SpawnTimeout(timeout));
             }
         };
@@ -620,19 +597,17 @@ impl Zygote {
                     exit_rx: exit,
                     pidfd,
                     _control: control,
-                    readers,
+                    output,
                     exit: None,
-                    stderr_tail,
-                    events,
                 };
                 Ok((running, forks, rss))
             }
             Ok(SpawnReply::Failed(message)) => {
-                abort_readers(readers);
+                output.abort();
                 Err(WarmError::ForkFailed { message })
             }
             Err(_) => {
-                abort_readers(readers);
+                output.abort();
                 Err(WarmError::Died)
             }
         }
@@ -813,10 +788,8 @@ struct WarmStep {
     /// Write end of the step's control pipe: the step kills its group when it closes, so
     /// dropping this (or the controller dying) stops the step, like `kill_on_drop`.
     _control: std::fs::File,
-    readers: Vec<JoinHandle<()>>,
+    output: StepOutput,
     exit: Option<StepExit>,
-    stderr_tail: Tail,
-    events: Option<EventSink>,
 }
 
 impl WarmStep {
@@ -877,10 +850,7 @@ impl RunningStep for WarmStep {
                 }
             }
         };
-        // Let the readers finish so the stderr tail is complete.
-        for reader in self.readers.drain(..) {
-            let _ = tokio::time::timeout(PIPE_DRAIN, reader).await;
-        }
+        self.output.drain().await;
         self.exit = Some(exit);
         exit
     }
@@ -894,19 +864,17 @@ impl RunningStep for WarmStep {
     }
 
     fn stderr_tail(&self) -> Vec<String> {
-        tail_lines(&self.stderr_tail)
+        self.output.stderr_tail()
     }
 
     fn take_events(&mut self) -> Option<EventLines> {
-        self.events.as_ref().map(EventLines::take)
+        self.output.take_events()
     }
 }
 
 impl Drop for WarmStep {
     fn drop(&mut self) {
-        for reader in &self.readers {
-            reader.abort();
-        }
+        self.output.abort();
     }
 }
 
