@@ -203,7 +203,7 @@ class Bench:
             starts = self.op_starts(run_id)
             enqueued = self.enqueue_times(run_id)
             for record in records:
-                history = {state: parse_time(at) for state, at in record["history"]}
+                history = {h["state"]: parse_time(h["at"]) for h in record["history"]}
                 step = record["step_key"]
                 if step not in starts or "received" not in history:
                     continue
