@@ -178,7 +178,9 @@ pub struct RunArgs {
     #[arg(long, env = "DAGSTER_TASKIQ_STOP_GRACE", default_value = "10", value_parser = parse_seconds)]
     pub stop_grace: Duration,
 
-    /// How often the status of runs with running steps is read from Dagster, in seconds.
+    /// How often the status of runs with running steps is read from Dagster, in seconds. The
+    /// bridge also pushes cancellations and terminate requests as they are written; this poll
+    /// is the fallback.
     #[arg(long, env = "DAGSTER_TASKIQ_RUN_STATUS_INTERVAL", default_value = "1", value_parser = parse_seconds)]
     pub run_status_interval: Duration,
 

@@ -3,7 +3,9 @@
 //! dagster_taskiq_controller.bridge`) that speaks JSON lines (docs/protocol.md, section 2).
 //!
 //! The sidecar is started lazily, restarted on the next request if it dies, and its requests
-//! are pipelined: each carries an id and its answer may come in any order.
+//! are pipelined: each carries an id and its answer may come in any order. Between answers it
+//! pushes notices about the runs it watches (a run canceling, a `terminate_step` request), so
+//! those do not wait for the next run-status poll.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -17,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::StepRequest;
@@ -61,6 +63,34 @@ pub struct StepState {
     pub last_terminal: Option<String>,
 }
 
+/// A notice the bridge sends unasked, about a run of the latest `run_statuses` call.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "push", rename_all = "snake_case")]
+pub enum BridgePush {
+    /// The run's event log says it is canceling, canceled or failed.
+    RunEnded { run_id: String, status: RunStatus },
+    /// The executor's `terminate_step` asked for this attempt to stop.
+    TerminateStep {
+        run_id: String,
+        step_key: String,
+        attempt: u32,
+        task_id: String,
+    },
+}
+
+impl BridgePush {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BridgePush::RunEnded { .. } => "run_ended",
+            BridgePush::TerminateStep { .. } => "terminate_step",
+        }
+    }
+}
+
+/// How many pushes may wait for the controller before the oldest are dropped; the
+/// run-status poll recovers anything dropped.
+const PUSH_BUFFER: usize = 1024;
+
 /// The controller's account of an attempt that ended without a terminal event.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
@@ -101,7 +131,9 @@ impl BridgeError {
 /// Reads and writes Dagster state for the controller.
 #[async_trait]
 pub trait DagsterBridge: Send + Sync + 'static {
-    /// Status of each run (`None` for an unknown run), in one round trip.
+    /// Status of each run (`None` for an unknown run), in one round trip. The bridge then
+    /// watches exactly these runs of that instance and reports changes through
+    /// [`DagsterBridge::subscribe`].
     async fn run_statuses(
         &self,
         instance_ref: &Value,
@@ -126,6 +158,9 @@ pub trait DagsterBridge: Send + Sync + 'static {
         message: &str,
         metadata: &BTreeMap<String, String>,
     ) -> Result<(), BridgeError>;
+
+    /// Notices about watched runs, as they happen.
+    fn subscribe(&self) -> broadcast::Receiver<BridgePush>;
 }
 
 /// How to start the sidecar.
@@ -142,6 +177,7 @@ pub struct SidecarBridge {
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
     connection: tokio::sync::Mutex<Option<Connection>>,
+    pushes: broadcast::Sender<BridgePush>,
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
@@ -153,6 +189,14 @@ struct Connection {
     exited: CancellationToken,
     /// Cancel to stop the sidecar.
     stop: CancellationToken,
+}
+
+/// One line from the sidecar: a push, or the answer to a request.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Line {
+    Push(BridgePush),
+    Response(Response),
 }
 
 #[derive(Deserialize)]
@@ -178,6 +222,7 @@ impl SidecarBridge {
             metrics,
             next_id: AtomicU64::new(1),
             connection: tokio::sync::Mutex::new(None),
+            pushes: broadcast::channel(PUSH_BUFFER).0,
         }
     }
 
@@ -321,15 +366,26 @@ impl SidecarBridge {
             // Dropping stdin tells the sidecar to exit.
         });
         let reader_pending = pending.clone();
+        let pushes = self.pushes.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                match serde_json::from_str::<Response>(&line) {
-                    Ok(response) => {
+                match serde_json::from_str::<Line>(&line) {
+                    Ok(Line::Response(response)) => {
                         let waiter = reader_pending.lock().expect("lock").remove(&response.id);
                         if let Some(waiter) = waiter {
                             let _ = waiter.send(response);
                         }
+                    }
+                    Ok(Line::Push(push)) => {
+                        metrics
+                            .bridge_pushes
+                            .get_or_create(&[("kind", push.kind())])
+                            .inc();
+                        tracing::debug!(?push, "pushed by the Dagster bridge");
+                        // No subscriber (yet) is fine: the poll catches up.
+                        let _ = pushes.send(push);
                     }
                     Err(e) => tracing::warn!(%e, line, "unparseable line from Dagster bridge"),
                 }
@@ -409,7 +465,7 @@ impl DagsterBridge for SidecarBridge {
         let result = self
             .call(
                 "run_status",
-                json!({"instance_ref": instance_ref, "run_ids": run_ids}),
+                json!({"instance_ref": instance_ref, "run_ids": run_ids, "watch": true}),
             )
             .await?;
         Ok(parse::<Statuses>("run_status", result)?.statuses)
@@ -446,5 +502,50 @@ impl DagsterBridge for SidecarBridge {
         params.insert("metadata".into(), json!(metadata));
         self.call("report_event", Value::Object(params)).await?;
         Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<BridgePush> {
+        self.pushes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_lines_are_told_apart_by_their_push_key() {
+        let push = r#"{"push": "terminate_step", "run_id": "r1", "step_key": "a.b[1]", "attempt": 2, "task_id": "t9"}"#;
+        match serde_json::from_str::<Line>(push).unwrap() {
+            Line::Push(p) => assert_eq!(
+                p,
+                BridgePush::TerminateStep {
+                    run_id: "r1".into(),
+                    step_key: "a.b[1]".into(),
+                    attempt: 2,
+                    task_id: "t9".into()
+                }
+            ),
+            Line::Response(_) => panic!("a push read as a response"),
+        }
+        let ended = r#"{"push": "run_ended", "run_id": "r1", "status": "CANCELING"}"#;
+        assert!(matches!(
+            serde_json::from_str::<Line>(ended).unwrap(),
+            Line::Push(BridgePush::RunEnded {
+                status: RunStatus::Canceling,
+                ..
+            })
+        ));
+        let response = r#"{"id": 4, "ok": true, "result": {"statuses": {}}}"#;
+        assert!(matches!(
+            serde_json::from_str::<Line>(response).unwrap(),
+            Line::Response(Response {
+                id: 4,
+                ok: true,
+                ..
+            })
+        ));
+        // An unknown push kind is neither: logged and skipped by the reader.
+        assert!(serde_json::from_str::<Line>(r#"{"push": "other"}"#).is_err());
     }
 }

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::dagster::{BridgeError, DagsterBridge, RunStatus, StepState, Verdict, VerdictAck};
+use crate::dagster::{
+    BridgeError, BridgePush, DagsterBridge, RunStatus, StepState, Verdict, VerdictAck,
+};
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
 use crate::queue::{DeadLetter, ExtendResult, QueueError, ReceivedMessage, WorkQueue};
@@ -457,12 +459,27 @@ struct BridgeInner {
 }
 
 /// A Dagster instance in memory: runs default to STARTED.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct FakeBridge {
     inner: Arc<Mutex<BridgeInner>>,
+    pushes: tokio::sync::broadcast::Sender<BridgePush>,
+}
+
+impl Default for FakeBridge {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            pushes: tokio::sync::broadcast::channel(64).0,
+        }
+    }
 }
 
 impl FakeBridge {
+    /// Sends a notice as the sidecar does for a watched run.
+    pub fn push(&self, push: BridgePush) {
+        let _ = self.pushes.send(push);
+    }
+
     pub fn set_run_status(&self, run_id: &str, status: RunStatus) {
         self.inner
             .lock()
@@ -591,6 +608,10 @@ impl DagsterBridge for FakeBridge {
             .events
             .push((step.task_id.clone(), message.to_owned()));
         Ok(())
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BridgePush> {
+        self.pushes.subscribe()
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub bridge_requests: Family<Label, Counter>,
     pub bridge_errors: Family<Label, Counter>,
     pub bridge_restarts: Counter,
+    /// `kind` (run_ended, terminate_step): notices the bridge pushed about watched runs.
+    pub bridge_pushes: Family<Label, Counter>,
     /// ECS and S3 API calls of the ECS launcher: `operation`, `result` (ok, throttled,
     /// transient, permanent).
     pub ecs_api_calls: Family<Labels2, Counter>,
@@ -118,6 +120,7 @@ impl Metrics {
             bridge_requests: Family::default(),
             bridge_errors: Family::default(),
             bridge_restarts: Counter::default(),
+            bridge_pushes: Family::default(),
             ecs_api_calls: Family::default(),
             ecs_tasks_tracked: Gauge::default(),
             admission_wait_seconds: seconds_histogram(),
@@ -260,6 +263,11 @@ impl Metrics {
             "bridge_restarts",
             "Times the Dagster bridge sidecar was (re)started",
             metrics.bridge_restarts.clone(),
+        );
+        r.register(
+            "bridge_pushes",
+            "Notices the Dagster bridge pushed about watched runs, by kind",
+            metrics.bridge_pushes.clone(),
         );
         r.register(
             "launch_latency_seconds",

@@ -19,11 +19,11 @@ use tracing::Instrument;
 
 use crate::admission::{Admission, Ticket};
 use crate::dagster::{
-    BridgeError, DagsterBridge, RunStatus, StepState as DagsterStepState, Verdict,
+    BridgeError, BridgePush, DagsterBridge, RunStatus, StepState as DagsterStepState, Verdict,
 };
 use crate::envelope::{self, StepRequest};
 use crate::health::{Health, IDLE_BEAT};
-use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
+use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit, TIMED_OUT_EXIT};
 use crate::lease::LeaseSignals;
 use crate::lease::LeaseTable;
 use crate::metrics::Metrics;
@@ -60,6 +60,17 @@ pub struct ReconcilerConfig {
     /// replicas; `None`: it waits here.
     pub waiting_limit: Option<Duration>,
 }
+
+/// How long past a step's timeout the controller stops an execution that enforces the timeout
+/// itself (the ECS shim): time for its container to be provisioned and pull its image.
+const TIMEOUT_BACKSTOP: Duration = Duration::from_secs(600);
+
+/// How often the runs with held steps are compared with those the bridge watches.
+const WATCH_REFRESH: Duration = Duration::from_millis(200);
+
+/// Per Dagster instance (its ref as JSON text): the ref and the run ids last sent to the
+/// bridge, sorted.
+type WatchedRuns = std::collections::HashMap<String, (serde_json::Value, Vec<String>)>;
 
 /// Allowance for clock skew between replicas when reading a hand-off time.
 const CLOCK_MARGIN: Duration = Duration::from_secs(10);
@@ -239,48 +250,96 @@ impl Controller {
         }
     }
 
-    /// Stops the steps of runs that ended (canceled, failed, succeeded) in Dagster: one
-    /// batched status query per Dagster instance per interval.
+    /// Stops the steps of runs that ended (canceled, failed) in Dagster and steps the executor
+    /// asked to terminate. The bridge pushes both as they happen for the runs it was last
+    /// asked about, so a run is asked about as soon as this controller holds one of its steps;
+    /// the poll (one batched status query per Dagster instance per interval) is the fallback
+    /// for a storage that cannot watch or a bridge that restarted.
     async fn watch_runs(self: Arc<Self>, stop: CancellationToken) {
         let mut ticker = tokio::time::interval(self.config.run_status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refresh = tokio::time::interval(WATCH_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watched = WatchedRuns::new();
+        let mut pushes = self.bridge.subscribe();
+        let mut pushes_open = true;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = ticker.tick() => {}
-            }
-            for (instance_ref, run_ids) in self.steps.active_runs() {
-                let statuses = match self.bridge.run_statuses(&instance_ref, &run_ids).await {
-                    Ok(statuses) => statuses,
-                    Err(e) => {
-                        tracing::debug!(%e, "run status poll failed; trying again next tick");
-                        continue;
+                _ = ticker.tick() => self.poll_run_statuses(&mut watched, true).await,
+                _ = refresh.tick() => self.poll_run_statuses(&mut watched, false).await,
+                push = pushes.recv(), if pushes_open => match push {
+                    Ok(BridgePush::RunEnded { run_id, status }) => self.stop_run(&run_id, status),
+                    Ok(BridgePush::TerminateStep { task_id, step_key, attempt, .. }) => {
+                        if self.steps.request_stop(&task_id, StopReason::Executor) {
+                            tracing::info!(task_id, step_key, attempt, "executor asked to terminate the step");
+                        }
                     }
-                };
-                for (run_id, status) in statuses {
-                    // Not SUCCESS: a successful run has only steps that are already exiting.
-                    let Some(status) = status.filter(|s| {
-                        matches!(
-                            s,
-                            RunStatus::Canceling | RunStatus::Canceled | RunStatus::Failure
-                        )
-                    }) else {
-                        continue;
-                    };
-                    let reason = StopReason::RunEnded {
-                        run_status: format!("{status:?}").to_uppercase(),
-                    };
-                    let asked = self.steps.request_stop_run(&run_id, &reason);
-                    if asked > 0 {
-                        tracing::info!(
-                            run_id,
-                            ?status,
-                            steps = asked,
-                            "run ended in Dagster: stopping its steps"
-                        );
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "bridge notices dropped; the next poll catches up");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => pushes_open = false,
+                },
+            }
+        }
+    }
+
+    /// Reads the status of the runs with held steps, per Dagster instance: all of them
+    /// (`all`), or only where the set of runs changed since it was last sent, which is also
+    /// the set the bridge watches.
+    async fn poll_run_statuses(&self, watched: &mut WatchedRuns, all: bool) {
+        let groups = self.steps.active_runs();
+        // Instances with no held step any more: clear the bridge's watches there.
+        let gone: Vec<String> = watched
+            .keys()
+            .filter(|key| !groups.iter().any(|(r, _)| r.to_string() == **key))
+            .cloned()
+            .collect();
+        for key in gone {
+            let (instance_ref, _) = watched.remove(&key).expect("listed");
+            if let Err(e) = self.bridge.run_statuses(&instance_ref, &[]).await {
+                tracing::debug!(%e, "clearing the bridge's run watches failed");
+            }
+        }
+        for (instance_ref, run_ids) in groups {
+            let key = instance_ref.to_string();
+            if !all && watched.get(&key).is_some_and(|(_, sent)| *sent == run_ids) {
+                continue;
+            }
+            match self.bridge.run_statuses(&instance_ref, &run_ids).await {
+                Ok(statuses) => {
+                    watched.insert(key, (instance_ref, run_ids));
+                    for (run_id, status) in statuses {
+                        if let Some(status) = status {
+                            self.stop_run(&run_id, status);
+                        }
                     }
                 }
+                Err(e) => tracing::debug!(%e, "run status poll failed; trying again next tick"),
             }
+        }
+    }
+
+    /// Stops the run's steps when it is canceling, canceled or failed. Not on SUCCESS: a
+    /// successful run has only steps that are already exiting.
+    fn stop_run(&self, run_id: &str, status: RunStatus) {
+        if !matches!(
+            status,
+            RunStatus::Canceling | RunStatus::Canceled | RunStatus::Failure
+        ) {
+            return;
+        }
+        let reason = StopReason::RunEnded {
+            run_status: format!("{status:?}").to_uppercase(),
+        };
+        let asked = self.steps.request_stop_run(run_id, &reason);
+        if asked > 0 {
+            tracing::info!(
+                run_id,
+                ?status,
+                steps = asked,
+                "run ended in Dagster: stopping its steps"
+            );
         }
     }
 
@@ -320,6 +379,8 @@ impl Controller {
             }
         };
         step.receive_count = message.receive_count;
+        // The launcher sees the timeout that applies (the ECS shim enforces it in the task).
+        step.timeout = step.timeout.or(self.config.default_step_timeout);
         let span = tracing::info_span!(
             "step",
             run_id = %step.run_id,
@@ -513,8 +574,15 @@ impl Controller {
             r.history.push((StepState::Running, chrono::Utc::now()));
         });
 
-        let timeout = step.timeout.or(self.config.default_step_timeout);
-        let deadline = timeout.map(|t| started + t);
+        let timeout = step.timeout;
+        // An execution that enforces the timeout itself counts from its own start (an ECS
+        // container may start minutes after the launch); ours is then only a backstop.
+        let backstop = if running.enforces_timeout() {
+            TIMEOUT_BACKSTOP
+        } else {
+            Duration::ZERO
+        };
+        let deadline = timeout.map(|t| started + t + backstop);
         let mut cause = None;
         let exit = loop {
             let handoff_at = self.leases.handoff_deadline(task_id);
@@ -572,8 +640,14 @@ impl Controller {
                             running.wait().await
                         }
                     };
-                    if let Some(StopReason::Operator { reason }) = reason {
-                        cause = Some(format!("step stopped by an operator: {reason}"));
+                    match reason {
+                        Some(StopReason::Operator { reason }) => {
+                            cause = Some(format!("step stopped by an operator: {reason}"));
+                        }
+                        Some(StopReason::Executor) => {
+                            cause = Some("step terminated at the executor's request".to_owned());
+                        }
+                        _ => {}
                     }
                     break exit;
                 }
@@ -588,6 +662,22 @@ impl Controller {
                 _ = signals.renewed.notified() => {}
             }
         };
+        if let (
+            Some(limit),
+            StepExit::Ecs {
+                exit_code: Some(TIMED_OUT_EXIT),
+                ..
+            },
+        ) = (timeout, exit)
+        {
+            if cause.is_none() && running.enforces_timeout() {
+                tracing::warn!(%locator, ?limit, "step timed out: its task killed it");
+                cause = Some(format!(
+                    "step timed out after {:.1}s and was killed",
+                    limit.as_secs_f64()
+                ));
+            }
+        }
         let exited_at_now = Instant::now();
         *exited_at = Some(exited_at_now);
         let exited_at = exited_at_now;

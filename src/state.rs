@@ -111,6 +111,8 @@ pub enum StopReason {
     RunEnded { run_status: String },
     /// An operator asked (dashboard or API).
     Operator { reason: String },
+    /// The run's executor asked (its `terminate_step`), e.g. while it is being interrupted.
+    Executor,
 }
 
 /// What the controller knows about one step attempt.
@@ -260,23 +262,25 @@ impl StepTable {
             .and_then(|r| r.stop_reason.clone())
     }
 
-    /// Runs with active steps, grouped by Dagster instance (one status query per group).
+    /// Runs with active steps, grouped by Dagster instance (one status query per group), run
+    /// ids sorted.
     pub fn active_runs(&self) -> Vec<(Value, Vec<String>)> {
         let inner = self.inner.lock().expect("lock");
-        let mut groups: Vec<(Value, Vec<String>)> = Vec::new();
+        let mut groups: Vec<(Value, std::collections::BTreeSet<String>)> = Vec::new();
         for record in inner.active.values() {
             let group = match groups.iter_mut().find(|(r, _)| *r == record.instance_ref) {
                 Some(group) => group,
                 None => {
-                    groups.push((record.instance_ref.clone(), Vec::new()));
+                    groups.push((record.instance_ref.clone(), Default::default()));
                     groups.last_mut().expect("just pushed")
                 }
             };
-            if !group.1.contains(&record.run_id) {
-                group.1.push(record.run_id.clone());
-            }
+            group.1.insert(record.run_id.clone());
         }
         groups
+            .into_iter()
+            .map(|(instance_ref, runs)| (instance_ref, runs.into_iter().collect()))
+            .collect()
     }
 
     pub fn is_active(&self, task_id: &str) -> bool {

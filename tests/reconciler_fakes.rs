@@ -398,6 +398,63 @@ async fn an_operator_stop_of_a_step_in_a_live_run_reports_why() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn pushed_terminate_requests_and_run_ends_stop_steps_without_a_poll() {
+    use dagster_taskiq_controller::dagster::BridgePush;
+    // The fake's poll answers STARTED for every run: only the pushes can stop these steps.
+    let bed = bed(Duration::from_secs(1));
+    bed.launcher.outcome("op_a", FakeOutcome::Hang);
+    bed.launcher.outcome("op_b", FakeOutcome::HangIgnoringTerm);
+    bed.launcher.outcome("op_c", FakeOutcome::Hang);
+    bed.queue
+        .push("a", &step_body(&task_id(15), "run1", "op_a", 0));
+    bed.queue
+        .push("b", &step_body(&task_id(16), "run1", "op_b", 0));
+    bed.queue
+        .push("c", &step_body(&task_id(17), "run2", "op_c", 0));
+    let handle = bed.start();
+    while bed.launcher.launches().len() < 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let terminate = |n: u32, step_key: &str| BridgePush::TerminateStep {
+        run_id: "run1".into(),
+        step_key: step_key.into(),
+        attempt: 0,
+        task_id: task_id(n),
+    };
+    let asked_at = tokio::time::Instant::now();
+    bed.bridge.push(terminate(15, "op_a"));
+    bed.queue.wait_for(acked("a")).await;
+    assert!(asked_at.elapsed() < Duration::from_millis(100));
+    // Only the named attempt stopped; Dagster wrote its interrupt failure, so no verdict.
+    assert!(!bed.queue.events().contains(&QueueEvent::Acked("b".into())));
+    assert!(bed.bridge.verdicts().is_empty());
+
+    // One that ignores SIGTERM is killed after the stop grace (3 s) and gets a verdict.
+    let asked_at = tokio::time::Instant::now();
+    bed.bridge.push(terminate(16, "op_b"));
+    bed.queue.wait_for(acked("b")).await;
+    assert!(asked_at.elapsed() <= Duration::from_millis(3100));
+    let verdicts = bed.bridge.verdicts();
+    assert_eq!(verdicts.len(), 1, "{verdicts:?}");
+    assert!(
+        verdicts[0]
+            .1
+            .contains("terminated at the executor's request"),
+        "{verdicts:?}"
+    );
+
+    let asked_at = tokio::time::Instant::now();
+    bed.bridge.push(BridgePush::RunEnded {
+        run_id: "run2".into(),
+        status: RunStatus::Canceling,
+    });
+    bed.queue.wait_for(acked("c")).await;
+    assert!(asked_at.elapsed() < Duration::from_millis(100));
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_step_longer_than_the_visibility_cap_is_handed_off_and_adopted_back() {
     // Cap 20 s, visibility 3 s: hand-off 5 s before the cap, every 15 s.
     let bed = bed_with_cap(Duration::from_secs(40), Duration::from_secs(20));

@@ -4,6 +4,12 @@ Run as ``python -m dagster_taskiq_controller.bridge``. One JSON request per line
 JSON response per line on stdout, flushed after each; logs go to stderr. Requests are handled in
 order. A bad line gets an error response and the loop goes on; EOF on stdin ends the process
 with status 0.
+
+Between responses the bridge may also write *push* lines (``{"push": ...}``, no id): the runs of
+the latest ``run_status`` call with ``"watch": true`` are watched through Dagster's own event-log
+watch (inotify for SQLite storage, LISTEN/NOTIFY for Postgres), and a run that starts canceling
+or fails, or a ``terminate_step`` request of our executor, reaches the controller at once
+instead of at its next poll.
 """
 
 from __future__ import annotations
@@ -12,18 +18,21 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 import dagster
 from dagster import DagsterEventType, DagsterInstance
+from dagster._core.event_api import EventLogCursor
 from dagster._core.events import EngineEventData
+from dagster._core.events.log import EventLogEntry
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._serdes import deserialize_value
 
 from dagster_taskiq_controller import contract
-from dagster_taskiq_controller.executor import read_verdict
+from dagster_taskiq_controller.executor import read_terminate_request, read_verdict
 
 logger = logging.getLogger("dagster_taskiq_controller.bridge")
 
@@ -34,6 +43,13 @@ TERMINAL_EVENT_TYPES: frozenset[DagsterEventType] = frozenset(
         DagsterEventType.STEP_UP_FOR_RETRY,
     }
 )
+
+# Run events pushed to the controller, with the run status each one means.
+RUN_ENDING_EVENTS: dict[DagsterEventType, str] = {
+    DagsterEventType.RUN_CANCELING: "CANCELING",
+    DagsterEventType.RUN_CANCELED: "CANCELED",
+    DagsterEventType.RUN_FAILURE: "FAILURE",
+}
 
 STDERR_TAIL_MAX_CHARS = 8192
 """Longer ``stderr_tail`` values are cut to their last this-many characters."""
@@ -75,11 +91,107 @@ def _attempt_param(params: dict[str, Any]) -> int:
     return attempt
 
 
+class LineWriter:
+    """Writes whole JSON lines to the controller; responses and pushes come from different
+    threads, so each line is written and flushed under a lock."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def write(self, message: dict[str, Any]) -> None:
+        try:
+            text = json.dumps(message)
+        except (TypeError, ValueError) as exc:
+            text = json.dumps(
+                _error_response(message.get("id"), BridgeError("internal", f"encode: {exc}"))
+            )
+        with self._lock:
+            self._out.write(text + "\n")
+            self._out.flush()
+
+
+Push = Callable[[dict[str, Any]], None]
+
+
+class RunWatches:
+    """Event-log watches on one instance's runs, kept equal to the set the controller holds.
+
+    Callbacks run on the storage's watcher thread and only write push lines. When the storage
+    cannot watch (in-memory storage, no inotify watches left), the controller's run-status poll
+    still stops the steps, a poll interval later.
+    """
+
+    def __init__(self, instance: DagsterInstance, push: Push) -> None:
+        self._instance = instance
+        self._write = push
+        self._callbacks: dict[str, Callable[[EventLogEntry, str], None]] = {}
+        self._unsupported = False
+
+    def set_runs(self, run_ids: set[str]) -> None:
+        storage = self._instance.event_log_storage
+        for run_id in list(self._callbacks.keys() - run_ids):
+            storage.end_watch(run_id, self._callbacks.pop(run_id))
+        if self._unsupported:
+            return
+        for run_id in sorted(run_ids - self._callbacks.keys()):
+            callback = self._callback(run_id)
+            try:
+                storage.watch(run_id, self._latest_cursor(run_id), callback)
+            except Exception as exc:  # NotImplementedError, OSError (inotify limits), ...
+                logger.warning("cannot watch the event log (%s); relying on polling", exc)
+                self._unsupported = True
+                return
+            self._callbacks[run_id] = callback
+
+    def close(self) -> None:
+        self.set_runs(set())
+
+    def _push(self, message: dict[str, Any]) -> None:
+        try:
+            self._write(message)
+        except (OSError, ValueError) as exc:  # the controller went away (closed pipe)
+            logger.debug("push %s not delivered: %s", message.get("push"), exc)
+
+    def _latest_cursor(self, run_id: str) -> str | None:
+        # Watch from now on: older events were seen by the controller's polls already.
+        records = self._instance.get_records_for_run(run_id, limit=1, ascending=False).records
+        if not records:
+            return None
+        return EventLogCursor.from_storage_id(records[0].storage_id).to_string()
+
+    def _callback(self, run_id: str) -> Callable[[EventLogEntry, str], None]:
+        def on_event(entry: EventLogEntry, _cursor: str) -> None:
+            event = entry.dagster_event
+            if event is None:
+                return
+            status = RUN_ENDING_EVENTS.get(event.event_type)
+            if status is not None:
+                self._push({"push": "run_ended", "run_id": run_id, "status": status})
+                return
+            request = read_terminate_request(event)
+            if request is not None:
+                step_key, attempt, task_id = request
+                self._push(
+                    {
+                        "push": "terminate_step",
+                        "run_id": run_id,
+                        "step_key": step_key,
+                        "attempt": attempt,
+                        "task_id": task_id,
+                    }
+                )
+
+        return on_event
+
+
 class Bridge:
     """Answers bridge requests against Dagster instances, one cached per instance ref."""
 
-    def __init__(self) -> None:
+    def __init__(self, push: Push | None = None) -> None:
         self._instances: dict[str, DagsterInstance] = {}
+        self._push = push
+        self._watches: dict[str, RunWatches] = {}
         self._methods: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "ping": self.ping,
             "run_status": self.run_status,
@@ -209,12 +321,28 @@ class Bridge:
         run_ids = _param(params, "run_ids", list)
         if not all(isinstance(run_id, str) for run_id in run_ids):
             raise _bad_request("run_ids must be strings")
+        watch = params.get("watch", False)
+        if not isinstance(watch, bool):
+            raise _bad_request("param watch must be a bool")
         instance = self.instance(params)
         statuses: dict[str, str | None] = {}
         for run_id in run_ids:
             run = instance.get_run_by_id(run_id)
             statuses[run_id] = run.status.value if run is not None else None
+        if watch and self._push is not None:
+            key = json.dumps(params.get("instance_ref"), sort_keys=True)
+            watches = self._watches.get(key)
+            if watches is None:
+                watches = self._watches[key] = RunWatches(instance, self._push)
+            # Only runs that exist and can still change are worth a watch.
+            watches.set_runs({run_id for run_id, status in statuses.items() if status})
         return {"statuses": statuses}
+
+    def close(self) -> None:
+        for watches in self._watches.values():
+            watches.close()
+        for instance in self._instances.values():
+            instance.dispose()
 
     def step_state(self, params: dict[str, Any]) -> dict[str, Any]:
         run_id = _str_param(params, "run_id")
@@ -302,7 +430,7 @@ def _error_response(request_id: Any, error: BridgeError) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "error": {"kind": error.kind, "message": error.message}}
 
 
-def serve(bridge: Bridge, requests: IO[bytes], responses: IO[str]) -> None:
+def serve(bridge: Bridge, requests: IO[bytes], writer: LineWriter) -> None:
     """Answer requests until EOF. Never raises for a bad request."""
     for line in iter(requests.readline, b""):
         try:
@@ -310,16 +438,8 @@ def serve(bridge: Bridge, requests: IO[bytes], responses: IO[str]) -> None:
         except Exception as exc:  # defensive: handle_line already catches method errors
             logger.exception("unexpected bridge failure")
             response = _error_response(None, BridgeError("internal", str(exc)))
-        if response is None:
-            continue
-        try:
-            text = json.dumps(response)
-        except (TypeError, ValueError) as exc:
-            text = json.dumps(
-                _error_response(response.get("id"), BridgeError("internal", f"encode: {exc}"))
-            )
-        responses.write(text + "\n")
-        responses.flush()
+        if response is not None:
+            writer.write(response)
 
 
 def main() -> int:
@@ -334,11 +454,17 @@ def main() -> int:
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logger.info("bridge started: dagster %s, pid %d", dagster.__version__, os.getpid())
+    writer = LineWriter(responses)
+    bridge = Bridge(push=writer.write)
     try:
-        serve(Bridge(), sys.stdin.buffer, responses)
+        serve(bridge, sys.stdin.buffer, writer)
     except (KeyboardInterrupt, BrokenPipeError):
         return 0
     logger.info("stdin closed; bridge exiting")
+    try:
+        bridge.close()
+    except Exception:
+        logger.exception("closing the Dagster instances failed")
     return 0
 
 

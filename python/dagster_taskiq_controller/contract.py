@@ -72,6 +72,9 @@ META_ATTEMPT = "dagster_taskiq_controller/attempt"
 META_TASK_ID = "dagster_taskiq_controller/task_id"
 META_EXIT = "dagster_taskiq_controller/exit"
 META_STDERR_TAIL = "dagster_taskiq_controller/stderr_tail"
+# Set (to the attempt's task_id) on the engine event the executor's ``terminate_step`` writes;
+# the bridge pushes it to the controller, which stops that attempt at once.
+META_TERMINATE = "dagster_taskiq_controller/terminate"
 
 # --- validation patterns (docs/protocol.md, "Validation") ------------------------------------
 
@@ -420,3 +423,8 @@ def verdict_metadata(
         META_EXIT: exit,
         META_STDERR_TAIL: stderr_tail,
     }
+
+
+def terminate_metadata(*, task_id: str, attempt: int) -> dict[str, str | int]:
+    """The metadata of the engine event that asks the controller to stop a step attempt."""
+    return {META_TERMINATE: task_id, META_ATTEMPT: int(attempt)}

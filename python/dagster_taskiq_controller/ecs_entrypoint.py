@@ -1,4 +1,4 @@
-"""The step command of an ECS task whose step args were offloaded to S3.
+"""The step command of an ECS task whose step args were offloaded to S3 or that has a timeout.
 
 ECS refuses RunTask overrides longer than 8192 characters. When a step's compressed
 ``ExecuteStepArgs`` would not fit, the controller puts them in S3 and starts the task with
@@ -11,23 +11,35 @@ holds exactly the value ``DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS`` would have had)
 and replaces itself with ``python -m dagster api execute_step`` with the args in
 ``DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS``. The task role needs ``s3:GetObject`` on the bucket.
 Without the pointer variables it just runs the step (the args are already inline).
+
+With ``DAGSTER_TASKIQ_STEP_TIMEOUT_SECONDS`` it runs the step as a child in its own process
+group instead, SIGKILLs that group at the deadline and exits with 124. A StopTask would send
+SIGTERM, which Dagster turns into an interrupt failure that skips the op's RetryPolicy; after a
+SIGKILL the controller writes a "timed out" verdict and the policy decides. SIGTERM and SIGINT
+(StopTask for a cancel) are passed on to the step.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from types import FrameType
 
 URI_ENV = "DAGSTER_TASKIQ_STEP_ARGS_S3_URI"
 SHA256_ENV = "DAGSTER_TASKIQ_STEP_ARGS_SHA256"
 ARGS_ENV = "DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS"
+TIMEOUT_ENV = "DAGSTER_TASKIQ_STEP_TIMEOUT_SECONDS"
 
 # Distinct exit codes so a verdict says which part failed.
 EXIT_BAD_POINTER = 64
 EXIT_FETCH_FAILED = 65
 EXIT_CORRUPT = 66
+EXIT_TIMED_OUT = 124
 
 
 class ShimError(Exception):
@@ -78,14 +90,63 @@ def resolve_env(
     return resolved
 
 
+def parse_timeout(env: Mapping[str, str]) -> float | None:
+    """The step's timeout in seconds, or None without one."""
+    text = env.get(TIMEOUT_ENV)
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ShimError(f"{TIMEOUT_ENV}={text!r} is not a positive number", EXIT_BAD_POINTER)
+    return seconds
+
+
+def run_with_timeout(argv: list[str], env: Mapping[str, str], seconds: float) -> int:
+    """Runs the step in its own process group; SIGKILLs the group after ``seconds``. Returns
+    the exit code for the container: the step's, 128 + its signal, or ``EXIT_TIMED_OUT``."""
+    child = subprocess.Popen(argv, env=dict(env), start_new_session=True)
+
+    def pass_on(signum: int, _frame: FrameType | None) -> None:
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, pass_on)
+    signal.signal(signal.SIGINT, pass_on)
+    try:
+        code = child.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        print(
+            f"dagster_taskiq_controller.ecs_entrypoint: the step timed out after {seconds:g}s; "
+            "killing it",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()
+        return EXIT_TIMED_OUT
+    return code if code >= 0 else 128 - code
+
+
 def main() -> None:
     try:
         env = resolve_env(os.environ)
+        timeout = parse_timeout(env)
     except ShimError as e:
         print(f"dagster_taskiq_controller.ecs_entrypoint: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    env.pop(TIMEOUT_ENV, None)
     # Same interpreter, no shell; the controller chose this command, not the message.
     argv = [sys.executable, "-m", "dagster", "api", "execute_step"]
+    if timeout is not None:
+        sys.exit(run_with_timeout(argv, env, timeout))
     os.execve(sys.executable, argv, env)
 
 

@@ -59,6 +59,7 @@ class AgentTask:
     sigterm_at: float | None = None
     exit_code: int | None = None
     stop_code: str | None = None
+    stopped_reason: str | None = None
     log_path: Path | None = None
 
 
@@ -397,6 +398,7 @@ class EcsHarness:
         with self._lock:
             agent_task.exit_code = exit_code
             agent_task.stop_code = stop_code
+            agent_task.stopped_reason = stopped_reason
         logger.info(
             "agent stopped %s: %s exit %s (%s)", task.task_arn, stop_code, exit_code, stopped_reason
         )

@@ -214,23 +214,21 @@ class SqsStepHandler(StepHandler):
         return CheckStepHealthResult.healthy()
 
     def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        # The controller watches the event log of the runs it holds (the bridge pushes this
+        # event to it), so the step is stopped now, not at its next run-status poll.
         step_key = self._step_key(step_handler_context)
         attempt = contract.step_attempt(step_handler_context.execute_step_args, step_key)
+        task_id = contract.step_task_id(
+            step_handler_context.execute_step_args.run_id, step_key, attempt
+        )
         yield DagsterEvent.engine_event(
             step_handler_context.get_step_context(step_key),
             message=(
-                f"Termination of step {step_key} requested; the dagster-taskiq-controller stops "
-                "it when it sees the run canceling."
+                f"Termination of step {step_key} (attempt {attempt}) requested from "
+                "dagster-taskiq-controller."
             ),
             event_specific_data=EngineEventData(
-                metadata={
-                    "task_id": MetadataValue.text(
-                        contract.step_task_id(
-                            step_handler_context.execute_step_args.run_id, step_key, attempt
-                        )
-                    ),
-                    "attempt": MetadataValue.int(attempt),
-                }
+                metadata=contract.terminate_metadata(task_id=task_id, attempt=attempt)
             ),
         )
 
@@ -250,6 +248,18 @@ def read_verdict(event: DagsterEvent | None) -> tuple[str, int, str] | None:
         except ValueError:
             return None
     return event.step_key, attempt, str(verdict)
+
+
+def read_terminate_request(event: DagsterEvent | None) -> tuple[str, int, str] | None:
+    """``(step_key, attempt, task_id)`` when the event is a ``terminate_step`` request."""
+    if event is None or event.event_type != DagsterEventType.ENGINE_EVENT or not event.step_key:
+        return None
+    metadata = event.engine_event_data.metadata or {}
+    task_id = getattr(metadata.get(contract.META_TERMINATE), "value", None)
+    attempt = getattr(metadata.get(contract.META_ATTEMPT), "value", None)
+    if not isinstance(task_id, str) or not isinstance(attempt, int) or isinstance(attempt, bool):
+        return None
+    return event.step_key, attempt, task_id
 
 
 def _resolve_queue_url(config: Mapping[str, Any]) -> str:

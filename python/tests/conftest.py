@@ -1,6 +1,8 @@
 """Shared fixtures: a real moto server, AWS environment pointing at it, temp Dagster instances."""
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -136,3 +138,32 @@ def child_env(**extra: str) -> dict[str, str]:
     env.update(extra)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def start_run_worker(
+    job_name: str, tmp_path: Path, run_config: dict[str, Any] | None = None
+) -> "subprocess.Popen[bytes]":
+    """`dagster job execute` of a job in tests/jobs.py as its own process, like a launched run
+    worker (a process that a test can interrupt)."""
+    command = [sys.executable, "-m", "dagster", "job", "execute"]
+    command += ["-f", str(TESTS_DIR / "jobs.py"), "-j", job_name]
+    if run_config is not None:
+        config_path = tmp_path / f"run-config-{job_name}.json"
+        config_path.write_text(json.dumps(run_config))
+        command += ["-c", str(config_path)]
+    log = open(tmp_path / f"run-worker-{job_name}.log", "wb")
+    return subprocess.Popen(command, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def only_run(instance: DagsterInstance) -> Any:
+    runs = instance.get_runs()
+    return runs[0] if len(runs) == 1 else None
+
+
+def terminate_run(instance: DagsterInstance, run_id: str, run_worker: "subprocess.Popen") -> None:
+    """What Dagster's terminate does for a run in a local process: mark it CANCELING, then
+    interrupt the run worker."""
+    run = instance.get_run_by_id(run_id)
+    assert run is not None
+    instance.report_run_canceling(run)
+    run_worker.send_signal(signal.SIGINT)

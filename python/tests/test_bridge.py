@@ -21,6 +21,7 @@ from dagster import (
     job,
     op,
 )
+from dagster._core.events import EngineEventData
 from dagster._core.instance.ref import InstanceRef
 from dagster._serdes import pack_value
 
@@ -368,3 +369,36 @@ def test_exits_cleanly_on_eof(own_bridge: BridgeProcess) -> None:
         timeout=5,
         what="the bridge's exit log line",
     )
+
+
+def test_watched_runs_push_terminate_requests_and_cancellation(
+    own_bridge: BridgeProcess, world: World
+) -> None:
+    bridge = own_bridge
+    run = world.instance.create_run_for_job(job_def=tiny)
+    result = bridge.result("run_status", instance_ref=world.ref, run_ids=[run.run_id], watch=True)
+    assert result == {"statuses": {run.run_id: "NOT_STARTED"}}
+
+    # What the executor's terminate_step writes.
+    world.instance.report_engine_event(
+        "terminate requested",
+        run,
+        EngineEventData(metadata=contract.terminate_metadata(task_id="t-9", attempt=2)),
+        step_key="second",
+    )
+    assert bridge.read() == {
+        "push": "terminate_step",
+        "run_id": run.run_id,
+        "step_key": "second",
+        "attempt": 2,
+        "task_id": "t-9",
+    }
+    world.instance.report_run_canceling(run)
+    assert bridge.read() == {"push": "run_ended", "run_id": run.run_id, "status": "CANCELING"}
+    # Requests are still answered in between.
+    assert bridge.result("ping")["pid"] == bridge.proc.pid
+
+
+def test_watch_flag_must_be_a_bool(bridge: BridgeProcess, world: World) -> None:
+    bad = bridge.call("run_status", instance_ref=world.ref, run_ids=[], watch="yes")
+    assert bad["error"]["kind"] == "bad_request"

@@ -21,8 +21,8 @@ from typing import Any
 import boto3
 import jobs
 import pytest
-from conftest import make_dagster_home, wait_for
-from dagster import DagsterEventType, DagsterInstance, execute_job
+from conftest import make_dagster_home, only_run, start_run_worker, terminate_run, wait_for
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
 from dagster._core.instance.ref import InstanceRef
 
 from dagster_taskiq_controller import contract
@@ -232,6 +232,57 @@ def test_a_killed_controller_is_replaced_and_its_running_tasks_are_adopted(stack
     assert stack.log("controller-b").count("adopting the running ECS task") == 3
     assert not verdicts_of(stack.instance, run_id)
     wait_for(stack.queue_empty, 15, "every message to be deleted")
+
+
+def test_canceling_a_run_stops_its_ecs_tasks_with_a_reason(stack: Stack) -> None:
+    naps = ("nap_a", "nap_b", "nap_c")
+    run_config = {"ops": {name: {"config": {"seconds": 120.0}} for name in naps}}
+    worker = start_run_worker("slow_fanout", stack.tmp_path, run_config)
+    try:
+        run = wait_for(lambda: only_run(stack.instance), 60, "the run to start")
+        wait_for(
+            lambda: (
+                {t.step_key for t in stack.harness.running_tasks() if t.run_id == run.run_id}
+                == set(naps)
+            ),
+            90,
+            "three naps to run as tasks",
+        )
+        terminate_run(stack.instance, run.run_id, worker)
+        tasks = stack.finished(run.run_id, 3)
+        assert all(t.stop_code == "UserInitiated" for t in tasks), tasks
+        assert all(t.stopped_reason.startswith("dagster-taskiq-controller:") for t in tasks), [
+            t.stopped_reason for t in tasks
+        ]
+        # The agent sends SIGTERM on StopTask; Dagster's interrupt handling then ends the step
+        # long before the stop timeout would SIGKILL it.
+        assert all(t.exit_code != 137 for t in tasks), tasks
+        wait_for(lambda: worker.poll() is not None, 60, "the run worker to exit")
+        status = stack.instance.get_run_by_id(run.run_id).status
+        assert status == DagsterRunStatus.CANCELED
+        wait_for(stack.queue_empty, 30, "every message to be deleted")
+        assert stack.launches(run.run_id) == {(name, 0): 1 for name in naps}
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
+def test_an_ecs_step_past_its_timeout_is_stopped_and_retried_by_its_policy(stack: Stack) -> None:
+    with execute_job(jobs.recon("timeout_retry"), stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+    assert stack.launches(run_id) == {("hangs_first_time", 0): 1, ("hangs_first_time", 1): 1}
+    # The shim in the task SIGKILLed the step at 10 s and exited 124; no StopTask (its
+    # SIGTERM would have made Dagster write an interrupt failure that skips the policy).
+    tasks = {t.attempt: t for t in stack.finished(run_id, 2)}
+    assert tasks[0].command == ["python", "-m", "dagster_taskiq_controller.ecs_entrypoint"]
+    assert (tasks[0].stop_code, tasks[0].exit_code) == ("EssentialContainerExited", 124)
+    assert (tasks[1].stop_code, tasks[1].exit_code) == ("EssentialContainerExited", 0)
+    (verdict,) = verdicts_of(stack.instance, run_id)
+    metadata = verdict.dagster_event.event_specific_data.metadata
+    assert "timed out after 10.0s" in metadata[contract.META_VERDICT].value
+    wait_for(stack.queue_empty, 30, "every message to be deleted")
 
 
 def test_throttled_run_task_calls_are_retried_and_the_run_succeeds(stack: Stack) -> None:

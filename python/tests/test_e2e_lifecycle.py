@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any
 import boto3
 import jobs
 import pytest
-from conftest import child_env, wait_for
+from conftest import only_run, start_run_worker, terminate_run, wait_for
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
 from test_e2e_process import Stack, events_of, start_stack
 
@@ -26,7 +24,8 @@ pytestmark = pytest.mark.skipif(
     not DEFAULT_BINARY.exists(), reason="controller binary not built (make build)"
 )
 
-JOBS_FILE = str(Path(jobs.__file__).resolve())
+# A run-status poll interval longer than any test: what stops steps must be the bridge's push.
+NO_POLL = ("--run-status-interval", "600")
 
 
 def records(stack: Stack | Controller, run_id: str | None = None) -> list[dict[str, Any]]:
@@ -58,31 +57,6 @@ def visible_messages(queue_url: str) -> int:
     return int(attributes["ApproximateNumberOfMessages"])
 
 
-def start_run_worker(job_name: str, tmp_path: Path) -> subprocess.Popen[bytes]:
-    """`dagster job execute` as its own process, like a launched run worker."""
-    log = open(tmp_path / f"run-worker-{job_name}.log", "wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "dagster", "job", "execute", "-f", JOBS_FILE, "-j", job_name],
-        env=child_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def only_run(instance: DagsterInstance) -> Any:
-    runs = instance.get_runs()
-    return runs[0] if len(runs) == 1 else None
-
-
-def terminate_run(instance: DagsterInstance, run_id: str, run_worker: subprocess.Popen) -> None:
-    """What Dagster's terminate does for a run in a local process: mark it CANCELING, then
-    interrupt the run worker."""
-    run = instance.get_run_by_id(run_id)
-    assert run is not None
-    instance.report_run_canceling(run)
-    run_worker.send_signal(signal.SIGINT)
-
-
 @pytest.fixture
 def stack(
     aws_env: dict[str, str],
@@ -104,14 +78,15 @@ def capped_stack(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> Any:
-    # No prefetch: the steps beyond the cap stay queued in SQS, not held here.
+    # No prefetch: the steps beyond the cap stay queued in SQS, not held here. No run-status
+    # poll within the test either: the bridge's pushes must do it.
     s = start_stack(
         aws_env,
         dagster_home,
         instance,
         monkeypatch,
         tmp_path,
-        args=("--max-concurrent", "3", "--prefetch", "0"),
+        args=("--max-concurrent", "3", "--prefetch", "0", *NO_POLL),
     )
     yield s
     assert s.controller.stop() == 0
@@ -167,6 +142,49 @@ def test_terminating_a_run_stops_its_steps_and_skips_the_queued_ones(
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+def test_an_interrupted_run_worker_terminates_its_steps_through_the_executor(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """SIGINT to a run worker whose run is not canceling: Dagster's executor calls
+    terminate_step for each running step, and the controller stops each one at once."""
+    stack = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path, args=NO_POLL)
+    worker = start_run_worker("wide", tmp_path)
+    try:
+        run = wait_for(lambda: only_run(instance), 60, "the run to start")
+        running = wait_for(
+            lambda: (
+                found
+                if len(found := [r for r in records(stack, run.run_id) if r["state"] == "running"])
+                == 8
+                else None
+            ),
+            90,
+            "8 steps running",
+        )
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.STARTED
+        interrupted_at = time.monotonic()
+        worker.send_signal(signal.SIGINT)
+        wait_for(
+            lambda: all(process_group_gone(pid_of(r)) for r in running), 5, "steps to be stopped"
+        )
+        assert time.monotonic() - interrupted_at < 5
+        wait_for(lambda: worker.poll() is not None, 60, "the run worker to exit")
+        wait_for(stack.queue_empty, 30, "the messages to be acknowledged")
+        seen = records(stack, run.run_id)
+        assert {r["state"] for r in seen} == {"acked"}, seen
+        assert all(r["stop_reason"] == {"kind": "executor"} for r in seen), seen
+        assert stack.metric('dagster_taskiq_bridge_pushes_total{kind="terminate_step"}') >= 8
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        assert stack.controller.stop() == 0
 
 
 def test_a_step_past_its_timeout_is_killed_and_retried_by_its_policy(stack: Stack) -> None:

@@ -55,7 +55,9 @@ class Stack:
 
     def metric(self, name: str) -> float:
         """The value of one unlabelled metric (0 when absent)."""
-        match = re.search(rf"^dagster_taskiq_{name} (\S+)$", self.metrics(), re.MULTILINE)
+        match = re.search(
+            rf"^dagster_taskiq_{re.escape(name)} (\S+)$", self.metrics(), re.MULTILINE
+        )
         return float(match.group(1)) if match else 0.0
 
     def zygote_pid(self) -> int:

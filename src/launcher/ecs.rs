@@ -386,7 +386,7 @@ impl EcsLauncher {
         }
     }
 
-    fn running(&self, view: TaskView) -> Box<dyn RunningStep> {
+    fn running(&self, view: TaskView, step: &StepRequest) -> Box<dyn RunningStep> {
         let arn = view.task_arn.clone();
         let rx = self.tracker.track(&arn, Some(view));
         Box::new(EcsStep {
@@ -399,6 +399,8 @@ impl EcsLauncher {
             rx,
             exit: None,
             stop_sent: false,
+            // The request put the shim with the timeout in the task (request.rs).
+            enforces_timeout: step.timeout.is_some(),
         })
     }
 
@@ -439,7 +441,7 @@ impl Launcher for EcsLauncher {
                     LaunchError::Transient(format!("cannot look for the attempt's task: {e}"))
                 })?;
                 if let Some(view) = existing {
-                    return Ok(self.running(view));
+                    return Ok(self.running(view, step));
                 }
             }
             let request = self
@@ -447,7 +449,7 @@ impl Launcher for EcsLauncher {
                 .await?;
             let view = self.run_task(&request).await?;
             tracing::info!(task = %view.task_arn, "ECS task started");
-            Ok(self.running(view))
+            Ok(self.running(view, step))
         }
         .instrument(span)
         .await
@@ -497,6 +499,7 @@ struct EcsStep {
     rx: watch::Receiver<Tracked>,
     exit: Option<StepExit>,
     stop_sent: bool,
+    enforces_timeout: bool,
 }
 
 impl EcsStep {
@@ -558,6 +561,10 @@ impl RunningStep for EcsStep {
 
     fn survives_controller(&self) -> bool {
         true
+    }
+
+    fn enforces_timeout(&self) -> bool {
+        self.enforces_timeout
     }
 }
 

@@ -149,4 +149,14 @@ pub trait RunningStep: Send + Sync {
     fn survives_controller(&self) -> bool {
         false
     }
+
+    /// True when the execution kills itself at the step's timeout (the ECS shim does, with
+    /// SIGKILL, from when its container starts): the controller's own deadline is then only
+    /// a backstop, and an exit with [`TIMED_OUT_EXIT`] means the step timed out.
+    fn enforces_timeout(&self) -> bool {
+        false
+    }
 }
+
+/// Exit code of an execution that killed its step at the timeout (the ECS shim's).
+pub const TIMED_OUT_EXIT: i32 = ecs::request::SHIM_TIMED_OUT_EXIT;

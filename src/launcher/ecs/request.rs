@@ -19,9 +19,12 @@ pub const OVERRIDES_MARGIN: usize = 192;
 
 /// The step's command when its args travel inline.
 pub const STEP_COMMAND: [&str; 3] = ["dagster", "api", "execute_step"];
-/// The step's command when its args were offloaded: the shim fetches them, then runs
-/// `python -m dagster api execute_step` itself.
-pub const OFFLOAD_COMMAND: [&str; 3] = ["python", "-m", "dagster_taskiq_controller.ecs_entrypoint"];
+/// The step's command when its args were offloaded or it has a timeout: the shim
+/// (`dagster_taskiq_controller.ecs_entrypoint`) fetches the args, then runs
+/// `python -m dagster api execute_step` itself, and SIGKILLs it at the timeout.
+pub const SHIM_COMMAND: [&str; 3] = ["python", "-m", "dagster_taskiq_controller.ecs_entrypoint"];
+/// Exit code of the shim when it killed the step at its timeout (as coreutils' `timeout`).
+pub const SHIM_TIMED_OUT_EXIT: i32 = 124;
 
 pub const ENV_COMPRESSED_ARGS: &str = "DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS";
 pub const ENV_JOB_NAME: &str = "DAGSTER_RUN_JOB_NAME";
@@ -30,13 +33,16 @@ pub const ENV_STEP_KEY: &str = "DAGSTER_RUN_STEP_KEY";
 pub const ENV_ARGS_URI: &str = "DAGSTER_TASKIQ_STEP_ARGS_S3_URI";
 /// sha256 (hex) of the offloaded object, checked by the shim.
 pub const ENV_ARGS_SHA256: &str = "DAGSTER_TASKIQ_STEP_ARGS_SHA256";
+/// The step's timeout in seconds, enforced by the shim inside the task.
+pub const ENV_STEP_TIMEOUT: &str = "DAGSTER_TASKIQ_STEP_TIMEOUT_SECONDS";
 /// Names a tag may not set: the controller owns them.
-const RESERVED_ENV: [&str; 6] = [
+const RESERVED_ENV: [&str; 7] = [
     ENV_COMPRESSED_ARGS,
     ENV_JOB_NAME,
     ENV_STEP_KEY,
     ENV_ARGS_URI,
     ENV_ARGS_SHA256,
+    ENV_STEP_TIMEOUT,
     "DAGSTER_EXECUTE_STEP_ARGS",
 ];
 
@@ -485,16 +491,22 @@ impl StepSettings {
                 ),
             };
 
-        let (command, mut environment) = match args {
+        let (mut command, mut environment) = match args {
             StepArgs::Inline(compressed) => (
                 STEP_COMMAND.map(String::from).to_vec(),
                 vec![kv(ENV_COMPRESSED_ARGS, compressed)],
             ),
             StepArgs::Offloaded { uri, sha256 } => (
-                OFFLOAD_COMMAND.map(String::from).to_vec(),
+                SHIM_COMMAND.map(String::from).to_vec(),
                 vec![kv(ENV_ARGS_URI, uri), kv(ENV_ARGS_SHA256, sha256)],
             ),
         };
+        if let Some(timeout) = step.timeout {
+            // StopTask would send SIGTERM, which Dagster turns into an interrupt failure that
+            // skips the RetryPolicy: the shim SIGKILLs the step at its deadline instead.
+            command = SHIM_COMMAND.map(String::from).to_vec();
+            environment.push(kv(ENV_STEP_TIMEOUT, &format!("{}", timeout.as_secs_f64())));
+        }
         environment.push(kv(ENV_JOB_NAME, step.job_name.as_deref().unwrap_or("")));
         environment.push(kv(ENV_STEP_KEY, &step.step_key));
         environment.extend(self.container.environment.iter().cloned());
@@ -987,7 +999,7 @@ mod tests {
         let request = settings.build(&base(), &step, 3, &offloaded);
         assert!(request.overrides_fit());
         let container = &request.overrides.container_overrides[0];
-        assert_eq!(container.command, OFFLOAD_COMMAND);
+        assert_eq!(container.command, SHIM_COMMAND);
         let env = env_of(&request);
         assert!(!env.contains_key(ENV_COMPRESSED_ARGS));
         assert_eq!(
@@ -1004,5 +1016,30 @@ mod tests {
         assert!(at_edge.overrides_fit());
         let over = settings.build(&base(), &step, 1, &StepArgs::Inline("A".repeat(pad + 1)));
         assert!(!over.overrides_fit());
+    }
+
+    #[test]
+    fn a_step_with_a_timeout_runs_through_the_shim_which_enforces_it() {
+        let mut step = step_with_tags(&[]);
+        let settings = StepSettings::from_tags(&step.tags, "dagster").unwrap();
+        let args = StepArgs::Inline("eJwLAAA=".into());
+        let plain = settings.build(&base(), &step, 1, &args);
+        assert_eq!(plain.overrides.container_overrides[0].command, STEP_COMMAND);
+        assert!(!env_of(&plain).contains_key(ENV_STEP_TIMEOUT));
+
+        step.timeout = Some(std::time::Duration::from_millis(2500));
+        let timed = settings.build(&base(), &step, 1, &args);
+        assert_eq!(timed.overrides.container_overrides[0].command, SHIM_COMMAND);
+        let env = env_of(&timed);
+        assert_eq!(env[ENV_STEP_TIMEOUT], "2.5");
+        assert_eq!(env[ENV_COMPRESSED_ARGS], "eJwLAAA=");
+        // A tag cannot set it.
+        let tag =
+            r#"{"environment": [{"name": "DAGSTER_TASKIQ_STEP_TIMEOUT_SECONDS", "value": "1"}]}"#;
+        assert!(StepSettings::from_tags(
+            &BTreeMap::from([("ecs/container_overrides".to_owned(), tag.to_owned())]),
+            "dagster"
+        )
+        .is_err());
     }
 }
