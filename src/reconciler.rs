@@ -289,10 +289,11 @@ impl Controller {
     /// the set the bridge watches.
     async fn poll_run_statuses(&self, watched: &mut WatchedRuns, all: bool) {
         let groups = self.steps.active_runs();
+        let keys: Vec<String> = groups.iter().map(|(r, _)| r.to_string()).collect();
         // Instances with no held step any more: clear the bridge's watches there.
         let gone: Vec<String> = watched
             .keys()
-            .filter(|key| !groups.iter().any(|(r, _)| r.to_string() == **key))
+            .filter(|key| !keys.contains(key))
             .cloned()
             .collect();
         for key in gone {
@@ -301,8 +302,7 @@ impl Controller {
                 tracing::debug!(%e, "clearing the bridge's run watches failed");
             }
         }
-        for (instance_ref, run_ids) in groups {
-            let key = instance_ref.to_string();
+        for ((instance_ref, run_ids), key) in groups.into_iter().zip(keys) {
             if !all && watched.get(&key).is_some_and(|(_, sent)| *sent == run_ids) {
                 continue;
             }

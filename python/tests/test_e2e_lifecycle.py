@@ -179,7 +179,7 @@ def test_an_interrupted_run_worker_terminates_its_steps_through_the_executor(
         seen = records(stack, run.run_id)
         assert {r["state"] for r in seen} == {"acked"}, seen
         assert all(r["stop_reason"] == {"kind": "executor"} for r in seen), seen
-        assert stack.metric('dagster_taskiq_bridge_pushes_total{kind="terminate_step"}') >= 8
+        assert stack.metric('bridge_pushes_total{kind="terminate_step"}') >= 8
     finally:
         if worker.poll() is None:
             worker.kill()
