@@ -309,8 +309,8 @@ class Bench:
         lines = [
             f"# End-to-end benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs)",
             "",
-            f"Wall time of a run in seconds, median of {self.repeats} after one warm-up run "
-            f"(max {MAX_CONCURRENT} steps at once everywhere).",
+            f"Wall time of a run in seconds: median (min to max) of {self.repeats} after one "
+            f"warm-up run (max {MAX_CONCURRENT} steps at once everywhere).",
             "",
             "| job | " + " | ".join(label for _, label in present) + " |",
             "|---|" + "---|" * len(present),
@@ -319,9 +319,10 @@ class Bench:
         for graph in GRAPHS:
             cells = []
             for name, _ in present:
-                value = statistics.median(self.results[name].seconds[graph])
+                runs = self.results[name].seconds[graph]
+                value = statistics.median(runs)
                 medians[(name, graph)] = value
-                cells.append(f"{value:.2f}")
+                cells.append(f"{value:.2f} ({min(runs):.2f} to {max(runs):.2f})")
             lines.append(f"| {graph} ({STEPS[graph]} ops) | " + " | ".join(cells) + " |")
         if "taskiq" in self.results:
             lines += [
