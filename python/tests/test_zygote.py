@@ -1,0 +1,44 @@
+"""Unit tests of the warm pool's zygote set-up (the forking itself is tested end to end in
+test_e2e_process.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from dagster import DagsterInstance
+from dagster._core.instance.ref import InstanceRef
+
+
+def test_alembic_scripts_are_read_once_and_schema_checks_still_work(tmp_path: Path) -> None:
+    # A real instance whose schema the patched check must still read correctly.
+    home = tmp_path / "home"
+    home.mkdir()
+    DagsterInstance.from_ref(InstanceRef.from_dir(str(home))).dispose()
+    check = textwrap.dedent(
+        f"""
+        from alembic.script import ScriptDirectory
+        from dagster import DagsterInstance
+        from dagster._core.instance.ref import InstanceRef
+        from dagster._core.storage.event_log.sqlite import sqlite_event_log
+        from dagster._core.storage.sql import get_alembic_config
+
+        from dagster_taskiq_controller.zygote import share_alembic_scripts
+
+        share_alembic_scripts()
+        config = lambda: get_alembic_config(sqlite_event_log.__file__)
+        first = ScriptDirectory.from_config(config())
+        assert ScriptDirectory.from_config(config()) is first
+        instance = DagsterInstance.from_ref(InstanceRef.from_dir({str(home)!r}))
+        db_revision, head = instance.event_log_storage.alembic_version()
+        assert db_revision == head == first.get_current_head(), (db_revision, head)
+        print("ok", head)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok ")
