@@ -167,3 +167,29 @@ def terminate_run(instance: DagsterInstance, run_id: str, run_worker: "subproces
     assert run is not None
     instance.report_run_canceling(run)
     run_worker.send_signal(signal.SIGINT)
+
+
+@pytest.fixture
+def make_stack(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Iterator[Callable[..., Any]]:
+    """Starts a stack (test_e2e_process.Stack: queues, controller, instance) with these
+    controller args and queue visibility timeout; each must stop with exit code 0 at the end."""
+    from test_e2e_process import start_stack
+
+    started: list[Any] = []
+
+    def make(*args: str, visibility_timeout: int = 30) -> Any:
+        s = start_stack(
+            aws_env, dagster_home, instance, monkeypatch, tmp_path, args, visibility_timeout
+        )
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        assert s.controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]

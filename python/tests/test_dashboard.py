@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ import boto3
 import jobs
 import pytest
 from conftest import REPO_ROOT, wait_for
-from dagster import DagsterInstance, execute_job
-from test_e2e_process import Stack, start_stack
+from dagster import execute_job
+from test_e2e_process import Stack
 
 from dagster_taskiq_controller.localstack import DEFAULT_BINARY
 
@@ -69,41 +69,14 @@ def metric_values(text: str) -> dict[str, float]:
 
 
 @pytest.fixture
-def stack(
-    aws_env: dict[str, str],
-    dagster_home: Path,
-    instance: DagsterInstance,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> Iterator[Stack]:
+def stack(make_stack: Callable[..., Stack]) -> Stack:
     """A controller without an admin token."""
-    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path)
-    try:
-        yield s
-    finally:
-        assert s.controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]
+    return make_stack()
 
 
 @pytest.fixture
-def admin_stack(
-    aws_env: dict[str, str],
-    dagster_home: Path,
-    instance: DagsterInstance,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> Iterator[Stack]:
-    s = start_stack(
-        aws_env,
-        dagster_home,
-        instance,
-        monkeypatch,
-        tmp_path,
-        args=("--admin-token", TOKEN, "--stop-grace", "5", "--log-format", "json"),
-    )
-    try:
-        yield s
-    finally:
-        assert s.controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]
+def admin_stack(make_stack: Callable[..., Stack]) -> Stack:
+    return make_stack("--admin-token", TOKEN, "--stop-grace", "5", "--log-format", "json")
 
 
 class JobThread(threading.Thread):

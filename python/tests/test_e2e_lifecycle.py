@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,38 +60,20 @@ def visible_messages(queue_url: str) -> int:
 
 
 @pytest.fixture
-def stack(
-    aws_env: dict[str, str],
-    dagster_home: Path,
-    instance: DagsterInstance,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> Any:
-    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path)
-    yield s
-    assert s.controller.stop() == 0
+def stack(make_stack: Callable[..., Stack]) -> Stack:
+    return make_stack()
 
 
 @pytest.fixture
-def capped_stack(
-    aws_env: dict[str, str],
-    dagster_home: Path,
-    instance: DagsterInstance,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> Any:
+def capped_stack(make_stack: Callable[..., Stack]) -> Stack:
     # No prefetch: the steps beyond the cap stay queued in SQS, not held here. No run-status
     # poll within the test either: the bridge's pushes must do it.
-    s = start_stack(
-        aws_env,
-        dagster_home,
-        instance,
-        monkeypatch,
-        tmp_path,
-        args=("--max-concurrent", "3", "--prefetch", "0", *NO_POLL),
-    )
-    yield s
-    assert s.controller.stop() == 0
+    return make_stack("--max-concurrent", "3", "--prefetch", "0", *NO_POLL)
+
+
+@pytest.fixture
+def warm_stack(make_stack: Callable[..., Stack]) -> Stack:
+    return make_stack(*WARM_ARGS)
 
 
 def test_terminating_a_run_stops_its_steps_and_skips_the_queued_ones(
@@ -146,15 +129,11 @@ def test_terminating_a_run_stops_its_steps_and_skips_the_queued_ones(
 
 
 def test_an_interrupted_run_worker_terminates_its_steps_through_the_executor(
-    aws_env: dict[str, str],
-    dagster_home: Path,
-    instance: DagsterInstance,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    make_stack: Callable[..., Stack], instance: DagsterInstance, tmp_path: Path
 ) -> None:
     """SIGINT to a run worker whose run is not canceling: Dagster's executor calls
     terminate_step for each running step, and the controller stops each one at once."""
-    stack = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path, args=NO_POLL)
+    stack = make_stack(*NO_POLL)
     worker = start_run_worker("wide", tmp_path)
     try:
         run = wait_for(lambda: only_run(instance), 60, "the run to start")
@@ -185,20 +164,6 @@ def test_an_interrupted_run_worker_terminates_its_steps_through_the_executor(
         if worker.poll() is None:
             worker.kill()
             worker.wait()
-        assert stack.controller.stop() == 0
-
-
-@pytest.fixture
-def warm_stack(
-    aws_env: dict[str, str],
-    dagster_home: Path,
-    instance: DagsterInstance,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> Any:
-    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path, args=WARM_ARGS)
-    yield s
-    assert s.controller.stop() == 0
 
 
 def check_timed_out_and_retried(stack: Stack, job_name: str, limit: float) -> None:

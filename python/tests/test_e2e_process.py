@@ -13,7 +13,7 @@ import sys
 import threading
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,19 +103,8 @@ def start_stack(
 
 
 @pytest.fixture
-def stack(
-    aws_env: dict[str, str],
-    dagster_home: Path,
-    instance: DagsterInstance,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    launcher_args: tuple[str, ...],
-) -> Iterator[Stack]:
-    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path, launcher_args)
-    try:
-        yield s
-    finally:
-        assert s.controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]
+def stack(make_stack: Callable[..., Stack], launcher_args: tuple[str, ...]) -> Stack:
+    return make_stack(*launcher_args)
 
 
 def events_of(instance: DagsterInstance, run_id: str, event_type: DagsterEventType) -> list[Any]:
@@ -203,34 +192,18 @@ def test_a_step_killed_by_sigkill_gets_a_verdict_and_is_retried(stack: Stack) ->
 
 
 def test_a_step_longer_than_the_visibility_timeout_is_not_redelivered(
-    aws_env: dict[str, str],
-    dagster_home: Path,
-    instance: DagsterInstance,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    launcher_args: tuple[str, ...],
+    make_stack: Callable[..., Stack], instance: DagsterInstance, launcher_args: tuple[str, ...]
 ) -> None:
-    s = start_stack(
-        aws_env,
-        dagster_home,
-        instance,
-        monkeypatch,
-        tmp_path,
-        args=("--visibility-timeout", "2", *launcher_args),
-        visibility_timeout=2,
-    )
-    try:
-        run_config = {"ops": {"sleep_op": {"config": {"seconds": 7.0}}}}
-        with execute_job(jobs.recon("slow"), instance, run_config=run_config) as result:
-            assert result.success
-            run_id = result.run_id
-        starts = events_of(instance, run_id, DagsterEventType.STEP_START)
-        assert [e.step_key for e in starts] == ["sleep_op"]
-        assert "dagster_taskiq_messages_received_total 1" in s.metrics()
-        assert 'result="extended"' in s.metrics()
-        wait_for(s.queue_empty, 60, "the message to be deleted")
-    finally:
-        assert s.controller.stop() == 0
+    s = make_stack("--visibility-timeout", "2", *launcher_args, visibility_timeout=2)
+    run_config = {"ops": {"sleep_op": {"config": {"seconds": 7.0}}}}
+    with execute_job(jobs.recon("slow"), instance, run_config=run_config) as result:
+        assert result.success
+        run_id = result.run_id
+    starts = events_of(instance, run_id, DagsterEventType.STEP_START)
+    assert [e.step_key for e in starts] == ["sleep_op"]
+    assert "dagster_taskiq_messages_received_total 1" in s.metrics()
+    assert 'result="extended"' in s.metrics()
+    wait_for(s.queue_empty, 60, "the message to be deleted")
 
 
 def test_a_malformed_message_is_dead_lettered_and_the_next_one_runs(stack: Stack) -> None:
@@ -258,18 +231,8 @@ def test_a_malformed_message_is_dead_lettered_and_the_next_one_runs(stack: Stack
 
 
 @pytest.fixture
-def warm_stack(
-    aws_env: dict[str, str],
-    dagster_home: Path,
-    instance: DagsterInstance,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> Iterator[Stack]:
-    s = start_stack(aws_env, dagster_home, instance, monkeypatch, tmp_path, WARM_ARGS)
-    try:
-        yield s
-    finally:
-        assert s.controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]
+def warm_stack(make_stack: Callable[..., Stack]) -> Stack:
+    return make_stack(*WARM_ARGS)
 
 
 def test_warm_steps_do_not_inherit_each_others_global_state(warm_stack: Stack) -> None:
