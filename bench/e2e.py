@@ -336,6 +336,26 @@ class Bench:
                 base = medians[("taskiq", graph)]
                 cells = [f"{medians[(name, graph)] / base:.2f}" for name, _ in present]
                 lines.append(f"| {graph} | " + " | ".join(cells) + " |")
+        controllers = [(n, label) for n, label in present if n in ("cold", "warm")]
+        multiprocess = [(n, label) for n, label in present if n in ("spawn", "forkserver")]
+        if controllers and multiprocess:
+            lines += [
+                "",
+                "Ratio of the controller to Dagster's multiprocess executor at the same "
+                "concurrency (lower is better):",
+                "",
+                "| job | controller | "
+                + " | ".join(f"÷ {label}" for _, label in multiprocess)
+                + " |",
+                "|---|---|" + "---|" * len(multiprocess),
+            ]
+            for graph in GRAPHS:
+                for name, label in controllers:
+                    cells = [
+                        f"{medians[(name, graph)] / medians[(base, graph)]:.2f}"
+                        for base, _ in multiprocess
+                    ]
+                    lines.append(f"| {graph} | {label} | " + " | ".join(cells) + " |")
         lines += [
             "",
             "Step start latency, message received (taskiq: task entry) → op code running, "
