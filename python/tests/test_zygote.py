@@ -3,6 +3,7 @@ test_e2e_process.py)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -42,3 +43,54 @@ def test_alembic_scripts_are_read_once_and_schema_checks_still_work(tmp_path: Pa
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok ")
+
+
+def test_steps_of_the_zygotes_instance_get_it_already_open_and_can_write(tmp_path: Path) -> None:
+    home, other = tmp_path / "home", tmp_path / "other"
+    for path in (home, other):
+        path.mkdir()
+        DagsterInstance.from_ref(InstanceRef.from_dir(str(path))).dispose()
+    check = textwrap.dedent(
+        f"""
+        import os
+        from dagster import DagsterInstance, job, op
+        from dagster._core.instance.ref import InstanceRef
+
+        from dagster_taskiq_controller.zygote import share_instance
+
+        @op
+        def noop() -> None:
+            pass
+
+        @job
+        def tiny() -> None:
+            noop()
+
+        share_instance()
+        ref = InstanceRef.from_dir({str(home)!r})
+        shared = DagsterInstance.from_ref(ref)
+        assert DagsterInstance.from_ref(ref) is shared
+        assert DagsterInstance.from_ref(InstanceRef.from_dir({str(other)!r})) is not shared
+        run = shared.create_run_for_job(job_def=tiny)
+        pid = os.fork()
+        if pid == 0:  # a step: writes through its copy of the shared instance
+            with DagsterInstance.from_ref(ref) as instance:
+                instance.report_engine_event("from the child", instance.get_run_by_id(run.run_id))
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
+        records = shared.get_records_for_run(run.run_id).records
+        messages = [r.event_log_entry.message for r in records]
+        assert "from the child" in messages, messages
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
