@@ -72,6 +72,14 @@ const WATCH_REFRESH: Duration = Duration::from_millis(200);
 /// bridge, sorted.
 type WatchedRuns = std::collections::HashMap<String, (serde_json::Value, Vec<String>)>;
 
+/// The verdict of a step killed at its timeout, by the controller or by its own execution.
+fn timed_out_cause(limit: Duration) -> String {
+    format!(
+        "step timed out after {:.1}s and was killed",
+        limit.as_secs_f64()
+    )
+}
+
 /// Allowance for clock skew between replicas when reading a hand-off time.
 const CLOCK_MARGIN: Duration = Duration::from_secs(10);
 
@@ -626,7 +634,7 @@ impl Controller {
                     // SIGKILL, not SIGTERM: Dagster turns SIGTERM into an interrupt failure
                     // that skips the RetryPolicy; the verdict below lets the policy decide.
                     running.kill();
-                    cause = Some(format!("step timed out after {:.1}s and was killed", limit.as_secs_f64()));
+                    cause = Some(timed_out_cause(limit));
                     break running.wait().await;
                 }
                 _ = stop.cancelled() => {
@@ -672,10 +680,7 @@ impl Controller {
         {
             if cause.is_none() && running.enforces_timeout() {
                 tracing::warn!(%locator, ?limit, "step timed out: its task killed it");
-                cause = Some(format!(
-                    "step timed out after {:.1}s and was killed",
-                    limit.as_secs_f64()
-                ));
+                cause = Some(timed_out_cause(limit));
             }
         }
         let exited_at_now = Instant::now();

@@ -206,7 +206,7 @@ class Bridge:
         ref = params.get("instance_ref")
         if ref is not None and not isinstance(ref, dict):
             raise _bad_request("instance_ref must be an object or null")
-        key = json.dumps(ref, sort_keys=True)
+        key = _instance_key(params)
         cached = self._instances.get(key)
         if cached is not None:
             return cached
@@ -330,7 +330,7 @@ class Bridge:
             run = instance.get_run_by_id(run_id)
             statuses[run_id] = run.status.value if run is not None else None
         if watch and self._push is not None:
-            key = json.dumps(params.get("instance_ref"), sort_keys=True)
+            key = _instance_key(params)
             watches = self._watches.get(key)
             if watches is None:
                 watches = self._watches[key] = RunWatches(instance, self._push)
@@ -424,6 +424,11 @@ class Bridge:
             step_key=step_key or None,
         )
         return {"written": True}
+
+
+def _instance_key(params: dict[str, Any]) -> str:
+    """One key per distinct ``instance_ref`` (null: the bridge's own ``DAGSTER_HOME``)."""
+    return json.dumps(params.get("instance_ref"), sort_keys=True)
 
 
 def _error_response(request_id: Any, error: BridgeError) -> dict[str, Any]:

@@ -104,16 +104,21 @@ def parse_timeout(env: Mapping[str, str]) -> float | None:
     return seconds
 
 
+def signal_group(pgid: int, sig: int) -> None:
+    """Sends ``sig`` to a process group that may already be gone."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def run_with_timeout(argv: list[str], env: Mapping[str, str], seconds: float) -> int:
     """Runs the step in its own process group; SIGKILLs the group after ``seconds``. Returns
     the exit code for the container: the step's, 128 + its signal, or ``EXIT_TIMED_OUT``."""
     child = subprocess.Popen(argv, env=dict(env), start_new_session=True)
 
     def pass_on(signum: int, _frame: FrameType | None) -> None:
-        try:
-            os.killpg(child.pid, signum)
-        except ProcessLookupError:
-            pass
+        signal_group(child.pid, signum)
 
     signal.signal(signal.SIGTERM, pass_on)
     signal.signal(signal.SIGINT, pass_on)
@@ -126,10 +131,7 @@ def run_with_timeout(argv: list[str], env: Mapping[str, str], seconds: float) ->
             file=sys.stderr,
             flush=True,
         )
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        signal_group(child.pid, signal.SIGKILL)
         child.wait()
         return EXIT_TIMED_OUT
     return code if code >= 0 else 128 - code

@@ -31,6 +31,7 @@ from typing import Any
 
 import boto3
 
+from dagster_taskiq_controller.ecs_entrypoint import signal_group
 from dagster_taskiq_controller.localstack import REGION, aws_env, free_port
 
 logger = logging.getLogger("dagster_taskiq_controller.ecs_harness")
@@ -128,7 +129,7 @@ class EcsHarness:
             self._agent.join(10)
         for task in list(self.tasks.values()):
             if task.process is not None and task.process.poll() is None:
-                _signal_group(task.process, signal.SIGKILL)
+                signal_group(task.process.pid, signal.SIGKILL)
                 task.process.wait()
         backend = self._backend()
         for name, original in self._patched.items():
@@ -309,10 +310,10 @@ class EcsHarness:
                 continue
             if task.desired_status == "STOPPED" and known.sigterm_at is None:
                 known.sigterm_at = time.monotonic()
-                _signal_group(process, signal.SIGTERM)
+                signal_group(process.pid, signal.SIGTERM)
             elif known.sigterm_at is not None:
                 if time.monotonic() - known.sigterm_at > STOP_TIMEOUT:
-                    _signal_group(process, signal.SIGKILL)
+                    signal_group(process.pid, signal.SIGKILL)
             returncode = process.poll()
             if returncode is not None:
                 self._finish(task, known, returncode)
@@ -412,10 +413,3 @@ def _identity(task: Any) -> tuple[str, str, int]:
         tags.get("dagster/step-key", ""),
         int(attempt) if attempt.lstrip("-").isdigit() else -1,
     )
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass

@@ -233,11 +233,18 @@ class SqsStepHandler(StepHandler):
         )
 
 
-def read_verdict(event: DagsterEvent | None) -> tuple[str, int, str] | None:
-    """``(step_key, attempt, verdict)`` when the event is a controller verdict, else None."""
+def _step_engine_metadata(event: DagsterEvent | None) -> Mapping[str, Any] | None:
+    """The metadata of a step's engine event; None for any other event."""
     if event is None or event.event_type != DagsterEventType.ENGINE_EVENT or not event.step_key:
         return None
-    metadata = event.engine_event_data.metadata or {}
+    return event.engine_event_data.metadata or {}
+
+
+def read_verdict(event: DagsterEvent | None) -> tuple[str, int, str] | None:
+    """``(step_key, attempt, verdict)`` when the event is a controller verdict, else None."""
+    metadata = _step_engine_metadata(event)
+    if event is None or metadata is None:
+        return None
     if contract.META_VERDICT not in metadata or contract.META_ATTEMPT not in metadata:
         return None
     verdict = getattr(metadata[contract.META_VERDICT], "value", None)
@@ -252,9 +259,9 @@ def read_verdict(event: DagsterEvent | None) -> tuple[str, int, str] | None:
 
 def read_terminate_request(event: DagsterEvent | None) -> tuple[str, int, str] | None:
     """``(step_key, attempt, task_id)`` when the event is a ``terminate_step`` request."""
-    if event is None or event.event_type != DagsterEventType.ENGINE_EVENT or not event.step_key:
+    metadata = _step_engine_metadata(event)
+    if event is None or metadata is None:
         return None
-    metadata = event.engine_event_data.metadata or {}
     task_id = getattr(metadata.get(contract.META_TERMINATE), "value", None)
     attempt = getattr(metadata.get(contract.META_ATTEMPT), "value", None)
     if not isinstance(task_id, str) or not isinstance(attempt, int) or isinstance(attempt, bool):

@@ -191,27 +191,31 @@ def wide() -> None:
         sleeper()
 
 
+def _hangs_first_time(name: str, timeout: str) -> OpDefinition:
+    """Sleeps 60 s on its first attempt (killed by the timeout tag), 0.1 s on the retry."""
+
+    @op(
+        name=name,
+        tags={"dagster-taskiq/timeout": timeout},
+        retry_policy=RetryPolicy(max_retries=1),
+    )
+    def _hang(context: OpExecutionContext) -> Output[int]:
+        time.sleep(60 if context.retry_number == 0 else 0.1)
+        return _out(context.retry_number)
+
+    return _hang
+
+
 # The timeout covers the whole step process, Dagster's own start-up included (about 2 s idle,
-# over 6 s on a heavily loaded 2-core machine), so it is 10 s here; the warm-pool variant below
-# (timeout_retry_3s) uses the issue's 3 s.
-@op(tags={"dagster-taskiq/timeout": "10"}, retry_policy=RetryPolicy(max_retries=1))
-def hangs_first_time(context: OpExecutionContext) -> Output[int]:
-    """Sleeps 60 s on its first attempt (killed by the 10 s timeout), 0.1 s on the retry."""
-    time.sleep(60 if context.retry_number == 0 else 0.1)
-    return _out(context.retry_number)
+# over 6 s on a heavily loaded 2-core machine), so it is 10 s here; with the warm pool a step
+# starts in well under a second, so timeout_retry_3s uses the issue's 3 s.
+hangs_first_time = _hangs_first_time("hangs_first_time", "10")
+hangs_first_time_3s = _hangs_first_time("hangs_first_time_3s", "3")
 
 
 @job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
 def timeout_retry() -> None:
     hangs_first_time()
-
-
-# With the warm pool a step starts in well under a second, so the issue's 3 s fits.
-@op(tags={"dagster-taskiq/timeout": "3"}, retry_policy=RetryPolicy(max_retries=1))
-def hangs_first_time_3s(context: OpExecutionContext) -> Output[int]:
-    """Sleeps 60 s on its first attempt (killed by the 3 s timeout), 0.1 s on the retry."""
-    time.sleep(60 if context.retry_number == 0 else 0.1)
-    return _out(context.retry_number)
 
 
 @job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
