@@ -9,6 +9,7 @@ Load them so a step process can find them again, e.g.
 import json
 import os
 import signal
+import subprocess
 import time
 
 from dagster import (
@@ -418,6 +419,44 @@ def slow_then_more() -> None:
     after_sleep(sleep_op())
 
 
+# --- stray_process: a step that prints and leaves a process behind in its group --------------
+
+STRAY_GREETING = "hello from the stray_process step"
+
+
+def _group_commands() -> list[str]:
+    """Command lines of the other live processes in this process's group."""
+    group, commands = os.getpgid(0), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.getpgid(int(entry)) != group:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                commands.append(f.read().replace(b"\0", b" ").decode().strip())
+        except (OSError, UnicodeDecodeError):
+            continue  # gone meanwhile
+    return commands
+
+
+@op
+def leave_stray() -> Output[int]:
+    print(STRAY_GREETING, flush=True)
+    stray = subprocess.Popen(["sleep", "300"])  # same process group, never waited for
+    return Output(
+        stray.pid,
+        metadata={"pid": os.getpid(), "group": json.dumps(_group_commands())},
+    )
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def stray_process() -> None:
+    """leave_stray prints a line, lists its process group, and leaves ``sleep 300`` running in
+    it; its output is the sleep's pid."""
+    leave_stray()
+
+
 ALL_JOBS = [
     diamond,
     failing,
@@ -436,6 +475,7 @@ ALL_JOBS = [
     chaos,
     polluting,
     slow_then_more,
+    stray_process,
 ]
 JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 

@@ -304,6 +304,28 @@ def test_a_zygote_killed_mid_run_is_replaced_and_the_run_succeeds(warm_stack: St
     wait_for(warm_stack.queue_empty, 10, "every message to be deleted")
 
 
+def test_a_warm_step_leaves_no_process_behind_and_its_output_is_still_captured(
+    warm_stack: Stack,
+) -> None:
+    with execute_job(jobs.recon("stray_process"), warm_stack.instance) as result:
+        assert result.success
+        stray = result.output_for_node("leave_stray")
+        run_id = result.run_id
+    (output,) = events_of(warm_stack.instance, run_id, DagsterEventType.STEP_OUTPUT)
+    group = json.loads(output.dagster_event.event_specific_data.metadata["group"].value)
+    # Dagster mirrors stdout and stderr with one tail each; the zygote stands in for the orphan
+    # watcher interpreters Dagster would start next to them.
+    assert sum(command.startswith("tail -F") for command in group) == 2, group
+    assert not any("watch_orphans" in command for command in group), group
+    # The sleep the step left in its group was killed when the step ended.
+    wait_for(lambda: not _alive(stray), 10, "the stray process to be killed")
+    manager = warm_stack.instance.compute_log_manager
+    (captured,) = events_of(warm_stack.instance, run_id, DagsterEventType.LOGS_CAPTURED)
+    file_key = captured.dagster_event.event_specific_data.file_key
+    stdout = manager.get_log_data(manager.build_log_key_for_run(run_id, file_key)).stdout or b""
+    assert jobs.STRAY_GREETING in stdout.decode()
+
+
 def _alive(pid: int) -> bool:
     """True while the process exists and is not a zombie (PID 1 here may not reap orphans)."""
     try:
