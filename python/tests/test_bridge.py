@@ -21,11 +21,13 @@ from dagster import (
     job,
     op,
 )
-from dagster._core.events import EngineEventData
+from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.instance.ref import InstanceRef
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 from dagster._serdes import pack_value
 
 from dagster_taskiq_controller import contract
+from dagster_taskiq_controller.bridge import ShardWatcher
 
 DEADLINE = 30.0
 
@@ -402,3 +404,52 @@ def test_watched_runs_push_terminate_requests_and_cancellation(
 def test_watch_flag_must_be_a_bool(bridge: BridgeProcess, world: World) -> None:
     bad = bridge.call("run_status", instance_ref=world.ref, run_ids=[], watch="yes")
     assert bad["error"]["kind"] == "bad_request"
+
+
+def test_shard_watcher_reads_a_busy_run_in_batches_and_only_what_can_be_pushed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    instance = world.instance
+    run = instance.create_run_for_job(job_def=tiny)
+    reads = 0
+    read = instance.get_records_for_run
+
+    def counting_read(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(instance, "get_records_for_run", counting_read)
+    delivered: list[Any] = []
+    storage = instance.event_log_storage
+    assert isinstance(storage, SqliteEventLogStorage)
+    watcher = ShardWatcher(instance, storage, lambda _run_id, entry: delivered.append(entry))
+    watcher.set_runs({run.run_id}, lambda _run_id: None)
+    try:
+        # A busy run: many events written back to back, most of a type no push comes from.
+        for i in range(100):
+            instance.report_dagster_event(
+                DagsterEvent(
+                    DagsterEventType.STEP_WORKER_STARTING.value,
+                    job_name=run.job_name,
+                    event_specific_data=EngineEventData(),
+                ),
+                run_id=run.run_id,
+            )
+            if i % 10 == 0:
+                instance.report_engine_event(f"busy {i}", run)
+        instance.report_run_canceling(run)
+        wait_for(
+            lambda: any(
+                e.dagster_event.event_type == DagsterEventType.RUN_CANCELING for e in delivered
+            ),
+            timeout=5,
+            what="the RUN_CANCELING event",
+        )
+    finally:
+        watcher.close()
+    types = [e.dagster_event.event_type for e in delivered]
+    assert types.count(DagsterEventType.ENGINE_EVENT) == 10
+    assert set(types) == {DagsterEventType.ENGINE_EVENT, DagsterEventType.RUN_CANCELING}
+    # Dagster's own watch reads once per file change (several per event): over 100 here.
+    assert reads < 40, reads
