@@ -310,7 +310,9 @@ class Bench:
             f"# End-to-end benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs)",
             "",
             f"Wall time of a run in seconds: median (min to max) of {self.repeats} after one "
-            f"warm-up run (max {MAX_CONCURRENT} steps at once everywhere).",
+            f"warm-up run. Steps at once, at most: {self.controller_concurrency} through the "
+            f"controller, {MAX_CONCURRENT} for the multiprocess executor, {TASKIQ_WORKERS} for "
+            f"the taskiq worker (one per worker process).",
             "",
             "| job | " + " | ".join(label for _, label in present) + " |",
             "|---|" + "---|" * len(present),
