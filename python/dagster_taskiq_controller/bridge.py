@@ -21,13 +21,13 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 import dagster
 from dagster import DagsterEventType, DagsterInstance
-from dagster._core.event_api import EventLogCursor
+from dagster._core.event_api import EventLogCursor, EventLogRecord
 from dagster._core.events import EngineEventData
 from dagster._core.events.log import EventLogEntry
 from dagster._core.instance.ref import InstanceRef
@@ -128,6 +128,26 @@ class LineWriter:
 Push = Callable[[dict[str, Any]], None]
 
 
+def _records_of(
+    instance: DagsterInstance,
+    run_id: str,
+    of_type: DagsterEventType | set[DagsterEventType],
+    cursor: str | None = None,
+) -> Iterator[EventLogRecord]:
+    """The run's event records of these types after ``cursor``, page by page."""
+    while True:
+        conn = instance.get_records_for_run(run_id, cursor=cursor, of_type=of_type, limit=PAGE_SIZE)
+        yield from conn.records
+        if not conn.has_more:
+            return
+        cursor = conn.cursor
+
+
+def _cursor_of(record: EventLogRecord) -> str:
+    """The event-log cursor just after ``record``."""
+    return EventLogCursor.from_storage_id(record.storage_id).to_string()
+
+
 @dataclass
 class _Shard:
     cursor: str | None
@@ -205,19 +225,12 @@ class ShardWatcher:
         if signature == shard.signature and now - shard.read_at < SHARD_REREAD_SECONDS:
             return
         shard.signature, shard.read_at = signature, now
-        while True:
-            conn = self._instance.get_records_for_run(
-                run_id, cursor=shard.cursor, of_type=set(WATCHED_EVENT_TYPES), limit=PAGE_SIZE
-            )
-            for record in conn.records:
-                with self._lock:
-                    if run_id not in self._shards:  # no longer watched
-                        return
-                self._deliver(run_id, record.event_log_entry)
-            if conn.cursor:
-                shard.cursor = conn.cursor
-            if not conn.has_more:
-                return
+        for record in _records_of(self._instance, run_id, set(WATCHED_EVENT_TYPES), shard.cursor):
+            with self._lock:
+                if run_id not in self._shards:  # no longer watched
+                    return
+            self._deliver(run_id, record.event_log_entry)
+            shard.cursor = _cursor_of(record)
 
 
 class RunWatches:
@@ -273,9 +286,7 @@ class RunWatches:
     def _latest_cursor(self, run_id: str) -> str | None:
         # Watch from now on: older events were seen by the controller's polls already.
         records = self._instance.get_records_for_run(run_id, limit=1, ascending=False).records
-        if not records:
-            return None
-        return EventLogCursor.from_storage_id(records[0].storage_id).to_string()
+        return _cursor_of(records[0]) if records else None
 
     def _callback(self, run_id: str) -> Callable[[EventLogEntry, str], None]:
         def on_event(entry: EventLogEntry, _cursor: str) -> None:
@@ -386,23 +397,9 @@ class Bridge:
 
     # --- reading the event log -----------------------------------------------------------------
 
-    @staticmethod
-    def _records(
-        instance: DagsterInstance, run_id: str, of_type: DagsterEventType | set[DagsterEventType]
-    ) -> Iterable[Any]:
-        cursor: str | None = None
-        while True:
-            conn = instance.get_records_for_run(
-                run_id, cursor=cursor, of_type=of_type, limit=PAGE_SIZE
-            )
-            yield from conn.records
-            if not conn.has_more:
-                return
-            cursor = conn.cursor
-
     def _terminal_events(self, instance: DagsterInstance, run_id: str, step_key: str) -> list[str]:
         types: list[str] = []
-        for record in self._records(instance, run_id, set(TERMINAL_EVENT_TYPES)):
+        for record in _records_of(instance, run_id, set(TERMINAL_EVENT_TYPES)):
             event = record.event_log_entry.dagster_event
             if event is not None and event.step_key == step_key:
                 types.append(event.event_type_value)
@@ -513,7 +510,7 @@ class Bridge:
     def _has_verdict(
         self, instance: DagsterInstance, run_id: str, step_key: str, attempt: int, task_id: str
     ) -> bool:
-        for record in self._records(instance, run_id, DagsterEventType.ENGINE_EVENT):
+        for record in _records_of(instance, run_id, DagsterEventType.ENGINE_EVENT):
             event = record.event_log_entry.dagster_event
             found = read_verdict(event)
             if found is None or found[0] != step_key or found[1] != attempt:

@@ -219,7 +219,9 @@ def sweep_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
-        pass  # the group is empty (ESRCH): the usual case
+        # Not ProcessLookupError alone (as ecs_entrypoint.signal_group): a member that changed
+        # its uid gives EPERM, and the zygote must go on serving.
+        pass
 
 
 def decode_status(status: int) -> dict[str, int]:
