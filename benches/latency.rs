@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
+use dagster_taskiq_controller::controller::{self, Context, Settings};
 use dagster_taskiq_controller::fakes::{step_body, FakeBridge};
 use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::launcher::{ProcessLauncher, ProcessLauncherConfig};
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
-use dagster_taskiq_controller::reconciler::{Controller, ReconcilerConfig};
 use dagster_taskiq_controller::results::TaskiqCompat;
 use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::{StepState, StepTable};
@@ -85,8 +85,8 @@ async fn round(moto: &common::Moto, n: usize) -> Round {
     )
     .with_metrics(metrics.clone());
     let steps = Arc::new(StepTable::default());
-    let controller = Arc::new(Controller {
-        config: ReconcilerConfig {
+    let controller = Arc::new(Context {
+        settings: Settings {
             controller_id: "bench".into(),
             receive_wait: Duration::from_secs(1),
             max_attempts: 5,
@@ -148,7 +148,7 @@ async fn round(moto: &common::Moto, n: usize) -> Round {
             .unwrap();
     }
     let started = Instant::now();
-    let run = tokio::spawn(controller.clone().run());
+    let run = tokio::spawn(controller::run(controller.clone()));
     loop {
         let records = steps.snapshot();
         if records.len() == STEPS && records.iter().all(|r| r.state == StepState::Acked) {

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dagster_taskiq_controller::admission::{Admission, AdmissionConfig, Ticket};
+use dagster_taskiq_controller::controller::{self, Context, Settings};
 use dagster_taskiq_controller::fakes::{step_body, FakeBridge, FakeLauncher, FakeQueue};
 use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
-use dagster_taskiq_controller::reconciler::{Controller, ReconcilerConfig};
 use dagster_taskiq_controller::results::TaskiqCompat;
 use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::StepTable;
@@ -97,8 +97,8 @@ async fn pipeline() -> PipelineResult {
     // Steps that outlast the measurement.
     let launcher = FakeLauncher::new(bridge.clone(), Duration::from_secs(3600));
     let metrics = Arc::new(Metrics::new());
-    let controller = Arc::new(Controller {
-        config: ReconcilerConfig {
+    let controller = Arc::new(Context {
+        settings: Settings {
             controller_id: "bench".into(),
             receive_wait: Duration::from_millis(10),
             max_attempts: 5,
@@ -139,7 +139,7 @@ async fn pipeline() -> PipelineResult {
     }
     let before = rss_bytes();
     let started = Instant::now();
-    let run = tokio::spawn(controller.clone().run());
+    let run = tokio::spawn(controller::run(controller.clone()));
     while launcher.launch_count() < IN_FLIGHT {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

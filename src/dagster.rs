@@ -48,6 +48,21 @@ impl RunStatus {
             RunStatus::Success | RunStatus::Failure | RunStatus::Canceling | RunStatus::Canceled
         )
     }
+
+    /// Dagster's own spelling, e.g. `CANCELING`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "QUEUED",
+            RunStatus::NotStarted => "NOT_STARTED",
+            RunStatus::Managed => "MANAGED",
+            RunStatus::Starting => "STARTING",
+            RunStatus::Started => "STARTED",
+            RunStatus::Success => "SUCCESS",
+            RunStatus::Failure => "FAILURE",
+            RunStatus::Canceling => "CANCELING",
+            RunStatus::Canceled => "CANCELED",
+        }
+    }
 }
 
 /// What the event log says about one step attempt.
@@ -100,6 +115,17 @@ pub struct Verdict {
     pub exit: String,
     /// Last lines the step wrote to stderr.
     pub stderr_tail: String,
+}
+
+impl Verdict {
+    /// The verdict of an attempt the controller did not run at all.
+    pub fn not_run(verdict: String) -> Self {
+        Self {
+            verdict,
+            exit: "not run".into(),
+            stderr_tail: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

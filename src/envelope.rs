@@ -77,7 +77,7 @@ pub struct StepRequest {
     /// `execute_step_args_packed` exactly as it arrived.
     pub step_args_json: Box<RawValue>,
     /// Deliveries of the message so far (SQS ApproximateReceiveCount), set by the
-    /// reconciler; 0 when unknown. The ECS launcher adopts earlier tasks on redelivery.
+    /// controller; 0 when unknown. The ECS launcher adopts earlier tasks on redelivery.
     pub receive_count: u32,
     /// The packed args ask the step to print its serialized events on stdout (dagster-taskiq
     /// sets it); absent or not a boolean means false.

@@ -27,6 +27,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod controller;
 pub mod dagster;
 pub mod dashboard;
 pub mod doctor;
@@ -36,8 +37,8 @@ pub mod health;
 pub mod launcher;
 pub mod lease;
 pub mod metrics;
+pub mod outcome;
 pub mod queue;
-pub mod reconciler;
 pub mod results;
 pub mod retry;
 pub mod state;

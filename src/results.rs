@@ -32,8 +32,8 @@ use tokio::time::Instant;
 
 use crate::config::TaskiqArgs;
 use crate::envelope::{self, Poison, StepRequest, MAX_BODY_BYTES};
+use crate::outcome::{Outcome, Skip};
 use crate::queue::ReceivedMessage;
-use crate::reconciler::Disposition;
 
 /// Message attribute that marks an extended (S3) message; taskiq-aio-sqs sets it to `True`.
 pub const EXTENDED_MESSAGE_ATTRIBUTE: &str = "s3_extended_message";
@@ -392,7 +392,7 @@ pub fn result_key(base_path: &str, task_id: &str) -> String {
     }
 }
 
-// ---- the layer the reconciler calls ------------------------------------------------------
+// ---- the layer the controller calls -----------------------------------------------------
 
 /// Why a message could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -595,8 +595,7 @@ impl TaskiqCompat {
     pub async fn write_result(
         &self,
         step: &StepRequest,
-        disposition: &Disposition,
-        verdict: Option<&str>,
+        outcome: &Outcome,
     ) -> Result<(), StoreError> {
         let (Some(target), Some(store)) = (&self.results, &self.store) else {
             return Ok(());
@@ -604,7 +603,7 @@ impl TaskiqCompat {
         let key = result_key(&target.base_path, &step.task_id);
         let span = tracing::info_span!("taskiq_result", bucket = %target.bucket, %key);
         tracing::Instrument::instrument(
-            self.write_result_to(store.as_ref(), target, key, step, disposition, verdict),
+            self.write_result_to(store.as_ref(), target, key, step, outcome),
             span,
         )
         .await
@@ -616,8 +615,7 @@ impl TaskiqCompat {
         target: &ResultTarget,
         key: String,
         step: &StepRequest,
-        disposition: &Disposition,
-        verdict: Option<&str>,
+        outcome: &Outcome,
     ) -> Result<(), StoreError> {
         let kept = self
             .kept
@@ -627,72 +625,67 @@ impl TaskiqCompat {
         let ran_for = kept.as_ref().map_or(0.0, |k| k.ran_for.as_secs_f64());
         let labels = &step.labels;
         let error = |message: String| (error_result(&message, ran_for, labels), true);
-        let (body, is_err) = match disposition {
-            Disposition::Release { .. } | Disposition::Abandon => {
-                if let Some(kept) = kept {
-                    self.put_back(&step.task_id, kept);
-                }
-                return Ok(());
+        if !outcome.ends_attempt() {
+            // The attempt runs again (here or elsewhere): its result is written then.
+            if let Some(kept) = kept {
+                self.put_back(&step.task_id, kept);
             }
-            Disposition::DeadLetter { reason, detail, .. } => error(format!(
-                "dagster-taskiq-controller dead-lettered step attempt {} of {} ({reason}): {detail}",
-                step.attempt, step.step_key
+            return Ok(());
+        }
+        let (attempt, step_key) = (step.attempt, &step.step_key);
+        let name = outcome.name();
+        let (body, is_err) = match (outcome, kept.as_ref()) {
+            (Outcome::DeadLettered { reason, detail }, _) => error(format!(
+                "dagster-taskiq-controller dead-lettered step attempt {attempt} of {step_key} ({}): {detail}",
+                reason.name()
             )),
-            Disposition::Ack { outcome, .. } => match (*outcome, kept.as_ref()) {
-                ("verdict", _) => error(format!(
-                    "step attempt {} of {} failed: {}",
-                    step.attempt,
-                    step.step_key,
-                    verdict.unwrap_or("the execution ended without an outcome in Dagster")
-                )),
-                ("run_ended", _) => error(format!(
-                    "step attempt {} of {} did not finish: its run is over (canceled or failed)",
-                    step.attempt, step.step_key
-                )),
-                (_, Some(KeptOutput { events: None, .. })) => error(format!(
-                    "step attempt {} of {} ended ({outcome}), but its launcher does not capture \
-                     the step's output (ECS): its events are in the run's event log only",
-                    step.attempt, step.step_key
-                )),
-                (_, Some(KeptOutput {
-                    events: Some(events),
-                    ..
-                })) if events.dropped > 0 => error(format!(
-                    "step attempt {} of {} ended ({outcome}), but printed more than {} bytes \
-                     of events ({} lines dropped): its events are in the run's event log only",
-                    step.attempt, step.step_key, MAX_EVENT_BYTES, events.dropped
-                )),
-                (_, Some(KeptOutput {
-                    events: Some(events),
-                    ..
-                })) => {
-                    if !step.print_serialized_events {
-                        tracing::warn!("the step args do not set print_serialized_events: the result has no events");
-                    }
-                    (success_result(&events.lines, ran_for, labels), false)
+            (Outcome::Verdict { cause, .. }, _) => error(format!(
+                "step attempt {attempt} of {step_key} failed: {cause}"
+            )),
+            (Outcome::RunEnded | Outcome::Skipped(Skip::RunEnded), _) => error(format!(
+                "step attempt {attempt} of {step_key} did not finish: its run is over (canceled or failed)"
+            )),
+            (_, Some(KeptOutput { events: None, .. })) => error(format!(
+                "step attempt {attempt} of {step_key} ended ({name}), but its launcher does not capture \
+                 the step's output (ECS): its events are in the run's event log only"
+            )),
+            (_, Some(KeptOutput {
+                events: Some(events),
+                ..
+            })) if events.dropped > 0 => error(format!(
+                "step attempt {attempt} of {step_key} ended ({name}), but printed more than {} bytes \
+                 of events ({} lines dropped): its events are in the run's event log only",
+                MAX_EVENT_BYTES, events.dropped
+            )),
+            (_, Some(KeptOutput {
+                events: Some(events),
+                ..
+            })) => {
+                if !step.print_serialized_events {
+                    tracing::warn!("the step args do not set print_serialized_events: the result has no events");
                 }
-                (_, None) => {
-                    // Finished by an earlier delivery; its result may be written already.
-                    match store.exists(&target.bucket, &key).await {
-                        Ok(true) => {
-                            tracing::info!("taskiq result already written");
-                            return Ok(());
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(%e, "cannot tell whether the taskiq result exists");
-                            return Err(e);
-                        }
+                (success_result(&events.lines, ran_for, labels), false)
+            }
+            (_, None) => {
+                // Finished by an earlier delivery; its result may be written already.
+                match store.exists(&target.bucket, &key).await {
+                    Ok(true) => {
+                        tracing::info!("taskiq result already written");
+                        return Ok(());
                     }
-                    error(format!(
-                        "step attempt {} of {} finished in Dagster ({outcome}), but its events \
-                         were lost with the execution that ran it: they are in the run's event log",
-                        step.attempt, step.step_key
-                    ))
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(%e, "cannot tell whether the taskiq result exists");
+                        return Err(e);
+                    }
                 }
-            },
+                error(format!(
+                    "step attempt {attempt} of {step_key} finished in Dagster ({name}), but its events \
+                     were lost with the execution that ran it: they are in the run's event log"
+                ))
+            }
         };
-        let dead_letter = matches!(disposition, Disposition::DeadLetter { .. });
+        let dead_letter = matches!(outcome, Outcome::DeadLettered { .. });
         match self.put_retrying(store, &target.bucket, &key, body).await {
             Ok(()) => {
                 tracing::info!(is_err, "taskiq result written");
@@ -799,7 +792,7 @@ fn task_id_of(poison: &Poison, body: &str) -> Option<String> {
 mod tests {
     use super::*;
     use crate::fakes::{step_body, FakeObjectStore};
-    use crate::state::StepState;
+    use crate::outcome::{DeadLetterReason, Finish};
 
     fn message(body: &str, extended: bool) -> ReceivedMessage {
         let mut attributes = HashMap::new();
@@ -821,12 +814,8 @@ mod tests {
 
     const TASK: &str = "0123456789abcdef0123456789abcdef";
 
-    fn ack(outcome: &'static str) -> Disposition {
-        Disposition::Ack {
-            outcome,
-            state: StepState::Acked,
-        }
-    }
+    const SUCCEEDED: Outcome = Outcome::Finished(Finish::Succeeded);
+    const ALREADY_FINISHED: Outcome = Outcome::Skipped(Skip::AlreadyFinished);
 
     fn result_json(store: &FakeObjectStore, key: &str) -> serde_json::Value {
         serde_json::from_slice(&store.object("results", key).expect("result written")).unwrap()
@@ -937,9 +926,7 @@ mod tests {
             dropped: 0,
         };
         c.keep_output(TASK, Some(events), Duration::from_millis(2500));
-        c.write_result(&step, &ack("succeeded"), None)
-            .await
-            .unwrap();
+        c.write_result(&step, &SUCCEEDED).await.unwrap();
         let result = result_json(&store, TASK);
         assert_eq!(result["is_err"], false);
         assert_eq!(
@@ -950,9 +937,15 @@ mod tests {
         assert_eq!(result["labels"]["dagster_step_key"], "op_a");
 
         c.keep_output(TASK, Some(EventLines::default()), Duration::from_secs(1));
-        c.write_result(&step, &ack("verdict"), Some("process exited with code 3"))
-            .await
-            .unwrap();
+        c.write_result(
+            &step,
+            &Outcome::Verdict {
+                cause: "process exited with code 3".into(),
+                timed_out: false,
+            },
+        )
+        .await
+        .unwrap();
         let result = result_json(&store, TASK);
         assert_eq!(result["is_err"], true);
         let message = result["error"]["exc_message"][0].as_str().unwrap();
@@ -964,22 +957,14 @@ mod tests {
         let store = FakeObjectStore::default();
         let step = envelope::decode(&step_body(TASK, "run-1", "op_a", 0)).unwrap();
         let off = TaskiqCompat::new(Arc::new(store.clone()), None, "");
-        off.write_result(&step, &ack("succeeded"), None)
-            .await
-            .unwrap();
+        off.write_result(&step, &SUCCEEDED).await.unwrap();
         let on = compat(&store);
-        let release = Disposition::Release {
-            delay: Duration::ZERO,
-            reason: "shutdown",
-            state: StepState::Released,
-        };
+        let release = Outcome::shutdown();
         on.keep_output(TASK, Some(EventLines::default()), Duration::ZERO);
-        on.write_result(&step, &release, None).await.unwrap();
+        on.write_result(&step, &release).await.unwrap();
         assert_eq!(store.puts(), 0);
         // The kept output survives the release for a later delivery.
-        on.write_result(&step, &ack("already_finished"), None)
-            .await
-            .unwrap();
+        on.write_result(&step, &ALREADY_FINISHED).await.unwrap();
         assert_eq!(result_json(&store, TASK)["is_err"], false);
     }
 
@@ -989,16 +974,12 @@ mod tests {
         let c = compat(&store);
         let step = envelope::decode(&step_body(TASK, "run-1", "op_a", 0)).unwrap();
         store.insert("results", TASK, b"earlier".to_vec());
-        c.write_result(&step, &ack("already_finished"), None)
-            .await
-            .unwrap();
+        c.write_result(&step, &ALREADY_FINISHED).await.unwrap();
         assert_eq!(store.object("results", TASK).unwrap(), b"earlier");
         // No earlier result and no events: an error that says where the events are.
         let other = "fedcba9876543210fedcba9876543210";
         let step = envelope::decode(&step_body(other, "run-1", "op_b", 0)).unwrap();
-        c.write_result(&step, &ack("already_finished"), None)
-            .await
-            .unwrap();
+        c.write_result(&step, &ALREADY_FINISHED).await.unwrap();
         assert_eq!(result_json(&store, other)["is_err"], true);
     }
 
@@ -1009,12 +990,10 @@ mod tests {
         let step = envelope::decode(&step_body(TASK, "run-1", "op_a", 0)).unwrap();
         c.keep_output(TASK, Some(EventLines::default()), Duration::ZERO);
         store.fail_next(100);
-        let err = c.write_result(&step, &ack("succeeded"), None).await;
+        let err = c.write_result(&step, &SUCCEEDED).await;
         assert!(err.is_err());
         store.fail_next(0);
-        c.write_result(&step, &ack("already_finished"), None)
-            .await
-            .unwrap();
+        c.write_result(&step, &ALREADY_FINISHED).await.unwrap();
         assert_eq!(result_json(&store, TASK)["is_err"], false);
     }
 
@@ -1023,12 +1002,8 @@ mod tests {
         let store = FakeObjectStore::default();
         let c = compat(&store);
         let step = envelope::decode(&step_body(TASK, "run-1", "op_a", 0)).unwrap();
-        let dead = Disposition::DeadLetter {
-            reason: "unknown_run",
-            detail: "run run-1 does not exist".into(),
-            error_class: "poison",
-        };
-        c.write_result(&step, &dead, None).await.unwrap();
+        let dead = Outcome::dead_letter(DeadLetterReason::UnknownRun, "run run-1 does not exist");
+        c.write_result(&step, &dead).await.unwrap();
         let message = result_json(&store, TASK)["error"]["exc_message"][0].clone();
         assert!(message.as_str().unwrap().contains("unknown_run"));
 

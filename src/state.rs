@@ -135,7 +135,7 @@ pub struct StepRecord {
     pub verdict: Option<String>,
     /// How the controller settled the message: `succeeded`, `failed`, `verdict`, a dead-letter
     /// or release reason, ...
-    pub outcome: Option<String>,
+    pub outcome: Option<&'static str>,
     pub stderr_tail: Vec<String>,
     /// Set when someone asked the step to stop.
     pub stop_reason: Option<StopReason>,

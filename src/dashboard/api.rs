@@ -474,7 +474,7 @@ async fn summary(state: &DashboardState) -> Summary {
         *by_state.entry(record.state.as_str()).or_insert(0) += 1;
         if record.state.is_final() {
             if let Some(outcome) = &record.outcome {
-                *outcomes.entry(outcome.clone()).or_insert(0) += 1;
+                *outcomes.entry((*outcome).to_owned()).or_insert(0) += 1;
             }
             if record
                 .history

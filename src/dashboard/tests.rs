@@ -367,7 +367,7 @@ async fn summary_counts_states_and_caches_queue_depths() {
     bed.state.steps.transition(&a, StepState::Running);
     bed.state
         .steps
-        .update(&a, |r| r.outcome = Some("succeeded".into()));
+        .update(&a, |r| r.outcome = Some("succeeded"));
     bed.state.steps.transition(&a, StepState::Acked);
     let (status, body) = bed.call("GET", "/api/v1/summary").await;
     assert_eq!(status, StatusCode::OK);

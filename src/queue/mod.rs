@@ -23,6 +23,11 @@ pub mod continuation {
     /// On a message requeued because it waited too long for a run slot: deliveries of the
     /// message it replaces before that one, added to the copy's receive count.
     pub const PRIOR_DELIVERIES: &str = "dagster_taskiq_prior_deliveries";
+
+    /// Whether the message is a hand-off continuation.
+    pub fn is_continuation(message: &super::ReceivedMessage) -> bool {
+        message.attributes.get(MARKER).map(String::as_str) == Some("true")
+    }
 }
 
 /// One message as received, with what SQS told us about its delivery.

@@ -1,10 +1,11 @@
-//! The reconciler's state machine with fakes behind the three boundaries and paused time.
+//! The controller's state machine with fakes behind the three boundaries and paused time.
 //! (The same behaviours run against moto, real processes and real Dagster in python/tests.)
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
+use dagster_taskiq_controller::controller::{self, Context, Settings};
 use dagster_taskiq_controller::dagster::RunStatus;
 use dagster_taskiq_controller::envelope;
 use dagster_taskiq_controller::fakes::{
@@ -15,7 +16,6 @@ use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::launcher::{EcsStopCause, StepExit};
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
-use dagster_taskiq_controller::reconciler::{Controller, ReconcilerConfig};
 use dagster_taskiq_controller::results::TaskiqCompat;
 use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::StepTable;
@@ -25,7 +25,7 @@ struct Bed {
     queue: FakeQueue,
     bridge: FakeBridge,
     launcher: FakeLauncher,
-    controller: Arc<Controller>,
+    controller: Arc<Context>,
 }
 
 fn bed(step_duration: Duration) -> Bed {
@@ -72,8 +72,8 @@ fn bed_full(
     let bridge = FakeBridge::default();
     let launcher = FakeLauncher::new(bridge.clone(), step_duration);
     let metrics = Arc::new(Metrics::new());
-    let controller = Arc::new(Controller {
-        config: ReconcilerConfig {
+    let controller = Arc::new(Context {
+        settings: Settings {
             controller_id: "test".into(),
             receive_wait: Duration::from_secs(1),
             max_attempts: 3,
@@ -119,7 +119,7 @@ fn task_id(n: u32) -> String {
 
 impl Bed {
     fn start(&self) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(self.controller.clone().run())
+        tokio::spawn(controller::run(self.controller.clone()))
     }
 
     async fn stop(&self, handle: tokio::task::JoinHandle<()>) {
@@ -539,8 +539,8 @@ async fn another_owners_fresh_continuation_is_passed_on_and_a_stale_one_relaunch
 /// The same bed with its controller reading from `bed.queue`.
 fn rebuild(bed: Bed) -> Bed {
     let c = &bed.controller;
-    let controller = Arc::new(Controller {
-        config: c.config.clone(),
+    let controller = Arc::new(Context {
+        settings: c.settings.clone(),
         queue: Arc::new(bed.queue.clone()),
         launcher: Arc::new(bed.launcher.clone()),
         bridge: Arc::new(bed.bridge.clone()),

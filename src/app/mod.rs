@@ -1,0 +1,275 @@
+//! Wiring: builds the controller's parts from the command line and runs them side by side
+//! (the controller loop, the dashboard, the signal watcher); the `doctor` and `dlq`
+//! subcommands.
+
+pub(crate) mod dlq;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use dagster_taskiq_controller::admission::Admission;
+use dagster_taskiq_controller::config::RunArgs;
+use dagster_taskiq_controller::controller::{self, Context, Settings};
+use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
+use dagster_taskiq_controller::dashboard::{self, ControllerInfo, DashboardState, QueueCache};
+use dagster_taskiq_controller::doctor;
+use dagster_taskiq_controller::health::Health;
+use dagster_taskiq_controller::launcher::{
+    EcsLauncher, Launcher, LauncherRouter, ProcessLauncher, ProcessLauncherConfig, WarmLauncher,
+    WarmLauncherConfig,
+};
+use dagster_taskiq_controller::lease::LeaseTable;
+use dagster_taskiq_controller::metrics::Metrics;
+use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
+use dagster_taskiq_controller::results::TaskiqCompat;
+use dagster_taskiq_controller::retry::Backoff;
+use dagster_taskiq_controller::state::StepTable;
+
+/// How old the dashboard's queue depths may get before GetQueueAttributes is called again.
+const QUEUE_COUNTS_MAX_AGE: Duration = Duration::from_secs(3);
+
+/// The AWS configuration with bounded calls: a hung connection must fail (and be retried)
+/// rather than stall a lease.
+pub(crate) async fn load_aws(attempt_timeout: Duration) -> aws_config::SdkConfig {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .operation_attempt_timeout(attempt_timeout)
+        .build();
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .load()
+        .await
+}
+
+pub(crate) async fn doctor(args: RunArgs) -> anyhow::Result<()> {
+    let aws = load_aws(Duration::from_secs(20)).await;
+    let report = doctor::diagnose(&args, &aws).await;
+    println!("{report}");
+    if !report.passed() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    let controller_id = args.controller_id();
+    let metrics = Arc::new(Metrics::new());
+
+    let aws = load_aws(args.receive_wait + Duration::from_secs(10)).await;
+    let sqs = aws_sdk_sqs::Client::new(&aws);
+    let dlq_url = match &args.dlq_url {
+        Some(url) => url.clone(),
+        None => match SqsQueue::discover_dlq(&sqs, &args.queue_url)
+            .await
+            .with_context(|| format!("cannot read the work queue {}", args.queue_url))?
+        {
+            Some(url) => url,
+            None => bail!(
+                "the work queue {} has no RedrivePolicy and no --dlq-url was given: \
+                 poison messages need a dead-letter queue",
+                args.queue_url
+            ),
+        },
+    };
+    let queue = Arc::new(
+        SqsQueue::new(
+            sqs,
+            SqsQueueConfig {
+                queue_url: args.queue_url.clone(),
+                dlq_url: dlq_url.clone(),
+            },
+        )
+        .with_metrics(metrics.clone()),
+    );
+    queue
+        .depth(&args.queue_url)
+        .await
+        .with_context(|| format!("cannot read the work queue {}", args.queue_url))?;
+    let leases = Arc::new(LeaseTable::new(
+        args.visibility_timeout,
+        args.visibility_cap,
+        metrics.clone(),
+    ));
+    let health = Arc::new(Health::new(args.receive_wait, leases.heartbeat_interval()));
+    // SQS just answered: ready before the first long poll returns.
+    health.queue_contact("GetQueueAttributes", None);
+
+    let bridge = Arc::new(SidecarBridge::new(
+        SidecarConfig {
+            python: args.python.clone(),
+            request_timeout: args.bridge_timeout,
+        },
+        metrics.clone(),
+    ));
+    let dagster_version = bridge.ping(Duration::from_secs(180)).await.with_context(|| {
+        format!(
+            "the Dagster bridge does not start with {}: is dagster-taskiq-controller (the Python package) installed there?",
+            args.python.display()
+        )
+    })?;
+
+    let cold = ProcessLauncher::new(ProcessLauncherConfig {
+        python: args.python.clone(),
+    });
+    let process_launcher: Arc<dyn Launcher> = if args.warm_pool {
+        Arc::new(WarmLauncher::new(
+            WarmLauncherConfig {
+                python: args.python.clone(),
+                preload: args.warm_preload.clone(),
+                recycle_after: args.warm_recycle_after,
+                max_rss_growth: args.warm_max_rss_growth_mb * 1024 * 1024,
+                start_timeout: args.warm_start_timeout,
+                spawn_timeout: std::time::Duration::from_secs(30),
+            },
+            cold,
+            metrics.clone(),
+        ))
+    } else {
+        Arc::new(cold)
+    };
+    let mut launchers: Vec<Arc<dyn Launcher>> = vec![process_launcher];
+    if args.ecs_enabled() {
+        let config = args.ecs_config(&controller_id)?;
+        tracing::info!(
+            cluster = %config.cluster,
+            task_definition = %config.task_definition,
+            offload_bucket = ?config.offload.as_ref().map(|o| &o.bucket),
+            "ECS launcher enabled"
+        );
+        let ecs = EcsLauncher::connect(config, &aws, metrics.clone())
+            .await
+            .context("cannot set up the ECS launcher")?;
+        launchers.push(Arc::new(ecs));
+    }
+    let launcher = LauncherRouter::new(args.launcher.into(), launchers)
+        .map_err(|e| anyhow::anyhow!("--launcher: {e}"))?;
+
+    let taskiq = TaskiqCompat::connect(&args.taskiq, &aws)
+        .await
+        .context("cannot set up taskiq results")?
+        .with_retry_budget(args.visibility_timeout / 2);
+
+    let draining = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let steps = Arc::new(StepTable::default());
+    let admission = Admission::new(args.admission_config());
+    metrics
+        .admission_capacity
+        .set(i64::try_from(args.max_concurrent).unwrap_or(i64::MAX));
+    let listener = dashboard::bind(args.dashboard_addr)
+        .await
+        .with_context(|| format!("cannot listen on --dashboard-addr {}", args.dashboard_addr))?;
+    let dashboard_stop = CancellationToken::new();
+    let dashboard = tokio::spawn(dashboard::serve(
+        listener,
+        DashboardState {
+            info: Arc::new(ControllerInfo {
+                controller_id: controller_id.clone(),
+                version: env!("CARGO_PKG_VERSION"),
+                queue_url: args.queue_url.clone(),
+                dlq_url: dlq_url.clone(),
+                started_at: chrono::Utc::now(),
+            }),
+            metrics: metrics.clone(),
+            steps: steps.clone(),
+            leases: leases.clone(),
+            admission: admission.view(),
+            health: health.clone(),
+            queues: queue.clone(),
+            bridge: bridge.clone(),
+            admin_token: args.admin_token.as_deref().map(Arc::from),
+            draining: draining.clone(),
+            queue_cache: Arc::new(QueueCache::new(QUEUE_COUNTS_MAX_AGE)),
+        },
+        dashboard_stop.clone(),
+    ));
+
+    let ctx = Arc::new(Context {
+        settings: Settings {
+            controller_id: controller_id.clone(),
+            receive_wait: args.receive_wait,
+            max_attempts: args.max_attempts,
+            backoff: Backoff {
+                base: args.backoff_base,
+                cap: args.backoff_cap,
+            },
+            shutdown_grace: args.shutdown_grace,
+            call_retry_budget: args.visibility_timeout / 2,
+            default_step_timeout: args.step_timeout(),
+            stop_grace: args.stop_grace,
+            run_status_interval: args.run_status_interval,
+            adoption_window: (args.visibility_timeout * 3).max(Duration::from_secs(60)),
+            waiting_limit: args.waiting_limit(),
+        },
+        queue,
+        launcher: Arc::new(launcher),
+        bridge: bridge.clone(),
+        admission,
+        leases,
+        steps,
+        metrics,
+        health,
+        taskiq,
+        draining: draining.clone(),
+        abort: abort.clone(),
+    });
+
+    tokio::spawn(watch_signals(draining, abort));
+    tracing::info!(
+        controller_id,
+        queue_url = %args.queue_url,
+        dlq_url,
+        dagster_version,
+        dashboard = %args.dashboard_addr,
+        max_concurrent = args.max_concurrent,
+        admin_api = args.admin_token.is_some(),
+        warm_pool = args.warm_pool,
+        result_bucket = ?args.taskiq.result_bucket,
+        "controller started"
+    );
+    controller::run(ctx).await;
+    bridge.close().await;
+    dashboard_stop.cancel();
+    // Keep-alive connections must not hold the exit.
+    if tokio::time::timeout(Duration::from_secs(2), dashboard)
+        .await
+        .is_err()
+    {
+        tracing::debug!("dashboard did not close in time");
+    }
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: drain. Second: stop running steps now (their messages are released).
+async fn watch_signals(draining: CancellationToken, abort: CancellationToken) {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    for round in 0.. {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        if round == 0 {
+            tracing::info!(
+                signal = name,
+                "draining: no new messages; running steps may finish"
+            );
+            draining.cancel();
+        } else {
+            tracing::warn!(signal = name, "second signal: stopping running steps now");
+            abort.cancel();
+            return;
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Intake: long-poll when admission has room, claim each message, hand it to its own task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::{count_queue_error, settle, step, Context};
+use crate::health::IDLE_BEAT;
+use crate::outcome::{DeadLetterReason, Outcome, Release};
+use crate::queue::{continuation, ReceivedMessage};
+use crate::results::DecodeError;
+
+/// Receives until draining starts; each message becomes a task in `tasks`.
+pub(super) async fn intake(ctx: &Arc<Context>, tasks: &mut JoinSet<()>) {
+    let mut failures = 0u32;
+    loop {
+        // Reap finished tasks so the set does not grow without bound.
+        while tasks.try_join_next().is_some() {}
+        ctx.health.intake.beat();
+        // Beat while waiting for room too: a full controller is busy, not stuck.
+        let reserve = ctx.admission.reserve();
+        tokio::pin!(reserve);
+        let first = loop {
+            tokio::select! {
+                _ = ctx.draining.cancelled() => return,
+                permit = &mut reserve => break permit,
+                _ = tokio::time::sleep(IDLE_BEAT) => ctx.health.intake.beat(),
+            }
+        };
+        let mut permits = vec![first];
+        while permits.len() < 10 {
+            match ctx.admission.try_reserve() {
+                Some(permit) => permits.push(permit),
+                None => break,
+            }
+        }
+        let queue = ctx.queue.clone();
+        let (max, wait, visibility) = (
+            permits.len(),
+            ctx.settings.receive_wait,
+            ctx.leases.visibility(),
+        );
+        let mut receive = Box::pin(async move { queue.receive(max, wait, visibility).await });
+        let received = tokio::select! {
+            received = &mut receive => received,
+            _ = ctx.draining.cancelled() => {
+                // Dropping a long poll mid-way could hide messages SQS already handed
+                // out; let it finish in the background and give back what it brings.
+                let ctx = ctx.clone();
+                tasks.spawn(async move {
+                    if let Ok(messages) = receive.await {
+                        for message in messages {
+                            ctx.metrics.messages_received.inc();
+                            settle::settle_unclaimed(&ctx, &message, &Outcome::shutdown()).await;
+                        }
+                    }
+                });
+                return;
+            }
+        };
+        ctx.health.queue_contact(
+            "ReceiveMessage",
+            received.as_ref().err().map(ToString::to_string),
+        );
+        match received {
+            Ok(messages) => {
+                failures = 0;
+                for message in messages {
+                    ctx.metrics.messages_received.inc();
+                    let ctx = ctx.clone();
+                    let Some(permit) = permits.pop() else {
+                        // More than asked for: no room was reserved for it.
+                        tracing::warn!(message_id = %message.message_id, "the queue returned more messages than asked for: giving this one back");
+                        let overflow = Outcome::Released {
+                            why: Release::Overflow,
+                            delay: Duration::ZERO,
+                        };
+                        tasks.spawn(async move {
+                            settle::settle_unclaimed(&ctx, &message, &overflow).await;
+                        });
+                        continue;
+                    };
+                    ctx.metrics.steps_in_flight.inc();
+                    tasks.spawn(async move {
+                        handle(&ctx, message).await;
+                        ctx.metrics.steps_in_flight.dec();
+                        drop(permit);
+                    });
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                count_queue_error(ctx, "ReceiveMessage", &e);
+                let pause = ctx.settings.backoff.delay(failures);
+                tracing::warn!(%e, ?pause, "receiving failed; pausing intake");
+                tokio::select! {
+                    _ = ctx.draining.cancelled() => return,
+                    _ = sleep_beating(ctx, pause) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps, beating the intake heartbeat: a backoff pause is not a stuck loop.
+async fn sleep_beating(ctx: &Context, pause: Duration) {
+    let until = Instant::now() + pause;
+    while Instant::now() < until {
+        tokio::time::sleep_until(until.min(Instant::now() + IDLE_BEAT)).await;
+        ctx.health.intake.beat();
+    }
+}
+
+/// One received message to the end: decode, claim, live the step, settle.
+async fn handle(ctx: &Context, mut message: ReceivedMessage) {
+    // A requeued copy continues the count of the message it replaced.
+    let prior = message
+        .attributes
+        .get(continuation::PRIOR_DELIVERIES)
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(0);
+    message.receive_count = message.receive_count.saturating_add(prior);
+    let mut step = match ctx.taskiq.decode(&message).await {
+        Ok(step) => step,
+        Err(DecodeError::Unavailable(e)) => {
+            let outcome =
+                settle::error_policy(ctx, settle::Failure::Payload(e), message.receive_count);
+            settle::settle_unclaimed(ctx, &message, &outcome).await;
+            return;
+        }
+        Err(DecodeError::Poison { poison, task_id }) => {
+            let span = tracing::warn_span!("poison", message_id = %message.message_id);
+            async {
+                tracing::warn!(reason = poison.name(), error = %poison, "poison message");
+                ctx.taskiq
+                    .write_poison_result(task_id.as_deref(), &poison)
+                    .await;
+                let outcome = Outcome::dead_letter(
+                    DeadLetterReason::Poison(poison.name()),
+                    poison.to_string(),
+                );
+                settle::settle_unclaimed(ctx, &message, &outcome).await;
+            }
+            .instrument(span)
+            .await;
+            return;
+        }
+    };
+    step.receive_count = message.receive_count;
+    // The launcher sees the timeout that applies (the ECS shim enforces it in the task).
+    step.timeout = step.timeout.or(ctx.settings.default_step_timeout);
+    let span = tracing::info_span!(
+        "step",
+        run_id = %step.run_id,
+        step_key = %step.step_key,
+        attempt = step.attempt,
+        task_id = %step.task_id,
+        message_id = %message.message_id,
+    );
+    async {
+        if !ctx
+            .steps
+            .claim(&step, &message.message_id, message.receive_count)
+        {
+            // Redelivered while we still hold it (our lease ran out and came back): the
+            // new receipt handle is the valid one; the running execution is adopted.
+            if ctx
+                .leases
+                .renew_handle(&step.task_id, &message.receipt_handle)
+            {
+                tracing::info!("redelivered while running here: adopted");
+            } else {
+                tracing::warn!("redelivered while being settled here: releasing");
+                let duplicate = Outcome::Released {
+                    why: Release::Duplicate,
+                    delay: Duration::from_secs(5),
+                };
+                settle::settle_unclaimed(ctx, &message, &duplicate).await;
+            }
+            return;
+        }
+        let signals = ctx.leases.hold(&step.task_id, &message.receipt_handle);
+        let life = step::live(ctx, &step, &message, signals).await;
+        settle::settle(
+            ctx,
+            &step,
+            &message,
+            life.outcome,
+            life.launched.as_ref().map(|l| l.kind),
+        )
+        .await;
+        if let Some(launched) = life.launched {
+            if let Some(exited_at) = launched.exited_at {
+                ctx.metrics
+                    .exit_to_delete_seconds
+                    .observe(exited_at.elapsed().as_secs_f64());
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

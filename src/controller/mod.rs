@@ -1,0 +1,158 @@
+//! The controller: desired state (messages) against actual state (executions), one step task
+//! per message. docs/architecture.md follows one message through these files.
+//!
+//! - [`intake`](self::intake): long-polls when admission has room, claims each message and
+//!   hands it to its own step task.
+//! - [`reconcile`](self::reconcile): checks a claimed attempt against Dagster before it
+//!   runs: skip, pass on, give up or (re)launch.
+//! - [`step`](self::step): the step's life: admit, launch, conclude.
+//! - [`supervise`](self::supervise): watches a running execution (exit, lease, stop
+//!   requests, timeout, hand-off, shutdown), one function per concern.
+//! - [`handoff`](self::handoff): continuations past SQS's visibility cap, and requeues.
+//! - [`settle`](self::settle): the one error policy, and carrying an [`crate::outcome::Outcome`] out on the
+//!   queue once it is durable (see [`crate::outcome::Outcome`]).
+//! - [`runs`](self::runs): stops the steps of runs that ended in Dagster.
+//! - [`calls`](self::calls): bridge and queue calls with a retry budget.
+
+mod calls;
+mod handoff;
+mod intake;
+mod reconcile;
+mod runs;
+mod settle;
+mod step;
+mod supervise;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Admission;
+use crate::dagster::DagsterBridge;
+use crate::health::Health;
+use crate::launcher::Launcher;
+use crate::lease::LeaseTable;
+use crate::metrics::Metrics;
+use crate::queue::WorkQueue;
+use crate::results::TaskiqCompat;
+use crate::retry::Backoff;
+use crate::state::StepTable;
+
+/// Settings of the controller loop.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Identifies this replica in dead letters and events.
+    pub controller_id: String,
+    /// Long-poll wait of one receive (≤ 20 s).
+    pub receive_wait: Duration,
+    /// Deliveries of one message before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Backoff of released messages (by receive count) and of retried calls.
+    pub backoff: Backoff,
+    /// How long running steps may take to finish after shutdown starts.
+    pub shutdown_grace: Duration,
+    /// How long to keep retrying a bridge or queue call before giving the message back.
+    pub call_retry_budget: Duration,
+    /// Timeout of steps without a `dagster-taskiq/timeout` tag; `None`: no limit.
+    pub default_step_timeout: Option<Duration>,
+    /// After SIGTERM (cancel), how long a step may take to exit before SIGKILL.
+    pub stop_grace: Duration,
+    /// How often the status of runs with held steps is read from Dagster.
+    pub run_status_interval: Duration,
+    /// After a hand-off, how long the owner waits for its continuation before fencing its
+    /// step; other replicas relaunch a continuation only after this (plus a clock margin).
+    pub adoption_window: Duration,
+    /// A held message that waits this long for a run slot goes back to the queue for other
+    /// replicas; `None`: it waits here.
+    pub waiting_limit: Option<Duration>,
+}
+
+/// Everything a step task needs: the clients at the three boundaries, the tables, the
+/// metrics and the shutdown signals. Shared by the intake and every step task.
+pub struct Context {
+    pub settings: Settings,
+    pub queue: Arc<dyn WorkQueue>,
+    pub launcher: Arc<dyn Launcher>,
+    pub bridge: Arc<dyn DagsterBridge>,
+    pub admission: Admission,
+    pub leases: Arc<LeaseTable>,
+    pub steps: Arc<StepTable>,
+    pub metrics: Arc<Metrics>,
+    /// Heartbeats of the loops and the last SQS contact, for the probes.
+    pub health: Arc<Health>,
+    /// dagster-taskiq compatibility: extended (S3) payloads and taskiq results.
+    pub taskiq: TaskiqCompat,
+    /// Cancelled when draining starts (stop receiving, do not launch).
+    pub draining: CancellationToken,
+    /// Cancelled when the grace is over (kill running steps, release their messages).
+    pub abort: CancellationToken,
+}
+
+/// Runs until `ctx.draining` is cancelled and every held message is settled: the lease
+/// keeper, the run watcher and the intake side by side, then the drain.
+pub async fn run(ctx: Arc<Context>) {
+    let keeper_stop = CancellationToken::new();
+    let keeper = tokio::spawn({
+        let (leases, queue, health) = (ctx.leases.clone(), ctx.queue.clone(), ctx.health.clone());
+        let stop = keeper_stop.clone();
+        async move {
+            leases.keep(queue, stop, &health.lease_keeper).await;
+            health.lease_keeper.stop();
+        }
+    });
+    let watcher = tokio::spawn(runs::watch(ctx.clone(), keeper_stop.clone()));
+    let mut tasks = JoinSet::new();
+    intake::intake(&ctx, &mut tasks).await;
+    ctx.health.intake.stop();
+    drain(&ctx, tasks).await;
+    keeper_stop.cancel();
+    let _ = keeper.await;
+    let _ = watcher.await;
+    tracing::info!("drained");
+}
+
+/// Waits for every step task; past the shutdown grace (or on a second signal), aborts the
+/// rest, which kills their executions and gives their messages back.
+async fn drain(ctx: &Context, mut tasks: JoinSet<()>) {
+    tracing::info!(held = tasks.len(), grace = ?ctx.settings.shutdown_grace, "draining");
+    let grace_over = tokio::time::sleep(ctx.settings.shutdown_grace);
+    tokio::pin!(grace_over);
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => if joined.is_none() { break },
+            _ = &mut grace_over, if !ctx.abort.is_cancelled() => {
+                tracing::warn!(running = tasks.len(), "shutdown grace over: killing running steps");
+                ctx.abort.cancel();
+            }
+            _ = ctx.abort.cancelled(), if !grace_over.is_elapsed() => {
+                // Forced: fall through to the abort branch on the next turn.
+                grace_over.as_mut().reset(Instant::now());
+            }
+        }
+    }
+}
+
+async fn sleep_until_deadline(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn launcher_name(kind: crate::envelope::LauncherKind) -> &'static str {
+    match kind {
+        crate::envelope::LauncherKind::Process => "process",
+        crate::envelope::LauncherKind::Ecs => "ecs",
+    }
+}
+
+/// Counts a queue failure the loop saw (receive, send) by operation and kind.
+fn count_queue_error(ctx: &Context, operation: &'static str, e: &crate::queue::QueueError) {
+    ctx.metrics
+        .queue_errors
+        .get_or_create(&[("operation", operation), ("kind", e.kind())])
+        .inc();
+}

@@ -1,0 +1,145 @@
+//! Reconcile: a claimed attempt against what Dagster knows, before anything runs. The
+//! answer is either an [`Outcome`] (skip it, pass it on, give up) or "launch it".
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::{calls, handoff, launcher_name, settle, Context};
+use crate::dagster::{StepState as DagsterStepState, Verdict};
+use crate::envelope::StepRequest;
+use crate::outcome::{DeadLetterReason, Outcome, Release, Skip};
+use crate::queue::{continuation, ReceivedMessage};
+
+/// What to do with a claimed attempt.
+pub(super) enum Decision {
+    /// Do not run it; settle with this outcome.
+    Settle(Outcome),
+    /// Run it (a first delivery, or a relaunch of an attempt whose execution vanished).
+    Launch,
+}
+
+/// Reads the attempt's state in Dagster and decides.
+pub(super) async fn reconcile(
+    ctx: &Context,
+    step: &StepRequest,
+    message: &ReceivedMessage,
+) -> Decision {
+    let state = match calls::ask_bridge(ctx, "step_state", || ctx.bridge.step_state(step)).await {
+        Ok(state) => state,
+        Err(e) => {
+            let outcome =
+                settle::error_policy(ctx, settle::Failure::Bridge(e), message.receive_count);
+            return Decision::Settle(outcome);
+        }
+    };
+    if let Some(skip) = skip(ctx, step, &state).await {
+        return Decision::Settle(skip);
+    }
+    let is_continuation = continuation::is_continuation(message);
+    if is_continuation {
+        if let Some(wait) = handoff::owner_may_adopt(ctx, message) {
+            // Its owner still runs the step and may receive it: pass it on.
+            return Decision::Settle(Outcome::Released {
+                why: Release::ContinuationNotOurs,
+                delay: wait.min(Duration::from_secs(1)),
+            });
+        }
+        tracing::warn!("continuation's owner did not adopt it in time: relaunching the attempt");
+    }
+    // Passing on a continuation raises its receive count without any failure.
+    let attempt_limit = if is_continuation {
+        ctx.settings.max_attempts.saturating_mul(10)
+    } else {
+        ctx.settings.max_attempts
+    };
+    if message.receive_count > attempt_limit {
+        // A controller that keeps restarting under a long ECS task redelivers it again
+        // and again; the task itself is fine and is adopted, not given up on.
+        if ctx.launcher.has_execution_to_adopt(step).await {
+            tracing::info!(
+                delivery = message.receive_count,
+                "past --max-attempts, but the attempt's ECS task is there: adopting it"
+            );
+        } else {
+            return Decision::Settle(give_up(ctx, step, message).await);
+        }
+    }
+    if message.receive_count > 1 {
+        note_relaunch(ctx, step, message).await;
+    }
+    Decision::Launch
+}
+
+/// A message that must not run: its run is unknown or over, or its attempt finished.
+async fn skip(ctx: &Context, step: &StepRequest, state: &DagsterStepState) -> Option<Outcome> {
+    let Some(run_status) = state.run_status else {
+        return Some(Outcome::dead_letter(
+            DeadLetterReason::UnknownRun,
+            format!(
+                "run {} does not exist in the Dagster instance named by the message",
+                step.run_id
+            ),
+        ));
+    };
+    if state.attempt_finished {
+        tracing::info!("attempt already finished in Dagster: acknowledging without running");
+        return Some(Outcome::Skipped(Skip::AlreadyFinished));
+    }
+    if run_status.stops_new_steps() {
+        tracing::info!(?run_status, "run is over: acknowledging without running");
+        // As a verdict, so that a run worker still waiting on this step (a cancel that did
+        // not interrupt it) sees it fail instead of waiting forever.
+        let verdict = Verdict::not_run(format!(
+            "dagster-taskiq-controller did not run this step: the run is {}",
+            run_status.name()
+        ));
+        if let Err(e) = ctx.bridge.report_verdict(step, &verdict).await {
+            tracing::warn!(%e, "could not record the skip in Dagster");
+        }
+        return Some(Outcome::Skipped(Skip::RunEnded));
+    }
+    None
+}
+
+/// Too many deliveries without an outcome: tell Dagster, then dead-letter.
+async fn give_up(ctx: &Context, step: &StepRequest, message: &ReceivedMessage) -> Outcome {
+    let detail = format!(
+        "delivered {} times (limit {}) without reaching an outcome",
+        message.receive_count, ctx.settings.max_attempts
+    );
+    tracing::error!(%detail, "giving up on the attempt");
+    let verdict = Verdict::not_run(format!("dagster-taskiq-controller gave up: {detail}"));
+    let detail = match calls::ask_bridge(ctx, "report_verdict", || {
+        ctx.bridge.report_verdict(step, &verdict)
+    })
+    .await
+    {
+        Ok(_) => detail,
+        // Bounded retries matter more than the event: the dead letter keeps the message.
+        Err(e) => format!("{detail}; the verdict could not be written to Dagster: {e}"),
+    };
+    Outcome::dead_letter(DeadLetterReason::AttemptsExhausted, detail)
+}
+
+/// A redelivered attempt is launched again: say so in the run's event log.
+async fn note_relaunch(ctx: &Context, step: &StepRequest, message: &ReceivedMessage) {
+    ctx.metrics
+        .steps_relaunched
+        .get_or_create(&[("launcher", launcher_name(ctx.launcher.kind()))])
+        .inc();
+    tracing::info!(
+        delivery = message.receive_count,
+        "redelivered attempt: relaunching it (an ECS task that is still there is adopted)"
+    );
+    let metadata = BTreeMap::from([
+        ("delivery".to_owned(), message.receive_count.to_string()),
+        ("controller".to_owned(), ctx.settings.controller_id.clone()),
+    ]);
+    let note = format!(
+        "dagster-taskiq-controller: relaunching attempt {} of {} (delivery {}): the previous holder of the message ended without an outcome (a surviving ECS task is adopted instead)",
+        step.attempt, step.step_key, message.receive_count
+    );
+    if let Err(e) = ctx.bridge.report_event(step, &note, &metadata).await {
+        tracing::warn!(%e, "could not record the relaunch in Dagster");
+    }
+}

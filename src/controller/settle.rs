@@ -1,0 +1,174 @@
+//! Settling: the one error policy, and carrying an [`Outcome`] out on the queue once it is
+//! durable. A message is deleted only after its outcome is recorded (the step's terminal
+//! event, our acknowledged verdict, or the dead-letter send).
+
+use tokio::time::Instant;
+
+use super::{calls, launcher_name, Context};
+use crate::dagster::BridgeError;
+use crate::envelope::{LauncherKind, StepRequest};
+use crate::outcome::{DeadLetterReason, Disposition, Outcome, Release};
+use crate::queue::{DeadLetter, ReceivedMessage};
+use crate::results::StoreError;
+
+/// A failure of a boundary while handling a message (not a failure of the step).
+pub(super) enum Failure {
+    /// Dagster, through the bridge.
+    Bridge(BridgeError),
+    /// S3, reading the message's extended payload.
+    Payload(StoreError),
+    /// S3, writing the attempt's taskiq result.
+    Result(StoreError),
+}
+
+/// The error policy: what a boundary failure means for the message. A failure that may
+/// pass gives the message back with a backoff by its delivery count and never loses it;
+/// one that cannot pass, or that outlasted `--max-attempts` deliveries, dead-letters it.
+pub(super) fn error_policy(ctx: &Context, failure: Failure, receive_count: u32) -> Outcome {
+    let exhausted = receive_count >= ctx.settings.max_attempts;
+    let limits = |what: String| {
+        format!(
+            "delivered {receive_count} times (limit {}); {what}",
+            ctx.settings.max_attempts
+        )
+    };
+    let (why, dead_letter) = match failure {
+        Failure::Bridge(e) if !e.is_transient() => {
+            return Outcome::dead_letter(DeadLetterReason::BridgeRejected, e.to_string());
+        }
+        Failure::Bridge(e) => {
+            tracing::warn!(%e, "Dagster bridge failing: releasing the message for later");
+            let dead_letter = exhausted.then(|| {
+                Outcome::dead_letter(
+                    DeadLetterReason::AttemptsExhausted,
+                    limits(format!("Dagster kept failing: {e}")),
+                )
+            });
+            (Release::BridgeUnavailable, dead_letter)
+        }
+        Failure::Payload(e) => {
+            tracing::warn!(%e, "extended payload unavailable: releasing the message for later");
+            let dead_letter = exhausted.then(|| {
+                Outcome::dead_letter(
+                    DeadLetterReason::PayloadUnavailable,
+                    limits(format!("the extended payload stayed unreadable: {e}")),
+                )
+            });
+            (Release::PayloadUnavailable, dead_letter)
+        }
+        // The outcome is durable in Dagster already: the next delivery writes the result.
+        Failure::Result(e) => {
+            tracing::warn!(%e, "taskiq result not written: releasing the message for later");
+            (Release::ResultUnwritten, None)
+        }
+    };
+    dead_letter.unwrap_or_else(|| Outcome::Released {
+        why,
+        delay: ctx.settings.backoff.delay(receive_count),
+    })
+}
+
+/// Settles a claimed step: its taskiq result first (when due), then the queue, the
+/// metrics and the steps table. `launched` names the launcher of an execution that this
+/// delivery started.
+pub(super) async fn settle(
+    ctx: &Context,
+    step: &StepRequest,
+    message: &ReceivedMessage,
+    outcome: Outcome,
+    launched: Option<LauncherKind>,
+) {
+    let task_id = step.task_id.as_str();
+    if let Some(kind) = launched {
+        ctx.metrics
+            .steps_finished
+            .get_or_create(&[
+                ("launcher", launcher_name(kind)),
+                ("outcome", outcome.name()),
+            ])
+            .inc();
+    }
+    let outcome = match ctx.taskiq.write_result(step, &outcome).await {
+        Ok(()) => outcome,
+        Err(e) => error_policy(ctx, Failure::Result(e), message.receive_count),
+    };
+    // A redelivery may have renewed the handle meanwhile.
+    let mut current = message.clone();
+    if let Some(handle) = ctx.leases.receipt_handle(task_id) {
+        current.receipt_handle = handle;
+    }
+    let final_state = outcome.final_state();
+    ctx.steps
+        .update(task_id, |r| r.outcome = Some(outcome.name()));
+    // One line per step attempt with what happened to it.
+    tracing::info!(
+        state = final_state.as_str(),
+        outcome = outcome.name(),
+        "message settled"
+    );
+    let settle_started = Instant::now();
+    settle_unclaimed(ctx, &current, &outcome).await;
+    ctx.metrics
+        .settle_latency_seconds
+        .observe(settle_started.elapsed().as_secs_f64());
+    ctx.leases.drop_lease(task_id);
+    ctx.steps.transition(task_id, final_state);
+}
+
+/// Carries out an outcome on the queue, retrying transient failures within budget.
+pub(super) async fn settle_unclaimed(ctx: &Context, message: &ReceivedMessage, outcome: &Outcome) {
+    let handle = message.receipt_handle.as_str();
+    let name = outcome.name();
+    let result = match outcome.disposition() {
+        Disposition::Delete => {
+            let r = calls::retrying(ctx, "DeleteMessage", || ctx.queue.ack(handle)).await;
+            if r.is_ok() {
+                ctx.metrics
+                    .messages_acked
+                    .get_or_create(&[("outcome", name)])
+                    .inc();
+            }
+            r
+        }
+        Disposition::Release(delay) => {
+            let r = calls::retrying(ctx, "ChangeMessageVisibility", || {
+                ctx.queue.release(handle, delay)
+            })
+            .await;
+            if r.is_ok() {
+                tracing::info!(?delay, reason = name, "message released");
+                ctx.metrics
+                    .messages_released
+                    .get_or_create(&[("reason", name)])
+                    .inc();
+            }
+            r
+        }
+        Disposition::DeadLetter { reason, detail } => {
+            let dead_letter = DeadLetter {
+                reason: reason.name().to_owned(),
+                detail: detail.to_owned(),
+                error_class: reason.error_class(),
+                controller_id: ctx.settings.controller_id.clone(),
+            };
+            let r = calls::retrying(ctx, "SendMessage", || {
+                ctx.queue.dead_letter(message, &dead_letter)
+            })
+            .await;
+            if r.is_ok() {
+                tracing::warn!(reason = name, detail, "message dead-lettered");
+                ctx.metrics
+                    .messages_dead_lettered
+                    .get_or_create(&[("reason", name)])
+                    .inc();
+            }
+            r
+        }
+        Disposition::Nothing => Ok(()),
+    };
+    if let Err(e) = result {
+        // Nothing is lost: the message becomes visible again when its visibility runs
+        // out, and the next delivery finds the durable outcome or relaunches.
+        tracing::error!(%e, ?outcome, "could not settle the message; it will be redelivered");
+    }
+}

@@ -1,0 +1,291 @@
+//! The step's life on this controller, once its message is claimed: reconcile, wait for a
+//! slot, launch, supervise, conclude. Produces exactly one [`Outcome`].
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::reconcile::{reconcile, Decision};
+use super::supervise::{supervise, Ended};
+use super::{calls, handoff, launcher_name, settle, sleep_until_deadline, Context};
+use crate::admission::{Slot, Ticket};
+use crate::dagster::Verdict;
+use crate::envelope::{LauncherKind, StepRequest};
+use crate::launcher::{LaunchError, RunningStep};
+use crate::lease::LeaseSignals;
+use crate::outcome::{DeadLetterReason, Finish, Outcome, Release};
+use crate::queue::ReceivedMessage;
+use crate::state::StepState;
+
+/// How the life of one claimed message ended.
+pub(super) struct Life {
+    pub outcome: Outcome,
+    /// Set when an execution was started (or adopted).
+    pub launched: Option<Launched>,
+}
+
+pub(super) struct Launched {
+    pub kind: LauncherKind,
+    /// When the execution ended; `None` when this controller let go of it first.
+    pub exited_at: Option<Instant>,
+}
+
+impl From<Outcome> for Life {
+    fn from(outcome: Outcome) -> Self {
+        Life {
+            outcome,
+            launched: None,
+        }
+    }
+}
+
+/// Lives a claimed step to its outcome.
+pub(super) async fn live(
+    ctx: &Context,
+    step: &StepRequest,
+    message: &ReceivedMessage,
+    signals: LeaseSignals,
+) -> Life {
+    let received_at = Instant::now();
+    if let Decision::Settle(outcome) = reconcile(ctx, step, message).await {
+        return outcome.into();
+    }
+    let waiting_since = Instant::now();
+    // Held until the step has exited: the run slot is what the caps count.
+    let _slot = match admit(ctx, step, message, &signals).await {
+        Ok(slot) => slot,
+        Err(outcome) => return outcome.into(),
+    };
+    ctx.steps.transition(&step.task_id, StepState::Admitted);
+    tokio::select! {
+        _ = ctx.draining.cancelled() => return Outcome::shutdown().into(),
+        _ = ctx.admission.until_launch_allowed() => {}
+    }
+    ctx.metrics
+        .admission_wait_seconds
+        .observe(waiting_since.elapsed().as_secs_f64());
+    if ctx.draining.is_cancelled() {
+        return Outcome::shutdown().into();
+    }
+    ctx.steps.transition(&step.task_id, StepState::Launching);
+    let kind = ctx.launcher.kind_for(step);
+    let mut running = match launch(ctx, step, message, received_at).await {
+        Ok(running) => running,
+        Err(outcome) => return outcome.into(),
+    };
+    let started = Instant::now();
+    ctx.steps.update(&step.task_id, |r| {
+        r.locator = Some(running.locator());
+        r.launcher = Some(launcher_name(kind).to_owned());
+        r.state = StepState::Running;
+        r.history.push((StepState::Running, chrono::Utc::now()));
+    });
+    let (outcome, exited_at) =
+        match supervise(ctx, step, message, running.as_mut(), &signals, started).await {
+            Ended::LetGo(outcome) => (outcome, None),
+            Ended::Exited { exit, cause } => {
+                let exited_at = Instant::now();
+                record_exit(ctx, step, running.as_mut(), exit, exited_at - started);
+                let outcome = conclude(ctx, step, message, running.as_ref(), exit, cause).await;
+                (outcome, Some(exited_at))
+            }
+        };
+    Life {
+        outcome,
+        launched: Some(Launched { kind, exited_at }),
+    }
+}
+
+/// Waits for a run slot. Gives up on it when draining, when the lease is lost, when the
+/// run ended meanwhile, or past the waiting limit (the message is then requeued).
+async fn admit(
+    ctx: &Context,
+    step: &StepRequest,
+    message: &ReceivedMessage,
+    signals: &LeaseSignals,
+) -> Result<Slot, Outcome> {
+    let waiting_since = Instant::now();
+    let stop = ctx.steps.stop_signal(&step.task_id).unwrap_or_default();
+    let ticket = Ticket {
+        run_id: step.run_id.clone(),
+        priority: step.priority,
+        tags: step.tags.clone(),
+    };
+    let waiting_limit = ctx
+        .settings
+        .waiting_limit
+        .map(|limit| waiting_since + limit);
+    tokio::select! {
+        slot = ctx.admission.admit(ticket) => Ok(slot),
+        _ = ctx.draining.cancelled() => Err(Outcome::shutdown()),
+        _ = signals.lost.cancelled() => Err(Outcome::Fenced),
+        // Its run ended while it waited: the next delivery is acknowledged unrun.
+        _ = stop.cancelled() => Err(Outcome::Released {
+            why: Release::StoppedWhileWaiting,
+            delay: Duration::ZERO,
+        }),
+        _ = sleep_until_deadline(waiting_limit) => Err(handoff::requeue(ctx, message).await),
+    }
+}
+
+/// Starts the execution; a launch that fails is an outcome.
+async fn launch(
+    ctx: &Context,
+    step: &StepRequest,
+    message: &ReceivedMessage,
+    received_at: Instant,
+) -> Result<Box<dyn RunningStep>, Outcome> {
+    let kind = ctx.launcher.kind_for(step);
+    match ctx.launcher.launch(step).await {
+        Ok(running) => {
+            ctx.metrics
+                .steps_launched
+                .get_or_create(&[("launcher", launcher_name(kind))])
+                .inc();
+            ctx.metrics
+                .launch_latency_seconds
+                .observe(received_at.elapsed().as_secs_f64());
+            tracing::info!(locator = %running.locator(), "step started");
+            Ok(running)
+        }
+        Err(LaunchError::Invalid { reason, detail }) => {
+            Err(refuse_launch(ctx, step, message, reason, detail).await)
+        }
+        Err(e) => {
+            tracing::warn!(%e, "launch failed");
+            let why = match e {
+                LaunchError::Transient(_) => Release::LaunchTransient,
+                LaunchError::Permanent(_) | LaunchError::Invalid { .. } => Release::LaunchFailed,
+            };
+            Err(Outcome::Released {
+                why,
+                delay: ctx.settings.backoff.delay(message.receive_count),
+            })
+        }
+    }
+}
+
+/// The step's launch settings can never work: tell Dagster (so the run does not wait for
+/// it), then dead-letter the message with the reason.
+async fn refuse_launch(
+    ctx: &Context,
+    step: &StepRequest,
+    message: &ReceivedMessage,
+    reason: &'static str,
+    detail: String,
+) -> Outcome {
+    tracing::error!(reason, %detail, "invalid launch settings");
+    let verdict = Verdict::not_run(format!(
+        "dagster-taskiq-controller cannot launch the step: {detail}"
+    ));
+    match calls::retrying(ctx, "report_verdict", || {
+        ctx.bridge.report_verdict(step, &verdict)
+    })
+    .await
+    {
+        Ok(_) => Outcome::dead_letter(DeadLetterReason::InvalidLaunch(reason), detail),
+        Err(e) => settle::error_policy(ctx, settle::Failure::Bridge(e), message.receive_count),
+    }
+}
+
+/// What an ended execution leaves behind: its output for the taskiq result, its duration,
+/// its stderr tail for the API.
+fn record_exit(
+    ctx: &Context,
+    step: &StepRequest,
+    running: &mut dyn RunningStep,
+    exit: crate::launcher::StepExit,
+    ran_for: Duration,
+) {
+    ctx.taskiq
+        .keep_output(&step.task_id, running.take_events(), ran_for);
+    ctx.metrics
+        .step_duration_seconds
+        .observe(ran_for.as_secs_f64());
+    ctx.steps.update(&step.task_id, |r| {
+        r.state = StepState::Exited;
+        r.history.push((StepState::Exited, chrono::Utc::now()));
+        r.stderr_tail = running.stderr_tail();
+    });
+    tracing::info!(exit = %exit.short(), elapsed = ?ran_for, "step exited");
+}
+
+/// After the execution ended: read the outcome, or write a verdict.
+async fn conclude(
+    ctx: &Context,
+    step: &StepRequest,
+    message: &ReceivedMessage,
+    running: &dyn RunningStep,
+    exit: crate::launcher::StepExit,
+    cause: Option<Cause>,
+) -> Outcome {
+    let bridge_failed =
+        |e| settle::error_policy(ctx, settle::Failure::Bridge(e), message.receive_count);
+    let state = match calls::ask_bridge(ctx, "step_state", || ctx.bridge.step_state(step)).await {
+        Ok(state) => state,
+        Err(e) => return bridge_failed(e),
+    };
+    if state.attempt_finished {
+        let outcome = Outcome::Finished(Finish::from_event(state.last_terminal.as_deref()));
+        tracing::info!(outcome = outcome.name(), "step finished");
+        return outcome;
+    }
+    if state.run_status.is_some_and(|s| s.stops_new_steps()) {
+        return Outcome::RunEnded;
+    }
+    if exit.relaunch() {
+        tracing::warn!(exit = %exit.describe(), "the execution never started: relaunching the attempt after a backoff");
+        return Outcome::Released {
+            why: Release::NeverStarted,
+            delay: ctx.settings.backoff.delay(message.receive_count),
+        };
+    }
+    let timed_out = matches!(cause, Some(Cause::TimedOut(_)));
+    let verdict = Verdict {
+        verdict: cause.map_or_else(|| exit.describe(), |c| c.describe()),
+        exit: exit.short(),
+        stderr_tail: running.stderr_tail().join("\n"),
+    };
+    tracing::warn!(verdict = %verdict.verdict, "no outcome in Dagster: reporting a verdict");
+    ctx.steps
+        .update(&step.task_id, |r| r.verdict = Some(verdict.verdict.clone()));
+    match calls::ask_bridge(ctx, "report_verdict", || {
+        ctx.bridge.report_verdict(step, &verdict)
+    })
+    .await
+    {
+        Ok(_) => {
+            ctx.steps.transition(&step.task_id, StepState::Reported);
+            Outcome::Verdict {
+                cause: verdict.verdict,
+                timed_out,
+            }
+        }
+        Err(e) => bridge_failed(e),
+    }
+}
+
+/// Why the controller ended an execution itself; the verdict says so when Dagster has no
+/// outcome for the attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Cause {
+    /// Killed at its timeout (by the controller, or by its own execution).
+    TimedOut(Duration),
+    /// An operator asked (dashboard or API).
+    Operator(String),
+    /// The run's executor asked (its `terminate_step`).
+    Executor,
+}
+
+impl Cause {
+    fn describe(&self) -> String {
+        match self {
+            Cause::TimedOut(limit) => format!(
+                "step timed out after {:.1}s and was killed",
+                limit.as_secs_f64()
+            ),
+            Cause::Operator(reason) => format!("step stopped by an operator: {reason}"),
+            Cause::Executor => "step terminated at the executor's request".to_owned(),
+        }
+    }
+}
