@@ -10,11 +10,12 @@
 //!
 //! Launches then pass a governor token bucket. All limits are per controller replica.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::num::NonZeroU32;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -253,7 +254,7 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut scheduler = lock(&self.scheduler);
+        let mut scheduler = self.scheduler.lock();
         scheduler.give_back(&self.ticket, &self.buckets);
         scheduler.dispatch();
     }
@@ -272,7 +273,7 @@ impl Drop for WaitGuard {
         let Some((ticket, buckets)) = self.ticket.take() else {
             return;
         };
-        let mut scheduler = lock(&self.scheduler);
+        let mut scheduler = self.scheduler.lock();
         if let Some(index) = scheduler.waiting.iter().position(|w| w.id == self.id) {
             scheduler.waiting.remove(index);
         } else {
@@ -281,11 +282,6 @@ impl Drop for WaitGuard {
             scheduler.dispatch();
         }
     }
-}
-
-fn lock(scheduler: &Mutex<Scheduler>) -> MutexGuard<'_, Scheduler> {
-    // The scheduler's invariants hold between statements; a panic elsewhere cannot break them.
-    scheduler.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Admission {
@@ -330,7 +326,7 @@ impl Admission {
     pub async fn admit(&self, ticket: Ticket) -> Slot {
         let (grant, granted) = oneshot::channel();
         let mut guard = {
-            let mut scheduler = lock(&self.scheduler);
+            let mut scheduler = self.scheduler.lock();
             let id = scheduler.next_id;
             scheduler.next_id += 1;
             let buckets = scheduler.buckets(&ticket);
@@ -416,7 +412,7 @@ pub struct AdmissionState {
 
 impl AdmissionView {
     pub fn state(&self) -> AdmissionState {
-        let scheduler = lock(&self.scheduler);
+        let scheduler = self.scheduler.lock();
         AdmissionState {
             in_use: self.max_held - self.held.available_permits(),
             running: scheduler.running,

@@ -7,11 +7,12 @@
 //! pushes notices about the runs it watches (a run canceling, a `terminate_step` request), so
 //! those do not wait for the next run-status poll.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -326,16 +327,16 @@ impl SidecarBridge {
                     guard.insert(self.spawn()?)
                 }
             };
-            connection.pending.lock().expect("lock").insert(id, tx);
+            connection.pending.lock().insert(id, tx);
             if connection.requests.send(line).is_err() {
-                connection.pending.lock().expect("lock").remove(&id);
+                connection.pending.lock().remove(&id);
                 return Err(BridgeError::Unavailable("sidecar stdin closed".into()));
             }
             connection.pending.clone()
         };
         match tokio::time::timeout(deadline, rx).await {
             Err(_) => {
-                pending.lock().expect("lock").remove(&id);
+                pending.lock().remove(&id);
                 Err(BridgeError::Timeout(deadline))
             }
             Ok(Err(_)) => Err(BridgeError::Unavailable(
@@ -399,7 +400,7 @@ impl SidecarBridge {
             while let Ok(Some(line)) = lines.next_line().await {
                 match serde_json::from_str::<Line>(&line) {
                     Ok(Line::Response(response)) => {
-                        let waiter = reader_pending.lock().expect("lock").remove(&response.id);
+                        let waiter = reader_pending.lock().remove(&response.id);
                         if let Some(waiter) = waiter {
                             let _ = waiter.send(response);
                         }
@@ -450,7 +451,7 @@ impl SidecarBridge {
                 );
             }
             // Dropping the senders wakes every waiter with an error.
-            waiter_pending.lock().expect("lock").clear();
+            waiter_pending.lock().clear();
             waiter_exited.cancel();
         });
         Ok(Connection {

@@ -2,9 +2,10 @@
 //! and for benchmarks of the controller's own overhead. Never the only test of a feature:
 //! the integration tests use moto, real processes and real Dagster.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -56,7 +57,7 @@ impl FakeQueue {
 
     /// Pushes a message with string message attributes (e.g. `s3_extended_message`).
     pub fn push_with_attributes(&self, message_id: &str, body: &str, attributes: &[(&str, &str)]) {
-        let mut inner = self.inner.lock().expect("lock");
+        let mut inner = self.inner.lock();
         inner.visible.push_back(ReceivedMessage {
             message_id: message_id.to_owned(),
             receipt_handle: String::new(),
@@ -72,16 +73,16 @@ impl FakeQueue {
     }
 
     pub fn events(&self) -> Vec<QueueEvent> {
-        self.inner.lock().expect("lock").events.clone()
+        self.inner.lock().events.clone()
     }
 
     pub fn extend_calls(&self) -> u64 {
-        self.inner.lock().expect("lock").extend_calls
+        self.inner.lock().extend_calls
     }
 
     /// Makes the next extension of this message's current handle report a lost lease.
     pub fn lose_lease(&self, message_id: &str) {
-        let mut inner = self.inner.lock().expect("lock");
+        let mut inner = self.inner.lock();
         let handles: Vec<String> = inner
             .in_flight
             .iter()
@@ -103,14 +104,13 @@ impl FakeQueue {
     }
 
     fn record(&self, event: QueueEvent) {
-        self.inner.lock().expect("lock").events.push(event);
+        self.inner.lock().events.push(event);
         self.changed.notify_waiters();
     }
 
     fn take(&self, handle: &str) -> Result<ReceivedMessage, QueueError> {
         self.inner
             .lock()
-            .expect("lock")
             .in_flight
             .remove(handle)
             .ok_or(QueueError::ReceiptHandleInvalid { operation: "fake" })
@@ -129,7 +129,7 @@ impl WorkQueue for FakeQueue {
         loop {
             let notified = self.changed.notified();
             {
-                let mut inner = self.inner.lock().expect("lock");
+                let mut inner = self.inner.lock();
                 if !inner.visible.is_empty() {
                     let mut out = Vec::new();
                     while out.len() < max {
@@ -163,7 +163,7 @@ impl WorkQueue for FakeQueue {
         receipt_handles: &[String],
         _visibility: Duration,
     ) -> Result<Vec<ExtendResult>, QueueError> {
-        let mut inner = self.inner.lock().expect("lock");
+        let mut inner = self.inner.lock();
         inner.extend_calls += receipt_handles.len().div_ceil(10) as u64;
         Ok(receipt_handles
             .iter()
@@ -180,7 +180,7 @@ impl WorkQueue for FakeQueue {
     async fn release(&self, receipt_handle: &str, delay: Duration) -> Result<(), QueueError> {
         let message = self.take(receipt_handle)?;
         self.record(QueueEvent::Released(message.message_id.clone(), delay));
-        self.inner.lock().expect("lock").visible.push_back(message);
+        self.inner.lock().visible.push_back(message);
         self.changed.notify_waiters();
         Ok(())
     }
@@ -197,7 +197,7 @@ impl WorkQueue for FakeQueue {
         attributes: &HashMap<String, String>,
     ) -> Result<String, QueueError> {
         let message_id = format!("sent{}", self.next_handle.fetch_add(1, Ordering::Relaxed));
-        let mut inner = self.inner.lock().expect("lock");
+        let mut inner = self.inner.lock();
         inner.visible.push_back(ReceivedMessage {
             message_id: message_id.clone(),
             receipt_handle: String::new(),
@@ -277,7 +277,6 @@ impl FakeLauncher {
     pub fn refuse(&self, step_key: &str, reason: &'static str, detail: &str) {
         self.refusals
             .lock()
-            .expect("lock")
             .insert(step_key.to_owned(), (reason, detail.to_owned()));
     }
 
@@ -288,25 +287,22 @@ impl FakeLauncher {
 
     /// Task ids of the steps that were killed or terminated.
     pub fn kills(&self) -> Vec<String> {
-        self.kills.lock().expect("lock").clone()
+        self.kills.lock().clone()
     }
 
     /// Sets how the steps with this step key end (default: succeed).
     pub fn outcome(&self, step_key: &str, outcome: FakeOutcome) {
-        self.outcomes
-            .lock()
-            .expect("lock")
-            .insert(step_key.to_owned(), outcome);
+        self.outcomes.lock().insert(step_key.to_owned(), outcome);
     }
 
     /// How many launches so far (cheap, for benchmarks polling it).
     pub fn launch_count(&self) -> usize {
-        self.launches.lock().expect("lock").len()
+        self.launches.lock().len()
     }
 
     /// Task ids launched, in order.
     pub fn launches(&self) -> Vec<String> {
-        self.launches.lock().expect("lock").clone()
+        self.launches.lock().clone()
     }
 }
 
@@ -318,25 +314,20 @@ impl Launcher for FakeLauncher {
 
     /// Like ECS: an attempt launched before, by a launcher whose steps outlive controllers.
     async fn has_execution_to_adopt(&self, step: &StepRequest) -> bool {
-        self.survives.load(Ordering::SeqCst)
-            && self.launches.lock().expect("lock").contains(&step.task_id)
+        self.survives.load(Ordering::SeqCst) && self.launches.lock().contains(&step.task_id)
     }
 
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
-        if let Some((reason, detail)) = self.refusals.lock().expect("lock").get(&step.step_key) {
+        if let Some((reason, detail)) = self.refusals.lock().get(&step.step_key) {
             return Err(LaunchError::Invalid {
                 reason,
                 detail: detail.clone(),
             });
         }
-        self.launches
-            .lock()
-            .expect("lock")
-            .push(step.task_id.clone());
+        self.launches.lock().push(step.task_id.clone());
         let outcome = self
             .outcomes
             .lock()
-            .expect("lock")
             .get(&step.step_key)
             .copied()
             .unwrap_or(FakeOutcome::Succeed);
@@ -418,10 +409,7 @@ impl RunningStep for FakeStep {
     }
 
     fn kill(&mut self) {
-        self.kills
-            .lock()
-            .expect("lock")
-            .push(self.step.task_id.clone());
+        self.kills.lock().push(self.step.task_id.clone());
         let _ = self.kill_tx.send(FakeSignal::Kill);
     }
 
@@ -483,7 +471,6 @@ impl FakeBridge {
     pub fn set_run_status(&self, run_id: &str, status: RunStatus) {
         self.inner
             .lock()
-            .expect("lock")
             .run_statuses
             .insert(run_id.to_owned(), status);
     }
@@ -492,7 +479,6 @@ impl FakeBridge {
     pub fn finish(&self, step: &StepRequest, event: &str) {
         self.inner
             .lock()
-            .expect("lock")
             .terminal
             .entry((step.run_id.clone(), step.step_key.clone()))
             .or_default()
@@ -501,25 +487,25 @@ impl FakeBridge {
 
     /// (task_id, verdict) pairs written.
     pub fn verdicts(&self) -> Vec<(String, String)> {
-        self.inner.lock().expect("lock").verdicts.clone()
+        self.inner.lock().verdicts.clone()
     }
 
     /// (task_id, message) informational events written.
     pub fn events(&self) -> Vec<(String, String)> {
-        self.inner.lock().expect("lock").events.clone()
+        self.inner.lock().events.clone()
     }
 
     pub fn calls(&self) -> u64 {
-        self.inner.lock().expect("lock").calls
+        self.inner.lock().calls
     }
 
     /// Makes every call fail as unavailable (true) or work again (false).
     pub fn set_down(&self, down: bool) {
-        self.inner.lock().expect("lock").down = down;
+        self.inner.lock().down = down;
     }
 
-    fn enter(&self) -> Result<std::sync::MutexGuard<'_, BridgeInner>, BridgeError> {
-        let mut inner = self.inner.lock().expect("lock");
+    fn enter(&self) -> Result<parking_lot::MutexGuard<'_, BridgeInner>, BridgeError> {
+        let mut inner = self.inner.lock();
         inner.calls += 1;
         if inner.down {
             return Err(BridgeError::Unavailable("fake bridge is down".into()));
@@ -602,7 +588,7 @@ impl DagsterBridge for FakeBridge {
         message: &str,
         _metadata: &BTreeMap<String, String>,
     ) -> Result<(), BridgeError> {
-        let mut inner = self.inner.lock().expect("lock");
+        let mut inner = self.inner.lock();
         inner.calls += 1;
         inner
             .events
@@ -664,7 +650,6 @@ impl FakeObjectStore {
     pub fn insert(&self, bucket: &str, key: &str, body: Vec<u8>) {
         self.inner
             .lock()
-            .expect("lock")
             .objects
             .insert((bucket.to_owned(), key.to_owned()), body);
     }
@@ -672,7 +657,6 @@ impl FakeObjectStore {
     pub fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
         self.inner
             .lock()
-            .expect("lock")
             .objects
             .get(&(bucket.to_owned(), key.to_owned()))
             .cloned()
@@ -680,16 +664,16 @@ impl FakeObjectStore {
 
     /// Successful puts so far.
     pub fn puts(&self) -> u64 {
-        self.inner.lock().expect("lock").puts
+        self.inner.lock().puts
     }
 
     /// The next `calls` calls fail as if S3 were unreachable (0: work again).
     pub fn fail_next(&self, calls: u32) {
-        self.inner.lock().expect("lock").failing = calls;
+        self.inner.lock().failing = calls;
     }
 
     fn fail(&self, operation: &'static str, bucket: &str, key: &str) -> Result<(), StoreError> {
-        let mut inner = self.inner.lock().expect("lock");
+        let mut inner = self.inner.lock();
         if inner.failing == 0 {
             return Ok(());
         }
@@ -725,7 +709,7 @@ impl ObjectStore for FakeObjectStore {
     async fn put(&self, bucket: &str, key: &str, body: Vec<u8>) -> Result<(), StoreError> {
         self.fail("PutObject", bucket, key)?;
         self.insert(bucket, key, body);
-        self.inner.lock().expect("lock").puts += 1;
+        self.inner.lock().puts += 1;
         Ok(())
     }
 

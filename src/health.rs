@@ -1,7 +1,7 @@
 //! Liveness and readiness facts the probes read: heartbeats of the controller's loops and the
 //! result of the last SQS call. Writers are the loops themselves, so a probe never calls out.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -48,18 +48,18 @@ impl Heartbeat {
 
     /// The loop went round.
     pub fn beat(&self) {
-        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.inner.lock();
         state.last = Some(Instant::now());
         state.stopped = false;
     }
 
     /// The loop ended on purpose (draining): silence is no longer a fault.
     pub fn stop(&self) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).stopped = true;
+        self.inner.lock().stopped = true;
     }
 
     pub fn report(&self) -> BeatReport {
-        let state = *self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let state = *self.inner.lock();
         let age = state.last.map(|t| t.elapsed());
         let status = match (state.stopped, age) {
             (true, _) => "stopped",
@@ -122,12 +122,12 @@ impl Health {
             operation,
             error,
         };
-        *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(contact);
+        *self.queue.lock() = Some(contact);
     }
 
     /// The last SQS contact; `None` before the first call.
     pub fn last_queue_contact(&self) -> Option<QueueContact> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.queue.lock().clone()
     }
 
     /// Each loop's state; the process is healthy when none is stale.

@@ -3,8 +3,9 @@
 //! (receipt handle rejected, or its deadline passed while SQS could not be reached) is
 //! signalled through its token so the step is fenced: someone else may hold the message now.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -69,7 +70,7 @@ impl LeaseTable {
 
     /// When the lease of `task_id` must be handed off; `None` if not held or handed off.
     pub fn handoff_deadline(&self, task_id: &str) -> Option<Instant> {
-        let leases = self.leases.lock().expect("lock");
+        let leases = self.leases.lock();
         let lease = leases.get(task_id)?;
         if lease.handed_off.is_some() {
             return None;
@@ -80,14 +81,14 @@ impl LeaseTable {
     /// When the step of a handed-off lease must be fenced if its continuation has not come
     /// back; `None` if not handed off.
     pub fn adoption_deadline(&self, task_id: &str, window: Duration) -> Option<Instant> {
-        let leases = self.leases.lock().expect("lock");
+        let leases = self.leases.lock();
         leases.get(task_id)?.handed_off.map(|at| at + window)
     }
 
     /// The old message was deleted after its continuation was sent: stop extending until
     /// the continuation renews the lease.
     pub fn mark_handed_off(&self, task_id: &str) {
-        let mut leases = self.leases.lock().expect("lock");
+        let mut leases = self.leases.lock();
         if let Some(lease) = leases.get_mut(task_id) {
             lease.receipt_handle = None;
             lease.handed_off = Some(Instant::now());
@@ -116,7 +117,7 @@ impl LeaseTable {
             handed_off: None,
             signals: signals.clone(),
         };
-        let mut leases = self.leases.lock().expect("lock");
+        let mut leases = self.leases.lock();
         if let Some(old) = leases.insert(task_id.to_owned(), lease) {
             old.signals.lost.cancel();
         }
@@ -128,7 +129,7 @@ impl LeaseTable {
     /// continuation of a hand-off): its receipt handle is now the valid one, with a fresh
     /// visibility budget. Returns false if the task is not held here.
     pub fn renew_handle(&self, task_id: &str, receipt_handle: &str) -> bool {
-        let mut leases = self.leases.lock().expect("lock");
+        let mut leases = self.leases.lock();
         match leases.get_mut(task_id) {
             Some(lease) => {
                 let now = Instant::now();
@@ -145,20 +146,20 @@ impl LeaseTable {
 
     /// The current receipt handle of a held message (`None` while handed off).
     pub fn receipt_handle(&self, task_id: &str) -> Option<String> {
-        let leases = self.leases.lock().expect("lock");
+        let leases = self.leases.lock();
         leases.get(task_id).and_then(|l| l.receipt_handle.clone())
     }
 
     /// Stops holding a message (after ack, release or dead-letter).
     pub fn drop_lease(&self, task_id: &str) {
-        let mut leases = self.leases.lock().expect("lock");
+        let mut leases = self.leases.lock();
         leases.remove(task_id);
         self.metrics.leases_held.set(leases.len() as i64);
     }
 
     /// When a held message becomes visible again unless extended (wall clock, for the API).
     pub fn deadline(&self, task_id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
-        let leases = self.leases.lock().expect("lock");
+        let leases = self.leases.lock();
         let expires = leases.get(task_id)?.expires;
         let now = Instant::now();
         let left = chrono::Duration::from_std(expires.saturating_duration_since(now)).ok()?;
@@ -167,7 +168,7 @@ impl LeaseTable {
     }
 
     pub fn len(&self) -> usize {
-        self.leases.lock().expect("lock").len()
+        self.leases.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -177,7 +178,7 @@ impl LeaseTable {
     /// Extends every held lease once. Returns how many were lost.
     pub async fn extend_all(&self, queue: &dyn WorkQueue) -> usize {
         let snapshot: Vec<(String, String)> = {
-            let leases = self.leases.lock().expect("lock");
+            let leases = self.leases.lock();
             leases
                 .iter()
                 .filter_map(|(task_id, lease)| {
@@ -205,7 +206,7 @@ impl LeaseTable {
             }
         };
         let mut lost = 0;
-        let mut leases = self.leases.lock().expect("lock");
+        let mut leases = self.leases.lock();
         for ((task_id, handle), result) in snapshot.into_iter().zip(results) {
             let Some(lease) = leases.get_mut(&task_id) else {
                 continue; // dropped meanwhile

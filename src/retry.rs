@@ -1,21 +1,9 @@
-//! Failure classes and the backoff policy.
-//!
-//! Every failure is one of three kinds: **transient** (may pass: throttling, 5xx, network,
-//! EAGAIN; the message is released with a backoff delay), **permanent** (the step ran and
-//! Dagster has its outcome; nothing to retry here) or **poison** (the message itself is bad;
-//! dead-lettered at once).
+//! The backoff policy. What a failure means for a message is decided in one place, the
+//! controller's error policy (`controller::settle::error_policy`).
 
 use std::time::Duration;
 
 use rand::Rng;
-
-/// What kind of failure happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureClass {
-    Transient,
-    Permanent,
-    Poison,
-}
 
 /// Exponential backoff with full jitter: attempt `n` (from 1) waits a uniformly random time
 /// in `[0, min(cap, base * 2^(n-1))]`. Full jitter spreads a herd of retries evenly.

@@ -1,8 +1,8 @@
 //! Step states and the table of step attempts this controller knows: the dedupe index
 //! (an attempt is never processed twice at once here) and what the API and dashboard show.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -165,7 +165,7 @@ pub struct StepTable {
 impl StepTable {
     /// Registers an attempt as received. Returns false if it is already active here.
     pub fn claim(&self, step: &StepRequest, message_id: &str, receive_count: u32) -> bool {
-        let mut inner = self.inner.lock().expect("lock");
+        let mut inner = self.inner.lock();
         if inner.active.contains_key(&step.task_id) {
             return false;
         }
@@ -207,7 +207,7 @@ impl StepTable {
 
     /// Changes an active record in place; a final state moves it to the recent list.
     pub fn update(&self, task_id: &str, change: impl FnOnce(&mut StepRecord)) {
-        let mut inner = self.inner.lock().expect("lock");
+        let mut inner = self.inner.lock();
         let Some(record) = inner.active.get_mut(task_id) else {
             return;
         };
@@ -223,7 +223,7 @@ impl StepTable {
 
     /// Asks an active step to stop. Returns false if it is not active (or already asked).
     pub fn request_stop(&self, task_id: &str, reason: StopReason) -> bool {
-        let mut inner = self.inner.lock().expect("lock");
+        let mut inner = self.inner.lock();
         match inner.active.get_mut(task_id) {
             Some(record) if record.stop_reason.is_none() => {
                 record.stop_reason = Some(reason);
@@ -236,7 +236,7 @@ impl StepTable {
 
     /// Asks every active step of a run to stop. Returns how many were asked.
     pub fn request_stop_run(&self, run_id: &str, reason: &StopReason) -> usize {
-        let mut inner = self.inner.lock().expect("lock");
+        let mut inner = self.inner.lock();
         let mut asked = 0;
         for record in inner.active.values_mut() {
             if record.run_id == run_id && record.stop_reason.is_none() {
@@ -250,12 +250,12 @@ impl StepTable {
 
     /// The stop signal of an active step and, once signalled, why.
     pub fn stop_signal(&self, task_id: &str) -> Option<CancellationToken> {
-        let inner = self.inner.lock().expect("lock");
+        let inner = self.inner.lock();
         inner.active.get(task_id).map(|r| r.stop.clone())
     }
 
     pub fn stop_reason(&self, task_id: &str) -> Option<StopReason> {
-        let inner = self.inner.lock().expect("lock");
+        let inner = self.inner.lock();
         inner
             .active
             .get(task_id)
@@ -265,7 +265,7 @@ impl StepTable {
     /// Runs with active steps, grouped by Dagster instance (one status query per group), run
     /// ids sorted.
     pub fn active_runs(&self) -> Vec<(Value, Vec<String>)> {
-        let inner = self.inner.lock().expect("lock");
+        let inner = self.inner.lock();
         let mut groups: Vec<(Value, std::collections::BTreeSet<String>)> = Vec::new();
         for record in inner.active.values() {
             let group = match groups.iter_mut().find(|(r, _)| *r == record.instance_ref) {
@@ -284,20 +284,16 @@ impl StepTable {
     }
 
     pub fn is_active(&self, task_id: &str) -> bool {
-        self.inner
-            .lock()
-            .expect("lock")
-            .active
-            .contains_key(task_id)
+        self.inner.lock().active.contains_key(task_id)
     }
 
     pub fn active_count(&self) -> usize {
-        self.inner.lock().expect("lock").active.len()
+        self.inner.lock().active.len()
     }
 
     /// Active records, then recent ones (newest first).
     pub fn snapshot(&self) -> Vec<StepRecord> {
-        let inner = self.inner.lock().expect("lock");
+        let inner = self.inner.lock();
         inner
             .active
             .values()
@@ -307,7 +303,7 @@ impl StepTable {
     }
 
     pub fn get(&self, task_id: &str) -> Option<StepRecord> {
-        let inner = self.inner.lock().expect("lock");
+        let inner = self.inner.lock();
         inner
             .active
             .get(task_id)

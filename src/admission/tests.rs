@@ -26,7 +26,7 @@ async fn start_order(admission: Arc<Admission>, tickets: Vec<(String, Ticket)>) 
         let (admission, order) = (admission.clone(), order.clone());
         tasks.push(tokio::spawn(async move {
             let slot = admission.admit(t).await;
-            order.lock().unwrap().push(name);
+            order.lock().push(name);
             // Hold the slot a moment so the next grant is a fresh decision.
             tokio::time::sleep(Duration::from_millis(10)).await;
             drop(slot);
@@ -38,7 +38,7 @@ async fn start_order(admission: Arc<Admission>, tickets: Vec<(String, Ticket)>) 
     for task in tasks {
         task.await.unwrap();
     }
-    Arc::try_unwrap(order).unwrap().into_inner().unwrap()
+    Arc::try_unwrap(order).unwrap().into_inner()
 }
 
 #[tokio::test(start_paused = true)]
@@ -88,8 +88,8 @@ struct Peaks {
 
 impl Peaks {
     fn enter(&self, keys: &[String]) {
-        let mut now = self.now.lock().unwrap();
-        let mut peak = self.peak.lock().unwrap();
+        let mut now = self.now.lock();
+        let mut peak = self.peak.lock();
         for key in keys {
             let n = now.entry(key.clone()).or_default();
             *n += 1;
@@ -99,14 +99,14 @@ impl Peaks {
     }
 
     fn leave(&self, keys: &[String]) {
-        let mut now = self.now.lock().unwrap();
+        let mut now = self.now.lock();
         for key in keys {
             *now.get_mut(key).unwrap() -= 1;
         }
     }
 
     fn peak(&self, key: &str) -> usize {
-        self.peak.lock().unwrap().get(key).copied().unwrap_or(0)
+        self.peak.lock().get(key).copied().unwrap_or(0)
     }
 }
 

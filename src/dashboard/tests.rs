@@ -1,7 +1,7 @@
 //! Route tests with `warp::test`: auth, filters, error bodies, probes.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 use serde_json::Value;
 
@@ -50,10 +50,7 @@ impl QueueAdmin for FakeQueues {
         max: usize,
         filter: &RedriveFilter,
     ) -> Result<RedriveReport, RedriveError> {
-        self.redrives
-            .lock()
-            .expect("lock")
-            .push((max, filter.clone()));
+        self.redrives.lock().push((max, filter.clone()));
         Ok(RedriveReport {
             moved: 1,
             examined: 1,
@@ -353,7 +350,7 @@ async fn redrive_passes_max_and_filter_to_the_queue() {
         .call_with("POST", "/api/v1/dlq/redrive", Some(TOKEN), "")
         .await;
     assert_eq!(status, StatusCode::OK);
-    let calls = bed.queues.redrives.lock().unwrap().clone();
+    let calls = bed.queues.redrives.lock().clone();
     assert_eq!(calls[0].0, 5);
     assert_eq!(calls[0].1.reason.as_deref(), Some("invalid_json"));
     assert_eq!(calls[1], (10, RedriveFilter::default()));
