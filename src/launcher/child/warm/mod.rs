@@ -14,7 +14,8 @@
 //!   step dies with the controller however the controller dies, and a child forked by a zygote
 //!   that died before reporting it never runs;
 //! - a step survives its zygote: its exit status then cannot be read, and a pidfd tells the
-//!   controller when it ended ([`StepExit::Unknown`]; the outcome is in Dagster's event log).
+//!   controller when it ended ([`crate::launcher::StepExit::Unknown`]; the outcome is in
+//!   Dagster's event log).
 //!
 //! The zygote is supervised (restarted with backoff when it dies), recycled after
 //! `recycle_after` forks or when its memory grows past `max_rss_growth`, and whenever no
@@ -96,7 +97,7 @@ impl WarmError {
     }
 }
 
-/// [`super::Launcher`] that forks steps from a warm zygote, falling back to the cold
+/// [`crate::launcher::Launcher`] that forks steps from a warm zygote, falling back to the cold
 /// [`ProcessLauncher`].
 pub struct WarmLauncher {
     inner: Arc<Inner>,
