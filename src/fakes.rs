@@ -418,8 +418,8 @@ impl RunningStep for FakeStep {
     }
 
     /// A successful step printed one serialized event (when its events are collected).
-    fn take_events(&mut self) -> Option<crate::results::EventLines> {
-        let mut events = crate::results::EventLines::default();
+    fn take_events(&mut self) -> Option<crate::launcher::EventLines> {
+        let mut events = crate::launcher::EventLines::default();
         if self.step.collect_events
             && self.step.print_serialized_events
             && self.outcome == FakeOutcome::Succeed

@@ -14,8 +14,7 @@
 //!   reached an outcome in Dagster returns the serialized `DagsterEvent` lines it printed on
 //!   stdout (`print_serialized_events`); a crash, timeout, cancel or dead letter returns an
 //!   error in taskiq's exception shape, so the executor never waits forever.
-//! - **Event lines.** [`EventLines`] is the bounded buffer the local launchers fill from a
-//!   step's stdout when [`StepRequest::collect_events`] is set.
+//!   The event lines come from the local launchers ([`crate::launcher::EventLines`]).
 //!
 //! S3 sits behind the [`ObjectStore`] trait: [`S3ObjectStore`] is the aws-sdk implementation,
 //! `crate::fakes::FakeObjectStore` the in-memory one the unit tests use.
@@ -32,6 +31,8 @@ use tokio::time::Instant;
 
 use crate::config::TaskiqArgs;
 use crate::envelope::{self, Poison, StepRequest, MAX_BODY_BYTES};
+use crate::launcher::child::MAX_EVENT_BYTES;
+use crate::launcher::EventLines;
 use crate::outcome::{Outcome, Skip};
 use crate::queue::ReceivedMessage;
 
@@ -40,9 +41,6 @@ pub const EXTENDED_MESSAGE_ATTRIBUTE: &str = "s3_extended_message";
 /// Largest body resolved from S3. taskiq-aio-sqs sets no limit; this one bounds the memory a
 /// single message can take (the body is held while its step runs).
 pub const MAX_EXTENDED_BODY_BYTES: usize = 64 * 1024 * 1024;
-/// Largest total size of the event lines kept for one step's result; past it the result is an
-/// error that says so (the events are still in Dagster's event log).
-pub const MAX_EVENT_BYTES: usize = 32 * 1024 * 1024;
 /// The exception type of error results. taskiq rebuilds it from `sys.modules` when that module
 /// is imported in the reading process, else as a dynamic `Exception` subclass of that name.
 pub const ERROR_MODULE: &str = "dagster_taskiq_controller.contract";
@@ -256,60 +254,6 @@ where
             message,
         },
     }
-}
-
-// ---- event lines -------------------------------------------------------------------------
-
-/// The serialized `DagsterEvent` lines of one step's stdout, in order, at most
-/// [`MAX_EVENT_BYTES`] of them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EventLines {
-    pub lines: Vec<String>,
-    /// Total length of `lines`.
-    pub bytes: usize,
-    /// Lines dropped because the limit was reached.
-    pub dropped: usize,
-}
-
-/// Shared between a step's stdout reader and its [`crate::launcher::RunningStep`].
-pub type EventSink = Arc<Mutex<EventLines>>;
-
-impl EventLines {
-    /// Keeps the line unless the limit is reached; false when it was dropped.
-    pub fn push(&mut self, line: String) -> bool {
-        if self.dropped > 0 || self.bytes + line.len() > MAX_EVENT_BYTES {
-            self.dropped += 1;
-            return false;
-        }
-        self.bytes += line.len();
-        self.lines.push(line);
-        true
-    }
-
-    /// A sink for this step, when its events are to be collected.
-    pub fn sink_for(step: &StepRequest) -> Option<EventSink> {
-        step.collect_events.then(EventSink::default)
-    }
-
-    /// Takes what a sink holds.
-    pub fn take(sink: &EventSink) -> EventLines {
-        std::mem::take(&mut *sink.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
-/// Whether a stdout line is a serialized `DagsterEvent` (Dagster's `serialize_value` output:
-/// a JSON object whose `__class__` is `DagsterEvent`), as `dagster api execute_step` prints
-/// them with `print_serialized_events`.
-pub fn is_serialized_event(line: &str) -> bool {
-    #[derive(Deserialize)]
-    struct Class<'a> {
-        #[serde(rename = "__class__", borrow)]
-        class: Option<&'a str>,
-    }
-    let line = line.trim();
-    line.starts_with('{')
-        && line.contains("\"DagsterEvent\"")
-        && serde_json::from_str::<Class>(line).is_ok_and(|c| c.class == Some("DagsterEvent"))
 }
 
 // ---- result objects ----------------------------------------------------------------------
@@ -819,26 +763,6 @@ mod tests {
 
     fn result_json(store: &FakeObjectStore, key: &str) -> serde_json::Value {
         serde_json::from_slice(&store.object("results", key).expect("result written")).unwrap()
-    }
-
-    #[test]
-    fn serialized_events_are_told_from_other_output() {
-        assert!(is_serialized_event(
-            r#"{"__class__": "DagsterEvent", "event_type_value": "STEP_SUCCESS"}"#
-        ));
-        assert!(!is_serialized_event("hello from the op"));
-        assert!(!is_serialized_event(r#"{"__class__": "DagsterRun"}"#));
-        assert!(!is_serialized_event(r#"{"note": "DagsterEvent"}"#));
-        assert!(!is_serialized_event(r#"{"__class__": "DagsterEvent""#));
-    }
-
-    #[test]
-    fn event_lines_stop_at_the_limit() {
-        let mut events = EventLines::default();
-        assert!(events.push("a".repeat(MAX_EVENT_BYTES - 1)));
-        assert!(!events.push("bb".into()));
-        assert!(!events.push("c".into()), "nothing after the first drop");
-        assert_eq!((events.lines.len(), events.dropped), (1, 2));
     }
 
     #[test]

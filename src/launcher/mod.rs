@@ -3,17 +3,17 @@
 //! [`WarmLauncher`] forks it from a zygote that has already imported Dagster,
 //! [`EcsLauncher`] runs it as its own ECS task; [`LauncherRouter`] picks one per step.
 
+pub(crate) mod child;
 pub mod ecs;
-mod process;
 mod router;
-mod warm;
 
 use async_trait::async_trait;
 
+pub use child::{
+    EventLines, ProcessLauncher, ProcessLauncherConfig, WarmLauncher, WarmLauncherConfig,
+};
 pub use ecs::{EcsLauncher, EcsLauncherConfig, EcsStopCause};
-pub use process::{ProcessLauncher, ProcessLauncherConfig};
 pub use router::LauncherRouter;
-pub use warm::{WarmLauncher, WarmLauncherConfig};
 
 use crate::envelope::{LauncherKind, StepRequest};
 
@@ -140,7 +140,7 @@ pub trait RunningStep: Send + Sync {
     /// The serialized event lines the step printed, once it ended, when the step asked for
     /// them (`StepRequest::collect_events`); `None` from launchers that do not capture the
     /// step's output (ECS).
-    fn take_events(&mut self) -> Option<crate::results::EventLines> {
+    fn take_events(&mut self) -> Option<EventLines> {
         None
     }
     /// True when the execution keeps running without this controller (an ECS task): on

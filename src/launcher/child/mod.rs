@@ -1,0 +1,13 @@
+//! The local launchers: each step is a child process of this host, started cold
+//! ([`ProcessLauncher`]) or forked from a warm zygote ([`WarmLauncher`]). Both read the step's
+//! pipes the same way ([`output`]): stderr into the step's span and a tail for verdicts,
+//! stdout's serialized Dagster events into [`EventLines`] for the taskiq result.
+
+mod events;
+mod output;
+mod process;
+mod warm;
+
+pub use events::{EventLines, MAX_EVENT_BYTES};
+pub use process::{ProcessLauncher, ProcessLauncherConfig};
+pub use warm::{WarmLauncher, WarmLauncherConfig};

@@ -1,0 +1,138 @@
+//! A step process's two pipes as they are read, for both local launchers: stdout lines to the
+//! step's tracing span (or, when collected, to its serialized events), stderr lines to the
+//! span and a bounded tail that a verdict quotes.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use super::events::{self, EventLines, EventSink};
+use crate::envelope::StepRequest;
+
+/// How many stderr lines a verdict quotes.
+const STDERR_TAIL_LINES: usize = 20;
+/// How long to wait for output pipes to close after the process exited (a grandchild may
+/// still hold them).
+const PIPE_DRAIN: Duration = Duration::from_secs(2);
+
+/// The shared buffer of a step's last stderr lines.
+type Tail = Arc<Mutex<VecDeque<String>>>;
+
+fn new_tail() -> Tail {
+    Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)))
+}
+
+fn tail_lines(tail: &Tail) -> Vec<String> {
+    tail.lock().expect("lock").iter().cloned().collect()
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Where a step's serialized event lines go: the sink, when the step prints them
+/// (`print_serialized_events`) and they are collected.
+fn event_lines_of(step: &StepRequest, sink: &Option<EventSink>) -> Option<EventSink> {
+    sink.clone().filter(|_| step.print_serialized_events)
+}
+
+/// Streams a pipe's lines into the step's span. With `events`, stdout lines that are
+/// serialized Dagster events go there instead (bounded: see [`events::MAX_EVENT_BYTES`]).
+async fn forward_lines(
+    pipe: impl AsyncRead + Unpin,
+    stream: Stream,
+    tail: Option<Tail>,
+    events: Option<EventSink>,
+) {
+    let mut lines = BufReader::new(pipe).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(events) = events
+            .as_ref()
+            .filter(|_| events::is_serialized_event(&line))
+        {
+            let kept = events.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            if !kept {
+                tracing::warn!(
+                    target: "step::stdout",
+                    limit = events::MAX_EVENT_BYTES,
+                    "event line dropped: the step's events are over the limit"
+                );
+            }
+            continue;
+        }
+        match stream {
+            // With print_serialized_events the step prints one serialized event per line.
+            Stream::Stdout => tracing::debug!(target: "step::stdout", "{line}"),
+            Stream::Stderr => tracing::info!(target: "step::stderr", "{line}"),
+        }
+        if let Some(tail) = &tail {
+            let mut tail = tail.lock().expect("lock");
+            if tail.len() == STDERR_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    }
+}
+
+/// A step process's two pipes as they are read: stdout lines to the step's span (or, when
+/// collected, to its serialized events), stderr lines to the span and a bounded tail.
+pub(super) struct StepOutput {
+    readers: Vec<JoinHandle<()>>,
+    stderr_tail: Tail,
+    events: Option<EventSink>,
+}
+
+impl StepOutput {
+    /// Starts reading at once, so a chatty child never blocks on a full pipe.
+    pub(super) fn forward(
+        stdout: impl AsyncRead + Unpin + Send + 'static,
+        stderr: impl AsyncRead + Unpin + Send + 'static,
+        step: &StepRequest,
+    ) -> Self {
+        let stderr_tail = new_tail();
+        let events = EventLines::sink_for(step);
+        let span = tracing::Span::current();
+        let readers = vec![
+            tokio::spawn(
+                forward_lines(stdout, Stream::Stdout, None, event_lines_of(step, &events))
+                    .instrument(span.clone()),
+            ),
+            tokio::spawn(
+                forward_lines(stderr, Stream::Stderr, Some(stderr_tail.clone()), None)
+                    .instrument(span),
+            ),
+        ];
+        Self {
+            readers,
+            stderr_tail,
+            events,
+        }
+    }
+
+    /// After the exit: lets the readers finish so the stderr tail is complete.
+    pub(super) async fn drain(&mut self) {
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(PIPE_DRAIN, reader).await;
+        }
+    }
+
+    /// Stops reading (the step never started).
+    pub(super) fn abort(&self) {
+        self.readers.iter().for_each(JoinHandle::abort);
+    }
+
+    pub(super) fn stderr_tail(&self) -> Vec<String> {
+        tail_lines(&self.stderr_tail)
+    }
+
+    pub(super) fn take_events(&self) -> Option<EventLines> {
+        self.events.as_ref().map(EventLines::take)
+    }
+}
