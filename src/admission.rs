@@ -16,9 +16,12 @@ use std::fmt;
 use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::flags::{invalid, parse_seconds, ConfigError};
 
 /// Which steps a tag limit counts, as in Dagster's `tag_concurrency_limits`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -430,6 +433,77 @@ impl AdmissionView {
             launch_rate: self.config.launch_rate.map(NonZeroU32::get),
             launch_burst: self.config.launch_burst.get(),
         }
+    }
+}
+
+/// The admission flags: how many steps run at once, and how fast they launch.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdmissionArgs {
+    /// Steps run at once by this controller.
+    #[arg(long, env = "DAGSTER_TASKIQ_MAX_CONCURRENT", default_value_t = 16)]
+    pub max_concurrent: usize,
+
+    /// Steps of one Dagster run run at once by this controller (0: no cap).
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_MAX_CONCURRENT_PER_RUN",
+        default_value_t = 0
+    )]
+    pub max_concurrent_per_run: usize,
+
+    /// Cap on running steps by op tag, as Dagster's tag_concurrency_limits: `key=value:N`
+    /// (that value), `key:N` (any value, shared) or `key=*:N` (each value its own cap).
+    /// Repeatable; comma-separated in the environment.
+    #[arg(
+        long = "tag-limit",
+        env = "DAGSTER_TASKIQ_TAG_LIMITS",
+        value_delimiter = ','
+    )]
+    pub tag_limits: Vec<TagLimit>,
+
+    /// Messages held beyond the running steps, ready to start when a slot frees.
+    #[arg(long, env = "DAGSTER_TASKIQ_PREFETCH", default_value_t = 10)]
+    pub prefetch: usize,
+
+    /// Seconds a held message may wait for a run slot before it goes back to the queue for
+    /// other replicas (0: wait here).
+    #[arg(long, env = "DAGSTER_TASKIQ_WAITING_LIMIT", default_value = "30", value_parser = parse_seconds)]
+    pub waiting_limit: Duration,
+
+    /// Launches per second (token bucket); 0 means unlimited.
+    #[arg(long, env = "DAGSTER_TASKIQ_LAUNCH_RATE", default_value_t = 0)]
+    pub launch_rate: u32,
+
+    /// Launches allowed back to back before the rate applies.
+    #[arg(long, env = "DAGSTER_TASKIQ_LAUNCH_BURST", default_value_t = 10)]
+    pub launch_burst: u32,
+}
+
+impl AdmissionArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_concurrent == 0 {
+            return Err(invalid("max-concurrent", "must be at least 1"));
+        }
+        if self.launch_burst == 0 {
+            return Err(invalid("launch-burst", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> AdmissionConfig {
+        AdmissionConfig {
+            max_concurrent: self.max_concurrent,
+            prefetch: self.prefetch,
+            max_per_run: (self.max_concurrent_per_run > 0).then_some(self.max_concurrent_per_run),
+            tag_limits: self.tag_limits.clone(),
+            launch_rate: NonZeroU32::new(self.launch_rate),
+            launch_burst: NonZeroU32::new(self.launch_burst).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+
+    /// `None`: held messages wait for a slot however long it takes.
+    pub fn waiting_limit(&self) -> Option<Duration> {
+        (!self.waiting_limit.is_zero()).then_some(self.waiting_limit)
     }
 }
 

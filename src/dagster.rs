@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::envelope::StepRequest;
 use crate::metrics::Metrics;
 
+use crate::flags::parse_seconds;
+
 /// Dagster's run statuses (`DagsterRunStatus`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -534,6 +536,14 @@ impl DagsterBridge for SidecarBridge {
     fn subscribe(&self) -> broadcast::Receiver<BridgePush> {
         self.pushes.subscribe()
     }
+}
+
+/// The bridge's flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BridgeArgs {
+    /// Deadline of one Dagster bridge request, in seconds.
+    #[arg(long, env = "DAGSTER_TASKIQ_BRIDGE_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
+    pub bridge_timeout: Duration,
 }
 
 #[cfg(test)]

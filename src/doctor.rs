@@ -241,16 +241,16 @@ async fn check_dead_letter_queue(
     // and written its verdict.
     // A continuation (steps past SQS's 12-hour cap) may be passed between replicas up to ten
     // times --max-attempts.
-    let continuation_limit = args.max_attempts.saturating_mul(10);
+    let continuation_limit = args.controller.max_attempts.saturating_mul(10);
     match redrive.max_receive_count {
-        Some(count) if count <= args.max_attempts => report.push(
+        Some(count) if count <= args.controller.max_attempts => report.push(
             NAME,
             Outcome::Failed(format!(
                 "{url}: the work queue's maxReceiveCount ({count}) is not above --max-attempts \
                  ({}): SQS would move failing messages to the DLQ without a reason or a verdict \
                  in Dagster. Raise maxReceiveCount (to {} if steps may run past 12 hours) or \
                  lower --max-attempts",
-                args.max_attempts,
+                args.controller.max_attempts,
                 continuation_limit + 10
             )),
         ),
@@ -295,7 +295,7 @@ async fn check_bridge(args: &RunArgs, report: &mut Report) {
     let bridge = SidecarBridge::new(
         SidecarConfig {
             python: args.python.clone(),
-            request_timeout: args.bridge_timeout,
+            request_timeout: args.bridge.bridge_timeout,
         },
         Arc::new(Metrics::new()),
     );
@@ -420,12 +420,12 @@ async fn check_offload_bucket(args: &RunArgs, aws: &aws_config::SdkConfig, repor
 
 async fn check_dashboard_addr(args: &RunArgs, report: &mut Report) {
     const NAME: &str = "dashboard address";
-    let outcome = match tokio::net::TcpListener::bind(args.dashboard_addr).await {
-        Ok(_) => Outcome::Passed(format!("{} is free", args.dashboard_addr)),
+    let outcome = match tokio::net::TcpListener::bind(args.dashboard.dashboard_addr).await {
+        Ok(_) => Outcome::Passed(format!("{} is free", args.dashboard.dashboard_addr)),
         Err(e) => Outcome::Failed(format!(
             "cannot listen on {}: {e}. Pick another --dashboard-addr \
              (DAGSTER_TASKIQ_DASHBOARD_ADDR)",
-            args.dashboard_addr
+            args.dashboard.dashboard_addr
         )),
     };
     report.push(NAME, outcome);

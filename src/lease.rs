@@ -16,6 +16,8 @@ use crate::health::Heartbeat;
 use crate::metrics::Metrics;
 use crate::queue::{ExtendResult, WorkQueue};
 
+use crate::flags::{invalid, parse_seconds, ConfigError};
+
 /// Leave this much room before a deadline when deciding a lease may already be gone.
 const SAFETY_MARGIN: Duration = Duration::from_secs(1);
 
@@ -265,5 +267,44 @@ impl LeaseTable {
             heartbeat.beat();
             self.extend_all(queue.as_ref()).await;
         }
+    }
+}
+
+/// SQS caps a visibility timeout at 12 hours.
+const MAX_VISIBILITY_SECS: f64 = 43_200.0;
+
+/// The lease flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LeaseArgs {
+    /// Visibility timeout of a held message, in seconds; extended every third of it.
+    #[arg(long, env = "DAGSTER_TASKIQ_VISIBILITY_TIMEOUT", default_value = "60", value_parser = parse_seconds)]
+    pub visibility_timeout: Duration,
+
+    /// Total visibility SQS allows one delivery, in seconds; leases are handed off to a
+    /// continuation message before it. Lower only for tests.
+    #[arg(long, env = "DAGSTER_TASKIQ_VISIBILITY_CAP", default_value = "43200", value_parser = parse_seconds, hide = true)]
+    pub visibility_cap: Duration,
+}
+
+impl LeaseArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let visibility = self.visibility_timeout.as_secs_f64();
+        if !(1.0..=MAX_VISIBILITY_SECS).contains(&visibility)
+            || self.visibility_timeout.subsec_nanos() != 0
+        {
+            return Err(invalid(
+                "visibility-timeout",
+                "must be a whole number of seconds from 1 to 43200 (SQS limits)",
+            ));
+        }
+        if self.visibility_cap < self.visibility_timeout * 2
+            || self.visibility_cap.as_secs_f64() > MAX_VISIBILITY_SECS
+        {
+            return Err(invalid(
+                "visibility-cap",
+                "must be at least twice --visibility-timeout and at most 43200",
+            ));
+        }
+        Ok(())
     }
 }

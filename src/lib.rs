@@ -26,7 +26,8 @@
 //!
 //! Around it:
 //! - [`state`]: step states and the table the API reads.
-//! - [`config`]: flags and environment, validated.
+//! - [`config`]: the command line, gathered from each component's own `...Args`;
+//!   [`flags`]: the value parsers and the error they share.
 //! - [`dashboard`]: HTML dashboard, probes, metrics and JSON API (warp).
 //! - [`doctor`]: the `doctor` subcommand's checks of a configuration.
 //! - [`health`]: loop heartbeats and SQS reachability, read by the probes.
@@ -45,6 +46,7 @@ pub mod doctor;
 pub mod envelope;
 #[cfg(any(test, feature = "testing"))]
 pub mod fakes;
+pub mod flags;
 pub mod health;
 pub mod launcher;
 pub mod lease;

@@ -26,10 +26,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use clap::Args;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::config::TaskiqArgs;
 use crate::envelope::{self, Poison, StepRequest, MAX_BODY_BYTES};
 use crate::launcher::child::MAX_EVENT_BYTES;
 use crate::launcher::EventLines;
@@ -50,6 +50,26 @@ pub const ERROR_TYPE: &str = "StepExecutionError";
 /// many, for at most [`KEPT_FOR`]): a redelivery to this controller can still write it.
 const MAX_KEPT: usize = 256;
 const KEPT_FOR: Duration = Duration::from_secs(3600);
+
+// ---- flags ---------------------------------------------------------------------------------
+
+/// dagster-taskiq compatibility: taskiq results and extended payloads (this module).
+#[derive(Debug, Clone, Default, Args)]
+pub struct TaskiqArgs {
+    /// S3 bucket for taskiq results (taskiq-aio-sqs `S3Backend(bucket_name=...)`): each
+    /// settled step gets its result object at `<task_id>`. Unset: no results are written.
+    #[arg(long, env = "DAGSTER_TASKIQ_S3_BUCKET_NAME")]
+    pub result_bucket: Option<String>,
+
+    /// Key prefix of the result objects (`S3Backend(base_path=...)`).
+    #[arg(long, env = "DAGSTER_TASKIQ_S3_BASE_PATH", default_value = "")]
+    pub result_base_path: String,
+
+    /// S3 endpoint for results and extended payloads. Default: the standard AWS configuration
+    /// (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, else AWS itself).
+    #[arg(long, env = "DAGSTER_TASKIQ_S3_ENDPOINT_URL")]
+    pub s3_endpoint_url: Option<String>,
+}
 
 // ---- the S3 boundary ---------------------------------------------------------------------
 

@@ -83,10 +83,24 @@ def cargo_bin_name() -> str:
     return package.group(1)
 
 
+def cli_definitions() -> str:
+    """The bodies of every clap `Args`/`Parser`/`Subcommand` type under src/: each component
+    owns its flags (e.g. `AdmissionArgs` in src/admission.rs) and src/config.rs gathers them."""
+    derive = re.compile(
+        r"#\[derive\([^)]*\b(?:Args|Parser|Subcommand)\b[^)]*\)\][^{}]*?"
+        r"pub (?:struct|enum) \w+ \{(.*?)\n\}",
+        re.S,
+    )
+    bodies = [m.group(1) for f in sorted(SRC.rglob("*.rs")) for m in derive.finditer(f.read_text())]
+    assert len(bodies) >= 5, "no clap argument types found under src/: the scan is broken"
+    return "\n".join(bodies)
+
+
 def cli_env_names() -> set[str]:
-    """Every environment variable the CLI reads (`env = "..."` in src/config.rs)."""
-    names = set(re.findall(r'\benv\s*=\s*"([A-Z0-9_]+)"', (SRC / "config.rs").read_text()))
-    assert "DAGSTER_TASKIQ_SQS_QUEUE_URL" in names, "src/config.rs no longer parses as expected"
+    """Every environment variable the CLI reads (`env = "..."` in the clap types)."""
+    names = set(re.findall(r'\benv\s*=\s*"([A-Z0-9_]+)"', cli_definitions()))
+    assert "DAGSTER_TASKIQ_SQS_QUEUE_URL" in names, "src/ no longer parses as expected"
+    assert "DAGSTER_TASKIQ_MAX_CONCURRENT" in names, "the component flags were not found"
     return names
 
 
@@ -416,8 +430,8 @@ def registered_metrics() -> set[str]:
 
 
 def cli_flags() -> set[str]:
-    """Long flags clap derives from src/config.rs: field names in kebab-case, `long = "..."`."""
-    text = (SRC / "config.rs").read_text()
+    """Long flags clap derives from the clap types: field names in kebab-case, `long = "..."`."""
+    text = cli_definitions()
     fields = re.findall(r"^\s*(?:pub\s+)?([a-z_][a-z0-9_]*)\s*:", text, re.M)
     explicit = re.findall(r'\blong\s*=\s*"([a-z0-9-]+)"', text)
     return {"--" + f.replace("_", "-") for f in fields} | {"--" + f for f in explicit}

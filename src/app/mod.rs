@@ -26,7 +26,6 @@ use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
 use dagster_taskiq_controller::results::TaskiqCompat;
-use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::StepTable;
 
 /// How old the dashboard's queue depths may get before GetQueueAttributes is called again.
@@ -57,10 +56,10 @@ pub(crate) async fn doctor(args: RunArgs) -> anyhow::Result<()> {
 
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     args.validate()?;
-    let controller_id = args.controller_id();
+    let controller_id = args.controller.controller_id();
     let metrics = Arc::new(Metrics::new());
 
-    let aws = load_aws(args.receive_wait + Duration::from_secs(10)).await;
+    let aws = load_aws(args.controller.receive_wait + Duration::from_secs(10)).await;
     let sqs = aws_sdk_sqs::Client::new(&aws);
     let dlq_url = match &args.dlq_url {
         Some(url) => url.clone(),
@@ -91,18 +90,21 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot read the work queue {}", args.queue_url))?;
     let leases = Arc::new(LeaseTable::new(
-        args.visibility_timeout,
-        args.visibility_cap,
+        args.lease.visibility_timeout,
+        args.lease.visibility_cap,
         metrics.clone(),
     ));
-    let health = Arc::new(Health::new(args.receive_wait, leases.heartbeat_interval()));
+    let health = Arc::new(Health::new(
+        args.controller.receive_wait,
+        leases.heartbeat_interval(),
+    ));
     // SQS just answered: ready before the first long poll returns.
     health.queue_contact("GetQueueAttributes", None);
 
     let bridge = Arc::new(SidecarBridge::new(
         SidecarConfig {
             python: args.python.clone(),
-            request_timeout: args.bridge_timeout,
+            request_timeout: args.bridge.bridge_timeout,
         },
         metrics.clone(),
     ));
@@ -116,14 +118,14 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cold = ProcessLauncher::new(ProcessLauncherConfig {
         python: args.python.clone(),
     });
-    let process_launcher: Arc<dyn Launcher> = if args.warm_pool {
+    let process_launcher: Arc<dyn Launcher> = if args.warm.warm_pool {
         Arc::new(WarmLauncher::new(
             WarmLauncherConfig {
                 python: args.python.clone(),
-                preload: args.warm_preload.clone(),
-                recycle_after: args.warm_recycle_after,
-                max_rss_growth: args.warm_max_rss_growth_mb * 1024 * 1024,
-                start_timeout: args.warm_start_timeout,
+                preload: args.warm.warm_preload.clone(),
+                recycle_after: args.warm.warm_recycle_after,
+                max_rss_growth: args.warm.warm_max_rss_growth_mb * 1024 * 1024,
+                start_timeout: args.warm.warm_start_timeout,
                 spawn_timeout: std::time::Duration::from_secs(30),
             },
             cold,
@@ -134,7 +136,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut launchers: Vec<Arc<dyn Launcher>> = vec![process_launcher];
     if args.ecs_enabled() {
-        let config = args.ecs_config(&controller_id)?;
+        let config = args.ecs.config(&controller_id)?;
         tracing::info!(
             cluster = %config.cluster,
             task_definition = %config.task_definition,
@@ -152,18 +154,23 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let taskiq = TaskiqCompat::connect(&args.taskiq, &aws)
         .await
         .context("cannot set up taskiq results")?
-        .with_retry_budget(args.visibility_timeout / 2);
+        .with_retry_budget(args.lease.visibility_timeout / 2);
 
     let draining = CancellationToken::new();
     let abort = CancellationToken::new();
     let steps = Arc::new(StepTable::default());
-    let admission = Admission::new(args.admission_config());
+    let admission = Admission::new(args.admission.config());
     metrics
         .admission_capacity
-        .set(i64::try_from(args.max_concurrent).unwrap_or(i64::MAX));
-    let listener = dashboard::bind(args.dashboard_addr)
+        .set(i64::try_from(args.admission.max_concurrent).unwrap_or(i64::MAX));
+    let listener = dashboard::bind(args.dashboard.dashboard_addr)
         .await
-        .with_context(|| format!("cannot listen on --dashboard-addr {}", args.dashboard_addr))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on --dashboard-addr {}",
+                args.dashboard.dashboard_addr
+            )
+        })?;
     let dashboard_stop = CancellationToken::new();
     let dashboard = tokio::spawn(dashboard::serve(
         listener,
@@ -182,7 +189,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             health: health.clone(),
             queues: queue.clone(),
             bridge: bridge.clone(),
-            admin_token: args.admin_token.as_deref().map(Arc::from),
+            admin_token: args.dashboard.admin_token.as_deref().map(Arc::from),
             draining: draining.clone(),
             queue_cache: Arc::new(QueueCache::new(QUEUE_COUNTS_MAX_AGE)),
         },
@@ -192,19 +199,16 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(Context {
         settings: Settings {
             controller_id: controller_id.clone(),
-            receive_wait: args.receive_wait,
-            max_attempts: args.max_attempts,
-            backoff: Backoff {
-                base: args.backoff_base,
-                cap: args.backoff_cap,
-            },
-            shutdown_grace: args.shutdown_grace,
-            call_retry_budget: args.visibility_timeout / 2,
-            default_step_timeout: args.step_timeout(),
-            stop_grace: args.stop_grace,
-            run_status_interval: args.run_status_interval,
-            adoption_window: (args.visibility_timeout * 3).max(Duration::from_secs(60)),
-            waiting_limit: args.waiting_limit(),
+            receive_wait: args.controller.receive_wait,
+            max_attempts: args.controller.max_attempts,
+            backoff: args.controller.backoff(),
+            shutdown_grace: args.controller.shutdown_grace,
+            call_retry_budget: args.lease.visibility_timeout / 2,
+            default_step_timeout: args.controller.step_timeout(),
+            stop_grace: args.controller.stop_grace,
+            run_status_interval: args.controller.run_status_interval,
+            adoption_window: (args.lease.visibility_timeout * 3).max(Duration::from_secs(60)),
+            waiting_limit: args.admission.waiting_limit(),
         },
         queue,
         launcher: Arc::new(launcher),
@@ -225,10 +229,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         queue_url = %args.queue_url,
         dlq_url,
         dagster_version,
-        dashboard = %args.dashboard_addr,
-        max_concurrent = args.max_concurrent,
-        admin_api = args.admin_token.is_some(),
-        warm_pool = args.warm_pool,
+        dashboard = %args.dashboard.dashboard_addr,
+        max_concurrent = args.admission.max_concurrent,
+        admin_api = args.dashboard.admin_token.is_some(),
+        warm_pool = args.warm.warm_pool,
         result_bucket = ?args.taskiq.result_bucket,
         "controller started"
     );

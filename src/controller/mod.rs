@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::dagster::DagsterBridge;
+use crate::flags::{invalid, parse_seconds, ConfigError};
 use crate::health::Health;
 use crate::launcher::Launcher;
 use crate::lease::LeaseTable;
@@ -155,4 +156,90 @@ fn count_queue_error(ctx: &Context, operation: &'static str, e: &crate::queue::Q
         .queue_errors
         .get_or_create(&[("operation", operation), ("kind", e.kind())])
         .inc();
+}
+
+/// The controller loop's flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerArgs {
+    /// Deliveries of one message before it is dead-lettered with a verdict.
+    #[arg(long, env = "DAGSTER_TASKIQ_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+
+    /// Base of the exponential backoff, in seconds.
+    #[arg(long, env = "DAGSTER_TASKIQ_BACKOFF_BASE", default_value = "1", value_parser = parse_seconds)]
+    pub backoff_base: Duration,
+
+    /// Cap of the exponential backoff, in seconds.
+    #[arg(long, env = "DAGSTER_TASKIQ_BACKOFF_CAP", default_value = "300", value_parser = parse_seconds)]
+    pub backoff_cap: Duration,
+
+    /// Seconds running steps get to finish after SIGTERM before they are killed and released.
+    #[arg(long, env = "DAGSTER_TASKIQ_SHUTDOWN_GRACE", default_value = "110", value_parser = parse_seconds)]
+    pub shutdown_grace: Duration,
+
+    /// Timeout of steps without a `dagster-taskiq/timeout` op tag, in seconds; 0: none.
+    #[arg(long, env = "DAGSTER_TASKIQ_STEP_TIMEOUT", default_value = "0", value_parser = parse_seconds)]
+    pub step_timeout: Duration,
+
+    /// Seconds a canceled step gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "DAGSTER_TASKIQ_STOP_GRACE", default_value = "10", value_parser = parse_seconds)]
+    pub stop_grace: Duration,
+
+    /// How often the status of runs with running steps is read from Dagster, in seconds. The
+    /// bridge also pushes cancellations and terminate requests as they are written; this poll
+    /// is the fallback.
+    #[arg(long, env = "DAGSTER_TASKIQ_RUN_STATUS_INTERVAL", default_value = "1", value_parser = parse_seconds)]
+    pub run_status_interval: Duration,
+
+    /// Long-poll wait of one receive, in seconds (at most 20).
+    #[arg(long, env = "DAGSTER_TASKIQ_RECEIVE_WAIT", default_value = "20", value_parser = parse_seconds)]
+    pub receive_wait: Duration,
+
+    /// Name of this replica in dead letters and events. Default: hostname and pid.
+    #[arg(long, env = "DAGSTER_TASKIQ_CONTROLLER_ID")]
+    pub controller_id: Option<String>,
+}
+
+impl ControllerArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_attempts == 0 {
+            return Err(invalid("max-attempts", "must be at least 1"));
+        }
+        if self.backoff_base > self.backoff_cap {
+            return Err(invalid("backoff-base", "must not exceed --backoff-cap"));
+        }
+        if self.receive_wait > Duration::from_secs(20) {
+            return Err(invalid("receive-wait", "SQS long polls at most 20 seconds"));
+        }
+        if self.run_status_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "run-status-interval",
+                "must be at least 0.1 seconds",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `None`: steps without a timeout tag run as long as they take.
+    pub fn step_timeout(&self) -> Option<Duration> {
+        Some(self.step_timeout).filter(|t| !t.is_zero())
+    }
+
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            base: self.backoff_base,
+            cap: self.backoff_cap,
+        }
+    }
+
+    /// The configured id, or `<hostname>-<pid>`.
+    pub fn controller_id(&self) -> String {
+        self.controller_id.clone().unwrap_or_else(|| {
+            let host = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "controller".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
 }

@@ -26,6 +26,8 @@ use crate::metrics::Metrics;
 use crate::queue::{QueueAdmin, QueueCounts};
 use crate::state::StepTable;
 
+use crate::flags::{invalid, ConfigError};
+
 pub use api::ApiError;
 
 const INDEX_HTML: &str = include_str!("index.html");
@@ -279,6 +281,41 @@ async fn readiness(state: DashboardState) -> impl warp::Reply {
             StatusCode::SERVICE_UNAVAILABLE
         },
     )
+}
+
+/// Shortest admin token accepted: the API can stop steps and move messages.
+const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+/// The dashboard's flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DashboardArgs {
+    /// Address of the dashboard, API, metrics and probes.
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_DASHBOARD_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub dashboard_addr: SocketAddr,
+
+    /// Bearer token for the API's mutating endpoints (cancel, DLQ redrive); without one they
+    /// are disabled. At least 16 characters.
+    #[arg(long, env = "DAGSTER_TASKIQ_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+impl DashboardArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(token) = &self.admin_token {
+            if token.chars().count() < MIN_ADMIN_TOKEN_LEN || token.chars().any(char::is_whitespace)
+            {
+                return Err(invalid(
+                    "admin-token",
+                    format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters without spaces"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //!   handed back for another replica to adopt.
 
 pub mod api;
+mod args;
 #[cfg(test)]
 mod fake;
 pub mod outcome;
@@ -35,6 +36,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use self::api::{ApiError, BlobStore, Desired, EcsApi, ErrorClass};
+pub use self::args::EcsArgs;
 pub use self::outcome::EcsStopCause;
 use self::outcome::TaskView;
 use self::request::{

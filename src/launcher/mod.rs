@@ -10,7 +10,7 @@ mod router;
 use async_trait::async_trait;
 
 pub use child::{
-    EventLines, ProcessLauncher, ProcessLauncherConfig, WarmLauncher, WarmLauncherConfig,
+    EventLines, ProcessLauncher, ProcessLauncherConfig, WarmArgs, WarmLauncher, WarmLauncherConfig,
 };
 pub use ecs::{EcsLauncher, EcsLauncherConfig, EcsStopCause};
 pub use router::LauncherRouter;

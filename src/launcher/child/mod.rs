@@ -10,4 +10,4 @@ mod warm;
 
 pub use events::{EventLines, MAX_EVENT_BYTES};
 pub use process::{ProcessLauncher, ProcessLauncherConfig};
-pub use warm::{WarmLauncher, WarmLauncherConfig};
+pub use warm::{WarmArgs, WarmLauncher, WarmLauncherConfig};

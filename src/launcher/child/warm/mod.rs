@@ -22,8 +22,11 @@
 //! usable zygote is at hand the step is launched cold, with a warning and
 //! `warm_pool_fallbacks_total`.
 
+mod args;
 mod step;
 mod zygote;
+
+pub use args::WarmArgs;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
