@@ -39,6 +39,8 @@ struct QueueInner {
     /// Handles whose extension reports a lost lease.
     lost_handles: Vec<String>,
     extend_calls: u64,
+    /// Messages a receive returns beyond the `max` asked for (a misbehaving queue).
+    overdeliver: usize,
 }
 
 /// A work queue in memory. Receives return at once (no long poll) when empty after a
@@ -51,6 +53,11 @@ pub struct FakeQueue {
 }
 
 impl FakeQueue {
+    /// Makes every receive return up to `extra` messages more than asked for.
+    pub fn overdeliver(&self, extra: usize) {
+        self.inner.lock().overdeliver = extra;
+    }
+
     pub fn push(&self, message_id: &str, body: &str) {
         self.push_with_attributes(message_id, body, &[]);
     }
@@ -132,7 +139,7 @@ impl WorkQueue for FakeQueue {
                 let mut inner = self.inner.lock();
                 if !inner.visible.is_empty() {
                     let mut out = Vec::new();
-                    while out.len() < max {
+                    while out.len() < max + inner.overdeliver {
                         let Some(mut message) = inner.visible.pop_front() else {
                             break;
                         };

@@ -871,3 +871,32 @@ async fn a_surviving_execution_is_adopted_even_past_max_attempts() {
     drop(earlier);
     bed.stop(handle).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_that_returns_more_than_asked_gets_the_extra_back_unharmed() {
+    // Four slots, six messages in one receive: the two without a slot go back at once and
+    // run later; nothing panics, nothing runs twice.
+    let bed = bed(Duration::from_secs(2));
+    bed.queue.overdeliver(10);
+    for n in 1..=6 {
+        bed.queue.push(
+            &format!("m{n}"),
+            &step_body(&task_id(n), "run1", &format!("op_{n}"), 0),
+        );
+    }
+    let handle = bed.start();
+    for n in 1..=6 {
+        bed.queue.wait_for(acked(&format!("m{n}"))).await;
+    }
+    let mut launches = bed.launcher.launches();
+    launches.sort();
+    assert_eq!(launches, (1..=6).map(task_id).collect::<Vec<_>>());
+    let given_back = bed
+        .queue
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, QueueEvent::Released(_, delay) if delay.is_zero()))
+        .count();
+    assert!(given_back >= 2, "{:?}", bed.queue.events());
+    bed.stop(handle).await;
+}
