@@ -85,7 +85,7 @@ pub async fn diagnose(args: &RunArgs, aws: &aws_config::SdkConfig) -> Report {
         Ok(()) => report.push("configuration", Outcome::Passed("flags are valid".into())),
         Err(e) => report.push("configuration", Outcome::Failed(e.to_string())),
     }
-    let sqs = aws_sdk_sqs::Client::new(aws);
+    let sqs = crate::aws::sqs_client(aws);
     let queue = check_work_queue(&sqs, args, &mut report).await;
     if let Some(redrive_target) = queue {
         check_dead_letter_queue(&sqs, args, redrive_target, &mut report).await;
@@ -324,7 +324,7 @@ async fn check_ecs(args: &RunArgs, aws: &aws_config::SdkConfig, report: &mut Rep
         report.push(TASK_DEFINITION, why);
         return;
     }
-    let client = aws_sdk_ecs::Client::new(aws);
+    let client = crate::aws::ecs_client(aws);
     let cluster = &args.ecs.ecs_cluster;
     let outcome = match client.describe_clusters().clusters(cluster).send().await {
         Ok(out) => match out.clusters().first() {
@@ -402,11 +402,7 @@ async fn check_offload_bucket(args: &RunArgs, aws: &aws_config::SdkConfig, repor
         report.push(NAME, Outcome::Skipped("no --offload-bucket".into()));
         return;
     };
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(aws)
-            .force_path_style(true)
-            .build(),
-    );
+    let s3 = crate::aws::s3_client(aws, None);
     let outcome = match s3.head_bucket().bucket(bucket).send().await {
         Ok(_) => Outcome::Passed(bucket.to_owned()),
         Err(e) => Outcome::Failed(format!(

@@ -38,6 +38,7 @@
 //! The binary (`src/main.rs`, `src/app/`) parses the command line and wires these together.
 
 pub mod admission;
+pub mod aws;
 pub mod config;
 pub mod controller;
 pub mod dagster;

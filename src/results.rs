@@ -25,11 +25,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::aws;
 use crate::envelope::{self, Poison, StepRequest, MAX_BODY_BYTES};
 use crate::launcher::child::MAX_EVENT_BYTES;
 use crate::launcher::EventLines;
@@ -126,16 +127,8 @@ pub struct S3ObjectStore {
 impl S3ObjectStore {
     /// A client from the standard AWS configuration, on `endpoint` when given.
     pub fn new(aws: &aws_config::SdkConfig, endpoint: Option<&str>) -> Self {
-        let mut builder = aws_sdk_s3::config::Builder::from(aws);
-        if let Some(url) = endpoint {
-            builder = builder.endpoint_url(url);
-        }
-        // A custom endpoint (moto, MinIO, LocalStack) would otherwise get bucket.host URLs.
-        let custom = endpoint.is_some()
-            || aws.endpoint_url().is_some()
-            || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
         Self {
-            client: aws_sdk_s3::Client::from_conf(builder.force_path_style(custom).build()),
+            client: crate::aws::s3_client(aws, endpoint),
         }
     }
 
@@ -230,49 +223,28 @@ fn s3_error<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let message = DisplayErrorContext(&err).to_string();
+    let failure = aws::classify(&err);
     let (bucket, key) = (bucket.to_owned(), key.to_owned());
-    match &err {
-        SdkError::ServiceError(ctx) => {
-            let status = ctx.raw().status().as_u16();
-            let code = ctx.err().code().unwrap_or_default();
-            if matches!(code, "NoSuchKey" | "NotFound") || (status == 404 && code.is_empty()) {
-                StoreError::NotFound { bucket, key }
-            } else if status >= 500
-                || status == 429
-                || matches!(
-                    code,
-                    "SlowDown" | "RequestTimeout" | "Throttling" | "ThrottlingException"
-                )
-            {
-                StoreError::Transient {
-                    operation,
-                    bucket,
-                    key,
-                    message,
-                }
-            } else {
-                StoreError::Rejected {
-                    operation,
-                    bucket,
-                    key,
-                    message,
-                }
-            }
+    let code = failure.code.as_deref().unwrap_or_default();
+    if matches!(code, "NoSuchKey" | "NotFound") || (failure.status == Some(404) && code.is_empty())
+    {
+        return StoreError::NotFound { bucket, key };
+    }
+    let message = failure.text;
+    if failure.class.retryable() {
+        StoreError::Transient {
+            operation,
+            bucket,
+            key,
+            message,
         }
-        SdkError::ConstructionFailure(_) => StoreError::Rejected {
+    } else {
+        StoreError::Rejected {
             operation,
             bucket,
             key,
             message,
-        },
-        // Timeouts, dispatch and response failures: the call may not have happened.
-        _ => StoreError::Transient {
-            operation,
-            bucket,
-            key,
-            message,
-        },
+        }
     }
 }
 

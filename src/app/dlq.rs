@@ -4,12 +4,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
+use dagster_taskiq_controller::aws;
 use dagster_taskiq_controller::config::{DlqAction, DlqArgs};
 use dagster_taskiq_controller::queue::{DeadLetterEntry, RedriveFilter, SqsQueue, SqsQueueConfig};
 
 pub(crate) async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
-    let aws = super::load_aws(Duration::from_secs(30)).await;
-    let sqs = aws_sdk_sqs::Client::new(&aws);
+    let aws = aws::load(Duration::from_secs(30)).await;
+    let sqs = aws::sqs_client(&aws);
     let dlq_url = match args.dlq_url {
         Some(url) => url,
         None => SqsQueue::discover_dlq(&sqs, &args.queue_url)

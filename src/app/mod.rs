@@ -12,6 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use dagster_taskiq_controller::admission::Admission;
+use dagster_taskiq_controller::aws;
 use dagster_taskiq_controller::config::RunArgs;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
 use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
@@ -31,21 +32,8 @@ use dagster_taskiq_controller::state::StepTable;
 /// How old the dashboard's queue depths may get before GetQueueAttributes is called again.
 const QUEUE_COUNTS_MAX_AGE: Duration = Duration::from_secs(3);
 
-/// The AWS configuration with bounded calls: a hung connection must fail (and be retried)
-/// rather than stall a lease.
-pub(crate) async fn load_aws(attempt_timeout: Duration) -> aws_config::SdkConfig {
-    let timeouts = aws_config::timeout::TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(3))
-        .operation_attempt_timeout(attempt_timeout)
-        .build();
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .timeout_config(timeouts)
-        .load()
-        .await
-}
-
 pub(crate) async fn doctor(args: RunArgs) -> anyhow::Result<()> {
-    let aws = load_aws(Duration::from_secs(20)).await;
+    let aws = aws::load(Duration::from_secs(20)).await;
     let report = doctor::diagnose(&args, &aws).await;
     println!("{report}");
     if !report.passed() {
@@ -59,8 +47,8 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let controller_id = args.controller.controller_id();
     let metrics = Arc::new(Metrics::new());
 
-    let aws = load_aws(args.controller.receive_wait + Duration::from_secs(10)).await;
-    let sqs = aws_sdk_sqs::Client::new(&aws);
+    let aws = aws::load(args.controller.receive_wait + Duration::from_secs(10)).await;
+    let sqs = aws::sqs_client(&aws);
     let dlq_url = match &args.dlq_url {
         Some(url) => url.clone(),
         None => match SqsQueue::discover_dlq(&sqs, &args.queue_url)

@@ -129,13 +129,8 @@ impl EcsLauncher {
         aws: &aws_config::SdkConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, EcsSetupError> {
-        let api: Arc<dyn EcsApi> = Arc::new(api::AwsEcs::new(aws_sdk_ecs::Client::new(aws)));
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(aws)
-                // A local endpoint would otherwise become bucket.localhost.
-                .force_path_style(true)
-                .build(),
-        );
+        let api: Arc<dyn EcsApi> = Arc::new(api::AwsEcs::new(crate::aws::ecs_client(aws)));
+        let s3 = crate::aws::s3_client(aws, None);
         let names = api
             .container_names(&config.task_definition)
             .await

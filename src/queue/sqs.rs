@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::config::http::HttpResponse;
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
-    ChangeMessageVisibilityBatchRequestEntry, MessageAttributeValue, MessageSystemAttributeName,
-    QueueAttributeName,
+    ChangeMessageVisibilityBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
 };
 use aws_sdk_sqs::Client;
 
@@ -17,12 +17,15 @@ use super::{
     DeadLetter, DeadLetterEntry, ExtendResult, QueueAdmin, QueueCounts, QueueError,
     ReceivedMessage, RedriveError, RedriveFilter, RedriveReport, WorkQueue,
 };
+use crate::aws::{self, ErrorClass, Fifo};
 use crate::metrics::Metrics;
 
 /// SQS accepts at most 10 entries per batch call.
 const BATCH_LIMIT: usize = 10;
 /// SQS caps a visibility timeout at 12 hours.
 const MAX_VISIBILITY_SECS: u64 = 12 * 3600;
+/// taskiq-aio-sqs's marker of a body kept in S3, carried over to the copies this module sends.
+const EXTENDED_MESSAGE_ATTRIBUTE: &str = "s3_extended_message";
 /// Message attribute that carries the dead-letter reason.
 pub const DLQ_REASON_ATTRIBUTE: &str = "dagster_taskiq_error";
 
@@ -66,7 +69,7 @@ impl SqsQueue {
     async fn call<T, E>(
         &self,
         operation: &'static str,
-        request: impl Future<Output = Result<T, SdkError<E>>>,
+        request: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     ) -> Result<T, QueueError>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -291,37 +294,33 @@ impl SqsQueue {
 
     /// Sends a dead letter's body back to the work queue as a new message.
     async fn send_back(&self, message: &ReceivedMessage) -> Result<(), QueueError> {
-        let mut attributes: HashMap<String, MessageAttributeValue> = message
+        let attributes = message
             .attributes
             .iter()
-            .filter(|(k, _)| k.as_str() == "s3_extended_message")
-            .map(|(k, v)| (k.clone(), string_attribute(v)))
-            .collect();
-        attributes.insert(
-            "dagster_taskiq_redriven_from".to_owned(),
-            string_attribute(&message.message_id),
+            .filter(|(k, _)| k.as_str() == EXTENDED_MESSAGE_ATTRIBUTE)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain([("dagster_taskiq_redriven_from", message.message_id.as_str())]);
+        // On a FIFO queue: one group per step attempt, as the executor does; a fresh
+        // deduplication id so SQS does not drop the redrive as a repeat of the original send.
+        let group = serde_json::from_str::<serde_json::Value>(&message.body)
+            .ok()
+            .and_then(|b| b.get("task_id")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| message.message_id.clone());
+        let fifo = Fifo {
+            group,
+            deduplication_id: format!(
+                "{}-redrive-{}",
+                message.message_id,
+                chrono::Utc::now().timestamp_millis()
+            ),
+        };
+        let send = aws::send_message(
+            &self.client,
+            &self.config.queue_url,
+            &message.body,
+            attributes,
+            Some(fifo),
         );
-        let mut send = self
-            .client
-            .send_message()
-            .queue_url(&self.config.queue_url)
-            .message_body(&message.body)
-            .set_message_attributes(Some(attributes));
-        if self.config.queue_url.ends_with(".fifo") {
-            // One group per step attempt, as the executor does; a fresh deduplication id so
-            // SQS does not drop the redrive as a repeat of the original send.
-            let group = serde_json::from_str::<serde_json::Value>(&message.body)
-                .ok()
-                .and_then(|b| b.get("task_id")?.as_str().map(str::to_owned))
-                .unwrap_or_else(|| message.message_id.clone());
-            send = send
-                .message_group_id(group)
-                .message_deduplication_id(format!(
-                    "{}-redrive-{}",
-                    message.message_id,
-                    chrono::Utc::now().timestamp_millis()
-                ));
-        }
         self.call("SendMessage", send.send()).await?;
         Ok(())
     }
@@ -404,15 +403,6 @@ fn visibility_entries(
                 .expect("id and receipt handle are set")
         })
         .collect()
-}
-
-fn string_attribute(value: &str) -> MessageAttributeValue {
-    MessageAttributeValue::builder()
-        .data_type("String")
-        // SQS rejects empty string attribute values.
-        .string_value(if value.is_empty() { "-" } else { value })
-        .build()
-        .expect("data type is set")
 }
 
 #[async_trait]
@@ -528,16 +518,7 @@ impl WorkQueue for SqsQueue {
         body: &str,
         attributes: &HashMap<String, String>,
     ) -> Result<String, QueueError> {
-        let attributes = attributes
-            .iter()
-            .map(|(k, v)| (k.clone(), string_attribute(v)))
-            .collect();
-        let out = self
-            .client
-            .send_message()
-            .queue_url(&self.config.queue_url)
-            .message_body(body)
-            .set_message_attributes(Some(attributes))
+        let out = aws::send_message(&self.client, &self.config.queue_url, body, attributes, None)
             .send()
             .await
             .map_err(|e| classify("SendMessage", e))?;
@@ -549,48 +530,47 @@ impl WorkQueue for SqsQueue {
         message: &ReceivedMessage,
         dead_letter: &DeadLetter,
     ) -> Result<(), QueueError> {
-        let attribute = string_attribute;
         // Keep the extended-payload marker so a redrive still resolves the S3 body; SQS allows
         // at most 10 attributes, so nothing else of the original's is carried over.
-        let mut attributes: HashMap<String, MessageAttributeValue> = message
+        let mut attributes: Vec<(&str, String)> = message
             .attributes
             .iter()
-            .filter(|(k, _)| k.as_str() == "s3_extended_message")
-            .map(|(k, v)| (k.clone(), attribute(v)))
+            .filter(|(k, _)| k.as_str() == EXTENDED_MESSAGE_ATTRIBUTE)
+            .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
         let detail: String = dead_letter.detail.chars().take(1000).collect();
-        for (key, value) in [
-            (DLQ_REASON_ATTRIBUTE, dead_letter.reason.as_str()),
-            ("dagster_taskiq_error_detail", detail.as_str()),
-            ("dagster_taskiq_error_class", dead_letter.error_class),
-            ("dagster_taskiq_original_message_id", &message.message_id),
+        attributes.extend([
+            (DLQ_REASON_ATTRIBUTE, dead_letter.reason.clone()),
+            ("dagster_taskiq_error_detail", detail),
+            (
+                "dagster_taskiq_error_class",
+                dead_letter.error_class.to_owned(),
+            ),
+            (
+                "dagster_taskiq_original_message_id",
+                message.message_id.clone(),
+            ),
             (
                 "dagster_taskiq_receive_count",
-                &message.receive_count.to_string(),
+                message.receive_count.to_string(),
             ),
-            ("dagster_taskiq_controller_id", &dead_letter.controller_id),
+            (
+                "dagster_taskiq_controller_id",
+                dead_letter.controller_id.clone(),
+            ),
             (
                 "dagster_taskiq_dead_lettered_at",
-                &chrono::Utc::now().to_rfc3339(),
+                chrono::Utc::now().to_rfc3339(),
             ),
-        ] {
-            attributes.insert(key.to_owned(), attribute(value));
-        }
-        self.call(
-            "SendMessage",
-            self.client
-                .send_message()
-                .queue_url(&self.config.dlq_url)
-                .message_body(if message.body.is_empty() {
-                    // SQS rejects empty bodies; keep the fact visible.
-                    "<empty body>"
-                } else {
-                    message.body.as_str()
-                })
-                .set_message_attributes(Some(attributes))
-                .send(),
-        )
-        .await?;
+        ]);
+        let body = if message.body.is_empty() {
+            // SQS rejects empty bodies; keep the fact visible.
+            "<empty body>"
+        } else {
+            message.body.as_str()
+        };
+        let send = aws::send_message(&self.client, &self.config.dlq_url, body, attributes, None);
+        self.call("SendMessage", send.send()).await?;
         self.ack(&message.receipt_handle).await
     }
 }
@@ -602,31 +582,21 @@ fn is_lost_handle(code: &str, message: &str) -> bool {
 }
 
 /// Maps an SDK error to the queue's error kinds.
-fn classify<E>(operation: &'static str, err: SdkError<E>) -> QueueError
+fn classify<E>(operation: &'static str, err: SdkError<E, HttpResponse>) -> QueueError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let message = DisplayErrorContext(&err).to_string();
-    match &err {
-        SdkError::ServiceError(ctx) => {
-            let code = ctx.err().code().unwrap_or_default();
-            let text = ctx.err().message().unwrap_or_default();
-            let status = ctx.raw().status().as_u16();
-            if is_lost_handle(code, text) {
-                QueueError::ReceiptHandleInvalid { operation }
-            } else if code.contains("Throttl")
-                || code.contains("RequestThrottled")
-                || code.contains("OverLimit")
-                || status == 429
-            {
-                QueueError::Throttled { operation, message }
-            } else if status >= 500 {
-                QueueError::Unavailable { operation, message }
-            } else {
-                QueueError::Rejected { operation, message }
-            }
-        }
-        SdkError::ConstructionFailure(_) => QueueError::Rejected { operation, message },
-        _ => QueueError::Unavailable { operation, message },
+    let failure = aws::classify(&err);
+    let message = failure.text;
+    let lost = failure.code.as_deref().is_some_and(|code| {
+        is_lost_handle(code, failure.service_message.as_deref().unwrap_or_default())
+    });
+    if lost {
+        return QueueError::ReceiptHandleInvalid { operation };
+    }
+    match failure.class {
+        ErrorClass::Throttled => QueueError::Throttled { operation, message },
+        ErrorClass::Transient => QueueError::Unavailable { operation, message },
+        ErrorClass::Permanent => QueueError::Rejected { operation, message },
     }
 }

@@ -4,33 +4,13 @@
 
 use async_trait::async_trait;
 use aws_sdk_ecs::config::http::HttpResponse;
-use aws_sdk_ecs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ecs::types as ecs;
 
 use super::outcome::{ContainerView, TaskView};
 use super::request::RunTaskRequest;
-
-/// How a failed call may be retried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// AWS said slow down (`ThrottlingException`, or `InvalidParameterException` "Rate
-    /// exceeded", which the SDK does not retry itself).
-    Throttled,
-    /// 5xx, timeouts, connection failures, no capacity right now.
-    Transient,
-    /// The request is wrong or not allowed: retrying the same call will not help.
-    Permanent,
-}
-
-impl ErrorClass {
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorClass::Throttled => "throttled",
-            ErrorClass::Transient => "transient",
-            ErrorClass::Permanent => "permanent",
-        }
-    }
-}
+use crate::aws;
+pub use crate::aws::ErrorClass;
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{operation} failed ({}): {message}", class.name())]
@@ -43,32 +23,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn retryable(&self) -> bool {
-        self.class != ErrorClass::Permanent
-    }
-}
-
-/// Classifies an AWS error by its code, message and HTTP status.
-pub fn classify(code: Option<&str>, message: &str, status: Option<u16>) -> ErrorClass {
-    let code = code.unwrap_or_default();
-    let throttled = matches!(
-        code,
-        "ThrottlingException"
-            | "Throttling"
-            | "TooManyRequestsException"
-            | "RequestLimitExceeded"
-            | "SlowDown"
-    ) || (code == "InvalidParameterException" && message.contains("Rate exceeded"))
-        || status == Some(429);
-    if throttled {
-        ErrorClass::Throttled
-    } else if matches!(
-        code,
-        "ServerException" | "ServiceUnavailable" | "InternalError" | "RequestTimeout"
-    ) || status.is_some_and(|s| s >= 500)
-    {
-        ErrorClass::Transient
-    } else {
-        ErrorClass::Permanent
+        self.class.retryable()
     }
 }
 
@@ -76,23 +31,12 @@ fn api_error<E>(operation: &'static str, err: SdkError<E, HttpResponse>) -> ApiE
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let message = DisplayErrorContext(&err).to_string();
-    let (class, code) = match &err {
-        SdkError::ServiceError(ctx) => {
-            let code = ctx.err().code().map(str::to_owned);
-            let text = ctx.err().message().unwrap_or_default();
-            let status = ctx.raw().status().as_u16();
-            (classify(code.as_deref(), text, Some(status)), code)
-        }
-        SdkError::ConstructionFailure(_) => (ErrorClass::Permanent, None),
-        // Timeouts, dispatch and response failures: the call may not have happened.
-        _ => (ErrorClass::Transient, None),
-    };
+    let failure = aws::classify(&err);
     ApiError {
         operation,
-        class,
-        code,
-        message,
+        class: failure.class,
+        code: failure.code,
+        message: failure.text,
     }
 }
 
@@ -439,47 +383,5 @@ impl BlobStore for AwsBlobStore {
             .await
             .map_err(|e| api_error("PutObject", e))?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn throttling_in_both_shapes_is_throttled() {
-        assert_eq!(
-            classify(Some("ThrottlingException"), "Rate exceeded", None),
-            ErrorClass::Throttled
-        );
-        assert_eq!(
-            classify(Some("InvalidParameterException"), "Rate exceeded", None),
-            ErrorClass::Throttled
-        );
-        assert_eq!(
-            classify(
-                Some("InvalidParameterException"),
-                "No Container Instances were found",
-                None
-            ),
-            ErrorClass::Permanent
-        );
-        assert_eq!(
-            classify(Some("ServerException"), "boom", None),
-            ErrorClass::Transient
-        );
-        assert_eq!(classify(None, "", Some(503)), ErrorClass::Transient);
-        assert_eq!(
-            classify(
-                Some("ClientException"),
-                "Unable to describe task definition.",
-                Some(400)
-            ),
-            ErrorClass::Permanent
-        );
-        assert_eq!(
-            classify(Some("AccessDeniedException"), "", None),
-            ErrorClass::Permanent
-        );
     }
 }

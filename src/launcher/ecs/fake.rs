@@ -39,7 +39,7 @@ pub fn throttled(message: &str) -> ApiError {
     };
     ApiError {
         operation: "RunTask",
-        class: super::api::classify(Some(code), message, Some(400)),
+        class: crate::aws::class_of(Some(code), message, Some(400)),
         code: Some(code.into()),
         message: message.into(),
     }
