@@ -36,6 +36,7 @@ use crate::launcher::child::MAX_EVENT_BYTES;
 use crate::launcher::EventLines;
 use crate::outcome::{Outcome, Skip};
 use crate::queue::ReceivedMessage;
+use crate::retry::{retry, Backoff, RetryBudget, Transient};
 
 /// Message attribute that marks an extended (S3) message; taskiq-aio-sqs sets it to `True`.
 pub const EXTENDED_MESSAGE_ATTRIBUTE: &str = "s3_extended_message";
@@ -51,6 +52,11 @@ pub const ERROR_TYPE: &str = "StepExecutionError";
 /// many, for at most [`KEPT_FOR`]): a redelivery to this controller can still write it.
 const MAX_KEPT: usize = 256;
 const KEPT_FOR: Duration = Duration::from_secs(3600);
+/// Pauses between tries of a result write, within its retry budget.
+const PUT_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(200),
+    cap: Duration::from_secs(5),
+};
 
 // ---- flags ---------------------------------------------------------------------------------
 
@@ -105,6 +111,12 @@ impl StoreError {
     /// Whether the same call may succeed later.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Transient { .. })
+    }
+}
+
+impl Transient for StoreError {
+    fn is_transient(&self) -> bool {
+        StoreError::is_transient(self)
     }
 }
 
@@ -675,19 +687,12 @@ impl TaskiqCompat {
         key: &str,
         body: Vec<u8>,
     ) -> Result<(), StoreError> {
-        let deadline = Instant::now() + self.retry_budget;
-        let mut pause = Duration::from_millis(200);
-        loop {
-            match store.put(bucket, key, body.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_transient() && Instant::now() + pause <= deadline => {
-                    tracing::debug!(%e, ?pause, "result write failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        retry(
+            RetryBudget::within(PUT_BACKOFF, self.retry_budget),
+            || store.put(bucket, key, body.clone()),
+            |e, _, pause| tracing::debug!(%e, ?pause, "result write failed; retrying"),
+        )
+        .await
     }
 }
 

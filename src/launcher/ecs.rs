@@ -47,7 +47,7 @@ use self::tracker::{Tracked, Tracker};
 use super::{LaunchError, Launcher, RunningStep, StepExit};
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::metrics::Metrics;
-use crate::retry::Backoff;
+use crate::retry::{retry, Backoff, RetryBudget};
 
 /// RunTask calls per launch before giving the message back with backoff.
 const RUN_TASK_TRIES: u32 = 5;
@@ -334,53 +334,52 @@ impl EcsLauncher {
     /// RunTask under the rate limit, retried on throttling and transient failures with the
     /// same clientToken (so a call that did start a task is never doubled).
     async fn run_task(&self, request: &RunTaskRequest) -> Result<TaskView, LaunchError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            self.limiter.until_ready().await;
-            let result = self.api.run_task(request).await;
-            self.count("RunTask", &result);
-            let error = match result {
-                Ok(out) => match out.tasks.into_iter().next() {
-                    Some(task) => return Ok(task),
-                    None => {
-                        let reasons: Vec<String> = out
-                            .failures
-                            .iter()
-                            .map(|(arn, reason, detail)| format!("{reason} {detail} {arn}"))
-                            .collect();
-                        // No capacity now (RESOURCE:CPU, RESOURCE:MEMORY, AGENT ...) may pass.
-                        let capacity = out.failures.iter().all(|(_, reason, _)| {
-                            reason.starts_with("RESOURCE")
-                                || reason.contains("AGENT")
-                                || reason.contains("apacity")
-                        });
-                        ApiError {
-                            operation: "RunTask",
-                            class: if capacity {
-                                ErrorClass::Transient
-                            } else {
-                                ErrorClass::Permanent
-                            },
-                            code: None,
-                            message: format!("no task started: {}", reasons.join("; ").trim()),
-                        }
-                    }
-                },
-                Err(e) => e,
-            };
-            if !error.retryable() {
-                return Err(LaunchError::Permanent(error.to_string()));
+        let started = retry(
+            RetryBudget::tries(RUN_TASK_BACKOFF, RUN_TASK_TRIES),
+            || self.run_task_once(request),
+            |error, attempt, pause| {
+                tracing::warn!(%error, attempt, ?pause, "RunTask failed; retrying with the same clientToken");
+            },
+        )
+        .await;
+        started.map_err(|error| {
+            if error.retryable() {
+                LaunchError::Transient(error.to_string())
+            } else {
+                LaunchError::Permanent(error.to_string())
             }
-            if attempt >= RUN_TASK_TRIES {
-                return Err(LaunchError::Transient(error.to_string()));
-            }
-            let pause = RUN_TASK_BACKOFF
-                .delay(attempt)
-                .max(Duration::from_millis(50));
-            tracing::warn!(%error, attempt, ?pause, "RunTask failed; retrying with the same clientToken");
-            tokio::time::sleep(pause).await;
+        })
+    }
+
+    /// One RunTask call under the rate limit; an answer without a task is an error, transient
+    /// when ECS had no capacity right then.
+    async fn run_task_once(&self, request: &RunTaskRequest) -> Result<TaskView, ApiError> {
+        self.limiter.until_ready().await;
+        let result = self.api.run_task(request).await;
+        self.count("RunTask", &result);
+        let out = result?;
+        if let Some(task) = out.tasks.into_iter().next() {
+            return Ok(task);
         }
+        let reasons: Vec<String> = out
+            .failures
+            .iter()
+            .map(|(arn, reason, detail)| format!("{reason} {detail} {arn}"))
+            .collect();
+        // No capacity now (RESOURCE:CPU, RESOURCE:MEMORY, AGENT ...) may pass.
+        let capacity = out.failures.iter().all(|(_, reason, _)| {
+            reason.starts_with("RESOURCE") || reason.contains("AGENT") || reason.contains("apacity")
+        });
+        Err(ApiError {
+            operation: "RunTask",
+            class: if capacity {
+                ErrorClass::Transient
+            } else {
+                ErrorClass::Permanent
+            },
+            code: None,
+            message: format!("no task started: {}", reasons.join("; ").trim()),
+        })
     }
 
     fn running(&self, view: TaskView, step: &StepRequest) -> Box<dyn RunningStep> {
@@ -467,20 +466,15 @@ impl Stopper {
         let reason = reason.to_owned();
         tokio::spawn(
             async move {
-                for attempt in 1..=STOP_TASK_TRIES {
-                    match this.api.stop_task(&this.cluster, &arn, &reason).await {
-                        Ok(()) => {
-                            tracing::info!(task = %arn, %reason, "StopTask sent");
-                            return;
-                        }
-                        Err(e) if e.retryable() && attempt < STOP_TASK_TRIES => {
-                            tokio::time::sleep(RUN_TASK_BACKOFF.ceiling(attempt)).await;
-                        }
-                        Err(e) => {
-                            tracing::warn!(task = %arn, %e, "StopTask failed");
-                            return;
-                        }
-                    }
+                let stopped = retry(
+                    RetryBudget::tries(RUN_TASK_BACKOFF, STOP_TASK_TRIES),
+                    || this.api.stop_task(&this.cluster, &arn, &reason),
+                    |_, _, _| {},
+                )
+                .await;
+                match stopped {
+                    Ok(()) => tracing::info!(task = %arn, %reason, "StopTask sent"),
+                    Err(e) => tracing::warn!(task = %arn, %e, "StopTask failed"),
                 }
             }
             .in_current_span(),

@@ -106,6 +106,12 @@ impl QueueError {
     }
 }
 
+impl crate::retry::Transient for QueueError {
+    fn is_transient(&self) -> bool {
+        QueueError::is_transient(self)
+    }
+}
+
 /// The SQS operations the controller needs. Implementations must be cheap to share.
 #[async_trait]
 pub trait WorkQueue: Send + Sync + 'static {

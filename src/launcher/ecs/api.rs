@@ -11,6 +11,7 @@ use super::outcome::{ContainerView, TaskView};
 use super::request::RunTaskRequest;
 use crate::aws;
 pub use crate::aws::ErrorClass;
+use crate::retry::Transient;
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{operation} failed ({}): {message}", class.name())]
@@ -24,6 +25,12 @@ pub struct ApiError {
 impl ApiError {
     pub fn retryable(&self) -> bool {
         self.class.retryable()
+    }
+}
+
+impl Transient for ApiError {
+    fn is_transient(&self) -> bool {
+        self.retryable()
     }
 }
 
