@@ -395,7 +395,7 @@ impl EcsLauncher {
             rx,
             exit: None,
             stop_sent: false,
-            // The request put the shim with the timeout in the task (request.rs).
+            // The request put the shim with the timeout in the task (request/build.rs).
             enforces_timeout: step.timeout.is_some(),
         })
     }
