@@ -1,6 +1,6 @@
-//! The backoff policy, and [`retry`], the one retry loop for calls across a boundary: it
-//! retries a call while its error is [`Transient`], with [`Backoff`] pauses, within a
-//! [`RetryBudget`]. What a failure means for a message is decided in one place, the
+//! The backoff policy, and `retry`, the one retry loop for calls across a boundary: it
+//! retries a call while its error is `Transient`, with [`Backoff`] pauses, within a
+//! `RetryBudget`. What a failure means for a message is decided in one place, the
 //! controller's error policy (`controller::settle::error_policy`).
 
 use std::future::Future;
@@ -38,7 +38,7 @@ impl Backoff {
 }
 
 /// Errors that may pass if the same call is made again.
-pub trait Transient {
+pub(crate) trait Transient {
     fn is_transient(&self) -> bool;
 }
 
@@ -46,7 +46,7 @@ pub trait Transient {
 /// more than `time` after the first call began, at most `tries` calls in all (`None`: no limit
 /// of that kind).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     pub backoff: Backoff,
     pub time: Option<Duration>,
     pub tries: Option<u32>,
@@ -54,7 +54,7 @@ pub struct RetryBudget {
 
 impl RetryBudget {
     /// Retries for up to `time`.
-    pub const fn within(backoff: Backoff, time: Duration) -> Self {
+    pub(crate) const fn within(backoff: Backoff, time: Duration) -> Self {
         Self {
             backoff,
             time: Some(time),
@@ -63,7 +63,7 @@ impl RetryBudget {
     }
 
     /// At most `tries` calls.
-    pub const fn tries(backoff: Backoff, tries: u32) -> Self {
+    pub(crate) const fn tries(backoff: Backoff, tries: u32) -> Self {
         Self {
             backoff,
             time: None,
@@ -74,12 +74,12 @@ impl RetryBudget {
 
 /// The shortest pause between two calls, whatever the jitter draws: a zero pause would
 /// retry a failing service in a tight loop.
-pub const MIN_PAUSE: Duration = Duration::from_millis(50);
+pub(crate) const MIN_PAUSE: Duration = Duration::from_millis(50);
 
 /// Calls `call` until it succeeds, fails with an error that is not transient, or the budget
 /// is spent; returns the last result. `on_retry(error, attempt, pause)` runs before each
 /// pause (to log or count the failure that is being retried).
-pub async fn retry<T, E, F, Fut>(
+pub(crate) async fn retry<T, E, F, Fut>(
     budget: RetryBudget,
     mut call: F,
     mut on_retry: impl FnMut(&E, u32, Duration),

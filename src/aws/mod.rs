@@ -1,10 +1,10 @@
 //! The one layer between the controller and the AWS SDKs:
 //!
-//! - the configuration and the clients ([`load`], [`sqs_client`], [`ecs_client`],
-//!   [`s3_client`]): every call bounded in time, one S3 addressing rule;
-//! - what an SDK error means ([`classify`]): throttled, transient or permanent, from the
+//! - the configuration and the clients ([`load`], [`sqs_client`], `ecs_client`,
+//!   `s3_client`): every call bounded in time, one S3 addressing rule;
+//! - what an SDK error means (`classify`): throttled, transient or permanent, from the
 //!   service's error code and HTTP status; each caller maps that to its own typed error;
-//! - the SQS SendMessage call ([`send_message`]) every send goes through, which is where a
+//! - the SQS SendMessage call (`send_message`) every send goes through, which is where a
 //!   FIFO queue's group and deduplication ids are set.
 
 mod error;
@@ -36,12 +36,12 @@ pub fn sqs_client(aws: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
     aws_sdk_sqs::Client::new(aws)
 }
 
-pub fn ecs_client(aws: &aws_config::SdkConfig) -> aws_sdk_ecs::Client {
+pub(crate) fn ecs_client(aws: &aws_config::SdkConfig) -> aws_sdk_ecs::Client {
     aws_sdk_ecs::Client::new(aws)
 }
 
 /// An S3 client, on `endpoint` when given (else the configuration's).
-pub fn s3_client(aws: &aws_config::SdkConfig, endpoint: Option<&str>) -> aws_sdk_s3::Client {
+pub(crate) fn s3_client(aws: &aws_config::SdkConfig, endpoint: Option<&str>) -> aws_sdk_s3::Client {
     let mut builder = aws_sdk_s3::config::Builder::from(aws);
     if let Some(url) = endpoint {
         builder = builder.endpoint_url(url);
