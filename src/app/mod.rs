@@ -46,9 +46,89 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     args.validate()?;
     let controller_id = args.controller.controller_id();
     let metrics = Arc::new(Metrics::new());
-
     let aws = aws::load(args.controller.receive_wait + Duration::from_secs(10)).await;
-    let sqs = aws::sqs_client(&aws);
+    let (queue, dlq_url) = connect_queue(&args, &aws, &metrics).await?;
+    let leases = Arc::new(LeaseTable::new(
+        args.lease.visibility_timeout,
+        args.lease.visibility_cap,
+        metrics.clone(),
+    ));
+    let health = Arc::new(Health::new(
+        args.controller.receive_wait,
+        leases.heartbeat_interval(),
+    ));
+    // SQS just answered: ready before the first long poll returns.
+    health.queue_contact("GetQueueAttributes", None);
+    let (bridge, dagster_version) = start_bridge(&args, &metrics).await?;
+    let launcher = build_launcher(&args, &controller_id, &aws, &metrics).await?;
+    let taskiq = TaskiqCompat::connect(&args.taskiq, &aws)
+        .await
+        .context("cannot set up taskiq results")?
+        .with_retry_budget(args.lease.visibility_timeout / 2);
+    let admission = Admission::new(args.admission.config());
+    metrics
+        .admission_capacity
+        .set(i64::try_from(args.admission.max_concurrent).unwrap_or(i64::MAX));
+
+    let ctx = Arc::new(Context {
+        settings: settings(&args, &controller_id),
+        queue: queue.clone(),
+        launcher: Arc::new(launcher),
+        bridge: bridge.clone(),
+        admission,
+        leases,
+        steps: Arc::new(StepTable::default()),
+        metrics,
+        health,
+        taskiq,
+        draining: CancellationToken::new(),
+        abort: CancellationToken::new(),
+    });
+    let info = ControllerInfo {
+        controller_id: controller_id.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        queue_url: args.queue_url.clone(),
+        dlq_url: dlq_url.clone(),
+        started_at: chrono::Utc::now(),
+    };
+    let dashboard_stop = CancellationToken::new();
+    let dashboard = start_dashboard(&args, info, &ctx, queue, &bridge, &dashboard_stop).await?;
+
+    tokio::spawn(watch_signals(ctx.draining.clone(), ctx.abort.clone()));
+    tracing::info!(
+        controller_id,
+        queue_url = %args.queue_url,
+        dlq_url,
+        dagster_version,
+        dashboard = %args.dashboard.dashboard_addr,
+        max_concurrent = args.admission.max_concurrent,
+        admin_api = args.dashboard.admin_token.is_some(),
+        warm_pool = args.warm.warm_pool,
+        result_bucket = ?args.taskiq.result_bucket,
+        "controller started"
+    );
+    controller::run(ctx).await;
+    bridge.close().await;
+    dashboard_stop.cancel();
+    // Keep-alive connections must not hold the exit.
+    if tokio::time::timeout(Duration::from_secs(2), dashboard)
+        .await
+        .is_err()
+    {
+        tracing::debug!("dashboard did not close in time");
+    }
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// The work queue and its dead-letter queue (given, or the RedrivePolicy's target), checked
+/// to answer before anything else starts.
+async fn connect_queue(
+    args: &RunArgs,
+    aws: &aws_config::SdkConfig,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Arc<SqsQueue>, String)> {
+    let sqs = aws::sqs_client(aws);
     let dlq_url = match &args.dlq_url {
         Some(url) => url.clone(),
         None => match SqsQueue::discover_dlq(&sqs, &args.queue_url)
@@ -77,18 +157,14 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         .depth(&args.queue_url)
         .await
         .with_context(|| format!("cannot read the work queue {}", args.queue_url))?;
-    let leases = Arc::new(LeaseTable::new(
-        args.lease.visibility_timeout,
-        args.lease.visibility_cap,
-        metrics.clone(),
-    ));
-    let health = Arc::new(Health::new(
-        args.controller.receive_wait,
-        leases.heartbeat_interval(),
-    ));
-    // SQS just answered: ready before the first long poll returns.
-    health.queue_contact("GetQueueAttributes", None);
+    Ok((queue, dlq_url))
+}
 
+/// The Dagster bridge sidecar, answering (it reports Dagster's version).
+async fn start_bridge(
+    args: &RunArgs,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Arc<SidecarBridge>, String)> {
     let bridge = Arc::new(SidecarBridge::new(
         SidecarConfig {
             python: args.python.clone(),
@@ -102,7 +178,17 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.python.display()
         )
     })?;
+    Ok((bridge, dagster_version))
+}
 
+/// The launchers this replica runs (cold or warm child processes, ECS tasks when enabled)
+/// behind the per-step router.
+async fn build_launcher(
+    args: &RunArgs,
+    controller_id: &str,
+    aws: &aws_config::SdkConfig,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<LauncherRouter> {
     let cold = ProcessLauncher::new(ProcessLauncherConfig {
         python: args.python.clone(),
     });
@@ -124,118 +210,71 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut launchers: Vec<Arc<dyn Launcher>> = vec![process_launcher];
     if args.ecs_enabled() {
-        let config = args.ecs.config(&controller_id)?;
+        let config = args.ecs.config(controller_id)?;
         tracing::info!(
             cluster = %config.cluster,
             task_definition = %config.task_definition,
             offload_bucket = ?config.offload.as_ref().map(|o| &o.bucket),
             "ECS launcher enabled"
         );
-        let ecs = EcsLauncher::connect(config, &aws, metrics.clone())
+        let ecs = EcsLauncher::connect(config, aws, metrics.clone())
             .await
             .context("cannot set up the ECS launcher")?;
         launchers.push(Arc::new(ecs));
     }
-    let launcher = LauncherRouter::new(args.launcher.into(), launchers)
-        .map_err(|e| anyhow::anyhow!("--launcher: {e}"))?;
+    LauncherRouter::new(args.launcher.into(), launchers)
+        .map_err(|e| anyhow::anyhow!("--launcher: {e}"))
+}
 
-    let taskiq = TaskiqCompat::connect(&args.taskiq, &aws)
-        .await
-        .context("cannot set up taskiq results")?
-        .with_retry_budget(args.lease.visibility_timeout / 2);
-
-    let draining = CancellationToken::new();
-    let abort = CancellationToken::new();
-    let steps = Arc::new(StepTable::default());
-    let admission = Admission::new(args.admission.config());
-    metrics
-        .admission_capacity
-        .set(i64::try_from(args.admission.max_concurrent).unwrap_or(i64::MAX));
-    let listener = dashboard::bind(args.dashboard.dashboard_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on --dashboard-addr {}",
-                args.dashboard.dashboard_addr
-            )
-        })?;
-    let dashboard_stop = CancellationToken::new();
-    let dashboard = tokio::spawn(dashboard::serve(
-        listener,
-        DashboardState {
-            info: Arc::new(ControllerInfo {
-                controller_id: controller_id.clone(),
-                version: env!("CARGO_PKG_VERSION"),
-                queue_url: args.queue_url.clone(),
-                dlq_url: dlq_url.clone(),
-                started_at: chrono::Utc::now(),
-            }),
-            metrics: metrics.clone(),
-            steps: steps.clone(),
-            leases: leases.clone(),
-            admission: admission.view(),
-            health: health.clone(),
-            queues: queue.clone(),
-            bridge: bridge.clone(),
-            admin_token: args.dashboard.admin_token.as_deref().map(Arc::from),
-            draining: draining.clone(),
-            queue_cache: Arc::new(QueueCache::new(QUEUE_COUNTS_MAX_AGE)),
-        },
-        dashboard_stop.clone(),
-    ));
-
-    let ctx = Arc::new(Context {
-        settings: Settings {
-            controller_id: controller_id.clone(),
-            receive_wait: args.controller.receive_wait,
-            max_attempts: args.controller.max_attempts,
-            backoff: args.controller.backoff(),
-            shutdown_grace: args.controller.shutdown_grace,
-            call_retry_budget: args.lease.visibility_timeout / 2,
-            default_step_timeout: args.controller.step_timeout(),
-            stop_grace: args.controller.stop_grace,
-            run_status_interval: args.controller.run_status_interval,
-            adoption_window: (args.lease.visibility_timeout * 3).max(Duration::from_secs(60)),
-            waiting_limit: args.admission.waiting_limit(),
-        },
-        queue,
-        launcher: Arc::new(launcher),
-        bridge: bridge.clone(),
-        admission,
-        leases,
-        steps,
-        metrics,
-        health,
-        taskiq,
-        draining: draining.clone(),
-        abort: abort.clone(),
-    });
-
-    tokio::spawn(watch_signals(draining, abort));
-    tracing::info!(
-        controller_id,
-        queue_url = %args.queue_url,
-        dlq_url,
-        dagster_version,
-        dashboard = %args.dashboard.dashboard_addr,
-        max_concurrent = args.admission.max_concurrent,
-        admin_api = args.dashboard.admin_token.is_some(),
-        warm_pool = args.warm.warm_pool,
-        result_bucket = ?args.taskiq.result_bucket,
-        "controller started"
-    );
-    controller::run(ctx).await;
-    bridge.close().await;
-    dashboard_stop.cancel();
-    // Keep-alive connections must not hold the exit.
-    if tokio::time::timeout(Duration::from_secs(2), dashboard)
-        .await
-        .is_err()
-    {
-        tracing::debug!("dashboard did not close in time");
+/// The loop's settings, from the flags.
+fn settings(args: &RunArgs, controller_id: &str) -> Settings {
+    Settings {
+        controller_id: controller_id.to_owned(),
+        receive_wait: args.controller.receive_wait,
+        max_attempts: args.controller.max_attempts,
+        backoff: args.controller.backoff(),
+        shutdown_grace: args.controller.shutdown_grace,
+        call_retry_budget: args.lease.visibility_timeout / 2,
+        default_step_timeout: args.controller.step_timeout(),
+        stop_grace: args.controller.stop_grace,
+        run_status_interval: args.controller.run_status_interval,
+        adoption_window: (args.lease.visibility_timeout * 3).max(Duration::from_secs(60)),
+        waiting_limit: args.admission.waiting_limit(),
     }
-    tracing::info!("controller stopped");
-    Ok(())
+}
+
+/// Binds the dashboard's address (failing start-up when it is taken) and serves it until
+/// `stop` is cancelled.
+async fn start_dashboard(
+    args: &RunArgs,
+    info: ControllerInfo,
+    ctx: &Context,
+    queues: Arc<SqsQueue>,
+    bridge: &Arc<SidecarBridge>,
+    stop: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let addr = args.dashboard.dashboard_addr;
+    let listener = dashboard::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on --dashboard-addr {addr}"))?;
+    let state = DashboardState {
+        info: Arc::new(info),
+        metrics: ctx.metrics.clone(),
+        steps: ctx.steps.clone(),
+        leases: ctx.leases.clone(),
+        admission: ctx.admission.view(),
+        health: ctx.health.clone(),
+        queues,
+        bridge: bridge.clone(),
+        admin_token: args.dashboard.admin_token.as_deref().map(Arc::from),
+        draining: ctx.draining.clone(),
+        queue_cache: Arc::new(QueueCache::new(QUEUE_COUNTS_MAX_AGE)),
+    };
+    Ok(tokio::spawn(dashboard::serve(
+        listener,
+        state,
+        stop.clone(),
+    )))
 }
 
 /// First SIGTERM/SIGINT: drain. Second: stop running steps now (their messages are released).
