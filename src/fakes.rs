@@ -17,7 +17,7 @@ use crate::dagster::{
 };
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
-use crate::queue::{DeadLetter, ExtendResult, QueueError, ReceivedMessage, WorkQueue};
+use crate::queue::{DeadLetter, ExtendResult, QueueError, ReceivedMessage, Resend, WorkQueue};
 use crate::results::{ObjectStore, StoreError};
 
 /// What happened to a message in the fake queue.
@@ -198,19 +198,15 @@ impl WorkQueue for FakeQueue {
         Ok(())
     }
 
-    async fn send(
-        &self,
-        body: &str,
-        attributes: &HashMap<String, String>,
-    ) -> Result<String, QueueError> {
+    async fn send(&self, resend: &Resend<'_>) -> Result<String, QueueError> {
         let message_id = format!("sent{}", self.next_handle.fetch_add(1, Ordering::Relaxed));
         let mut inner = self.inner.lock();
         inner.visible.push_back(ReceivedMessage {
             message_id: message_id.clone(),
             receipt_handle: String::new(),
-            body: body.to_owned(),
+            body: resend.of.body.clone(),
             receive_count: 0,
-            attributes: attributes.clone(),
+            attributes: resend.attributes.clone(),
         });
         inner.events.push(QueueEvent::Sent(message_id.clone()));
         drop(inner);

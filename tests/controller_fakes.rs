@@ -488,19 +488,22 @@ async fn a_step_longer_than_the_visibility_cap_is_handed_off_and_adopted_back() 
 }
 
 fn continuation_of(body: &str, owner: &str, handoff_at: std::time::SystemTime) -> FakeQueue {
-    use dagster_taskiq_controller::queue::{continuation, WorkQueue};
+    use dagster_taskiq_controller::queue::continuation;
     let queue = FakeQueue::default();
     let ms = handoff_at
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis()
         .to_string();
-    let attributes = std::collections::HashMap::from([
-        (continuation::MARKER.to_owned(), "true".to_owned()),
-        (continuation::OWNER.to_owned(), owner.to_owned()),
-        (continuation::HANDOFF_AT_MS.to_owned(), ms),
-    ]);
-    futures::executor::block_on(queue.send(body, &attributes)).unwrap();
+    queue.push_with_attributes(
+        "continuation",
+        body,
+        &[
+            (continuation::MARKER, "true"),
+            (continuation::OWNER, owner),
+            (continuation::HANDOFF_AT_MS, &ms),
+        ],
+    );
     queue
 }
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{
-    DeadLetter, ExtendResult, QueueAdmin, RedriveFilter, SqsQueue, SqsQueueConfig, WorkQueue,
+    DeadLetter, ExtendResult, QueueAdmin, RedriveFilter, Resend, SqsQueue, SqsQueueConfig,
+    WorkQueue,
 };
 
 async fn send(sqs: &aws_sdk_sqs::Client, url: &str, body: &str) {
@@ -190,4 +191,99 @@ async fn redrive_moves_matching_dead_letters_back_and_counts_calls() {
     assert!(text.contains(
         "dagster_taskiq_sqs_request_duration_seconds_count{operation=\"GetQueueAttributes\"}"
     ));
+}
+
+/// On FIFO queues (work queue and DLQ) every send the controller makes carries a group and a
+/// deduplication id: a requeued copy and a continuation get through (they are not repeats
+/// of the executor's send), a second copy for the same purpose is dropped as one, dead
+/// letters reach the FIFO DLQ, and a redrive brings them back.
+#[tokio::test]
+async fn fifo_queues_take_every_send_and_drop_only_repeats() {
+    let moto = common::Moto::start();
+    let sqs = moto.sqs();
+    let (queue_url, dlq_url) = moto.queues("steps.fifo", 30).await;
+    let queue = SqsQueue::new(
+        sqs.clone(),
+        SqsQueueConfig {
+            queue_url: queue_url.clone(),
+            dlq_url: dlq_url.clone(),
+        },
+    );
+    let task_id = "0123456789abcdef0123456789abcdef";
+    let body = format!(r#"{{"task_id": "{task_id}"}}"#);
+    // As the executor sends: group and deduplication id = task id.
+    sqs.send_message()
+        .queue_url(&queue_url)
+        .message_body(&body)
+        .message_group_id(task_id)
+        .message_deduplication_id(task_id)
+        .send()
+        .await
+        .unwrap();
+    let receive = || queue.receive(10, Duration::from_secs(2), Duration::from_secs(30));
+    let original = receive()
+        .await
+        .unwrap()
+        .pop()
+        .expect("the executor's message");
+
+    // Requeued (and, on a retried call, requeued again): one copy arrives.
+    let copy = Resend {
+        of: &original,
+        purpose: "requeue",
+        attributes: [("dagster_taskiq_prior_deliveries".to_owned(), "0".to_owned())].into(),
+    };
+    let copy_id = queue.send(&copy).await.unwrap();
+    queue.send(&copy).await.unwrap();
+    // A continuation of the same message is another purpose: it gets through too.
+    let continuation = Resend {
+        of: &original,
+        purpose: "handoff",
+        attributes: [("dagster_taskiq_continuation".to_owned(), "true".to_owned())].into(),
+    };
+    let continuation_id = queue.send(&continuation).await.unwrap();
+    queue.ack(&original.receipt_handle).await.unwrap();
+    // One group per attempt: the two copies share it, so they come one after the other.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let batch = receive().await.unwrap();
+        assert!(!batch.is_empty(), "copies missing; got {seen:?}");
+        for message in batch {
+            assert_eq!(message.body, body);
+            seen.push(message.message_id.clone());
+            if message.message_id == copy_id {
+                // Dead-lettered to the FIFO DLQ with its reason.
+                let dead_letter = DeadLetter {
+                    reason: "attempts_exhausted".into(),
+                    detail: "test".into(),
+                    error_class: "transient",
+                    controller_id: "test-controller".into(),
+                };
+                queue.dead_letter(&message, &dead_letter).await.unwrap();
+            } else {
+                queue.ack(&message.receipt_handle).await.unwrap();
+            }
+        }
+    }
+    seen.sort();
+    let mut expected = vec![copy_id, continuation_id];
+    expected.sort();
+    assert_eq!(seen, expected, "the repeated requeue must be dropped");
+    assert!(receive().await.unwrap().is_empty());
+
+    // The redrive sends the dead letter back to the FIFO work queue.
+    let report = queue
+        .redrive(
+            10,
+            &RedriveFilter {
+                reason: Some("attempts_exhausted".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.moved, 1, "{report:?}");
+    let back = receive().await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].body, body);
 }

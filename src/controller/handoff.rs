@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{count_queue_error, Context};
 use crate::outcome::{Outcome, Release};
-use crate::queue::{continuation, ReceivedMessage};
+use crate::queue::{continuation, ReceivedMessage, Resend};
 
 /// Allowance for clock skew between replicas when reading a hand-off time.
 const CLOCK_MARGIN: Duration = Duration::from_secs(10);
@@ -35,7 +35,12 @@ pub(super) async fn hand_off(ctx: &Context, task_id: &str, message: &ReceivedMes
     ]);
     // The same body: an S3 pointer stays one.
     attributes.extend(crate::results::extended_marker(message));
-    match ctx.queue.send(&message.body, &attributes).await {
+    let continuation = Resend {
+        of: message,
+        purpose: "handoff",
+        attributes,
+    };
+    match ctx.queue.send(&continuation).await {
         Ok(continuation_id) => {
             // Stop extending the old handle before deleting it.
             ctx.leases.mark_handed_off(task_id);
@@ -69,7 +74,12 @@ pub(super) async fn requeue(ctx: &Context, message: &ReceivedMessage) -> Outcome
         continuation::PRIOR_DELIVERIES.to_owned(),
         message.receive_count.saturating_sub(1).to_string(),
     );
-    match ctx.queue.send(&message.body, &attributes).await {
+    let copy = Resend {
+        of: message,
+        purpose: "requeue",
+        attributes,
+    };
+    match ctx.queue.send(&copy).await {
         Ok(copy_id) => {
             tracing::info!(
                 copy_id,

@@ -43,6 +43,19 @@ pub struct ReceivedMessage {
     pub attributes: HashMap<String, String>,
 }
 
+/// A message sent in place of a received one: the same body, new attributes.
+#[derive(Debug, Clone)]
+pub struct Resend<'a> {
+    /// The message it replaces.
+    pub of: &'a ReceivedMessage,
+    /// What the copy is for (`requeue`, `handoff`). On a FIFO queue it is part of the
+    /// copy's deduplication id: SQS lets this intended re-send through, and drops a second
+    /// copy of the same message for the same purpose (a retried call, or a redelivery of an
+    /// original whose delete failed) within its 5-minute window.
+    pub purpose: &'static str,
+    pub attributes: HashMap<String, String>,
+}
+
 /// Why a message goes to the dead-letter queue; sent along as message attributes.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -137,13 +150,9 @@ pub trait WorkQueue: Send + Sync + 'static {
     /// Deletes a message whose outcome is durable.
     async fn ack(&self, receipt_handle: &str) -> Result<(), QueueError>;
 
-    /// Sends a new message to the work queue (a hand-off continuation or a redrive).
-    /// Returns its message id.
-    async fn send(
-        &self,
-        body: &str,
-        attributes: &HashMap<String, String>,
-    ) -> Result<String, QueueError>;
+    /// Sends a message in place of a received one (a requeued copy, a hand-off
+    /// continuation) to the work queue. Returns its message id.
+    async fn send(&self, resend: &Resend<'_>) -> Result<String, QueueError>;
 
     /// Sends the message to the dead-letter queue with the reason, then deletes it.
     async fn dead_letter(

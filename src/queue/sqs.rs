@@ -1,6 +1,5 @@
 //! [`WorkQueue`] on Amazon SQS (aws-sdk-sqs).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use aws_sdk_sqs::Client;
 
 use super::{
     DeadLetter, DeadLetterEntry, ExtendResult, QueueAdmin, QueueCounts, QueueError,
-    ReceivedMessage, RedriveError, RedriveFilter, RedriveReport, WorkQueue,
+    ReceivedMessage, RedriveError, RedriveFilter, RedriveReport, Resend, WorkQueue,
 };
 use crate::aws::{self, ErrorClass, Fifo};
 use crate::metrics::Metrics;
@@ -300,26 +299,12 @@ impl SqsQueue {
             .filter(|(k, _)| k.as_str() == EXTENDED_MESSAGE_ATTRIBUTE)
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .chain([("dagster_taskiq_redriven_from", message.message_id.as_str())]);
-        // On a FIFO queue: one group per step attempt, as the executor does; a fresh
-        // deduplication id so SQS does not drop the redrive as a repeat of the original send.
-        let group = serde_json::from_str::<serde_json::Value>(&message.body)
-            .ok()
-            .and_then(|b| b.get("task_id")?.as_str().map(str::to_owned))
-            .unwrap_or_else(|| message.message_id.clone());
-        let fifo = Fifo {
-            group,
-            deduplication_id: format!(
-                "{}-redrive-{}",
-                message.message_id,
-                chrono::Utc::now().timestamp_millis()
-            ),
-        };
         let send = aws::send_message(
             &self.client,
             &self.config.queue_url,
             &message.body,
             attributes,
-            Some(fifo),
+            Some(fifo_ids(message, "redrive")),
         );
         self.call("SendMessage", send.send()).await?;
         Ok(())
@@ -361,6 +346,22 @@ impl SqsQueue {
                 (received(m), sent_ms)
             })
             .collect())
+    }
+}
+
+/// The FIFO ids of a message sent in place of `message` (used only on `.fifo` queues): one
+/// group per step attempt, as the executor sends (the body's task id; the message id for a
+/// body without one), so group locking never serializes a run's steps; a deduplication id
+/// per (replaced message, purpose), so an intended re-send is not taken for a repeat of the
+/// original while a repeated re-send is.
+fn fifo_ids(message: &ReceivedMessage, purpose: &str) -> Fifo {
+    let group = serde_json::from_str::<serde_json::Value>(&message.body)
+        .ok()
+        .and_then(|b| b.get("task_id")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| message.message_id.clone());
+    Fifo {
+        group,
+        deduplication_id: format!("{}-{purpose}", message.message_id),
     }
 }
 
@@ -513,15 +514,17 @@ impl WorkQueue for SqsQueue {
         Ok(())
     }
 
-    async fn send(
-        &self,
-        body: &str,
-        attributes: &HashMap<String, String>,
-    ) -> Result<String, QueueError> {
-        let out = aws::send_message(&self.client, &self.config.queue_url, body, attributes, None)
-            .send()
-            .await
-            .map_err(|e| classify("SendMessage", e))?;
+    async fn send(&self, resend: &Resend<'_>) -> Result<String, QueueError> {
+        let out = aws::send_message(
+            &self.client,
+            &self.config.queue_url,
+            &resend.of.body,
+            &resend.attributes,
+            Some(fifo_ids(resend.of, resend.purpose)),
+        )
+        .send()
+        .await
+        .map_err(|e| classify("SendMessage", e))?;
         Ok(out.message_id().unwrap_or_default().to_owned())
     }
 
@@ -569,7 +572,13 @@ impl WorkQueue for SqsQueue {
         } else {
             message.body.as_str()
         };
-        let send = aws::send_message(&self.client, &self.config.dlq_url, body, attributes, None);
+        let send = aws::send_message(
+            &self.client,
+            &self.config.dlq_url,
+            body,
+            attributes,
+            Some(fifo_ids(message, "dead-letter")),
+        );
         self.call("SendMessage", send.send()).await?;
         self.ack(&message.receipt_handle).await
     }

@@ -74,12 +74,24 @@ impl Moto {
         aws_sdk_sqs::Client::from_conf(config)
     }
 
-    /// A work queue with a dead-letter queue; returns (queue_url, dlq_url).
+    /// A work queue with a dead-letter queue; returns (queue_url, dlq_url). A name ending
+    /// in `.fifo` makes both FIFO queues (SQS requires a FIFO queue's DLQ to be FIFO).
     pub async fn queues(&self, name: &str, visibility_secs: u32) -> (String, String) {
         let sqs = self.sqs();
-        let dlq_url = sqs
-            .create_queue()
-            .queue_name(format!("{name}-dlq"))
+        let fifo = name.ends_with(".fifo");
+        let fifo_attribute =
+            |create: aws_sdk_sqs::operation::create_queue::builders::CreateQueueFluentBuilder| {
+                if fifo {
+                    create.attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+                } else {
+                    create
+                }
+            };
+        let dlq_name = match name.strip_suffix(".fifo") {
+            Some(base) => format!("{base}-dlq.fifo"),
+            None => format!("{name}-dlq"),
+        };
+        let dlq_url = fifo_attribute(sqs.create_queue().queue_name(dlq_name))
             .send()
             .await
             .unwrap()
@@ -95,9 +107,7 @@ impl Moto {
             .attributes
             .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
             .clone();
-        let queue_url = sqs
-            .create_queue()
-            .queue_name(name)
+        let queue_url = fifo_attribute(sqs.create_queue().queue_name(name))
             .attributes(
                 aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout,
                 visibility_secs.to_string(),
