@@ -192,12 +192,10 @@ async fn handle(ctx: &Context, mut message: ReceivedMessage) {
             life.launched.as_ref().map(|l| l.kind),
         )
         .await;
-        if let Some(launched) = life.launched {
-            if let Some(exited_at) = launched.exited_at {
-                ctx.metrics
-                    .exit_to_delete_seconds
-                    .observe(exited_at.elapsed().as_secs_f64());
-            }
+        if let Some(exited_at) = life.launched.and_then(|l| l.exited_at) {
+            ctx.metrics
+                .exit_to_delete_seconds
+                .observe(exited_at.elapsed().as_secs_f64());
         }
     }
     .instrument(span)
