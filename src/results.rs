@@ -20,13 +20,14 @@
 //! `crate::fakes::FakeObjectStore` the in-memory one the unit tests use.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use clap::Args;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -509,7 +510,7 @@ impl TaskiqCompat {
         if !self.results_enabled() {
             return;
         }
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = self.kept.lock();
         let now = Instant::now();
         kept.retain(|_, k| now.duration_since(k.kept_at) < KEPT_FOR);
         if kept.len() >= MAX_KEPT {
@@ -565,11 +566,7 @@ impl TaskiqCompat {
         step: &StepRequest,
         outcome: &Outcome,
     ) -> Result<(), StoreError> {
-        let kept = self
-            .kept
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&step.task_id);
+        let kept = self.kept.lock().remove(&step.task_id);
         let ran_for = kept.as_ref().map_or(0.0, |k| k.ran_for.as_secs_f64());
         let labels = &step.labels;
         let error = |message: String| (error_result(&message, ran_for, labels), true);
@@ -674,10 +671,7 @@ impl TaskiqCompat {
     }
 
     fn put_back(&self, task_id: &str, kept: KeptOutput) {
-        self.kept
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(task_id.to_owned(), kept);
+        self.kept.lock().insert(task_id.to_owned(), kept);
     }
 
     async fn put_retrying(

@@ -1,8 +1,9 @@
 //! A step's serialized `DagsterEvent` lines: the bounded buffer the local launchers fill from
 //! its stdout when [`StepRequest::collect_events`] is set (the taskiq result returns them).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use serde::Deserialize;
 
 use crate::envelope::StepRequest;
@@ -44,7 +45,7 @@ impl EventLines {
 
     /// Takes what a sink holds.
     pub(crate) fn take(sink: &EventSink) -> EventLines {
-        std::mem::take(&mut *sink.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *sink.lock())
     }
 }
 

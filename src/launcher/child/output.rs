@@ -3,9 +3,10 @@
 //! span and a bounded tail that a verdict quotes.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -27,7 +28,7 @@ fn new_tail() -> Tail {
 }
 
 fn tail_lines(tail: &Tail) -> Vec<String> {
-    tail.lock().expect("lock").iter().cloned().collect()
+    tail.lock().iter().cloned().collect()
 }
 
 #[derive(Clone, Copy)]
@@ -56,7 +57,7 @@ async fn forward_lines(
             .as_ref()
             .filter(|_| events::is_serialized_event(&line))
         {
-            let kept = events.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            let kept = events.lock().push(line);
             if !kept {
                 tracing::warn!(
                     target: "step::stdout",
@@ -72,7 +73,7 @@ async fn forward_lines(
             Stream::Stderr => tracing::info!(target: "step::stderr", "{line}"),
         }
         if let Some(tail) = &tail {
-            let mut tail = tail.lock().expect("lock");
+            let mut tail = tail.lock();
             if tail.len() == STDERR_TAIL_LINES {
                 tail.pop_front();
             }

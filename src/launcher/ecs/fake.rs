@@ -2,9 +2,10 @@
 //! injectable throttling, and a record of every call.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
+use parking_lot::{Mutex, MutexGuard};
 
 use super::api::{ApiError, BlobStore, DescribeOutput, Desired, EcsApi, ErrorClass, RunTaskOutput};
 use super::outcome::{ContainerView, TaskView};
@@ -46,8 +47,8 @@ pub fn throttled(message: &str) -> ApiError {
 }
 
 impl FakeEcs {
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().expect("lock")
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     /// A task as if started earlier (by another controller).

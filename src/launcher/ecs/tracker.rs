@@ -5,9 +5,10 @@
 //! [`RunningStep`]: crate::launcher::RunningStep
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -73,7 +74,7 @@ impl Tracker {
 
     /// Starts following a task; `known` is a view already in hand (from RunTask or adoption).
     pub fn track(&self, arn: &str, known: Option<TaskView>) -> watch::Receiver<Tracked> {
-        let mut tasks = self.tasks.lock().expect("lock");
+        let mut tasks = self.tasks.lock();
         if let Some(entry) = tasks.get(arn) {
             return entry.tx.subscribe();
         }
@@ -87,7 +88,7 @@ impl Tracker {
     }
 
     pub fn tracked(&self) -> usize {
-        self.tasks.lock().expect("lock").len()
+        self.tasks.lock().len()
     }
 
     /// Polls until `stop` is cancelled.
@@ -105,7 +106,7 @@ impl Tracker {
     /// One round: a DescribeTasks per batch of tracked tasks.
     pub async fn poll(&self) {
         let arns: Vec<String> = {
-            let mut tasks = self.tasks.lock().expect("lock");
+            let mut tasks = self.tasks.lock();
             // Nobody waits any more (the step was settled or dropped): stop polling it.
             tasks.retain(|_, entry| entry.tx.receiver_count() > 0);
             tasks.keys().cloned().collect()
@@ -128,7 +129,7 @@ impl Tracker {
                     continue;
                 }
             };
-            let mut tasks = self.tasks.lock().expect("lock");
+            let mut tasks = self.tasks.lock();
             for view in described.tasks {
                 let arn = view.task_arn.clone();
                 let stopped = view.is_stopped();

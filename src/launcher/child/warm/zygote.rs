@@ -8,10 +8,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Interest, Lines};
@@ -220,7 +221,7 @@ impl Zygote {
             return;
         }
         let idle = {
-            let table = self.table.lock().expect("lock");
+            let table = self.table.lock();
             table.pending.is_empty() && table.children.is_empty()
         };
         if idle {
@@ -241,13 +242,9 @@ impl Zygote {
         let (control_r, control_w) = cloexec_pipe()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.table
-            .lock()
-            .expect("lock")
-            .pending
-            .insert(id, reply_tx);
+        self.table.lock().pending.insert(id, reply_tx);
         let forget = || {
-            self.table.lock().expect("lock").pending.remove(&id);
+            self.table.lock().pending.remove(&id);
         };
         if self.dead.is_cancelled() {
             forget();
@@ -348,7 +345,7 @@ impl Zygote {
                 return;
             }
         };
-        let mut table = self.table.lock().expect("lock");
+        let mut table = self.table.lock();
         match event {
             Event::Spawned {
                 id,
@@ -423,7 +420,7 @@ async fn read_events(
     {
         // Pending spawns fail (their children never get the go byte); running children are
         // now orphans whose steps fall back to their pidfds.
-        let mut table = zygote.table.lock().expect("lock");
+        let mut table = zygote.table.lock();
         table.pending.clear();
         table.children.clear();
     }
