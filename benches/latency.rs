@@ -22,9 +22,9 @@ use dagster_taskiq_controller::launcher::{ProcessLauncher, ProcessLauncherConfig
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
-use dagster_taskiq_controller::results::TaskiqCompat;
 use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::{StepState, StepTable};
+use dagster_taskiq_controller::taskiq::TaskiqCompat;
 use tokio_util::sync::CancellationToken;
 
 const STEPS: usize = 300;

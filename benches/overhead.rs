@@ -18,9 +18,9 @@ use dagster_taskiq_controller::fakes::{step_body, FakeBridge, FakeLauncher, Fake
 use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
-use dagster_taskiq_controller::results::TaskiqCompat;
 use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::StepTable;
+use dagster_taskiq_controller::taskiq::TaskiqCompat;
 use tokio_util::sync::CancellationToken;
 
 const IN_FLIGHT: usize = 10_000;

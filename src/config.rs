@@ -14,7 +14,7 @@ use crate::flags::{invalid, ConfigError};
 use crate::launcher::ecs::EcsArgs;
 use crate::launcher::WarmArgs;
 use crate::lease::LeaseArgs;
-use crate::results::TaskiqArgs;
+use crate::taskiq::TaskiqArgs;
 
 #[derive(Debug, Parser)]
 #[command(

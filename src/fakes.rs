@@ -18,7 +18,7 @@ use crate::dagster::{
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
 use crate::queue::{DeadLetter, ExtendResult, QueueError, ReceivedMessage, Resend, WorkQueue};
-use crate::results::{ObjectStore, StoreError};
+use crate::taskiq::{ObjectStore, StoreError};
 
 /// What happened to a message in the fake queue.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,8 +11,8 @@
 //! - [`launcher`]: the [`launcher::Launcher`] boundary; child processes (cold, or forked from
 //!   a warm zygote), ECS tasks ([`launcher::ecs`]) and the per-step router.
 //! - [`dagster`]: the [`dagster::DagsterBridge`] boundary and its Python sidecar client.
-//! - [`results`]: dagster-taskiq compatibility: extended (S3) payloads and taskiq result
-//!   objects, behind the [`results::ObjectStore`] boundary.
+//! - [`taskiq`]: the dagster-taskiq compatibility layer: extended (S3) payloads and taskiq
+//!   result objects, behind the [`taskiq::ObjectStore`] boundary.
 //!
 //! The loop, in the order a message meets it:
 //! - [`envelope`]: the wire contract: SQS body → [`envelope::StepRequest`] or [`envelope::Poison`].
@@ -54,6 +54,6 @@ pub mod lease;
 pub mod metrics;
 pub mod outcome;
 pub mod queue;
-pub mod results;
 pub mod retry;
 pub mod state;
+pub mod taskiq;

@@ -26,8 +26,8 @@ use dagster_taskiq_controller::launcher::{
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
-use dagster_taskiq_controller::results::TaskiqCompat;
 use dagster_taskiq_controller::state::StepTable;
+use dagster_taskiq_controller::taskiq::TaskiqCompat;
 
 /// How old the dashboard's queue depths may get before GetQueueAttributes is called again.
 const QUEUE_COUNTS_MAX_AGE: Duration = Duration::from_secs(3);

@@ -34,7 +34,7 @@ pub(super) async fn hand_off(ctx: &Context, task_id: &str, message: &ReceivedMes
         ),
     ]);
     // The same body: an S3 pointer stays one.
-    attributes.extend(crate::results::extended_marker(message));
+    attributes.extend(crate::taskiq::extended_marker(message));
     let continuation = Resend {
         of: message,
         purpose: "handoff",

@@ -11,7 +11,7 @@ use super::{count_queue_error, settle, step, Context};
 use crate::health::IDLE_BEAT;
 use crate::outcome::{DeadLetterReason, Outcome, Release};
 use crate::queue::{continuation, ReceivedMessage};
-use crate::results::DecodeError;
+use crate::taskiq::DecodeError;
 
 /// Receives until draining starts; each message becomes a task in `tasks`.
 pub(super) async fn intake(ctx: &Arc<Context>, tasks: &mut JoinSet<()>) {

@@ -38,9 +38,9 @@ use crate::launcher::Launcher;
 use crate::lease::LeaseTable;
 use crate::metrics::Metrics;
 use crate::queue::WorkQueue;
-use crate::results::TaskiqCompat;
 use crate::retry::Backoff;
 use crate::state::StepTable;
+use crate::taskiq::TaskiqCompat;
 
 /// Settings of the controller loop.
 #[derive(Debug, Clone)]

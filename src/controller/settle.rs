@@ -9,7 +9,7 @@ use crate::dagster::BridgeError;
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::outcome::{DeadLetterReason, Disposition, Outcome, Release};
 use crate::queue::{DeadLetter, ReceivedMessage};
-use crate::results::StoreError;
+use crate::taskiq::StoreError;
 
 /// A failure of a boundary while handling a message (not a failure of the step).
 pub(super) enum Failure {

@@ -1,0 +1,41 @@
+//! Drop-in compatibility with the `dagster-taskiq` executor, which talks TaskIQ over SQS with
+//! taskiq-aio-sqs and waits for a taskiq result in S3 (docs/protocol.md, "TaskIQ
+//! compatibility"):
+//!
+//! - **Extended payloads.** A body of 1 MiB or more is sent the taskiq-aio-sqs way: the SQS
+//!   body is `{"s3_bucket": ..., "s3_key": ...}` with the string message attribute
+//!   `s3_extended_message` = `True`; the real body is that S3 object. [`TaskiqCompat::decode`]
+//!   resolves it before decoding, with [`MAX_EXTENDED_BODY_BYTES`] as the size limit (the
+//!   1 MiB limit applies to the SQS body only).
+//! - **Results.** With a result bucket, every settled attempt gets a taskiq result object at
+//!   `<base_path>/<task_id>`, in the JSON the taskiq-aio-sqs `S3Backend` reads with its default
+//!   (orjson) serializer, written before the message is deleted:
+//!   `{"is_err", "log", "return_value", "execution_time", "labels", "error"}`. A step that
+//!   reached an outcome in Dagster returns the serialized `DagsterEvent` lines it printed on
+//!   stdout (`print_serialized_events`); a crash, timeout, cancel or dead letter returns an
+//!   error in taskiq's exception shape, so the executor never waits forever.
+//!   The event lines come from the local launchers ([`crate::launcher::EventLines`]).
+//!
+//! S3 sits behind the [`ObjectStore`] trait: [`S3ObjectStore`] is the aws-sdk implementation,
+//! `crate::fakes::FakeObjectStore` the in-memory one the unit tests use.
+//!
+//! One concept per file: `args.rs` the flags, `store.rs` the S3 boundary, `extended.rs` the
+//! extended-payload marker, `result.rs` the result objects, `compat.rs` the layer the
+//! controller calls.
+
+mod args;
+mod compat;
+mod extended;
+mod result;
+mod store;
+
+pub use args::TaskiqArgs;
+pub use compat::{DecodeError, TaskiqCompat, TaskiqSetupError};
+pub use extended::{
+    extended_marker, is_extended, EXTENDED_MESSAGE_ATTRIBUTE, MAX_EXTENDED_BODY_BYTES,
+};
+pub use result::{error_result, result_key, success_result, ERROR_MODULE, ERROR_TYPE};
+pub use store::{ObjectStore, S3ObjectStore, StoreError};
+
+#[cfg(test)]
+mod tests;
