@@ -32,8 +32,8 @@
 //! - [`doctor`]: the `doctor` subcommand's checks of a configuration.
 //! - [`health`]: loop heartbeats and SQS reachability, read by the probes.
 //! - [`metrics`]: the Prometheus registry.
-//! - `fakes` (feature `testing`): in-memory boundaries for the state-machine tests and the
-//!   overhead benchmarks; never the only test of a feature.
+//! - `fakes` (feature `testing`): every in-memory boundary (and the ECS API), for the
+//!   state-machine tests and the overhead benchmarks; never the only test of a feature.
 //!
 //! The binary (`src/main.rs`, `src/app/`) parses the command line and wires these together.
 

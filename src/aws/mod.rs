@@ -12,7 +12,8 @@ mod sqs;
 
 use std::time::Duration;
 
-#[cfg(test)]
+// The ECS fake answers with classified errors.
+#[cfg(any(test, feature = "testing"))]
 pub(crate) use error::class_of;
 pub(crate) use error::classify;
 pub use error::ErrorClass;

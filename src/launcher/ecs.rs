@@ -18,8 +18,6 @@
 
 pub mod api;
 mod args;
-#[cfg(test)]
-mod fake;
 pub mod outcome;
 pub mod request;
 pub mod tracker;

@@ -4,9 +4,9 @@ use std::io::Read;
 
 use base64::Engine as _;
 
-use super::fake::{throttled, FakeEcs};
 use super::request::{client_token, started_by, ENV_ARGS_SHA256, ENV_ARGS_URI};
 use super::*;
+use crate::fakes::ecs::{throttled, FakeEcs};
 use crate::fakes::step_body;
 
 const TASK_ID: &str = "0123456789abcdef0123456789abcdef";
@@ -187,7 +187,7 @@ async fn no_capacity_is_retried_and_a_rejected_request_is_permanent() {
     ecs.launch(&step(1)).await.unwrap();
     assert_eq!(fake.run_calls().len(), 2);
 
-    fake.lock().run_errors = vec![super::fake::error(ErrorClass::Permanent)];
+    fake.lock().run_errors = vec![crate::fakes::ecs::error(ErrorClass::Permanent)];
     match ecs.launch(&step(1)).await {
         Err(LaunchError::Permanent(_)) => {}
         Err(other) => panic!("expected permanent, got {other}"),

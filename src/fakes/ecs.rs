@@ -1,4 +1,4 @@
-//! In-memory ECS and S3 for the launcher's unit tests: idempotent clientTokens like ECS,
+//! In-memory ECS and S3 for the ECS launcher's tests: idempotent clientTokens like ECS,
 //! injectable throttling, and a record of every call.
 
 use std::collections::HashMap;
@@ -7,9 +7,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use parking_lot::{Mutex, MutexGuard};
 
-use super::api::{ApiError, BlobStore, DescribeOutput, Desired, EcsApi, ErrorClass, RunTaskOutput};
-use super::outcome::{ContainerView, TaskView};
-use super::request::RunTaskRequest;
+use crate::launcher::ecs::api::{
+    ApiError, BlobStore, DescribeOutput, Desired, EcsApi, ErrorClass, RunTaskOutput,
+};
+use crate::launcher::ecs::outcome::{ContainerView, TaskView};
+use crate::launcher::ecs::request::RunTaskRequest;
 
 #[derive(Default)]
 pub struct Inner {
@@ -191,7 +193,6 @@ impl BlobStore for FakeEcs {
 }
 
 /// An error of the given class, for tests that need a plain one.
-#[allow(dead_code)]
 pub fn error(class: ErrorClass) -> ApiError {
     ApiError {
         operation: "RunTask",

@@ -1,14 +1,20 @@
-//! In-memory implementations of the three boundaries, for unit tests of the state machine
-//! and for benchmarks of the controller's own overhead. Never the only test of a feature:
-//! the integration tests use moto, real processes and real Dagster.
+//! In-memory implementations of the boundaries, for unit tests of the state machine and for
+//! benchmarks of the controller's own overhead. Never the only test of a feature: the
+//! integration tests use moto, real processes and real Dagster.
+//!
+//! Every fake lives here, behind `#[cfg(any(test, feature = "testing"))]`: the queue, the
+//! launcher, the bridge and the object store in this file, the ECS API (and its S3 offload)
+//! in [`ecs`].
 
-use parking_lot::Mutex;
+pub mod ecs;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::watch;
 
