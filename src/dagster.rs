@@ -157,6 +157,12 @@ impl BridgeError {
     }
 }
 
+impl crate::retry::Transient for BridgeError {
+    fn is_transient(&self) -> bool {
+        BridgeError::is_transient(self)
+    }
+}
+
 /// Reads and writes Dagster state for the controller.
 #[async_trait]
 pub trait DagsterBridge: Send + Sync + 'static {
