@@ -312,7 +312,7 @@ impl Admission {
     }
 
     /// Waits for room to hold one more message.
-    pub async fn reserve(&self) -> OwnedSemaphorePermit {
+    pub(crate) async fn reserve(&self) -> OwnedSemaphorePermit {
         self.held
             .clone()
             .acquire_owned()
@@ -321,7 +321,7 @@ impl Admission {
     }
 
     /// Room to hold another message right now, if any.
-    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
         self.held.clone().try_acquire_owned().ok()
     }
 
@@ -358,19 +358,10 @@ impl Admission {
     }
 
     /// Waits until the launch rate allows one more launch.
-    pub async fn until_launch_allowed(&self) {
+    pub(crate) async fn until_launch_allowed(&self) {
         if let Some(limiter) = &self.launches {
             limiter.until_ready().await;
         }
-    }
-
-    /// Messages held now (running or waiting).
-    pub fn in_use(&self) -> usize {
-        self.max_held - self.held.available_permits()
-    }
-
-    pub fn max_concurrent(&self) -> usize {
-        self.config.max_concurrent
     }
 
     pub fn view(&self) -> AdmissionView {
@@ -394,7 +385,7 @@ pub struct AdmissionView {
 
 /// What the dashboard shows about admission.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct AdmissionState {
+pub(crate) struct AdmissionState {
     /// Messages held now: running steps and steps waiting for a slot.
     pub in_use: usize,
     /// Steps holding a run slot.
@@ -414,7 +405,7 @@ pub struct AdmissionState {
 }
 
 impl AdmissionView {
-    pub fn state(&self) -> AdmissionState {
+    pub(crate) fn state(&self) -> AdmissionState {
         let scheduler = self.scheduler.lock();
         AdmissionState {
             in_use: self.max_held - self.held.available_permits(),
@@ -480,7 +471,7 @@ pub struct AdmissionArgs {
 }
 
 impl AdmissionArgs {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.max_concurrent == 0 {
             return Err(invalid("max-concurrent", "must be at least 1"));
         }

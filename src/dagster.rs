@@ -45,7 +45,7 @@ pub enum RunStatus {
 
 impl RunStatus {
     /// True when no new step of the run should start.
-    pub fn stops_new_steps(self) -> bool {
+    pub(crate) fn stops_new_steps(self) -> bool {
         matches!(
             self,
             RunStatus::Success | RunStatus::Failure | RunStatus::Canceling | RunStatus::Canceled
@@ -53,7 +53,7 @@ impl RunStatus {
     }
 
     /// Dagster's own spelling, e.g. `CANCELING`.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             RunStatus::Queued => "QUEUED",
             RunStatus::NotStarted => "NOT_STARTED",
@@ -97,7 +97,7 @@ pub enum BridgePush {
 }
 
 impl BridgePush {
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             BridgePush::RunEnded { .. } => "run_ended",
             BridgePush::TerminateStep { .. } => "terminate_step",
@@ -122,7 +122,7 @@ pub struct Verdict {
 
 impl Verdict {
     /// The verdict of an attempt the controller did not run at all.
-    pub fn not_run(verdict: String) -> Self {
+    pub(crate) fn not_run(verdict: String) -> Self {
         Self {
             verdict,
             exit: "not run".into(),
@@ -152,7 +152,7 @@ pub enum BridgeError {
 
 impl BridgeError {
     /// Whether trying again later may succeed.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         !matches!(self, BridgeError::Rejected { .. })
     }
 }
@@ -273,7 +273,7 @@ impl SidecarBridge {
     }
 
     /// True while a sidecar process is running.
-    pub async fn is_alive(&self) -> bool {
+    pub(crate) async fn is_alive(&self) -> bool {
         let guard = self.connection.lock().await;
         guard.as_ref().is_some_and(|c| !c.exited.is_cancelled())
     }

@@ -17,18 +17,18 @@ use serde_json::Value;
 /// SQS refuses larger bodies; anything bigger that reaches us is not ours.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// The only TaskIQ task the controller runs.
-pub const TASK_NAME: &str = "execute_plan";
+pub(crate) const TASK_NAME: &str = "execute_plan";
 
 /// Label names our executor adds (see docs/protocol.md).
-pub mod labels {
-    pub const RUN_ID: &str = "dagster_run_id";
-    pub const STEP_KEY: &str = "dagster_step_key";
-    pub const ATTEMPT: &str = "dagster_attempt";
-    pub const JOB_NAME: &str = "dagster_job_name";
-    pub const LAUNCHER: &str = "dagster_launcher";
-    pub const PRIORITY: &str = "dagster_priority";
-    pub const TIMEOUT: &str = "dagster_timeout";
-    pub const TAGS: &str = "dagster_tags";
+pub(crate) mod labels {
+    pub(crate) const RUN_ID: &str = "dagster_run_id";
+    pub(crate) const STEP_KEY: &str = "dagster_step_key";
+    pub(crate) const ATTEMPT: &str = "dagster_attempt";
+    pub(crate) const JOB_NAME: &str = "dagster_job_name";
+    pub(crate) const LAUNCHER: &str = "dagster_launcher";
+    pub(crate) const PRIORITY: &str = "dagster_priority";
+    pub(crate) const TIMEOUT: &str = "dagster_timeout";
+    pub(crate) const TAGS: &str = "dagster_tags";
 }
 
 /// Where a step runs.
@@ -195,7 +195,7 @@ pub fn decode(body: &str) -> Result<StepRequest, Poison> {
 
 /// Decodes and validates a body of at most `limit` bytes: [`MAX_BODY_BYTES`] for an SQS body,
 /// more for a body resolved from S3 (`crate::taskiq::MAX_EXTENDED_BODY_BYTES`).
-pub fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest, Poison> {
+pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest, Poison> {
     if body.len() > limit {
         return Err(Poison::TooLarge {
             size: body.len(),
@@ -310,11 +310,6 @@ impl StepRequest {
         let compressed = encoder.finish().expect("writing to a Vec cannot fail");
         base64::engine::general_purpose::STANDARD.encode(compressed)
     }
-
-    /// A short name for logs: `run_id/step_key#attempt`.
-    pub fn display_name(&self) -> String {
-        format!("{}/{}#{}", self.run_id, self.step_key, self.attempt)
-    }
 }
 
 /// A label's value, treating an empty string as absent.
@@ -367,7 +362,7 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
 }
 
 /// Whether `task_id` is a valid task id (1 to 64 characters of `[0-9A-Za-z_-]`).
-pub fn is_valid_task_id(task_id: &str) -> bool {
+pub(crate) fn is_valid_task_id(task_id: &str) -> bool {
     is_identifier(task_id, 64)
 }
 

@@ -19,7 +19,7 @@ pub(crate) fn invalid(flag: &'static str, message: impl Into<String>) -> ConfigE
 }
 
 /// Parses a number of seconds, e.g. `30` or `2.5`.
-pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
     let seconds: f64 = text
         .trim()
         .parse()

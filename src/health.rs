@@ -25,7 +25,7 @@ struct BeatState {
 
 /// What a probe reports about one loop.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct BeatReport {
+pub(crate) struct BeatReport {
     pub name: &'static str,
     /// `ok`, `stale`, `starting` (never beat yet) or `stopped` (ended on purpose).
     pub status: &'static str,
@@ -35,7 +35,7 @@ pub struct BeatReport {
 }
 
 impl Heartbeat {
-    pub fn new(name: &'static str, max_age: Duration) -> Self {
+    pub(crate) fn new(name: &'static str, max_age: Duration) -> Self {
         Self {
             name,
             max_age,
@@ -47,18 +47,18 @@ impl Heartbeat {
     }
 
     /// The loop went round.
-    pub fn beat(&self) {
+    pub(crate) fn beat(&self) {
         let mut state = self.inner.lock();
         state.last = Some(Instant::now());
         state.stopped = false;
     }
 
     /// The loop ended on purpose (draining): silence is no longer a fault.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.inner.lock().stopped = true;
     }
 
-    pub fn report(&self) -> BeatReport {
+    pub(crate) fn report(&self) -> BeatReport {
         let state = *self.inner.lock();
         let age = state.last.map(|t| t.elapsed());
         let status = match (state.stopped, age) {
@@ -78,7 +78,7 @@ impl Heartbeat {
 
 /// The outcome of the most recent SQS call that tells whether SQS is reachable.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct QueueContact {
+pub(crate) struct QueueContact {
     pub ok: bool,
     pub at: DateTime<Utc>,
     /// The operation, e.g. `ReceiveMessage`.
@@ -98,7 +98,7 @@ pub struct Health {
 }
 
 /// How often the intake beats while it waits for room; well inside its stale bound.
-pub const IDLE_BEAT: Duration = Duration::from_secs(5);
+pub(crate) const IDLE_BEAT: Duration = Duration::from_secs(5);
 
 impl Health {
     /// Bounds follow the loops' own periods: a receive may long-poll `receive_wait`, and the
@@ -126,12 +126,12 @@ impl Health {
     }
 
     /// The last SQS contact; `None` before the first call.
-    pub fn last_queue_contact(&self) -> Option<QueueContact> {
+    pub(crate) fn last_queue_contact(&self) -> Option<QueueContact> {
         self.queue.lock().clone()
     }
 
     /// Each loop's state; the process is healthy when none is stale.
-    pub fn loops(&self) -> Vec<BeatReport> {
+    pub(crate) fn loops(&self) -> Vec<BeatReport> {
         vec![self.intake.report(), self.lease_keeper.report()]
     }
 }

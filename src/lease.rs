@@ -36,7 +36,7 @@ struct Lease {
 
 /// How a lease tells its step task what happened to it.
 #[derive(Clone, Default)]
-pub struct LeaseSignals {
+pub(crate) struct LeaseSignals {
     /// Cancelled when the lease is lost: fence the step.
     pub lost: CancellationToken,
     /// Notified when a new delivery (a continuation) renews the lease.
@@ -64,14 +64,14 @@ impl LeaseTable {
 
     /// How long before the cap a lease is handed off: enough for a few heartbeats and the
     /// continuation's round trip, at most five minutes.
-    pub fn handoff_margin(&self) -> Duration {
+    pub(crate) fn handoff_margin(&self) -> Duration {
         (self.heartbeat_interval() * 3)
             .max(Duration::from_secs(300))
             .min(self.visibility_cap / 4)
     }
 
     /// When the lease of `task_id` must be handed off; `None` if not held or handed off.
-    pub fn handoff_deadline(&self, task_id: &str) -> Option<Instant> {
+    pub(crate) fn handoff_deadline(&self, task_id: &str) -> Option<Instant> {
         let leases = self.leases.lock();
         let lease = leases.get(task_id)?;
         if lease.handed_off.is_some() {
@@ -82,14 +82,14 @@ impl LeaseTable {
 
     /// When the step of a handed-off lease must be fenced if its continuation has not come
     /// back; `None` if not handed off.
-    pub fn adoption_deadline(&self, task_id: &str, window: Duration) -> Option<Instant> {
+    pub(crate) fn adoption_deadline(&self, task_id: &str, window: Duration) -> Option<Instant> {
         let leases = self.leases.lock();
         leases.get(task_id)?.handed_off.map(|at| at + window)
     }
 
     /// The old message was deleted after its continuation was sent: stop extending until
     /// the continuation renews the lease.
-    pub fn mark_handed_off(&self, task_id: &str) {
+    pub(crate) fn mark_handed_off(&self, task_id: &str) {
         let mut leases = self.leases.lock();
         if let Some(lease) = leases.get_mut(task_id) {
             lease.receipt_handle = None;
@@ -98,7 +98,7 @@ impl LeaseTable {
     }
 
     /// The visibility each extension asks for.
-    pub fn visibility(&self) -> Duration {
+    pub(crate) fn visibility(&self) -> Duration {
         self.visibility
     }
 
@@ -109,7 +109,7 @@ impl LeaseTable {
     }
 
     /// Starts holding a message just received.
-    pub fn hold(&self, task_id: &str, receipt_handle: &str) -> LeaseSignals {
+    pub(crate) fn hold(&self, task_id: &str, receipt_handle: &str) -> LeaseSignals {
         let signals = LeaseSignals::default();
         let now = Instant::now();
         let lease = Lease {
@@ -130,7 +130,7 @@ impl LeaseTable {
     /// A new delivery of a message we hold (a redelivery after our lease ran out, or the
     /// continuation of a hand-off): its receipt handle is now the valid one, with a fresh
     /// visibility budget. Returns false if the task is not held here.
-    pub fn renew_handle(&self, task_id: &str, receipt_handle: &str) -> bool {
+    pub(crate) fn renew_handle(&self, task_id: &str, receipt_handle: &str) -> bool {
         let mut leases = self.leases.lock();
         match leases.get_mut(task_id) {
             Some(lease) => {
@@ -147,20 +147,20 @@ impl LeaseTable {
     }
 
     /// The current receipt handle of a held message (`None` while handed off).
-    pub fn receipt_handle(&self, task_id: &str) -> Option<String> {
+    pub(crate) fn receipt_handle(&self, task_id: &str) -> Option<String> {
         let leases = self.leases.lock();
         leases.get(task_id).and_then(|l| l.receipt_handle.clone())
     }
 
     /// Stops holding a message (after ack, release or dead-letter).
-    pub fn drop_lease(&self, task_id: &str) {
+    pub(crate) fn drop_lease(&self, task_id: &str) {
         let mut leases = self.leases.lock();
         leases.remove(task_id);
         self.metrics.leases_held.set(leases.len() as i64);
     }
 
     /// When a held message becomes visible again unless extended (wall clock, for the API).
-    pub fn deadline(&self, task_id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    pub(crate) fn deadline(&self, task_id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         let leases = self.leases.lock();
         let expires = leases.get(task_id)?.expires;
         let now = Instant::now();
@@ -169,16 +169,8 @@ impl LeaseTable {
         Some(chrono::Utc::now() + left - overdue)
     }
 
-    pub fn len(&self) -> usize {
-        self.leases.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Extends every held lease once. Returns how many were lost.
-    pub async fn extend_all(&self, queue: &dyn WorkQueue) -> usize {
+    pub(crate) async fn extend_all(&self, queue: &dyn WorkQueue) -> usize {
         let snapshot: Vec<(String, String)> = {
             let leases = self.leases.lock();
             leases
@@ -251,7 +243,7 @@ impl LeaseTable {
 
     /// The keeper: extends all leases every heartbeat interval until `stop`.
     /// Each round beats `heartbeat`, so `/healthz` sees the keeper is alive.
-    pub async fn keep(
+    pub(crate) async fn keep(
         &self,
         queue: Arc<dyn WorkQueue>,
         stop: CancellationToken,
@@ -287,7 +279,7 @@ pub struct LeaseArgs {
 }
 
 impl LeaseArgs {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let visibility = self.visibility_timeout.as_secs_f64();
         if !(1.0..=MAX_VISIBILITY_SECS).contains(&visibility)
             || self.visibility_timeout.subsec_nanos() != 0

@@ -47,12 +47,12 @@ pub mod doctor;
 pub mod envelope;
 #[cfg(any(test, feature = "testing"))]
 pub mod fakes;
-pub mod flags;
+pub(crate) mod flags;
 pub mod health;
 pub mod launcher;
 pub mod lease;
 pub mod metrics;
-pub mod outcome;
+pub(crate) mod outcome;
 pub mod queue;
 pub mod retry;
 pub mod state;

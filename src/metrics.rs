@@ -10,11 +10,11 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 /// One label whose value is known at compile time.
-pub type Label = [(&'static str, &'static str); 1];
+pub(crate) type Label = [(&'static str, &'static str); 1];
 /// Two such labels.
-pub type Labels2 = [(&'static str, &'static str); 2];
+pub(crate) type Labels2 = [(&'static str, &'static str); 2];
 /// Histograms by one label, each with the seconds buckets.
-pub type HistogramFamily = Family<Label, Histogram, fn() -> Histogram>;
+pub(crate) type HistogramFamily = Family<Label, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {
     // 1 ms .. ~9 h

@@ -12,7 +12,7 @@ use crate::state::StepState;
 
 /// What the attempt's own terminal event in Dagster's event log says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
+pub(crate) enum Finish {
     Succeeded,
     Failed,
     UpForRetry,
@@ -20,7 +20,7 @@ pub enum Finish {
 
 impl Finish {
     /// From the terminal event type the bridge reports (`STEP_SUCCESS`, ...).
-    pub fn from_event(event_type: Option<&str>) -> Finish {
+    pub(crate) fn from_event(event_type: Option<&str>) -> Finish {
         match event_type {
             Some("STEP_SUCCESS") => Finish::Succeeded,
             Some("STEP_UP_FOR_RETRY") => Finish::UpForRetry,
@@ -31,7 +31,7 @@ impl Finish {
 
 /// Why a message was acknowledged without running its step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Skip {
+pub(crate) enum Skip {
     /// The attempt already has its terminal event (an earlier delivery ran it).
     AlreadyFinished,
     /// The run is over (canceled, canceling, failed or succeeded): Dagster has our verdict.
@@ -40,7 +40,7 @@ pub enum Skip {
 
 /// Why a message is given back to the queue, visible again after a delay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Release {
+pub(crate) enum Release {
     /// The controller is draining before the step was launched.
     Shutdown,
     /// A continuation that its owner may still adopt: passed on.
@@ -68,7 +68,7 @@ pub enum Release {
 }
 
 impl Release {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Release::Shutdown => "shutdown",
             Release::ContinuationNotOurs => "continuation_not_ours",
@@ -102,7 +102,7 @@ impl Release {
 
 /// Why a message goes to the dead-letter queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadLetterReason {
+pub(crate) enum DeadLetterReason {
     /// The message can never run (envelope validation); the poison's stable name.
     Poison(&'static str),
     /// Its launch settings can never work (bad `ecs/*` tags, ...); the launcher's reason.
@@ -119,7 +119,7 @@ pub enum DeadLetterReason {
 
 impl DeadLetterReason {
     /// The stable reason: the `dagster_taskiq_error` attribute and the metric label.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             DeadLetterReason::Poison(name) | DeadLetterReason::InvalidLaunch(name) => name,
             DeadLetterReason::UnknownRun => "unknown_run",
@@ -131,7 +131,7 @@ impl DeadLetterReason {
 
     /// `poison` (redriving it changes nothing) or `transient` (it may run once the cause
     /// is fixed): the `dagster_taskiq_error_class` attribute.
-    pub fn error_class(self) -> &'static str {
+    pub(crate) fn error_class(self) -> &'static str {
         match self {
             DeadLetterReason::AttemptsExhausted | DeadLetterReason::PayloadUnavailable => {
                 "transient"
@@ -143,7 +143,7 @@ impl DeadLetterReason {
 
 /// How one delivery of a step attempt ended here.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The attempt's own terminal event is in Dagster's event log.
     Finished(Finish),
     /// The execution ended without an outcome and Dagster has our verdict (the executor
@@ -173,7 +173,7 @@ pub enum Outcome {
 
 /// What settling an [`Outcome`] does to the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition<'a> {
+pub(crate) enum Disposition<'a> {
     /// The outcome is durable: delete the message.
     Delete,
     /// Make it visible again after this delay.
@@ -189,14 +189,14 @@ pub enum Disposition<'a> {
 
 impl Outcome {
     /// Released for shutdown: visible again at once.
-    pub fn shutdown() -> Outcome {
+    pub(crate) fn shutdown() -> Outcome {
         Outcome::Released {
             why: Release::Shutdown,
             delay: Duration::ZERO,
         }
     }
 
-    pub fn dead_letter(reason: DeadLetterReason, detail: impl Into<String>) -> Outcome {
+    pub(crate) fn dead_letter(reason: DeadLetterReason, detail: impl Into<String>) -> Outcome {
         Outcome::DeadLettered {
             reason,
             detail: detail.into(),
@@ -204,7 +204,7 @@ impl Outcome {
     }
 
     /// The stable name: the steps table's `outcome`, the label of the message metrics.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Outcome::Finished(Finish::Succeeded) => "succeeded",
             Outcome::Finished(Finish::Failed) => "failed",
@@ -224,7 +224,7 @@ impl Outcome {
         }
     }
 
-    pub fn disposition(&self) -> Disposition<'_> {
+    pub(crate) fn disposition(&self) -> Disposition<'_> {
         match self {
             Outcome::Finished(_)
             | Outcome::Verdict { .. }
@@ -242,7 +242,7 @@ impl Outcome {
     }
 
     /// The step's final state in the steps table.
-    pub fn final_state(&self) -> StepState {
+    pub(crate) fn final_state(&self) -> StepState {
         match self {
             Outcome::Finished(_) | Outcome::Verdict { .. } | Outcome::RunEnded => StepState::Acked,
             Outcome::Skipped(_) => StepState::Skipped,
@@ -256,7 +256,7 @@ impl Outcome {
 
     /// Whether the attempt ended for good from the run's point of view: the executor will
     /// not see this attempt run again, so a taskiq result is due.
-    pub fn ends_attempt(&self) -> bool {
+    pub(crate) fn ends_attempt(&self) -> bool {
         matches!(
             self,
             Outcome::Finished(_)

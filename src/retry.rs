@@ -19,7 +19,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// The upper bound of the delay before retry number `attempt` (1-based).
-    pub fn ceiling(&self, attempt: u32) -> Duration {
+    pub(crate) fn ceiling(&self, attempt: u32) -> Duration {
         let exponent = attempt.saturating_sub(1).min(32);
         self.base
             .checked_mul(1u32 << exponent.min(31))
@@ -28,7 +28,7 @@ impl Backoff {
     }
 
     /// A jittered delay before retry number `attempt` (1-based).
-    pub fn delay(&self, attempt: u32) -> Duration {
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
         let ceiling = self.ceiling(attempt);
         if ceiling.is_zero() {
             return ceiling;

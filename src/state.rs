@@ -51,7 +51,7 @@ pub enum StepState {
 }
 
 impl StepState {
-    pub const ALL: [StepState; 12] = [
+    pub(crate) const ALL: [StepState; 12] = [
         StepState::Received,
         StepState::Admitted,
         StepState::Launching,
@@ -67,7 +67,7 @@ impl StepState {
     ];
 
     /// The name used in JSON and in API filters, e.g. `dead_lettered`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             StepState::Received => "received",
             StepState::Admitted => "admitted",
@@ -85,12 +85,12 @@ impl StepState {
     }
 
     /// Parses an API filter value.
-    pub fn parse(name: &str) -> Option<StepState> {
+    pub(crate) fn parse(name: &str) -> Option<StepState> {
         Self::ALL.into_iter().find(|s| s.as_str() == name)
     }
 
     /// True once this controller is done with the message.
-    pub fn is_final(self) -> bool {
+    pub(crate) fn is_final(self) -> bool {
         matches!(
             self,
             StepState::Acked
@@ -164,7 +164,7 @@ pub struct StepTable {
 
 impl StepTable {
     /// Registers an attempt as received. Returns false if it is already active here.
-    pub fn claim(&self, step: &StepRequest, message_id: &str, receive_count: u32) -> bool {
+    pub(crate) fn claim(&self, step: &StepRequest, message_id: &str, receive_count: u32) -> bool {
         let mut inner = self.inner.lock();
         if inner.active.contains_key(&step.task_id) {
             return false;
@@ -198,7 +198,7 @@ impl StepTable {
     }
 
     /// Records a transition; a final state moves the record to the recent list.
-    pub fn transition(&self, task_id: &str, state: StepState) {
+    pub(crate) fn transition(&self, task_id: &str, state: StepState) {
         self.update(task_id, |record| {
             record.state = state;
             record.history.push((state, Utc::now()));
@@ -206,7 +206,7 @@ impl StepTable {
     }
 
     /// Changes an active record in place; a final state moves it to the recent list.
-    pub fn update(&self, task_id: &str, change: impl FnOnce(&mut StepRecord)) {
+    pub(crate) fn update(&self, task_id: &str, change: impl FnOnce(&mut StepRecord)) {
         let mut inner = self.inner.lock();
         let Some(record) = inner.active.get_mut(task_id) else {
             return;
@@ -235,7 +235,7 @@ impl StepTable {
     }
 
     /// Asks every active step of a run to stop. Returns how many were asked.
-    pub fn request_stop_run(&self, run_id: &str, reason: &StopReason) -> usize {
+    pub(crate) fn request_stop_run(&self, run_id: &str, reason: &StopReason) -> usize {
         let mut inner = self.inner.lock();
         let mut asked = 0;
         for record in inner.active.values_mut() {
@@ -249,12 +249,12 @@ impl StepTable {
     }
 
     /// The stop signal of an active step and, once signalled, why.
-    pub fn stop_signal(&self, task_id: &str) -> Option<CancellationToken> {
+    pub(crate) fn stop_signal(&self, task_id: &str) -> Option<CancellationToken> {
         let inner = self.inner.lock();
         inner.active.get(task_id).map(|r| r.stop.clone())
     }
 
-    pub fn stop_reason(&self, task_id: &str) -> Option<StopReason> {
+    pub(crate) fn stop_reason(&self, task_id: &str) -> Option<StopReason> {
         let inner = self.inner.lock();
         inner
             .active
@@ -264,7 +264,7 @@ impl StepTable {
 
     /// Runs with active steps, grouped by Dagster instance (one status query per group), run
     /// ids sorted.
-    pub fn active_runs(&self) -> Vec<(Value, Vec<String>)> {
+    pub(crate) fn active_runs(&self) -> Vec<(Value, Vec<String>)> {
         let inner = self.inner.lock();
         let mut groups: Vec<(Value, std::collections::BTreeSet<String>)> = Vec::new();
         for record in inner.active.values() {
@@ -285,10 +285,6 @@ impl StepTable {
 
     pub fn is_active(&self, task_id: &str) -> bool {
         self.inner.lock().active.contains_key(task_id)
-    }
-
-    pub fn active_count(&self) -> usize {
-        self.inner.lock().active.len()
     }
 
     /// Active records, then recent ones (newest first).

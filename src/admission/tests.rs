@@ -211,9 +211,9 @@ async fn held_messages_are_bounded_by_the_cap_plus_prefetch() {
         admission.try_reserve().is_none(),
         "intake stops at 4 running + 3 prefetched"
     );
-    assert_eq!(admission.in_use(), 7);
+    assert_eq!(admission.view().state().in_use, 7);
     drop(permits);
-    assert_eq!(admission.in_use(), 0);
+    assert_eq!(admission.view().state().in_use, 0);
 }
 
 #[tokio::test]

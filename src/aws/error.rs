@@ -17,7 +17,7 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             ErrorClass::Throttled => "throttled",
             ErrorClass::Transient => "transient",
@@ -26,7 +26,7 @@ impl ErrorClass {
     }
 
     /// Whether the same call may succeed later.
-    pub fn retryable(self) -> bool {
+    pub(crate) fn retryable(self) -> bool {
         self != ErrorClass::Permanent
     }
 }

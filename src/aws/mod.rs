@@ -16,7 +16,7 @@ use std::time::Duration;
 #[cfg(any(test, feature = "testing"))]
 pub(crate) use error::class_of;
 pub(crate) use error::classify;
-pub use error::ErrorClass;
+pub(crate) use error::ErrorClass;
 pub(crate) use sqs::{send_message, Fifo};
 
 /// The AWS configuration with bounded calls: a hung connection must fail (and be retried)

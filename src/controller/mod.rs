@@ -201,7 +201,7 @@ pub struct ControllerArgs {
 }
 
 impl ControllerArgs {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.max_attempts == 0 {
             return Err(invalid("max-attempts", "must be at least 1"));
         }

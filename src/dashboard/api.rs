@@ -25,7 +25,7 @@ const RATE_WINDOW_SECS: i64 = 60;
 
 /// Why an API request failed; every variant answers `{"error": message}`.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]

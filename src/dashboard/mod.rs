@@ -28,8 +28,6 @@ use crate::state::StepTable;
 
 use crate::flags::{invalid, ConfigError};
 
-pub use api::ApiError;
-
 const INDEX_HTML: &str = include_str!("index.html");
 const DASHBOARD_CSS: &str = include_str!("dashboard.css");
 const DASHBOARD_JS: &str = include_str!("dashboard.js");
@@ -87,7 +85,7 @@ pub struct QueueCache {
 
 /// The queue part of `/api/v1/summary`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct QueueSnapshot {
+pub(crate) struct QueueSnapshot {
     pub work: Option<QueueCounts>,
     pub dlq: Option<QueueCounts>,
     /// When the counts were read.
@@ -108,7 +106,7 @@ impl QueueCache {
     }
 
     /// The cached counts, refreshed first if older than `max_age`.
-    pub async fn get(&self, state: &DashboardState) -> QueueSnapshot {
+    pub(crate) async fn get(&self, state: &DashboardState) -> QueueSnapshot {
         // Holding the lock across the refresh makes concurrent callers share one refresh.
         let mut current = self.current.lock().await;
         if let Some((at, snapshot)) = current.as_ref() {
@@ -195,7 +193,7 @@ fn asset(body: &'static str, content_type: &'static str) -> impl warp::Reply + '
     warp::reply::with_header(reply, "cache-control", "no-cache")
 }
 
-pub fn routes(
+pub(crate) fn routes(
     state: DashboardState,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = Infallible> + Clone {
     let page = warp::path::end()
@@ -304,7 +302,7 @@ pub struct DashboardArgs {
 }
 
 impl DashboardArgs {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if let Some(token) = &self.admin_token {
             if token.chars().count() < MIN_ADMIN_TOKEN_LEN || token.chars().any(char::is_whitespace)
             {

@@ -16,11 +16,11 @@
 //! - **Survives the controller**: on shutdown the task keeps running and its message is
 //!   handed back for another replica to adopt.
 
-pub mod api;
+pub(crate) mod api;
 mod args;
-pub mod outcome;
-pub mod request;
-pub mod tracker;
+pub(crate) mod outcome;
+pub(crate) mod request;
+pub(crate) mod tracker;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -34,7 +34,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use self::api::{ApiError, BlobStore, Desired, EcsApi, ErrorClass};
-pub use self::args::EcsArgs;
+pub(crate) use self::args::EcsArgs;
 pub use self::outcome::EcsStopCause;
 use self::outcome::TaskView;
 use self::request::{
@@ -166,7 +166,7 @@ impl EcsLauncher {
     }
 
     /// A launcher on the given API implementations. Spawns the tracker (needs a runtime).
-    pub fn new(
+    pub(crate) fn new(
         config: EcsLauncherConfig,
         api: Arc<dyn EcsApi>,
         blobs: Arc<dyn BlobStore>,

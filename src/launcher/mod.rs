@@ -4,14 +4,13 @@
 //! [`EcsLauncher`] runs it as its own ECS task; [`LauncherRouter`] picks one per step.
 
 pub(crate) mod child;
-pub mod ecs;
+pub(crate) mod ecs;
 mod router;
 
 use async_trait::async_trait;
 
-pub use child::{
-    EventLines, ProcessLauncher, ProcessLauncherConfig, WarmArgs, WarmLauncher, WarmLauncherConfig,
-};
+pub(crate) use child::{EventLines, WarmArgs};
+pub use child::{ProcessLauncher, ProcessLauncherConfig, WarmLauncher, WarmLauncherConfig};
 pub use ecs::{EcsLauncher, EcsLauncherConfig, EcsStopCause};
 pub use router::LauncherRouter;
 
@@ -37,7 +36,7 @@ pub enum StepExit {
 
 impl StepExit {
     /// Short form for verdict metadata: `exit code 3`, `signal 9`.
-    pub fn short(&self) -> String {
+    pub(crate) fn short(&self) -> String {
         match self {
             StepExit::Code(code) => format!("exit code {code}"),
             StepExit::Signal(signal) => format!("signal {signal}"),
@@ -55,7 +54,7 @@ impl StepExit {
 
     /// True when the execution failed before the step could start (the infrastructure failed,
     /// not the op): the same attempt is relaunched with backoff instead of getting a verdict.
-    pub fn relaunch(&self) -> bool {
+    pub(crate) fn relaunch(&self) -> bool {
         match self {
             StepExit::Ecs { cause, .. } => cause.never_started(),
             _ => false,
@@ -63,7 +62,7 @@ impl StepExit {
     }
 
     /// Sentence for a verdict.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             StepExit::Code(0) => {
                 "process exited with code 0 but Dagster recorded no outcome for the attempt".into()
@@ -159,4 +158,4 @@ pub trait RunningStep: Send + Sync {
 }
 
 /// Exit code of an execution that killed its step at the timeout (the ECS shim's).
-pub const TIMED_OUT_EXIT: i32 = ecs::request::SHIM_TIMED_OUT_EXIT;
+pub(crate) const TIMED_OUT_EXIT: i32 = ecs::request::SHIM_TIMED_OUT_EXIT;

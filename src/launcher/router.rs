@@ -45,7 +45,7 @@ impl LauncherRouter {
     }
 
     /// The kinds this router can launch.
-    pub fn kinds(&self) -> Vec<&'static str> {
+    pub(crate) fn kinds(&self) -> Vec<&'static str> {
         self.launchers.keys().copied().collect()
     }
 }

@@ -19,13 +19,13 @@ pub mod continuation {
     /// When the hand-off happened, milliseconds since the Unix epoch.
     pub const HANDOFF_AT_MS: &str = "dagster_taskiq_handoff_at_ms";
     /// The message id of the message it continues.
-    pub const CONTINUES: &str = "dagster_taskiq_continues";
+    pub(crate) const CONTINUES: &str = "dagster_taskiq_continues";
     /// On a message requeued because it waited too long for a run slot: deliveries of the
     /// message it replaces before that one, added to the copy's receive count.
     pub const PRIOR_DELIVERIES: &str = "dagster_taskiq_prior_deliveries";
 
     /// Whether the message is a hand-off continuation.
-    pub fn is_continuation(message: &super::ReceivedMessage) -> bool {
+    pub(crate) fn is_continuation(message: &super::ReceivedMessage) -> bool {
         message.attributes.get(MARKER).map(String::as_str) == Some("true")
     }
 }
@@ -101,7 +101,7 @@ pub enum QueueError {
 
 impl QueueError {
     /// Whether trying again later may succeed.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(
             self,
             QueueError::Throttled { .. } | QueueError::Unavailable { .. }
@@ -109,7 +109,7 @@ impl QueueError {
     }
 
     /// Short label for metrics.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             QueueError::Throttled { .. } => "throttled",
             QueueError::Unavailable { .. } => "unavailable",
@@ -239,7 +239,7 @@ pub struct DeadLetterEntry {
 }
 
 impl DeadLetterEntry {
-    pub fn from_message(message: &ReceivedMessage, sent_ms: Option<i64>) -> Self {
+    pub(crate) fn from_message(message: &ReceivedMessage, sent_ms: Option<i64>) -> Self {
         let attribute = |name: &str| message.attributes.get(name).cloned();
         let body: Option<serde_json::Value> = serde_json::from_str(&message.body).ok();
         let text = |pointer: &str| {

@@ -92,10 +92,6 @@ impl SqsQueue {
         result
     }
 
-    pub fn config(&self) -> &SqsQueueConfig {
-        &self.config
-    }
-
     /// Finds the dead-letter queue named by the work queue's RedrivePolicy.
     /// `Ok(None)`: the queue has no RedrivePolicy.
     pub async fn discover_dlq(
@@ -146,7 +142,7 @@ impl SqsQueue {
     }
 
     /// Visible, in-flight and delayed message counts of one queue, in one call.
-    pub async fn queue_counts(&self, queue_url: &str) -> Result<QueueCounts, QueueError> {
+    pub(crate) async fn queue_counts(&self, queue_url: &str) -> Result<QueueCounts, QueueError> {
         let out = self
             .call(
                 "GetQueueAttributes",

@@ -117,12 +117,15 @@ impl TaskiqCompat {
     }
 
     /// Whether taskiq results are written.
-    pub fn results_enabled(&self) -> bool {
+    pub(crate) fn results_enabled(&self) -> bool {
         self.results.is_some()
     }
 
     /// Decodes a message, resolving an extended payload first.
-    pub async fn decode(&self, message: &ReceivedMessage) -> Result<StepRequest, DecodeError> {
+    pub(crate) async fn decode(
+        &self,
+        message: &ReceivedMessage,
+    ) -> Result<StepRequest, DecodeError> {
         let poison = |poison: Poison, body: &str| DecodeError::Poison {
             task_id: task_id_of(&poison, body),
             poison,
@@ -193,7 +196,7 @@ impl TaskiqCompat {
 
     /// Keeps what a finished execution printed until its result is written (`events`: `None`
     /// when its launcher does not capture output).
-    pub fn keep_output(&self, task_id: &str, events: Option<EventLines>, ran_for: Duration) {
+    pub(crate) fn keep_output(&self, task_id: &str, events: Option<EventLines>, ran_for: Duration) {
         if !self.results_enabled() {
             return;
         }
@@ -228,7 +231,7 @@ impl TaskiqCompat {
     /// (release it) so a redelivery writes it. A refused write (no such bucket, access
     /// denied) and any failure for a dead letter (the dead-letter queue keeps the message)
     /// are logged, not returned.
-    pub async fn write_result(
+    pub(crate) async fn write_result(
         &self,
         step: &StepRequest,
         outcome: &Outcome,
@@ -337,7 +340,7 @@ impl TaskiqCompat {
     }
 
     /// Best effort: an error result for a poison message that named a valid task id.
-    pub async fn write_poison_result(&self, task_id: Option<&str>, poison: &Poison) {
+    pub(crate) async fn write_poison_result(&self, task_id: Option<&str>, poison: &Poison) {
         let (Some(target), Some(store), Some(task_id)) = (&self.results, &self.store, task_id)
         else {
             return;

@@ -3,14 +3,14 @@
 use crate::queue::ReceivedMessage;
 
 /// Message attribute that marks an extended (S3) message; taskiq-aio-sqs sets it to `True`.
-pub const EXTENDED_MESSAGE_ATTRIBUTE: &str = "s3_extended_message";
+pub(crate) const EXTENDED_MESSAGE_ATTRIBUTE: &str = "s3_extended_message";
 /// Largest body resolved from S3. taskiq-aio-sqs sets no limit; this one bounds the memory a
 /// single message can take (the body is held while its step runs).
-pub const MAX_EXTENDED_BODY_BYTES: usize = 64 * 1024 * 1024;
+pub(crate) const MAX_EXTENDED_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 /// Whether the message's body is an S3 pointer (taskiq-aio-sqs tests the attribute's
 /// presence; it always sends `True`).
-pub fn is_extended(message: &ReceivedMessage) -> bool {
+pub(crate) fn is_extended(message: &ReceivedMessage) -> bool {
     message
         .attributes
         .get(EXTENDED_MESSAGE_ATTRIBUTE)
@@ -19,7 +19,7 @@ pub fn is_extended(message: &ReceivedMessage) -> bool {
 
 /// The extended-payload marker of a message, to carry over to a message with the same body
 /// (a hand-off continuation).
-pub fn extended_marker(message: &ReceivedMessage) -> Option<(String, String)> {
+pub(crate) fn extended_marker(message: &ReceivedMessage) -> Option<(String, String)> {
     message
         .attributes
         .get_key_value(EXTENDED_MESSAGE_ATTRIBUTE)

@@ -29,13 +29,10 @@ mod extended;
 mod result;
 mod store;
 
-pub use args::TaskiqArgs;
+pub(crate) use args::TaskiqArgs;
 pub use compat::{DecodeError, TaskiqCompat, TaskiqSetupError};
-pub use extended::{
-    extended_marker, is_extended, EXTENDED_MESSAGE_ATTRIBUTE, MAX_EXTENDED_BODY_BYTES,
-};
-pub use result::{error_result, result_key, success_result, ERROR_MODULE, ERROR_TYPE};
-pub use store::{ObjectStore, S3ObjectStore, StoreError};
+pub(crate) use extended::extended_marker;
+pub(crate) use store::{ObjectStore, StoreError};
 
 #[cfg(test)]
 mod tests;

@@ -6,8 +6,8 @@ use serde::Serialize;
 
 /// The exception type of error results. taskiq rebuilds it from `sys.modules` when that module
 /// is imported in the reading process, else as a dynamic `Exception` subclass of that name.
-pub const ERROR_MODULE: &str = "dagster_taskiq_controller.contract";
-pub const ERROR_TYPE: &str = "StepExecutionError";
+pub(crate) const ERROR_MODULE: &str = "dagster_taskiq_controller.contract";
+pub(crate) const ERROR_TYPE: &str = "StepExecutionError";
 
 /// taskiq's `TaskiqResult`, as `S3Backend.set_result` writes it
 /// (`result.model_dump(mode="json")`), field for field.
@@ -34,7 +34,7 @@ struct ExceptionRepr<'a> {
 }
 
 /// The result object of an attempt that reached an outcome: its event lines.
-pub fn success_result(
+pub(crate) fn success_result(
     events: &[String],
     execution_time: f64,
     labels: &BTreeMap<String, String>,
@@ -50,7 +50,7 @@ pub fn success_result(
 }
 
 /// The result object of an attempt that failed outside Dagster's control, or never ran.
-pub fn error_result(
+pub(crate) fn error_result(
     message: &str,
     execution_time: f64,
     labels: &BTreeMap<String, String>,
@@ -78,7 +78,7 @@ fn encode(result: &TaskiqResult<'_>) -> Vec<u8> {
 }
 
 /// Where the result of `task_id` goes: `S3Backend`'s `str(Path(base_path) / task_id)`.
-pub fn result_key(base_path: &str, task_id: &str) -> String {
+pub(crate) fn result_key(base_path: &str, task_id: &str) -> String {
     let base = base_path.trim_end_matches('/');
     if base.is_empty() {
         task_id.to_owned()

@@ -36,7 +36,7 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether the same call may succeed later.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(self, StoreError::Transient { .. })
     }
 }
@@ -59,20 +59,20 @@ pub trait ObjectStore: Send + Sync + 'static {
 }
 
 /// [`ObjectStore`] on aws-sdk-s3.
-pub struct S3ObjectStore {
+pub(crate) struct S3ObjectStore {
     client: aws_sdk_s3::Client,
 }
 
 impl S3ObjectStore {
     /// A client from the standard AWS configuration, on `endpoint` when given.
-    pub fn new(aws: &aws_config::SdkConfig, endpoint: Option<&str>) -> Self {
+    pub(crate) fn new(aws: &aws_config::SdkConfig, endpoint: Option<&str>) -> Self {
         Self {
             client: crate::aws::s3_client(aws, endpoint),
         }
     }
 
     /// Fails unless the bucket exists and is reachable (HeadBucket).
-    pub async fn check_bucket(&self, bucket: &str) -> Result<(), StoreError> {
+    pub(crate) async fn check_bucket(&self, bucket: &str) -> Result<(), StoreError> {
         self.client
             .head_bucket()
             .bucket(bucket)

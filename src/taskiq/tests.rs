@@ -4,6 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::extended::{EXTENDED_MESSAGE_ATTRIBUTE, MAX_EXTENDED_BODY_BYTES};
+use super::result::{error_result, result_key, success_result, ERROR_MODULE, ERROR_TYPE};
 use super::*;
 use crate::envelope::{self, StepRequest, MAX_BODY_BYTES};
 use crate::fakes::{step_body, FakeObjectStore};

@@ -10,7 +10,7 @@ use crate::envelope::StepRequest;
 
 /// Largest total size of the event lines kept for one step's result; past it the result is an
 /// error that says so (the events are still in Dagster's event log).
-pub const MAX_EVENT_BYTES: usize = 32 * 1024 * 1024;
+pub(crate) const MAX_EVENT_BYTES: usize = 32 * 1024 * 1024;
 
 /// The serialized `DagsterEvent` lines of one step's stdout, in order, at most
 /// [`MAX_EVENT_BYTES`] of them.
@@ -28,7 +28,7 @@ pub(crate) type EventSink = Arc<Mutex<EventLines>>;
 
 impl EventLines {
     /// Keeps the line unless the limit is reached; false when it was dropped.
-    pub fn push(&mut self, line: String) -> bool {
+    pub(crate) fn push(&mut self, line: String) -> bool {
         if self.dropped > 0 || self.bytes + line.len() > MAX_EVENT_BYTES {
             self.dropped += 1;
             return false;

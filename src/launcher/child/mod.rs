@@ -8,6 +8,7 @@ mod output;
 mod process;
 mod warm;
 
-pub use events::{EventLines, MAX_EVENT_BYTES};
+pub(crate) use events::{EventLines, MAX_EVENT_BYTES};
 pub use process::{ProcessLauncher, ProcessLauncherConfig};
-pub use warm::{WarmArgs, WarmLauncher, WarmLauncherConfig};
+pub(crate) use warm::WarmArgs;
+pub use warm::{WarmLauncher, WarmLauncherConfig};

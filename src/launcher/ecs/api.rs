@@ -10,7 +10,7 @@ use aws_sdk_ecs::types as ecs;
 use super::outcome::{ContainerView, TaskView};
 use super::request::RunTaskRequest;
 use crate::aws;
-pub use crate::aws::ErrorClass;
+pub(crate) use crate::aws::ErrorClass;
 use crate::retry::Transient;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -23,7 +23,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn retryable(&self) -> bool {
+    pub(crate) fn retryable(&self) -> bool {
         self.class.retryable()
     }
 }
@@ -49,7 +49,7 @@ where
 
 /// A RunTask answer: the started task, or ECS's reasons for not starting one.
 #[derive(Debug, Clone, Default)]
-pub struct RunTaskOutput {
+pub(crate) struct RunTaskOutput {
     pub tasks: Vec<TaskView>,
     /// `(arn, reason, detail)`: e.g. `RESOURCE:MEMORY`, `AGENT`, `MISSING`.
     pub failures: Vec<(String, String, String)>,
@@ -57,21 +57,21 @@ pub struct RunTaskOutput {
 
 /// A DescribeTasks answer.
 #[derive(Debug, Clone, Default)]
-pub struct DescribeOutput {
+pub(crate) struct DescribeOutput {
     pub tasks: Vec<TaskView>,
     /// ARNs ECS reported as failures (normally `MISSING`).
     pub missing: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Desired {
+pub(crate) enum Desired {
     Running,
     Stopped,
 }
 
 /// The ECS calls of the launcher.
 #[async_trait]
-pub trait EcsApi: Send + Sync + 'static {
+pub(crate) trait EcsApi: Send + Sync + 'static {
     async fn run_task(&self, request: &RunTaskRequest) -> Result<RunTaskOutput, ApiError>;
     /// Every task ARN with this `startedBy` and desired status (all pages).
     async fn list_tasks(
@@ -93,18 +93,18 @@ pub trait EcsApi: Send + Sync + 'static {
 
 /// Where offloaded step args go.
 #[async_trait]
-pub trait BlobStore: Send + Sync + 'static {
+pub(crate) trait BlobStore: Send + Sync + 'static {
     async fn put(&self, bucket: &str, key: &str, body: Vec<u8>) -> Result<(), ApiError>;
 }
 
 // ---- aws-sdk implementations ----------------------------------------------------------------
 
-pub struct AwsEcs {
+pub(crate) struct AwsEcs {
     client: aws_sdk_ecs::Client,
 }
 
 impl AwsEcs {
-    pub fn new(client: aws_sdk_ecs::Client) -> Self {
+    pub(crate) fn new(client: aws_sdk_ecs::Client) -> Self {
         Self { client }
     }
 }
@@ -367,12 +367,12 @@ impl EcsApi for AwsEcs {
     }
 }
 
-pub struct AwsBlobStore {
+pub(crate) struct AwsBlobStore {
     client: aws_sdk_s3::Client,
 }
 
 impl AwsBlobStore {
-    pub fn new(client: aws_sdk_s3::Client) -> Self {
+    pub(crate) fn new(client: aws_sdk_s3::Client) -> Self {
         Self { client }
     }
 }

@@ -40,7 +40,7 @@ pub struct ContainerView {
 }
 
 impl TaskView {
-    pub fn is_stopped(&self) -> bool {
+    pub(crate) fn is_stopped(&self) -> bool {
         self.last_status == "STOPPED"
     }
 
@@ -53,7 +53,7 @@ impl TaskView {
     }
 
     /// Why the task stopped, and the step container's exit code if it ran.
-    pub fn stop_cause(&self, container: &str) -> (EcsStopCause, Option<i32>) {
+    pub(crate) fn stop_cause(&self, container: &str) -> (EcsStopCause, Option<i32>) {
         let step = self.step_container(container);
         let exit_code = step.and_then(|c| c.exit_code);
         // Every reason ECS gave, task and containers, for the pattern checks below.
@@ -91,7 +91,7 @@ impl TaskView {
     }
 
     /// Lines for the verdict's `stderr_tail`: the ECS side of the story.
-    pub fn report_lines(&self) -> Vec<String> {
+    pub(crate) fn report_lines(&self) -> Vec<String> {
         let mut lines = vec![format!("ECS task {}", self.task_arn)];
         if let Some(code) = &self.stop_code {
             lines.push(format!("stopCode: {code}"));
@@ -163,7 +163,7 @@ pub enum EcsStopCause {
 
 impl EcsStopCause {
     /// Stable name, as in ECS where it has one: metrics, verdict `exit`, docs.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             EcsStopCause::Exited => "EssentialContainerExited",
             EcsStopCause::OutOfMemory => "OutOfMemoryError",
@@ -182,7 +182,7 @@ impl EcsStopCause {
 
     /// The step container never ran: the infrastructure failed, not the op, so the same
     /// attempt is relaunched (with backoff) rather than given a verdict.
-    pub fn never_started(self) -> bool {
+    pub(crate) fn never_started(self) -> bool {
         matches!(
             self,
             EcsStopCause::CannotPullContainer
@@ -193,7 +193,7 @@ impl EcsStopCause {
     }
 
     /// Sentence for a verdict.
-    pub fn describe(self, exit_code: Option<i32>) -> String {
+    pub(crate) fn describe(self, exit_code: Option<i32>) -> String {
         let code = exit_code
             .map(|c| format!(", exit code {c}"))
             .unwrap_or_default();

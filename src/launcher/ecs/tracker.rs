@@ -17,14 +17,14 @@ use super::outcome::TaskView;
 use crate::metrics::Metrics;
 
 /// ECS takes at most this many tasks per DescribeTasks.
-pub const DESCRIBE_BATCH: usize = 100;
+pub(crate) const DESCRIBE_BATCH: usize = 100;
 /// Polls in a row that report a task MISSING before it counts as gone (a just-started task
 /// can lag in DescribeTasks).
 const MISSING_POLLS: u32 = 3;
 
 /// What the tracker knows about a task.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Tracked {
+pub(crate) enum Tracked {
     /// Not described yet.
     Pending,
     /// Latest view; final once `last_status` is STOPPED.
@@ -34,7 +34,7 @@ pub enum Tracked {
 }
 
 impl Tracked {
-    pub fn is_final(&self) -> bool {
+    pub(crate) fn is_final(&self) -> bool {
         match self {
             Tracked::Pending => false,
             Tracked::Seen(view) => view.is_stopped(),
@@ -48,7 +48,7 @@ struct Entry {
     missing: u32,
 }
 
-pub struct Tracker {
+pub(crate) struct Tracker {
     cluster: String,
     interval: Duration,
     api: Arc<dyn EcsApi>,
@@ -57,7 +57,7 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(
+    pub(crate) fn new(
         cluster: String,
         interval: Duration,
         api: Arc<dyn EcsApi>,
@@ -73,7 +73,7 @@ impl Tracker {
     }
 
     /// Starts following a task; `known` is a view already in hand (from RunTask or adoption).
-    pub fn track(&self, arn: &str, known: Option<TaskView>) -> watch::Receiver<Tracked> {
+    pub(crate) fn track(&self, arn: &str, known: Option<TaskView>) -> watch::Receiver<Tracked> {
         let mut tasks = self.tasks.lock();
         if let Some(entry) = tasks.get(arn) {
             return entry.tx.subscribe();
@@ -87,12 +87,12 @@ impl Tracker {
         rx
     }
 
-    pub fn tracked(&self) -> usize {
+    pub(crate) fn tracked(&self) -> usize {
         self.tasks.lock().len()
     }
 
     /// Polls until `stop` is cancelled.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -104,7 +104,7 @@ impl Tracker {
     }
 
     /// One round: a DescribeTasks per batch of tracked tasks.
-    pub async fn poll(&self) {
+    pub(crate) async fn poll(&self) {
         let arns: Vec<String> = {
             let mut tasks = self.tasks.lock();
             // Nobody waits any more (the step was settled or dropped): stop polling it.

@@ -45,7 +45,7 @@ pub struct WarmArgs {
 }
 
 impl WarmArgs {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.warm_start_timeout.is_zero() {
             return Err(invalid("warm-start-timeout", "must be more than 0"));
         }

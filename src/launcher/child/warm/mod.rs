@@ -26,7 +26,7 @@ mod args;
 mod step;
 mod zygote;
 
-pub use args::WarmArgs;
+pub(crate) use args::WarmArgs;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -129,16 +129,6 @@ impl WarmLauncher {
         });
         tokio::spawn(supervise(Arc::downgrade(&inner), wakes));
         Self { inner }
-    }
-
-    /// Pid of the zygote new steps fork from, once it is ready.
-    pub fn zygote_pid(&self) -> Option<u32> {
-        self.inner
-            .current
-            .borrow()
-            .as_ref()
-            .filter(|z| z.usable())
-            .map(|z| z.pid)
     }
 }
 

@@ -10,27 +10,28 @@ use super::run_task::{
 use crate::envelope::StepRequest;
 
 /// The step's command when its args travel inline.
-pub const STEP_COMMAND: [&str; 3] = ["dagster", "api", "execute_step"];
+pub(crate) const STEP_COMMAND: [&str; 3] = ["dagster", "api", "execute_step"];
 /// The step's command when its args were offloaded or it has a timeout: the shim
 /// (`dagster_taskiq_controller.ecs_entrypoint`) fetches the args, then runs
 /// `python -m dagster api execute_step` itself, and SIGKILLs it at the timeout.
-pub const SHIM_COMMAND: [&str; 3] = ["python", "-m", "dagster_taskiq_controller.ecs_entrypoint"];
+pub(crate) const SHIM_COMMAND: [&str; 3] =
+    ["python", "-m", "dagster_taskiq_controller.ecs_entrypoint"];
 /// Exit code of the shim when it killed the step at its timeout (as coreutils' `timeout`).
-pub const SHIM_TIMED_OUT_EXIT: i32 = 124;
+pub(crate) const SHIM_TIMED_OUT_EXIT: i32 = 124;
 
-pub const ENV_COMPRESSED_ARGS: &str = "DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS";
-pub const ENV_JOB_NAME: &str = "DAGSTER_RUN_JOB_NAME";
-pub const ENV_STEP_KEY: &str = "DAGSTER_RUN_STEP_KEY";
+pub(crate) const ENV_COMPRESSED_ARGS: &str = "DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS";
+pub(crate) const ENV_JOB_NAME: &str = "DAGSTER_RUN_JOB_NAME";
+pub(crate) const ENV_STEP_KEY: &str = "DAGSTER_RUN_STEP_KEY";
 /// `s3://bucket/key` of the offloaded compressed args.
-pub const ENV_ARGS_URI: &str = "DAGSTER_TASKIQ_STEP_ARGS_S3_URI";
+pub(crate) const ENV_ARGS_URI: &str = "DAGSTER_TASKIQ_STEP_ARGS_S3_URI";
 /// sha256 (hex) of the offloaded object, checked by the shim.
-pub const ENV_ARGS_SHA256: &str = "DAGSTER_TASKIQ_STEP_ARGS_SHA256";
+pub(crate) const ENV_ARGS_SHA256: &str = "DAGSTER_TASKIQ_STEP_ARGS_SHA256";
 /// The step's timeout in seconds, enforced by the shim inside the task.
-pub const ENV_STEP_TIMEOUT: &str = "DAGSTER_TASKIQ_STEP_TIMEOUT_SECONDS";
+pub(crate) const ENV_STEP_TIMEOUT: &str = "DAGSTER_TASKIQ_STEP_TIMEOUT_SECONDS";
 
 /// The controller's RunTask settings (flags), the base every step's request starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseRequest {
+pub(crate) struct BaseRequest {
     pub cluster: String,
     pub task_definition: String,
     /// The container whose command and environment run the step.
@@ -43,7 +44,7 @@ pub struct BaseRequest {
 
 /// How the step's args reach the container.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StepArgs {
+pub(crate) enum StepArgs {
     /// `DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS` in the overrides.
     Inline(String),
     /// A pointer to the object holding that value, resolved by the shim.
@@ -52,7 +53,7 @@ pub enum StepArgs {
 
 impl StepSettings {
     /// The complete request for delivery `delivery` (1-based) of the step.
-    pub fn build(
+    pub(crate) fn build(
         &self,
         base: &BaseRequest,
         step: &StepRequest,

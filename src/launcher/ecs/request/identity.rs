@@ -7,14 +7,14 @@ use super::run_task::Tag;
 use crate::envelope::StepRequest;
 
 /// Task tag keys the controller sets (they win over tags from `ecs/run_task_kwargs`).
-pub mod tag_keys {
-    pub const RUN_ID: &str = "dagster/run-id";
-    pub const STEP_KEY: &str = "dagster/step-key";
-    pub const ATTEMPT: &str = "dagster/attempt";
-    pub const JOB_NAME: &str = "dagster/job-name";
-    pub const TASK_ID: &str = "dagster-taskiq/task-id";
-    pub const CONTROLLER: &str = "dagster-taskiq/controller";
-    pub const DELIVERY: &str = "dagster-taskiq/delivery";
+pub(crate) mod tag_keys {
+    pub(crate) const RUN_ID: &str = "dagster/run-id";
+    pub(crate) const STEP_KEY: &str = "dagster/step-key";
+    pub(crate) const ATTEMPT: &str = "dagster/attempt";
+    pub(crate) const JOB_NAME: &str = "dagster/job-name";
+    pub(crate) const TASK_ID: &str = "dagster-taskiq/task-id";
+    pub(crate) const CONTROLLER: &str = "dagster-taskiq/controller";
+    pub(crate) const DELIVERY: &str = "dagster-taskiq/delivery";
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -22,19 +22,19 @@ fn sha256_hex(text: &str) -> String {
 }
 
 /// `startedBy` of every task of a step attempt (≤ 36 characters): ListTasks finds them by it.
-pub fn started_by(task_id: &str) -> String {
+pub(crate) fn started_by(task_id: &str) -> String {
     format!("dtq-{}", &sha256_hex(task_id)[..32])
 }
 
 /// RunTask's `clientToken` (64 characters) for one delivery of a step attempt: a retried
 /// call of the same delivery gets the same task back; a relaunch after a failed start (a
 /// later delivery) gets a new one.
-pub fn client_token(task_id: &str, delivery: u32) -> String {
+pub(crate) fn client_token(task_id: &str, delivery: u32) -> String {
     sha256_hex(&format!("{task_id}/{}", delivery.max(1)))
 }
 
 /// ECS tag values take letters, digits, spaces and `_ . : / = + - @`, up to 256 characters.
-pub fn tag_value(text: &str) -> String {
+pub(crate) fn tag_value(text: &str) -> String {
     text.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || " _.:/=+-@".contains(c) {

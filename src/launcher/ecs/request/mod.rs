@@ -14,15 +14,16 @@ mod run_task;
 #[cfg(test)]
 mod tests;
 
-pub use build::{
-    BaseRequest, StepArgs, ENV_ARGS_SHA256, ENV_ARGS_URI, ENV_COMPRESSED_ARGS, ENV_JOB_NAME,
-    ENV_STEP_KEY, ENV_STEP_TIMEOUT, SHIM_COMMAND, SHIM_TIMED_OUT_EXIT, STEP_COMMAND,
+pub(crate) use build::{BaseRequest, StepArgs, SHIM_TIMED_OUT_EXIT};
+pub(crate) use identity::started_by;
+pub(crate) use op_tags::{check_strategy, StepSettings};
+pub(crate) use run_task::{
+    AwsVpcConfiguration, CapacityProviderItem, NetworkConfiguration, RunTaskRequest,
+    OVERRIDES_LIMIT,
 };
-pub use identity::{client_token, started_by, tag_keys, tag_value};
-pub use op_tags::{check_strategy, InvalidTag, StepSettings};
-pub use run_task::{
-    AwsVpcConfiguration, CapacityProviderItem, ContainerOverride, ContainerSettings,
-    EnvironmentFile, EphemeralStorage, KeyValue, NetworkConfiguration, PlacementConstraint,
-    PlacementStrategy, ResourceRequirement, RunTaskRequest, Tag, TaskOverride, OVERRIDES_LIMIT,
-    OVERRIDES_MARGIN,
-};
+
+// What the launcher's tests check in a request.
+#[cfg(test)]
+pub(crate) use build::{ENV_ARGS_SHA256, ENV_ARGS_URI};
+#[cfg(test)]
+pub(crate) use identity::client_token;

@@ -17,7 +17,7 @@ use super::run_task::{
 /// A launch setting that can never work. The message is dead-lettered with this text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{tag}: {message}")]
-pub struct InvalidTag {
+pub(crate) struct InvalidTag {
     pub tag: &'static str,
     pub message: String,
 }
@@ -117,7 +117,7 @@ fn string_or_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<St
 
 /// Everything the step's op tags decide, validated once per launch.
 #[derive(Debug, Default)]
-pub struct StepSettings {
+pub(crate) struct StepSettings {
     pub(super) task: TaskOverridesTag,
     pub(super) container: ContainerOverridesTag,
     pub(super) kwargs: RunTaskKwargsTag,
@@ -127,7 +127,10 @@ const LAUNCH_TYPES: [&str; 3] = ["FARGATE", "EC2", "EXTERNAL"];
 
 impl StepSettings {
     /// Reads and checks the `ecs/*` op tags of a step.
-    pub fn from_tags(tags: &BTreeMap<String, String>, container: &str) -> Result<Self, InvalidTag> {
+    pub(crate) fn from_tags(
+        tags: &BTreeMap<String, String>,
+        container: &str,
+    ) -> Result<Self, InvalidTag> {
         let mut settings = StepSettings {
             task: json_tag(tags, "ecs/task_overrides")?.unwrap_or_default(),
             container: json_tag(tags, "ecs/container_overrides")?.unwrap_or_default(),
@@ -323,7 +326,7 @@ fn check_network(tag: &'static str, network: &NetworkConfiguration) -> Result<()
 }
 
 /// Checks a capacity provider strategy (flag or tag).
-pub fn check_strategy(
+pub(crate) fn check_strategy(
     tag: &'static str,
     strategy: &[CapacityProviderItem],
 ) -> Result<(), InvalidTag> {

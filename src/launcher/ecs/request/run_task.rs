@@ -5,9 +5,9 @@
 use serde::{Deserialize, Serialize};
 
 /// ECS refuses a RunTask whose `overrides` JSON is longer than this many characters.
-pub const OVERRIDES_LIMIT: usize = 8192;
+pub(crate) const OVERRIDES_LIMIT: usize = 8192;
 /// Headroom under the limit: AWS counts its own serialization, which may escape differently.
-pub const OVERRIDES_MARGIN: usize = 192;
+pub(crate) const OVERRIDES_MARGIN: usize = 192;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -171,7 +171,7 @@ pub struct ResourceRequirement {
 
 impl RunTaskRequest {
     /// Characters of the `overrides` JSON, the quantity ECS limits to 8192.
-    pub fn overrides_chars(&self) -> usize {
+    pub(crate) fn overrides_chars(&self) -> usize {
         serde_json::to_string(&self.overrides)
             .expect("overrides serialize")
             .chars()
@@ -179,7 +179,7 @@ impl RunTaskRequest {
     }
 
     /// True when the overrides fit under the limit with headroom.
-    pub fn overrides_fit(&self) -> bool {
+    pub(crate) fn overrides_fit(&self) -> bool {
         self.overrides_chars() <= OVERRIDES_LIMIT - OVERRIDES_MARGIN
     }
 }

@@ -1,5 +1,11 @@
 use std::collections::BTreeMap;
 
+use super::build::{
+    ENV_COMPRESSED_ARGS, ENV_JOB_NAME, ENV_STEP_KEY, ENV_STEP_TIMEOUT, SHIM_COMMAND, STEP_COMMAND,
+};
+use super::identity::tag_keys;
+use super::op_tags::InvalidTag;
+use super::run_task::OVERRIDES_MARGIN;
 use super::*;
 use crate::envelope::StepRequest;
 use crate::fakes::step_body;
