@@ -194,7 +194,7 @@ pub fn decode(body: &str) -> Result<StepRequest, Poison> {
 }
 
 /// Decodes and validates a body of at most `limit` bytes: [`MAX_BODY_BYTES`] for an SQS body,
-/// more for a body resolved from S3 (`crate::taskiq::MAX_EXTENDED_BODY_BYTES`).
+/// more for a body resolved from S3 (`MAX_EXTENDED_BODY_BYTES` in src/taskiq/extended.rs).
 pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest, Poison> {
     if body.len() > limit {
         return Err(Poison::TooLarge {

@@ -13,6 +13,9 @@
 //! - [`dagster`]: the [`dagster::DagsterBridge`] boundary and its Python sidecar client.
 //! - [`taskiq`]: the dagster-taskiq compatibility layer: extended (S3) payloads and taskiq
 //!   result objects, behind the [`taskiq::ObjectStore`] boundary.
+//! - [`aws`]: the one layer under the SQS, S3 and ECS implementations: the clients (one S3
+//!   addressing rule), what an SDK error means (throttled, transient, permanent), the
+//!   SendMessage call every send goes through.
 //!
 //! The loop, in the order a message meets it:
 //! - [`envelope`]: the wire contract: SQS body → [`envelope::StepRequest`] or [`envelope::Poison`].
@@ -22,7 +25,9 @@
 //!   does to the message.
 //! - [`admission`]: concurrency caps and the launch rate limit.
 //! - [`lease`]: batched visibility heartbeats and lease-loss detection.
-//! - [`retry`]: the backoff policy.
+//! - [`retry`]: the backoff policy and the one retry-with-budget helper, used by every call
+//!   that is retried (queue settles, bridge calls, taskiq result writes, ECS RunTask and
+//!   StopTask).
 //!
 //! Around it:
 //! - [`state`]: step states and the table the API reads.

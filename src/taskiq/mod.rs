@@ -4,9 +4,10 @@
 //!
 //! - **Extended payloads.** A body of 1 MiB or more is sent the taskiq-aio-sqs way: the SQS
 //!   body is `{"s3_bucket": ..., "s3_key": ...}` with the string message attribute
-//!   `s3_extended_message` = `True`; the real body is that S3 object. [`TaskiqCompat::decode`]
-//!   resolves it before decoding, with [`MAX_EXTENDED_BODY_BYTES`] as the size limit (the
-//!   1 MiB limit applies to the SQS body only).
+//!   `s3_extended_message` = `True`; the real body is that S3 object.
+//!   [`TaskiqCompat::decode`] resolves it before decoding, with
+//!   [`extended::MAX_EXTENDED_BODY_BYTES`] as the size limit (the 1 MiB limit applies to the
+//!   SQS body only).
 //! - **Results.** With a result bucket, every settled attempt gets a taskiq result object at
 //!   `<base_path>/<task_id>`, in the JSON the taskiq-aio-sqs `S3Backend` reads with its default
 //!   (orjson) serializer, written before the message is deleted:
@@ -16,8 +17,8 @@
 //!   error in taskiq's exception shape, so the executor never waits forever.
 //!   The event lines come from the local launchers ([`crate::launcher::EventLines`]).
 //!
-//! S3 sits behind the [`ObjectStore`] trait: [`S3ObjectStore`] is the aws-sdk implementation,
-//! `crate::fakes::FakeObjectStore` the in-memory one the unit tests use.
+//! S3 sits behind the [`ObjectStore`] trait: [`store::S3ObjectStore`] is the aws-sdk
+//! implementation, `crate::fakes::FakeObjectStore` the in-memory one the unit tests use.
 //!
 //! One concept per file: `args.rs` the flags, `store.rs` the S3 boundary, `extended.rs` the
 //! extended-payload marker, `result.rs` the result objects, `compat.rs` the layer the
