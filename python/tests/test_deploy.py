@@ -88,7 +88,7 @@ def cli_definitions() -> str:
     owns its flags (e.g. `AdmissionArgs` in src/admission.rs) and src/config.rs gathers them."""
     derive = re.compile(
         r"#\[derive\([^)]*\b(?:Args|Parser|Subcommand)\b[^)]*\)\][^{}]*?"
-        r"pub (?:struct|enum) \w+ \{(.*?)\n\}",
+        r"pub(?:\(crate\))? (?:struct|enum) \w+ \{(.*?)\n\}",
         re.S,
     )
     bodies = [m.group(1) for f in sorted(SRC.rglob("*.rs")) for m in derive.finditer(f.read_text())]
