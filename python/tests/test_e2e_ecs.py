@@ -1,6 +1,6 @@
 """End to end with the ECS launcher: real Dagster jobs through the controller binary, every step
 an "ECS task" of the harness (moto in-process plus a local agent that runs each task's
-overridden command and reports its real exit code; see dagster_taskiq_controller.ecs_harness).
+overridden command and reports its real exit code; see dagster_taskiq_controller_testing.ecs).
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute
 from dagster._core.instance.ref import InstanceRef
 
 from dagster_taskiq_controller import contract
-from dagster_taskiq_controller.ecs_harness import BUCKET, EcsHarness
-from dagster_taskiq_controller.localstack import DEFAULT_BINARY, Controller, Queues, create_queues
-
-BINARY = Path(os.environ.get("DAGSTER_TASKIQ_CONTROLLER_BINARY", DEFAULT_BINARY))
+from dagster_taskiq_controller_testing.ecs import BUCKET, EcsHarness
+from dagster_taskiq_controller_testing.stack import Controller, Queues, create_queues
 
 pytestmark = [
-    pytest.mark.skipif(not BINARY.exists(), reason="controller binary not built (make build)"),
+    pytest.mark.controller,
     # moto has no ECS error shape for ThrottlingException; it still sends the right code.
     pytest.mark.filterwarnings("ignore:Exception\\(ECSException\\) with code ThrottlingException"),
 ]
@@ -59,7 +57,6 @@ class Stack:
         controller = Controller(
             queue_url=self.queues.queue_url,
             env={**self.harness.env, "DAGSTER_HOME": str(self.dagster_home)},
-            binary=BINARY,
             args=(
                 "--receive-wait",
                 "1",

@@ -20,11 +20,9 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute
 from test_e2e_process import WARM_ARGS, Stack, events_of, start_stack
 
 from dagster_taskiq_controller import contract
-from dagster_taskiq_controller.localstack import DEFAULT_BINARY, Controller
+from dagster_taskiq_controller_testing.stack import Controller
 
-pytestmark = pytest.mark.skipif(
-    not DEFAULT_BINARY.exists(), reason="controller binary not built (make build)"
-)
+pytestmark = pytest.mark.controller
 
 # A run-status poll interval longer than any test: what stops steps must be the bridge's push.
 NO_POLL = ("--run-status-interval", "600")
