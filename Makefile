@@ -6,14 +6,19 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The demo, bench and chaos run the release build; `make test` runs the debug build that
+# `cargo test` already made, so the AWS SDKs are not compiled a third time.
 BIN := target/release/dagster-taskiq-controller
+DEBUG_BIN := target/debug/dagster-taskiq-controller
 # Every Python test, the demo, bench and chaos take the controller from this variable.
 BINARY_ENV := DAGSTER_TASKIQ_CONTROLLER_BINARY
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
+# pytest-xdist workers of `make test-python` (see the Development section of README.md).
+PYTEST_WORKERS ?= 3
 RUFF_PATHS := bench examples
 
-.PHONY: setup build browser demo test test-rust test-python test-deploy lint fmt bench bench-e2e chaos fuzz clean
+.PHONY: setup build build-debug browser demo test test-rust test-python test-deploy lint fmt bench bench-e2e chaos fuzz clean
 
 setup: $(STAMP)
 
@@ -26,6 +31,10 @@ $(STAMP): python/pyproject.toml python/testing/pyproject.toml
 
 build:
 	cargo build --release --locked
+
+# A no-op after `cargo test`, which builds the binary for the integration tests.
+build-debug:
+	cargo build --locked
 
 # Headless Chromium for the dashboard's browser test (Debian package; needs root and apt).
 browser:
@@ -48,9 +57,15 @@ lint: setup
 test-rust: setup
 	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server cargo test --locked
 
-test-python: setup build browser
-	$(BINARY_ENV)=$(CURDIR)/$(BIN) DAGSTER_TASKIQ_REQUIRE_BINARY=1 DAGSTER_TASKIQ_REQUIRE_BROWSER=1 \
-		$(PY) -m pytest python/tests -q -p no:cacheprovider --durations=10
+# Against the debug binary `cargo test` built. First in parallel (pytest-xdist workers, one
+# moto server for all), then the tests marked `serial` (fixed wall-clock budgets on step work)
+# alone. A missing binary or browser is an error here, not a skip.
+PYTEST_ENV := $(BINARY_ENV)=$(CURDIR)/$(DEBUG_BIN) DAGSTER_TASKIQ_REQUIRE_BINARY=1 \
+	DAGSTER_TASKIQ_REQUIRE_BROWSER=1
+PYTEST := $(PY) -m pytest python/tests -q -p no:cacheprovider
+test-python: setup build-debug browser
+	$(PYTEST_ENV) $(PYTEST) -m 'not serial' -n $(PYTEST_WORKERS) --dist worksteal --durations=25
+	$(PYTEST_ENV) $(PYTEST) -m serial --durations=10
 
 test: lint test-rust test-python
 

@@ -1,8 +1,10 @@
-"""`make demo`: a real Dagster job through SQS and the controller, on a local moto server and
-a local Dagster instance, run twice: once with the cold launcher (a fresh `dagster api
-execute_step` per step) and once with the warm pool (steps forked from a zygote that preloaded
-the job file). Prints progress, a summary of each run and the two side by side, and stops
-everything it started (also on Ctrl-C).
+"""`make demo`: a real Dagster job through SQS and the controller, cold and with the warm pool.
+
+Everything runs locally: a moto server, a Dagster instance in a work directory, and the
+controller, twice: once with the cold launcher (a fresh `dagster api execute_step` per step)
+and once with the warm pool (steps forked from a zygote that preloaded the job file). Prints
+progress, a summary of each run and the two side by side, and stops everything it started
+(also on Ctrl-C).
 
 Needs the `dagster-taskiq-controller` and `dagster-taskiq-controller-testing` packages (the
 latter brings moto) and a controller binary: `--binary` or `DAGSTER_TASKIQ_CONTROLLER_BINARY`.

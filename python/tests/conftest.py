@@ -45,6 +45,12 @@ _shared_moto = pytest.StashKey[MotoServer]()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "controller: runs the controller binary")
+    # On 2 cores, parallel workers slow step start-up past these tests' fixed budgets (a
+    # shutdown grace, a step timeout that includes Dagster's start-up, a nap the replacement
+    # controller must beat). `make test-python` runs them in a serial pass after the rest.
+    config.addinivalue_line(
+        "markers", "serial: a wall-clock budget on step work; run without parallel workers"
+    )
     if hasattr(config, "workerinput"):
         return  # an xdist worker: the controller process did the checks below
     if os.environ.get(REQUIRE_BINARY_ENV) == "1" and not BINARY.is_file():

@@ -191,6 +191,7 @@ def test_an_oom_killed_task_gets_a_verdict_and_the_retry_policy_applies(stack: S
     wait_for(stack.queue_empty, 60, "every message to be deleted")
 
 
+@pytest.mark.serial  # a wall-clock budget on step work: run alone (see conftest)
 def test_a_killed_controller_is_replaced_and_its_running_tasks_are_adopted(stack: Stack) -> None:
     run_config = {
         "ops": {name: {"config": {"seconds": 8.0}} for name in ("nap_a", "nap_b", "nap_c")}
@@ -265,6 +266,7 @@ def test_canceling_a_run_stops_its_ecs_tasks_with_a_reason(stack: Stack) -> None
             worker.wait()
 
 
+@pytest.mark.serial  # a wall-clock budget on step work: run alone (see conftest)
 def test_an_ecs_step_past_its_timeout_is_stopped_and_retried_by_its_policy(stack: Stack) -> None:
     with execute_job(jobs.recon("timeout_retry"), stack.instance) as result:
         assert result.success
