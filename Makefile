@@ -6,22 +6,35 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The demo, bench and chaos run the release build; `make test` runs the debug build that
+# `cargo test` already made, so the AWS SDKs are not compiled a third time.
 BIN := target/release/dagster-taskiq-controller
+DEBUG_BIN := target/debug/dagster-taskiq-controller
+# Every Python test, the demo, bench and chaos take the controller from this variable.
+BINARY_ENV := DAGSTER_TASKIQ_CONTROLLER_BINARY
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
+# pytest-xdist workers of `make test-python` (see the Development section of README.md).
+PYTEST_WORKERS ?= 3
+RUFF_PATHS := bench examples
 
-.PHONY: setup build browser demo test test-rust test-python test-deploy lint fmt bench bench-e2e chaos fuzz clean
+.PHONY: setup build build-debug browser demo test test-rust test-python test-deploy lint fmt bench bench-e2e chaos fuzz clean
 
 setup: $(STAMP)
 
-$(STAMP): python/pyproject.toml
+# The product package with its test extra, and the test beds (python/testing) beside it.
+$(STAMP): python/pyproject.toml python/testing/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e 'python[test]'
+	$(PY) -m pip install --quiet -e 'python[test]' -e python/testing
 	touch $(STAMP)
 
 build:
 	cargo build --release --locked
+
+# A no-op after `cargo test`, which builds the binary for the integration tests.
+build-debug:
+	cargo build --locked
 
 # Headless Chromium for the dashboard's browser test (Debian package; needs root and apt).
 browser:
@@ -31,21 +44,28 @@ browser:
 	@chromium --version
 
 demo: setup build
-	$(PY) -m dagster_taskiq_controller.demo --binary $(BIN)
+	$(BINARY_ENV)=$(BIN) $(PY) examples/demo/demo.py --workdir target/demo
 
 lint: setup
 	cargo fmt --check
 	cargo clippy --all-targets --locked -- -D warnings
 	$(VENV)/bin/ruff check python
 	$(VENV)/bin/ruff format --check python
-	$(VENV)/bin/ruff check --config python/pyproject.toml bench
-	$(VENV)/bin/ruff format --check --config python/pyproject.toml bench
+	$(VENV)/bin/ruff check --config python/pyproject.toml $(RUFF_PATHS)
+	$(VENV)/bin/ruff format --check --config python/pyproject.toml $(RUFF_PATHS)
 
 test-rust: setup
 	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server cargo test --locked
 
-test-python: setup build browser
-	DAGSTER_TASKIQ_REQUIRE_BROWSER=1 $(PY) -m pytest python/tests -q -p no:cacheprovider --durations=10
+# Against the debug binary `cargo test` built. First in parallel (pytest-xdist workers, one
+# moto server for all), then the tests marked `serial` (fixed wall-clock budgets on step work)
+# alone. A missing binary or browser is an error here, not a skip.
+PYTEST_ENV := $(BINARY_ENV)=$(CURDIR)/$(DEBUG_BIN) DAGSTER_TASKIQ_REQUIRE_BINARY=1 \
+	DAGSTER_TASKIQ_REQUIRE_BROWSER=1
+PYTEST := $(PY) -m pytest python/tests -q -p no:cacheprovider
+test-python: setup build-debug browser
+	$(PYTEST_ENV) $(PYTEST) -m 'not serial' -n $(PYTEST_WORKERS) --dist worksteal --durations=25
+	$(PYTEST_ENV) $(PYTEST) -m serial --durations=10
 
 test: lint test-rust test-python
 
@@ -56,7 +76,7 @@ test-deploy: setup
 
 # Minutes of random controller kills, step kills and an SQS outage over 10 runs.
 chaos: setup build
-	$(PY) python/tests/chaos.py
+	$(BINARY_ENV)=$(BIN) $(PY) python/tests/chaos.py
 
 # Fuzz the envelope decoder (cargo install cargo-fuzz); seeds are the shared test vectors.
 # RUSTC_BOOTSTRAP lets cargo-fuzz's sanitizer flags run on the stable toolchain.
@@ -69,14 +89,14 @@ fmt: setup
 	cargo fmt
 	$(VENV)/bin/ruff format python
 	$(VENV)/bin/ruff check --fix python
-	$(VENV)/bin/ruff format --config python/pyproject.toml bench
-	$(VENV)/bin/ruff check --fix --config python/pyproject.toml bench
+	$(VENV)/bin/ruff format --config python/pyproject.toml $(RUFF_PATHS)
+	$(VENV)/bin/ruff check --fix --config python/pyproject.toml $(RUFF_PATHS)
 
 # Benchmarks: (a) controller overhead with fakes, (b)+(d) latency and SQS calls per step
 # against moto, then (c) the end-to-end comparison. Tables on stdout and in target/bench/.
 bench: $(BENCH_STAMP) build
 	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server cargo bench --locked --bench overhead --bench latency
-	$(PY) bench/e2e.py --repeats 3
+	$(BINARY_ENV)=$(BIN) $(PY) bench/e2e.py --repeats 3
 	cat target/bench/overhead.md target/bench/latency.md target/bench-e2e.md > target/bench/report.md
 	@echo "report: target/bench/report.md"
 
@@ -88,7 +108,7 @@ $(BENCH_STAMP): $(STAMP)
 # Wall time of a diamond and a fan-out: controller cold and warm, Dagster's multiprocess
 # executor, an in-process taskiq worker. Report: stdout and target/bench-e2e.md.
 bench-e2e: $(BENCH_STAMP) build
-	$(PY) bench/e2e.py
+	$(BINARY_ENV)=$(BIN) $(PY) bench/e2e.py
 
 clean:
 	cargo clean

@@ -17,6 +17,7 @@ from dagster import (
     multiprocess_executor,
     op,
 )
+
 from dagster_taskiq_controller import taskiq_controller_executor
 
 RESOURCES = {"io_manager": FilesystemIOManager()}

@@ -171,7 +171,7 @@ class Bench:
 
     @contextmanager
     def controller(self, name: str, extra: tuple[str, ...]) -> Iterator[str]:
-        from dagster_taskiq_controller.localstack import Controller, create_queues
+        from dagster_taskiq_controller_testing.stack import Controller, create_queues
 
         queues = create_queues(os.environ["AWS_ENDPOINT_URL"], f"bench-{uuid.uuid4().hex[:8]}")
         os.environ["DAGSTER_TASKIQ_SQS_QUEUE_URL"] = queues.queue_url
@@ -397,7 +397,11 @@ def main() -> int:
     parser.add_argument(
         "--binary",
         type=Path,
-        default=REPO_ROOT / "target" / "release" / "dagster-taskiq-controller",
+        default=os.environ.get(
+            "DAGSTER_TASKIQ_CONTROLLER_BINARY",
+            REPO_ROOT / "target" / "release" / "dagster-taskiq-controller",
+        ),
+        help="the controller (default: $DAGSTER_TASKIQ_CONTROLLER_BINARY, else the release build)",
     )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "target" / "bench-e2e.md")
     parser.add_argument(
@@ -415,7 +419,7 @@ def main() -> int:
     args = parser.parse_args()
     only = set(args.only or ["cold", "warm", "warm_poll1", "spawn", "forkserver", "taskiq"])
 
-    from dagster_taskiq_controller.localstack import MotoServer, aws_env
+    from dagster_taskiq_controller_testing.stack import MotoServer, aws_env
 
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp, MotoServer() as moto:
         workdir = Path(tmp)

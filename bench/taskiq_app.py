@@ -30,8 +30,9 @@ from dagster._core.executor.step_delegating import (
     StepHandlerContext,
 )
 from dagster._serdes import serialize_value
-from dagster_taskiq_controller.executor import SqsStepHandler
 from taskiq_aio_sqs import SQSBroker
+
+from dagster_taskiq_controller.executor import SqsStepHandler
 
 QUEUE_NAME_ENV = "BENCH_TASKIQ_QUEUE"
 START_LOG_ENV = "BENCH_TASKIQ_START_LOG"

@@ -25,13 +25,14 @@ from typing import Any
 import boto3
 
 TESTS_DIR = Path(__file__).resolve().parent
+BINARY_NAME = "dagster-taskiq-controller"
 sys.path.insert(0, str(TESTS_DIR))
 
 import jobs  # noqa: E402
 from ledger import executions, overlaps  # noqa: E402
 
-from dagster_taskiq_controller.localstack import (  # noqa: E402
-    DEFAULT_BINARY,
+from dagster_taskiq_controller_testing.stack import (  # noqa: E402
+    BINARY_ENV,
     Controller,
     MotoServer,
     aws_env,
@@ -53,7 +54,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--parallel-runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=int(time.time()))
-    parser.add_argument("--binary", type=Path, default=DEFAULT_BINARY)
+    parser.add_argument(
+        "--binary",
+        type=Path,
+        default=os.environ.get(
+            BINARY_ENV, TESTS_DIR.parents[1] / "target" / "release" / BINARY_NAME
+        ),
+        help=f"the controller to test (default: ${BINARY_ENV}, else this checkout's release build)",
+    )
     options = parser.parse_args()
     rng = random.Random(options.seed)
     work = Path(tempfile.mkdtemp(prefix="chaos-"))

@@ -1,14 +1,19 @@
-"""Shared fixtures: a real moto server, AWS environment pointing at it, temp Dagster instances."""
+"""Shared fixtures: a real moto server, AWS environment pointing at it, temp Dagster instances,
+and the controller binary the end-to-end tests run.
+
+The binary is `DAGSTER_TASKIQ_CONTROLLER_BINARY`, else the debug build of this checkout (what
+`cargo test` builds). Tests marked `controller` need it: they are skipped when it is missing,
+unless `DAGSTER_TASKIQ_REQUIRE_BINARY=1` (as `make test` sets), which makes that an error.
+
+One moto server serves the whole run: under pytest-xdist the controller process starts it and
+the workers find its URL in `DAGSTER_TASKIQ_TEST_MOTO_URL` (also a way to bring your own)."""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,13 +24,59 @@ import pytest
 from dagster import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 
+from dagster_taskiq_controller_testing.stack import BINARY_ENV, MotoServer
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parents[1]
 VECTORS_DIR = REPO_ROOT / "tests" / "vectors"
 AWS_REGION = "us-east-1"
+REQUIRE_BINARY_ENV = "DAGSTER_TASKIQ_REQUIRE_BINARY"
+MOTO_URL_ENV = "DAGSTER_TASKIQ_TEST_MOTO_URL"
 
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
+
+# Set before any test runs so Controller() and child processes (chaos, subprocess tests) agree.
+os.environ.setdefault(BINARY_ENV, str(REPO_ROOT / "target" / "debug" / "dagster-taskiq-controller"))
+BINARY = Path(os.environ[BINARY_ENV])
+
+_shared_moto = pytest.StashKey[MotoServer]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "controller: runs the controller binary")
+    # On 2 cores, parallel workers slow step start-up past these tests' fixed budgets (a
+    # shutdown grace, a step timeout that includes Dagster's start-up, a nap the replacement
+    # controller must beat). `make test-python` runs them in a serial pass after the rest.
+    config.addinivalue_line(
+        "markers", "serial: a wall-clock budget on step work; run without parallel workers"
+    )
+    if hasattr(config, "workerinput"):
+        return  # an xdist worker: the controller process did the checks below
+    if os.environ.get(REQUIRE_BINARY_ENV) == "1" and not BINARY.is_file():
+        raise pytest.UsageError(
+            f"controller binary {BINARY} not found ({BINARY_ENV}); build it with `cargo build`"
+        )
+    # Workers start after this hook and inherit the environment: one server for all of them.
+    if getattr(config.option, "numprocesses", None) and not os.environ.get(MOTO_URL_ENV):
+        server = MotoServer().start()
+        config.stash[_shared_moto] = server
+        os.environ[MOTO_URL_ENV] = server.url
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(_shared_moto, None)
+    if server is not None:
+        server.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if BINARY.is_file():
+        return
+    skip = pytest.mark.skip(reason=f"controller binary {BINARY} not built ({BINARY_ENV})")
+    for item in items:
+        if item.get_closest_marker("controller"):
+            item.add_marker(skip)
 
 
 def wait_for(
@@ -42,49 +93,15 @@ def wait_for(
         time.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1):
-            return True
-    except urllib.error.HTTPError:
-        return True  # any HTTP answer means the server is up
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
-    """A moto server on 127.0.0.1 and a free port; yields its endpoint URL."""
-    port = free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(
-            lambda: proc.poll() is not None or _answers(f"{endpoint}/moto-api/"),
-            timeout=30,
-            what="moto server",
-            interval=0.1,
-        )
-        assert proc.poll() is None, "moto server exited"
-        yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """The run's moto server (shared by every xdist worker); yields its endpoint URL."""
+    shared = os.environ.get(MOTO_URL_ENV)
+    if shared:
+        yield shared
+        return
+    with MotoServer() as server:
+        yield server.url
 
 
 @pytest.fixture

@@ -10,14 +10,21 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import child_env, free_port
+from conftest import child_env
 
-from dagster_taskiq_controller.localstack import DEFAULT_BINARY, Queues, create_queues
+from dagster_taskiq_controller_testing.stack import (
+    Queues,
+    controller_binary,
+    create_queues,
+    free_port,
+)
+
+pytestmark = pytest.mark.controller
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(DEFAULT_BINARY), *args],
+        [str(controller_binary()), *args],
         capture_output=True,
         text=True,
         timeout=180,

@@ -26,11 +26,7 @@ from conftest import REPO_ROOT, wait_for
 from dagster import execute_job
 from test_e2e_process import Stack
 
-from dagster_taskiq_controller.localstack import DEFAULT_BINARY
-
-pytestmark = pytest.mark.skipif(
-    not DEFAULT_BINARY.exists(), reason="controller binary not built (make build)"
-)
+pytestmark = pytest.mark.controller
 
 TOKEN = "dashboard-test-token-4f9c2a"
 SCREENSHOT = REPO_ROOT / "target" / "dashboard.png"

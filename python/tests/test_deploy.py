@@ -9,6 +9,7 @@ without its policy line or a moved path fails here instead of in a deployment.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import functools
 import json
@@ -632,6 +633,29 @@ def test_dockerfile_builds_the_crate_binary_and_the_python_package() -> None:
     assert (package / "bridge.py").exists()
     assert any("python/dagster_taskiq_controller" in c for c in copies), copies
     assert any("python/pyproject.toml" in c for c in copies), copies
+
+
+# Test beds live in python/testing and examples/; the image's package must not need them.
+TEST_ONLY_MODULES = {"moto", "pytest", "dagster_taskiq_controller_testing"}
+
+
+def test_the_image_holds_no_test_code() -> None:
+    package = REPO / "python" / "dagster_taskiq_controller"
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in TEST_ONLY_MODULES, f"{path.name} imports {name}"
+    _, stages = dockerfile_stages()
+    for stage in stages:
+        for i in stage.all("COPY") + stage.all("ADD"):
+            for test_dir in ("python/testing", "python/tests", "examples"):
+                assert test_dir not in i.args, f"Dockerfile line {i.line} copies {test_dir}"
 
 
 def test_dockerfile_runtime_entrypoint_healthcheck_and_user() -> None:

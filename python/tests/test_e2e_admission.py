@@ -9,10 +9,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import child_env, wait_for
 from ledger import executions, overlaps
 from test_e2e_reliability import Bed
 from test_e2e_reliability import bed as bed  # the fixture
+
+pytestmark = pytest.mark.controller
 
 TESTS_DIR = Path(__file__).resolve().parent
 

@@ -1,6 +1,6 @@
 """End to end with the ECS launcher: real Dagster jobs through the controller binary, every step
 an "ECS task" of the harness (moto in-process plus a local agent that runs each task's
-overridden command and reports its real exit code; see dagster_taskiq_controller.ecs_harness).
+overridden command and reports its real exit code; see dagster_taskiq_controller_testing.ecs).
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute
 from dagster._core.instance.ref import InstanceRef
 
 from dagster_taskiq_controller import contract
-from dagster_taskiq_controller.ecs_harness import BUCKET, EcsHarness
-from dagster_taskiq_controller.localstack import DEFAULT_BINARY, Controller, Queues, create_queues
-
-BINARY = Path(os.environ.get("DAGSTER_TASKIQ_CONTROLLER_BINARY", DEFAULT_BINARY))
+from dagster_taskiq_controller_testing.ecs import BUCKET, EcsHarness
+from dagster_taskiq_controller_testing.stack import Controller, Queues, create_queues
 
 pytestmark = [
-    pytest.mark.skipif(not BINARY.exists(), reason="controller binary not built (make build)"),
+    pytest.mark.controller,
     # moto has no ECS error shape for ThrottlingException; it still sends the right code.
     pytest.mark.filterwarnings("ignore:Exception\\(ECSException\\) with code ThrottlingException"),
 ]
@@ -59,7 +57,6 @@ class Stack:
         controller = Controller(
             queue_url=self.queues.queue_url,
             env={**self.harness.env, "DAGSTER_HOME": str(self.dagster_home)},
-            binary=BINARY,
             args=(
                 "--receive-wait",
                 "1",
@@ -194,6 +191,7 @@ def test_an_oom_killed_task_gets_a_verdict_and_the_retry_policy_applies(stack: S
     wait_for(stack.queue_empty, 60, "every message to be deleted")
 
 
+@pytest.mark.serial  # a wall-clock budget on step work: run alone (see conftest)
 def test_a_killed_controller_is_replaced_and_its_running_tasks_are_adopted(stack: Stack) -> None:
     run_config = {
         "ops": {name: {"config": {"seconds": 8.0}} for name in ("nap_a", "nap_b", "nap_c")}
@@ -268,6 +266,7 @@ def test_canceling_a_run_stops_its_ecs_tasks_with_a_reason(stack: Stack) -> None
             worker.wait()
 
 
+@pytest.mark.serial  # a wall-clock budget on step work: run alone (see conftest)
 def test_an_ecs_step_past_its_timeout_is_stopped_and_retried_by_its_policy(stack: Stack) -> None:
     with execute_job(jobs.recon("timeout_retry"), stack.instance) as result:
         assert result.success

@@ -20,11 +20,9 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute
 from test_e2e_process import WARM_ARGS, Stack, events_of, start_stack
 
 from dagster_taskiq_controller import contract
-from dagster_taskiq_controller.localstack import DEFAULT_BINARY, Controller
+from dagster_taskiq_controller_testing.stack import Controller
 
-pytestmark = pytest.mark.skipif(
-    not DEFAULT_BINARY.exists(), reason="controller binary not built (make build)"
-)
+pytestmark = pytest.mark.controller
 
 # A run-status poll interval longer than any test: what stops steps must be the bridge's push.
 NO_POLL = ("--run-status-interval", "600")
@@ -185,17 +183,20 @@ def check_timed_out_and_retried(stack: Stack, job_name: str, limit: float) -> No
     assert stats.attempts == 2
 
 
+@pytest.mark.serial  # a wall-clock budget on step work: run alone (see conftest)
 def test_a_step_past_its_timeout_is_killed_and_retried_by_its_policy(stack: Stack) -> None:
     # Cold: Dagster's own start-up is inside the timeout, so 10 s (jobs.hangs_first_time).
     check_timed_out_and_retried(stack, "timeout_retry", 10.0)
 
 
+@pytest.mark.serial  # a wall-clock budget on step work: run alone (see conftest)
 def test_a_warm_step_past_a_3s_timeout_is_killed_and_retried_by_its_policy(
     warm_stack: Stack,
 ) -> None:
     check_timed_out_and_retried(warm_stack, "timeout_retry_3s", 3.0)
 
 
+@pytest.mark.serial  # a wall-clock budget on step work: run alone (see conftest)
 def test_sigterm_drains_then_hands_the_unfinished_step_to_another_controller(
     aws_env: dict[str, str],
     dagster_home: Path,
@@ -280,6 +281,7 @@ def records_from_log(stack: Stack) -> list[dict[str, Any]]:
     return [{"step_key": k, **v} for k, v in states.items()]
 
 
+@pytest.mark.serial  # a wall-clock budget on step work: run alone (see conftest)
 def test_sigterm_releases_held_messages_to_another_controller_at_once(
     aws_env: dict[str, str],
     dagster_home: Path,

@@ -25,11 +25,9 @@ from conftest import child_env, wait_for
 from dagster import DagsterEventType, DagsterInstance, execute_job
 
 from dagster_taskiq_controller import contract
-from dagster_taskiq_controller.localstack import DEFAULT_BINARY, Controller, Queues, create_queues
+from dagster_taskiq_controller_testing.stack import Controller, Queues, create_queues
 
-pytestmark = pytest.mark.skipif(
-    not DEFAULT_BINARY.exists(), reason="controller binary not built (make build)"
-)
+pytestmark = pytest.mark.controller
 
 
 @dataclass

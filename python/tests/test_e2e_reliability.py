@@ -21,16 +21,9 @@ from dagster import DagsterInstance, execute_job
 from faultproxy import FaultProxy
 from ledger import overlaps
 
-from dagster_taskiq_controller.localstack import (
-    DEFAULT_BINARY,
-    Controller,
-    Queues,
-    create_queues,
-)
+from dagster_taskiq_controller_testing.stack import Controller, MotoServer, Queues, create_queues
 
-pytestmark = pytest.mark.skipif(
-    not DEFAULT_BINARY.exists(), reason="controller binary not built (make build)"
-)
+pytestmark = pytest.mark.controller
 
 
 class Bed:
@@ -184,21 +177,32 @@ def test_kill_9_of_the_controller_loses_nothing_and_never_overlaps_an_attempt(be
     assert all(r["state"] == "acked" for r in relaunched), relaunched
 
 
-def moto_pid(endpoint: str) -> int:
-    port = endpoint.rsplit(":", 1)[1]
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+@pytest.fixture
+def bed_with_own_moto(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[Bed, MotoServer]]:
+    """A bed on a moto server of its own, for a test that freezes the server: the run's
+    shared one serves the other xdist workers' tests."""
+    with MotoServer() as moto:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", moto.url)
+        b = Bed(
+            {**aws_env, "AWS_ENDPOINT_URL": moto.url}, dagster_home, instance, tmp_path, monkeypatch
+        )
         try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(b"moto" in part for part in cmdline) and port.encode() in cmdline:
-            return int(entry.name)
-    raise LookupError(f"no moto server on port {port}")
+            yield b, moto
+        finally:
+            b.stop_all()
 
 
-def test_an_sqs_outage_of_15_seconds_mid_run_loses_nothing(bed: Bed) -> None:
+def test_an_sqs_outage_of_15_seconds_mid_run_loses_nothing(
+    bed_with_own_moto: tuple[Bed, MotoServer],
+) -> None:
+    bed, moto = bed_with_own_moto
+    assert moto.process is not None
     bed.controller("--visibility-timeout", "30")
     thread, outcome = run_in_background(bed.instance, "ledger_fan")
     wait_for(
@@ -206,13 +210,12 @@ def test_an_sqs_outage_of_15_seconds_mid_run_loses_nothing(bed: Bed) -> None:
         90,
         "a step running",
     )
-    pid = moto_pid(bed.aws_env["AWS_ENDPOINT_URL"])
-    os.kill(pid, signal.SIGSTOP)  # moto keeps its state, answers nothing
+    moto.process.send_signal(signal.SIGSTOP)  # moto keeps its state, answers nothing
     try:
         stopped_at = threading.Event()
         stopped_at.wait(15)
     finally:
-        os.kill(pid, signal.SIGCONT)
+        moto.process.send_signal(signal.SIGCONT)
     thread.join(180)
     assert outcome.get("success") is True
     wait_for(bed.queue_empty, 60, "every message to be deleted")

@@ -18,11 +18,9 @@ from dagster._serdes import deserialize_value
 from taskiq_jobs import Taskiq
 
 from dagster_taskiq_controller import contract
-from dagster_taskiq_controller.localstack import DEFAULT_BINARY, Controller, create_queues
+from dagster_taskiq_controller_testing.stack import Controller, create_queues
 
-pytestmark = pytest.mark.skipif(
-    not DEFAULT_BINARY.exists(), reason="controller binary not built (make build)"
-)
+pytestmark = pytest.mark.controller
 
 
 class Bed:

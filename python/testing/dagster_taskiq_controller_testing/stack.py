@@ -1,5 +1,8 @@
-"""A local stack for the demo and the tests: a moto server on 127.0.0.1, a work queue with its
-dead-letter queue, and a controller process. Nothing here is used in production."""
+"""A local stack for the tests, the benchmarks and the demo: a moto server on 127.0.0.1, a work
+queue with its dead-letter queue, and a controller process. Nothing here is used in production.
+
+The controller binary comes from `DAGSTER_TASKIQ_CONTROLLER_BINARY` (or `Controller(binary=...)`):
+this package does not know where a source checkout keeps its build output."""
 
 from __future__ import annotations
 
@@ -19,9 +22,8 @@ from typing import IO, TypeVar
 
 import boto3
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_BINARY = REPO_ROOT / "target" / "release" / "dagster-taskiq-controller"
 REGION = "us-east-1"
+BINARY_ENV = "DAGSTER_TASKIQ_CONTROLLER_BINARY"
 
 T = TypeVar("T")
 
@@ -41,6 +43,17 @@ def wait_for(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def controller_binary() -> Path:
+    """The controller binary named by `DAGSTER_TASKIQ_CONTROLLER_BINARY`; it must exist."""
+    value = os.environ.get(BINARY_ENV)
+    if not value:
+        raise RuntimeError(f"set {BINARY_ENV} to the dagster-taskiq-controller binary to run")
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"{BINARY_ENV}={value}: no such file (build it with cargo)")
+    return path
 
 
 def free_port() -> int:
@@ -146,7 +159,8 @@ class Controller:
 
     queue_url: str
     env: Mapping[str, str]
-    binary: Path = DEFAULT_BINARY
+    # None: the binary named by DAGSTER_TASKIQ_CONTROLLER_BINARY.
+    binary: Path | None = None
     args: Sequence[str] = ()
     log_path: Path | None = None
     dashboard_port: int = field(default_factory=free_port)
@@ -158,10 +172,11 @@ class Controller:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self, wait_ready: bool = True) -> Controller:
-        if not self.binary.exists():
-            raise FileNotFoundError(f"{self.binary} not found: run `cargo build --release` first")
+        binary = self.binary if self.binary is not None else controller_binary()
+        if not binary.is_file():
+            raise FileNotFoundError(f"controller binary {binary} not found (build it with cargo)")
         command = [
-            str(self.binary),
+            str(binary),
             "run",
             "--queue-url",
             self.queue_url,

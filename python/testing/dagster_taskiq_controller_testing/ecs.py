@@ -32,9 +32,9 @@ from typing import Any
 import boto3
 
 from dagster_taskiq_controller.ecs_entrypoint import signal_group
-from dagster_taskiq_controller.localstack import REGION, aws_env, free_port
+from dagster_taskiq_controller_testing.stack import REGION, aws_env, free_port
 
-logger = logging.getLogger("dagster_taskiq_controller.ecs_harness")
+logger = logging.getLogger("dagster_taskiq_controller_testing.ecs")
 
 ACCOUNT_ID = "123456789012"
 CLUSTER = "dagster-steps"
