@@ -32,9 +32,10 @@ $(STAMP): python/pyproject.toml python/testing/pyproject.toml
 build:
 	cargo build --release --locked
 
-# A no-op after `cargo test`, which builds the binary for the integration tests.
+# A no-op after `cargo test`, which builds the binary for the integration tests (with the
+# same features: a plain `cargo build` would compile the library a second time).
 build-debug:
-	cargo build --locked
+	cargo test --locked --no-run
 
 # Headless Chromium for the dashboard's browser test (Debian package; needs root and apt).
 browser:
