@@ -160,6 +160,8 @@ struct Inner {
 #[derive(Default)]
 pub struct StepTable {
     inner: Mutex<Inner>,
+    /// Notified whenever an attempt reaches its final state here.
+    settled: tokio::sync::Notify,
 }
 
 impl StepTable {
@@ -218,7 +220,24 @@ impl StepTable {
                 inner.recent.pop_front();
             }
             inner.recent.push_back(record);
+            drop(inner);
+            self.settled.notify_waiters();
         }
+    }
+
+    /// Waits until the attempt is no longer active here, for at most `limit`. Returns
+    /// whether it settled in time.
+    pub(crate) async fn settled_within(&self, task_id: &str, limit: std::time::Duration) -> bool {
+        let settled = async {
+            loop {
+                let notified = self.settled.notified();
+                if !self.is_active(task_id) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, settled).await.is_ok()
     }
 
     /// Asks an active step to stop. Returns false if it is not active (or already asked).

@@ -903,3 +903,31 @@ async fn a_queue_that_returns_more_than_asked_gets_the_extra_back_unharmed() {
     assert!(given_back >= 2, "{:?}", bed.queue.events());
     bed.stop(handle).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_requeued_copy_received_while_its_original_settles_is_not_adopted() {
+    // Room to receive the copy at once: it arrives while the original's task is still
+    // deleting the original. It is another message, not a redelivery of the held one, so it
+    // must not take over the original's lease (which is dropped a moment later, leaving the
+    // copy in flight with nobody holding it): it is given back and runs once the slot frees.
+    let bed = bed_with_admission(
+        Duration::from_secs(30),
+        Duration::from_secs(12 * 3600),
+        AdmissionConfig {
+            prefetch: 4,
+            ..AdmissionConfig::capped(1)
+        },
+        Some(Duration::from_secs(1)),
+    );
+    bed.queue
+        .push("long", &step_body(&task_id(40), "run1", "op_a", 0));
+    let handle = bed.start();
+    launched(&bed, &task_id(40)).await;
+    bed.queue
+        .push("waits", &step_body(&task_id(41), "run1", "op_b", 0));
+    bed.queue.wait_for(acked("long")).await;
+    tokio::time::timeout(Duration::from_secs(120), launched(&bed, &task_id(41)))
+        .await
+        .unwrap_or_else(|_| panic!("the requeued step never ran: {:?}", bed.queue.events()));
+    bed.stop(handle).await;
+}

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -193,7 +194,21 @@ def crashing() -> None:
     crash(start())
 
 
-JOBS = {"three_ops": three_ops, "crashing": crashing}
+@op(ins={"x": In(int)}, out=Out(int))
+def nap(x: int) -> int:
+    # Long enough that the other branches wait for the one slot past --waiting-limit.
+    time.sleep(1.5)
+    return x
+
+
+@job(executor_def=taskiq_compat_executor, resource_defs=RESOURCES)
+def fan_out() -> None:
+    first = start()
+    for i in range(4):
+        nap.alias(f"nap_{i}")(first)
+
+
+JOBS = {"three_ops": three_ops, "crashing": crashing, "fan_out": fan_out}
 
 
 def recon(name: str) -> ReconstructableJob:

@@ -4,6 +4,7 @@ moto server (SQS and S3), and results read back with taskiq-aio-sqs's own S3 res
 
 from __future__ import annotations
 
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,16 @@ class Bed:
         )["Attributes"]
         return all(v == "0" for v in attributes.values())
 
+    def requeued(self) -> float:
+        """Messages this controller requeued after the waiting limit (its metrics)."""
+        url = f"{self.controller.dashboard_url}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        series = 'dagster_taskiq_messages_acked_total{outcome="requeued"} '
+        return sum(
+            float(line[len(series) :]) for line in text.splitlines() if line.startswith(series)
+        )
+
     def result(self, task_id: str) -> Any:
         """The task's result, once written: the run may end (its last step's event is in the
         event log) a moment before the controller has written that step's result."""
@@ -49,14 +60,13 @@ class Bed:
         return taskiq.run(taskiq.backend.get_result(task_id))
 
 
-@pytest.fixture
-def bed(
+def start_bed(
     aws_env: dict[str, str],
     dagster_home: Path,
-    instance: DagsterInstance,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
-) -> Iterator[Bed]:
+    controller_args: tuple[str, ...] = (),
+) -> Bed:
     name = f"taskiq-{uuid.uuid4().hex[:10]}"
     queues = create_queues(aws_env["AWS_ENDPOINT_URL"], name)
     s3 = boto3.client("s3")
@@ -75,15 +85,31 @@ def bed(
             "DAGSTER_TASKIQ_S3_BUCKET_NAME": result_bucket,
             "DAGSTER_TASKIQ_S3_ENDPOINT_URL": aws_env["AWS_ENDPOINT_URL"],
         },
-        args=("--receive-wait", "1", "--shutdown-grace", "10"),
+        args=("--receive-wait", "1", "--shutdown-grace", "10", *controller_args),
         log_path=tmp_path / "controller.log",
     ).start()
+    return Bed(controller, queues.queue_url, payload_bucket)
+
+
+def stop_bed(bed: Bed, tmp_path: Path) -> None:
+    Taskiq.close()
+    taskiq_jobs.SENT.clear()
+    assert bed.controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]
+
+
+@pytest.fixture
+def bed(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Iterator[Bed]:
+    started = start_bed(aws_env, dagster_home, monkeypatch, tmp_path)
     try:
-        yield Bed(controller, queues.queue_url, payload_bucket)
+        yield started
     finally:
-        Taskiq.close()
-        taskiq_jobs.SENT.clear()
-        assert controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]
+        stop_bed(started, tmp_path)
 
 
 def sent_for(run_id: str) -> dict[str, str]:
@@ -147,3 +173,34 @@ def test_a_message_over_1_mib_goes_through_s3_and_runs(
         assert sizes[f"{task_id}.json"] > 1024 * 1024
         assert not bed.result(task_id).is_err
     wait_for(bed.queue_empty, 30, "every message deleted")
+
+
+def test_a_requeued_step_gets_no_result_until_it_has_run(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """One slot and a 1 s waiting limit: the fan-out's waiting branches are requeued, maybe
+    several times. A requeue is not an end of the attempt: the executor, which reads the
+    first result it finds, must get each step's real result, so the run succeeds."""
+    bed = start_bed(
+        aws_env,
+        dagster_home,
+        monkeypatch,
+        tmp_path,
+        ("--max-concurrent", "1", "--prefetch", "4", "--waiting-limit", "1"),
+    )
+    try:
+        with execute_job(taskiq_jobs.recon("fan_out"), instance) as result:
+            assert result.success
+            run_id = result.run_id
+        assert bed.requeued() >= 1, "no step waited past the limit: the test proves nothing"
+        sent = sent_for(run_id)
+        assert set(sent) == {"start", "nap_0", "nap_1", "nap_2", "nap_3"}
+        for task_id in sent.values():
+            assert not bed.result(task_id).is_err
+        wait_for(bed.queue_empty, 30, "every message deleted")
+    finally:
+        stop_bed(bed, tmp_path)

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::{count_queue_error, settle, step, Context};
+use crate::envelope::StepRequest;
 use crate::health::IDLE_BEAT;
 use crate::outcome::{DeadLetterReason, Outcome, Release};
 use crate::queue::{continuation, ReceivedMessage};
@@ -161,25 +162,7 @@ async fn handle(ctx: &Context, mut message: ReceivedMessage) {
         message_id = %message.message_id,
     );
     async {
-        if !ctx
-            .steps
-            .claim(&step, &message.message_id, message.receive_count)
-        {
-            // Redelivered while we still hold it (our lease ran out and came back): the
-            // new receipt handle is the valid one; the running execution is adopted.
-            if ctx
-                .leases
-                .renew_handle(&step.task_id, &message.receipt_handle)
-            {
-                tracing::info!("redelivered while running here: adopted");
-            } else {
-                tracing::warn!("redelivered while being settled here: releasing");
-                let duplicate = Outcome::Released {
-                    why: Release::Duplicate,
-                    delay: Duration::from_secs(5),
-                };
-                settle::settle_unclaimed(ctx, &message, &duplicate).await;
-            }
+        if !claim(ctx, &step, &message).await {
             return;
         }
         let signals = ctx.leases.hold(&step.task_id, &message.receipt_handle);
@@ -200,4 +183,51 @@ async fn handle(ctx: &Context, mut message: ReceivedMessage) {
     }
     .instrument(span)
     .await
+}
+
+/// Whether `message` is the message this controller holds for the attempt (same message id:
+/// a redelivery) or this controller's own hand-off continuation of it.
+fn is_ours_again(ctx: &Context, task_id: &str, message: &ReceivedMessage) -> bool {
+    let held = ctx.steps.get(task_id).map(|r| r.message_id);
+    let own_continuation = continuation::is_continuation(message)
+        && message.attributes.get(continuation::OWNER) == Some(&ctx.settings.controller_id);
+    held.as_deref() == Some(message.message_id.as_str()) || own_continuation
+}
+
+/// How long another message of an attempt held here waits for that attempt to settle: long
+/// enough for a requeued copy whose original is being deleted right now.
+const SETTLE_WAIT: Duration = Duration::from_secs(5);
+
+/// Claims the attempt for this message. When the attempt is already active here: adopts
+/// the held message's redelivery (or our own hand-off continuation), whose new receipt
+/// handle is now the valid one; waits a moment for any other message of the attempt (a
+/// requeued copy that arrived while its original is being deleted here) and claims it once
+/// the attempt settled; gives it back if the attempt is still running. Returns whether this
+/// message is now claimed.
+async fn claim(ctx: &Context, step: &StepRequest, message: &ReceivedMessage) -> bool {
+    let claim = || {
+        ctx.steps
+            .claim(step, &message.message_id, message.receive_count)
+    };
+    if claim() {
+        return true;
+    }
+    if is_ours_again(ctx, &step.task_id, message)
+        && ctx
+            .leases
+            .renew_handle(&step.task_id, &message.receipt_handle)
+    {
+        tracing::info!("redelivered while running here: adopted");
+        return false;
+    }
+    if ctx.steps.settled_within(&step.task_id, SETTLE_WAIT).await && claim() {
+        return true;
+    }
+    tracing::warn!("another message of an attempt running here: giving it back");
+    let duplicate = Outcome::Released {
+        why: Release::Duplicate,
+        delay: SETTLE_WAIT,
+    };
+    settle::settle_unclaimed(ctx, message, &duplicate).await;
+    false
 }

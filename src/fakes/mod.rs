@@ -38,6 +38,8 @@ pub enum QueueEvent {
 #[derive(Default)]
 struct QueueInner {
     visible: VecDeque<ReceivedMessage>,
+    /// Released with a delay: visible again from that time on, as on SQS.
+    delayed: Vec<(tokio::time::Instant, ReceivedMessage)>,
     /// receipt handle → message, for messages in flight.
     in_flight: HashMap<String, ReceivedMessage>,
     receive_counts: HashMap<String, u32>,
@@ -141,8 +143,18 @@ impl WorkQueue for FakeQueue {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.changed.notified();
+            let next_due;
             {
                 let mut inner = self.inner.lock();
+                let now = tokio::time::Instant::now();
+                let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut inner.delayed)
+                    .into_iter()
+                    .partition(|(at, _)| *at <= now);
+                inner.delayed = later;
+                inner
+                    .visible
+                    .extend(due.into_iter().map(|(_, message)| message));
+                next_due = inner.delayed.iter().map(|(at, _)| *at).min();
                 if !inner.visible.is_empty() {
                     let mut out = Vec::new();
                     while out.len() < max + inner.overdeliver {
@@ -165,7 +177,8 @@ impl WorkQueue for FakeQueue {
                     return Ok(out);
                 }
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let wake = next_due.map_or(deadline, |due| due.min(deadline));
+            if tokio::time::timeout_at(wake, notified).await.is_err() && wake == deadline {
                 return Ok(Vec::new());
             }
         }
@@ -193,12 +206,22 @@ impl WorkQueue for FakeQueue {
     async fn release(&self, receipt_handle: &str, delay: Duration) -> Result<(), QueueError> {
         let message = self.take(receipt_handle)?;
         self.record(QueueEvent::Released(message.message_id.clone(), delay));
-        self.inner.lock().visible.push_back(message);
+        let mut inner = self.inner.lock();
+        if delay.is_zero() {
+            inner.visible.push_back(message);
+        } else {
+            inner
+                .delayed
+                .push((tokio::time::Instant::now() + delay, message));
+        }
+        drop(inner);
         self.changed.notify_waiters();
         Ok(())
     }
 
     async fn ack(&self, receipt_handle: &str) -> Result<(), QueueError> {
+        // A real delete is a network call: other tasks run meanwhile.
+        tokio::task::yield_now().await;
         let message = self.take(receipt_handle)?;
         self.record(QueueEvent::Acked(message.message_id));
         Ok(())
