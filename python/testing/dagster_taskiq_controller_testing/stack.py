@@ -34,14 +34,15 @@ def wait_for(
     what: str,
     interval: float = 0.05,
 ) -> T:
-    """Polls `condition` until it returns a truthy value; raises after `timeout` seconds."""
+    """Polls `condition` until it returns a truthy value; after `timeout` seconds raises an
+    AssertionError (a condition a test waits for did not hold)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
 
