@@ -8,8 +8,11 @@ const RECENT_ROWS = 15;
 const FAILURE_ROWS = 10;
 
 const GOOD = new Set(["succeeded", "already_finished"]);
+// Outcome names (src/outcome.rs): the message went back to the queue, or the run moved on.
 const WARN = new Set(["up_for_retry", "run_ended", "shutdown", "backoff", "bridge_unavailable",
-  "launch_transient", "duplicate"]);
+  "launch_transient", "duplicate", "overflow", "requeued", "handed_off", "killed",
+  "continuation_not_ours", "stopped_while_waiting", "waited_too_long", "never_started",
+  "result_unwritten", "payload_unavailable", "launch_failed"]);
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
