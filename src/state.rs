@@ -27,7 +27,7 @@ fn serialize_history<S: serde::Serializer>(
     )
 }
 
-/// The step lifecycle (docs/protocol.md and DESIGN.md):
+/// The step lifecycle (docs/architecture.md, "States and outcomes"):
 /// `Received → Admitted → Launching → Running → Exited → Reported → Acked`, with side exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
