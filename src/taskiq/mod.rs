@@ -33,7 +33,10 @@ mod store;
 pub(crate) use args::TaskiqArgs;
 pub use compat::{DecodeError, TaskiqCompat, TaskiqSetupError};
 pub(crate) use extended::extended_marker;
-pub(crate) use store::{ObjectStore, StoreError};
+pub(crate) use store::StoreError;
+// Only the fakes implement the boundary outside this module.
+#[cfg(any(test, feature = "testing"))]
+pub(crate) use store::ObjectStore;
 
 #[cfg(test)]
 mod tests;

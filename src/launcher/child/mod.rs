@@ -12,3 +12,17 @@ pub(crate) use events::{EventLines, MAX_EVENT_BYTES};
 pub use process::{ProcessLauncher, ProcessLauncherConfig};
 pub(crate) use warm::WarmArgs;
 pub use warm::{WarmLauncher, WarmLauncherConfig};
+
+/// Makes the kernel SIGKILL the child when the controller's thread that spawned it dies, so a
+/// crashed controller leaves no step (or zygote) behind.
+fn die_with_controller(command: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe; it only sets the child's parent-death signal.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -10,6 +10,8 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use super::die_with_controller;
+
 use super::events::EventLines;
 use super::output::StepOutput;
 use crate::envelope::{LauncherKind, StepRequest};
@@ -58,16 +60,7 @@ impl Launcher for ProcessLauncher {
             // Own process group, so cancel and kill reach whatever the step starts.
             .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL the child
-        // when the controller's thread dies, so a crashed controller leaves no step behind.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_controller(&mut command);
         let mut child = command
             .spawn()
             .map_err(|e| classify_spawn_error(&self.config, e))?;

@@ -19,6 +19,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Interest, Lines};
 use tokio::net::unix::{pipe, OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
+
+use crate::launcher::child::die_with_controller;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
@@ -118,15 +120,7 @@ impl Zygote {
             // Its own group, so a Ctrl-C meant for the controller does not reach it.
             .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; the zygote dies with the controller's thread.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_controller(&mut command);
         let mut child = command.spawn().map_err(|e| {
             WarmError::Start(format!("cannot run {}: {e}", config.python.display()))
         })?;
