@@ -273,50 +273,79 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_durable_outcomes_delete_and_only_a_lost_lease_touches_nothing() {
-        let all = [
-            Outcome::Finished(Finish::Succeeded),
-            Outcome::Verdict {
-                cause: "x".into(),
-                timed_out: false,
-            },
-            Outcome::Skipped(Skip::AlreadyFinished),
-            Outcome::RunEnded,
-            Outcome::Requeued,
-            Outcome::Released {
-                why: Release::NeverStarted,
-                delay: Duration::from_secs(3),
-            },
-            Outcome::HandedOff,
-            Outcome::Killed,
-            Outcome::Fenced,
-            Outcome::dead_letter(DeadLetterReason::UnknownRun, "gone"),
+    fn each_outcome_has_its_fate_state_and_result() {
+        use Disposition::{Delete, Nothing, Release as Back};
+        let three = Duration::from_secs(3);
+        // (outcome, what happens to the message, final state, taskiq result due)
+        let table = [
+            (
+                Outcome::Finished(Finish::Succeeded),
+                Delete,
+                StepState::Acked,
+                true,
+            ),
+            (
+                Outcome::Verdict {
+                    cause: "x".into(),
+                    timed_out: false,
+                },
+                Delete,
+                StepState::Acked,
+                true,
+            ),
+            (
+                Outcome::Skipped(Skip::AlreadyFinished),
+                Delete,
+                StepState::Skipped,
+                true,
+            ),
+            (Outcome::RunEnded, Delete, StepState::Acked, true),
+            (Outcome::Requeued, Delete, StepState::Released, false),
+            (
+                Outcome::Released {
+                    why: Release::NeverStarted,
+                    delay: three,
+                },
+                Back(three),
+                StepState::Backoff,
+                false,
+            ),
+            (
+                Outcome::shutdown(),
+                Back(Duration::ZERO),
+                StepState::Released,
+                false,
+            ),
+            (
+                Outcome::HandedOff,
+                Back(Duration::ZERO),
+                StepState::Released,
+                false,
+            ),
+            (
+                Outcome::Killed,
+                Back(Duration::ZERO),
+                StepState::Released,
+                false,
+            ),
+            (Outcome::Fenced, Nothing, StepState::Fenced, false),
         ];
-        for outcome in &all {
-            let disposition = outcome.disposition();
-            let expected_state = match disposition {
-                Disposition::Nothing => StepState::Fenced,
-                Disposition::DeadLetter { .. } => StepState::DeadLettered,
-                _ => outcome.final_state(),
-            };
-            assert_eq!(outcome.final_state(), expected_state, "{outcome:?}");
-            assert!(outcome.final_state().is_final(), "{outcome:?}");
-            // A result is written only for an attempt that ended, never for a message that
-            // goes back to the queue to run.
-            if matches!(disposition, Disposition::Release(_) | Disposition::Nothing) {
-                assert!(!outcome.ends_attempt(), "{outcome:?}");
-            }
+        for (outcome, disposition, state, result) in &table {
+            assert_eq!(outcome.disposition(), *disposition, "{outcome:?}");
+            assert_eq!(outcome.final_state(), *state, "{outcome:?}");
+            assert!(state.is_final(), "{outcome:?}");
+            assert_eq!(outcome.ends_attempt(), *result, "{outcome:?}");
         }
-        assert!(!Outcome::Requeued.ends_attempt());
+        let dead = Outcome::dead_letter(DeadLetterReason::UnknownRun, "gone");
         assert_eq!(
-            Outcome::Released {
-                why: Release::NeverStarted,
-                delay: Duration::ZERO
+            dead.disposition(),
+            Disposition::DeadLetter {
+                reason: DeadLetterReason::UnknownRun,
+                detail: "gone"
             }
-            .final_state(),
-            StepState::Backoff
         );
-        assert_eq!(Outcome::shutdown().final_state(), StepState::Released);
+        assert_eq!(dead.final_state(), StepState::DeadLettered);
+        assert!(dead.ends_attempt());
     }
 
     #[test]
