@@ -138,6 +138,55 @@ pub struct VerdictAck {
     pub attempt_finished: bool,
 }
 
+/// A durable claim on one step attempt, as stored in the Dagster instance
+/// (docs/guarantees.md, "Claims").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Claim {
+    /// The controller id of the holder.
+    pub holder: String,
+    /// Fresh per claim: tells a restarted holder with the same id from the one before it.
+    pub token: String,
+    /// The message the holder runs the attempt for.
+    pub message_id: String,
+    /// Bumped by the holder while it holds a live lease on that message.
+    #[serde(default)]
+    pub beat: u64,
+    /// Set when the attempt ended with a controller verdict: it is not run again.
+    #[serde(default)]
+    pub ended: Option<String>,
+}
+
+/// The answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ClaimAnswer {
+    pub claimed: bool,
+    /// The claim as it stands now (`None`: released in between, ask again).
+    pub current: Option<Claim>,
+    /// With `claimed`: the attempt's state, read after the claim was taken.
+    #[serde(default)]
+    pub state: Option<StepState>,
+}
+
+/// What a controller asks for when it claims an attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimBid<'a> {
+    pub holder: &'a str,
+    pub token: &'a str,
+    pub message_id: &'a str,
+    /// Take over the claim that holds this token (and no other).
+    pub replace_token: Option<&'a str>,
+}
+
+/// A claim this controller holds, as renewed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeldClaim {
+    pub run_id: String,
+    pub step_key: String,
+    pub attempt: u32,
+    pub token: String,
+    pub message_id: String,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BridgeError {
     #[error("Dagster bridge unavailable: {0}")]
@@ -193,6 +242,28 @@ pub trait DagsterBridge: Send + Sync + 'static {
         message: &str,
         metadata: &BTreeMap<String, String>,
     ) -> Result<(), BridgeError>;
+
+    /// Claims the attempt durably, or tells who holds it.
+    async fn claim_attempt(
+        &self,
+        step: &StepRequest,
+        bid: &ClaimBid<'_>,
+    ) -> Result<ClaimAnswer, BridgeError>;
+
+    /// Renews claims of one instance; `false` where the claim is no longer held.
+    async fn renew_claims(
+        &self,
+        instance_ref: &Value,
+        claims: &[HeldClaim],
+    ) -> Result<Vec<bool>, BridgeError>;
+
+    /// Lets go of a claim: removed, or kept as the record of the verdict `ended`.
+    async fn release_claim(
+        &self,
+        step: &StepRequest,
+        token: &str,
+        ended: Option<&str>,
+    ) -> Result<bool, BridgeError>;
 
     /// Notices about watched runs, as they happen.
     fn subscribe(&self) -> broadcast::Receiver<BridgePush>;
@@ -537,6 +608,55 @@ impl DagsterBridge for SidecarBridge {
         params.insert("metadata".into(), json!(metadata));
         self.call("report_event", Value::Object(params)).await?;
         Ok(())
+    }
+
+    async fn claim_attempt(
+        &self,
+        step: &StepRequest,
+        bid: &ClaimBid<'_>,
+    ) -> Result<ClaimAnswer, BridgeError> {
+        let mut params = step_params(step);
+        params.insert("holder".into(), bid.holder.into());
+        params.insert("token".into(), bid.token.into());
+        params.insert("message_id".into(), bid.message_id.into());
+        params.insert("replace_token".into(), bid.replace_token.into());
+        let result = self.call("claim_attempt", Value::Object(params)).await?;
+        parse("claim_attempt", result)
+    }
+
+    async fn renew_claims(
+        &self,
+        instance_ref: &Value,
+        claims: &[HeldClaim],
+    ) -> Result<Vec<bool>, BridgeError> {
+        #[derive(Deserialize)]
+        struct Renewed {
+            alive: Vec<bool>,
+        }
+        let result = self
+            .call(
+                "renew_claims",
+                json!({"instance_ref": instance_ref, "claims": claims}),
+            )
+            .await?;
+        Ok(parse::<Renewed>("renew_claims", result)?.alive)
+    }
+
+    async fn release_claim(
+        &self,
+        step: &StepRequest,
+        token: &str,
+        ended: Option<&str>,
+    ) -> Result<bool, BridgeError> {
+        #[derive(Deserialize)]
+        struct Released {
+            released: bool,
+        }
+        let mut params = step_params(step);
+        params.insert("token".into(), token.into());
+        params.insert("ended".into(), ended.into());
+        let result = self.call("release_claim", Value::Object(params)).await?;
+        Ok(parse::<Released>("release_claim", result)?.released)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<BridgePush> {

@@ -152,6 +152,15 @@ impl LeaseTable {
         leases.get(task_id).and_then(|l| l.receipt_handle.clone())
     }
 
+    /// Whether SQS keeps the message of `task_id` invisible to everyone else right now: held,
+    /// not handed off, and its last extension still runs.
+    pub(crate) fn is_live(&self, task_id: &str) -> bool {
+        let leases = self.leases.lock();
+        leases.get(task_id).is_some_and(|lease| {
+            lease.receipt_handle.is_some() && Instant::now() + SAFETY_MARGIN < lease.expires
+        })
+    }
+
     /// Stops holding a message (after ack, release or dead-letter).
     pub(crate) fn drop_lease(&self, task_id: &str) {
         let mut leases = self.leases.lock();

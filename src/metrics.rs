@@ -39,6 +39,12 @@ pub struct Metrics {
     pub steps_relaunched: Family<Label, Counter>,
     pub steps_in_flight: Gauge,
     pub leases_held: Gauge,
+    /// Durable attempt claims held (docs/guarantees.md, "Claims").
+    pub claims_held: Gauge,
+    /// `result`: ok, error, lost.
+    pub claim_renewals: Family<Label, Counter>,
+    /// `result`: won, took_over, duplicate, ended, unsupported: how claim attempts ended.
+    pub claims: Family<Label, Counter>,
     /// `result`: extended, lost, failed.
     pub lease_extensions: Family<Label, Counter>,
     /// `operation`, `kind`: failures the controller saw through the queue boundary.
@@ -110,6 +116,9 @@ impl Metrics {
             steps_relaunched: Family::default(),
             steps_in_flight: Gauge::default(),
             leases_held: Gauge::default(),
+            claims_held: Gauge::default(),
+            claim_renewals: Family::default(),
+            claims: Family::default(),
             lease_extensions: Family::default(),
             queue_errors: Family::default(),
             sqs_requests: Family::default(),
@@ -198,6 +207,21 @@ impl Metrics {
             "leases_held",
             "Visibility leases held",
             metrics.leases_held.clone(),
+        );
+        r.register(
+            "claims_held",
+            "Durable attempt claims held",
+            metrics.claims_held.clone(),
+        );
+        r.register(
+            "claim_renewals",
+            "Renewals of durable attempt claims, by result",
+            metrics.claim_renewals.clone(),
+        );
+        r.register(
+            "claims",
+            "Claims of step attempts before launch, by result",
+            metrics.claims.clone(),
         );
         r.register(
             "lease_extensions",

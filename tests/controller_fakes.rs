@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
+use dagster_taskiq_controller::claims::ClaimTable;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
-use dagster_taskiq_controller::dagster::RunStatus;
+use dagster_taskiq_controller::dagster::{Claim, RunStatus};
 use dagster_taskiq_controller::envelope;
 use dagster_taskiq_controller::fakes::{
     fake_event_line, step_body, FakeBridge, FakeLauncher, FakeObjectStore, FakeOutcome, FakeQueue,
@@ -98,6 +99,7 @@ fn bed_full(
             visibility_cap,
             metrics.clone(),
         )),
+        claims: Arc::new(ClaimTable::new(Duration::from_secs(600), metrics.clone())),
         steps: Arc::new(StepTable::default()),
         metrics,
         health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10))),
@@ -549,6 +551,7 @@ fn rebuild(bed: Bed) -> Bed {
         bridge: Arc::new(bed.bridge.clone()),
         admission: Admission::new(AdmissionConfig::capped(4)),
         leases: c.leases.clone(),
+        claims: c.claims.clone(),
         steps: c.steps.clone(),
         metrics: c.metrics.clone(),
         health: c.health.clone(),
@@ -929,5 +932,209 @@ async fn a_requeued_copy_received_while_its_original_settles_is_not_adopted() {
     tokio::time::timeout(Duration::from_secs(120), launched(&bed, &task_id(41)))
         .await
         .unwrap_or_else(|_| panic!("the requeued step never ran: {:?}", bed.queue.events()));
+    bed.stop(handle).await;
+}
+
+// --- durable claims: several replicas, one execution per attempt ------------------------------
+
+/// Another replica on the same queue, Dagster and launcher, with tables of its own.
+fn replica(bed: &Bed, controller_id: &str) -> Arc<Context> {
+    let c = &bed.controller;
+    let metrics = Arc::new(Metrics::new());
+    Arc::new(Context {
+        settings: Settings {
+            controller_id: controller_id.into(),
+            ..c.settings.clone()
+        },
+        queue: c.queue.clone(),
+        launcher: c.launcher.clone(),
+        bridge: c.bridge.clone(),
+        admission: Admission::new(AdmissionConfig::capped(1)),
+        leases: Arc::new(LeaseTable::new(
+            Duration::from_secs(3),
+            Duration::from_secs(12 * 3600),
+            metrics.clone(),
+        )),
+        claims: Arc::new(ClaimTable::new(Duration::from_secs(600), metrics.clone())),
+        steps: Arc::new(StepTable::default()),
+        metrics,
+        health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10))),
+        taskiq: TaskiqCompat::default(),
+        draining: CancellationToken::new(),
+        abort: CancellationToken::new(),
+    })
+}
+
+fn claims_counted(ctx: &Context, result: &'static str) -> u64 {
+    ctx.metrics
+        .claims
+        .get_or_create(&[("result", result)])
+        .get()
+}
+
+fn one_at_a_time(step_duration: Duration) -> Bed {
+    bed_with_admission(
+        step_duration,
+        Duration::from_secs(12 * 3600),
+        AdmissionConfig::capped(1),
+        None,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_copies_on_two_replicas_run_the_attempt_once() {
+    let bed = one_at_a_time(Duration::from_secs(20));
+    let body = step_body(&task_id(50), "run1", "op_a", 0);
+    bed.queue.push("copy1", &body);
+    bed.queue.push("copy2", &body);
+    let first = bed.start();
+    let other = replica(&bed, "other");
+    let second = tokio::spawn(controller::run(other.clone()));
+    bed.queue
+        .wait_for(|events| acked("copy1")(events) && acked("copy2")(events))
+        .await;
+    assert_eq!(bed.launcher.launches(), vec![task_id(50)]);
+    let duplicates =
+        claims_counted(&bed.controller, "duplicate") + claims_counted(&other, "duplicate");
+    assert_eq!(duplicates, 1, "{:?}", bed.queue.events());
+    assert!(bed.bridge.verdicts().is_empty());
+    assert_eq!(
+        bed.bridge.claim("run1", "op_a", 0),
+        None,
+        "let go of at the end"
+    );
+    other.draining.cancel();
+    second.await.unwrap();
+    bed.stop(first).await;
+}
+
+fn foreign_claim(holder: &str, message_id: &str) -> Claim {
+    Claim {
+        holder: holder.into(),
+        token: format!("{holder}-token"),
+        message_id: message_id.into(),
+        beat: 3,
+        ended: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_claim_of_a_holder_that_lost_this_very_message_is_taken_over_after_the_fence_grace() {
+    let bed = one_at_a_time(Duration::from_secs(1));
+    bed.bridge
+        .put_claim("run1", "op_a", 0, foreign_claim("dead", "m1"));
+    bed.queue
+        .push("m1", &step_body(&task_id(51), "run1", "op_a", 0));
+    let started = tokio::time::Instant::now();
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m1")).await;
+    assert_eq!(bed.launcher.launches(), vec![task_id(51)]);
+    assert_eq!(claims_counted(&bed.controller, "took_over"), 1);
+    // Two renewal rounds (1 s each at a 3 s visibility) and the 5 s margin.
+    assert!(
+        started.elapsed() >= Duration::from_secs(7),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_copy_whose_holder_never_beats_again_waits_for_the_stale_time_then_runs() {
+    let bed = one_at_a_time(Duration::from_secs(1));
+    bed.bridge
+        .put_claim("run1", "op_a", 0, foreign_claim("silent", "elsewhere"));
+    bed.queue
+        .push("copy", &step_body(&task_id(52), "run1", "op_a", 0));
+    let started = tokio::time::Instant::now();
+    let handle = bed.start();
+    bed.queue.wait_for(acked("copy")).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(600),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(bed.launcher.launches(), vec![task_id(52)]);
+    assert_eq!(claims_counted(&bed.controller, "took_over"), 1);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_taken_over_while_running_fences_the_step_and_reports_nothing() {
+    let bed = one_at_a_time(Duration::from_secs(3600));
+    bed.queue
+        .push("m1", &step_body(&task_id(53), "run1", "op_a", 0));
+    let handle = bed.start();
+    launched(&bed, &task_id(53)).await;
+    bed.bridge
+        .put_claim("run1", "op_a", 0, foreign_claim("usurper", "m2"));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while bed.launcher.kills().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the step is fenced within a renewal round");
+    assert!(bed.bridge.verdicts().is_empty());
+    assert_eq!(
+        bed.bridge.claim("run1", "op_a", 0),
+        Some(foreign_claim("usurper", "m2")),
+        "the new holder's claim is left alone"
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_cannot_renew_for_half_the_stale_time_fences_its_step() {
+    let bed = one_at_a_time(Duration::from_secs(3600));
+    bed.queue
+        .push("m1", &step_body(&task_id(54), "run1", "op_a", 0));
+    let handle = bed.start();
+    launched(&bed, &task_id(54)).await;
+    let cut = tokio::time::Instant::now();
+    bed.bridge.set_down(true);
+    tokio::time::timeout(Duration::from_secs(400), async {
+        while bed.launcher.kills().is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await
+    .expect("fenced before another replica may take the claim over");
+    assert!(
+        cut.elapsed() >= Duration::from_secs(300),
+        "{:?}",
+        cut.elapsed()
+    );
+    bed.bridge.set_down(false);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_copy_of_an_attempt_that_ended_with_a_verdict_is_acked_without_running() {
+    let bed = one_at_a_time(Duration::from_secs(1));
+    bed.launcher
+        .outcome("op_a", FakeOutcome::Crash(StepExit::Signal(9)));
+    let body = step_body(&task_id(55), "run1", "op_a", 0);
+    bed.queue.push("m1", &body);
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m1")).await;
+    assert_eq!(bed.bridge.verdicts().len(), 1);
+    let kept = bed
+        .bridge
+        .claim("run1", "op_a", 0)
+        .expect("kept as the verdict's record");
+    assert!(kept.ended.is_some_and(|v| v.contains("SIGKILL")));
+    bed.queue.push("late", &body);
+    bed.queue.wait_for(acked("late")).await;
+    assert_eq!(
+        bed.launcher.launches(),
+        vec![task_id(55)],
+        "the late copy did not run"
+    );
     bed.stop(handle).await;
 }

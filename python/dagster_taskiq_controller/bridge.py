@@ -36,6 +36,7 @@ from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventL
 from dagster._serdes import deserialize_value
 
 from dagster_taskiq_controller import contract
+from dagster_taskiq_controller.claims import AttemptClaims, ClaimsUnsupported, claim_key
 from dagster_taskiq_controller.executor import read_terminate_request, read_verdict
 
 logger = logging.getLogger("dagster_taskiq_controller.bridge")
@@ -323,12 +324,16 @@ class Bridge:
         self._instances: dict[str, DagsterInstance] = {}
         self._push = push
         self._watches: dict[str, RunWatches] = {}
+        self._claims: dict[str, AttemptClaims] = {}
         self._methods: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "ping": self.ping,
             "run_status": self.run_status,
             "step_state": self.step_state,
             "report_verdict": self.report_verdict,
             "report_event": self.report_event,
+            "claim_attempt": self.claim_attempt,
+            "renew_claims": self.renew_claims,
+            "release_claim": self.release_claim,
         }
 
     # --- plumbing ------------------------------------------------------------------------------
@@ -541,6 +546,70 @@ class Bridge:
             step_key=step_key or None,
         )
         return {"written": True}
+
+    # --- claims (docs/guarantees.md, "Claims") ---------------------------------------------------
+
+    def _attempt_claims(self, params: dict[str, Any]) -> AttemptClaims:
+        key = _instance_key(params)
+        claims = self._claims.get(key)
+        if claims is None:
+            try:
+                claims = AttemptClaims(self.instance(params))
+            except ClaimsUnsupported as exc:
+                raise BridgeError("unsupported", str(exc)) from None
+            self._claims[key] = claims
+        return claims
+
+    @staticmethod
+    def _claim_key(params: dict[str, Any]) -> str:
+        return claim_key(
+            _str_param(params, "run_id"), _str_param(params, "step_key"), _attempt_param(params)
+        )
+
+    def claim_attempt(self, params: dict[str, Any]) -> dict[str, Any]:
+        replace_token = params.get("replace_token")
+        if replace_token is not None and not isinstance(replace_token, str):
+            raise _bad_request("replace_token must be a string or null")
+        answer = self._attempt_claims(params).take(
+            self._claim_key(params),
+            holder=_str_param(params, "holder"),
+            token=_str_param(params, "token"),
+            message_id=_str_param(params, "message_id"),
+            replace_token=replace_token,
+        )
+        if answer["claimed"]:
+            # Read after the claim is taken: a holder writes its outcome before it lets go,
+            # so a claim won just after that holder finished sees the finished attempt.
+            instance = self.instance(params)
+            run_id, step_key = params["run_id"], params["step_key"]
+            answer["state"] = self._step_state(
+                instance, instance.get_run_by_id(run_id), step_key, params["attempt"]
+            )
+        return answer
+
+    def renew_claims(self, params: dict[str, Any]) -> dict[str, Any]:
+        claims = _param(params, "claims", list)
+        keyed = []
+        for claim in claims:
+            if not isinstance(claim, dict):
+                raise _bad_request("claims must be objects")
+            keyed.append(
+                {
+                    "key": self._claim_key(claim),
+                    "token": _str_param(claim, "token"),
+                    "message_id": _str_param(claim, "message_id"),
+                }
+            )
+        return {"alive": self._attempt_claims(params).renew(keyed)}
+
+    def release_claim(self, params: dict[str, Any]) -> dict[str, Any]:
+        ended = params.get("ended")
+        if ended is not None and not isinstance(ended, str):
+            raise _bad_request("ended must be a string or null")
+        released = self._attempt_claims(params).release(
+            self._claim_key(params), _str_param(params, "token"), ended
+        )
+        return {"released": released}
 
 
 def _instance_key(params: dict[str, Any]) -> str:

@@ -287,6 +287,15 @@ def ledger_fan() -> None:
         work()
 
 
+LEAD = _ledgered("lead", 6.0)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def ledger_pair() -> None:
+    """A ledgered op of 6 s, then one step after it: the first message is the one duplicated."""
+    add_one(LEAD())
+
+
 TAGGED_LEDGER_OPS = [
     *(_ledgered(f"redshift_{i}", 1.0, tags={"database": "redshift"}) for i in range(2)),
     *(_ledgered(f"plain_{i}", 1.0, tags={"database": "postgres"}) for i in range(3)),
@@ -471,6 +480,7 @@ ALL_JOBS = [
     timeout_retry_3s,
     shutdown_mix,
     ledger_fan,
+    ledger_pair,
     tagged_fan,
     chaos,
     polluting,

@@ -453,3 +453,89 @@ def test_shard_watcher_reads_a_busy_run_in_batches_and_only_what_can_be_pushed(
     assert set(types) == {DagsterEventType.ENGINE_EVENT, DagsterEventType.RUN_CANCELING}
     # Dagster's own watch reads once per file change (several per event): over 100 here.
     assert reads < 40, reads
+
+
+# --- durable claims (docs/guarantees.md, "Claims") -------------------------------------------
+
+
+def _claim_params(world: World, step_key: str, holder: str, token: str, **extra: Any) -> dict:
+    return {
+        "instance_ref": world.ref,
+        "run_id": world.pending_run_id,
+        "step_key": step_key,
+        "attempt": 0,
+        "holder": holder,
+        "token": token,
+        "message_id": f"message-of-{holder}",
+        **extra,
+    }
+
+
+def test_two_bridges_racing_for_the_same_attempts_each_get_one_winner(
+    bridge: BridgeProcess, own_bridge: BridgeProcess, world: World
+) -> None:
+    keys = [f"race_{i}" for i in range(20)]
+    # Every request is written before any answer is read: the two processes race on the
+    # same SQLite storage.
+    for proc, holder in ((bridge, "a"), (own_bridge, "b")):
+        for n, key in enumerate(keys):
+            params = _claim_params(world, key, holder, f"{holder}-{key}")
+            line = json.dumps({"id": 1000 + n, "method": "claim_attempt", "params": params})
+            proc.write(line.encode() + b"\n")
+    answers = {"a": [bridge.read() for _ in keys], "b": [own_bridge.read() for _ in keys]}
+    by_id = {h: {r["id"]: r for r in rs} for h, rs in answers.items()}
+    for n, key in enumerate(keys):
+        a, b = by_id["a"][1000 + n], by_id["b"][1000 + n]
+        assert a["ok"] and b["ok"], (a, b)
+        assert a["result"]["claimed"] != b["result"]["claimed"], (key, a, b)
+        winner = "a" if a["result"]["claimed"] else "b"
+        for answer in (a, b):
+            assert answer["result"]["current"]["token"] == f"{winner}-{key}"
+        won = (a if winner == "a" else b)["result"]
+        assert won["state"]["attempt_finished"] is False
+        assert won["state"]["run_status"] == "NOT_STARTED"
+
+
+def test_a_claim_is_renewed_taken_over_only_by_token_and_released(
+    bridge: BridgeProcess, world: World
+) -> None:
+    mine = _claim_params(world, "lifecycle", "a", "tok-a")
+    assert bridge.result("claim_attempt", **mine)["claimed"] is True
+    held = {"run_id": world.pending_run_id, "step_key": "lifecycle", "attempt": 0}
+    renew = {"instance_ref": world.ref, "claims": [{**held, "token": "tok-a", "message_id": "m2"}]}
+    assert bridge.result("renew_claims", **renew) == {"alive": [True]}
+    theirs = _claim_params(world, "lifecycle", "b", "tok-b")
+    current = bridge.result("claim_attempt", **theirs)["current"]
+    assert current == {"holder": "a", "token": "tok-a", "message_id": "m2", "beat": 1}
+    # A takeover names the token it replaces: a stale view of the claim changes nothing.
+    stale = bridge.result("claim_attempt", **theirs, replace_token="tok-old")
+    assert stale["claimed"] is False
+    took = bridge.result("claim_attempt", **theirs, replace_token="tok-a")
+    assert took["claimed"] is True
+    assert bridge.result("renew_claims", **renew) == {"alive": [False]}
+    release = {"instance_ref": world.ref, **held}
+    assert bridge.result("release_claim", **release, token="tok-a") == {"released": False}
+    assert bridge.result("release_claim", **release, token="tok-b") == {"released": True}
+    assert bridge.result("claim_attempt", **mine)["claimed"] is True
+
+
+def test_a_claim_released_with_a_verdict_stays_as_its_record(
+    bridge: BridgeProcess, world: World
+) -> None:
+    mine = _claim_params(world, "judged", "a", "tok-a")
+    assert bridge.result("claim_attempt", **mine)["claimed"] is True
+    held = {"instance_ref": world.ref, "run_id": world.pending_run_id, "step_key": "judged"}
+    ended = bridge.result(
+        "release_claim", **held, attempt=0, token="tok-a", ended="killed by signal 9"
+    )
+    assert ended == {"released": True}
+    late = bridge.result("claim_attempt", **_claim_params(world, "judged", "b", "tok-b"))
+    assert late["claimed"] is False
+    assert late["current"]["ended"] == "killed by signal 9"
+
+
+def test_a_claim_won_on_a_finished_attempt_says_so(bridge: BridgeProcess, world: World) -> None:
+    params = {**_claim_params(world, "first", "a", "tok-first"), "run_id": world.done_run_id}
+    won = bridge.result("claim_attempt", **params)
+    assert won["claimed"] is True
+    assert won["state"]["attempt_finished"] is True

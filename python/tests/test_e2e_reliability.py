@@ -19,7 +19,7 @@ import pytest
 from conftest import VECTORS_DIR, wait_for
 from dagster import DagsterInstance, execute_job
 from faultproxy import FaultProxy
-from ledger import overlaps
+from ledger import executions, overlaps
 
 from dagster_taskiq_controller_testing.stack import Controller, MotoServer, Queues, create_queues
 
@@ -175,6 +175,67 @@ def test_kill_9_of_the_controller_loses_nothing_and_never_overlaps_an_attempt(be
     relaunched = [r for r in seen if r["receive_count"] >= 2]
     assert len(relaunched) >= len(pids), relaunched
     assert all(r["state"] == "acked" for r in relaunched), relaunched
+
+
+def duplicate_the_first_message(bed: Bed) -> None:
+    """Takes the run's first step message off the queue and puts two copies of it back, as
+    an SQS duplicate delivery (or a requeue whose delete failed) would."""
+    sqs = boto3.client("sqs")
+    url = bed.queues.queue_url
+
+    def first() -> dict[str, Any] | None:
+        got = sqs.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=1,
+            WaitTimeSeconds=1,
+            VisibilityTimeout=60,
+            MessageAttributeNames=["All"],
+        ).get("Messages")
+        return got[0] if got else None
+
+    message = wait_for(first, 60, "the run's first step message")
+    extra = (
+        {"MessageAttributes": message["MessageAttributes"]}
+        if "MessageAttributes" in message
+        else {}
+    )
+    for _ in range(2):
+        sqs.send_message(QueueUrl=url, MessageBody=message["Body"], **extra)
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def lead_executions(bed: Bed) -> dict[int, tuple[float, float]]:
+    runs = [spans for key, spans in executions(bed.ledger).items() if key[1] == "lead"]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_one_copy_of_an_attempt_to_each_of_two_replicas_runs_it_once(bed: Bed) -> None:
+    thread, outcome = run_in_background(bed.instance, "ledger_pair")
+    duplicate_the_first_message(bed)
+    # One message at a time each: the first takes one copy, the second the other.
+    first = bed.controller("--max-concurrent", "1")
+    wait_for(lambda: running_pids(first), 60, "the first copy to run")
+    second = bed.controller("--max-concurrent", "1")
+    thread.join(120)
+    assert outcome.get("success") is True
+    wait_for(bed.queue_empty, 60, "every message to be deleted")
+    assert overlaps(bed.ledger) == []
+    assert len(lead_executions(bed)) == 1, lead_executions(bed)
+    # The second replica saw the first one's claim renewed and acknowledged its copy.
+    assert 'dagster_taskiq_claims_total{result="duplicate"} 1' in metrics(second)
+    assert bed.queue_empty(bed.queues.dlq_url), "nothing dead-lettered"
+
+
+def test_both_copies_of_an_attempt_on_one_replica_run_it_once(bed: Bed) -> None:
+    thread, outcome = run_in_background(bed.instance, "ledger_pair")
+    duplicate_the_first_message(bed)
+    bed.controller()
+    thread.join(120)
+    assert outcome.get("success") is True
+    wait_for(bed.queue_empty, 60, "every message to be deleted")
+    assert overlaps(bed.ledger) == []
+    assert len(lead_executions(bed)) == 1, lead_executions(bed)
 
 
 @pytest.fixture

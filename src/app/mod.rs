@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use dagster_taskiq_controller::admission::Admission;
 use dagster_taskiq_controller::aws;
+use dagster_taskiq_controller::claims::ClaimTable;
 use dagster_taskiq_controller::config::RunArgs;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
 use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
@@ -77,6 +78,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         bridge: bridge.clone(),
         admission,
         leases,
+        claims: Arc::new(ClaimTable::new(
+            args.controller.claim_stale_after,
+            metrics.clone(),
+        )),
         steps: Arc::new(StepTable::default()),
         metrics,
         health,

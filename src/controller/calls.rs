@@ -108,6 +108,7 @@ mod tests {
 
     use super::*;
     use crate::admission::{Admission, AdmissionConfig};
+    use crate::claims::ClaimTable;
     use crate::controller::Settings;
     use crate::fakes::{FakeBridge, FakeLauncher, FakeQueue};
     use crate::health::Health;
@@ -145,6 +146,7 @@ mod tests {
                 Duration::from_secs(60),
                 metrics.clone(),
             )),
+            claims: Arc::new(ClaimTable::new(Duration::from_secs(600), metrics.clone())),
             steps: Arc::new(StepTable::default()),
             metrics,
             health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10))),

@@ -217,6 +217,7 @@ async fn claim(ctx: &Context, step: &StepRequest, message: &ReceivedMessage) -> 
             .leases
             .renew_handle(&step.task_id, &message.receipt_handle)
     {
+        ctx.claims.set_message(&step.task_id, &message.message_id);
         tracing::info!("redelivered while running here: adopted");
         return false;
     }

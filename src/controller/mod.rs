@@ -15,6 +15,7 @@
 //! - [`calls`](self::calls): bridge and queue calls with a retry budget.
 
 mod calls;
+mod claim;
 mod handoff;
 mod intake;
 mod reconcile;
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
+use crate::claims::ClaimTable;
 use crate::dagster::DagsterBridge;
 use crate::flags::{invalid, parse_seconds, ConfigError};
 use crate::health::Health;
@@ -80,6 +82,8 @@ pub struct Context {
     pub bridge: Arc<dyn DagsterBridge>,
     pub admission: Admission,
     pub leases: Arc<LeaseTable>,
+    /// Durable claims of the attempts this controller runs.
+    pub claims: Arc<ClaimTable>,
     pub steps: Arc<StepTable>,
     pub metrics: Arc<Metrics>,
     /// Heartbeats of the loops and the last SQS contact, for the probes.
@@ -104,6 +108,11 @@ pub async fn run(ctx: Arc<Context>) {
             health.lease_keeper.stop();
         }
     });
+    let claim_keeper = tokio::spawn({
+        let (claims, bridge, leases) = (ctx.claims.clone(), ctx.bridge.clone(), ctx.leases.clone());
+        let (interval, stop) = (ctx.leases.heartbeat_interval(), keeper_stop.clone());
+        async move { claims.keep(bridge, leases, interval, stop).await }
+    });
     let watcher = tokio::spawn(runs::watch(ctx.clone(), keeper_stop.clone()));
     let mut tasks = JoinSet::new();
     intake::intake(&ctx, &mut tasks).await;
@@ -111,6 +120,7 @@ pub async fn run(ctx: Arc<Context>) {
     drain(&ctx, tasks).await;
     keeper_stop.cancel();
     let _ = keeper.await;
+    let _ = claim_keeper.await;
     let _ = watcher.await;
     tracing::info!("drained");
 }
@@ -195,9 +205,16 @@ pub struct ControllerArgs {
     #[arg(long, env = "DAGSTER_TASKIQ_RECEIVE_WAIT", default_value = "20", value_parser = parse_seconds)]
     pub receive_wait: Duration,
 
-    /// Name of this replica in dead letters and events. Default: hostname and pid.
+    /// Name of this replica in dead letters, events and claims. Default: hostname and pid.
+    /// A stable id lets a restarted replica take over its own claims at once.
     #[arg(long, env = "DAGSTER_TASKIQ_CONTROLLER_ID")]
     pub controller_id: Option<String>,
+
+    /// Seconds after which a claim whose holder stopped renewing it may be taken over by
+    /// another replica holding a copy of the attempt's message; a holder that cannot renew
+    /// for half of this fences its step (docs/guarantees.md, "Claims").
+    #[arg(long, env = "DAGSTER_TASKIQ_CLAIM_STALE_AFTER", default_value = "600", value_parser = parse_seconds)]
+    pub claim_stale_after: Duration,
 }
 
 impl ControllerArgs {

@@ -4,7 +4,7 @@
 
 use tokio::time::Instant;
 
-use super::{calls, launcher_name, Context};
+use super::{calls, claim, launcher_name, Context};
 use crate::dagster::BridgeError;
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::outcome::{DeadLetterReason, Disposition, Outcome, Release};
@@ -92,6 +92,8 @@ pub(super) async fn settle(
         Ok(()) => outcome,
         Err(e) => error_policy(ctx, Failure::Result(e), message.receive_count),
     };
+    // The outcome is recorded (or nothing runs any more): another copy may be claimed.
+    claim::release(ctx, step, &outcome).await;
     // A redelivery may have renewed the handle meanwhile.
     let mut current = message.clone();
     if let Some(handle) = ctx.leases.receipt_handle(task_id) {

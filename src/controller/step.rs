@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use super::reconcile::{reconcile, Decision};
 use super::supervise::{supervise, Ended};
-use super::{calls, handoff, launcher_name, settle, sleep_until_deadline, Context};
+use super::{calls, claim, handoff, launcher_name, settle, sleep_until_deadline, Context};
 use crate::admission::{Slot, Ticket};
 use crate::dagster::Verdict;
 use crate::envelope::{LauncherKind, StepRequest};
@@ -67,6 +67,20 @@ pub(super) async fn live(
     if ctx.draining.is_cancelled() {
         return Outcome::shutdown().into();
     }
+    let claimed = match claim::acquire(ctx, step, message, &signals).await {
+        Ok(claimed) => claimed,
+        Err(outcome) => return outcome.into(),
+    };
+    let relaunched;
+    let step = if claimed.relaunch {
+        relaunched = StepRequest {
+            relaunch: true,
+            ..step.clone()
+        };
+        &relaunched
+    } else {
+        step
+    };
     ctx.steps.transition(&step.task_id, StepState::Launching);
     let kind = ctx.launcher.kind_for(step);
     let mut running = match launch(ctx, step, message, received_at).await {

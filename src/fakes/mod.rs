@@ -19,7 +19,8 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::dagster::{
-    BridgeError, BridgePush, DagsterBridge, RunStatus, StepState, Verdict, VerdictAck,
+    BridgeError, BridgePush, Claim, ClaimAnswer, ClaimBid, DagsterBridge, HeldClaim, RunStatus,
+    StepState, Verdict, VerdictAck,
 };
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
@@ -476,6 +477,8 @@ struct BridgeInner {
     calls: u64,
     /// While true, every call fails as if the sidecar were down.
     down: bool,
+    /// Durable claims by (run id, step key, attempt), as the sidecar keys them.
+    claims: HashMap<(String, String, u32), Claim>,
 }
 
 /// A Dagster instance in memory: runs default to STARTED.
@@ -529,6 +532,18 @@ impl FakeBridge {
 
     pub fn calls(&self) -> u64 {
         self.inner.lock().calls
+    }
+
+    /// The durable claim of an attempt, if any.
+    pub fn claim(&self, run_id: &str, step_key: &str, attempt: u32) -> Option<Claim> {
+        let key = (run_id.to_owned(), step_key.to_owned(), attempt);
+        self.inner.lock().claims.get(&key).cloned()
+    }
+
+    /// Puts a claim in place as another controller would.
+    pub fn put_claim(&self, run_id: &str, step_key: &str, attempt: u32, claim: Claim) {
+        let key = (run_id.to_owned(), step_key.to_owned(), attempt);
+        self.inner.lock().claims.insert(key, claim);
     }
 
     /// Makes every call fail as unavailable (true) or work again (false).
@@ -628,9 +643,93 @@ impl DagsterBridge for FakeBridge {
         Ok(())
     }
 
+    async fn claim_attempt(
+        &self,
+        step: &StepRequest,
+        bid: &ClaimBid<'_>,
+    ) -> Result<ClaimAnswer, BridgeError> {
+        let mut inner = self.enter()?;
+        let mine = Claim {
+            holder: bid.holder.to_owned(),
+            token: bid.token.to_owned(),
+            message_id: bid.message_id.to_owned(),
+            beat: 0,
+            ended: None,
+        };
+        let key = claim_key(&step.run_id, &step.step_key, step.attempt);
+        let current = inner.claims.get(&key).cloned();
+        let claimed = match (&current, bid.replace_token) {
+            (None, None) => true,
+            (Some(held), Some(replace)) => held.token == replace,
+            _ => false,
+        };
+        if claimed {
+            inner.claims.insert(key, mine.clone());
+            return Ok(ClaimAnswer {
+                claimed: true,
+                current: Some(mine),
+                state: Some(Self::state(&inner, step)),
+            });
+        }
+        Ok(ClaimAnswer {
+            claimed: current.as_ref().is_some_and(|c| c.token == bid.token),
+            current,
+            state: None,
+        })
+    }
+
+    async fn renew_claims(
+        &self,
+        _instance_ref: &Value,
+        claims: &[HeldClaim],
+    ) -> Result<Vec<bool>, BridgeError> {
+        let mut inner = self.enter()?;
+        Ok(claims
+            .iter()
+            .map(|held| {
+                let key = claim_key(&held.run_id, &held.step_key, held.attempt);
+                match inner.claims.get_mut(&key) {
+                    Some(claim) if claim.token == held.token && claim.ended.is_none() => {
+                        claim.beat += 1;
+                        claim.message_id.clone_from(&held.message_id);
+                        true
+                    }
+                    _ => false,
+                }
+            })
+            .collect())
+    }
+
+    async fn release_claim(
+        &self,
+        step: &StepRequest,
+        token: &str,
+        ended: Option<&str>,
+    ) -> Result<bool, BridgeError> {
+        let mut inner = self.enter()?;
+        let key = claim_key(&step.run_id, &step.step_key, step.attempt);
+        let Some(claim) = inner.claims.get_mut(&key) else {
+            return Ok(false);
+        };
+        if claim.token != token {
+            return Ok(false);
+        }
+        match ended {
+            Some(verdict) => claim.ended = Some(verdict.to_owned()),
+            None => {
+                inner.claims.remove(&key);
+            }
+        }
+        Ok(true)
+    }
+
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BridgePush> {
         self.pushes.subscribe()
     }
+}
+
+fn claim_key(run_id: &str, step_key: &str, attempt: u32) -> (String, String, u32) {
+    (run_id.to_owned(), step_key.to_owned(), attempt)
 }
 
 /// A serialized DagsterEvent line, as `dagster api execute_step` prints it (abridged).
