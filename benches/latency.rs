@@ -102,6 +102,7 @@ async fn round(moto: &common::Moto, n: usize) -> Round {
             run_status_interval: Duration::from_secs(1),
             adoption_window: Duration::from_secs(90),
             waiting_limit: None,
+            instance: Default::default(),
         },
         queue: Arc::new(queue),
         launcher: Arc::new(ProcessLauncher::new(ProcessLauncherConfig {

@@ -114,6 +114,7 @@ async fn pipeline() -> PipelineResult {
             run_status_interval: Duration::from_secs(1),
             adoption_window: Duration::from_secs(180),
             waiting_limit: None,
+            instance: Default::default(),
         },
         queue: Arc::new(queue.clone()),
         launcher: Arc::new(launcher.clone()),

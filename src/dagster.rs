@@ -269,6 +269,36 @@ pub trait DagsterBridge: Send + Sync + 'static {
     fn subscribe(&self) -> broadcast::Receiver<BridgePush>;
 }
 
+/// What the sidecar says about itself and the controller's (pinned) Dagster instance.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct BridgeInfo {
+    pub dagster_version: String,
+    /// The packed `InstanceRef` of the controller's instance: every step runs against it.
+    pub instance_ref: Value,
+    /// `module.Class` of each of its storages, by `InstanceRef` field.
+    #[serde(default)]
+    pub storages: BTreeMap<String, String>,
+}
+
+impl BridgeInfo {
+    /// Whether a message's `instance_ref` names storages of other classes than the pinned
+    /// instance's (it is ignored either way; paths differ legitimately between hosts).
+    pub(crate) fn is_foreign(&self, instance_ref: &Value) -> bool {
+        if instance_ref.is_null() {
+            return false;
+        }
+        self.storages.iter().any(|(field, class)| {
+            let data = &instance_ref[field.as_str()];
+            let named = format!(
+                "{}.{}",
+                data["module_name"].as_str().unwrap_or_default(),
+                data["class_name"].as_str().unwrap_or_default()
+            );
+            &named != class
+        })
+    }
+}
+
 /// How to start the sidecar.
 #[derive(Debug, Clone)]
 pub struct SidecarConfig {
@@ -332,15 +362,11 @@ impl SidecarBridge {
         }
     }
 
-    /// Starts the sidecar now and checks that it imports Dagster; returns Dagster's version.
+    /// Starts the sidecar now, opens the controller's Dagster instance and describes it.
     /// Importing Dagster can take long on a busy host, so this waits up to `startup`.
-    pub async fn ping(&self, startup: Duration) -> Result<String, BridgeError> {
+    pub async fn ping(&self, startup: Duration) -> Result<BridgeInfo, BridgeError> {
         let result = self.call_within("ping", json!({}), startup).await?;
-        Ok(result
-            .get("dagster_version")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown")
-            .to_owned())
+        parse("ping", result)
     }
 
     /// True while a sidecar process is running.

@@ -300,9 +300,15 @@ async fn check_bridge(args: &RunArgs, report: &mut Report) {
         Arc::new(Metrics::new()),
     );
     let outcome = match bridge.ping(BRIDGE_STARTUP).await {
-        Ok(version) => Outcome::Passed(format!(
-            "{} runs the bridge with dagster {version}",
-            args.python.display()
+        Ok(info) => Outcome::Passed(format!(
+            "{} runs the bridge with dagster {} on the instance of DAGSTER_HOME ({})",
+            args.python.display(),
+            info.dagster_version,
+            info.storages
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
         Err(e) => Outcome::Failed(format!(
             "the bridge does not start with {}: {e}. Point --python (DAGSTER_TASKIQ_PYTHON) at \

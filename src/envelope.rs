@@ -318,23 +318,33 @@ impl StepRequest {
 }
 
 impl StepRequest {
-    /// The packed args the step runs with: as they arrived, except that a relaunch turns
-    /// Dagster's step verification off.
+    /// The packed args the step runs with: as they arrived, except that they name the
+    /// controller's instance (`instance_ref`, pinned by the controller) and that a relaunch
+    /// turns Dagster's step verification off.
     pub(crate) fn step_args_text(&self) -> std::borrow::Cow<'_, str> {
         let text = self.step_args_json.get();
-        if !self.relaunch {
-            return text.into();
+        let Ok(mut args) = serde_json::from_str::<serde_json::Map<String, Value>>(text) else {
+            return text.into(); // decode checked it is an object
+        };
+        let mut changed = false;
+        if args.get(INSTANCE_FIELD) != Some(&self.instance_ref) {
+            args.insert(INSTANCE_FIELD.to_owned(), self.instance_ref.clone());
+            changed = true;
         }
-        match serde_json::from_str::<serde_json::Map<String, Value>>(text) {
-            Ok(mut args) if args.get(VERIFY_FIELD) == Some(&Value::Bool(true)) => {
-                args.insert(VERIFY_FIELD.to_owned(), Value::Bool(false));
-                Value::Object(args).to_string().into()
-            }
-            _ => text.into(),
+        if self.relaunch && args.get(VERIFY_FIELD) == Some(&Value::Bool(true)) {
+            args.insert(VERIFY_FIELD.to_owned(), Value::Bool(false));
+            changed = true;
+        }
+        if changed {
+            Value::Object(args).to_string().into()
+        } else {
+            text.into()
         }
     }
 }
 
+/// `ExecuteStepArgs.instance_ref`: the instance the step opens.
+const INSTANCE_FIELD: &str = "instance_ref";
 /// `ExecuteStepArgs.should_verify_step`, which the executor sets.
 const VERIFY_FIELD: &str = "should_verify_step";
 

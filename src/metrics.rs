@@ -41,6 +41,9 @@ pub struct Metrics {
     pub leases_held: Gauge,
     /// Durable attempt claims held (docs/guarantees.md, "Claims").
     pub claims_held: Gauge,
+    /// Messages whose `instance_ref` named storages other than the controller's instance
+    /// (ignored: steps run against the controller's instance).
+    pub foreign_instance_refs: Counter,
     /// `result`: ok, error, lost.
     pub claim_renewals: Family<Label, Counter>,
     /// `result`: won, took_over, duplicate, ended, unsupported: how claim attempts ended.
@@ -117,6 +120,7 @@ impl Metrics {
             steps_in_flight: Gauge::default(),
             leases_held: Gauge::default(),
             claims_held: Gauge::default(),
+            foreign_instance_refs: Counter::default(),
             claim_renewals: Family::default(),
             claims: Family::default(),
             lease_extensions: Family::default(),
@@ -207,6 +211,11 @@ impl Metrics {
             "leases_held",
             "Visibility leases held",
             metrics.leases_held.clone(),
+        );
+        r.register(
+            "foreign_instance_refs",
+            "Messages naming another Dagster instance than the controller's (ignored)",
+            metrics.foreign_instance_refs.clone(),
         );
         r.register(
             "claims_held",

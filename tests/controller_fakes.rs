@@ -89,6 +89,7 @@ fn bed_full(
             run_status_interval: Duration::from_secs(1),
             adoption_window: Duration::from_secs(60),
             waiting_limit,
+            instance: Default::default(),
         },
         queue: Arc::new(queue.clone()),
         launcher: Arc::new(launcher.clone()),

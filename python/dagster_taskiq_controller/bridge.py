@@ -30,10 +30,9 @@ from dagster import DagsterEventType, DagsterInstance
 from dagster._core.event_api import EventLogCursor, EventLogRecord
 from dagster._core.events import EngineEventData
 from dagster._core.events.log import EventLogEntry
-from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
-from dagster._serdes import deserialize_value
+from dagster._serdes import serialize_value
 
 from dagster_taskiq_controller import contract
 from dagster_taskiq_controller.claims import AttemptClaims, ClaimsUnsupported, claim_key
@@ -318,13 +317,15 @@ class RunWatches:
 
 
 class Bridge:
-    """Answers bridge requests against Dagster instances, one cached per instance ref."""
+    """Answers bridge requests against the controller's own Dagster instance (its
+    ``DAGSTER_HOME``), whatever instance a request names: an ``InstanceRef`` is configuration
+    that imports and runs code, so a queue message must not choose it (docs/security.md)."""
 
     def __init__(self, push: Push | None = None) -> None:
-        self._instances: dict[str, DagsterInstance] = {}
+        self._instance: DagsterInstance | None = None
         self._push = push
-        self._watches: dict[str, RunWatches] = {}
-        self._claims: dict[str, AttemptClaims] = {}
+        self._watches: RunWatches | None = None
+        self._claims: AttemptClaims | None = None
         self._methods: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "ping": self.ping,
             "run_status": self.run_status,
@@ -338,27 +339,14 @@ class Bridge:
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def instance(self, params: dict[str, Any]) -> DagsterInstance:
-        ref = params.get("instance_ref")
-        if ref is not None and not isinstance(ref, dict):
-            raise _bad_request("instance_ref must be an object or null")
-        key = _instance_key(params)
-        cached = self._instances.get(key)
-        if cached is not None:
-            return cached
-        if ref is None:
-            instance = DagsterInstance.get()
-        else:
-            try:
-                instance_ref = deserialize_value(json.dumps(ref), InstanceRef)
-            except Exception as exc:
-                raise _bad_request(f"instance_ref is not a packed InstanceRef: {exc}") from None
-            instance = DagsterInstance.from_ref(instance_ref)
-        self._instances[key] = instance
-        logger.info(
-            "opened Dagster instance %d (%s)", len(self._instances), instance.root_directory
-        )
-        return instance
+    def instance(self, params: dict[str, Any] | None = None) -> DagsterInstance:
+        """The pinned instance; a request's ``instance_ref`` is ignored."""
+        if self._instance is None:
+            self._instance = DagsterInstance.get()
+            logger.info(
+                "opened the Dagster instance of DAGSTER_HOME (%s)", self._instance.root_directory
+            )
+        return self._instance
 
     def handle_line(self, line: bytes | str) -> dict[str, Any] | None:
         """The response to one request line, or None for a blank line."""
@@ -437,7 +425,14 @@ class Bridge:
     # --- methods -------------------------------------------------------------------------------
 
     def ping(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {"dagster_version": dagster.__version__, "pid": os.getpid()}
+        # The steps run against this same instance: the controller puts it in their args.
+        packed_ref = json.loads(serialize_value(self.instance().get_ref()))
+        return {
+            "dagster_version": dagster.__version__,
+            "pid": os.getpid(),
+            "instance_ref": packed_ref,
+            "storages": _storage_classes(packed_ref),
+        }
 
     def run_status(self, params: dict[str, Any]) -> dict[str, Any]:
         run_ids = _param(params, "run_ids", list)
@@ -452,19 +447,18 @@ class Bridge:
             run = instance.get_run_by_id(run_id)
             statuses[run_id] = run.status.value if run is not None else None
         if watch and self._push is not None:
-            key = _instance_key(params)
-            watches = self._watches.get(key)
-            if watches is None:
-                watches = self._watches[key] = RunWatches(instance, self._push)
+            if self._watches is None:
+                self._watches = RunWatches(instance, self._push)
+            watches = self._watches
             # Only runs that exist and can still change are worth a watch.
             watches.set_runs({run_id for run_id, status in statuses.items() if status})
         return {"statuses": statuses}
 
     def close(self) -> None:
-        for watches in self._watches.values():
-            watches.close()
-        for instance in self._instances.values():
-            instance.dispose()
+        if self._watches is not None:
+            self._watches.close()
+        if self._instance is not None:
+            self._instance.dispose()
 
     def step_state(self, params: dict[str, Any]) -> dict[str, Any]:
         run_id = _str_param(params, "run_id")
@@ -550,15 +544,12 @@ class Bridge:
     # --- claims (docs/guarantees.md, "Claims") ---------------------------------------------------
 
     def _attempt_claims(self, params: dict[str, Any]) -> AttemptClaims:
-        key = _instance_key(params)
-        claims = self._claims.get(key)
-        if claims is None:
+        if self._claims is None:
             try:
-                claims = AttemptClaims(self.instance(params))
+                self._claims = AttemptClaims(self.instance(params))
             except ClaimsUnsupported as exc:
                 raise BridgeError("unsupported", str(exc)) from None
-            self._claims[key] = claims
-        return claims
+        return self._claims
 
     @staticmethod
     def _claim_key(params: dict[str, Any]) -> str:
@@ -612,9 +603,16 @@ class Bridge:
         return {"released": released}
 
 
-def _instance_key(params: dict[str, Any]) -> str:
-    """One key per distinct ``instance_ref`` (null: the bridge's own ``DAGSTER_HOME``)."""
-    return json.dumps(params.get("instance_ref"), sort_keys=True)
+def _storage_classes(packed_ref: dict[str, Any]) -> dict[str, str]:
+    """``module.Class`` of each storage of a packed instance ref, as serialized (the form a
+    message carries), to tell a message's foreign ``instance_ref`` apart: paths legitimately
+    differ between hosts, storage classes do not."""
+    found: dict[str, str] = {}
+    for name in ("run_storage_data", "event_storage_data", "schedule_storage_data", "storage_data"):
+        data = packed_ref.get(name)
+        if isinstance(data, dict):
+            found[name] = f"{data.get('module_name')}.{data.get('class_name')}"
+    return found
 
 
 def _error_response(request_id: Any, error: BridgeError) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dagster import (
 from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
-from dagster._serdes import pack_value
+from dagster._serdes import deserialize_value, pack_value
 
 from dagster_taskiq_controller import contract
 from dagster_taskiq_controller.bridge import ShardWatcher
@@ -163,16 +163,31 @@ def _engine_events(world: World, run_id: str, step_key: str) -> list[Any]:
     ]
 
 
-def test_ping(bridge: BridgeProcess) -> None:
+def test_ping_describes_the_pinned_instance(bridge: BridgeProcess, world: World) -> None:
     result = bridge.result("ping")
-    assert result == {"dagster_version": dagster.__version__, "pid": bridge.proc.pid}
+    assert result["dagster_version"] == dagster.__version__
+    assert result["pid"] == bridge.proc.pid
+    # The steps get this ref in their args: the instance of the bridge's DAGSTER_HOME.
+    ref = deserialize_value(json.dumps(result["instance_ref"]), InstanceRef)
+    assert ref == world.instance.get_ref()
+    assert result["storages"]["run_storage_data"] == "dagster.core.storage.runs.SqliteRunStorage"
 
 
-def test_run_status_with_home_instance_and_instance_ref(
-    bridge: BridgeProcess, world: World
+def hostile_ref(world: World, marker: Path) -> dict[str, Any]:
+    """The world's instance ref with a logging handler that runs a command when built."""
+    ref = json.loads(json.dumps(world.ref))
+    handler = {"()": "os.system", "command": f"touch {marker}"}
+    ref["settings"] = {"python_logs": {"dagster_handler_config": {"handlers": {"x": handler}}}}
+    ref["run_storage_data"]["config_yaml"] = "base_dir: /tmp/somewhere-else\n"
+    return ref
+
+
+def test_every_request_uses_the_pinned_instance_whatever_it_names(
+    bridge: BridgeProcess, world: World, tmp_path: Path
 ) -> None:
+    marker = tmp_path / "ran"
     run_ids = [world.done_run_id, world.pending_run_id, "no-such-run"]
-    for ref in (None, world.ref):
+    for ref in (None, world.ref, hostile_ref(world, marker), {"__class__": "Nope"}, "junk"):
         result = bridge.result("run_status", instance_ref=ref, run_ids=run_ids)
         assert result == {
             "statuses": {
@@ -181,6 +196,7 @@ def test_run_status_with_home_instance_and_instance_ref(
                 "no-such-run": None,
             }
         }
+    assert not marker.exists()
 
 
 def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) -> None:
@@ -251,8 +267,6 @@ def test_bad_lines_get_errors_and_the_loop_goes_on(own_bridge: BridgeProcess) ->
     assert bridge.read()["error"]["kind"] == "bad_request"  # not UTF-8; blank line ignored
     assert bridge.call("step_state", run_id="x")["error"]["kind"] == "bad_request"
     assert bridge.call("step_state", run_id="x", step_key="s", attempt=-1)["ok"] is False
-    bad_ref = bridge.call("run_status", instance_ref={"__class__": "Nope"}, run_ids=[])
-    assert bad_ref["error"]["kind"] == "bad_request"
     assert bridge.result("ping")["pid"] == bridge.proc.pid
     assert bridge.close() == 0
 

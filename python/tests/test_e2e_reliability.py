@@ -177,9 +177,8 @@ def test_kill_9_of_the_controller_loses_nothing_and_never_overlaps_an_attempt(be
     assert all(r["state"] == "acked" for r in relaunched), relaunched
 
 
-def duplicate_the_first_message(bed: Bed) -> None:
-    """Takes the run's first step message off the queue and puts two copies of it back, as
-    an SQS duplicate delivery (or a requeue whose delete failed) would."""
+def take_the_first_message(bed: Bed) -> dict[str, Any]:
+    """Takes the run's first step message off the queue (deleted), to put back changed."""
     sqs = boto3.client("sqs")
     url = bed.queues.queue_url
 
@@ -194,14 +193,26 @@ def duplicate_the_first_message(bed: Bed) -> None:
         return got[0] if got else None
 
     message = wait_for(first, 60, "the run's first step message")
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    return message
+
+
+def put_back(bed: Bed, message: dict[str, Any], body: str | None = None, copies: int = 1) -> None:
     extra = (
         {"MessageAttributes": message["MessageAttributes"]}
         if "MessageAttributes" in message
         else {}
     )
-    for _ in range(2):
-        sqs.send_message(QueueUrl=url, MessageBody=message["Body"], **extra)
-    sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    for _ in range(copies):
+        boto3.client("sqs").send_message(
+            QueueUrl=bed.queues.queue_url, MessageBody=body or message["Body"], **extra
+        )
+
+
+def duplicate_the_first_message(bed: Bed) -> None:
+    """Two copies of the run's first step message instead of one, as an SQS duplicate
+    delivery (or a requeue whose delete failed) leaves them."""
+    put_back(bed, take_the_first_message(bed), copies=2)
 
 
 def lead_executions(bed: Bed) -> dict[int, tuple[float, float]]:
@@ -214,9 +225,9 @@ def test_one_copy_of_an_attempt_to_each_of_two_replicas_runs_it_once(bed: Bed) -
     thread, outcome = run_in_background(bed.instance, "ledger_pair")
     duplicate_the_first_message(bed)
     # One message at a time each: the first takes one copy, the second the other.
-    first = bed.controller("--max-concurrent", "1")
+    first = bed.controller("--max-concurrent", "1", "--prefetch", "0")
     wait_for(lambda: running_pids(first), 60, "the first copy to run")
-    second = bed.controller("--max-concurrent", "1")
+    second = bed.controller("--max-concurrent", "1", "--prefetch", "0")
     thread.join(120)
     assert outcome.get("success") is True
     wait_for(bed.queue_empty, 60, "every message to be deleted")
@@ -236,6 +247,34 @@ def test_both_copies_of_an_attempt_on_one_replica_run_it_once(bed: Bed) -> None:
     wait_for(bed.queue_empty, 60, "every message to be deleted")
     assert overlaps(bed.ledger) == []
     assert len(lead_executions(bed)) == 1, lead_executions(bed)
+
+
+def test_a_message_naming_a_hostile_instance_runs_against_the_controllers_own(
+    bed: Bed, tmp_path: Path
+) -> None:
+    marker = tmp_path / "hostile-handler-ran"
+    elsewhere = tmp_path / "elsewhere"
+    thread, outcome = run_in_background(bed.instance, "diamond")
+    message = take_the_first_message(bed)
+    body = json.loads(message["Body"])
+    ref = body["kwargs"]["execute_step_args_packed"]["instance_ref"]
+    # Configuration that runs code where an instance is built from it, and storages elsewhere.
+    handler = {"()": "os.system", "command": f"touch {marker}"}
+    ref["settings"] = {"python_logs": {"dagster_handler_config": {"handlers": {"x": handler}}}}
+    for storage in ("event_storage_data", "schedule_storage_data"):
+        ref[storage]["config_yaml"] = f"base_dir: {elsewhere / storage}\n"
+    # A storage of another kind: the controller counts the message as naming another instance.
+    ref["run_storage_data"]["module_name"] = "dagster_postgres.run_storage"
+    ref["run_storage_data"]["class_name"] = "PostgresRunStorage"
+    ref["run_storage_data"]["config_yaml"] = "postgres_url: postgresql://attacker.invalid/db\n"
+    put_back(bed, message, json.dumps(body))
+    controller = bed.controller()
+    thread.join(120)
+    assert outcome.get("success") is True, "the step ran against the run's own instance"
+    assert not marker.exists(), "the message's logging handler ran"
+    assert not elsewhere.exists(), "a storage of the message's instance was opened"
+    counted = [line for line in metrics(controller).splitlines() if "foreign_instance" in line]
+    assert "dagster_taskiq_foreign_instance_refs_total 1" in counted, counted
 
 
 @pytest.fixture

@@ -136,6 +136,7 @@ mod tests {
                 run_status_interval: Duration::from_secs(1),
                 adoption_window: Duration::from_secs(60),
                 waiting_limit: None,
+                instance: Default::default(),
             },
             queue: Arc::new(FakeQueue::default()),
             launcher: Arc::new(FakeLauncher::new(bridge.clone(), Duration::ZERO)),

@@ -151,6 +151,7 @@ async fn handle(ctx: &Context, mut message: ReceivedMessage) {
         }
     };
     step.receive_count = message.receive_count;
+    pin_instance(ctx, &mut step);
     // The launcher sees the timeout that applies (the ECS shim enforces it in the task).
     step.timeout = step.timeout.or(ctx.settings.default_step_timeout);
     let span = tracing::info_span!(
@@ -183,6 +184,17 @@ async fn handle(ctx: &Context, mut message: ReceivedMessage) {
     }
     .instrument(span)
     .await
+}
+
+/// Runs the step against the controller's own Dagster instance, whatever the message
+/// names: an `InstanceRef` imports and runs code (docs/security.md).
+fn pin_instance(ctx: &Context, step: &mut StepRequest) {
+    let pinned = &ctx.settings.instance;
+    if pinned.is_foreign(&step.instance_ref) {
+        ctx.metrics.foreign_instance_refs.inc();
+        tracing::debug!(run_id = %step.run_id, "the message names another Dagster instance: ignored");
+    }
+    step.instance_ref = pinned.instance_ref.clone();
 }
 
 /// Whether `message` is the message this controller holds for the attempt (same message id:

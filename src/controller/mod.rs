@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::claims::ClaimTable;
-use crate::dagster::DagsterBridge;
+use crate::dagster::{BridgeInfo, DagsterBridge};
 use crate::flags::{invalid, parse_seconds, ConfigError};
 use crate::health::Health;
 use crate::launcher::Launcher;
@@ -71,6 +71,9 @@ pub struct Settings {
     /// A held message that waits this long for a run slot goes back to the queue for other
     /// replicas; `None`: it waits here.
     pub waiting_limit: Option<Duration>,
+    /// The controller's own Dagster instance: every step and every bridge call uses it,
+    /// whatever instance a message names.
+    pub instance: BridgeInfo,
 }
 
 /// Everything a step task needs: the clients at the three boundaries, the tables, the
