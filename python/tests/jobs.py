@@ -466,6 +466,28 @@ def stray_process() -> None:
     leave_stray()
 
 
+# --- stopped_once: stopped from outside on its first attempt ------------------------------------
+
+
+@op(retry_policy=RetryPolicy(max_retries=1))
+def stopped_once(context: OpExecutionContext) -> Output[int]:
+    """Waits (up to 120 s) on attempt 0 for the test to stop it from outside; returns at once on
+    the retry."""
+    if context.retry_number == 0:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+        raise RuntimeError("nobody stopped attempt 0")
+    return _out(context.retry_number)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def outside_stop() -> None:
+    """stopped_once waits on attempt 0 for a stop it did not ask for (a Spot interruption, an
+    outside SIGTERM); the controller's verdict lets its RetryPolicy retry it."""
+    stopped_once()
+
+
 ALL_JOBS = [
     diamond,
     failing,
@@ -486,6 +508,7 @@ ALL_JOBS = [
     polluting,
     slow_then_more,
     stray_process,
+    outside_stop,
 ]
 JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 

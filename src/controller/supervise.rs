@@ -151,8 +151,8 @@ async fn abort(running: &mut dyn RunningStep, locator: &str) -> Ended {
     Ended::LetGo(Outcome::Killed)
 }
 
-/// SIGKILL, not SIGTERM: Dagster turns SIGTERM into an interrupt failure that skips the
-/// RetryPolicy; the verdict written afterwards lets the policy decide.
+/// SIGKILL at once (a SIGTERM Dagster did not ask for would end the step the same way, only
+/// later); the "timed out" verdict written afterwards lets the RetryPolicy decide.
 async fn time_out(running: &mut dyn RunningStep, locator: &str, limit: Duration) -> Ended {
     tracing::warn!(%locator, ?limit, "step timed out: killing its process group");
     running.kill();
