@@ -432,7 +432,21 @@ class Bridge:
     # --- methods -------------------------------------------------------------------------------
 
     def ping(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {"dagster_version": dagster.__version__, "pid": os.getpid()}
+        """The bridge answers; with ``instance_ref`` (null: ``DAGSTER_HOME``), that instance's
+        storage answers too: its latest run and, with ``run_id``, that run's latest event are
+        read. The controller asks this after Dagster raised for a request, to tell an outage
+        of the storage from an error of that request."""
+        result: dict[str, Any] = {"dagster_version": dagster.__version__, "pid": os.getpid()}
+        if "instance_ref" in params:
+            run_id = params.get("run_id")
+            if run_id is not None and not isinstance(run_id, str):
+                raise _bad_request("run_id must be a string or null")
+            instance = self.instance(params)
+            instance.get_runs(limit=1)
+            if run_id is not None:
+                instance.get_records_for_run(run_id, limit=1, ascending=False)
+            result["storage"] = "ok"
+        return result
 
     def run_status(self, params: dict[str, Any]) -> dict[str, Any]:
         run_ids = _param(params, "run_ids", list)
@@ -564,7 +578,8 @@ def serve(bridge: Bridge, requests: IO[bytes], writer: LineWriter) -> None:
             writer.write(response)
 
 
-def main() -> int:
+def main(bridge_class: type[Bridge] = Bridge) -> int:
+    """Serves stdin until EOF with a ``bridge_class`` (a subclass: tests inject faults)."""
     logging.basicConfig(
         stream=sys.stderr,
         level=os.environ.get("DAGSTER_TASKIQ_BRIDGE_LOG_LEVEL", "INFO").upper(),
@@ -577,7 +592,7 @@ def main() -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logger.info("bridge started: dagster %s, pid %d", dagster.__version__, os.getpid())
     writer = LineWriter(responses)
-    bridge = Bridge(push=writer.write)
+    bridge = bridge_class(push=writer.write)
     try:
         serve(bridge, sys.stdin.buffer, writer)
     except (KeyboardInterrupt, BrokenPipeError):

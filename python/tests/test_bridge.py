@@ -183,6 +183,32 @@ def test_run_status_with_home_instance_and_instance_ref(
         }
 
 
+def test_ping_with_an_instance_reads_its_storage(bridge: BridgeProcess, world: World) -> None:
+    result = bridge.result("ping", instance_ref=world.ref, run_id=world.done_run_id)
+    assert result["storage"] == "ok"
+    # null: the bridge's own DAGSTER_HOME instance, the same one here.
+    assert bridge.result("ping", instance_ref=None)["storage"] == "ok"
+    assert "storage" not in bridge.result("ping")
+    response = bridge.call("ping", instance_ref=world.ref, run_id=7)
+    assert response["error"]["kind"] == "bad_request", response
+
+
+def test_ping_with_an_instance_whose_storage_fails_is_an_internal_error(
+    bridge: BridgeProcess, tmp_path: Path
+) -> None:
+    # The run database cannot be opened (a directory where the file should be): what the
+    # controller sees of a database that is down.
+    home = make_dagster_home(tmp_path / "broken_home")
+    (home / "history" / "runs.db").mkdir(parents=True)
+    broken = pack_value(InstanceRef.from_dir(str(home)))
+    response = bridge.call("ping", instance_ref=broken)
+    assert not response["ok"]
+    assert response["error"]["kind"] == "internal"
+    assert "unable to open database file" in response["error"]["message"]
+    # The bridge itself goes on answering.
+    assert bridge.result("ping")["pid"] == bridge.proc.pid
+
+
 def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) -> None:
     def state(step_key: str, attempt: int) -> dict[str, Any]:
         return bridge.result(

@@ -15,7 +15,7 @@ use dagster_taskiq_controller::admission::Admission;
 use dagster_taskiq_controller::aws;
 use dagster_taskiq_controller::config::RunArgs;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
-use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
+use dagster_taskiq_controller::dagster::SidecarBridge;
 use dagster_taskiq_controller::dashboard::{self, ControllerInfo, DashboardState, QueueCache};
 use dagster_taskiq_controller::doctor;
 use dagster_taskiq_controller::health::Health;
@@ -166,13 +166,10 @@ async fn start_bridge(
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Arc<SidecarBridge>, String)> {
     let bridge = Arc::new(SidecarBridge::new(
-        SidecarConfig {
-            python: args.python.clone(),
-            request_timeout: args.bridge.bridge_timeout,
-        },
+        args.bridge.sidecar_config(&args.python),
         metrics.clone(),
     ));
-    let dagster_version = bridge.ping(Duration::from_secs(180)).await.with_context(|| {
+    let dagster_version = bridge.ping().await.with_context(|| {
         format!(
             "the Dagster bridge does not start with {}: is dagster-taskiq-controller (the Python package) installed there?",
             args.python.display()
