@@ -267,7 +267,7 @@ pub struct BridgeArgs {
 
     /// Python module the bridge sidecar runs (`<python> -m <module>`). Tests run a bridge
     /// with injected faults this way.
-    #[arg(long, env = "DAGSTER_TASKIQ_BRIDGE_MODULE", default_value = sidecar::BRIDGE_MODULE, hide = true)]
+    #[arg(long, default_value = sidecar::BRIDGE_MODULE, hide = true)]
     pub bridge_module: String,
 }
 
