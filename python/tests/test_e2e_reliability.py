@@ -417,17 +417,27 @@ def test_a_hung_bridge_is_killed_and_replaced_and_the_run_succeeds(bed: Bed) -> 
     hang_file.unlink()  # the replacement answers
     seen_reasons: set[str] = set()
 
-    def replaced() -> bool:
+    def ready() -> bool:
         status, body = readiness(controller)
         seen_reasons.update(body.get("reasons", []))
-        return status == 200 and 'cause="timeout"} 1' in metrics(controller)
+        return status == 200
+
+    # Killed with its process group at the deadline, not left running beside the new one.
+    wait_for(
+        lambda: (ready() or True) and dead(hung["pid"]) and dead(hung["child"]),
+        bridge_timeout + 10,
+        "the hung bridge and its child to be killed",
+    )
+    killed_after = time.time() - hung["at"]
+    assert killed_after < bridge_timeout + 2, killed_after
+
+    def replaced() -> bool:
+        return ready() and 'cause="timeout"} 1' in metrics(controller)
 
     wait_for(replaced, bridge_timeout + 60, "a new bridge to answer")
     replaced_after = time.time() - hung["at"]
-    # Killed with its process group at the deadline, not left running beside the new one.
-    assert dead(hung["pid"]) and dead(hung["child"]), hung
     assert "bridge_restarting" in seen_reasons, seen_reasons
-    print(f"hung bridge replaced and answering {replaced_after:.1f}s after it hung")
+    print(f"hung bridge killed {killed_after:.1f}s, answering again {replaced_after:.1f}s after")
     thread.join(180)
     assert outcome.get("success") is True
     wait_for(bed.queue_empty, 60, "every message to be deleted")
