@@ -294,12 +294,12 @@ async fn check_bridge(args: &RunArgs, report: &mut Report) {
     const NAME: &str = "dagster bridge";
     let bridge = SidecarBridge::new(
         SidecarConfig {
-            python: args.python.clone(),
-            request_timeout: args.bridge.bridge_timeout,
+            startup_timeout: BRIDGE_STARTUP,
+            ..args.bridge.sidecar_config(&args.python)
         },
         Arc::new(Metrics::new()),
     );
-    let outcome = match bridge.ping(BRIDGE_STARTUP).await {
+    let outcome = match bridge.ping().await {
         Ok(info) => Outcome::Passed(format!(
             "{} runs the bridge with dagster {} on the instance of DAGSTER_HOME ({})",
             args.python.display(),

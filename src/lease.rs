@@ -146,6 +146,12 @@ impl LeaseTable {
         }
     }
 
+    /// Cancelled when the lease of this held message is lost; `None` when it is not held.
+    pub(crate) fn lost_signal(&self, task_id: &str) -> Option<CancellationToken> {
+        let leases = self.leases.lock();
+        leases.get(task_id).map(|l| l.signals.lost.clone())
+    }
+
     /// The current receipt handle of a held message (`None` while handed off).
     pub(crate) fn receipt_handle(&self, task_id: &str) -> Option<String> {
         let leases = self.leases.lock();

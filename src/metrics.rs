@@ -65,7 +65,16 @@ pub struct Metrics {
     /// `method`.
     pub bridge_requests: Family<Label, Counter>,
     pub bridge_errors: Family<Label, Counter>,
-    pub bridge_restarts: Counter,
+    /// `cause` (start, exited, timeout): bridge sidecars started.
+    pub bridge_restarts: Family<Label, Counter>,
+    /// `cause` (sidecar, storage): 1 while Dagster is unreachable for that cause.
+    pub dagster_unreachable: Family<Label, Gauge>,
+    /// `cause` (sidecar, storage): times Dagster became unreachable.
+    pub dagster_outages: Family<Label, Counter>,
+    /// Bridge calls of held messages waiting for Dagster to answer again.
+    pub bridge_calls_held: Gauge,
+    /// 1 while the intake receives nothing because Dagster is unreachable.
+    pub intake_paused: Gauge,
     /// `kind` (run_ended, terminate_step): notices the bridge pushed about watched runs.
     pub bridge_pushes: Family<Label, Counter>,
     /// ECS and S3 API calls of the ECS launcher: `operation`, `result` (ok, throttled,
@@ -132,7 +141,11 @@ impl Metrics {
             admission_capacity: Gauge::default(),
             bridge_requests: Family::default(),
             bridge_errors: Family::default(),
-            bridge_restarts: Counter::default(),
+            bridge_restarts: Family::default(),
+            dagster_unreachable: Family::default(),
+            dagster_outages: Family::default(),
+            bridge_calls_held: Gauge::default(),
+            intake_paused: Gauge::default(),
             bridge_pushes: Family::default(),
             ecs_api_calls: Family::default(),
             ecs_tasks_tracked: Gauge::default(),
@@ -294,8 +307,28 @@ impl Metrics {
         );
         r.register(
             "bridge_restarts",
-            "Times the Dagster bridge sidecar was (re)started",
+            "Times the Dagster bridge sidecar was started, by cause (start, exited, timeout)",
             metrics.bridge_restarts.clone(),
+        );
+        r.register(
+            "dagster_unreachable",
+            "1 while Dagster cannot be asked, by cause (sidecar, storage)",
+            metrics.dagster_unreachable.clone(),
+        );
+        r.register(
+            "dagster_outages",
+            "Times Dagster became unreachable, by cause (sidecar, storage)",
+            metrics.dagster_outages.clone(),
+        );
+        r.register(
+            "bridge_calls_held",
+            "Bridge calls of held messages waiting for Dagster to answer again",
+            metrics.bridge_calls_held.clone(),
+        );
+        r.register(
+            "intake_paused",
+            "1 while the intake receives nothing because Dagster is unreachable",
+            metrics.intake_paused.clone(),
         );
         r.register(
             "bridge_pushes",

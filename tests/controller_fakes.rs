@@ -575,9 +575,150 @@ async fn a_bridge_outage_holds_messages_without_spending_attempts() {
     assert!(bed.queue.events().is_empty(), "{:?}", bed.queue.events());
     assert!(bed.controller.steps.is_active(&task_id(30)));
     assert!(bed.queue.extend_calls() > 100);
+    assert_eq!(unreachable(&bed, "sidecar"), 1);
     bed.bridge.set_down(false);
     bed.queue.wait_for(acked("m1")).await;
     assert_eq!(bed.launcher.launches(), vec![task_id(30)]);
+    assert_eq!(unreachable(&bed, "sidecar"), 0);
+    bed.stop(handle).await;
+}
+
+/// The `dagster_unreachable{cause}` gauge.
+fn unreachable(bed: &Bed, cause: &'static str) -> i64 {
+    bed.controller
+        .metrics
+        .dagster_unreachable
+        .get_or_create(&[("cause", cause)])
+        .get()
+}
+
+/// Waits (in paused time) until `condition` holds, for at most `limit`.
+async fn until(limit: Duration, what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dagster_storage_outage_holds_messages_pauses_intake_and_spends_no_attempts() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.set_storage_down(true);
+    bed.queue
+        .push("m1", &step_body(&task_id(31), "run1", "op_a", 0));
+    let handle = bed.start();
+    until(Duration::from_secs(60), "the outage to be noticed", || {
+        unreachable(&bed, "storage") == 1
+    })
+    .await;
+    assert!(bed.bridge.probes() > 0, "the storage was probed");
+    let metrics = &bed.controller.metrics;
+    until(Duration::from_secs(60), "the intake to pause", || {
+        metrics.intake_paused.get() == 1
+    })
+    .await;
+    // Arrives during the outage: the intake leaves it in the queue.
+    bed.queue
+        .push("m2", &step_body(&task_id(32), "run1", "op_b", 0));
+    // Ten minutes of outage (far beyond --max-attempts backoffs): nothing settled, nothing
+    // received again, the held message's lease extended all along.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert!(bed.queue.events().is_empty(), "{:?}", bed.queue.events());
+    assert_eq!(bed.queue.receive_count("m1"), 1);
+    assert_eq!(bed.queue.receive_count("m2"), 0, "intake paused");
+    assert!(bed.controller.steps.is_active(&task_id(31)));
+    assert!(bed.queue.extend_calls() > 100);
+    assert_eq!(metrics.bridge_calls_held.get(), 1);
+    assert!(bed.launcher.launches().is_empty());
+
+    bed.bridge.set_storage_down(false);
+    bed.queue.wait_for(acked("m1")).await;
+    bed.queue.wait_for(acked("m2")).await;
+    assert_eq!(bed.launcher.launches().len(), 2);
+    assert_eq!(unreachable(&bed, "storage"), 0);
+    assert_eq!(metrics.intake_paused.get(), 0);
+    assert_eq!(metrics.bridge_calls_held.get(), 0);
+    assert_eq!(
+        metrics
+            .dagster_outages
+            .get_or_create(&[("cause", "storage")])
+            .get(),
+        1
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_of_one_request_while_dagster_answers_follows_the_error_policy() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.fail_step_state("op_a");
+    bed.queue
+        .push("m1", &step_body(&task_id(33), "run1", "op_a", 0));
+    bed.queue
+        .push("m2", &step_body(&task_id(34), "run1", "op_b", 0));
+    let handle = bed.start();
+    // The probe answers, so it is this request's error: retried, released with backoff and
+    // dead-lettered at --max-attempts (3), while the other step runs.
+    bed.queue
+        .wait_for(|events| {
+            events.contains(&QueueEvent::DeadLettered(
+                "m1".into(),
+                "attempts_exhausted".into(),
+            ))
+        })
+        .await;
+    bed.queue.wait_for(acked("m2")).await;
+    assert_eq!(bed.queue.receive_count("m1"), 3);
+    assert!(bed.bridge.probes() > 0);
+    assert_eq!(unreachable(&bed, "storage"), 0);
+    assert_eq!(bed.launcher.launches(), vec![task_id(34)]);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn draining_while_dagster_is_unreachable_requeues_without_charging_the_delivery() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.set_storage_down(true);
+    bed.queue
+        .push("m1", &step_body(&task_id(35), "run1", "op_a", 0));
+    let handle = bed.start();
+    let metrics = &bed.controller.metrics;
+    until(
+        Duration::from_secs(60),
+        "the message held, the intake paused",
+        || metrics.bridge_calls_held.get() == 1 && metrics.intake_paused.get() == 1,
+    )
+    .await;
+    bed.stop(handle).await;
+    let events = bed.queue.events();
+    assert!(
+        matches!(&events[..], [QueueEvent::Sent(_), QueueEvent::Acked(m)] if m == "m1"),
+        "a copy carrying its deliveries so far, then the original deleted: {events:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_lost_while_waiting_for_dagster_leaves_the_message_alone() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.set_storage_down(true);
+    bed.queue
+        .push("m1", &step_body(&task_id(36), "run1", "op_a", 0));
+    let handle = bed.start();
+    until(Duration::from_secs(60), "the message to be held", || {
+        bed.controller.metrics.bridge_calls_held.get() == 1
+    })
+    .await;
+    bed.queue.lose_lease("m1");
+    until(Duration::from_secs(60), "the step to let go", || {
+        !bed.controller.steps.is_active(&task_id(36))
+    })
+    .await;
+    assert!(bed.queue.events().is_empty(), "{:?}", bed.queue.events());
+    assert!(bed.launcher.launches().is_empty());
     bed.stop(handle).await;
 }
 

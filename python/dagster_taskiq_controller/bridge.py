@@ -425,14 +425,27 @@ class Bridge:
     # --- methods -------------------------------------------------------------------------------
 
     def ping(self, params: dict[str, Any]) -> dict[str, Any]:
-        # The steps run against this same instance: the controller puts it in their args.
-        packed_ref = json.loads(serialize_value(self.instance().get_ref()))
-        return {
-            "dagster_version": dagster.__version__,
-            "pid": os.getpid(),
-            "instance_ref": packed_ref,
-            "storages": _storage_classes(packed_ref),
-        }
+        """The bridge answers. With ``describe``, it opens its instance and describes it (the
+        controller's start-up: the steps run against this same instance, and the controller
+        puts its ref in their args). With ``instance_ref`` (any value: the instance is the
+        pinned one), the storage answers too: its latest run and, with ``run_id``, that run's
+        latest event are read. The controller asks this after Dagster raised for a request, to
+        tell an outage of the storage from an error of that request."""
+        result: dict[str, Any] = {"dagster_version": dagster.__version__, "pid": os.getpid()}
+        if params.get("describe"):
+            packed_ref = json.loads(serialize_value(self.instance().get_ref()))
+            result["instance_ref"] = packed_ref
+            result["storages"] = _storage_classes(packed_ref)
+        if "instance_ref" in params:
+            run_id = params.get("run_id")
+            if run_id is not None and not isinstance(run_id, str):
+                raise _bad_request("run_id must be a string or null")
+            instance = self.instance(params)
+            instance.get_runs(limit=1)
+            if run_id is not None:
+                instance.get_records_for_run(run_id, limit=1, ascending=False)
+            result["storage"] = "ok"
+        return result
 
     def run_status(self, params: dict[str, Any]) -> dict[str, Any]:
         run_ids = _param(params, "run_ids", list)
@@ -631,7 +644,8 @@ def serve(bridge: Bridge, requests: IO[bytes], writer: LineWriter) -> None:
             writer.write(response)
 
 
-def main() -> int:
+def main(bridge_class: type[Bridge] = Bridge) -> int:
+    """Serves stdin until EOF with a ``bridge_class`` (a subclass: tests inject faults)."""
     logging.basicConfig(
         stream=sys.stderr,
         level=os.environ.get("DAGSTER_TASKIQ_BRIDGE_LOG_LEVEL", "INFO").upper(),
@@ -644,7 +658,7 @@ def main() -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logger.info("bridge started: dagster %s, pid %d", dagster.__version__, os.getpid())
     writer = LineWriter(responses)
-    bridge = Bridge(push=writer.write)
+    bridge = bridge_class(push=writer.write)
     try:
         serve(bridge, sys.stdin.buffer, writer)
     except (KeyboardInterrupt, BrokenPipeError):

@@ -296,6 +296,18 @@ def ledger_pair() -> None:
     add_one(LEAD())
 
 
+OUTAGE_OPS = [_ledgered(f"steady_{i}", 3.0, retries=1) for i in range(3)]
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def outage_mix() -> None:
+    """flaky_op (fails twice, then succeeds under its RetryPolicy) beside three ledgered ops
+    of 3 s with a RetryPolicy: steps end, and retries are published, while Dagster is down."""
+    flaky_op()
+    for work in OUTAGE_OPS:
+        work()
+
+
 TAGGED_LEDGER_OPS = [
     *(_ledgered(f"redshift_{i}", 1.0, tags={"database": "redshift"}) for i in range(2)),
     *(_ledgered(f"plain_{i}", 1.0, tags={"database": "postgres"}) for i in range(3)),
@@ -503,6 +515,7 @@ ALL_JOBS = [
     shutdown_mix,
     ledger_fan,
     ledger_pair,
+    outage_mix,
     tagged_fan,
     chaos,
     polluting,

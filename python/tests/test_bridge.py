@@ -164,7 +164,8 @@ def _engine_events(world: World, run_id: str, step_key: str) -> list[Any]:
 
 
 def test_ping_describes_the_pinned_instance(bridge: BridgeProcess, world: World) -> None:
-    result = bridge.result("ping")
+    assert "instance_ref" not in bridge.result("ping"), "a plain ping opens nothing"
+    result = bridge.result("ping", describe=True)
     assert result["dagster_version"] == dagster.__version__
     assert result["pid"] == bridge.proc.pid
     # The steps get this ref in their args: the instance of the bridge's DAGSTER_HOME.
@@ -197,6 +198,33 @@ def test_every_request_uses_the_pinned_instance_whatever_it_names(
             }
         }
     assert not marker.exists()
+
+
+def test_ping_with_an_instance_reads_its_storage(bridge: BridgeProcess, world: World) -> None:
+    result = bridge.result("ping", instance_ref=world.ref, run_id=world.done_run_id)
+    assert result["storage"] == "ok"
+    # null: the bridge's own DAGSTER_HOME instance, the same one here.
+    assert bridge.result("ping", instance_ref=None)["storage"] == "ok"
+    assert "storage" not in bridge.result("ping")
+    response = bridge.call("ping", instance_ref=world.ref, run_id=7)
+    assert response["error"]["kind"] == "bad_request", response
+
+
+def test_ping_with_an_instance_whose_storage_fails_is_an_internal_error(tmp_path: Path) -> None:
+    # The run database cannot be opened (a directory where the file should be): what the
+    # controller sees of a database that is down.
+    home = make_dagster_home(tmp_path / "broken_home")
+    (home / "history" / "runs.db").mkdir(parents=True)
+    proc = BridgeProcess(child_env(DAGSTER_HOME=str(home)))
+    try:
+        response = proc.call("ping", instance_ref=None)
+        assert not response["ok"]
+        assert response["error"]["kind"] == "internal"
+        assert "unable to open database file" in response["error"]["message"]
+        # The bridge itself goes on answering.
+        assert proc.result("ping")["pid"] == proc.proc.pid
+    finally:
+        proc.close()
 
 
 def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) -> None:

@@ -16,7 +16,7 @@ use dagster_taskiq_controller::aws;
 use dagster_taskiq_controller::claims::ClaimTable;
 use dagster_taskiq_controller::config::RunArgs;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
-use dagster_taskiq_controller::dagster::{BridgeInfo, SidecarBridge, SidecarConfig};
+use dagster_taskiq_controller::dagster::{BridgeInfo, SidecarBridge};
 use dagster_taskiq_controller::dashboard::{self, ControllerInfo, DashboardState, QueueCache};
 use dagster_taskiq_controller::doctor;
 use dagster_taskiq_controller::health::Health;
@@ -171,13 +171,10 @@ async fn start_bridge(
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Arc<SidecarBridge>, BridgeInfo)> {
     let bridge = Arc::new(SidecarBridge::new(
-        SidecarConfig {
-            python: args.python.clone(),
-            request_timeout: args.bridge.bridge_timeout,
-        },
+        args.bridge.sidecar_config(&args.python),
         metrics.clone(),
     ));
-    let info = bridge.ping(Duration::from_secs(180)).await.with_context(|| {
+    let info = bridge.ping().await.with_context(|| {
         format!(
             "the Dagster bridge does not start with {}: is dagster-taskiq-controller (the Python package) installed there, and DAGSTER_HOME set to the instance your runs use?",
             args.python.display()

@@ -56,21 +56,20 @@ pub(super) async fn acquire(
             message_id: &message.message_id,
             replace_token: replace.as_deref(),
         };
-        let answer = match calls::ask_bridge(ctx, "claim_attempt", || {
+        let answer = match calls::ask_bridge(ctx, step, "claim_attempt", || {
             ctx.bridge.claim_attempt(step, &bid)
         })
         .await
         {
             Ok(answer) => answer,
-            Err(BridgeError::Rejected { kind, message: why }) if kind == "unsupported" => {
+            Err(calls::Unanswered::Failed(BridgeError::Rejected { kind, message: why }))
+                if kind == "unsupported" =>
+            {
                 count(ctx, "unsupported");
                 tracing::error!(%why, "this Dagster instance cannot hold claims: launching without one (duplicates rely on Dagster's step verification alone)");
                 return Ok(Claimed { relaunch: false });
             }
-            Err(e) => {
-                let failure = settle::Failure::Bridge(e);
-                return Err(settle::error_policy(ctx, failure, message.receive_count));
-            }
+            Err(unanswered) => return Err(settle::unanswered(ctx, unanswered, message).await),
         };
         if answer.claimed {
             let took_over = replace.is_some();
@@ -208,11 +207,8 @@ pub(super) async fn release(ctx: &Context, step: &StepRequest, outcome: &Outcome
         Outcome::Verdict { cause, .. } => Some(cause.as_str()),
         _ => None,
     };
-    let released = calls::retrying(ctx, "release_claim", || {
-        ctx.bridge.release_claim(step, &token, ended)
-    })
-    .await;
-    match released {
+    // One try: the outcome is durable already, and a claim left behind only goes stale.
+    match ctx.bridge.release_claim(step, &token, ended).await {
         Ok(true) => {}
         Ok(false) => tracing::warn!("the claim was no longer ours to let go of"),
         Err(e) => {

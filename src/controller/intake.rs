@@ -7,7 +7,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::{count_queue_error, settle, step, Context};
+use super::{count_queue_error, outage, settle, step, Context};
 use crate::envelope::StepRequest;
 use crate::health::IDLE_BEAT;
 use crate::outcome::{DeadLetterReason, Outcome, Release};
@@ -21,6 +21,9 @@ pub(super) async fn intake(ctx: &Arc<Context>, tasks: &mut JoinSet<()>) {
         // Reap finished tasks so the set does not grow without bound.
         while tasks.try_join_next().is_some() {}
         ctx.health.intake.beat();
+        if !pause_while_unreachable(ctx).await {
+            return;
+        }
         // Beat while waiting for room too: a full controller is busy, not stuck.
         let reserve = ctx.admission.reserve();
         tokio::pin!(reserve);
@@ -103,6 +106,44 @@ pub(super) async fn intake(ctx: &Arc<Context>, tasks: &mut JoinSet<()>) {
                 }
             }
         }
+    }
+}
+
+/// While a Dagster instance is unreachable the intake receives nothing: a message taken now
+/// could only be held, and the queue keeps it as well. Probes the unreachable instances with
+/// a backoff (held messages that get an answer end the pause too). False when draining.
+async fn pause_while_unreachable(ctx: &Context) -> bool {
+    let mut probes = 0u32;
+    loop {
+        let back = ctx.health.dagster_back();
+        tokio::pin!(back);
+        back.as_mut().enable();
+        if ctx.health.dagster_outages().is_empty() {
+            if probes > 0 {
+                tracing::info!("Dagster answers again: intake resumed");
+                ctx.metrics.intake_paused.set(0);
+            }
+            return true;
+        }
+        if probes == 0 {
+            tracing::warn!("Dagster unreachable: intake paused");
+            ctx.metrics.intake_paused.set(1);
+        }
+        probes += 1;
+        let pause = ctx
+            .settings
+            .backoff
+            .delay(probes)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        tokio::select! {
+            _ = ctx.draining.cancelled() => {
+                ctx.metrics.intake_paused.set(0);
+                return false;
+            }
+            _ = &mut back => continue,
+            _ = sleep_beating(ctx, pause) => {}
+        }
+        outage::probe_unreachable(ctx).await;
     }
 }
 

@@ -12,12 +12,16 @@
 //! - [`settle`](self::settle): the one error policy, and carrying an [`crate::outcome::Outcome`] out on the
 //!   queue once it is durable (see [`crate::outcome::Outcome`]).
 //! - [`runs`](self::runs): stops the steps of runs that ended in Dagster.
-//! - [`calls`](self::calls): bridge and queue calls with a retry budget.
+//! - [`calls`](self::calls): bridge and queue calls with a retry budget; bridge calls of
+//!   held messages wait while Dagster cannot answer.
+//! - [`outage`](self::outage): telling a Dagster outage from an error of one request; what
+//!   `/readyz` and the intake read while Dagster is unreachable.
 
 mod calls;
 mod claim;
 mod handoff;
 mod intake;
+mod outage;
 mod reconcile;
 mod runs;
 mod settle;

@@ -4,7 +4,7 @@
 
 use tokio::time::Instant;
 
-use super::{calls, claim, launcher_name, Context};
+use super::{calls, claim, handoff, launcher_name, Context};
 use crate::dagster::BridgeError;
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::outcome::{DeadLetterReason, Disposition, Outcome, Release};
@@ -37,7 +37,7 @@ pub(super) fn error_policy(ctx: &Context, failure: Failure, receive_count: u32) 
             return Outcome::dead_letter(DeadLetterReason::BridgeRejected, e.to_string());
         }
         Failure::Bridge(e) => {
-            tracing::warn!(%e, "Dagster bridge failing: releasing the message for later");
+            tracing::warn!(%e, "Dagster failed this request: releasing the message for later");
             let dead_letter = exhausted.then(|| {
                 Outcome::dead_letter(
                     DeadLetterReason::AttemptsExhausted,
@@ -66,6 +66,30 @@ pub(super) fn error_policy(ctx: &Context, failure: Failure, receive_count: u32) 
         why,
         delay: ctx.settings.backoff.delay(receive_count),
     })
+}
+
+/// A bridge call for a held message got no answer. An error of the request goes to the
+/// error policy. Dagster still unreachable when the controller drains: the message goes back
+/// as a copy that carries its deliveries, so the outage charges no attempt. A lost lease:
+/// the message is someone else's now.
+pub(super) async fn unanswered(
+    ctx: &Context,
+    unanswered: calls::Unanswered,
+    message: &ReceivedMessage,
+) -> Outcome {
+    match unanswered {
+        calls::Unanswered::Failed(e) => {
+            error_policy(ctx, Failure::Bridge(e), message.receive_count)
+        }
+        calls::Unanswered::Unreachable(e) => {
+            tracing::warn!(%e, "draining while Dagster is unreachable: requeuing the message");
+            handoff::requeue(ctx, message, Release::BridgeUnavailable).await
+        }
+        calls::Unanswered::LeaseLost => {
+            tracing::warn!("lease lost while waiting for Dagster: leaving the message");
+            Outcome::Fenced
+        }
+    }
 }
 
 /// Settles a claimed step: its taskiq result first (when due), then the queue, the

@@ -138,7 +138,9 @@ async fn admit(
             why: Release::StoppedWhileWaiting,
             delay: Duration::ZERO,
         }),
-        _ = sleep_until_deadline(waiting_limit) => Err(handoff::requeue(ctx, message).await),
+        _ = sleep_until_deadline(waiting_limit) => {
+            Err(handoff::requeue(ctx, message, Release::WaitedTooLong).await)
+        }
     }
 }
 
@@ -192,13 +194,13 @@ async fn refuse_launch(
     let verdict = Verdict::not_run(format!(
         "dagster-taskiq-controller cannot launch the step: {detail}"
     ));
-    match calls::retrying(ctx, "report_verdict", || {
+    match calls::ask_bridge(ctx, step, "report_verdict", || {
         ctx.bridge.report_verdict(step, &verdict)
     })
     .await
     {
         Ok(_) => Outcome::dead_letter(DeadLetterReason::InvalidLaunch(reason), detail),
-        Err(e) => settle::error_policy(ctx, settle::Failure::Bridge(e), message.receive_count),
+        Err(e) => settle::unanswered(ctx, e, message).await,
     }
 }
 
@@ -233,12 +235,11 @@ async fn conclude(
     exit: crate::launcher::StepExit,
     cause: Option<Cause>,
 ) -> Outcome {
-    let bridge_failed =
-        |e| settle::error_policy(ctx, settle::Failure::Bridge(e), message.receive_count);
-    let state = match calls::ask_bridge(ctx, "step_state", || ctx.bridge.step_state(step)).await {
-        Ok(state) => state,
-        Err(e) => return bridge_failed(e),
-    };
+    let state =
+        match calls::ask_bridge(ctx, step, "step_state", || ctx.bridge.step_state(step)).await {
+            Ok(state) => state,
+            Err(e) => return settle::unanswered(ctx, e, message).await,
+        };
     if state.attempt_finished {
         let outcome = Outcome::Finished(Finish::from_event(state.last_terminal.as_deref()));
         tracing::info!(outcome = outcome.name(), "step finished");
@@ -263,7 +264,7 @@ async fn conclude(
     tracing::warn!(verdict = %verdict.verdict, "no outcome in Dagster: reporting a verdict");
     ctx.steps
         .update(&step.task_id, |r| r.verdict = Some(verdict.verdict.clone()));
-    match calls::ask_bridge(ctx, "report_verdict", || {
+    match calls::ask_bridge(ctx, step, "report_verdict", || {
         ctx.bridge.report_verdict(step, &verdict)
     })
     .await
@@ -275,7 +276,7 @@ async fn conclude(
                 timed_out,
             }
         }
-        Err(e) => bridge_failed(e),
+        Err(e) => settle::unanswered(ctx, e, message).await,
     }
 }
 

@@ -96,6 +96,16 @@ impl FakeQueue {
         self.inner.lock().extend_calls
     }
 
+    /// How many times this message was received.
+    pub fn receive_count(&self, message_id: &str) -> u32 {
+        self.inner
+            .lock()
+            .receive_counts
+            .get(message_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Makes the next extension of this message's current handle report a lost lease.
     pub fn lose_lease(&self, message_id: &str) {
         let mut inner = self.inner.lock();
@@ -479,6 +489,12 @@ struct BridgeInner {
     down: bool,
     /// Durable claims by (run id, step key, attempt), as the sidecar keys them.
     claims: HashMap<(String, String, u32), Claim>,
+    /// While true, every call that reads or writes the instance raises, as when Dagster's
+    /// storage is unreachable; a plain ping still answers.
+    storage_down: bool,
+    /// Step keys whose `step_state` raises although the storage answers.
+    failing_steps: Vec<String>,
+    probes: u64,
 }
 
 /// A Dagster instance in memory: runs default to STARTED.
@@ -551,11 +567,32 @@ impl FakeBridge {
         self.inner.lock().down = down;
     }
 
+    /// Makes every call that touches the instance raise (true), as when Dagster's database
+    /// is unreachable, or work again (false).
+    pub fn set_storage_down(&self, down: bool) {
+        self.inner.lock().storage_down = down;
+    }
+
+    /// Makes `step_state` of this step key raise while the storage answers.
+    pub fn fail_step_state(&self, step_key: &str) {
+        self.inner.lock().failing_steps.push(step_key.to_owned());
+    }
+
+    /// Probes asked so far.
+    pub fn probes(&self) -> u64 {
+        self.inner.lock().probes
+    }
+
     fn enter(&self) -> Result<parking_lot::MutexGuard<'_, BridgeInner>, BridgeError> {
         let mut inner = self.inner.lock();
         inner.calls += 1;
         if inner.down {
             return Err(BridgeError::Unavailable("fake bridge is down".into()));
+        }
+        if inner.storage_down {
+            return Err(BridgeError::Internal(
+                "OperationalError: could not connect to the database".into(),
+            ));
         }
         Ok(inner)
     }
@@ -571,7 +608,7 @@ impl FakeBridge {
                 inner
                     .run_statuses
                     .get(&step.run_id)
-                    .copied()
+                    .cloned()
                     .unwrap_or(RunStatus::Started),
             ),
             terminal_events: events.len() as u32,
@@ -595,7 +632,7 @@ impl DagsterBridge for FakeBridge {
                 let status = inner
                     .run_statuses
                     .get(id)
-                    .copied()
+                    .cloned()
                     .unwrap_or(RunStatus::Started);
                 (id.clone(), Some(status))
             })
@@ -604,6 +641,12 @@ impl DagsterBridge for FakeBridge {
 
     async fn step_state(&self, step: &StepRequest) -> Result<StepState, BridgeError> {
         let inner = self.enter()?;
+        if inner.failing_steps.contains(&step.step_key) {
+            return Err(BridgeError::Internal(format!(
+                "KeyError: no step {}",
+                step.step_key
+            )));
+        }
         Ok(Self::state(&inner, step))
     }
 
@@ -721,6 +764,21 @@ impl DagsterBridge for FakeBridge {
             }
         }
         Ok(true)
+    }
+
+    async fn probe(
+        &self,
+        instance_ref: Option<&Value>,
+        _run_id: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        self.inner.lock().probes += 1;
+        match instance_ref {
+            Some(_) => self.enter().map(drop),
+            None if self.inner.lock().down => {
+                Err(BridgeError::Unavailable("fake bridge is down".into()))
+            }
+            None => Ok(()),
+        }
     }
 
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BridgePush> {

@@ -1,17 +1,19 @@
-//! The Dagster boundary: run status, step outcomes and verdicts, read and written with
-//! Dagster's own APIs by a long-lived Python sidecar (`python -m
-//! dagster_taskiq_controller.bridge`) that speaks JSON lines (docs/protocol.md, section 2).
+//! The bridge sidecar: one Python process in its own process group, spoken to in JSON lines.
 //!
-//! The sidecar is started lazily, restarted on the next request if it dies, and its requests
-//! are pipelined: each carries an id and its answer may come in any order. Between answers it
-//! pushes notices about the runs it watches (a run canceling, a `terminate_step` request), so
-//! those do not wait for the next run-status poll.
+//! Requests are pipelined: each carries an id and its answer may come in any order. Between
+//! answers the sidecar pushes notices about the runs it watches (a run canceling, a
+//! `terminate_step` request), so those do not wait for the next run-status poll.
+//!
+//! A request that outlives its deadline means the sidecar is wedged: its whole process group
+//! is killed, every request still waiting on it fails as unavailable, and the next request
+//! starts a new sidecar. At most `queue_limit` requests wait for an answer at once; more fail
+//! at once as [`BridgeError::Busy`].
 
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,288 +25,148 @@ use tokio::process::Command;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::{
+    BridgeError, BridgeInfo, BridgePush, ClaimAnswer, ClaimBid, DagsterBridge, HeldClaim,
+    RunStatus, StepState, Verdict, VerdictAck, PUSH_BUFFER,
+};
 use crate::envelope::StepRequest;
 use crate::metrics::Metrics;
 
-use crate::flags::parse_seconds;
+/// The product's bridge module, run as `<python> -m dagster_taskiq_controller.bridge`.
+pub(crate) const BRIDGE_MODULE: &str = "dagster_taskiq_controller.bridge";
 
-/// Dagster's run statuses (`DagsterRunStatus`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum RunStatus {
-    Queued,
-    NotStarted,
-    Managed,
-    Starting,
-    Started,
-    Success,
-    Failure,
-    Canceling,
-    Canceled,
-}
-
-impl RunStatus {
-    /// True when no new step of the run should start.
-    pub(crate) fn stops_new_steps(self) -> bool {
-        matches!(
-            self,
-            RunStatus::Success | RunStatus::Failure | RunStatus::Canceling | RunStatus::Canceled
-        )
-    }
-
-    /// Dagster's own spelling, e.g. `CANCELING`.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            RunStatus::Queued => "QUEUED",
-            RunStatus::NotStarted => "NOT_STARTED",
-            RunStatus::Managed => "MANAGED",
-            RunStatus::Starting => "STARTING",
-            RunStatus::Started => "STARTED",
-            RunStatus::Success => "SUCCESS",
-            RunStatus::Failure => "FAILURE",
-            RunStatus::Canceling => "CANCELING",
-            RunStatus::Canceled => "CANCELED",
-        }
-    }
-}
-
-/// What the event log says about one step attempt.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct StepState {
-    /// `None`: the run does not exist in that instance.
-    pub run_status: Option<RunStatus>,
-    /// STEP_SUCCESS / STEP_FAILURE / STEP_UP_FOR_RETRY events of the step, all attempts.
-    pub terminal_events: u32,
-    /// The asked attempt already ended (it has its terminal event).
-    pub attempt_finished: bool,
-    /// Type of the newest terminal event, e.g. `STEP_SUCCESS`.
-    pub last_terminal: Option<String>,
-}
-
-/// A notice the bridge sends unasked, about a run of the latest `run_statuses` call.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "push", rename_all = "snake_case")]
-pub enum BridgePush {
-    /// The run's event log says it is canceling, canceled or failed.
-    RunEnded { run_id: String, status: RunStatus },
-    /// The executor's `terminate_step` asked for this attempt to stop.
-    TerminateStep {
-        run_id: String,
-        step_key: String,
-        attempt: u32,
-        task_id: String,
-    },
-}
-
-impl BridgePush {
-    pub(crate) fn kind(&self) -> &'static str {
-        match self {
-            BridgePush::RunEnded { .. } => "run_ended",
-            BridgePush::TerminateStep { .. } => "terminate_step",
-        }
-    }
-}
-
-/// How many pushes may wait for the controller before the oldest are dropped; the
-/// run-status poll recovers anything dropped.
-const PUSH_BUFFER: usize = 1024;
-
-/// The controller's account of an attempt that ended without a terminal event.
-#[derive(Debug, Clone, Serialize)]
-pub struct Verdict {
-    /// Why the attempt failed, e.g. "process killed by signal 9 (SIGKILL)".
-    pub verdict: String,
-    /// How the process ended, e.g. "signal 9".
-    pub exit: String,
-    /// Last lines the step wrote to stderr.
-    pub stderr_tail: String,
-}
-
-impl Verdict {
-    /// The verdict of an attempt the controller did not run at all.
-    pub(crate) fn not_run(verdict: String) -> Self {
-        Self {
-            verdict,
-            exit: "not run".into(),
-            stderr_tail: String::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct VerdictAck {
-    /// False when the attempt had already finished or the verdict was already there.
-    pub written: bool,
-    pub attempt_finished: bool,
-}
-
-/// A durable claim on one step attempt, as stored in the Dagster instance
-/// (docs/guarantees.md, "Claims").
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Claim {
-    /// The controller id of the holder.
-    pub holder: String,
-    /// Fresh per claim: tells a restarted holder with the same id from the one before it.
-    pub token: String,
-    /// The message the holder runs the attempt for.
-    pub message_id: String,
-    /// Bumped by the holder while it holds a live lease on that message.
-    #[serde(default)]
-    pub beat: u64,
-    /// Set when the attempt ended with a controller verdict: it is not run again.
-    #[serde(default)]
-    pub ended: Option<String>,
-}
-
-/// The answer to a claim.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct ClaimAnswer {
-    pub claimed: bool,
-    /// The claim as it stands now (`None`: released in between, ask again).
-    pub current: Option<Claim>,
-    /// With `claimed`: the attempt's state, read after the claim was taken.
-    #[serde(default)]
-    pub state: Option<StepState>,
-}
-
-/// What a controller asks for when it claims an attempt.
-#[derive(Debug, Clone, Copy)]
-pub struct ClaimBid<'a> {
-    pub holder: &'a str,
-    pub token: &'a str,
-    pub message_id: &'a str,
-    /// Take over the claim that holds this token (and no other).
-    pub replace_token: Option<&'a str>,
-}
-
-/// A claim this controller holds, as renewed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HeldClaim {
-    pub run_id: String,
-    pub step_key: String,
-    pub attempt: u32,
-    pub token: String,
-    pub message_id: String,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BridgeError {
-    #[error("Dagster bridge unavailable: {0}")]
-    Unavailable(String),
-    #[error("Dagster bridge did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("Dagster bridge rejected the request ({kind}): {message}")]
-    Rejected { kind: String, message: String },
-    #[error("Dagster raised in the bridge: {0}")]
-    Internal(String),
-}
-
-impl BridgeError {
-    /// Whether trying again later may succeed.
-    pub(crate) fn is_transient(&self) -> bool {
-        !matches!(self, BridgeError::Rejected { .. })
-    }
-}
-
-impl crate::retry::Transient for BridgeError {
-    fn is_transient(&self) -> bool {
-        BridgeError::is_transient(self)
-    }
-}
-
-/// Reads and writes Dagster state for the controller.
-#[async_trait]
-pub trait DagsterBridge: Send + Sync + 'static {
-    /// Status of each run (`None` for an unknown run), in one round trip. The bridge then
-    /// watches exactly these runs of that instance and reports changes through
-    /// [`DagsterBridge::subscribe`].
-    async fn run_statuses(
-        &self,
-        instance_ref: &Value,
-        run_ids: &[String],
-    ) -> Result<HashMap<String, Option<RunStatus>>, BridgeError>;
-
-    /// What the event log says about the request's step attempt.
-    async fn step_state(&self, step: &StepRequest) -> Result<StepState, BridgeError>;
-
-    /// Writes the verdict engine event that the executor's health check turns into a
-    /// failure or a retry. Idempotent.
-    async fn report_verdict(
-        &self,
-        step: &StepRequest,
-        verdict: &Verdict,
-    ) -> Result<VerdictAck, BridgeError>;
-
-    /// Writes an informational engine event for the step.
-    async fn report_event(
-        &self,
-        step: &StepRequest,
-        message: &str,
-        metadata: &BTreeMap<String, String>,
-    ) -> Result<(), BridgeError>;
-
-    /// Claims the attempt durably, or tells who holds it.
-    async fn claim_attempt(
-        &self,
-        step: &StepRequest,
-        bid: &ClaimBid<'_>,
-    ) -> Result<ClaimAnswer, BridgeError>;
-
-    /// Renews claims of one instance; `false` where the claim is no longer held.
-    async fn renew_claims(
-        &self,
-        instance_ref: &Value,
-        claims: &[HeldClaim],
-    ) -> Result<Vec<bool>, BridgeError>;
-
-    /// Lets go of a claim: removed, or kept as the record of the verdict `ended`.
-    async fn release_claim(
-        &self,
-        step: &StepRequest,
-        token: &str,
-        ended: Option<&str>,
-    ) -> Result<bool, BridgeError>;
-
-    /// Notices about watched runs, as they happen.
-    fn subscribe(&self) -> broadcast::Receiver<BridgePush>;
-}
-
-/// What the sidecar says about itself and the controller's (pinned) Dagster instance.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct BridgeInfo {
-    pub dagster_version: String,
-    /// The packed `InstanceRef` of the controller's instance: every step runs against it.
-    pub instance_ref: Value,
-    /// `module.Class` of each of its storages, by `InstanceRef` field.
-    #[serde(default)]
-    pub storages: BTreeMap<String, String>,
-}
-
-impl BridgeInfo {
-    /// Whether a message's `instance_ref` names storages of other classes than the pinned
-    /// instance's (it is ignored either way; paths differ legitimately between hosts).
-    pub(crate) fn is_foreign(&self, instance_ref: &Value) -> bool {
-        if instance_ref.is_null() {
-            return false;
-        }
-        self.storages.iter().any(|(field, class)| {
-            let data = &instance_ref[field.as_str()];
-            let named = format!(
-                "{}.{}",
-                data["module_name"].as_str().unwrap_or_default(),
-                data["class_name"].as_str().unwrap_or_default()
-            );
-            &named != class
-        })
-    }
-}
+/// How long a new sidecar may take to answer its first request.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// How to start the sidecar.
 #[derive(Debug, Clone)]
 pub struct SidecarConfig {
-    pub python: PathBuf,
-    /// Per-request deadline.
+    /// The program, e.g. the Python interpreter.
+    pub program: PathBuf,
+    /// Its arguments, e.g. `["-m", "dagster_taskiq_controller.bridge"]`.
+    pub args: Vec<String>,
+    /// Per-request deadline; a request past it gets the sidecar killed.
     pub request_timeout: Duration,
+    /// Deadline of the requests to a sidecar that has not answered yet: importing Dagster
+    /// can take long on a busy host.
+    pub startup_timeout: Duration,
+    /// Most requests waiting for an answer at once.
+    pub queue_limit: usize,
+}
+
+impl SidecarConfig {
+    /// `<python> -m <module>`.
+    pub fn python(
+        python: &Path,
+        module: &str,
+        request_timeout: Duration,
+        queue_limit: usize,
+    ) -> Self {
+        Self {
+            program: python.to_owned(),
+            args: vec!["-m".into(), module.into()],
+            request_timeout,
+            startup_timeout: STARTUP_TIMEOUT,
+            queue_limit,
+        }
+    }
+}
+
+/// Where the sidecar process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SidecarState {
+    /// Nothing asked yet.
+    NotStarted,
+    /// Started; it has not answered yet (Python is importing Dagster).
+    Starting,
+    /// It has answered since it started.
+    Running,
+    /// Killed or exited; the next request starts a new one.
+    Down,
+    /// Stopped on purpose (shutdown).
+    Stopped,
+}
+
+/// Why a sidecar was started, or why the last one ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartCause {
+    /// The first start.
+    Start,
+    /// The sidecar exited by itself (crashed, was killed by someone else).
+    Exited,
+    /// A request passed the deadline and the controller killed the sidecar.
+    Timeout,
+}
+
+impl RestartCause {
+    /// The `cause` label of `bridge_restarts_total`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RestartCause::Start => "start",
+            RestartCause::Exited => "exited",
+            RestartCause::Timeout => "timeout",
+        }
+    }
+}
+
+/// The sidecar as `/readyz` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SidecarStatus {
+    pub state: SidecarState,
+    /// Starting or running: why this sidecar was started; down: why the last one ended.
+    pub cause: RestartCause,
+    pub pid: Option<u32>,
+}
+
+impl SidecarStatus {
+    /// Whether requests are being answered now.
+    pub fn is_running(&self) -> bool {
+        self.state == SidecarState::Running
+    }
+}
+
+/// The status, written by the tasks of one sidecar generation: a late write from the tasks
+/// of a sidecar that was already replaced is ignored.
+#[derive(Clone)]
+struct StatusCell(Arc<Mutex<(u64, SidecarStatus)>>);
+
+impl StatusCell {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new((
+            0,
+            SidecarStatus {
+                state: SidecarState::NotStarted,
+                cause: RestartCause::Start,
+                pid: None,
+            },
+        ))))
+    }
+
+    fn get(&self) -> SidecarStatus {
+        self.0.lock().1
+    }
+
+    /// A new sidecar generation starts.
+    fn start(&self, generation: u64, cause: RestartCause, pid: u32) {
+        *self.0.lock() = (
+            generation,
+            SidecarStatus {
+                state: SidecarState::Starting,
+                cause,
+                pid: Some(pid),
+            },
+        );
+    }
+
+    /// Changes the status if `generation` is still the current sidecar.
+    fn update(&self, generation: u64, change: impl FnOnce(&mut SidecarStatus)) {
+        let mut current = self.0.lock();
+        if current.0 == generation {
+            change(&mut current.1);
+        }
+    }
 }
 
 /// [`DagsterBridge`] backed by the Python sidecar.
@@ -312,19 +174,37 @@ pub struct SidecarBridge {
     config: SidecarConfig,
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
+    generations: AtomicU64,
     connection: tokio::sync::Mutex<Option<Connection>>,
     pushes: broadcast::Sender<BridgePush>,
+    status: StatusCell,
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 
 struct Connection {
-    requests: mpsc::UnboundedSender<String>,
+    generation: u64,
+    pid: u32,
+    requests: mpsc::Sender<String>,
     pending: Pending,
     /// Cancelled when the sidecar has exited.
     exited: CancellationToken,
     /// Cancel to stop the sidecar.
     stop: CancellationToken,
+    /// Killed because a request passed its deadline; it may not have exited yet.
+    wedged: Arc<AtomicBool>,
+    /// It has answered a request.
+    answered: Arc<AtomicBool>,
+}
+
+impl Connection {
+    fn usable(&self) -> bool {
+        !self.is_wedged() && !self.exited.is_cancelled()
+    }
+
+    fn is_wedged(&self) -> bool {
+        self.wedged.load(Ordering::Relaxed)
+    }
 }
 
 /// One line from the sidecar: a push, or the answer to a request.
@@ -351,33 +231,57 @@ struct ErrorBody {
     message: String,
 }
 
+/// The result of `run_status`.
+#[derive(Deserialize)]
+struct Statuses {
+    statuses: HashMap<String, Option<RunStatus>>,
+}
+
+/// SIGKILL to the sidecar's process group (it leads its own group): nothing it started
+/// survives it.
+fn kill_group(pid: u32) {
+    let Ok(pid) = i32::try_from(pid) else {
+        return;
+    };
+    if let Err(e) = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    ) {
+        tracing::debug!(pid, %e, "killing the Dagster bridge's process group failed");
+    }
+}
+
 impl SidecarBridge {
     pub fn new(config: SidecarConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             config,
             metrics,
             next_id: AtomicU64::new(1),
+            generations: AtomicU64::new(0),
             connection: tokio::sync::Mutex::new(None),
             pushes: broadcast::channel(PUSH_BUFFER).0,
+            status: StatusCell::new(),
         }
     }
 
     /// Starts the sidecar now, opens the controller's Dagster instance and describes it.
-    /// Importing Dagster can take long on a busy host, so this waits up to `startup`.
-    pub async fn ping(&self, startup: Duration) -> Result<BridgeInfo, BridgeError> {
-        let result = self.call_within("ping", json!({}), startup).await?;
+    /// Importing Dagster can take long on a busy host: this waits up to the startup timeout.
+    pub async fn ping(&self) -> Result<BridgeInfo, BridgeError> {
+        let result = self.call("ping", json!({"describe": true})).await?;
         parse("ping", result)
     }
 
-    /// True while a sidecar process is running.
-    pub(crate) async fn is_alive(&self) -> bool {
-        let guard = self.connection.lock().await;
-        guard.as_ref().is_some_and(|c| !c.exited.is_cancelled())
+    /// The sidecar's state, for `/readyz`.
+    pub fn status(&self) -> SidecarStatus {
+        self.status.get()
     }
 
     /// Stops the sidecar (closing its stdin first so it exits by itself).
     pub async fn close(&self) {
         if let Some(connection) = self.connection.lock().await.take() {
+            self.status.update(connection.generation, |s| {
+                s.state = SidecarState::Stopped;
+            });
             drop(connection.requests);
             connection.stop.cancel();
             connection.exited.cancelled().await;
@@ -423,25 +327,54 @@ impl SidecarBridge {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let line = json!({"id": id, "method": method, "params": params}).to_string();
         let (tx, rx) = oneshot::channel();
-        let pending = {
+        let (pending, generation, deadline) = {
             let mut guard = self.connection.lock().await;
-            let connection = match guard.as_ref() {
-                Some(c) if !c.exited.is_cancelled() => c,
-                _ => {
-                    self.metrics.bridge_restarts.inc();
-                    guard.insert(self.spawn()?)
-                }
-            };
-            connection.pending.lock().insert(id, tx);
-            if connection.requests.send(line).is_err() {
-                connection.pending.lock().remove(&id);
-                return Err(BridgeError::Unavailable("sidecar stdin closed".into()));
+            if !guard.as_ref().is_some_and(Connection::usable) {
+                let cause = match guard.as_ref() {
+                    None => RestartCause::Start,
+                    Some(old) if old.is_wedged() => RestartCause::Timeout,
+                    Some(_) => RestartCause::Exited,
+                };
+                let connection = self.spawn(cause)?;
+                self.metrics
+                    .bridge_restarts
+                    .get_or_create(&[("cause", cause.name())])
+                    .inc();
+                *guard = Some(connection);
             }
-            connection.pending.clone()
+            let connection = guard
+                .as_ref()
+                .expect("a usable connection was just ensured");
+            {
+                let mut pending = connection.pending.lock();
+                if pending.len() >= self.config.queue_limit {
+                    return Err(BridgeError::Busy(pending.len()));
+                }
+                pending.insert(id, tx);
+            }
+            if let Err(e) = connection.requests.try_send(line) {
+                connection.pending.lock().remove(&id);
+                return Err(match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        BridgeError::Busy(self.config.queue_limit)
+                    }
+                    mpsc::error::TrySendError::Closed(_) => {
+                        BridgeError::Unavailable("sidecar stdin closed".into())
+                    }
+                });
+            }
+            // A new sidecar is still importing Dagster: that is not a hang.
+            let deadline = if connection.answered.load(Ordering::Relaxed) {
+                deadline
+            } else {
+                deadline.max(self.config.startup_timeout)
+            };
+            (connection.pending.clone(), connection.generation, deadline)
         };
         match tokio::time::timeout(deadline, rx).await {
             Err(_) => {
                 pending.lock().remove(&id);
+                self.kill_wedged(generation, method, deadline).await;
                 Err(BridgeError::Timeout(deadline))
             }
             Ok(Err(_)) => Err(BridgeError::Unavailable(
@@ -464,26 +397,58 @@ impl SidecarBridge {
         }
     }
 
-    fn spawn(&self) -> Result<Connection, BridgeError> {
-        let mut child = Command::new(&self.config.python)
-            .args(["-m", "dagster_taskiq_controller.bridge"])
+    /// A request to sidecar `generation` passed its deadline: the sidecar is wedged (a
+    /// storage call that never returns, a deadlock), and every request behind it would wait
+    /// as long. Kill its process group; the requests still waiting fail when it exits, and
+    /// the next request starts a new sidecar.
+    async fn kill_wedged(&self, generation: u64, method: &'static str, deadline: Duration) {
+        let mut guard = self.connection.lock().await;
+        let Some(connection) = guard.as_mut() else {
+            return;
+        };
+        if connection.generation != generation || !connection.usable() {
+            return; // already replaced or condemned
+        }
+        connection.wedged.store(true, Ordering::Relaxed);
+        tracing::warn!(
+            pid = connection.pid,
+            method,
+            ?deadline,
+            waiting = connection.pending.lock().len(),
+            "Dagster bridge did not answer in time: killing it; the next request starts a new one"
+        );
+        self.status.update(generation, |s| {
+            s.state = SidecarState::Down;
+            s.cause = RestartCause::Timeout;
+        });
+        kill_group(connection.pid);
+    }
+
+    fn spawn(&self, cause: RestartCause) -> Result<Connection, BridgeError> {
+        let mut child = Command::new(&self.config.program)
+            .args(&self.config.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group, so that killing it reaches whatever it started.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
                 BridgeError::Unavailable(format!(
-                    "cannot start {} -m dagster_taskiq_controller.bridge: {e}",
-                    self.config.python.display()
+                    "cannot start {} {}: {e}",
+                    self.config.program.display(),
+                    self.config.args.join(" ")
                 ))
             })?;
         let pid = child.id().unwrap_or_default();
-        tracing::info!(pid, "Dagster bridge started");
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        self.status.start(generation, cause, pid);
+        tracing::info!(pid, cause = cause.name(), "Dagster bridge started");
         let mut stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
-        let (requests, mut request_rx) = mpsc::unbounded_channel::<String>();
+        let (requests, mut request_rx) = mpsc::channel::<String>(self.config.queue_limit);
         let pending: Pending = Arc::default();
         let exited = CancellationToken::new();
         let stop = CancellationToken::new();
@@ -500,11 +465,20 @@ impl SidecarBridge {
         let reader_pending = pending.clone();
         let pushes = self.pushes.clone();
         let metrics = self.metrics.clone();
+        let reader_status = self.status.clone();
+        let answered = Arc::new(AtomicBool::new(false));
+        let reader_answered = answered.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 match serde_json::from_str::<Line>(&line) {
                     Ok(Line::Response(response)) => {
+                        reader_answered.store(true, Ordering::Relaxed);
+                        reader_status.update(generation, |s| {
+                            if s.state == SidecarState::Starting {
+                                s.state = SidecarState::Running;
+                            }
+                        });
                         let waiter = reader_pending.lock().remove(&response.id);
                         if let Some(waiter) = waiter {
                             let _ = waiter.send(response);
@@ -532,6 +506,9 @@ impl SidecarBridge {
         let waiter_exited = exited.clone();
         let waiter_stop = stop.clone();
         let waiter_pending = pending.clone();
+        let waiter_status = self.status.clone();
+        let wedged = Arc::new(AtomicBool::new(false));
+        let waiter_wedged = wedged.clone();
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
@@ -540,7 +517,7 @@ impl SidecarBridge {
                     match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
                         Ok(status) => status,
                         Err(_) => {
-                            let _ = child.start_kill();
+                            kill_group(pid);
                             child.wait().await
                         }
                     }
@@ -548,6 +525,8 @@ impl SidecarBridge {
             };
             if waiter_stop.is_cancelled() {
                 tracing::info!(pid, ?status, "Dagster bridge stopped");
+            } else if waiter_wedged.load(Ordering::Relaxed) {
+                tracing::info!(pid, ?status, "hung Dagster bridge killed");
             } else {
                 tracing::warn!(
                     pid,
@@ -555,15 +534,25 @@ impl SidecarBridge {
                     "Dagster bridge exited; restarting on next request"
                 );
             }
+            waiter_status.update(generation, |s| {
+                if matches!(s.state, SidecarState::Starting | SidecarState::Running) {
+                    s.state = SidecarState::Down;
+                    s.cause = RestartCause::Exited;
+                }
+            });
             // Dropping the senders wakes every waiter with an error.
             waiter_pending.lock().clear();
             waiter_exited.cancel();
         });
         Ok(Connection {
+            generation,
+            pid,
             requests,
             pending,
             exited,
             stop,
+            wedged,
+            answered,
         })
     }
 }
@@ -590,10 +579,6 @@ impl DagsterBridge for SidecarBridge {
         instance_ref: &Value,
         run_ids: &[String],
     ) -> Result<HashMap<String, Option<RunStatus>>, BridgeError> {
-        #[derive(Deserialize)]
-        struct Statuses {
-            statuses: HashMap<String, Option<RunStatus>>,
-        }
         let result = self
             .call(
                 "run_status",
@@ -627,7 +612,7 @@ impl DagsterBridge for SidecarBridge {
         &self,
         step: &StepRequest,
         message: &str,
-        metadata: &BTreeMap<String, String>,
+        metadata: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), BridgeError> {
         let mut params = step_params(step);
         params.insert("message".into(), message.into());
@@ -685,17 +670,37 @@ impl DagsterBridge for SidecarBridge {
         Ok(parse::<Released>("release_claim", result)?.released)
     }
 
+    async fn probe(
+        &self,
+        instance_ref: Option<&Value>,
+        run_id: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        let mut params = serde_json::Map::new();
+        if let Some(instance_ref) = instance_ref {
+            params.insert("instance_ref".into(), instance_ref.clone());
+        }
+        if let Some(run_id) = run_id {
+            params.insert("run_id".into(), run_id.into());
+        }
+        self.call("ping", Value::Object(params)).await.map(|_| ())
+    }
+
+    async fn revive(&self) {
+        let condemned = {
+            let guard = self.connection.lock().await;
+            // Never started, or closed: nothing to revive.
+            guard.as_ref().is_some_and(|c| !c.usable())
+        };
+        if condemned {
+            if let Err(e) = self.probe(None, None).await {
+                tracing::debug!(%e, "restarting the Dagster bridge failed; trying again later");
+            }
+        }
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<BridgePush> {
         self.pushes.subscribe()
     }
-}
-
-/// The bridge's flags.
-#[derive(Debug, Clone, clap::Args)]
-pub struct BridgeArgs {
-    /// Deadline of one Dagster bridge request, in seconds.
-    #[arg(long, env = "DAGSTER_TASKIQ_BRIDGE_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
-    pub bridge_timeout: Duration,
 }
 
 #[cfg(test)]
@@ -736,5 +741,17 @@ mod tests {
         ));
         // An unknown push kind is neither: logged and skipped by the reader.
         assert!(serde_json::from_str::<Line>(r#"{"push": "other"}"#).is_err());
+    }
+
+    #[test]
+    fn a_run_status_batch_with_an_unknown_status_still_parses() {
+        let result =
+            serde_json::json!({"statuses": {"r1": "SUSPENDED", "r2": "CANCELED", "r3": null}});
+        let statuses = parse::<Statuses>("run_status", result)
+            .expect("one unknown status must not fail the whole poll")
+            .statuses;
+        assert_eq!(statuses["r1"], Some(RunStatus::Other("SUSPENDED".into())));
+        assert_eq!(statuses["r2"], Some(RunStatus::Canceled));
+        assert_eq!(statuses["r3"], None);
     }
 }
