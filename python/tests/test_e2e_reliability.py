@@ -26,6 +26,7 @@ from faultproxy import FaultProxy
 from ledger import executions, overlaps
 
 from dagster_taskiq_controller_testing import faulty_bridge
+from dagster_taskiq_controller_testing.postgres import PostgresServer, TcpRelay, write_dagster_yaml
 from dagster_taskiq_controller_testing.stack import Controller, MotoServer, Queues, create_queues
 
 pytestmark = pytest.mark.controller
@@ -595,3 +596,38 @@ def test_a_dagster_outage_of_a_minute_spends_no_attempts_and_the_run_succeeds(be
     # The outage charged no delivery: every message was received once.
     assert {r["receive_count"] for r in records} == {1}, records
     assert overlaps(bed.ledger) == []
+
+
+@pytest.mark.parametrize("dagster_storage", ["postgres"])
+def test_three_minutes_without_the_database_for_the_controller_dead_letter_nothing(
+    bed: Bed, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """The controller (and the steps it starts) reach the run's PostgreSQL database through a
+    relay that is cut for three minutes; the run worker keeps its own connection."""
+    database = postgres_url.rsplit("/", 1)[1]
+    with TcpRelay(postgres_server.port) as relay:
+        home = write_dagster_yaml(
+            bed.tmp_path / "controller_home", postgres_server.url(database, port=relay.port)
+        )
+        controller = bed.controller("--max-attempts", "2", env={"DAGSTER_HOME": str(home)})
+        thread, outcome = run_in_background(bed.instance, "chaos")
+        wait_for(lambda: running_pids(controller), 90, "a step running")
+        relay.cut()
+        cut_at = time.monotonic()
+        _, body = wait_for(
+            lambda: (r := readiness(controller))[0] == 503 and r, 60, "/readyz to say not ready"
+        )
+        assert "dagster_unreachable" in body["reasons"], body
+        # Far past --max-attempts 2 with a 3 s backoff cap: nothing dead-lettered.
+        threading.Event().wait(max(0.0, 180 - (time.monotonic() - cut_at)))
+        assert readiness(controller)[0] == 503
+        assert dlq_empty(bed)
+        assert "messages_dead_lettered_total" not in metrics(controller)
+        relay.restore()
+
+        thread.join(300)
+        assert outcome.get("success") is True
+        wait_for(bed.queue_empty, 60, "every message to be deleted")
+        assert dlq_empty(bed)
+        wait_for(lambda: readiness(controller)[0] == 200, 30, "/readyz to say ready again")
+        assert overlaps(bed.ledger) == []
