@@ -23,7 +23,7 @@ use tokio::process::Command;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::StepRequest;
+use crate::envelope::{AttemptId, StepRequest};
 use crate::metrics::Metrics;
 
 use crate::flags::parse_seconds;
@@ -109,6 +109,11 @@ impl BridgePush {
 /// run-status poll recovers anything dropped.
 const PUSH_BUFFER: usize = 1024;
 
+/// Engine event metadata keys shared with the executor (`contract.META_*` in Python): the
+/// attempt and task id an event of the controller is about.
+pub(crate) const META_ATTEMPT: &str = "dagster_taskiq_controller/attempt";
+pub(crate) const META_TASK_ID: &str = "dagster_taskiq_controller/task_id";
+
 /// The controller's account of an attempt that ended without a terminal event.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
@@ -179,10 +184,11 @@ pub trait DagsterBridge: Send + Sync + 'static {
     async fn step_state(&self, step: &StepRequest) -> Result<StepState, BridgeError>;
 
     /// Writes the verdict engine event that the executor's health check turns into a
-    /// failure or a retry. Idempotent.
+    /// failure or a retry. Idempotent per task id. Takes the attempt alone: a message that
+    /// failed validation may still name it ([`crate::envelope::Identity`]).
     async fn report_verdict(
         &self,
-        step: &StepRequest,
+        attempt: &AttemptId,
         verdict: &Verdict,
     ) -> Result<VerdictAck, BridgeError>;
 
@@ -472,12 +478,16 @@ impl SidecarBridge {
 }
 
 fn step_params(step: &StepRequest) -> serde_json::Map<String, Value> {
+    attempt_params(&step.id())
+}
+
+fn attempt_params(attempt: &AttemptId) -> serde_json::Map<String, Value> {
     let mut params = serde_json::Map::new();
-    params.insert("instance_ref".into(), step.instance_ref.clone());
-    params.insert("run_id".into(), step.run_id.clone().into());
-    params.insert("step_key".into(), step.step_key.clone().into());
-    params.insert("attempt".into(), step.attempt.into());
-    params.insert("task_id".into(), step.task_id.clone().into());
+    params.insert("instance_ref".into(), attempt.instance_ref.clone());
+    params.insert("run_id".into(), attempt.run_id.clone().into());
+    params.insert("step_key".into(), attempt.step_key.clone().into());
+    params.insert("attempt".into(), attempt.attempt.into());
+    params.insert("task_id".into(), attempt.task_id.clone().into());
     params
 }
 
@@ -515,10 +525,10 @@ impl DagsterBridge for SidecarBridge {
 
     async fn report_verdict(
         &self,
-        step: &StepRequest,
+        attempt: &AttemptId,
         verdict: &Verdict,
     ) -> Result<VerdictAck, BridgeError> {
-        let mut params = step_params(step);
+        let mut params = attempt_params(attempt);
         params.insert("verdict".into(), verdict.verdict.clone().into());
         params.insert("exit".into(), verdict.exit.clone().into());
         params.insert("stderr_tail".into(), verdict.stderr_tail.clone().into());

@@ -164,6 +164,9 @@ pub(crate) enum Outcome {
     Killed,
     /// The lease was lost: the message belongs to someone else now.
     Fenced,
+    /// A hand-off whose continuation never came back (lost, deleted or purged): the
+    /// execution was stopped and Dagster has our verdict; no message is ours to touch.
+    ContinuationLost { cause: String },
     /// Sent to the dead-letter queue.
     DeadLettered {
         reason: DeadLetterReason,
@@ -220,6 +223,7 @@ impl Outcome {
             Outcome::HandedOff => "handed_off",
             Outcome::Killed => "killed",
             Outcome::Fenced => "fenced",
+            Outcome::ContinuationLost { .. } => "continuation_lost",
             Outcome::DeadLettered { reason, .. } => reason.name(),
         }
     }
@@ -237,7 +241,7 @@ impl Outcome {
                 reason: *reason,
                 detail,
             },
-            Outcome::Fenced => Disposition::Nothing,
+            Outcome::Fenced | Outcome::ContinuationLost { .. } => Disposition::Nothing,
         }
     }
 
@@ -249,7 +253,7 @@ impl Outcome {
             Outcome::Requeued | Outcome::HandedOff | Outcome::Killed => StepState::Released,
             Outcome::Released { why, .. } if why.is_backoff() => StepState::Backoff,
             Outcome::Released { .. } => StepState::Released,
-            Outcome::Fenced => StepState::Fenced,
+            Outcome::Fenced | Outcome::ContinuationLost { .. } => StepState::Fenced,
             Outcome::DeadLettered { .. } => StepState::DeadLettered,
         }
     }
@@ -263,6 +267,7 @@ impl Outcome {
                 | Outcome::Verdict { .. }
                 | Outcome::Skipped(_)
                 | Outcome::RunEnded
+                | Outcome::ContinuationLost { .. }
                 | Outcome::DeadLettered { .. }
         )
     }
@@ -329,6 +334,12 @@ mod tests {
                 false,
             ),
             (Outcome::Fenced, Nothing, StepState::Fenced, false),
+            (
+                Outcome::ContinuationLost { cause: "x".into() },
+                Nothing,
+                StepState::Fenced,
+                true,
+            ),
         ];
         for (outcome, disposition, state, result) in &table {
             assert_eq!(outcome.disposition(), *disposition, "{outcome:?}");
