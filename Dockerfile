@@ -76,8 +76,8 @@ RUN set -eu; \
 
 # ---------------------------------------------------------------------------------------------
 # Step image (`--target step`): what an ECS-launched step runs in. The controller overrides the
-# command with `dagster api execute_step` or `python -m dagster_taskiq_controller.ecs_entrypoint`
-# (docs/ecs.md), so the entrypoint is only tini.
+# command with `python -m dagster_taskiq_controller.ecs_entrypoint` (docs/ecs.md), so the
+# entrypoint is only tini.
 FROM ${PYTHON_IMAGE} AS step
 ARG APP_UID=10001
 RUN apt-get update \

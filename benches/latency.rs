@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
+use dagster_taskiq_controller::claims::ClaimTable;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
 use dagster_taskiq_controller::fakes::{step_body, FakeBridge};
 use dagster_taskiq_controller::health::Health;
@@ -101,6 +102,7 @@ async fn round(moto: &common::Moto, n: usize) -> Round {
             run_status_interval: Duration::from_secs(1),
             adoption_window: Duration::from_secs(90),
             waiting_limit: None,
+            instance: Default::default(),
         },
         queue: Arc::new(queue),
         launcher: Arc::new(ProcessLauncher::new(ProcessLauncherConfig {
@@ -116,6 +118,7 @@ async fn round(moto: &common::Moto, n: usize) -> Round {
             Duration::from_secs(43_200),
             metrics.clone(),
         )),
+        claims: Arc::new(ClaimTable::new(Duration::from_secs(600), metrics.clone())),
         steps: steps.clone(),
         metrics: metrics.clone(),
         health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10))),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dagster_taskiq_controller::admission::{Admission, AdmissionConfig, Ticket};
+use dagster_taskiq_controller::claims::ClaimTable;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
 use dagster_taskiq_controller::fakes::{step_body, FakeBridge, FakeLauncher, FakeQueue};
 use dagster_taskiq_controller::health::Health;
@@ -113,6 +114,7 @@ async fn pipeline() -> PipelineResult {
             run_status_interval: Duration::from_secs(1),
             adoption_window: Duration::from_secs(180),
             waiting_limit: None,
+            instance: Default::default(),
         },
         queue: Arc::new(queue.clone()),
         launcher: Arc::new(launcher.clone()),
@@ -123,6 +125,7 @@ async fn pipeline() -> PipelineResult {
             Duration::from_secs(43_200),
             metrics.clone(),
         )),
+        claims: Arc::new(ClaimTable::new(Duration::from_secs(600), metrics.clone())),
         steps: Arc::new(StepTable::default()),
         metrics,
         health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(20))),

@@ -294,15 +294,21 @@ async fn check_bridge(args: &RunArgs, report: &mut Report) {
     const NAME: &str = "dagster bridge";
     let bridge = SidecarBridge::new(
         SidecarConfig {
-            python: args.python.clone(),
-            request_timeout: args.bridge.bridge_timeout,
+            startup_timeout: BRIDGE_STARTUP,
+            ..args.bridge.sidecar_config(&args.python)
         },
         Arc::new(Metrics::new()),
     );
-    let outcome = match bridge.ping(BRIDGE_STARTUP).await {
-        Ok(version) => Outcome::Passed(format!(
-            "{} runs the bridge with dagster {version}",
-            args.python.display()
+    let outcome = match bridge.ping().await {
+        Ok(info) => Outcome::Passed(format!(
+            "{} runs the bridge with dagster {} on the instance of DAGSTER_HOME ({})",
+            args.python.display(),
+            info.dagster_version,
+            info.storages
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
         Err(e) => Outcome::Failed(format!(
             "the bridge does not start with {}: {e}. Point --python (DAGSTER_TASKIQ_PYTHON) at \

@@ -85,6 +85,10 @@ pub struct StepRequest {
     /// Keep the step's serialized event lines for a taskiq result (set when a result bucket
     /// is configured, see `crate::results`); launchers that cannot capture output ignore it.
     pub collect_events: bool,
+    /// Set by the controller when an earlier execution of the attempt may have started (a
+    /// redelivery, a claim taken over): the step then runs without Dagster's step
+    /// verification (`should_verify_step`), which refuses an attempt that has started once.
+    pub relaunch: bool,
 }
 
 /// A step attempt as Dagster knows it: what the bridge needs to write about it.
@@ -325,6 +329,7 @@ pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest,
         receive_count: 0,
         print_serialized_events: packed.print_serialized_events == Value::Bool(true),
         collect_events: false,
+        relaunch: false,
     })
 }
 
@@ -346,7 +351,7 @@ impl StepRequest {
         let mut encoder =
             flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         encoder
-            .write_all(self.step_args_json.get().as_bytes())
+            .write_all(self.step_args_text().as_bytes())
             .expect("writing to a Vec cannot fail");
         let compressed = encoder.finish().expect("writing to a Vec cannot fail");
         base64::engine::general_purpose::STANDARD.encode(compressed)
@@ -420,6 +425,37 @@ fn attempt_named(message: &Value, task_id: &str) -> Option<AttemptId> {
         instance_ref,
     })
 }
+
+impl StepRequest {
+    /// The packed args the step runs with: as they arrived, except that they name the
+    /// controller's instance (`instance_ref`, pinned by the controller) and that a relaunch
+    /// turns Dagster's step verification off.
+    pub(crate) fn step_args_text(&self) -> std::borrow::Cow<'_, str> {
+        let text = self.step_args_json.get();
+        let Ok(mut args) = serde_json::from_str::<serde_json::Map<String, Value>>(text) else {
+            return text.into(); // decode checked it is an object
+        };
+        let mut changed = false;
+        if args.get(INSTANCE_FIELD) != Some(&self.instance_ref) {
+            args.insert(INSTANCE_FIELD.to_owned(), self.instance_ref.clone());
+            changed = true;
+        }
+        if self.relaunch && args.get(VERIFY_FIELD) == Some(&Value::Bool(true)) {
+            args.insert(VERIFY_FIELD.to_owned(), Value::Bool(false));
+            changed = true;
+        }
+        if changed {
+            Value::Object(args).to_string().into()
+        } else {
+            text.into()
+        }
+    }
+}
+
+/// `ExecuteStepArgs.instance_ref`: the instance the step opens.
+const INSTANCE_FIELD: &str = "instance_ref";
+/// `ExecuteStepArgs.should_verify_step`, which the executor sets.
+const VERIFY_FIELD: &str = "should_verify_step";
 
 /// A label's value, treating an empty string as absent.
 fn label<'a>(labels: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
@@ -561,6 +597,25 @@ mod tests {
             .read_to_string(&mut text)
             .unwrap();
         assert_eq!(text, req.step_args_json.get());
+    }
+
+    #[test]
+    fn a_relaunch_runs_without_dagsters_step_verification() {
+        let mut args = packed("r", "s", 0);
+        args["should_verify_step"] = true.into();
+        let mut req = decode(&body(serde_json::json!({}), args)).unwrap();
+        assert_eq!(
+            req.step_args_text(),
+            req.step_args_json.get(),
+            "a first launch verifies"
+        );
+        req.relaunch = true;
+        let relaunched: Value = serde_json::from_str(&req.step_args_text()).unwrap();
+        assert_eq!(relaunched["should_verify_step"], Value::Bool(false));
+        assert_eq!(
+            relaunched["pipeline_run_id"], "r",
+            "everything else as sent"
+        );
     }
 
     #[test]

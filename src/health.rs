@@ -1,7 +1,9 @@
-//! Liveness and readiness facts the probes read: heartbeats of the controller's loops and the
-//! result of the last SQS call. Writers are the loops themselves, so a probe never calls out.
+//! Liveness and readiness facts the probes read: heartbeats of the controller's loops, the
+//! result of the last SQS call and the Dagster instances that do not answer. Writers are the
+//! loops themselves, so a probe never calls out.
 
 use parking_lot::Mutex;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -87,6 +89,40 @@ pub(crate) struct QueueContact {
     pub error: Option<String>,
 }
 
+/// Why Dagster cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum OutageCause {
+    /// The bridge sidecar is down, hung (and killed) or restarting.
+    Sidecar,
+    /// Dagster's storage raised for a request and for a probe of the same instance.
+    Storage,
+}
+
+impl OutageCause {
+    pub(crate) const ALL: [OutageCause; 2] = [OutageCause::Sidecar, OutageCause::Storage];
+
+    /// The `cause` label of the outage metrics.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            OutageCause::Sidecar => "sidecar",
+            OutageCause::Storage => "storage",
+        }
+    }
+}
+
+/// A Dagster instance that does not answer.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct DagsterOutage {
+    pub cause: OutageCause,
+    pub since: DateTime<Utc>,
+    /// The latest failure.
+    pub error: String,
+    /// The instance (its ref), which probes ask again.
+    #[serde(skip)]
+    pub instance_ref: serde_json::Value,
+}
+
 /// Everything `/healthz` and `/readyz` read.
 #[derive(Debug)]
 pub struct Health {
@@ -95,6 +131,10 @@ pub struct Health {
     /// The lease keeper (extends visibility).
     pub lease_keeper: Heartbeat,
     queue: Mutex<Option<QueueContact>>,
+    /// Unreachable Dagster instances, by their ref as JSON text.
+    dagster: Mutex<BTreeMap<String, DagsterOutage>>,
+    /// Woken when an instance answers again.
+    dagster_back: tokio::sync::Notify,
 }
 
 /// How often the intake beats while it waits for room; well inside its stale bound.
@@ -111,7 +151,66 @@ impl Health {
             ),
             lease_keeper: Heartbeat::new("lease_keeper", heartbeat_interval * 3 + SLACK),
             queue: Mutex::new(None),
+            dagster: Mutex::default(),
+            dagster_back: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Records that the instance does not answer; true when it answered until now.
+    pub(crate) fn dagster_unreachable(
+        &self,
+        instance_ref: &serde_json::Value,
+        cause: OutageCause,
+        error: String,
+    ) -> bool {
+        let mut outages = self.dagster.lock();
+        match outages.get_mut(&instance_ref.to_string()) {
+            Some(outage) => {
+                outage.cause = cause;
+                outage.error = error;
+                false
+            }
+            None => {
+                outages.insert(
+                    instance_ref.to_string(),
+                    DagsterOutage {
+                        cause,
+                        since: Utc::now(),
+                        error,
+                        instance_ref: instance_ref.clone(),
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Records that the instance answered; returns the outage this ends, if any.
+    pub(crate) fn dagster_answered(
+        &self,
+        instance_ref: &serde_json::Value,
+    ) -> Option<DagsterOutage> {
+        let mut outages = self.dagster.lock();
+        if outages.is_empty() {
+            return None; // the common case: no JSON text to build
+        }
+        let ended = outages.remove(&instance_ref.to_string());
+        drop(outages);
+        if ended.is_some() {
+            self.dagster_back.notify_waiters();
+        }
+        ended
+    }
+
+    /// The instances that do not answer now.
+    pub(crate) fn dagster_outages(&self) -> Vec<DagsterOutage> {
+        self.dagster.lock().values().cloned().collect()
+    }
+
+    /// Completes when some instance answers again (enable it before checking
+    /// [`Health::dagster_outages`], or a wake in between is missed).
+    pub(crate) fn dagster_back(&self) -> tokio::sync::futures::Notified<'_> {
+        self.dagster_back.notified()
     }
 
     /// Records the outcome of a call that reached (or failed to reach) SQS.
@@ -153,6 +252,26 @@ mod tests {
         assert_eq!(beat.report().status, "stale");
         beat.stop();
         assert_eq!(beat.report().status, "stopped");
+    }
+
+    #[test]
+    fn an_outage_lasts_until_its_instance_answers() {
+        let health = Health::new(Duration::from_secs(20), Duration::from_secs(20));
+        let (a, b) = (serde_json::json!({"a": 1}), serde_json::json!(null));
+        assert!(health.dagster_unreachable(&a, OutageCause::Sidecar, "down".into()));
+        assert!(!health.dagster_unreachable(&a, OutageCause::Storage, "raised".into()));
+        assert!(health.dagster_unreachable(&b, OutageCause::Storage, "raised".into()));
+        let outages = health.dagster_outages();
+        assert_eq!(outages.len(), 2);
+        assert!(outages
+            .iter()
+            .all(|o| o.cause == OutageCause::Storage && o.error == "raised"));
+        assert_eq!(
+            health.dagster_answered(&a).map(|o| o.instance_ref),
+            Some(a.clone())
+        );
+        assert!(health.dagster_answered(&a).is_none());
+        assert_eq!(health.dagster_outages().len(), 1);
     }
 
     #[test]

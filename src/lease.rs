@@ -146,10 +146,25 @@ impl LeaseTable {
         }
     }
 
+    /// Cancelled when the lease of this held message is lost; `None` when it is not held.
+    pub(crate) fn lost_signal(&self, task_id: &str) -> Option<CancellationToken> {
+        let leases = self.leases.lock();
+        leases.get(task_id).map(|l| l.signals.lost.clone())
+    }
+
     /// The current receipt handle of a held message (`None` while handed off).
     pub(crate) fn receipt_handle(&self, task_id: &str) -> Option<String> {
         let leases = self.leases.lock();
         leases.get(task_id).and_then(|l| l.receipt_handle.clone())
+    }
+
+    /// Whether SQS keeps the message of `task_id` invisible to everyone else right now: held,
+    /// not handed off, and its last extension still runs.
+    pub(crate) fn is_live(&self, task_id: &str) -> bool {
+        let leases = self.leases.lock();
+        leases.get(task_id).is_some_and(|lease| {
+            lease.receipt_handle.is_some() && Instant::now() + SAFETY_MARGIN < lease.expires
+        })
     }
 
     /// Stops holding a message (after ack, release or dead-letter).

@@ -44,6 +44,7 @@
 
 pub mod admission;
 pub mod aws;
+pub mod claims;
 pub mod config;
 pub mod controller;
 pub mod dagster;

@@ -39,6 +39,15 @@ pub struct Metrics {
     pub steps_relaunched: Family<Label, Counter>,
     pub steps_in_flight: Gauge,
     pub leases_held: Gauge,
+    /// Durable attempt claims held (docs/guarantees.md, "Claims").
+    pub claims_held: Gauge,
+    /// Messages whose `instance_ref` named storages other than the controller's instance
+    /// (ignored: steps run against the controller's instance).
+    pub foreign_instance_refs: Counter,
+    /// `result`: ok, error, lost.
+    pub claim_renewals: Family<Label, Counter>,
+    /// `result`: won, took_over, duplicate, ended, unsupported: how claim attempts ended.
+    pub claims: Family<Label, Counter>,
     /// `result`: extended, lost, failed.
     pub lease_extensions: Family<Label, Counter>,
     /// `operation`, `kind`: failures the controller saw through the queue boundary.
@@ -56,7 +65,16 @@ pub struct Metrics {
     /// `method`.
     pub bridge_requests: Family<Label, Counter>,
     pub bridge_errors: Family<Label, Counter>,
-    pub bridge_restarts: Counter,
+    /// `cause` (start, exited, timeout): bridge sidecars started.
+    pub bridge_restarts: Family<Label, Counter>,
+    /// `cause` (sidecar, storage): 1 while Dagster is unreachable for that cause.
+    pub dagster_unreachable: Family<Label, Gauge>,
+    /// `cause` (sidecar, storage): times Dagster became unreachable.
+    pub dagster_outages: Family<Label, Counter>,
+    /// Bridge calls of held messages waiting for Dagster to answer again.
+    pub bridge_calls_held: Gauge,
+    /// 1 while the intake receives nothing because Dagster is unreachable.
+    pub intake_paused: Gauge,
     /// `kind` (run_ended, terminate_step): notices the bridge pushed about watched runs.
     pub bridge_pushes: Family<Label, Counter>,
     /// ECS and S3 API calls of the ECS launcher: `operation`, `result` (ok, throttled,
@@ -110,6 +128,10 @@ impl Metrics {
             steps_relaunched: Family::default(),
             steps_in_flight: Gauge::default(),
             leases_held: Gauge::default(),
+            claims_held: Gauge::default(),
+            foreign_instance_refs: Counter::default(),
+            claim_renewals: Family::default(),
+            claims: Family::default(),
             lease_extensions: Family::default(),
             queue_errors: Family::default(),
             sqs_requests: Family::default(),
@@ -119,7 +141,11 @@ impl Metrics {
             admission_capacity: Gauge::default(),
             bridge_requests: Family::default(),
             bridge_errors: Family::default(),
-            bridge_restarts: Counter::default(),
+            bridge_restarts: Family::default(),
+            dagster_unreachable: Family::default(),
+            dagster_outages: Family::default(),
+            bridge_calls_held: Gauge::default(),
+            intake_paused: Gauge::default(),
             bridge_pushes: Family::default(),
             ecs_api_calls: Family::default(),
             ecs_tasks_tracked: Gauge::default(),
@@ -200,6 +226,26 @@ impl Metrics {
             metrics.leases_held.clone(),
         );
         r.register(
+            "foreign_instance_refs",
+            "Messages naming another Dagster instance than the controller's (ignored)",
+            metrics.foreign_instance_refs.clone(),
+        );
+        r.register(
+            "claims_held",
+            "Durable attempt claims held",
+            metrics.claims_held.clone(),
+        );
+        r.register(
+            "claim_renewals",
+            "Renewals of durable attempt claims, by result",
+            metrics.claim_renewals.clone(),
+        );
+        r.register(
+            "claims",
+            "Claims of step attempts before launch, by result",
+            metrics.claims.clone(),
+        );
+        r.register(
             "lease_extensions",
             "Visibility extensions, by result",
             metrics.lease_extensions.clone(),
@@ -261,8 +307,28 @@ impl Metrics {
         );
         r.register(
             "bridge_restarts",
-            "Times the Dagster bridge sidecar was (re)started",
+            "Times the Dagster bridge sidecar was started, by cause (start, exited, timeout)",
             metrics.bridge_restarts.clone(),
+        );
+        r.register(
+            "dagster_unreachable",
+            "1 while Dagster cannot be asked, by cause (sidecar, storage)",
+            metrics.dagster_unreachable.clone(),
+        );
+        r.register(
+            "dagster_outages",
+            "Times Dagster became unreachable, by cause (sidecar, storage)",
+            metrics.dagster_outages.clone(),
+        );
+        r.register(
+            "bridge_calls_held",
+            "Bridge calls of held messages waiting for Dagster to answer again",
+            metrics.bridge_calls_held.clone(),
+        );
+        r.register(
+            "intake_paused",
+            "1 while the intake receives nothing because Dagster is unreachable",
+            metrics.intake_paused.clone(),
         );
         r.register(
             "bridge_pushes",

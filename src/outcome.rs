@@ -36,6 +36,9 @@ pub(crate) enum Skip {
     AlreadyFinished,
     /// The run is over (canceled, canceling, failed or succeeded): Dagster has our verdict.
     RunEnded,
+    /// Another controller holds the attempt's claim and a live lease on its own message:
+    /// this copy is a duplicate (docs/guarantees.md, "Claims").
+    HeldElsewhere,
 }
 
 /// Why a message is given back to the queue, visible again after a delay.
@@ -218,6 +221,7 @@ impl Outcome {
             Outcome::Verdict { .. } => "verdict",
             Outcome::Skipped(Skip::AlreadyFinished) => "already_finished",
             Outcome::Skipped(Skip::RunEnded) | Outcome::RunEnded => "run_ended",
+            Outcome::Skipped(Skip::HeldElsewhere) => "held_elsewhere",
             Outcome::Requeued => "requeued",
             Outcome::Released { why, .. } => why.name(),
             Outcome::HandedOff => "handed_off",
@@ -259,13 +263,14 @@ impl Outcome {
     }
 
     /// Whether the attempt ended for good from the run's point of view: the executor will
-    /// not see this attempt run again, so a taskiq result is due.
+    /// not see this attempt run again, so a taskiq result is due (a duplicate's holder
+    /// writes it).
     pub(crate) fn ends_attempt(&self) -> bool {
         matches!(
             self,
             Outcome::Finished(_)
                 | Outcome::Verdict { .. }
-                | Outcome::Skipped(_)
+                | Outcome::Skipped(Skip::AlreadyFinished | Skip::RunEnded)
                 | Outcome::RunEnded
                 | Outcome::ContinuationLost { .. }
                 | Outcome::DeadLettered { .. }
@@ -303,6 +308,12 @@ mod tests {
                 Delete,
                 StepState::Skipped,
                 true,
+            ),
+            (
+                Outcome::Skipped(Skip::HeldElsewhere),
+                Delete,
+                StepState::Skipped,
+                false,
             ),
             (Outcome::RunEnded, Delete, StepState::Acked, true),
             (Outcome::Requeued, Delete, StepState::Released, false),

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dagster_taskiq_controller::admission::{Admission, AdmissionConfig};
+use dagster_taskiq_controller::claims::ClaimTable;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
-use dagster_taskiq_controller::dagster::RunStatus;
+use dagster_taskiq_controller::dagster::{Claim, RunStatus};
 use dagster_taskiq_controller::envelope;
 use dagster_taskiq_controller::fakes::{
     fake_event_line, step_body, FakeBridge, FakeLauncher, FakeObjectStore, FakeOutcome, FakeQueue,
@@ -88,6 +89,7 @@ fn bed_full(
             run_status_interval: Duration::from_secs(1),
             adoption_window: Duration::from_secs(60),
             waiting_limit,
+            instance: Default::default(),
         },
         queue: Arc::new(queue.clone()),
         launcher: Arc::new(launcher.clone()),
@@ -98,6 +100,7 @@ fn bed_full(
             visibility_cap,
             metrics.clone(),
         )),
+        claims: Arc::new(ClaimTable::new(Duration::from_secs(600), metrics.clone())),
         steps: Arc::new(StepTable::default()),
         metrics,
         health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10))),
@@ -549,6 +552,7 @@ fn rebuild(bed: Bed) -> Bed {
         bridge: Arc::new(bed.bridge.clone()),
         admission: Admission::new(AdmissionConfig::capped(4)),
         leases: c.leases.clone(),
+        claims: c.claims.clone(),
         steps: c.steps.clone(),
         metrics: c.metrics.clone(),
         health: c.health.clone(),
@@ -571,9 +575,150 @@ async fn a_bridge_outage_holds_messages_without_spending_attempts() {
     assert!(bed.queue.events().is_empty(), "{:?}", bed.queue.events());
     assert!(bed.controller.steps.is_active(&task_id(30)));
     assert!(bed.queue.extend_calls() > 100);
+    assert_eq!(unreachable(&bed, "sidecar"), 1);
     bed.bridge.set_down(false);
     bed.queue.wait_for(acked("m1")).await;
     assert_eq!(bed.launcher.launches(), vec![task_id(30)]);
+    assert_eq!(unreachable(&bed, "sidecar"), 0);
+    bed.stop(handle).await;
+}
+
+/// The `dagster_unreachable{cause}` gauge.
+fn unreachable(bed: &Bed, cause: &'static str) -> i64 {
+    bed.controller
+        .metrics
+        .dagster_unreachable
+        .get_or_create(&[("cause", cause)])
+        .get()
+}
+
+/// Waits (in paused time) until `condition` holds, for at most `limit`.
+async fn until(limit: Duration, what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dagster_storage_outage_holds_messages_pauses_intake_and_spends_no_attempts() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.set_storage_down(true);
+    bed.queue
+        .push("m1", &step_body(&task_id(31), "run1", "op_a", 0));
+    let handle = bed.start();
+    until(Duration::from_secs(60), "the outage to be noticed", || {
+        unreachable(&bed, "storage") == 1
+    })
+    .await;
+    assert!(bed.bridge.probes() > 0, "the storage was probed");
+    let metrics = &bed.controller.metrics;
+    until(Duration::from_secs(60), "the intake to pause", || {
+        metrics.intake_paused.get() == 1
+    })
+    .await;
+    // Arrives during the outage: the intake leaves it in the queue.
+    bed.queue
+        .push("m2", &step_body(&task_id(32), "run1", "op_b", 0));
+    // Ten minutes of outage (far beyond --max-attempts backoffs): nothing settled, nothing
+    // received again, the held message's lease extended all along.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert!(bed.queue.events().is_empty(), "{:?}", bed.queue.events());
+    assert_eq!(bed.queue.receive_count("m1"), 1);
+    assert_eq!(bed.queue.receive_count("m2"), 0, "intake paused");
+    assert!(bed.controller.steps.is_active(&task_id(31)));
+    assert!(bed.queue.extend_calls() > 100);
+    assert_eq!(metrics.bridge_calls_held.get(), 1);
+    assert!(bed.launcher.launches().is_empty());
+
+    bed.bridge.set_storage_down(false);
+    bed.queue.wait_for(acked("m1")).await;
+    bed.queue.wait_for(acked("m2")).await;
+    assert_eq!(bed.launcher.launches().len(), 2);
+    assert_eq!(unreachable(&bed, "storage"), 0);
+    assert_eq!(metrics.intake_paused.get(), 0);
+    assert_eq!(metrics.bridge_calls_held.get(), 0);
+    assert_eq!(
+        metrics
+            .dagster_outages
+            .get_or_create(&[("cause", "storage")])
+            .get(),
+        1
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_of_one_request_while_dagster_answers_follows_the_error_policy() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.fail_step_state("op_a");
+    bed.queue
+        .push("m1", &step_body(&task_id(33), "run1", "op_a", 0));
+    bed.queue
+        .push("m2", &step_body(&task_id(34), "run1", "op_b", 0));
+    let handle = bed.start();
+    // The probe answers, so it is this request's error: retried, released with backoff and
+    // dead-lettered at --max-attempts (3), while the other step runs.
+    bed.queue
+        .wait_for(|events| {
+            events.contains(&QueueEvent::DeadLettered(
+                "m1".into(),
+                "attempts_exhausted".into(),
+            ))
+        })
+        .await;
+    bed.queue.wait_for(acked("m2")).await;
+    assert_eq!(bed.queue.receive_count("m1"), 3);
+    assert!(bed.bridge.probes() > 0);
+    assert_eq!(unreachable(&bed, "storage"), 0);
+    assert_eq!(bed.launcher.launches(), vec![task_id(34)]);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn draining_while_dagster_is_unreachable_requeues_without_charging_the_delivery() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.set_storage_down(true);
+    bed.queue
+        .push("m1", &step_body(&task_id(35), "run1", "op_a", 0));
+    let handle = bed.start();
+    let metrics = &bed.controller.metrics;
+    until(
+        Duration::from_secs(60),
+        "the message held, the intake paused",
+        || metrics.bridge_calls_held.get() == 1 && metrics.intake_paused.get() == 1,
+    )
+    .await;
+    bed.stop(handle).await;
+    let events = bed.queue.events();
+    assert!(
+        matches!(&events[..], [QueueEvent::Sent(_), QueueEvent::Acked(m)] if m == "m1"),
+        "a copy carrying its deliveries so far, then the original deleted: {events:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_lost_while_waiting_for_dagster_leaves_the_message_alone() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.set_storage_down(true);
+    bed.queue
+        .push("m1", &step_body(&task_id(36), "run1", "op_a", 0));
+    let handle = bed.start();
+    until(Duration::from_secs(60), "the message to be held", || {
+        bed.controller.metrics.bridge_calls_held.get() == 1
+    })
+    .await;
+    bed.queue.lose_lease("m1");
+    until(Duration::from_secs(60), "the step to let go", || {
+        !bed.controller.steps.is_active(&task_id(36))
+    })
+    .await;
+    assert!(bed.queue.events().is_empty(), "{:?}", bed.queue.events());
+    assert!(bed.launcher.launches().is_empty());
     bed.stop(handle).await;
 }
 
@@ -933,6 +1078,210 @@ async fn a_requeued_copy_received_while_its_original_settles_is_not_adopted() {
     bed.stop(handle).await;
 }
 
+// --- durable claims: several replicas, one execution per attempt ------------------------------
+
+/// Another replica on the same queue, Dagster and launcher, with tables of its own.
+fn replica(bed: &Bed, controller_id: &str) -> Arc<Context> {
+    let c = &bed.controller;
+    let metrics = Arc::new(Metrics::new());
+    Arc::new(Context {
+        settings: Settings {
+            controller_id: controller_id.into(),
+            ..c.settings.clone()
+        },
+        queue: c.queue.clone(),
+        launcher: c.launcher.clone(),
+        bridge: c.bridge.clone(),
+        admission: Admission::new(AdmissionConfig::capped(1)),
+        leases: Arc::new(LeaseTable::new(
+            Duration::from_secs(3),
+            Duration::from_secs(12 * 3600),
+            metrics.clone(),
+        )),
+        claims: Arc::new(ClaimTable::new(Duration::from_secs(600), metrics.clone())),
+        steps: Arc::new(StepTable::default()),
+        metrics,
+        health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10))),
+        taskiq: TaskiqCompat::default(),
+        draining: CancellationToken::new(),
+        abort: CancellationToken::new(),
+    })
+}
+
+fn claims_counted(ctx: &Context, result: &'static str) -> u64 {
+    ctx.metrics
+        .claims
+        .get_or_create(&[("result", result)])
+        .get()
+}
+
+fn one_at_a_time(step_duration: Duration) -> Bed {
+    bed_with_admission(
+        step_duration,
+        Duration::from_secs(12 * 3600),
+        AdmissionConfig::capped(1),
+        None,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_copies_on_two_replicas_run_the_attempt_once() {
+    let bed = one_at_a_time(Duration::from_secs(20));
+    let body = step_body(&task_id(50), "run1", "op_a", 0);
+    bed.queue.push("copy1", &body);
+    bed.queue.push("copy2", &body);
+    let first = bed.start();
+    let other = replica(&bed, "other");
+    let second = tokio::spawn(controller::run(other.clone()));
+    bed.queue
+        .wait_for(|events| acked("copy1")(events) && acked("copy2")(events))
+        .await;
+    assert_eq!(bed.launcher.launches(), vec![task_id(50)]);
+    let duplicates =
+        claims_counted(&bed.controller, "duplicate") + claims_counted(&other, "duplicate");
+    assert_eq!(duplicates, 1, "{:?}", bed.queue.events());
+    assert!(bed.bridge.verdicts().is_empty());
+    assert_eq!(
+        bed.bridge.claim("run1", "op_a", 0),
+        None,
+        "let go of at the end"
+    );
+    other.draining.cancel();
+    second.await.unwrap();
+    bed.stop(first).await;
+}
+
+fn foreign_claim(holder: &str, message_id: &str) -> Claim {
+    Claim {
+        holder: holder.into(),
+        token: format!("{holder}-token"),
+        message_id: message_id.into(),
+        beat: 3,
+        ended: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_claim_of_a_holder_that_lost_this_very_message_is_taken_over_after_the_fence_grace() {
+    let bed = one_at_a_time(Duration::from_secs(1));
+    bed.bridge
+        .put_claim("run1", "op_a", 0, foreign_claim("dead", "m1"));
+    bed.queue
+        .push("m1", &step_body(&task_id(51), "run1", "op_a", 0));
+    let started = tokio::time::Instant::now();
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m1")).await;
+    assert_eq!(bed.launcher.launches(), vec![task_id(51)]);
+    assert_eq!(claims_counted(&bed.controller, "took_over"), 1);
+    // Two renewal rounds (1 s each at a 3 s visibility) and the 5 s margin.
+    assert!(
+        started.elapsed() >= Duration::from_secs(7),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_copy_whose_holder_never_beats_again_waits_for_the_stale_time_then_runs() {
+    let bed = one_at_a_time(Duration::from_secs(1));
+    bed.bridge
+        .put_claim("run1", "op_a", 0, foreign_claim("silent", "elsewhere"));
+    bed.queue
+        .push("copy", &step_body(&task_id(52), "run1", "op_a", 0));
+    let started = tokio::time::Instant::now();
+    let handle = bed.start();
+    bed.queue.wait_for(acked("copy")).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(600),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(bed.launcher.launches(), vec![task_id(52)]);
+    assert_eq!(claims_counted(&bed.controller, "took_over"), 1);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_taken_over_while_running_fences_the_step_and_reports_nothing() {
+    let bed = one_at_a_time(Duration::from_secs(3600));
+    bed.queue
+        .push("m1", &step_body(&task_id(53), "run1", "op_a", 0));
+    let handle = bed.start();
+    launched(&bed, &task_id(53)).await;
+    bed.bridge
+        .put_claim("run1", "op_a", 0, foreign_claim("usurper", "m2"));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while bed.launcher.kills().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the step is fenced within a renewal round");
+    assert!(bed.bridge.verdicts().is_empty());
+    assert_eq!(
+        bed.bridge.claim("run1", "op_a", 0),
+        Some(foreign_claim("usurper", "m2")),
+        "the new holder's claim is left alone"
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_cannot_renew_for_half_the_stale_time_fences_its_step() {
+    let bed = one_at_a_time(Duration::from_secs(3600));
+    bed.queue
+        .push("m1", &step_body(&task_id(54), "run1", "op_a", 0));
+    let handle = bed.start();
+    launched(&bed, &task_id(54)).await;
+    let cut = tokio::time::Instant::now();
+    bed.bridge.set_down(true);
+    tokio::time::timeout(Duration::from_secs(400), async {
+        while bed.launcher.kills().is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await
+    .expect("fenced before another replica may take the claim over");
+    assert!(
+        cut.elapsed() >= Duration::from_secs(300),
+        "{:?}",
+        cut.elapsed()
+    );
+    bed.bridge.set_down(false);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_copy_of_an_attempt_that_ended_with_a_verdict_is_acked_without_running() {
+    let bed = one_at_a_time(Duration::from_secs(1));
+    bed.launcher
+        .outcome("op_a", FakeOutcome::Crash(StepExit::Signal(9)));
+    let body = step_body(&task_id(55), "run1", "op_a", 0);
+    bed.queue.push("m1", &body);
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m1")).await;
+    assert_eq!(bed.bridge.verdicts().len(), 1);
+    let kept = bed
+        .bridge
+        .claim("run1", "op_a", 0)
+        .expect("kept as the verdict's record");
+    assert!(kept.ended.is_some_and(|v| v.contains("SIGKILL")));
+    bed.queue.push("late", &body);
+    bed.queue.wait_for(acked("late")).await;
+    assert_eq!(
+        bed.launcher.launches(),
+        vec![task_id(55)],
+        "the late copy did not run"
+    );
+    bed.stop(handle).await;
+}
+
 // ---- no dead ends: every message of a nameable attempt leaves a verdict first ------------
 
 fn dead_lettered(id: &str) -> impl Fn(&[QueueEvent]) -> bool + '_ {
@@ -959,7 +1308,7 @@ async fn a_poison_message_that_names_its_attempt_gets_a_verdict_before_its_dead_
     bed.bridge.set_down(true);
     bed.queue.push(
         "bad",
-        &body_with_labels(40, "run1", "op_a", &[("dagster_priority", "high")]),
+        &body_with_labels(70, "run1", "op_a", &[("dagster_priority", "high")]),
     );
     bed.queue.push("nameless", "{not json");
     let handle = bed.start();
@@ -986,7 +1335,7 @@ async fn a_poison_message_that_names_its_attempt_gets_a_verdict_before_its_dead_
     )));
     let verdicts = bed.bridge.verdicts();
     assert_eq!(verdicts.len(), 1, "{verdicts:?}");
-    assert_eq!(verdicts[0].0, task_id(40));
+    assert_eq!(verdicts[0].0, task_id(70));
     assert!(
         verdicts[0].1.contains("dagster_priority") && verdicts[0].1.contains("dead-letter queue"),
         "{verdicts:?}"
@@ -1006,7 +1355,7 @@ async fn an_unknown_run_is_dead_lettered_saying_no_verdict_is_possible() {
     let bed = bed(Duration::from_secs(1));
     bed.bridge.forget_run("gone");
     bed.queue
-        .push("m1", &step_body(&task_id(41), "gone", "op_a", 0));
+        .push("m1", &step_body(&task_id(71), "gone", "op_a", 0));
     let handle = bed.start();
     bed.queue.wait_for(dead_lettered("m1")).await;
     assert!(bed
@@ -1027,7 +1376,7 @@ async fn a_bridge_that_rejects_the_attempt_dead_letters_it_saying_no_verdict_was
     let bed = bed(Duration::from_secs(1));
     bed.bridge.set_rejecting(true);
     bed.queue
-        .push("m1", &step_body(&task_id(42), "run1", "op_a", 0));
+        .push("m1", &step_body(&task_id(72), "run1", "op_a", 0));
     let handle = bed.start();
     bed.queue.wait_for(dead_lettered("m1")).await;
     assert!(bed.queue.events().contains(&QueueEvent::DeadLettered(
@@ -1049,7 +1398,7 @@ async fn a_lost_continuation_stops_the_step_and_leaves_a_verdict() {
     bed.launcher.outcome("op_a", FakeOutcome::Hang);
     bed.queue.lose_sends(true);
     bed.queue
-        .push("m1", &step_body(&task_id(44), "run1", "op_a", 0));
+        .push("m1", &step_body(&task_id(74), "run1", "op_a", 0));
     let began = tokio::time::Instant::now();
     let handle = bed.start();
     tokio::time::timeout(Duration::from_secs(600), async {
@@ -1065,13 +1414,13 @@ async fn a_lost_continuation_stops_the_step_and_leaves_a_verdict() {
         elapsed >= Duration::from_secs(75) && elapsed < Duration::from_secs(80),
         "{elapsed:?}"
     );
-    assert_eq!(bed.launcher.kills(), vec![task_id(44)]);
+    assert_eq!(bed.launcher.kills(), vec![task_id(74)]);
     let verdicts = bed.bridge.verdicts();
     assert!(verdicts[0].1.contains("continuation"), "{verdicts:?}");
-    while bed.controller.steps.is_active(&task_id(44)) {
+    while bed.controller.steps.is_active(&task_id(74)) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let record = bed.controller.steps.get(&task_id(44)).unwrap();
+    let record = bed.controller.steps.get(&task_id(74)).unwrap();
     assert_eq!(record.outcome, Some("continuation_lost"));
     assert_eq!(
         serde_json::to_value(record.state).unwrap(),

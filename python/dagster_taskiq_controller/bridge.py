@@ -30,12 +30,12 @@ from dagster import DagsterEventType, DagsterInstance
 from dagster._core.event_api import EventLogCursor, EventLogRecord
 from dagster._core.events import EngineEventData
 from dagster._core.events.log import EventLogEntry
-from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
-from dagster._serdes import deserialize_value
+from dagster._serdes import serialize_value
 
 from dagster_taskiq_controller import contract
+from dagster_taskiq_controller.claims import AttemptClaims, ClaimsUnsupported, claim_key
 from dagster_taskiq_controller.executor import read_terminate_request, read_verdict
 
 logger = logging.getLogger("dagster_taskiq_controller.bridge")
@@ -317,43 +317,36 @@ class RunWatches:
 
 
 class Bridge:
-    """Answers bridge requests against Dagster instances, one cached per instance ref."""
+    """Answers bridge requests against the controller's own Dagster instance (its
+    ``DAGSTER_HOME``), whatever instance a request names: an ``InstanceRef`` is configuration
+    that imports and runs code, so a queue message must not choose it (docs/security.md)."""
 
     def __init__(self, push: Push | None = None) -> None:
-        self._instances: dict[str, DagsterInstance] = {}
+        self._instance: DagsterInstance | None = None
         self._push = push
-        self._watches: dict[str, RunWatches] = {}
+        self._watches: RunWatches | None = None
+        self._claims: AttemptClaims | None = None
         self._methods: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "ping": self.ping,
             "run_status": self.run_status,
             "step_state": self.step_state,
             "report_verdict": self.report_verdict,
             "report_event": self.report_event,
+            "claim_attempt": self.claim_attempt,
+            "renew_claims": self.renew_claims,
+            "release_claim": self.release_claim,
         }
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def instance(self, params: dict[str, Any]) -> DagsterInstance:
-        ref = params.get("instance_ref")
-        if ref is not None and not isinstance(ref, dict):
-            raise _bad_request("instance_ref must be an object or null")
-        key = _instance_key(params)
-        cached = self._instances.get(key)
-        if cached is not None:
-            return cached
-        if ref is None:
-            instance = DagsterInstance.get()
-        else:
-            try:
-                instance_ref = deserialize_value(json.dumps(ref), InstanceRef)
-            except Exception as exc:
-                raise _bad_request(f"instance_ref is not a packed InstanceRef: {exc}") from None
-            instance = DagsterInstance.from_ref(instance_ref)
-        self._instances[key] = instance
-        logger.info(
-            "opened Dagster instance %d (%s)", len(self._instances), instance.root_directory
-        )
-        return instance
+    def instance(self, params: dict[str, Any] | None = None) -> DagsterInstance:
+        """The pinned instance; a request's ``instance_ref`` is ignored."""
+        if self._instance is None:
+            self._instance = DagsterInstance.get()
+            logger.info(
+                "opened the Dagster instance of DAGSTER_HOME (%s)", self._instance.root_directory
+            )
+        return self._instance
 
     def handle_line(self, line: bytes | str) -> dict[str, Any] | None:
         """The response to one request line, or None for a blank line."""
@@ -432,7 +425,27 @@ class Bridge:
     # --- methods -------------------------------------------------------------------------------
 
     def ping(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {"dagster_version": dagster.__version__, "pid": os.getpid()}
+        """The bridge answers. With ``describe``, it opens its instance and describes it (the
+        controller's start-up: the steps run against this same instance, and the controller
+        puts its ref in their args). With ``instance_ref`` (any value: the instance is the
+        pinned one), the storage answers too: its latest run and, with ``run_id``, that run's
+        latest event are read. The controller asks this after Dagster raised for a request, to
+        tell an outage of the storage from an error of that request."""
+        result: dict[str, Any] = {"dagster_version": dagster.__version__, "pid": os.getpid()}
+        if params.get("describe"):
+            packed_ref = json.loads(serialize_value(self.instance().get_ref()))
+            result["instance_ref"] = packed_ref
+            result["storages"] = _storage_classes(packed_ref)
+        if "instance_ref" in params:
+            run_id = params.get("run_id")
+            if run_id is not None and not isinstance(run_id, str):
+                raise _bad_request("run_id must be a string or null")
+            instance = self.instance(params)
+            instance.get_runs(limit=1)
+            if run_id is not None:
+                instance.get_records_for_run(run_id, limit=1, ascending=False)
+            result["storage"] = "ok"
+        return result
 
     def run_status(self, params: dict[str, Any]) -> dict[str, Any]:
         run_ids = _param(params, "run_ids", list)
@@ -447,19 +460,18 @@ class Bridge:
             run = instance.get_run_by_id(run_id)
             statuses[run_id] = run.status.value if run is not None else None
         if watch and self._push is not None:
-            key = _instance_key(params)
-            watches = self._watches.get(key)
-            if watches is None:
-                watches = self._watches[key] = RunWatches(instance, self._push)
+            if self._watches is None:
+                self._watches = RunWatches(instance, self._push)
+            watches = self._watches
             # Only runs that exist and can still change are worth a watch.
             watches.set_runs({run_id for run_id, status in statuses.items() if status})
         return {"statuses": statuses}
 
     def close(self) -> None:
-        for watches in self._watches.values():
-            watches.close()
-        for instance in self._instances.values():
-            instance.dispose()
+        if self._watches is not None:
+            self._watches.close()
+        if self._instance is not None:
+            self._instance.dispose()
 
     def step_state(self, params: dict[str, Any]) -> dict[str, Any]:
         run_id = _str_param(params, "run_id")
@@ -542,10 +554,78 @@ class Bridge:
         )
         return {"written": True}
 
+    # --- claims (docs/guarantees.md, "Claims") ---------------------------------------------------
 
-def _instance_key(params: dict[str, Any]) -> str:
-    """One key per distinct ``instance_ref`` (null: the bridge's own ``DAGSTER_HOME``)."""
-    return json.dumps(params.get("instance_ref"), sort_keys=True)
+    def _attempt_claims(self, params: dict[str, Any]) -> AttemptClaims:
+        if self._claims is None:
+            try:
+                self._claims = AttemptClaims(self.instance(params))
+            except ClaimsUnsupported as exc:
+                raise BridgeError("unsupported", str(exc)) from None
+        return self._claims
+
+    @staticmethod
+    def _claim_key(params: dict[str, Any]) -> str:
+        return claim_key(
+            _str_param(params, "run_id"), _str_param(params, "step_key"), _attempt_param(params)
+        )
+
+    def claim_attempt(self, params: dict[str, Any]) -> dict[str, Any]:
+        replace_token = params.get("replace_token")
+        if replace_token is not None and not isinstance(replace_token, str):
+            raise _bad_request("replace_token must be a string or null")
+        answer = self._attempt_claims(params).take(
+            self._claim_key(params),
+            holder=_str_param(params, "holder"),
+            token=_str_param(params, "token"),
+            message_id=_str_param(params, "message_id"),
+            replace_token=replace_token,
+        )
+        if answer["claimed"]:
+            # Read after the claim is taken: a holder writes its outcome before it lets go,
+            # so a claim won just after that holder finished sees the finished attempt.
+            instance = self.instance(params)
+            run_id, step_key = params["run_id"], params["step_key"]
+            answer["state"] = self._step_state(
+                instance, instance.get_run_by_id(run_id), step_key, params["attempt"]
+            )
+        return answer
+
+    def renew_claims(self, params: dict[str, Any]) -> dict[str, Any]:
+        claims = _param(params, "claims", list)
+        keyed = []
+        for claim in claims:
+            if not isinstance(claim, dict):
+                raise _bad_request("claims must be objects")
+            keyed.append(
+                {
+                    "key": self._claim_key(claim),
+                    "token": _str_param(claim, "token"),
+                    "message_id": _str_param(claim, "message_id"),
+                }
+            )
+        return {"alive": self._attempt_claims(params).renew(keyed)}
+
+    def release_claim(self, params: dict[str, Any]) -> dict[str, Any]:
+        ended = params.get("ended")
+        if ended is not None and not isinstance(ended, str):
+            raise _bad_request("ended must be a string or null")
+        released = self._attempt_claims(params).release(
+            self._claim_key(params), _str_param(params, "token"), ended
+        )
+        return {"released": released}
+
+
+def _storage_classes(packed_ref: dict[str, Any]) -> dict[str, str]:
+    """``module.Class`` of each storage of a packed instance ref, as serialized (the form a
+    message carries), to tell a message's foreign ``instance_ref`` apart: paths legitimately
+    differ between hosts, storage classes do not."""
+    found: dict[str, str] = {}
+    for name in ("run_storage_data", "event_storage_data", "schedule_storage_data", "storage_data"):
+        data = packed_ref.get(name)
+        if isinstance(data, dict):
+            found[name] = f"{data.get('module_name')}.{data.get('class_name')}"
+    return found
 
 
 def _error_response(request_id: Any, error: BridgeError) -> dict[str, Any]:
@@ -564,7 +644,8 @@ def serve(bridge: Bridge, requests: IO[bytes], writer: LineWriter) -> None:
             writer.write(response)
 
 
-def main() -> int:
+def main(bridge_class: type[Bridge] = Bridge) -> int:
+    """Serves stdin until EOF with a ``bridge_class`` (a subclass: tests inject faults)."""
     logging.basicConfig(
         stream=sys.stderr,
         level=os.environ.get("DAGSTER_TASKIQ_BRIDGE_LOG_LEVEL", "INFO").upper(),
@@ -577,7 +658,7 @@ def main() -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logger.info("bridge started: dagster %s, pid %d", dagster.__version__, os.getpid())
     writer = LineWriter(responses)
-    bridge = Bridge(push=writer.write)
+    bridge = bridge_class(push=writer.write)
     try:
         serve(bridge, sys.stdin.buffer, writer)
     except (KeyboardInterrupt, BrokenPipeError):

@@ -1,4 +1,9 @@
-"""The step command of an ECS task whose step args were offloaded to S3 or that has a timeout.
+"""The step command of every ECS task the controller starts.
+
+It runs the step as ``python -m dagster_taskiq_controller.stop_guard`` (``dagster api
+execute_step`` with SIGTERM kept from Dagster): a Spot interruption, scale-in or a StopTask
+nobody in Dagster asked for ends the step without an interrupt failure, so the controller's
+verdict names the stop and the op's RetryPolicy decides; a cancel is still Dagster's interrupt.
 
 ECS refuses RunTask overrides longer than 8192 characters. When a step's compressed
 ``ExecuteStepArgs`` would not fit, the controller puts them in S3 and starts the task with
@@ -8,15 +13,15 @@ ECS refuses RunTask overrides longer than 8192 characters. When a step's compres
 and two variables: ``DAGSTER_TASKIQ_STEP_ARGS_S3_URI`` (``s3://bucket/key`` of an object that
 holds exactly the value ``DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS`` would have had) and
 ``DAGSTER_TASKIQ_STEP_ARGS_SHA256`` (its sha256, hex). This shim fetches the object, checks it,
-and replaces itself with ``python -m dagster api execute_step`` with the args in
-``DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS``. The task role needs ``s3:GetObject`` on the bucket.
-Without the pointer variables it just runs the step (the args are already inline).
+and replaces itself with the guarded step, the args in ``DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS``.
+The task role needs ``s3:GetObject`` on the bucket. Without the pointer variables it just runs
+the step (the args are already inline).
 
 With ``DAGSTER_TASKIQ_STEP_TIMEOUT_SECONDS`` it runs the step as a child in its own process
 group instead, SIGKILLs that group at the deadline and exits with 124. A StopTask would send
 SIGTERM, which Dagster turns into an interrupt failure that skips the op's RetryPolicy; after a
 SIGKILL the controller writes a "timed out" verdict and the policy decides. SIGTERM and SIGINT
-(StopTask for a cancel) are passed on to the step.
+are passed on to the step, whose guard tells a cancel from an infrastructure stop.
 """
 
 from __future__ import annotations
@@ -146,7 +151,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     env.pop(TIMEOUT_ENV, None)
     # Same interpreter, no shell; the controller chose this command, not the message.
-    argv = [sys.executable, "-m", "dagster", "api", "execute_step"]
+    argv = [sys.executable, "-m", "dagster_taskiq_controller.stop_guard"]
     if timeout is not None:
         sys.exit(run_with_timeout(argv, env, timeout))
     os.execve(sys.executable, argv, env)

@@ -12,7 +12,8 @@ pipes and the read end of its control pipe. The child:
   died before reporting it never runs) and kills its group when that pipe reaches EOF (the
   controller died: a step never outlives it, whoever its parent is);
 - runs ``dagster api execute_step`` in-process, through Dagster's own click command, with the
-  request's environment over the zygote's.
+  request's environment over the zygote's, and SIGTERM guarded as ``stop_guard`` does for a
+  cold step.
 
 The zygote reaps its children and reports their wait status; before reaping one it kills what is
 left of the child's process group, so a step leaves no processes behind. It never runs user steps
@@ -37,6 +38,8 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+
+from dagster_taskiq_controller import stop_guard
 
 FDS_PER_SPAWN = 3
 MAX_FDS_PER_READ = 64
@@ -367,6 +370,8 @@ class Zygote:
                 daemon=True,
             ).start()
             os.environ.update(env)
+            # SIGTERM that Dagster did not ask for ends the step without an interrupt failure.
+            stop_guard.install()
             code = run_execute_step()
         except BaseException:
             traceback.print_exc()

@@ -287,6 +287,27 @@ def ledger_fan() -> None:
         work()
 
 
+LEAD = _ledgered("lead", 6.0)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def ledger_pair() -> None:
+    """A ledgered op of 6 s, then one step after it: the first message is the one duplicated."""
+    add_one(LEAD())
+
+
+OUTAGE_OPS = [_ledgered(f"steady_{i}", 3.0, retries=1) for i in range(3)]
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def outage_mix() -> None:
+    """flaky_op (fails twice, then succeeds under its RetryPolicy) beside three ledgered ops
+    of 3 s with a RetryPolicy: steps end, and retries are published, while Dagster is down."""
+    flaky_op()
+    for work in OUTAGE_OPS:
+        work()
+
+
 TAGGED_LEDGER_OPS = [
     *(_ledgered(f"redshift_{i}", 1.0, tags={"database": "redshift"}) for i in range(2)),
     *(_ledgered(f"plain_{i}", 1.0, tags={"database": "postgres"}) for i in range(3)),
@@ -457,6 +478,28 @@ def stray_process() -> None:
     leave_stray()
 
 
+# --- stopped_once: stopped from outside on its first attempt ------------------------------------
+
+
+@op(retry_policy=RetryPolicy(max_retries=1))
+def stopped_once(context: OpExecutionContext) -> Output[int]:
+    """Waits (up to 120 s) on attempt 0 for the test to stop it from outside; returns at once on
+    the retry."""
+    if context.retry_number == 0:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+        raise RuntimeError("nobody stopped attempt 0")
+    return _out(context.retry_number)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def outside_stop() -> None:
+    """stopped_once waits on attempt 0 for a stop it did not ask for (a Spot interruption, an
+    outside SIGTERM); the controller's verdict lets its RetryPolicy retry it."""
+    stopped_once()
+
+
 ALL_JOBS = [
     diamond,
     failing,
@@ -471,11 +514,14 @@ ALL_JOBS = [
     timeout_retry_3s,
     shutdown_mix,
     ledger_fan,
+    ledger_pair,
+    outage_mix,
     tagged_fan,
     chaos,
     polluting,
     slow_then_more,
     stray_process,
+    outside_stop,
 ]
 JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 

@@ -24,7 +24,7 @@ from dagster import (
 from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
-from dagster._serdes import pack_value
+from dagster._serdes import deserialize_value, pack_value
 
 from dagster_taskiq_controller import contract
 from dagster_taskiq_controller.bridge import ShardWatcher
@@ -163,16 +163,32 @@ def _engine_events(world: World, run_id: str, step_key: str) -> list[Any]:
     ]
 
 
-def test_ping(bridge: BridgeProcess) -> None:
-    result = bridge.result("ping")
-    assert result == {"dagster_version": dagster.__version__, "pid": bridge.proc.pid}
+def test_ping_describes_the_pinned_instance(bridge: BridgeProcess, world: World) -> None:
+    assert "instance_ref" not in bridge.result("ping"), "a plain ping opens nothing"
+    result = bridge.result("ping", describe=True)
+    assert result["dagster_version"] == dagster.__version__
+    assert result["pid"] == bridge.proc.pid
+    # The steps get this ref in their args: the instance of the bridge's DAGSTER_HOME.
+    ref = deserialize_value(json.dumps(result["instance_ref"]), InstanceRef)
+    assert ref == world.instance.get_ref()
+    assert result["storages"]["run_storage_data"] == "dagster.core.storage.runs.SqliteRunStorage"
 
 
-def test_run_status_with_home_instance_and_instance_ref(
-    bridge: BridgeProcess, world: World
+def hostile_ref(world: World, marker: Path) -> dict[str, Any]:
+    """The world's instance ref with a logging handler that runs a command when built."""
+    ref = json.loads(json.dumps(world.ref))
+    handler = {"()": "os.system", "command": f"touch {marker}"}
+    ref["settings"] = {"python_logs": {"dagster_handler_config": {"handlers": {"x": handler}}}}
+    ref["run_storage_data"]["config_yaml"] = "base_dir: /tmp/somewhere-else\n"
+    return ref
+
+
+def test_every_request_uses_the_pinned_instance_whatever_it_names(
+    bridge: BridgeProcess, world: World, tmp_path: Path
 ) -> None:
+    marker = tmp_path / "ran"
     run_ids = [world.done_run_id, world.pending_run_id, "no-such-run"]
-    for ref in (None, world.ref):
+    for ref in (None, world.ref, hostile_ref(world, marker), {"__class__": "Nope"}, "junk"):
         result = bridge.result("run_status", instance_ref=ref, run_ids=run_ids)
         assert result == {
             "statuses": {
@@ -181,6 +197,34 @@ def test_run_status_with_home_instance_and_instance_ref(
                 "no-such-run": None,
             }
         }
+    assert not marker.exists()
+
+
+def test_ping_with_an_instance_reads_its_storage(bridge: BridgeProcess, world: World) -> None:
+    result = bridge.result("ping", instance_ref=world.ref, run_id=world.done_run_id)
+    assert result["storage"] == "ok"
+    # null: the bridge's own DAGSTER_HOME instance, the same one here.
+    assert bridge.result("ping", instance_ref=None)["storage"] == "ok"
+    assert "storage" not in bridge.result("ping")
+    response = bridge.call("ping", instance_ref=world.ref, run_id=7)
+    assert response["error"]["kind"] == "bad_request", response
+
+
+def test_ping_with_an_instance_whose_storage_fails_is_an_internal_error(tmp_path: Path) -> None:
+    # The run database cannot be opened (a directory where the file should be): what the
+    # controller sees of a database that is down.
+    home = make_dagster_home(tmp_path / "broken_home")
+    (home / "history" / "runs.db").mkdir(parents=True)
+    proc = BridgeProcess(child_env(DAGSTER_HOME=str(home)))
+    try:
+        response = proc.call("ping", instance_ref=None)
+        assert not response["ok"]
+        assert response["error"]["kind"] == "internal"
+        assert "unable to open database file" in response["error"]["message"]
+        # The bridge itself goes on answering.
+        assert proc.result("ping")["pid"] == proc.proc.pid
+    finally:
+        proc.close()
 
 
 def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) -> None:
@@ -251,8 +295,6 @@ def test_bad_lines_get_errors_and_the_loop_goes_on(own_bridge: BridgeProcess) ->
     assert bridge.read()["error"]["kind"] == "bad_request"  # not UTF-8; blank line ignored
     assert bridge.call("step_state", run_id="x")["error"]["kind"] == "bad_request"
     assert bridge.call("step_state", run_id="x", step_key="s", attempt=-1)["ok"] is False
-    bad_ref = bridge.call("run_status", instance_ref={"__class__": "Nope"}, run_ids=[])
-    assert bad_ref["error"]["kind"] == "bad_request"
     assert bridge.result("ping")["pid"] == bridge.proc.pid
     assert bridge.close() == 0
 
@@ -453,3 +495,89 @@ def test_shard_watcher_reads_a_busy_run_in_batches_and_only_what_can_be_pushed(
     assert set(types) == {DagsterEventType.ENGINE_EVENT, DagsterEventType.RUN_CANCELING}
     # Dagster's own watch reads once per file change (several per event): over 100 here.
     assert reads < 40, reads
+
+
+# --- durable claims (docs/guarantees.md, "Claims") -------------------------------------------
+
+
+def _claim_params(world: World, step_key: str, holder: str, token: str, **extra: Any) -> dict:
+    return {
+        "instance_ref": world.ref,
+        "run_id": world.pending_run_id,
+        "step_key": step_key,
+        "attempt": 0,
+        "holder": holder,
+        "token": token,
+        "message_id": f"message-of-{holder}",
+        **extra,
+    }
+
+
+def test_two_bridges_racing_for_the_same_attempts_each_get_one_winner(
+    bridge: BridgeProcess, own_bridge: BridgeProcess, world: World
+) -> None:
+    keys = [f"race_{i}" for i in range(20)]
+    # Every request is written before any answer is read: the two processes race on the
+    # same SQLite storage.
+    for proc, holder in ((bridge, "a"), (own_bridge, "b")):
+        for n, key in enumerate(keys):
+            params = _claim_params(world, key, holder, f"{holder}-{key}")
+            line = json.dumps({"id": 1000 + n, "method": "claim_attempt", "params": params})
+            proc.write(line.encode() + b"\n")
+    answers = {"a": [bridge.read() for _ in keys], "b": [own_bridge.read() for _ in keys]}
+    by_id = {h: {r["id"]: r for r in rs} for h, rs in answers.items()}
+    for n, key in enumerate(keys):
+        a, b = by_id["a"][1000 + n], by_id["b"][1000 + n]
+        assert a["ok"] and b["ok"], (a, b)
+        assert a["result"]["claimed"] != b["result"]["claimed"], (key, a, b)
+        winner = "a" if a["result"]["claimed"] else "b"
+        for answer in (a, b):
+            assert answer["result"]["current"]["token"] == f"{winner}-{key}"
+        won = (a if winner == "a" else b)["result"]
+        assert won["state"]["attempt_finished"] is False
+        assert won["state"]["run_status"] == "NOT_STARTED"
+
+
+def test_a_claim_is_renewed_taken_over_only_by_token_and_released(
+    bridge: BridgeProcess, world: World
+) -> None:
+    mine = _claim_params(world, "lifecycle", "a", "tok-a")
+    assert bridge.result("claim_attempt", **mine)["claimed"] is True
+    held = {"run_id": world.pending_run_id, "step_key": "lifecycle", "attempt": 0}
+    renew = {"instance_ref": world.ref, "claims": [{**held, "token": "tok-a", "message_id": "m2"}]}
+    assert bridge.result("renew_claims", **renew) == {"alive": [True]}
+    theirs = _claim_params(world, "lifecycle", "b", "tok-b")
+    current = bridge.result("claim_attempt", **theirs)["current"]
+    assert current == {"holder": "a", "token": "tok-a", "message_id": "m2", "beat": 1}
+    # A takeover names the token it replaces: a stale view of the claim changes nothing.
+    stale = bridge.result("claim_attempt", **theirs, replace_token="tok-old")
+    assert stale["claimed"] is False
+    took = bridge.result("claim_attempt", **theirs, replace_token="tok-a")
+    assert took["claimed"] is True
+    assert bridge.result("renew_claims", **renew) == {"alive": [False]}
+    release = {"instance_ref": world.ref, **held}
+    assert bridge.result("release_claim", **release, token="tok-a") == {"released": False}
+    assert bridge.result("release_claim", **release, token="tok-b") == {"released": True}
+    assert bridge.result("claim_attempt", **mine)["claimed"] is True
+
+
+def test_a_claim_released_with_a_verdict_stays_as_its_record(
+    bridge: BridgeProcess, world: World
+) -> None:
+    mine = _claim_params(world, "judged", "a", "tok-a")
+    assert bridge.result("claim_attempt", **mine)["claimed"] is True
+    held = {"instance_ref": world.ref, "run_id": world.pending_run_id, "step_key": "judged"}
+    ended = bridge.result(
+        "release_claim", **held, attempt=0, token="tok-a", ended="killed by signal 9"
+    )
+    assert ended == {"released": True}
+    late = bridge.result("claim_attempt", **_claim_params(world, "judged", "b", "tok-b"))
+    assert late["claimed"] is False
+    assert late["current"]["ended"] == "killed by signal 9"
+
+
+def test_a_claim_won_on_a_finished_attempt_says_so(bridge: BridgeProcess, world: World) -> None:
+    params = {**_claim_params(world, "first", "a", "tok-first"), "run_id": world.done_run_id}
+    won = bridge.result("claim_attempt", **params)
+    assert won["claimed"] is True
+    assert won["state"]["attempt_finished"] is True

@@ -23,6 +23,7 @@ import jobs
 import pytest
 from conftest import make_dagster_home, only_run, start_run_worker, terminate_run, wait_for
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
+from dagster._core.execution.plan.objects import ErrorSource
 from dagster._core.instance.ref import InstanceRef
 
 from dagster_taskiq_controller import contract
@@ -36,6 +37,8 @@ pytestmark = [
 ]
 
 DIAMOND_STEPS = {"emit", "add_one", "double", "square", "join", "report"}
+# Every task's command: the shim, which runs the step with SIGTERM guarded.
+SHIM = ["python", "-m", "dagster_taskiq_controller.ecs_entrypoint"]
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +160,7 @@ def test_diamond_runs_every_step_as_its_own_ecs_task(stack: Stack) -> None:
     # Dagster has the step's success before its process exits: wait for the agent.
     tasks = stack.finished(run_id, 6)
     assert {t.step_key for t in tasks} == DIAMOND_STEPS
-    assert all(t.command == ["dagster", "api", "execute_step"] for t in tasks)
+    assert all(t.command == SHIM for t in tasks)
     assert all((t.stop_code, t.exit_code) == ("EssentialContainerExited", 0) for t in tasks)
     wait_for(stack.queue_empty, 60, "every message to be deleted")
 
@@ -246,6 +249,12 @@ def test_canceling_a_run_stops_its_ecs_tasks_with_a_reason(stack: Stack) -> None
             90,
             "three naps to run as tasks",
         )
+        # Once the ops run: Dagster writes its interrupt failure only for a started step.
+        wait_for(
+            lambda: len(events_of(stack.instance, run.run_id, DagsterEventType.STEP_START)) == 3,
+            90,
+            "three naps to start",
+        )
         terminate_run(stack.instance, run.run_id, worker)
         tasks = stack.finished(run.run_id, 3)
         assert all(t.stop_code == "UserInitiated" for t in tasks), tasks
@@ -258,12 +267,57 @@ def test_canceling_a_run_stops_its_ecs_tasks_with_a_reason(stack: Stack) -> None
         wait_for(lambda: worker.poll() is not None, 60, "the run worker to exit")
         status = stack.instance.get_run_by_id(run.run_id).status
         assert status == DagsterRunStatus.CANCELED
+        # A stop Dagster asked for keeps Dagster's semantics: each step wrote its interrupt
+        # failure (the guard passed the SIGTERM on), and no verdict was needed.
+        failures = events_of(stack.instance, run.run_id, DagsterEventType.STEP_FAILURE)
+        assert {f.step_key for f in failures} == set(naps), failures
+        assert all(
+            f.dagster_event.step_failure_data.error_source == ErrorSource.INTERRUPT
+            for f in failures
+        )
+        assert not verdicts_of(stack.instance, run.run_id)
         wait_for(stack.queue_empty, 30, "every message to be deleted")
         assert stack.launches(run.run_id) == {(name, 0): 1 for name in naps}
     finally:
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+def test_a_spot_interruption_is_a_verdict_and_the_retry_policy_applies(stack: Stack) -> None:
+    worker = start_run_worker("outside_stop", stack.tmp_path)
+    try:
+        run = wait_for(lambda: only_run(stack.instance), 60, "the run to start")
+        # Once the op runs: a SIGTERM while the interpreter starts would prove nothing.
+        wait_for(
+            lambda: events_of(stack.instance, run.run_id, DagsterEventType.STEP_START),
+            90,
+            "stopped_once to start",
+        )
+        (task,) = [t for t in stack.harness.running_tasks() if t.run_id == run.run_id]
+        stack.harness.interrupt_spot(task.arn)
+        assert worker.wait(120) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert stack.instance.get_run_by_id(run.run_id).status == DagsterRunStatus.SUCCESS
+    # No interrupt failure of the op: the guard in the task ended the step without one ...
+    assert not events_of(stack.instance, run.run_id, DagsterEventType.STEP_FAILURE)
+    # ... and the controller's verdict names the interruption; the RetryPolicy retried it.
+    (verdict,) = verdicts_of(stack.instance, run.run_id)
+    metadata = verdict.dagster_event.event_specific_data.metadata
+    assert "Fargate Spot interruption" in metadata[contract.META_VERDICT].value
+    assert metadata[contract.META_EXIT].value == "ecs SpotInterruption exit code 143"
+    (retry,) = events_of(stack.instance, run.run_id, DagsterEventType.STEP_UP_FOR_RETRY)
+    assert "Fargate Spot interruption" in retry.dagster_event.step_retry_data.error.message
+    tasks = {t.attempt: t for t in stack.finished(run.run_id, 2)}
+    assert (tasks[0].stop_code, tasks[0].exit_code) == ("SpotInterruption", 143)
+    assert (tasks[1].stop_code, tasks[1].exit_code) == ("EssentialContainerExited", 0)
+    assert tasks[0].log_path is not None
+    assert "SIGTERM that Dagster did not ask for" in tasks[0].log_path.read_text()
+    assert stack.launches(run.run_id) == {("stopped_once", 0): 1, ("stopped_once", 1): 1}
+    wait_for(stack.queue_empty, 30, "every message to be deleted")
 
 
 @pytest.mark.serial  # a wall-clock budget on step work: run alone (see conftest)
@@ -275,7 +329,7 @@ def test_an_ecs_step_past_its_timeout_is_stopped_and_retried_by_its_policy(stack
     # The shim in the task SIGKILLed the step at 10 s and exited 124; no StopTask (its
     # SIGTERM would have made Dagster write an interrupt failure that skips the policy).
     tasks = {t.attempt: t for t in stack.finished(run_id, 2)}
-    assert tasks[0].command == ["python", "-m", "dagster_taskiq_controller.ecs_entrypoint"]
+    assert tasks[0].command == SHIM
     assert (tasks[0].stop_code, tasks[0].exit_code) == ("EssentialContainerExited", 124)
     assert (tasks[1].stop_code, tasks[1].exit_code) == ("EssentialContainerExited", 0)
     (verdict,) = verdicts_of(stack.instance, run_id)
@@ -323,7 +377,7 @@ def test_step_args_over_the_overrides_limit_are_offloaded_to_s3(stack: Stack) ->
         assert result.success
         run_id = result.run_id
     (task,) = stack.finished(run_id, 1)
-    assert task.command == ["python", "-m", "dagster_taskiq_controller.ecs_entrypoint"]
+    assert task.command == SHIM
     assert (task.stop_code, task.exit_code) == ("EssentialContainerExited", 0)
     s3 = boto3.client("s3")
     keys = [

@@ -21,8 +21,8 @@ from typing import Any
 import boto3
 import jobs
 import pytest
-from conftest import child_env, wait_for
-from dagster import DagsterEventType, DagsterInstance, execute_job
+from conftest import child_env, only_run, start_run_worker, wait_for
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
 
 from dagster_taskiq_controller import contract
 from dagster_taskiq_controller_testing.stack import Controller, Queues, create_queues
@@ -186,6 +186,48 @@ def test_a_step_killed_by_sigkill_gets_a_verdict_and_is_retried(stack: Stack) ->
     assert metadata[contract.META_ATTEMPT].value == 0
     retries = events_of(stack.instance, run_id, DagsterEventType.STEP_UP_FOR_RETRY)
     assert [r.step_key for r in retries] == ["kill_self"]
+    wait_for(stack.queue_empty, 60, "every message to be deleted")
+
+
+def test_an_outside_sigterm_to_a_step_is_a_verdict_and_the_retry_policy_applies(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A SIGTERM to the step process that neither Dagster nor the controller asked for (a host
+    shutting down, an operator's kill) is an infrastructure stop, not the op's failure."""
+    worker = start_run_worker("outside_stop", tmp_path)
+    try:
+        run = wait_for(lambda: only_run(stack.instance), 60, "the run to start")
+        # Once the op runs: a SIGTERM while the interpreter starts would prove nothing.
+        wait_for(
+            lambda: events_of(stack.instance, run.run_id, DagsterEventType.STEP_START),
+            90,
+            "stopped_once to start",
+        )
+        (record,) = [
+            r
+            for r in stack.api("/api/v1/steps")
+            if r["run_id"] == run.run_id and r["state"] == "running"
+        ]
+        os.kill(int(record["locator"].removeprefix("pid ")), signal.SIGTERM)
+        assert worker.wait(120) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert stack.instance.get_run_by_id(run.run_id).status == DagsterRunStatus.SUCCESS
+    # No interrupt failure of the op; the controller's verdict names the stop instead, and
+    # the RetryPolicy retried the step.
+    assert not events_of(stack.instance, run.run_id, DagsterEventType.STEP_FAILURE)
+    (verdict,) = [
+        e.dagster_event.event_specific_data.metadata
+        for e in events_of(stack.instance, run.run_id, DagsterEventType.ENGINE_EVENT)
+        if contract.META_VERDICT in e.dagster_event.event_specific_data.metadata
+    ]
+    assert "SIGTERM that neither Dagster nor the controller" in verdict[contract.META_VERDICT].value
+    assert verdict[contract.META_EXIT].value == "exit code 143"
+    assert "SIGTERM that Dagster did not ask for" in verdict[contract.META_STDERR_TAIL].value
+    (retry,) = events_of(stack.instance, run.run_id, DagsterEventType.STEP_UP_FOR_RETRY)
+    assert "infrastructure stop" in retry.dagster_event.step_retry_data.error.message
     wait_for(stack.queue_empty, 60, "every message to be deleted")
 
 

@@ -1,12 +1,16 @@
 """Never lose a step, never run one twice at once: controller crashes, SQS outages, injected
-SQS faults and bad input, end to end with real Dagster, moto and real processes."""
+SQS faults, a hung bridge, a Dagster outage and bad input, end to end with real Dagster, moto
+and real processes."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
+import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -19,8 +23,9 @@ import pytest
 from conftest import VECTORS_DIR, wait_for
 from dagster import DagsterInstance, execute_job
 from faultproxy import FaultProxy
-from ledger import overlaps
+from ledger import executions, overlaps
 
+from dagster_taskiq_controller_testing import faulty_bridge
 from dagster_taskiq_controller_testing.stack import Controller, MotoServer, Queues, create_queues
 
 pytestmark = pytest.mark.controller
@@ -53,11 +58,14 @@ class Bed:
         self.ledger = tmp_path / "ledger.jsonl"
         self.controllers: list[Controller] = []
 
-    def controller(self, *args: str, endpoint: str | None = None) -> Controller:
+    def controller(
+        self, *args: str, endpoint: str | None = None, env: dict[str, str] | None = None
+    ) -> Controller:
         env = {
             **self.aws_env,
             "DAGSTER_HOME": str(self.dagster_home),
             jobs.LEDGER_ENV: str(self.ledger),
+            **(env or {}),
         }
         if endpoint:
             env["AWS_ENDPOINT_URL"] = endpoint
@@ -175,6 +183,106 @@ def test_kill_9_of_the_controller_loses_nothing_and_never_overlaps_an_attempt(be
     relaunched = [r for r in seen if r["receive_count"] >= 2]
     assert len(relaunched) >= len(pids), relaunched
     assert all(r["state"] == "acked" for r in relaunched), relaunched
+
+
+def take_the_first_message(bed: Bed) -> dict[str, Any]:
+    """Takes the run's first step message off the queue (deleted), to put back changed."""
+    sqs = boto3.client("sqs")
+    url = bed.queues.queue_url
+
+    def first() -> dict[str, Any] | None:
+        got = sqs.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=1,
+            WaitTimeSeconds=1,
+            VisibilityTimeout=60,
+            MessageAttributeNames=["All"],
+        ).get("Messages")
+        return got[0] if got else None
+
+    message = wait_for(first, 60, "the run's first step message")
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    return message
+
+
+def put_back(bed: Bed, message: dict[str, Any], body: str | None = None, copies: int = 1) -> None:
+    extra = (
+        {"MessageAttributes": message["MessageAttributes"]}
+        if "MessageAttributes" in message
+        else {}
+    )
+    for _ in range(copies):
+        boto3.client("sqs").send_message(
+            QueueUrl=bed.queues.queue_url, MessageBody=body or message["Body"], **extra
+        )
+
+
+def duplicate_the_first_message(bed: Bed) -> None:
+    """Two copies of the run's first step message instead of one, as an SQS duplicate
+    delivery (or a requeue whose delete failed) leaves them."""
+    put_back(bed, take_the_first_message(bed), copies=2)
+
+
+def lead_executions(bed: Bed) -> dict[int, tuple[float, float]]:
+    runs = [spans for key, spans in executions(bed.ledger).items() if key[1] == "lead"]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_one_copy_of_an_attempt_to_each_of_two_replicas_runs_it_once(bed: Bed) -> None:
+    thread, outcome = run_in_background(bed.instance, "ledger_pair")
+    duplicate_the_first_message(bed)
+    # One message at a time each: the first takes one copy, the second the other.
+    first = bed.controller("--max-concurrent", "1", "--prefetch", "0")
+    wait_for(lambda: running_pids(first), 60, "the first copy to run")
+    second = bed.controller("--max-concurrent", "1", "--prefetch", "0")
+    thread.join(120)
+    assert outcome.get("success") is True
+    wait_for(bed.queue_empty, 60, "every message to be deleted")
+    assert overlaps(bed.ledger) == []
+    assert len(lead_executions(bed)) == 1, lead_executions(bed)
+    # The second replica saw the first one's claim renewed and acknowledged its copy.
+    assert 'dagster_taskiq_claims_total{result="duplicate"} 1' in metrics(second)
+    assert bed.queue_empty(bed.queues.dlq_url), "nothing dead-lettered"
+
+
+def test_both_copies_of_an_attempt_on_one_replica_run_it_once(bed: Bed) -> None:
+    thread, outcome = run_in_background(bed.instance, "ledger_pair")
+    duplicate_the_first_message(bed)
+    bed.controller()
+    thread.join(120)
+    assert outcome.get("success") is True
+    wait_for(bed.queue_empty, 60, "every message to be deleted")
+    assert overlaps(bed.ledger) == []
+    assert len(lead_executions(bed)) == 1, lead_executions(bed)
+
+
+def test_a_message_naming_a_hostile_instance_runs_against_the_controllers_own(
+    bed: Bed, tmp_path: Path
+) -> None:
+    marker = tmp_path / "hostile-handler-ran"
+    elsewhere = tmp_path / "elsewhere"
+    thread, outcome = run_in_background(bed.instance, "diamond")
+    message = take_the_first_message(bed)
+    body = json.loads(message["Body"])
+    ref = body["kwargs"]["execute_step_args_packed"]["instance_ref"]
+    # Configuration that runs code where an instance is built from it, and storages elsewhere.
+    handler = {"()": "os.system", "command": f"touch {marker}"}
+    ref["settings"] = {"python_logs": {"dagster_handler_config": {"handlers": {"x": handler}}}}
+    for storage in ("event_storage_data", "schedule_storage_data"):
+        ref[storage]["config_yaml"] = f"base_dir: {elsewhere / storage}\n"
+    # A storage of another kind: the controller counts the message as naming another instance.
+    ref["run_storage_data"]["module_name"] = "dagster_postgres.run_storage"
+    ref["run_storage_data"]["class_name"] = "PostgresRunStorage"
+    ref["run_storage_data"]["config_yaml"] = "postgres_url: postgresql://attacker.invalid/db\n"
+    put_back(bed, message, json.dumps(body))
+    controller = bed.controller()
+    thread.join(120)
+    assert outcome.get("success") is True, "the step ran against the run's own instance"
+    assert not marker.exists(), "the message's logging handler ran"
+    assert not elsewhere.exists(), "a storage of the message's instance was opened"
+    counted = [line for line in metrics(controller).splitlines() if "foreign_instance" in line]
+    assert "dagster_taskiq_foreign_instance_refs_total 1" in counted, counted
 
 
 @pytest.fixture
@@ -366,3 +474,122 @@ def test_a_lost_lease_fences_the_step_and_the_attempt_is_relaunched_once(
     }
     assert fenced and fenced <= settled, seen
     assert any(r["receive_count"] >= 2 and r["state"] == "acked" for r in seen), seen
+
+
+def readiness(controller: Controller) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{controller.dashboard_url}/readyz", timeout=5) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def dead(pid: int) -> bool:
+    """Gone, or a zombie whose parent died too (nobody may reap it here)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def dlq_empty(bed: Bed) -> bool:
+    return bed.queue_empty(bed.queues.dlq_url)
+
+
+def test_a_hung_bridge_is_killed_and_replaced_and_the_run_succeeds(bed: Bed) -> None:
+    bridge_timeout = 5
+    hang_file = bed.tmp_path / "bridge-hang"
+    controller = bed.controller(
+        "--bridge-module",
+        faulty_bridge.MODULE,
+        "--bridge-timeout",
+        str(bridge_timeout),
+        env={faulty_bridge.HANG_FILE_ENV: str(hang_file)},
+    )
+    thread, outcome = run_in_background(bed.instance, "ledger_fan")
+    wait_for(lambda: running_pids(controller), 90, "a step running")
+    hang_file.touch()
+    # The next request hangs (the run-status poll asks every second).
+    marker = faulty_bridge.hung_marker(hang_file)
+    wait_for(marker.exists, 30, "the bridge to hang")
+    hung = json.loads(marker.read_text())
+    hang_file.unlink()  # the replacement answers
+    seen_reasons: set[str] = set()
+
+    def ready() -> bool:
+        status, body = readiness(controller)
+        seen_reasons.update(body.get("reasons", []))
+        return status == 200
+
+    # Killed with its process group at the deadline, not left running beside the new one.
+    wait_for(
+        lambda: (ready() or True) and dead(hung["pid"]) and dead(hung["child"]),
+        bridge_timeout + 10,
+        "the hung bridge and its child to be killed",
+    )
+    killed_after = time.time() - hung["at"]
+    assert killed_after < bridge_timeout + 2, killed_after
+
+    def replaced() -> bool:
+        return ready() and 'cause="timeout"} 1' in metrics(controller)
+
+    wait_for(replaced, bridge_timeout + 60, "a new bridge to answer")
+    replaced_after = time.time() - hung["at"]
+    assert "bridge_restarting" in seen_reasons, seen_reasons
+    print(f"hung bridge killed {killed_after:.1f}s, answering again {replaced_after:.1f}s after")
+    thread.join(180)
+    assert outcome.get("success") is True
+    wait_for(bed.queue_empty, 60, "every message to be deleted")
+    assert dlq_empty(bed)
+    assert overlaps(bed.ledger) == []
+
+
+def test_a_dagster_outage_of_a_minute_spends_no_attempts_and_the_run_succeeds(bed: Bed) -> None:
+    fail_file = bed.tmp_path / "dagster-down"
+    controller = bed.controller(
+        "--bridge-module",
+        faulty_bridge.MODULE,
+        "--max-attempts",
+        "2",
+        env={faulty_bridge.FAIL_FILE_ENV: str(fail_file)},
+    )
+    thread, outcome = run_in_background(bed.instance, "outage_mix")
+    wait_for(lambda: running_pids(controller), 90, "a step running")
+    fail_file.touch()  # every bridge call that reads or writes the instance raises
+    outage_began = time.monotonic()
+    _, body = wait_for(
+        lambda: (r := readiness(controller))[0] == 503 and r, 30, "/readyz to say not ready"
+    )
+    assert body["reasons"] == ["dagster_unreachable"], body
+    assert body["checks"]["dagster_unreachable"][0]["cause"] == "storage", body
+    text = wait_for(
+        lambda: (
+            (t := metrics(controller))
+            and "dagster_taskiq_intake_paused 1" in t
+            and re.search(r"^dagster_taskiq_bridge_calls_held [1-9]", t, re.M)
+            and t
+        ),
+        30,
+        "the intake to pause and a step to wait for Dagster",
+    )
+    assert 'dagster_taskiq_dagster_unreachable{cause="storage"} 1' in text
+    # A minute of outage, far past --max-attempts 2 with a 3 s backoff cap: still not ready,
+    # nothing dead-lettered, nothing given back.
+    threading.Event().wait(max(0.0, 60 - (time.monotonic() - outage_began)))
+    assert readiness(controller)[0] == 503
+    assert dlq_empty(bed)
+    text = metrics(controller)
+    assert "messages_dead_lettered_total" not in text
+    assert "messages_released_total" not in text
+    fail_file.unlink()
+
+    thread.join(180)
+    assert outcome.get("success") is True
+    wait_for(bed.queue_empty, 60, "every message to be deleted")
+    assert dlq_empty(bed)
+    assert readiness(controller)[0] == 200
+    records = wait_for(lambda: settled_records(controller), 30, "every step record to settle")
+    # The outage charged no delivery: every message was received once.
+    assert {r["receive_count"] for r in records} == {1}, records
+    assert overlaps(bed.ledger) == []

@@ -13,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use dagster_taskiq_controller::admission::Admission;
 use dagster_taskiq_controller::aws;
+use dagster_taskiq_controller::claims::ClaimTable;
 use dagster_taskiq_controller::config::RunArgs;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
-use dagster_taskiq_controller::dagster::{SidecarBridge, SidecarConfig};
+use dagster_taskiq_controller::dagster::{BridgeInfo, SidecarBridge};
 use dagster_taskiq_controller::dashboard::{self, ControllerInfo, DashboardState, QueueCache};
 use dagster_taskiq_controller::doctor;
 use dagster_taskiq_controller::health::Health;
@@ -59,7 +60,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     // SQS just answered: ready before the first long poll returns.
     health.queue_contact("GetQueueAttributes", None);
-    let (bridge, dagster_version) = start_bridge(&args, &metrics).await?;
+    let (bridge, bridge_info) = start_bridge(&args, &metrics).await?;
     let launcher = build_launcher(&args, &controller_id, &aws, &metrics).await?;
     let taskiq = TaskiqCompat::connect(&args.taskiq, &aws)
         .await
@@ -71,12 +72,16 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         .set(i64::try_from(args.admission.max_concurrent).unwrap_or(i64::MAX));
 
     let ctx = Arc::new(Context {
-        settings: settings(&args, &controller_id),
+        settings: settings(&args, &controller_id, bridge_info.clone()),
         queue: queue.clone(),
         launcher: Arc::new(launcher),
         bridge: bridge.clone(),
         admission,
         leases,
+        claims: Arc::new(ClaimTable::new(
+            args.controller.claim_stale_after,
+            metrics.clone(),
+        )),
         steps: Arc::new(StepTable::default()),
         metrics,
         health,
@@ -99,7 +104,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         controller_id,
         queue_url = %args.queue_url,
         dlq_url,
-        dagster_version,
+        dagster_version = %bridge_info.dagster_version,
         dashboard = %args.dashboard.dashboard_addr,
         max_concurrent = args.admission.max_concurrent,
         admin_api = args.dashboard.admin_token.is_some(),
@@ -164,21 +169,18 @@ async fn connect_queue(
 async fn start_bridge(
     args: &RunArgs,
     metrics: &Arc<Metrics>,
-) -> anyhow::Result<(Arc<SidecarBridge>, String)> {
+) -> anyhow::Result<(Arc<SidecarBridge>, BridgeInfo)> {
     let bridge = Arc::new(SidecarBridge::new(
-        SidecarConfig {
-            python: args.python.clone(),
-            request_timeout: args.bridge.bridge_timeout,
-        },
+        args.bridge.sidecar_config(&args.python),
         metrics.clone(),
     ));
-    let dagster_version = bridge.ping(Duration::from_secs(180)).await.with_context(|| {
+    let info = bridge.ping().await.with_context(|| {
         format!(
-            "the Dagster bridge does not start with {}: is dagster-taskiq-controller (the Python package) installed there?",
+            "the Dagster bridge does not start with {}: is dagster-taskiq-controller (the Python package) installed there, and DAGSTER_HOME set to the instance your runs use?",
             args.python.display()
         )
     })?;
-    Ok((bridge, dagster_version))
+    Ok((bridge, info))
 }
 
 /// The launchers this replica runs (cold or warm child processes, ECS tasks when enabled)
@@ -227,7 +229,7 @@ async fn build_launcher(
 }
 
 /// The loop's settings, from the flags.
-fn settings(args: &RunArgs, controller_id: &str) -> Settings {
+fn settings(args: &RunArgs, controller_id: &str, instance: BridgeInfo) -> Settings {
     Settings {
         controller_id: controller_id.to_owned(),
         receive_wait: args.controller.receive_wait,
@@ -240,6 +242,7 @@ fn settings(args: &RunArgs, controller_id: &str) -> Settings {
         run_status_interval: args.controller.run_status_interval,
         adoption_window: (args.lease.visibility_timeout * 3).max(Duration::from_secs(60)),
         waiting_limit: args.admission.waiting_limit(),
+        instance,
     }
 }
 

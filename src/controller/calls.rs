@@ -1,47 +1,110 @@
 //! Calls across the boundaries with a retry budget, so that a passing failure costs no
-//! delivery attempt.
+//! delivery attempt, and bridge calls that wait while Dagster cannot answer.
 
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
+use super::outage::{self, Diagnosis};
 use super::Context;
 use crate::dagster::BridgeError;
+use crate::envelope::StepRequest;
 use crate::metrics::Metrics;
 use crate::queue::QueueError;
-use crate::retry::{retry, RetryBudget, Transient};
+use crate::retry::{retry, RetryBudget, Transient, MIN_PAUSE};
 
-/// Calls the bridge. While the sidecar itself is down or hung the message is kept (its
-/// lease goes on being extended) and the call waits for the sidecar to come back, so an
-/// outage costs no delivery attempt; errors Dagster raises for this very request are
-/// retried within the call budget and then returned.
+/// Bounds of the pause between two tries of a held call: short enough to notice Dagster
+/// coming back, long enough not to hammer a database that is recovering.
+const HELD_PAUSE_MIN: Duration = Duration::from_millis(100);
+const HELD_PAUSE_MAX: Duration = Duration::from_secs(30);
+
+/// Why a bridge call for a held message got no answer.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Unanswered {
+    /// Dagster answered this request with an error (after the retry budget), or refused it.
+    #[error("{0}")]
+    Failed(BridgeError),
+    /// Dagster was still unreachable when the controller began draining.
+    #[error("{0}")]
+    Unreachable(BridgeError),
+    /// The message's lease was lost while it waited for Dagster.
+    #[error("the lease was lost while waiting for Dagster")]
+    LeaseLost,
+}
+
+/// Calls the bridge for the held message of `step`. While Dagster cannot answer at all (the
+/// sidecar down, hung or restarting; the storage failing for this call and for a probe of
+/// the same instance) the message is kept (its lease goes on being extended) and the call
+/// waits until Dagster answers again, so an outage costs no delivery attempt. An error that
+/// belongs to this request (Dagster answers the probe) is retried within the call budget and
+/// then returned, for the error policy.
 pub(super) async fn ask_bridge<T, F, Fut>(
     ctx: &Context,
+    step: &StepRequest,
     operation: &'static str,
     mut call: F,
-) -> Result<T, BridgeError>
+) -> Result<T, Unanswered>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, BridgeError>>,
 {
-    let mut outage = 0;
+    let instance = &step.instance_ref;
+    let lost = ctx.leases.lost_signal(&step.task_id).unwrap_or_default();
+    let mut failures = 0u32;
+    let mut failing_since = None;
+    let mut waits = 0u32;
     loop {
-        match retrying(ctx, operation, &mut call).await {
-            Err(e @ (BridgeError::Unavailable(_) | BridgeError::Timeout(_)))
-                if !ctx.draining.is_cancelled() =>
-            {
-                outage += 1;
-                let pause = ctx
-                    .settings
-                    .backoff
-                    .delay(outage)
-                    .clamp(Duration::from_millis(100), Duration::from_secs(30));
-                tracing::warn!(%e, ?pause, operation, "Dagster bridge unavailable; holding the message and waiting");
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = ctx.draining.cancelled() => {}
-                }
+        let error = match call().await {
+            Ok(value) => {
+                outage::answered(ctx, instance);
+                return Ok(value);
             }
-            other => return other,
+            Err(e) => e,
+        };
+        match outage::diagnose(ctx, instance, Some(&step.run_id), &error).await {
+            Diagnosis::Request => {
+                outage::answered(ctx, instance);
+                failures += 1;
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                let pause = ctx.settings.backoff.delay(failures).max(MIN_PAUSE);
+                if !error.is_transient() || since.elapsed() + pause > ctx.settings.call_retry_budget
+                {
+                    return Err(Unanswered::Failed(error));
+                }
+                tracing::debug!(%error, operation, ?pause, "Dagster failed this request; retrying");
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            Diagnosis::Outage(cause, detail) => outage::unreachable(ctx, instance, cause, detail),
+            Diagnosis::Busy => {}
+        }
+        if ctx.draining.is_cancelled() {
+            return Err(Unanswered::Unreachable(error));
+        }
+        waits += 1;
+        let pause = ctx
+            .settings
+            .backoff
+            .delay(waits)
+            .clamp(HELD_PAUSE_MIN, HELD_PAUSE_MAX);
+        if waits == 1 {
+            tracing::warn!(%error, operation, "Dagster cannot answer: holding the message until it does");
+        } else {
+            tracing::debug!(%error, operation, ?pause, "Dagster still cannot answer");
+        }
+        let back = ctx.health.dagster_back();
+        ctx.metrics.bridge_calls_held.inc();
+        let lease_lost = tokio::select! {
+            _ = tokio::time::sleep(pause) => false,
+            _ = back => false,
+            // One more try, then the drain gives the message back.
+            _ = ctx.draining.cancelled() => false,
+            _ = lost.cancelled() => true,
+        };
+        ctx.metrics.bridge_calls_held.dec();
+        if lease_lost {
+            return Err(Unanswered::LeaseLost);
         }
     }
 }
@@ -84,18 +147,18 @@ pub(super) trait CallError: Transient {
     fn count(&self, metrics: &Metrics, operation: &'static str);
 }
 
+impl CallError for crate::dagster::BridgeError {
+    fn count(&self, _metrics: &Metrics, _operation: &'static str) {
+        // Counted by the bridge client per method.
+    }
+}
+
 impl CallError for QueueError {
     fn count(&self, metrics: &Metrics, operation: &'static str) {
         metrics
             .queue_errors
             .get_or_create(&[("operation", operation), ("kind", self.kind())])
             .inc();
-    }
-}
-
-impl CallError for BridgeError {
-    fn count(&self, _metrics: &Metrics, _operation: &'static str) {
-        // Counted by the bridge client per method.
     }
 }
 
@@ -108,6 +171,7 @@ mod tests {
 
     use super::*;
     use crate::admission::{Admission, AdmissionConfig};
+    use crate::claims::ClaimTable;
     use crate::controller::Settings;
     use crate::fakes::{FakeBridge, FakeLauncher, FakeQueue};
     use crate::health::Health;
@@ -135,6 +199,7 @@ mod tests {
                 run_status_interval: Duration::from_secs(1),
                 adoption_window: Duration::from_secs(60),
                 waiting_limit: None,
+                instance: Default::default(),
             },
             queue: Arc::new(FakeQueue::default()),
             launcher: Arc::new(FakeLauncher::new(bridge.clone(), Duration::ZERO)),
@@ -145,6 +210,7 @@ mod tests {
                 Duration::from_secs(60),
                 metrics.clone(),
             )),
+            claims: Arc::new(ClaimTable::new(Duration::from_secs(600), metrics.clone())),
             steps: Arc::new(StepTable::default()),
             metrics,
             health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10))),

@@ -65,10 +65,12 @@ pub(super) async fn hand_off(ctx: &Context, task_id: &str, message: &ReceivedMes
     }
 }
 
-/// A message that waited too long for a run slot: a copy goes back to the queue for any
-/// replica with room, and this one is deleted. The copy carries the deliveries so far, so
-/// that waiting never uses up the message's attempts (SQS's receive count restarts).
-pub(super) async fn requeue(ctx: &Context, message: &ReceivedMessage) -> Outcome {
+/// A message that waited too long for a run slot, or that still waits for Dagster when the
+/// controller drains: a copy goes back to the queue for any replica, and this one is
+/// deleted. The copy carries the deliveries so far, so that waiting never uses up the
+/// message's attempts (SQS's receive count restarts). If the copy cannot be sent, the
+/// message is released for `why` instead.
+pub(super) async fn requeue(ctx: &Context, message: &ReceivedMessage, why: Release) -> Outcome {
     let mut attributes = message.attributes.clone();
     attributes.insert(
         continuation::PRIOR_DELIVERIES.to_owned(),
@@ -83,7 +85,8 @@ pub(super) async fn requeue(ctx: &Context, message: &ReceivedMessage) -> Outcome
         Ok(copy_id) => {
             tracing::info!(
                 copy_id,
-                "waited too long for a run slot: requeued for other replicas"
+                reason = why.name(),
+                "requeued for other replicas, its deliveries so far carried over"
             );
             Outcome::Requeued
         }
@@ -91,7 +94,7 @@ pub(super) async fn requeue(ctx: &Context, message: &ReceivedMessage) -> Outcome
             count_queue_error(ctx, "SendMessage", &e);
             tracing::warn!(%e, "could not requeue; releasing instead");
             Outcome::Released {
-                why: Release::WaitedTooLong,
+                why,
                 delay: Duration::ZERO,
             }
         }

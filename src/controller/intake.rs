@@ -7,7 +7,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::{count_queue_error, settle, step, Context};
+use super::{count_queue_error, outage, settle, step, Context};
 use crate::envelope::StepRequest;
 use crate::health::IDLE_BEAT;
 use crate::outcome::{DeadLetterReason, Outcome, Release};
@@ -25,6 +25,9 @@ pub(super) async fn intake(ctx: &Arc<Context>, tasks: &mut JoinSet<()>) {
         // Reap finished tasks so the set does not grow without bound.
         while tasks.try_join_next().is_some() {}
         ctx.health.intake.beat();
+        if !pause_while_unreachable(ctx).await {
+            return;
+        }
         // Beat while waiting for room too: a full controller is busy, not stuck.
         let reserve = ctx.admission.reserve();
         tokio::pin!(reserve);
@@ -110,6 +113,44 @@ pub(super) async fn intake(ctx: &Arc<Context>, tasks: &mut JoinSet<()>) {
     }
 }
 
+/// While a Dagster instance is unreachable the intake receives nothing: a message taken now
+/// could only be held, and the queue keeps it as well. Probes the unreachable instances with
+/// a backoff (held messages that get an answer end the pause too). False when draining.
+async fn pause_while_unreachable(ctx: &Context) -> bool {
+    let mut probes = 0u32;
+    loop {
+        let back = ctx.health.dagster_back();
+        tokio::pin!(back);
+        back.as_mut().enable();
+        if ctx.health.dagster_outages().is_empty() {
+            if probes > 0 {
+                tracing::info!("Dagster answers again: intake resumed");
+                ctx.metrics.intake_paused.set(0);
+            }
+            return true;
+        }
+        if probes == 0 {
+            tracing::warn!("Dagster unreachable: intake paused");
+            ctx.metrics.intake_paused.set(1);
+        }
+        probes += 1;
+        let pause = ctx
+            .settings
+            .backoff
+            .delay(probes)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        tokio::select! {
+            _ = ctx.draining.cancelled() => {
+                ctx.metrics.intake_paused.set(0);
+                return false;
+            }
+            _ = &mut back => continue,
+            _ = sleep_beating(ctx, pause) => {}
+        }
+        outage::probe_unreachable(ctx).await;
+    }
+}
+
 /// Sleeps, beating the intake heartbeat: a backoff pause is not a stuck loop.
 async fn sleep_beating(ctx: &Context, pause: Duration) {
     let until = Instant::now() + pause;
@@ -142,7 +183,14 @@ async fn handle(ctx: &Context, mut message: ReceivedMessage) {
             settle::settle_unclaimed(ctx, &message, &outcome).await;
             return;
         }
-        Err(DecodeError::Poison { poison, identity }) => {
+        Err(DecodeError::Poison {
+            poison,
+            mut identity,
+        }) => {
+            // Its verdict goes to the controller's own instance, as a step's events do.
+            if let Some(attempt) = &mut identity.attempt {
+                attempt.instance_ref = ctx.settings.instance.instance_ref.clone();
+            }
             let span = tracing::warn_span!(
                 "poison",
                 message_id = %message.message_id,
@@ -179,6 +227,7 @@ async fn handle(ctx: &Context, mut message: ReceivedMessage) {
         }
     };
     step.receive_count = message.receive_count;
+    pin_instance(ctx, &mut step);
     // The launcher sees the timeout that applies (the ECS shim enforces it in the task).
     step.timeout = step.timeout.or(ctx.settings.default_step_timeout);
     let span = tracing::info_span!(
@@ -213,6 +262,17 @@ async fn handle(ctx: &Context, mut message: ReceivedMessage) {
     .await
 }
 
+/// Runs the step against the controller's own Dagster instance, whatever the message
+/// names: an `InstanceRef` imports and runs code (docs/security.md).
+fn pin_instance(ctx: &Context, step: &mut StepRequest) {
+    let pinned = &ctx.settings.instance;
+    if pinned.is_foreign(&step.instance_ref) {
+        ctx.metrics.foreign_instance_refs.inc();
+        tracing::debug!(run_id = %step.run_id, "the message names another Dagster instance: ignored");
+    }
+    step.instance_ref = pinned.instance_ref.clone();
+}
+
 /// Whether `message` is the message this controller holds for the attempt (same message id:
 /// a redelivery) or this controller's own hand-off continuation of it.
 fn is_ours_again(ctx: &Context, task_id: &str, message: &ReceivedMessage) -> bool {
@@ -245,6 +305,7 @@ async fn claim(ctx: &Context, step: &StepRequest, message: &ReceivedMessage) -> 
             .leases
             .renew_handle(&step.task_id, &message.receipt_handle)
     {
+        ctx.claims.set_message(&step.task_id, &message.message_id);
         tracing::info!("redelivered while running here: adopted");
         return false;
     }

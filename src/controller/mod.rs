@@ -12,11 +12,16 @@
 //! - [`settle`](self::settle): the one error policy, and carrying an [`crate::outcome::Outcome`] out on the
 //!   queue once it is durable (see [`crate::outcome::Outcome`]).
 //! - [`runs`](self::runs): stops the steps of runs that ended in Dagster.
-//! - [`calls`](self::calls): bridge and queue calls with a retry budget.
+//! - [`calls`](self::calls): bridge and queue calls with a retry budget; bridge calls of
+//!   held messages wait while Dagster cannot answer.
+//! - [`outage`](self::outage): telling a Dagster outage from an error of one request; what
+//!   `/readyz` and the intake read while Dagster is unreachable.
 
 mod calls;
+mod claim;
 mod handoff;
 mod intake;
+mod outage;
 mod reconcile;
 mod runs;
 mod settle;
@@ -31,7 +36,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
-use crate::dagster::DagsterBridge;
+use crate::claims::ClaimTable;
+use crate::dagster::{BridgeInfo, DagsterBridge};
 use crate::flags::{invalid, parse_seconds, ConfigError};
 use crate::health::Health;
 use crate::launcher::Launcher;
@@ -69,6 +75,9 @@ pub struct Settings {
     /// A held message that waits this long for a run slot goes back to the queue for other
     /// replicas; `None`: it waits here.
     pub waiting_limit: Option<Duration>,
+    /// The controller's own Dagster instance: every step and every bridge call uses it,
+    /// whatever instance a message names.
+    pub instance: BridgeInfo,
 }
 
 /// Everything a step task needs: the clients at the three boundaries, the tables, the
@@ -80,6 +89,8 @@ pub struct Context {
     pub bridge: Arc<dyn DagsterBridge>,
     pub admission: Admission,
     pub leases: Arc<LeaseTable>,
+    /// Durable claims of the attempts this controller runs.
+    pub claims: Arc<ClaimTable>,
     pub steps: Arc<StepTable>,
     pub metrics: Arc<Metrics>,
     /// Heartbeats of the loops and the last SQS contact, for the probes.
@@ -104,6 +115,11 @@ pub async fn run(ctx: Arc<Context>) {
             health.lease_keeper.stop();
         }
     });
+    let claim_keeper = tokio::spawn({
+        let (claims, bridge, leases) = (ctx.claims.clone(), ctx.bridge.clone(), ctx.leases.clone());
+        let (interval, stop) = (ctx.leases.heartbeat_interval(), keeper_stop.clone());
+        async move { claims.keep(bridge, leases, interval, stop).await }
+    });
     let watcher = tokio::spawn(runs::watch(ctx.clone(), keeper_stop.clone()));
     let mut tasks = JoinSet::new();
     intake::intake(&ctx, &mut tasks).await;
@@ -111,6 +127,7 @@ pub async fn run(ctx: Arc<Context>) {
     drain(&ctx, tasks).await;
     keeper_stop.cancel();
     let _ = keeper.await;
+    let _ = claim_keeper.await;
     let _ = watcher.await;
     tracing::info!("drained");
 }
@@ -195,9 +212,16 @@ pub struct ControllerArgs {
     #[arg(long, env = "DAGSTER_TASKIQ_RECEIVE_WAIT", default_value = "20", value_parser = parse_seconds)]
     pub receive_wait: Duration,
 
-    /// Name of this replica in dead letters and events. Default: hostname and pid.
+    /// Name of this replica in dead letters, events and claims. Default: hostname and pid.
+    /// A stable id lets a restarted replica take over its own claims at once.
     #[arg(long, env = "DAGSTER_TASKIQ_CONTROLLER_ID")]
     pub controller_id: Option<String>,
+
+    /// Seconds after which a claim whose holder stopped renewing it may be taken over by
+    /// another replica holding a copy of the attempt's message; a holder that cannot renew
+    /// for half of this fences its step (docs/guarantees.md, "Claims").
+    #[arg(long, env = "DAGSTER_TASKIQ_CLAIM_STALE_AFTER", default_value = "600", value_parser = parse_seconds)]
+    pub claim_stale_after: Duration,
 }
 
 impl ControllerArgs {

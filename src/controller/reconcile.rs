@@ -24,14 +24,11 @@ pub(super) async fn reconcile(
     step: &StepRequest,
     message: &ReceivedMessage,
 ) -> Decision {
-    let state = match calls::ask_bridge(ctx, "step_state", || ctx.bridge.step_state(step)).await {
-        Ok(state) => state,
-        Err(e) => {
-            let outcome =
-                settle::error_policy(ctx, settle::Failure::Bridge(e), message.receive_count);
-            return Decision::Settle(outcome);
-        }
-    };
+    let state =
+        match calls::ask_bridge(ctx, step, "step_state", || ctx.bridge.step_state(step)).await {
+            Ok(state) => state,
+            Err(e) => return Decision::Settle(settle::unanswered(ctx, e, message).await),
+        };
     if let Some(skip) = skip(ctx, step, &state).await {
         return Decision::Settle(skip);
     }
@@ -72,7 +69,7 @@ pub(super) async fn reconcile(
 
 /// A message that must not run: its run is unknown or over, or its attempt finished.
 async fn skip(ctx: &Context, step: &StepRequest, state: &DagsterStepState) -> Option<Outcome> {
-    let Some(run_status) = state.run_status else {
+    let Some(run_status) = &state.run_status else {
         return Some(Outcome::dead_letter(
             DeadLetterReason::UnknownRun,
             format!(

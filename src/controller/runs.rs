@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
+use super::outage::{self, Diagnosis};
 use super::Context;
 use crate::dagster::{BridgePush, RunStatus};
 use crate::state::StopReason;
@@ -34,7 +35,12 @@ pub(super) async fn watch(ctx: Arc<Context>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = ticker.tick() => poll_run_statuses(&ctx, &mut watched, true).await,
+            _ = ticker.tick() => {
+                // A sidecar killed or dead while nothing asked comes back now, not with the
+                // next message.
+                ctx.bridge.revive().await;
+                poll_run_statuses(&ctx, &mut watched, true).await;
+            }
             _ = refresh.tick() => poll_run_statuses(&ctx, &mut watched, false).await,
             push = pushes.recv(), if pushes_open => match push {
                 Ok(push) => on_push(&ctx, push),
@@ -94,6 +100,7 @@ async fn poll_run_statuses(ctx: &Context, watched: &mut WatchedRuns, all: bool) 
         }
         match ctx.bridge.run_statuses(&instance_ref, &run_ids).await {
             Ok(statuses) => {
+                outage::answered(ctx, &instance_ref);
                 watched.insert(key, (instance_ref, run_ids));
                 for (run_id, status) in statuses {
                     if let Some(status) = status {
@@ -101,7 +108,16 @@ async fn poll_run_statuses(ctx: &Context, watched: &mut WatchedRuns, all: bool) 
                     }
                 }
             }
-            Err(e) => tracing::debug!(%e, "run status poll failed; trying again next tick"),
+            Err(e) => {
+                tracing::debug!(%e, "run status poll failed; trying again next tick");
+                // The poll runs every interval: it notices an outage before any step does.
+                let run_id = run_ids.first().map(String::as_str);
+                if let Diagnosis::Outage(cause, detail) =
+                    outage::diagnose(ctx, &instance_ref, run_id, &e).await
+                {
+                    outage::unreachable(ctx, &instance_ref, cause, detail);
+                }
+            }
         }
     }
 }
@@ -109,6 +125,7 @@ async fn poll_run_statuses(ctx: &Context, watched: &mut WatchedRuns, all: bool) 
 /// Stops the run's steps when it is canceling, canceled or failed. Not on SUCCESS: a
 /// successful run has only steps that are already exiting.
 fn stop_run(ctx: &Context, run_id: &str, status: RunStatus) {
+    // Not on any other status, including one this build does not know.
     if !matches!(
         status,
         RunStatus::Canceling | RunStatus::Canceled | RunStatus::Failure

@@ -4,7 +4,7 @@
 
 use tokio::time::Instant;
 
-use super::{calls, launcher_name, Context};
+use super::{calls, claim, handoff, launcher_name, Context};
 use crate::dagster::{BridgeError, Verdict, VerdictAck};
 use crate::envelope::{AttemptId, LauncherKind, StepRequest};
 use crate::outcome::{DeadLetterReason, Disposition, Outcome, Release};
@@ -37,7 +37,7 @@ pub(super) fn error_policy(ctx: &Context, failure: Failure, receive_count: u32) 
             return Outcome::dead_letter(DeadLetterReason::BridgeRejected, e.to_string());
         }
         Failure::Bridge(e) => {
-            tracing::warn!(%e, "Dagster bridge failing: releasing the message for later");
+            tracing::warn!(%e, "Dagster failed this request: releasing the message for later");
             let dead_letter = exhausted.then(|| {
                 Outcome::dead_letter(
                     DeadLetterReason::AttemptsExhausted,
@@ -70,29 +70,40 @@ pub(super) fn error_policy(ctx: &Context, failure: Failure, receive_count: u32) 
 
 /// A dead letter of an attempt that can be named: Dagster gets a verdict first (the executor
 /// fails the step and its RetryPolicy decides), so that no run waits for ever on a step whose
-/// message is gone. For a claimed step, whose lease is held: a bridge outage is waited out.
+/// message is gone. For a claimed step, whose lease is held: a Dagster outage is waited out.
 async fn dead_letter_claimed(
     ctx: &Context,
     step: &StepRequest,
+    message: &ReceivedMessage,
     reason: DeadLetterReason,
     detail: String,
-    receive_count: u32,
 ) -> Outcome {
     let attempt = step.id();
     let reported = match dead_letter_verdict(reason, &detail) {
         Some(verdict) => {
             ctx.steps
                 .update(&step.task_id, |r| r.verdict = Some(verdict.verdict.clone()));
-            Some(
-                calls::ask_bridge(ctx, "report_verdict", || {
-                    ctx.bridge.report_verdict(&attempt, &verdict)
-                })
-                .await,
-            )
+            match calls::ask_bridge(ctx, step, "report_verdict", || {
+                ctx.bridge.report_verdict(&attempt, &verdict)
+            })
+            .await
+            {
+                Ok(ack) => Some(Ok(ack)),
+                Err(calls::Unanswered::Failed(e)) => Some(Err(e)),
+                // Draining while Dagster is out, or the lease lost: not ours to dead-letter.
+                Err(other) => return unanswered(ctx, other, message).await,
+            }
         }
         None => None,
     };
-    dead_end(ctx, &attempt, reason, detail, reported, receive_count)
+    dead_end(
+        ctx,
+        &attempt,
+        reason,
+        detail,
+        reported,
+        message.receive_count,
+    )
 }
 
 /// [`dead_letter_claimed`] for a message no lease holds (poison): the verdict is tried
@@ -189,6 +200,30 @@ fn dead_end(
     Outcome::dead_letter(reason, format!("{detail}; {told}"))
 }
 
+/// A bridge call for a held message got no answer. An error of the request goes to the
+/// error policy. Dagster still unreachable when the controller drains: the message goes back
+/// as a copy that carries its deliveries, so the outage charges no attempt. A lost lease:
+/// the message is someone else's now.
+pub(super) async fn unanswered(
+    ctx: &Context,
+    unanswered: calls::Unanswered,
+    message: &ReceivedMessage,
+) -> Outcome {
+    match unanswered {
+        calls::Unanswered::Failed(e) => {
+            error_policy(ctx, Failure::Bridge(e), message.receive_count)
+        }
+        calls::Unanswered::Unreachable(e) => {
+            tracing::warn!(%e, "draining while Dagster is unreachable: requeuing the message");
+            handoff::requeue(ctx, message, Release::BridgeUnavailable).await
+        }
+        calls::Unanswered::LeaseLost => {
+            tracing::warn!("lease lost while waiting for Dagster: leaving the message");
+            Outcome::Fenced
+        }
+    }
+}
+
 /// Settles a claimed step: its taskiq result first (when due), then the queue, the
 /// metrics and the steps table. `launched` names the launcher of an execution that this
 /// delivery started. A dead letter gets its verdict before anything else.
@@ -201,7 +236,7 @@ pub(super) async fn settle(
 ) {
     let outcome = match outcome {
         Outcome::DeadLettered { reason, detail } => {
-            dead_letter_claimed(ctx, step, reason, detail, message.receive_count).await
+            dead_letter_claimed(ctx, step, message, reason, detail).await
         }
         other => other,
     };
@@ -219,6 +254,8 @@ pub(super) async fn settle(
         Ok(()) => outcome,
         Err(e) => error_policy(ctx, Failure::Result(e), message.receive_count),
     };
+    // The outcome is recorded (or nothing runs any more): another copy may be claimed.
+    claim::release(ctx, step, &outcome).await;
     // A redelivery may have renewed the handle meanwhile.
     let mut current = message.clone();
     if let Some(handle) = ctx.leases.receipt_handle(task_id) {

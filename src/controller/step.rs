@@ -7,7 +7,7 @@ use tokio::time::Instant;
 
 use super::reconcile::{reconcile, Decision};
 use super::supervise::{supervise, Ended};
-use super::{calls, handoff, launcher_name, settle, sleep_until_deadline, Context};
+use super::{calls, claim, handoff, launcher_name, settle, sleep_until_deadline, Context};
 use crate::admission::{Slot, Ticket};
 use crate::dagster::Verdict;
 use crate::envelope::{LauncherKind, StepRequest};
@@ -67,6 +67,20 @@ pub(super) async fn live(
     if ctx.draining.is_cancelled() {
         return Outcome::shutdown().into();
     }
+    let claimed = match claim::acquire(ctx, step, message, &signals).await {
+        Ok(claimed) => claimed,
+        Err(outcome) => return outcome.into(),
+    };
+    let relaunched;
+    let step = if claimed.relaunch {
+        relaunched = StepRequest {
+            relaunch: true,
+            ..step.clone()
+        };
+        &relaunched
+    } else {
+        step
+    };
     ctx.steps.transition(&step.task_id, StepState::Launching);
     let kind = ctx.launcher.kind_for(step);
     let mut running = match launch(ctx, step, message, received_at).await {
@@ -124,7 +138,9 @@ async fn admit(
             why: Release::StoppedWhileWaiting,
             delay: Duration::ZERO,
         }),
-        _ = sleep_until_deadline(waiting_limit) => Err(handoff::requeue(ctx, message).await),
+        _ = sleep_until_deadline(waiting_limit) => {
+            Err(handoff::requeue(ctx, message, Release::WaitedTooLong).await)
+        }
     }
 }
 
@@ -201,12 +217,11 @@ async fn conclude(
     exit: crate::launcher::StepExit,
     cause: Option<Cause>,
 ) -> Outcome {
-    let bridge_failed =
-        |e| settle::error_policy(ctx, settle::Failure::Bridge(e), message.receive_count);
-    let state = match calls::ask_bridge(ctx, "step_state", || ctx.bridge.step_state(step)).await {
-        Ok(state) => state,
-        Err(e) => return bridge_failed(e),
-    };
+    let state =
+        match calls::ask_bridge(ctx, step, "step_state", || ctx.bridge.step_state(step)).await {
+            Ok(state) => state,
+            Err(e) => return settle::unanswered(ctx, e, message).await,
+        };
     if state.attempt_finished {
         let outcome = Outcome::Finished(Finish::from_event(state.last_terminal.as_deref()));
         tracing::info!(outcome = outcome.name(), "step finished");
@@ -232,7 +247,7 @@ async fn conclude(
     ctx.steps
         .update(&step.task_id, |r| r.verdict = Some(verdict.verdict.clone()));
     let attempt = step.id();
-    match calls::ask_bridge(ctx, "report_verdict", || {
+    match calls::ask_bridge(ctx, step, "report_verdict", || {
         ctx.bridge.report_verdict(&attempt, &verdict)
     })
     .await
@@ -244,7 +259,7 @@ async fn conclude(
                 timed_out,
             }
         }
-        Err(e) => bridge_failed(e),
+        Err(e) => settle::unanswered(ctx, e, message).await,
     }
 }
 

@@ -159,7 +159,7 @@ async fn continuation_lost(
         stderr_tail: running.stderr_tail().join("\n"),
     };
     let attempt = step.id();
-    match calls::ask_bridge(ctx, "report_verdict", || {
+    match calls::ask_bridge(ctx, step, "report_verdict", || {
         ctx.bridge.report_verdict(&attempt, &verdict)
     })
     .await
@@ -191,8 +191,8 @@ async fn abort(running: &mut dyn RunningStep, locator: &str) -> Ended {
     Ended::LetGo(Outcome::Killed)
 }
 
-/// SIGKILL, not SIGTERM: Dagster turns SIGTERM into an interrupt failure that skips the
-/// RetryPolicy; the verdict written afterwards lets the policy decide.
+/// SIGKILL at once (a SIGTERM Dagster did not ask for would end the step the same way, only
+/// later); the "timed out" verdict written afterwards lets the RetryPolicy decide.
 async fn time_out(running: &mut dyn RunningStep, locator: &str, limit: Duration) -> Ended {
     tracing::warn!(%locator, ?limit, "step timed out: killing its process group");
     running.kill();

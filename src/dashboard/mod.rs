@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -19,7 +18,7 @@ use warp::http::StatusCode;
 use warp::Filter;
 
 use crate::admission::AdmissionView;
-use crate::dagster::SidecarBridge;
+use crate::dagster::{SidecarBridge, SidecarStatus};
 use crate::health::Health;
 use crate::lease::LeaseTable;
 use crate::metrics::Metrics;
@@ -35,16 +34,14 @@ const DASHBOARD_JS: &str = include_str!("dashboard.js");
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
                    img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// Whether the Dagster bridge sidecar is up, for `/readyz`.
-#[async_trait]
+/// The Dagster bridge sidecar's state, for `/readyz`.
 pub trait BridgeProbe: Send + Sync + 'static {
-    async fn alive(&self) -> bool;
+    fn status(&self) -> SidecarStatus;
 }
 
-#[async_trait]
 impl BridgeProbe for SidecarBridge {
-    async fn alive(&self) -> bool {
-        self.is_alive().await
+    fn status(&self) -> SidecarStatus {
+        SidecarBridge::status(self)
     }
 }
 
@@ -249,13 +246,24 @@ pub(crate) fn routes(
         .recover(api::handle_rejection)
 }
 
-/// Ready when SQS answered the last call, the bridge runs and the controller is not draining.
+/// Ready when SQS answered the last call, the bridge sidecar runs, every Dagster instance in
+/// use answers and the controller is not draining; `reasons` says what is missing.
 async fn readiness(state: DashboardState) -> impl warp::Reply {
     let draining = state.draining.is_cancelled();
     let sqs = state.health.last_queue_contact();
     let sqs_ok = sqs.as_ref().is_some_and(|c| c.ok);
-    let bridge_alive = state.bridge.alive().await;
-    let ready = !draining && sqs_ok && bridge_alive;
+    let bridge = state.bridge.status();
+    let dagster = state.health.dagster_outages();
+    let reasons: Vec<&str> = [
+        (draining, "draining"),
+        (!sqs_ok, "sqs_unreachable"),
+        (!bridge.is_running(), "bridge_restarting"),
+        (!dagster.is_empty(), "dagster_unreachable"),
+    ]
+    .into_iter()
+    .filter_map(|(failing, reason)| failing.then_some(reason))
+    .collect();
+    let ready = reasons.is_empty();
     let status = if draining {
         "draining"
     } else if ready {
@@ -265,10 +273,13 @@ async fn readiness(state: DashboardState) -> impl warp::Reply {
     };
     let body = serde_json::json!({
         "status": status,
+        "reasons": reasons,
         "checks": {
             "draining": draining,
             "sqs": sqs,
-            "bridge_alive": bridge_alive,
+            "bridge_alive": bridge.is_running(),
+            "bridge": bridge,
+            "dagster_unreachable": dagster,
         },
     });
     warp::reply::with_status(

@@ -5,10 +5,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde_json::Value;
 
+use async_trait::async_trait;
+
 use super::*;
 use crate::admission::{Admission, AdmissionConfig};
+use crate::dagster::{RestartCause, SidecarState};
 use crate::envelope;
 use crate::fakes::step_body;
+use crate::health::OutageCause;
 use crate::queue::{QueueError, RedriveError, RedriveFilter, RedriveReport};
 use crate::state::{StepState, StopReason};
 
@@ -59,12 +63,21 @@ impl QueueAdmin for FakeQueues {
     }
 }
 
-struct FakeBridge(AtomicBool);
+struct FakeBridge(Mutex<SidecarStatus>);
 
-#[async_trait]
+impl FakeBridge {
+    fn set(&self, state: SidecarState, cause: RestartCause) {
+        *self.0.lock() = SidecarStatus {
+            state,
+            cause,
+            pid: Some(42),
+        };
+    }
+}
+
 impl BridgeProbe for FakeBridge {
-    async fn alive(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+    fn status(&self) -> SidecarStatus {
+        *self.0.lock()
     }
 }
 
@@ -77,7 +90,11 @@ struct Bed {
 fn bed(token: Option<&str>) -> Bed {
     let metrics = Arc::new(Metrics::new());
     let queues = Arc::new(FakeQueues::default());
-    let bridge = Arc::new(FakeBridge(AtomicBool::new(true)));
+    let bridge = Arc::new(FakeBridge(Mutex::new(SidecarStatus {
+        state: SidecarState::Running,
+        cause: RestartCause::Start,
+        pid: Some(42),
+    })));
     let admission = Admission::new(AdmissionConfig {
         launch_rate: std::num::NonZeroU32::new(2),
         ..AdmissionConfig::capped(4)
@@ -392,15 +409,39 @@ async fn summary_counts_states_and_caches_queue_depths() {
 }
 
 #[tokio::test]
-async fn readiness_follows_sqs_bridge_and_draining() {
+async fn readiness_follows_sqs_the_bridge_dagster_and_draining() {
     let bed = bed(None);
     let (status, body) = bed.call("GET", "/readyz").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    bed.bridge.0.store(false, Ordering::SeqCst);
+    assert_eq!(body["reasons"], serde_json::json!([]));
+    // Killed after a request outlived --bridge-timeout; then restarted but not answering yet.
+    for state in [SidecarState::Down, SidecarState::Starting] {
+        bed.bridge.set(state, RestartCause::Timeout);
+        let (status, body) = bed.call("GET", "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["reasons"], serde_json::json!(["bridge_restarting"]));
+        assert_eq!(body["checks"]["bridge_alive"], false);
+        assert_eq!(body["checks"]["bridge"]["cause"], "timeout");
+    }
+    bed.bridge.set(SidecarState::Running, RestartCause::Timeout);
+    // Dagster's storage failing: the sidecar runs, the instance does not answer.
+    let instance = serde_json::json!({"__class__": "InstanceRef"});
+    bed.state.health.dagster_unreachable(
+        &instance,
+        OutageCause::Storage,
+        "database is locked".into(),
+    );
     let (status, body) = bed.call("GET", "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(body["checks"]["bridge_alive"], false);
-    bed.bridge.0.store(true, Ordering::SeqCst);
+    assert_eq!(body["reasons"], serde_json::json!(["dagster_unreachable"]));
+    assert_eq!(body["checks"]["dagster_unreachable"][0]["cause"], "storage");
+    assert_eq!(
+        body["checks"]["dagster_unreachable"][0]["error"],
+        "database is locked"
+    );
+    bed.state.health.dagster_answered(&instance);
+    let (status, _) = bed.call("GET", "/readyz").await;
+    assert_eq!(status, StatusCode::OK);
     bed.state
         .health
         .queue_contact("ReceiveMessage", Some("connection refused".into()));

@@ -19,7 +19,8 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::dagster::{
-    BridgeError, BridgePush, DagsterBridge, RunStatus, StepState, Verdict, VerdictAck,
+    BridgeError, BridgePush, Claim, ClaimAnswer, ClaimBid, DagsterBridge, HeldClaim, RunStatus,
+    StepState, Verdict, VerdictAck,
 };
 use crate::envelope::{AttemptId, LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
@@ -108,6 +109,16 @@ impl FakeQueue {
 
     pub fn extend_calls(&self) -> u64 {
         self.inner.lock().extend_calls
+    }
+
+    /// How many times this message was received.
+    pub fn receive_count(&self, message_id: &str) -> u32 {
+        self.inner
+            .lock()
+            .receive_counts
+            .get(message_id)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Makes the next extension of this message's current handle report a lost lease.
@@ -501,6 +512,14 @@ struct BridgeInner {
     rejecting: bool,
     /// Runs that do not exist.
     unknown_runs: std::collections::HashSet<String>,
+    /// Durable claims by (run id, step key, attempt), as the sidecar keys them.
+    claims: HashMap<(String, String, u32), Claim>,
+    /// While true, every call that reads or writes the instance raises, as when Dagster's
+    /// storage is unreachable; a plain ping still answers.
+    storage_down: bool,
+    /// Step keys whose `step_state` raises although the storage answers.
+    failing_steps: Vec<String>,
+    probes: u64,
 }
 
 /// A Dagster instance in memory: runs default to STARTED.
@@ -556,6 +575,18 @@ impl FakeBridge {
         self.inner.lock().calls
     }
 
+    /// The durable claim of an attempt, if any.
+    pub fn claim(&self, run_id: &str, step_key: &str, attempt: u32) -> Option<Claim> {
+        let key = (run_id.to_owned(), step_key.to_owned(), attempt);
+        self.inner.lock().claims.get(&key).cloned()
+    }
+
+    /// Puts a claim in place as another controller would.
+    pub fn put_claim(&self, run_id: &str, step_key: &str, attempt: u32, claim: Claim) {
+        let key = (run_id.to_owned(), step_key.to_owned(), attempt);
+        self.inner.lock().claims.insert(key, claim);
+    }
+
     /// Makes every call fail as unavailable (true) or work again (false).
     pub fn set_down(&self, down: bool) {
         self.inner.lock().down = down;
@@ -572,6 +603,22 @@ impl FakeBridge {
         self.inner.lock().rejecting = rejecting;
     }
 
+    /// Makes every call that touches the instance raise (true), as when Dagster's database
+    /// is unreachable, or work again (false).
+    pub fn set_storage_down(&self, down: bool) {
+        self.inner.lock().storage_down = down;
+    }
+
+    /// Makes `step_state` of this step key raise while the storage answers.
+    pub fn fail_step_state(&self, step_key: &str) {
+        self.inner.lock().failing_steps.push(step_key.to_owned());
+    }
+
+    /// Probes asked so far.
+    pub fn probes(&self) -> u64 {
+        self.inner.lock().probes
+    }
+
     fn enter(&self) -> Result<parking_lot::MutexGuard<'_, BridgeInner>, BridgeError> {
         let mut inner = self.inner.lock();
         inner.calls += 1;
@@ -583,6 +630,11 @@ impl FakeBridge {
                 kind: "bad_request".into(),
                 message: "instance_ref is not a packed InstanceRef".into(),
             });
+        }
+        if inner.storage_down {
+            return Err(BridgeError::Internal(
+                "OperationalError: could not connect to the database".into(),
+            ));
         }
         Ok(inner)
     }
@@ -597,7 +649,7 @@ impl FakeBridge {
             inner
                 .run_statuses
                 .get(run_id)
-                .copied()
+                .cloned()
                 .unwrap_or(RunStatus::Started)
         });
         StepState {
@@ -625,6 +677,12 @@ impl DagsterBridge for FakeBridge {
 
     async fn step_state(&self, step: &StepRequest) -> Result<StepState, BridgeError> {
         let inner = self.enter()?;
+        if inner.failing_steps.contains(&step.step_key) {
+            return Err(BridgeError::Internal(format!(
+                "KeyError: no step {}",
+                step.step_key
+            )));
+        }
         Ok(Self::state(
             &inner,
             &step.run_id,
@@ -685,9 +743,113 @@ impl DagsterBridge for FakeBridge {
         Ok(())
     }
 
+    async fn claim_attempt(
+        &self,
+        step: &StepRequest,
+        bid: &ClaimBid<'_>,
+    ) -> Result<ClaimAnswer, BridgeError> {
+        let mut inner = self.enter()?;
+        let mine = Claim {
+            holder: bid.holder.to_owned(),
+            token: bid.token.to_owned(),
+            message_id: bid.message_id.to_owned(),
+            beat: 0,
+            ended: None,
+        };
+        let key = claim_key(&step.run_id, &step.step_key, step.attempt);
+        let current = inner.claims.get(&key).cloned();
+        let claimed = match (&current, bid.replace_token) {
+            (None, None) => true,
+            (Some(held), Some(replace)) => held.token == replace,
+            _ => false,
+        };
+        if claimed {
+            inner.claims.insert(key, mine.clone());
+            return Ok(ClaimAnswer {
+                claimed: true,
+                current: Some(mine),
+                state: Some(Self::state(
+                    &inner,
+                    &step.run_id,
+                    &step.step_key,
+                    step.attempt,
+                )),
+            });
+        }
+        Ok(ClaimAnswer {
+            claimed: current.as_ref().is_some_and(|c| c.token == bid.token),
+            current,
+            state: None,
+        })
+    }
+
+    async fn renew_claims(
+        &self,
+        _instance_ref: &Value,
+        claims: &[HeldClaim],
+    ) -> Result<Vec<bool>, BridgeError> {
+        let mut inner = self.enter()?;
+        Ok(claims
+            .iter()
+            .map(|held| {
+                let key = claim_key(&held.run_id, &held.step_key, held.attempt);
+                match inner.claims.get_mut(&key) {
+                    Some(claim) if claim.token == held.token && claim.ended.is_none() => {
+                        claim.beat += 1;
+                        claim.message_id.clone_from(&held.message_id);
+                        true
+                    }
+                    _ => false,
+                }
+            })
+            .collect())
+    }
+
+    async fn release_claim(
+        &self,
+        step: &StepRequest,
+        token: &str,
+        ended: Option<&str>,
+    ) -> Result<bool, BridgeError> {
+        let mut inner = self.enter()?;
+        let key = claim_key(&step.run_id, &step.step_key, step.attempt);
+        let Some(claim) = inner.claims.get_mut(&key) else {
+            return Ok(false);
+        };
+        if claim.token != token {
+            return Ok(false);
+        }
+        match ended {
+            Some(verdict) => claim.ended = Some(verdict.to_owned()),
+            None => {
+                inner.claims.remove(&key);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn probe(
+        &self,
+        instance_ref: Option<&Value>,
+        _run_id: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        self.inner.lock().probes += 1;
+        match instance_ref {
+            Some(_) => self.enter().map(drop),
+            None if self.inner.lock().down => {
+                Err(BridgeError::Unavailable("fake bridge is down".into()))
+            }
+            None => Ok(()),
+        }
+    }
+
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BridgePush> {
         self.pushes.subscribe()
     }
+}
+
+fn claim_key(run_id: &str, step_key: &str, attempt: u32) -> (String, String, u32) {
+    (run_id.to_owned(), step_key.to_owned(), attempt)
 }
 
 /// A serialized DagsterEvent line, as `dagster api execute_step` prints it (abridged).

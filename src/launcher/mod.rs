@@ -67,6 +67,11 @@ impl StepExit {
             StepExit::Code(0) => {
                 "process exited with code 0 but Dagster recorded no outcome for the attempt".into()
             }
+            StepExit::Code(STOPPED_FROM_OUTSIDE_EXIT) => format!(
+                "process was stopped by a SIGTERM that neither Dagster nor the controller asked \
+                 for (host shutdown, or a kill from outside): an infrastructure stop, not a \
+                 failure of the op (exit code {STOPPED_FROM_OUTSIDE_EXIT})"
+            ),
             StepExit::Code(code) => format!("process exited with code {code}"),
             StepExit::Signal(signal) => {
                 let name = nix::sys::signal::Signal::try_from(*signal)
@@ -159,3 +164,24 @@ pub trait RunningStep: Send + Sync {
 
 /// Exit code of an execution that killed its step at the timeout (the ECS shim's).
 pub(crate) const TIMED_OUT_EXIT: i32 = ecs::request::SHIM_TIMED_OUT_EXIT;
+
+/// Exit code of a step that got a SIGTERM Dagster did not ask for and stopped without writing
+/// a failure (`EXIT_STOPPED_FROM_OUTSIDE` in python/dagster_taskiq_controller/stop_guard.py):
+/// 128 + SIGTERM.
+pub(crate) const STOPPED_FROM_OUTSIDE_EXIT: i32 = 128 + libc::SIGTERM;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_stopped_from_outside_is_named_as_an_infrastructure_stop() {
+        let outside = StepExit::Code(STOPPED_FROM_OUTSIDE_EXIT).describe();
+        assert!(
+            outside.contains("SIGTERM that neither Dagster nor the controller"),
+            "{outside}"
+        );
+        assert!(outside.contains("exit code 143"), "{outside}");
+        assert_eq!(StepExit::Code(3).describe(), "process exited with code 3");
+    }
+}

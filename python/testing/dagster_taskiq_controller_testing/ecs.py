@@ -7,7 +7,9 @@ command as a local process with the overridden environment, and when the process
 marks the task STOPPED in moto's backend with the real exit code and the stop code ECS
 would give (``EssentialContainerExited``, ``UserInitiated`` after StopTask, or
 ``OutOfMemoryError`` for a SIGKILL nobody asked for). It also counts RunTask calls per step
-attempt, can make RunTask throttle, and can make a task fail to start.
+attempt, can make RunTask throttle, can make a task fail to start, and can interrupt a running
+task as Fargate Spot does (``interrupt_spot``: SIGTERM, SIGKILL after the stop timeout, stop
+code ``SpotInterruption``).
 
 Nothing here is used in production. Only ``dagster`` and ``python`` (this interpreter's) may
 be a task's command, so nothing in a message chooses an executable here either.
@@ -45,6 +47,7 @@ ALLOWED_COMMANDS = ("dagster", "python")
 # Like ECS's stopTimeout: SIGKILL this long after the SIGTERM of a StopTask.
 STOP_TIMEOUT = 5.0
 OOM_REASON = "OutOfMemoryError: Container killed due to memory usage"
+SPOT_REASON = "Your Spot Task was interrupted."
 
 
 @dataclass
@@ -273,6 +276,15 @@ class EcsHarness:
                 "ThrottlingException" if i % 2 == 0 else "RateExceeded" for i in range(count)
             )
 
+    def interrupt_spot(self, arn: str) -> None:
+        """Takes a running task's capacity back as Fargate Spot does: the container gets SIGTERM
+        (then SIGKILL after the stop timeout) and the task stops with ``SpotInterruption``."""
+        task = self._find(arn)
+        assert task is not None, f"no task {arn}"
+        task.desired_status = "STOPPED"
+        task.stopped_reason = SPOT_REASON
+        task.stop_code = "SpotInterruption"
+
     def launches(self) -> dict[tuple[str, str, int], int]:
         """Tasks RunTask started, per (run id, step key, attempt)."""
         with self._lock:
@@ -366,7 +378,8 @@ class EcsHarness:
         stop_requested = task.desired_status == "STOPPED"
         container_reason = None
         if stop_requested:
-            stop_code = "UserInitiated"
+            # Set by StopTask (UserInitiated) or by interrupt_spot.
+            stop_code = getattr(task, "stop_code", None) or "UserInitiated"
             stopped_reason = task.stopped_reason or "Task stopped by user"
         else:
             stop_code = "EssentialContainerExited"

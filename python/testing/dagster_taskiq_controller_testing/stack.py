@@ -137,9 +137,15 @@ def create_queues(
     visibility_timeout: int = 30,
     max_receive_count: int = 10,
 ) -> Queues:
-    """A work queue and its dead-letter queue, tied by a RedrivePolicy."""
+    """A work queue and its dead-letter queue, tied by a RedrivePolicy. A name ending in
+    ``.fifo`` makes both FIFO queues (SQS requires a FIFO queue's DLQ to be FIFO)."""
     sqs = boto3.client("sqs", endpoint_url=endpoint_url, region_name=REGION)
-    dlq_url = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+    base = name.removesuffix(".fifo")
+    fifo = base != name
+    # Without content-based deduplication: every send must carry its deduplication id.
+    kind = {"FifoQueue": "true"} if fifo else {}
+    dlq_name = f"{base}-dlq.fifo" if fifo else f"{name}-dlq"
+    dlq_url = sqs.create_queue(QueueName=dlq_name, Attributes=kind)["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
         "QueueArn"
     ]
@@ -147,6 +153,7 @@ def create_queues(
     queue_url = sqs.create_queue(
         QueueName=name,
         Attributes={
+            **kind,
             "VisibilityTimeout": str(visibility_timeout),
             "RedrivePolicy": redrive,
         },

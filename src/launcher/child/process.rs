@@ -1,5 +1,6 @@
-//! Each step as a local child process: `<python> -m dagster api execute_step`, no shell, in
-//! its own process group, its output streamed into the step's tracing span.
+//! Each step as a local child process: `<python> -m dagster_taskiq_controller.stop_guard`
+//! (Dagster's `execute_step` with SIGTERM kept from Dagster's interrupt unless Dagster asked for
+//! the stop), no shell, in its own process group, its output streamed into the step's span.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -16,6 +17,11 @@ use super::events::EventLines;
 use super::output::StepOutput;
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
+
+/// Runs `dagster api execute_step` in-process; a SIGTERM that Dagster did not ask for ends the
+/// step with [`crate::launcher::STOPPED_FROM_OUTSIDE_EXIT`] and no Dagster failure, so the
+/// verdict lets the op's RetryPolicy decide (docs/guarantees.md).
+pub(crate) const STEP_MODULE: &str = "dagster_taskiq_controller.stop_guard";
 
 #[derive(Debug, Clone)]
 pub struct ProcessLauncherConfig {
@@ -42,7 +48,7 @@ impl Launcher for ProcessLauncher {
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
         let mut command = Command::new(&self.config.python);
         command
-            .args(["-m", "dagster", "api", "execute_step"])
+            .args(["-m", STEP_MODULE])
             // The child inherits the controller's environment (user code paths, credentials,
             // DAGSTER_HOME); the message sets only these.
             .env(

@@ -9,11 +9,11 @@ use super::run_task::{
 };
 use crate::envelope::StepRequest;
 
-/// The step's command when its args travel inline.
-pub(crate) const STEP_COMMAND: [&str; 3] = ["dagster", "api", "execute_step"];
-/// The step's command when its args were offloaded or it has a timeout: the shim
-/// (`dagster_taskiq_controller.ecs_entrypoint`) fetches the args, then runs
-/// `python -m dagster api execute_step` itself, and SIGKILLs it at the timeout.
+/// Every step's command: the shim (`dagster_taskiq_controller.ecs_entrypoint`) fetches
+/// offloaded args, SIGKILLs the step at its timeout, and runs it guarded
+/// (`dagster_taskiq_controller.stop_guard`): a SIGTERM that Dagster did not ask for (Spot
+/// interruption, scale-in, someone's StopTask) ends the step without Dagster's interrupt
+/// failure, so the verdict naming the stop lets the op's RetryPolicy decide.
 pub(crate) const SHIM_COMMAND: [&str; 3] =
     ["python", "-m", "dagster_taskiq_controller.ecs_entrypoint"];
 /// Exit code of the shim when it killed the step at its timeout (as coreutils' `timeout`).
@@ -72,20 +72,16 @@ impl StepSettings {
                 ),
             };
 
-        let (mut command, mut environment) = match args {
-            StepArgs::Inline(compressed) => (
-                STEP_COMMAND.map(String::from).to_vec(),
-                vec![kv(ENV_COMPRESSED_ARGS, compressed)],
-            ),
-            StepArgs::Offloaded { uri, sha256 } => (
-                SHIM_COMMAND.map(String::from).to_vec(),
-                vec![kv(ENV_ARGS_URI, uri), kv(ENV_ARGS_SHA256, sha256)],
-            ),
+        let command = SHIM_COMMAND.map(String::from).to_vec();
+        let mut environment = match args {
+            StepArgs::Inline(compressed) => vec![kv(ENV_COMPRESSED_ARGS, compressed)],
+            StepArgs::Offloaded { uri, sha256 } => {
+                vec![kv(ENV_ARGS_URI, uri), kv(ENV_ARGS_SHA256, sha256)]
+            }
         };
         if let Some(timeout) = step.timeout {
-            // StopTask would send SIGTERM, which Dagster turns into an interrupt failure that
-            // skips the RetryPolicy: the shim SIGKILLs the step at its deadline instead.
-            command = SHIM_COMMAND.map(String::from).to_vec();
+            // The shim SIGKILLs the step at its deadline, counted from the container's start
+            // (an image pull does not count), and says so by its exit code.
             environment.push(kv(ENV_STEP_TIMEOUT, &format!("{}", timeout.as_secs_f64())));
         }
         environment.push(kv(ENV_JOB_NAME, step.job_name.as_deref().unwrap_or("")));

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use super::build::{
-    ENV_COMPRESSED_ARGS, ENV_JOB_NAME, ENV_STEP_KEY, ENV_STEP_TIMEOUT, SHIM_COMMAND, STEP_COMMAND,
+    ENV_COMPRESSED_ARGS, ENV_JOB_NAME, ENV_STEP_KEY, ENV_STEP_TIMEOUT, SHIM_COMMAND,
 };
 use super::identity::tag_keys;
 use super::op_tags::InvalidTag;
@@ -88,7 +88,8 @@ fn default_request_runs_the_step_with_its_args_tags_and_identity() {
     assert_eq!(request.client_token, client_token(&step.task_id, 1));
     let container = &request.overrides.container_overrides[0];
     assert_eq!(container.name, "dagster");
-    assert_eq!(container.command, ["dagster", "api", "execute_step"]);
+    // Always the shim, which runs the step with SIGTERM guarded (stop_guard.py).
+    assert_eq!(container.command, SHIM_COMMAND);
     let env = env_of(&request);
     assert_eq!(env[ENV_COMPRESSED_ARGS], step.compressed_step_args());
     assert_eq!(env[ENV_JOB_NAME], "diamond");
@@ -286,7 +287,7 @@ fn a_step_with_a_timeout_runs_through_the_shim_which_enforces_it() {
     let settings = StepSettings::from_tags(&step.tags, "dagster").unwrap();
     let args = StepArgs::Inline("eJwLAAA=".into());
     let plain = settings.build(&base(), &step, 1, &args);
-    assert_eq!(plain.overrides.container_overrides[0].command, STEP_COMMAND);
+    assert_eq!(plain.overrides.container_overrides[0].command, SHIM_COMMAND);
     assert!(!env_of(&plain).contains_key(ENV_STEP_TIMEOUT));
 
     step.timeout = Some(std::time::Duration::from_millis(2500));
