@@ -23,7 +23,9 @@
 #
 # Example with your code:
 #   docker build --build-arg USER_CODE_DIR=examples/my_code \
-#                --build-arg USER_CODE_REQUIREMENTS="dagster-postgres" -t my-controller .
+#                --build-arg USER_CODE_REQUIREMENTS="dagster-postgres==0.29.* sqlalchemy<2.1" \
+#                -t my-controller .
+# (PostgreSQL needs the SQLAlchemy pin: docs/operations.md, "PostgreSQL".)
 
 ARG RUST_VERSION=1
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm

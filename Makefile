@@ -18,7 +18,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 PYTEST_WORKERS ?= 3
 RUFF_PATHS := bench examples
 
-.PHONY: setup build build-debug browser demo test test-rust test-python test-deploy lint fmt bench bench-e2e chaos fuzz clean
+.PHONY: setup build build-debug browser postgresql demo test test-rust test-python test-deploy lint fmt bench bench-e2e chaos fuzz clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,15 @@ browser:
 		{ apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium >/dev/null; }; }
 	@chromium --version
 
+# PostgreSQL server binaries for the tests on a PostgreSQL-backed Dagster instance (each test
+# session starts its own throwaway server; Debian package; needs root and apt).
+PG_INITDB := /usr/lib/postgresql/*/bin/initdb
+postgresql:
+	@ls $(PG_INITDB) >/dev/null 2>&1 || { \
+		apt-get install -y --no-install-recommends postgresql >/dev/null 2>&1 || \
+		{ apt-get update >/dev/null && apt-get install -y --no-install-recommends postgresql >/dev/null; }; }
+	@ls $(PG_INITDB)
+
 demo: setup build
 	$(BINARY_ENV)=$(BIN) $(PY) examples/demo/demo.py --workdir target/demo
 
@@ -60,11 +69,11 @@ test-rust: setup
 
 # Against the debug binary `cargo test` built. First in parallel (pytest-xdist workers, one
 # moto server for all), then the tests marked `serial` (fixed wall-clock budgets on step work)
-# alone. A missing binary or browser is an error here, not a skip.
+# alone. A missing binary, browser or PostgreSQL is an error here, not a skip.
 PYTEST_ENV := $(BINARY_ENV)=$(CURDIR)/$(DEBUG_BIN) DAGSTER_TASKIQ_REQUIRE_BINARY=1 \
 	DAGSTER_TASKIQ_REQUIRE_BROWSER=1
 PYTEST := $(PY) -m pytest python/tests -q -p no:cacheprovider
-test-python: setup build-debug browser
+test-python: setup build-debug browser postgresql
 	$(PYTEST_ENV) $(PYTEST) -m 'not serial' -n $(PYTEST_WORKERS) --dist worksteal --durations=25
 	$(PYTEST_ENV) $(PYTEST) -m serial --durations=10
 

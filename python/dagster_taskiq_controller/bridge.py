@@ -9,8 +9,9 @@ Between responses the bridge may also write *push* lines (``{"push": ...}``, no 
 the latest ``run_status`` call with ``"watch": true`` are watched, and a run that starts canceling
 or fails, or a ``terminate_step`` request of our executor, reaches the controller within a
 fraction of a second instead of at its next poll. SQLite shards are watched by ``ShardWatcher``
-(a stat per run and tick, a filtered read only when the shard changed); other storages through
-Dagster's own event-log watch (LISTEN/NOTIFY for Postgres).
+(a stat per run and tick, a filtered read only when the shard changed), PostgreSQL by
+``pg_watch.PostgresRunWatcher`` (LISTEN/NOTIFY, a filtered read of a notified run); other
+storages through Dagster's own event-log watch.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dagster._serdes import serialize_value
 from dagster_taskiq_controller import contract
 from dagster_taskiq_controller.claims import AttemptClaims, ClaimsUnsupported, claim_key
 from dagster_taskiq_controller.executor import read_terminate_request, read_verdict
+from dagster_taskiq_controller.pg_watch import PostgresRunWatcher, is_postgres
 
 logger = logging.getLogger("dagster_taskiq_controller.bridge")
 
@@ -247,11 +249,13 @@ class RunWatches:
         self._callbacks: dict[str, Callable[[EventLogEntry, str], None]] = {}
         self._unsupported = False
         storage = instance.event_log_storage
-        self._shards = (
-            ShardWatcher(instance, storage, self._on_event)
-            if isinstance(storage, SqliteEventLogStorage)
-            else None
-        )
+        self._shards: ShardWatcher | PostgresRunWatcher | None = None
+        if isinstance(storage, SqliteEventLogStorage):
+            self._shards = ShardWatcher(instance, storage, self._on_event)
+        elif is_postgres(storage):
+            self._shards = PostgresRunWatcher(
+                instance, storage, self._on_event, WATCHED_EVENT_TYPES
+            )
 
     def set_runs(self, run_ids: set[str]) -> None:
         if self._shards is not None:

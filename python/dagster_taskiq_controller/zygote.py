@@ -149,7 +149,8 @@ def share_instance() -> None:
     start). Only SQLite storages are shared: their engines keep no connection open (NullPool),
     so nothing open crosses the fork, and each child works on its own copy. Other storages are
     opened, queried and closed, which still leaves their modules and SQLAlchemy's first-use
-    set-up in place for the children.
+    set-up in place for the children; dagster-postgres opens a connection per operation
+    (NullPool), so no PostgreSQL connection is left open to be shared across the fork.
     """
     if not os.environ.get("DAGSTER_HOME"):
         return

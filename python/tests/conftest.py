@@ -6,7 +6,12 @@ The binary is `DAGSTER_TASKIQ_CONTROLLER_BINARY`, else the debug build of this c
 unless `DAGSTER_TASKIQ_REQUIRE_BINARY=1` (as `make test` sets), which makes that an error.
 
 One moto server serves the whole run: under pytest-xdist the controller process starts it and
-the workers find its URL in `DAGSTER_TASKIQ_TEST_MOTO_URL` (also a way to bring your own)."""
+the workers find its URL in `DAGSTER_TASKIQ_TEST_MOTO_URL` (also a way to bring your own).
+
+Dagster instances use SQLite files in the test's DAGSTER_HOME, or a PostgreSQL database where a
+test is parametrized with `dagster_storage="postgres"` (`BOTH_STORAGES`): one throwaway server
+per test session (per xdist worker) started on first use, one database per test. No PostgreSQL
+on the machine is an error, never a skip."""
 
 import json
 import os
@@ -23,6 +28,11 @@ import pytest
 from dagster import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 
+from dagster_taskiq_controller_testing.postgres import (
+    PostgresServer,
+    create_dagster_template,
+    write_dagster_yaml,
+)
 from dagster_taskiq_controller_testing.stack import BINARY_ENV, MotoServer
 
 # The one condition poller, re-exported for the test modules (`from conftest import wait_for`).
@@ -122,10 +132,51 @@ def make_dagster_home(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """This session's PostgreSQL server, with a template database holding Dagster's schema."""
+    server = PostgresServer().start()
+    try:
+        server.template = create_dagster_template(server)
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
-def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty DAGSTER_HOME (set in the environment) for one test."""
-    home = make_dagster_home(tmp_path / "dagster_home")
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh database with Dagster's schema, dropped after the test; yields its URL."""
+    name = postgres_server.create_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
+STORAGES = ("sqlite", "postgres")
+# Runs a test once on each storage of the test's Dagster instance (`dagster_home`).
+BOTH_STORAGES = pytest.mark.parametrize("dagster_storage", STORAGES)
+
+
+@pytest.fixture
+def dagster_storage() -> str:
+    """The storage of the test's Dagster instance; tests parametrize it (BOTH_STORAGES)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def dagster_home(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dagster_storage: str,
+    request: pytest.FixtureRequest,
+) -> Path:
+    """An empty DAGSTER_HOME (set in the environment) for one test: SQLite files in it, or a
+    fresh PostgreSQL database (`dagster_storage`)."""
+    path = tmp_path / "dagster_home"
+    if dagster_storage == "postgres":
+        home = write_dagster_yaml(path, request.getfixturevalue("postgres_url"))
+    else:
+        assert dagster_storage == "sqlite", dagster_storage
+        home = make_dagster_home(path)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home
 

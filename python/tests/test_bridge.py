@@ -1,16 +1,19 @@
 """The bridge sidecar as the controller sees it: a real subprocess speaking JSON lines."""
 
 import json
+import logging
 import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import dagster
 import pytest
+import sqlalchemy
 from conftest import child_env, make_dagster_home, wait_for
 from dagster import (
     DagsterEventType,
@@ -22,12 +25,18 @@ from dagster import (
     op,
 )
 from dagster._core.events import DagsterEvent, EngineEventData
+from dagster._core.events.log import EventLogEntry
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 from dagster._serdes import deserialize_value, pack_value
 
 from dagster_taskiq_controller import contract
 from dagster_taskiq_controller.bridge import ShardWatcher
+from dagster_taskiq_controller_testing.postgres import (
+    PostgresServer,
+    TcpRelay,
+    write_dagster_yaml,
+)
 
 DEADLINE = 30.0
 
@@ -443,6 +452,142 @@ def test_watched_runs_push_terminate_requests_and_cancellation(
     assert bridge.result("ping")["pid"] == bridge.proc.pid
 
 
+# --- PostgreSQL: pushes through LISTEN/NOTIFY (pg_watch.PostgresRunWatcher) ------------------
+
+
+@pytest.fixture
+def pg_world(postgres_url: str, tmp_path: Path) -> Iterator[World]:
+    w = World(write_dagster_yaml(tmp_path / "home", postgres_url))
+    yield w
+    w.instance.dispose()
+
+
+def _watch(bridge: BridgeProcess, world: World, run_id: str) -> None:
+    result = bridge.result("run_status", instance_ref=None, run_ids=[run_id], watch=True)
+    assert result["statuses"][run_id] is not None
+
+
+def _terminate_entry(run: Any, step_key: str, task_id: str) -> EventLogEntry:
+    """What the executor's terminate_step writes, as an entry to store by hand."""
+    event = DagsterEvent(
+        DagsterEventType.ENGINE_EVENT.value,
+        job_name=run.job_name,
+        step_key=step_key,
+        event_specific_data=EngineEventData(
+            metadata=contract.terminate_metadata(task_id=task_id, attempt=0)
+        ),
+        message="terminate requested",
+    )
+    return EventLogEntry(
+        error_info=None,
+        level=logging.INFO,
+        user_message="terminate requested",
+        run_id=run.run_id,
+        timestamp=time.time(),
+        step_key=step_key,
+        job_name=run.job_name,
+        dagster_event=event,
+    )
+
+
+def test_postgres_pushes_arrive_at_once_after_a_quiet_spell(pg_world: World) -> None:
+    """Dagster's own watch of a PostgreSQL event log polls, backing off to 16 s while a run is
+    quiet: a cancel 4.5 s into a quiet spell reached the bridge about 3.5 s late."""
+    world = pg_world
+    run = world.instance.create_run_for_job(job_def=tiny)
+    bridge = BridgeProcess(child_env(DAGSTER_HOME=str(world.home)))
+    try:
+        _watch(bridge, world, run.run_id)
+        world.instance.report_engine_event(
+            "terminate requested",
+            run,
+            EngineEventData(metadata=contract.terminate_metadata(task_id="t-1", attempt=0)),
+            step_key="second",
+        )
+        assert bridge.read()["push"] == "terminate_step"
+        # The scenario is time passing with nothing written (steps running), not a wait for
+        # something to happen.
+        time.sleep(4.5)
+        written = time.monotonic()
+        world.instance.report_run_canceling(run)
+        push = bridge.read()
+        latency = time.monotonic() - written
+        assert push == {"push": "run_ended", "run_id": run.run_id, "status": "CANCELING"}
+        assert latency < 1.5, latency
+    finally:
+        assert bridge.close() == 0
+
+
+def test_postgres_pushes_an_event_committed_behind_one_already_read(pg_world: World) -> None:
+    """PostgreSQL hands out event ids before commit: an event can become visible after a later
+    one was read. Its notification names it, and it is pushed all the same."""
+    world = pg_world
+    run = world.instance.create_run_for_job(job_def=tiny)
+    storage = world.instance.event_log_storage
+    bridge = BridgeProcess(child_env(DAGSTER_HOME=str(world.home)))
+    try:
+        _watch(bridge, world, run.run_id)
+        with storage.index_connection() as conn:  # a writer that took its id and stalled
+            early = conn.execute(sqlalchemy.text("SELECT nextval('event_logs_id_seq')")).scalar()
+        world.instance.report_engine_event(
+            "terminate requested",
+            run,
+            EngineEventData(metadata=contract.terminate_metadata(task_id="t-2", attempt=0)),
+            step_key="second",
+        )
+        assert bridge.read()["push"] == "terminate_step"
+        # The stalled writer commits, then notifies, as dagster-postgres does.
+        notify = sqlalchemy.text("SELECT pg_notify('run_events', :payload)")
+        with storage.index_connection() as conn:
+            late = _terminate_entry(run, "first", "late")
+            conn.execute(storage.prepare_insert_event(late).values(id=early))
+            conn.execute(notify, {"payload": f"{run.run_id}_{early}"})
+        pushed = bridge.read()
+        assert (pushed["push"], pushed["step_key"], pushed["task_id"]) == (
+            "terminate_step",
+            "first",
+            "late",
+        )
+        # Its notification again (as when it arrives after a read that found the event).
+        with storage.index_connection() as conn:
+            conn.execute(notify, {"payload": f"{run.run_id}_{early}"})
+        # Pushed once: the next push is the next event.
+        world.instance.report_run_canceling(run)
+        assert bridge.read() == {"push": "run_ended", "run_id": run.run_id, "status": "CANCELING"}
+        assert bridge.result("ping")["pid"] == bridge.proc.pid
+    finally:
+        assert bridge.close() == 0
+
+
+def test_postgres_watch_listens_again_after_its_connection_is_cut(
+    pg_world: World, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """The bridge reaches the database through a relay that is cut: what was written meanwhile
+    (no notification reached it) is pushed once it is connected again."""
+    world = pg_world
+    run = world.instance.create_run_for_job(job_def=tiny)
+    database = world.instance.event_log_storage.postgres_url.rsplit("/", 1)[1]
+    with TcpRelay(postgres_server.port) as relay:
+        home = write_dagster_yaml(tmp_path / "relayed", postgres_server.url(database, relay.port))
+        bridge = BridgeProcess(child_env(DAGSTER_HOME=str(home)))
+        try:
+            _watch(bridge, world, run.run_id)
+            wait_for(relay.open_connections, 10, "the watch to listen through the relay")
+            relay.cut()
+            wait_for(
+                lambda: any("watching the PostgreSQL event log failed" in x for x in bridge.stderr),
+                10,
+                "the watch to notice",
+            )
+            world.instance.report_run_canceling(run)
+            relay.restore()
+            push = bridge.read()
+            assert push == {"push": "run_ended", "run_id": run.run_id, "status": "CANCELING"}
+            assert any("listening to the PostgreSQL event log again" in x for x in bridge.stderr)
+        finally:
+            assert bridge.close() == 0
+
+
 def test_watch_flag_must_be_a_bool(bridge: BridgeProcess, world: World) -> None:
     bad = bridge.call("run_status", instance_ref=world.ref, run_ids=[], watch="yes")
     assert bad["error"]["kind"] == "bad_request"
@@ -513,29 +658,74 @@ def _claim_params(world: World, step_key: str, holder: str, token: str, **extra:
     }
 
 
+def _race(
+    world: World,
+    racers: dict[str, BridgeProcess],
+    keys: list[str],
+    replace: dict[str, str] | None = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every racer (holder name: its bridge) claims every key, taking over the claim holding
+    ``replace[key]`` if given. Every request is written before any answer is read, so the
+    processes race on the same storage. Returns the answers by key and holder."""
+    for holder, proc in racers.items():
+        for n, key in enumerate(keys):
+            extra = {"replace_token": replace[key]} if replace else {}
+            params = _claim_params(world, key, holder, f"{holder}-{key}", **extra)
+            line = json.dumps({"id": 1000 + n, "method": "claim_attempt", "params": params})
+            proc.write(line.encode() + b"\n")
+    answers: dict[str, dict[int, dict[str, Any]]] = {holder: {} for holder in racers}
+    for holder, proc in racers.items():
+        for _ in keys:
+            response = proc.read()
+            assert response["ok"], response
+            answers[holder][response["id"]] = response["result"]
+    return {key: {h: answers[h][1000 + n] for h in racers} for n, key in enumerate(keys)}
+
+
+def _one_winner_each(world: World, results: dict[str, dict[str, dict[str, Any]]]) -> None:
+    for key, by_holder in results.items():
+        winners = [h for h, result in by_holder.items() if result["claimed"]]
+        assert len(winners) == 1, (key, by_holder)
+        for result in by_holder.values():
+            assert result["current"]["token"] == f"{winners[0]}-{key}"
+        won = by_holder[winners[0]]
+        assert won["state"]["attempt_finished"] is False
+        assert won["state"]["run_status"] == "NOT_STARTED"
+
+
 def test_two_bridges_racing_for_the_same_attempts_each_get_one_winner(
     bridge: BridgeProcess, own_bridge: BridgeProcess, world: World
 ) -> None:
     keys = [f"race_{i}" for i in range(20)]
-    # Every request is written before any answer is read: the two processes race on the
-    # same SQLite storage.
-    for proc, holder in ((bridge, "a"), (own_bridge, "b")):
-        for n, key in enumerate(keys):
-            params = _claim_params(world, key, holder, f"{holder}-{key}")
-            line = json.dumps({"id": 1000 + n, "method": "claim_attempt", "params": params})
-            proc.write(line.encode() + b"\n")
-    answers = {"a": [bridge.read() for _ in keys], "b": [own_bridge.read() for _ in keys]}
-    by_id = {h: {r["id"]: r for r in rs} for h, rs in answers.items()}
-    for n, key in enumerate(keys):
-        a, b = by_id["a"][1000 + n], by_id["b"][1000 + n]
-        assert a["ok"] and b["ok"], (a, b)
-        assert a["result"]["claimed"] != b["result"]["claimed"], (key, a, b)
-        winner = "a" if a["result"]["claimed"] else "b"
-        for answer in (a, b):
-            assert answer["result"]["current"]["token"] == f"{winner}-{key}"
-        won = (a if winner == "a" else b)["result"]
-        assert won["state"]["attempt_finished"] is False
-        assert won["state"]["run_status"] == "NOT_STARTED"
+    _one_winner_each(world, _race(world, {"a": bridge, "b": own_bridge}, keys))
+
+
+def test_bridges_racing_on_postgres_get_one_winner_per_claim_and_per_takeover(
+    pg_world: World,
+) -> None:
+    """The same race on a PostgreSQL-backed instance, where the writers are concurrent
+    transactions rather than SQLite's one writer at a time: one insert wins each key, then of
+    two takeovers naming the winner's token one compare-and-set wins each key."""
+    world = pg_world
+    env = child_env(DAGSTER_HOME=str(world.home))
+    racers = {holder: BridgeProcess(env) for holder in ("a", "b")}
+    try:
+        for proc in racers.values():  # each opens the instance first, so the claims overlap
+            proc.result("run_status", instance_ref=world.ref, run_ids=[])
+        keys = [f"race_{i}" for i in range(20)]
+        claimed = _race(world, racers, keys)
+        _one_winner_each(world, claimed)
+        holding = {
+            key: next(result["current"]["token"] for result in by.values() if result["claimed"])
+            for key, by in claimed.items()
+        }
+        # Two new holders take over every claim, naming the token it holds (as a controller
+        # that found the holder dead would): per key one compare-and-set matches the row.
+        takeovers = {"c": racers["a"], "d": racers["b"]}
+        _one_winner_each(world, _race(world, takeovers, keys, replace=holding))
+    finally:
+        for proc in racers.values():
+            assert proc.close() == 0, "".join(proc.stderr)
 
 
 def test_a_claim_is_renewed_taken_over_only_by_token_and_released(

@@ -1,5 +1,6 @@
 """Run lifecycle end to end: cancellation, step timeouts and graceful shutdown, with real
-Dagster, a real SQS API (moto), real child processes and real signals."""
+Dagster, a real SQS API (moto), real child processes and real signals. Cancellation and the
+warm timeout also run on a PostgreSQL-backed Dagster instance (BOTH_STORAGES)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import boto3
 import jobs
 import pytest
-from conftest import only_run, start_run_worker, terminate_run, wait_for
+from conftest import BOTH_STORAGES, only_run, start_run_worker, terminate_run, wait_for
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
 from test_e2e_process import WARM_ARGS, Stack, events_of, start_stack
 
@@ -63,10 +64,16 @@ def stack(make_stack: Callable[..., Stack]) -> Stack:
 
 
 @pytest.fixture
-def capped_stack(make_stack: Callable[..., Stack]) -> Stack:
+def launcher_args() -> tuple[str, ...]:
+    """Cold steps, unless a test parametrizes this with WARM_ARGS."""
+    return ()
+
+
+@pytest.fixture
+def capped_stack(make_stack: Callable[..., Stack], launcher_args: tuple[str, ...]) -> Stack:
     # No prefetch: the steps beyond the cap stay queued in SQS, not held here. No run-status
     # poll within the test either: the bridge's pushes must do it.
-    return make_stack("--max-concurrent", "3", "--prefetch", "0", *NO_POLL)
+    return make_stack("--max-concurrent", "3", "--prefetch", "0", *NO_POLL, *launcher_args)
 
 
 @pytest.fixture
@@ -74,6 +81,13 @@ def warm_stack(make_stack: Callable[..., Stack]) -> Stack:
     return make_stack(*WARM_ARGS)
 
 
+# PostgreSQL: the bridge watches runs through Dagster's own event-log watch there, not its
+# SQLite shard watcher; with both launchers (a forked step must be stopped as surely).
+@pytest.mark.parametrize(
+    ("dagster_storage", "launcher_args"),
+    [("sqlite", ()), ("postgres", ()), ("postgres", WARM_ARGS)],
+    ids=["sqlite-cold", "postgres-cold", "postgres-warm"],
+)
 def test_terminating_a_run_stops_its_steps_and_skips_the_queued_ones(
     capped_stack: Stack, tmp_path: Path
 ) -> None:
@@ -94,6 +108,8 @@ def test_terminating_a_run_stops_its_steps_and_skips_the_queued_ones(
         wait_for(lambda: all(process_group_gone(p) for p in pids), 5, "steps to be stopped")
         stopped_within = time.monotonic() - canceled_at
         assert stopped_within < 5
+        # Told by the bridge's watch (the run-status poll is off).
+        assert stack.metric('bridge_pushes_total{kind="run_ended"}') >= 1
 
         wait_for(
             lambda: stack.queue_empty(),
@@ -183,6 +199,8 @@ def check_timed_out_and_retried(stack: Stack, job_name: str, limit: float) -> No
     assert stats.attempts == 2
 
 
+# SQLite only: on PostgreSQL the warm variant below covers the timeout's verdict and retry (the
+# launcher does not change what the storage sees), without 10 more serial seconds.
 @pytest.mark.serial  # a wall-clock budget on step work: run alone (see conftest)
 def test_a_step_past_its_timeout_is_killed_and_retried_by_its_policy(stack: Stack) -> None:
     # Cold: Dagster's own start-up is inside the timeout, so 10 s (jobs.hangs_first_time).
@@ -190,6 +208,7 @@ def test_a_step_past_its_timeout_is_killed_and_retried_by_its_policy(stack: Stac
 
 
 @pytest.mark.serial  # a wall-clock budget on step work: run alone (see conftest)
+@BOTH_STORAGES
 def test_a_warm_step_past_a_3s_timeout_is_killed_and_retried_by_its_policy(
     warm_stack: Stack,
 ) -> None:

@@ -1,6 +1,7 @@
 """End to end: real Dagster jobs through a real SQS API (moto server) and the controller binary,
 each step a real `dagster api execute_step` child process: started cold, or forked from the warm
-pool's zygote (every test runs with both launchers)."""
+pool's zygote (every test runs with both launchers). The core ones also run on a
+PostgreSQL-backed Dagster instance (BOTH_STORAGES)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 import boto3
 import jobs
 import pytest
-from conftest import child_env, only_run, start_run_worker, wait_for
+from conftest import BOTH_STORAGES, child_env, only_run, start_run_worker, wait_for
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
 
 from dagster_taskiq_controller import contract
@@ -120,6 +121,7 @@ def step_pids(instance: DagsterInstance, run_id: str) -> dict[str, int]:
     return pids
 
 
+@BOTH_STORAGES
 def test_diamond_runs_every_step_in_its_own_process(stack: Stack) -> None:
     with execute_job(jobs.recon("diamond"), stack.instance) as result:
         assert result.success
@@ -142,6 +144,7 @@ def test_diamond_runs_every_step_in_its_own_process(stack: Stack) -> None:
     assert all(r["state"] == "acked" for r in records), records
 
 
+@BOTH_STORAGES
 def test_an_op_that_raises_fails_the_run_with_its_error(stack: Stack) -> None:
     with execute_job(jobs.recon("failing"), stack.instance) as result:
         assert not result.success
@@ -170,6 +173,7 @@ def test_retry_policy_attempts_each_arrive_as_their_own_message(stack: Stack) ->
     wait_for(stack.queue_empty, 60, "every message to be deleted")
 
 
+@BOTH_STORAGES
 def test_a_step_killed_by_sigkill_gets_a_verdict_and_is_retried(stack: Stack) -> None:
     with execute_job(jobs.recon("self_kill"), stack.instance) as result:
         assert result.success

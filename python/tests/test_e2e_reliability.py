@@ -368,8 +368,10 @@ def bad_bodies() -> list[tuple[str, str]]:
         ("invalid_step_key", with_step_key("a\u0007b")),
         ("wrong_task_name", variant(task_name="os.system")),
         ("invalid_task_id", variant(task_id="a b")),
+        # The message's instance is ignored (the controller's own is pinned): what remains is
+        # a run that does not exist there.
         (
-            "bridge_rejected",
+            "unknown_run",
             variant(
                 kwargs__execute_step_args_packed={
                     **packed,

@@ -3,14 +3,23 @@ test_e2e_process.py)."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import psycopg2
 from dagster import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
+
+from dagster_taskiq_controller_testing.postgres import (
+    PostgresServer,
+    tcp_connections,
+    write_dagster_yaml,
+)
 
 
 def test_alembic_scripts_are_read_once_and_schema_checks_still_work(tmp_path: Path) -> None:
@@ -94,3 +103,35 @@ def test_steps_of_the_zygotes_instance_get_it_already_open_and_can_write(tmp_pat
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_a_zygote_on_postgres_forks_with_no_database_connection_open(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path
+) -> None:
+    """SQLAlchemy connections must not cross a fork (two processes on one socket corrupt each
+    other's protocol stream). The zygote opens a PostgreSQL-backed instance while it prepares;
+    once ready it must hold no connection to the server, so each step opens its own."""
+    home = write_dagster_yaml(tmp_path / "home", postgres_url)
+    ours, theirs = socket.socketpair()
+    zygote = subprocess.Popen(
+        [sys.executable, "-m", "dagster_taskiq_controller.zygote"],
+        stdin=theirs,
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+    )
+    theirs.close()
+    try:
+        ours.settimeout(120)
+        ready = json.loads(ours.makefile("rb").readline())
+        assert ready["op"] == "ready", ready
+        # It did open the instance: the PostgreSQL driver is loaded (for the steps, too).
+        assert "psycopg2/_psycopg" in Path(f"/proc/{zygote.pid}/maps").read_text()
+        assert tcp_connections(zygote.pid, postgres_server.port) == 0
+        # The check sees a connection when there is one.
+        conn = psycopg2.connect(postgres_url)
+        try:
+            assert tcp_connections(os.getpid(), postgres_server.port) == 1
+        finally:
+            conn.close()
+    finally:
+        ours.close()  # the zygote exits when its control socket closes
+        assert zygote.wait(30) == 0

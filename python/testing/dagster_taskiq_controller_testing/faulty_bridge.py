@@ -52,7 +52,7 @@ class FaultyBridge(Bridge):
             self._hang(hang_file)
         return super().handle(request)
 
-    def instance(self, params: dict[str, Any]) -> DagsterInstance:
+    def instance(self, params: dict[str, Any] | None = None) -> DagsterInstance:
         fail_file = _control_file(FAIL_FILE_ENV)
         if fail_file is not None and fail_file.exists():
             raise InjectedStorageError("injected: Dagster's storage does not answer")
