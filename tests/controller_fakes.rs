@@ -1351,6 +1351,25 @@ async fn a_poison_message_that_names_its_attempt_gets_a_verdict_before_its_dead_
 }
 
 #[tokio::test(start_paused = true)]
+async fn what_dagster_was_told_survives_the_dead_letters_detail_limit() {
+    let bed = bed(Duration::from_secs(1));
+    let long = "9".repeat(3000);
+    bed.queue.push(
+        "long",
+        &body_with_labels(73, "run1", "op_a", &[("dagster_timeout", &long)]),
+    );
+    let handle = bed.start();
+    bed.queue.wait_for(dead_lettered("long")).await;
+    let detail = detail_of(&bed, "long");
+    assert!(detail.chars().count() <= 1000, "{}", detail.len());
+    assert!(
+        detail.ends_with("…; verdict recorded in Dagster"),
+        "{detail}"
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_unknown_run_is_dead_lettered_saying_no_verdict_is_possible() {
     let bed = bed(Duration::from_secs(1));
     bed.bridge.forget_run("gone");
@@ -1422,6 +1441,18 @@ async fn a_lost_continuation_stops_the_step_and_leaves_a_verdict() {
     }
     let record = bed.controller.steps.get(&task_id(74)).unwrap();
     assert_eq!(record.outcome, Some("continuation_lost"));
+    // The claim stays as the verdict's record: a continuation that comes back late is not run.
+    let claim = bed
+        .bridge
+        .claim("run1", "op_a", 0)
+        .expect("the claim is kept");
+    assert!(
+        claim
+            .ended
+            .as_deref()
+            .is_some_and(|v| v.contains("continuation")),
+        "{claim:?}"
+    );
     assert_eq!(
         serde_json::to_value(record.state).unwrap(),
         serde_json::json!("fenced")

@@ -197,6 +197,17 @@ fn dead_end(
             "the verdict could not be written to Dagster ({e}); fail or cancel the run by hand"
         ),
     };
+    // The DLQ keeps the first 1000 characters of a detail: what Dagster was told must fit.
+    let room = 1000usize.saturating_sub(told.chars().count() + 2);
+    let detail: String = if detail.chars().count() > room {
+        detail
+            .chars()
+            .take(room.saturating_sub(1))
+            .chain(['…'])
+            .collect()
+    } else {
+        detail
+    };
     Outcome::dead_letter(reason, format!("{detail}; {told}"))
 }
 
