@@ -91,6 +91,36 @@ pub struct StepRequest {
     pub relaunch: bool,
 }
 
+/// A step attempt as Dagster knows it: what the bridge needs to write about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptId {
+    pub task_id: String,
+    pub run_id: String,
+    pub step_key: String,
+    pub attempt: u32,
+    /// The packed `InstanceRef` (or null: the bridge's own instance).
+    pub instance_ref: Value,
+}
+
+/// Whom a message that failed validation is for, as far as it says (see [`identify`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Identity {
+    /// The body's own task id, when valid: its taskiq result goes there.
+    pub task_id: Option<String>,
+    /// The attempt, when the message names one completely: it gets a verdict.
+    pub attempt: Option<AttemptId>,
+}
+
+impl Identity {
+    /// Only a task id (an extended payload's pointer names nothing else).
+    pub(crate) fn task(task_id: Option<String>) -> Self {
+        Self {
+            task_id,
+            attempt: None,
+        }
+    }
+}
+
 /// Why a message can never run. `name()` is the stable short reason used in metrics, the
 /// dead-letter attribute and the shared test vectors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -304,6 +334,17 @@ pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest,
 }
 
 impl StepRequest {
+    /// The attempt this request is for.
+    pub fn id(&self) -> AttemptId {
+        AttemptId {
+            task_id: self.task_id.clone(),
+            run_id: self.run_id.clone(),
+            step_key: self.step_key.clone(),
+            attempt: self.attempt,
+            instance_ref: self.instance_ref.clone(),
+        }
+    }
+
     /// `DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS`: base64 of zlib of the packed args' JSON, the
     /// form Dagster's own step handlers pass.
     pub fn compressed_step_args(&self) -> String {
@@ -315,6 +356,74 @@ impl StepRequest {
         let compressed = encoder.finish().expect("writing to a Vec cannot fail");
         base64::engine::general_purpose::STANDARD.encode(compressed)
     }
+}
+
+/// Whom a body that failed [`decode`] is for, read as leniently as [`decode`] is strict:
+/// the task id when it is valid, and the attempt when the packed args (or, for a field they
+/// lack, the labels) name a valid run id, one valid step key and the attempt, and the args
+/// carry an `instance_ref` that is an object or null. The args win over the labels, as they
+/// are what the executor checks a verdict against (`contract.step_attempt`).
+pub(crate) fn identify(body: &str) -> Identity {
+    let Ok(message) = serde_json::from_str::<Value>(body) else {
+        return Identity::default();
+    };
+    let task_id = message
+        .get("task_id")
+        .and_then(Value::as_str)
+        .filter(|t| is_valid_task_id(t))
+        .map(str::to_owned);
+    let attempt = task_id
+        .as_deref()
+        .and_then(|task_id| attempt_named(&message, task_id));
+    Identity { task_id, attempt }
+}
+
+fn attempt_named(message: &Value, task_id: &str) -> Option<AttemptId> {
+    let label = |name: &str| {
+        message
+            .get("labels")?
+            .get(name)?
+            .as_str()
+            .filter(|v| !v.is_empty())
+    };
+    let packed = message.pointer("/kwargs/execute_step_args_packed")?;
+    let instance_ref = match packed.get("instance_ref") {
+        None => Value::Null,
+        Some(r) if r.is_null() || r.is_object() => r.clone(),
+        Some(_) => return None,
+    };
+    let run_id = match packed.get("pipeline_run_id") {
+        Some(run_id) => run_id.as_str()?,
+        None => label(labels::RUN_ID)?,
+    };
+    let step_key = match packed.get("step_keys_to_execute") {
+        Some(keys) => match keys.as_array()?.as_slice() {
+            [key] => key.as_str()?,
+            _ => return None,
+        },
+        None => label(labels::STEP_KEY)?,
+    };
+    let attempts = match packed.get("known_state") {
+        None | Some(Value::Null) => None,
+        Some(known) => match known.get("previous_retry_attempts") {
+            None | Some(Value::Null) => None,
+            Some(attempts) => Some(attempts.as_object()?),
+        },
+    };
+    let attempt = match attempts.and_then(|a| a.get(step_key)) {
+        Some(n) => u32::try_from(n.as_u64()?).ok()?,
+        None => 0,
+    };
+    if !is_identifier(run_id, 64) || !is_step_key(step_key) {
+        return None;
+    }
+    Some(AttemptId {
+        task_id: task_id.to_owned(),
+        run_id: run_id.to_owned(),
+        step_key: step_key.to_owned(),
+        attempt,
+        instance_ref,
+    })
 }
 
 impl StepRequest {
@@ -545,6 +654,80 @@ mod tests {
                 .unwrap()
                 .print_serialized_events
         );
+    }
+
+    #[test]
+    fn a_poison_message_still_names_its_attempt_when_it_can() {
+        let bad_priority = body(
+            serde_json::json!({"dagster_priority": "high"}),
+            packed("run-1", "op_a", 2),
+        );
+        assert_eq!(decode(&bad_priority).unwrap_err().name(), "invalid_label");
+        let identity = identify(&bad_priority);
+        let attempt = identity.attempt.expect("an attempt");
+        assert_eq!(
+            (
+                identity.task_id.as_deref(),
+                attempt.task_id.as_str(),
+                attempt.run_id.as_str(),
+                attempt.step_key.as_str(),
+                attempt.attempt,
+                attempt.instance_ref.clone()
+            ),
+            (
+                Some("0123456789abcdef0123456789abcdef"),
+                "0123456789abcdef0123456789abcdef",
+                "run-1",
+                "op_a",
+                2,
+                Value::Null
+            )
+        );
+        // The args win over a label that disagrees: they are what the executor checks.
+        let mismatch = body(
+            serde_json::json!({"dagster_attempt": "5"}),
+            packed("run-1", "op_a", 2),
+        );
+        assert_eq!(identify(&mismatch).attempt.unwrap().attempt, 2);
+        // A field the args lack comes from its label.
+        let mut no_run = packed("ignored", "op_a", 0);
+        no_run.as_object_mut().unwrap().remove("pipeline_run_id");
+        let from_label = body(serde_json::json!({"dagster_run_id": "run-9"}), no_run);
+        assert_eq!(identify(&from_label).attempt.unwrap().run_id, "run-9");
+    }
+
+    #[test]
+    fn a_message_that_does_not_name_one_valid_attempt_gets_no_verdict() {
+        let no_attempt = |body: &str| identify(body).attempt.is_none();
+        let mut two_steps = packed("run-1", "op_a", 0);
+        two_steps["step_keys_to_execute"] = serde_json::json!(["op_a", "op_b"]);
+        assert!(no_attempt(&body(serde_json::json!({}), two_steps)));
+        assert!(no_attempt(&body(
+            serde_json::json!({}),
+            packed("r;m", "op_a", 0)
+        )));
+        assert!(no_attempt(&body(
+            serde_json::json!({}),
+            packed("r", "a b", 0)
+        )));
+        let mut bad_ref = packed("run-1", "op_a", 0);
+        bad_ref["instance_ref"] = Value::String("somewhere".into());
+        assert!(no_attempt(&body(serde_json::json!({}), bad_ref)));
+        let mut bad_attempt = packed("run-1", "op_a", 0);
+        bad_attempt["known_state"]["previous_retry_attempts"]["op_a"] = serde_json::json!(-1);
+        assert!(no_attempt(&body(serde_json::json!({}), bad_attempt)));
+        let no_args = serde_json::json!({"task_id": "abc", "task_name": "execute_plan",
+            "labels": {"dagster_run_id": "r", "dagster_step_key": "s"}, "kwargs": {}});
+        let identity = identify(&no_args.to_string());
+        assert_eq!(identity.task_id.as_deref(), Some("abc"));
+        assert!(
+            identity.attempt.is_none(),
+            "no args: no instance to write to"
+        );
+        assert_eq!(identify("{not json"), Identity::default());
+        let bad_task = body(serde_json::json!({}), packed("r", "s", 0))
+            .replace("0123456789abcdef0123456789abcdef", "a b");
+        assert_eq!(identify(&bad_task), Identity::default());
     }
 
     #[test]

@@ -167,6 +167,9 @@ pub(crate) enum Outcome {
     Killed,
     /// The lease was lost: the message belongs to someone else now.
     Fenced,
+    /// A hand-off whose continuation never came back (lost, deleted or purged): the
+    /// execution was stopped and Dagster has our verdict; no message is ours to touch.
+    ContinuationLost { cause: String },
     /// Sent to the dead-letter queue.
     DeadLettered {
         reason: DeadLetterReason,
@@ -224,6 +227,7 @@ impl Outcome {
             Outcome::HandedOff => "handed_off",
             Outcome::Killed => "killed",
             Outcome::Fenced => "fenced",
+            Outcome::ContinuationLost { .. } => "continuation_lost",
             Outcome::DeadLettered { reason, .. } => reason.name(),
         }
     }
@@ -241,7 +245,7 @@ impl Outcome {
                 reason: *reason,
                 detail,
             },
-            Outcome::Fenced => Disposition::Nothing,
+            Outcome::Fenced | Outcome::ContinuationLost { .. } => Disposition::Nothing,
         }
     }
 
@@ -253,7 +257,7 @@ impl Outcome {
             Outcome::Requeued | Outcome::HandedOff | Outcome::Killed => StepState::Released,
             Outcome::Released { why, .. } if why.is_backoff() => StepState::Backoff,
             Outcome::Released { .. } => StepState::Released,
-            Outcome::Fenced => StepState::Fenced,
+            Outcome::Fenced | Outcome::ContinuationLost { .. } => StepState::Fenced,
             Outcome::DeadLettered { .. } => StepState::DeadLettered,
         }
     }
@@ -268,6 +272,7 @@ impl Outcome {
                 | Outcome::Verdict { .. }
                 | Outcome::Skipped(Skip::AlreadyFinished | Skip::RunEnded)
                 | Outcome::RunEnded
+                | Outcome::ContinuationLost { .. }
                 | Outcome::DeadLettered { .. }
         )
     }
@@ -340,6 +345,12 @@ mod tests {
                 false,
             ),
             (Outcome::Fenced, Nothing, StepState::Fenced, false),
+            (
+                Outcome::ContinuationLost { cause: "x".into() },
+                Nothing,
+                StepState::Fenced,
+                true,
+            ),
         ];
         for (outcome, disposition, state, result) in &table {
             assert_eq!(outcome.disposition(), *disposition, "{outcome:?}");

@@ -789,6 +789,7 @@ async fn invalid_launch_settings_dead_letter_with_a_verdict() {
     let verdicts = bed.bridge.verdicts();
     assert_eq!(verdicts.len(), 1);
     assert!(verdicts[0].1.contains("ecs/memory"), "{verdicts:?}");
+    assert!(detail_of(&bed, "m1").ends_with("; verdict recorded in Dagster"));
     bed.stop(handle).await;
 }
 
@@ -1277,6 +1278,184 @@ async fn a_copy_of_an_attempt_that_ended_with_a_verdict_is_acked_without_running
         bed.launcher.launches(),
         vec![task_id(55)],
         "the late copy did not run"
+    );
+    bed.stop(handle).await;
+}
+
+// ---- no dead ends: every message of a nameable attempt leaves a verdict first ------------
+
+fn dead_lettered(id: &str) -> impl Fn(&[QueueEvent]) -> bool + '_ {
+    move |events| {
+        events
+            .iter()
+            .any(|e| matches!(e, QueueEvent::DeadLettered(m, _) if m == id))
+    }
+}
+
+fn detail_of(bed: &Bed, id: &str) -> String {
+    bed.queue
+        .dead_letter_details()
+        .into_iter()
+        .find(|(m, _)| m == id)
+        .map(|(_, detail)| detail)
+        .unwrap_or_default()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poison_message_that_names_its_attempt_gets_a_verdict_before_its_dead_letter() {
+    let bed = bed(Duration::from_secs(1));
+    // Dagster unreachable at first: the message must not be dead-lettered without the verdict.
+    bed.bridge.set_down(true);
+    bed.queue.push(
+        "bad",
+        &body_with_labels(70, "run1", "op_a", &[("dagster_priority", "high")]),
+    );
+    bed.queue.push("nameless", "{not json");
+    let handle = bed.start();
+    bed.queue.wait_for(dead_lettered("nameless")).await;
+    let settled = |events: &[QueueEvent]| {
+        events.iter().any(|e| {
+            matches!(e, QueueEvent::Released(m, _) | QueueEvent::DeadLettered(m, _) if m == "bad")
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(60), bed.queue.wait_for(settled))
+        .await
+        .expect("the message settled");
+    assert!(
+        !dead_lettered("bad")(&bed.queue.events()),
+        "dead-lettered without its verdict: {:?}",
+        bed.queue.events()
+    );
+    assert!(bed.bridge.verdicts().is_empty());
+    bed.bridge.set_down(false);
+    bed.queue.wait_for(dead_lettered("bad")).await;
+    assert!(bed.queue.events().contains(&QueueEvent::DeadLettered(
+        "bad".into(),
+        "invalid_label".into()
+    )));
+    let verdicts = bed.bridge.verdicts();
+    assert_eq!(verdicts.len(), 1, "{verdicts:?}");
+    assert_eq!(verdicts[0].0, task_id(70));
+    assert!(
+        verdicts[0].1.contains("dagster_priority") && verdicts[0].1.contains("dead-letter queue"),
+        "{verdicts:?}"
+    );
+    assert!(detail_of(&bed, "bad").ends_with("; verdict recorded in Dagster"));
+    assert!(
+        detail_of(&bed, "nameless").contains("no verdict possible"),
+        "{}",
+        detail_of(&bed, "nameless")
+    );
+    assert!(bed.launcher.launches().is_empty());
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_dagster_was_told_survives_the_dead_letters_detail_limit() {
+    let bed = bed(Duration::from_secs(1));
+    let long = "9".repeat(3000);
+    bed.queue.push(
+        "long",
+        &body_with_labels(73, "run1", "op_a", &[("dagster_timeout", &long)]),
+    );
+    let handle = bed.start();
+    bed.queue.wait_for(dead_lettered("long")).await;
+    let detail = detail_of(&bed, "long");
+    assert!(detail.chars().count() <= 1000, "{}", detail.len());
+    assert!(
+        detail.ends_with("…; verdict recorded in Dagster"),
+        "{detail}"
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_run_is_dead_lettered_saying_no_verdict_is_possible() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.forget_run("gone");
+    bed.queue
+        .push("m1", &step_body(&task_id(71), "gone", "op_a", 0));
+    let handle = bed.start();
+    bed.queue.wait_for(dead_lettered("m1")).await;
+    assert!(bed
+        .queue
+        .events()
+        .contains(&QueueEvent::DeadLettered("m1".into(), "unknown_run".into())));
+    let detail = detail_of(&bed, "m1");
+    assert!(
+        detail.contains("does not exist") && detail.contains("no verdict possible"),
+        "{detail}"
+    );
+    assert!(bed.bridge.verdicts().is_empty());
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bridge_that_rejects_the_attempt_dead_letters_it_saying_no_verdict_was_taken() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.set_rejecting(true);
+    bed.queue
+        .push("m1", &step_body(&task_id(72), "run1", "op_a", 0));
+    let handle = bed.start();
+    bed.queue.wait_for(dead_lettered("m1")).await;
+    assert!(bed.queue.events().contains(&QueueEvent::DeadLettered(
+        "m1".into(),
+        "bridge_rejected".into()
+    )));
+    let detail = detail_of(&bed, "m1");
+    assert!(
+        detail.contains("no verdict possible: Dagster refused it"),
+        "{detail}"
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_continuation_stops_the_step_and_leaves_a_verdict() {
+    // Cap 20 s: the hand-off comes at 15 s; its continuation never arrives (purged).
+    let bed = bed_with_cap(Duration::from_secs(3600), Duration::from_secs(20));
+    bed.launcher.outcome("op_a", FakeOutcome::Hang);
+    bed.queue.lose_sends(true);
+    bed.queue
+        .push("m1", &step_body(&task_id(74), "run1", "op_a", 0));
+    let began = tokio::time::Instant::now();
+    let handle = bed.start();
+    tokio::time::timeout(Duration::from_secs(600), async {
+        while bed.bridge.verdicts().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("a verdict for the attempt whose continuation was lost");
+    // The adoption window (60 s) after the hand-off.
+    let elapsed = began.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(75) && elapsed < Duration::from_secs(80),
+        "{elapsed:?}"
+    );
+    assert_eq!(bed.launcher.kills(), vec![task_id(74)]);
+    let verdicts = bed.bridge.verdicts();
+    assert!(verdicts[0].1.contains("continuation"), "{verdicts:?}");
+    while bed.controller.steps.is_active(&task_id(74)) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let record = bed.controller.steps.get(&task_id(74)).unwrap();
+    assert_eq!(record.outcome, Some("continuation_lost"));
+    // The claim stays as the verdict's record: a continuation that comes back late is not run.
+    let claim = bed
+        .bridge
+        .claim("run1", "op_a", 0)
+        .expect("the claim is kept");
+    assert!(
+        claim
+            .ended
+            .as_deref()
+            .is_some_and(|v| v.contains("continuation")),
+        "{claim:?}"
+    );
+    assert_eq!(
+        serde_json::to_value(record.state).unwrap(),
+        serde_json::json!("fenced")
     );
     bed.stop(handle).await;
 }

@@ -4,14 +4,18 @@ step attempt for the dagster-taskiq-controller to launch (docs/protocol.md, sect
 The run worker never launches anything itself. It publishes the step, then follows the step
 through the event log like every step-delegating executor. The controller reports a step that
 died without a terminal Dagster event as a *verdict* engine event; ``check_step_health`` turns
-that verdict into "unhealthy" so Dagster applies the op's RetryPolicy.
+that verdict into "unhealthy" so Dagster applies the op's RetryPolicy. For what no controller
+can report (none running, the message deleted or purged), a start watchdog does the same for a
+published attempt that nobody picked up within ``step_start_timeout_seconds``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from dagster import (
@@ -47,6 +51,68 @@ from dagster_taskiq_controller import contract
 logger = logging.getLogger("dagster_taskiq_controller")
 
 QUEUE_URL_ENV = "DAGSTER_TASKIQ_SQS_QUEUE_URL"
+DEFAULT_STEP_START_TIMEOUT_SECONDS = 1800.0
+
+# Events that show a step attempt was picked up: its step worker started, or the step did.
+PICKUP_EVENT_TYPES = frozenset(
+    {
+        DagsterEventType.STEP_WORKER_STARTED,
+        DagsterEventType.STEP_START,
+        DagsterEventType.STEP_RESTARTED,
+    }
+)
+# Each attempt of a step ends in exactly one of these: attempt n ends with the (n+1)-th.
+TERMINAL_EVENT_TYPES = frozenset(
+    {
+        DagsterEventType.STEP_SUCCESS,
+        DagsterEventType.STEP_FAILURE,
+        DagsterEventType.STEP_UP_FOR_RETRY,
+    }
+)
+# What the health check reads of a run's event log, incrementally.
+WATCHED_EVENT_TYPES = {DagsterEventType.ENGINE_EVENT, *PICKUP_EVENT_TYPES, *TERMINAL_EVENT_TYPES}
+
+
+def _monotonic() -> float:
+    return time.monotonic()
+
+
+@dataclass
+class _RunLog:
+    """What the health check has read of one run's event log (append-only, so each check
+    reads only the records after ``high``, plus the storage's re-read window)."""
+
+    high: int = 0
+    # Storage ids already counted within the re-read window, so none counts twice.
+    counted: set[int] = field(default_factory=set)
+    # (step key, attempt) -> the controller's verdict.
+    verdicts: dict[tuple[str, int], str] = field(default_factory=dict)
+    # step key -> terminal events so far: the attempt a start event belongs to.
+    terminals: dict[str, int] = field(default_factory=dict)
+    # (step key, attempt) that a controller picked up.
+    picked_up: set[tuple[str, int]] = field(default_factory=set)
+
+    def read(self, storage_id: int, event: DagsterEvent | None) -> None:
+        self.high = max(self.high, storage_id)
+        if storage_id in self.counted or event is None or not event.step_key:
+            return
+        self.counted.add(storage_id)
+        step_key = event.step_key
+        if event.event_type in TERMINAL_EVENT_TYPES:
+            self.terminals[step_key] = self.terminals.get(step_key, 0) + 1
+        elif event.event_type in PICKUP_EVENT_TYPES:
+            self.picked_up.add((step_key, self.terminals.get(step_key, 0)))
+        else:
+            verdict = read_verdict(event)
+            if verdict is not None:
+                self.verdicts.setdefault(verdict[0:2], verdict[2])
+            controller_attempt = read_controller_attempt(event)
+            if controller_attempt is not None:
+                self.picked_up.add(controller_attempt)
+
+    def forget_before(self, storage_id: int) -> None:
+        self.counted = {i for i in self.counted if i > storage_id}
+
 
 TASKIQ_CONTROLLER_EXECUTOR_CONFIG: dict[str, Field] = {
     "queue_url": Field(
@@ -88,6 +154,16 @@ TASKIQ_CONTROLLER_EXECUTOR_CONFIG: dict[str, Field] = {
         default_value=0.1,
         description="Seconds between polls of the event log for step events.",
     ),
+    "step_start_timeout_seconds": Field(
+        float,
+        is_required=False,
+        default_value=DEFAULT_STEP_START_TIMEOUT_SECONDS,
+        description="Seconds a published step attempt may wait for a controller to pick it up "
+        "(its step worker starts, or a controller writes about it) before the executor fails "
+        "it, so that RetryPolicy applies. Covers what no controller can report: none running "
+        "on the queue, the message deleted by hand or purged. Set it above the longest queue "
+        "wait you expect. 0 disables.",
+    ),
 }
 
 
@@ -99,16 +175,21 @@ class SqsStepHandler(StepHandler):
         queue_url: str,
         region_name: str | None = None,
         endpoint_url: str | None = None,
+        step_start_timeout_seconds: float = DEFAULT_STEP_START_TIMEOUT_SECONDS,
     ) -> None:
         super().__init__()
         self._queue_url = check.str_param(queue_url, "queue_url")
         self._region_name = region_name
         self._endpoint_url = endpoint_url
+        self._step_start_timeout = check.numeric_param(
+            step_start_timeout_seconds, "step_start_timeout_seconds"
+        )
         self._client: Any = None
-        # Per run: highest ENGINE_EVENT storage id read so far and the verdicts found, keyed by
-        # (step key, attempt). Events are append-only, so each check reads only new records.
-        self._verdict_cursors: dict[str, int] = {}
-        self._verdicts: dict[str, dict[tuple[str, int], str]] = {}
+        # Per run: what the health check has read of its event log.
+        self._runs: dict[str, _RunLog] = {}
+        # (run id, step key, attempt) -> when it was published (or first checked, for a step
+        # in flight when this process took the run over), for the start watchdog.
+        self._published: dict[tuple[str, str, int], float] = {}
 
     @property
     def name(self) -> str:
@@ -168,6 +249,7 @@ class SqsStepHandler(StepHandler):
         response = self._sqs().send_message(**send_kwargs)
         message_id = str(response.get("MessageId", ""))
         attempt = contract.step_attempt(args, step_key)
+        self._published[(args.run_id, step_key, attempt)] = _monotonic()
         logger.debug("enqueued %s attempt %d as %s (%s)", step_key, attempt, task_id, message_id)
 
         yield DagsterEvent.engine_event(
@@ -183,38 +265,57 @@ class SqsStepHandler(StepHandler):
             ),
         )
 
-    def _refresh_verdicts(self, step_handler_context: StepHandlerContext) -> None:
+    def _refresh(self, step_handler_context: StepHandlerContext) -> _RunLog:
+        """Reads the run's new verdicts, pickups and terminal events."""
         instance = step_handler_context.instance
         run_id = step_handler_context.execute_step_args.run_id
-        found = self._verdicts.setdefault(run_id, {})
-        high = self._verdict_cursors.get(run_id, 0)
+        log = self._runs.setdefault(run_id, _RunLog())
         # Storages whose ids may commit out of order (Postgres) ask tailers to re-read a window.
         offset = instance.event_log_storage.default_run_scoped_event_tailer_offset()
-        start = max(0, high - offset)
+        start = max(0, log.high - offset)
         cursor = EventLogCursor.from_storage_id(start).to_string() if start else None
         while True:
             conn = instance.get_records_for_run(
-                run_id, cursor=cursor, of_type=DagsterEventType.ENGINE_EVENT, limit=1000
+                run_id, cursor=cursor, of_type=WATCHED_EVENT_TYPES, limit=1000
             )
             for record in conn.records:
-                high = max(high, record.storage_id)
-                verdict = read_verdict(record.event_log_entry.dagster_event)
-                if verdict is not None:
-                    found.setdefault(verdict[0:2], verdict[2])
+                log.read(record.storage_id, record.event_log_entry.dagster_event)
             cursor = conn.cursor
             if not conn.has_more:
                 break
-        self._verdict_cursors[run_id] = high
+        log.forget_before(log.high - offset)
+        return log
 
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
         step_key = self._step_key(step_handler_context)
         attempt = contract.step_attempt(step_handler_context.execute_step_args, step_key)
-        self._refresh_verdicts(step_handler_context)
         run_id = step_handler_context.execute_step_args.run_id
-        verdict = self._verdicts.get(run_id, {}).get((step_key, attempt))
+        log = self._refresh(step_handler_context)
+        verdict = log.verdicts.get((step_key, attempt))
         if verdict is not None:
             return CheckStepHealthResult.unhealthy(verdict)
+        if self._step_start_timeout > 0 and (step_key, attempt) not in log.picked_up:
+            published = self._published.setdefault((run_id, step_key, attempt), _monotonic())
+            waited = _monotonic() - published
+            if waited >= self._step_start_timeout:
+                return CheckStepHealthResult.unhealthy(
+                    self._not_picked_up(step_handler_context, step_key, attempt, waited)
+                )
         return CheckStepHealthResult.healthy()
+
+    def _not_picked_up(
+        self, step_handler_context: StepHandlerContext, step_key: str, attempt: int, waited: float
+    ) -> str:
+        task_id = contract.step_task_id(
+            step_handler_context.execute_step_args.run_id, step_key, attempt
+        )
+        return (
+            f"no dagster-taskiq-controller picked up attempt {attempt} of {step_key} "
+            f"(task id {task_id}) within {waited:.0f}s of its publication "
+            f"(step_start_timeout_seconds={self._step_start_timeout:g}). Check that a "
+            f"controller is running and receiving from queue {self._queue_url}, that the "
+            "message was not deleted by hand or purged, and the queue's dead-letter queue."
+        )
 
     def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
         # The controller watches the event log of the runs it holds (the bridge pushes this
@@ -258,6 +359,21 @@ def read_verdict(event: DagsterEvent | None) -> tuple[str, int, str] | None:
         except ValueError:
             return None
     return event.step_key, attempt, str(verdict)
+
+
+def read_controller_attempt(event: DagsterEvent | None) -> tuple[str, int] | None:
+    """``(step_key, attempt)`` when the event is the controller's about an attempt (a verdict,
+    a relaunch note): it carries the attempt and its task id."""
+    metadata = _step_engine_metadata(event)
+    if event is None or metadata is None or contract.META_TASK_ID not in metadata:
+        return None
+    attempt = getattr(metadata.get(contract.META_ATTEMPT), "value", None)
+    if isinstance(attempt, bool):
+        return None
+    try:
+        return event.step_key, int(str(attempt))
+    except ValueError:
+        return None
 
 
 def read_terminate_request(event: DagsterEvent | None) -> tuple[str, int, str] | None:
@@ -311,6 +427,7 @@ def taskiq_controller_executor(init_context: InitExecutorContext) -> Executor:
             queue_url=_resolve_queue_url(config),
             region_name=check.opt_str_elem(config, "region_name"),
             endpoint_url=check.opt_str_elem(config, "endpoint_url"),
+            step_start_timeout_seconds=float(config["step_start_timeout_seconds"]),  # type: ignore[arg-type]
         ),
         retries=retries,
         sleep_seconds=float(config["poll_interval_seconds"]),  # type: ignore[arg-type]

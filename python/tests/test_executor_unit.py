@@ -15,7 +15,7 @@ import jobs
 import pytest
 from conftest import TESTS_DIR, child_env, wait_for
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
-from dagster._core.events import EngineEventData
+from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.execution.api import create_execution_plan
 from dagster._core.execution.context_creation_job import scoped_job_context
 from dagster._core.execution.plan.state import KnownExecutionState
@@ -25,7 +25,7 @@ from dagster._core.storage.dagster_run import DagsterRun
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import deserialize_value
 
-from dagster_taskiq_controller import contract, taskiq_controller_executor
+from dagster_taskiq_controller import contract, executor, taskiq_controller_executor
 from dagster_taskiq_controller.bridge import Bridge
 from dagster_taskiq_controller.executor import SqsStepHandler
 
@@ -81,7 +81,9 @@ def test_executor_definition() -> None:
         "tag_concurrency_limits",
         "step_health_check_interval_seconds",
         "poll_interval_seconds",
+        "step_start_timeout_seconds",
     } <= set(fields)
+    assert fields["step_start_timeout_seconds"].default_value == 1800
 
 
 def test_launch_step_sends_the_contract_message(instance: DagsterInstance, sqs_queue: str) -> None:
@@ -157,6 +159,85 @@ def test_check_step_health_reads_verdicts(instance: DagsterInstance, sqs_queue: 
 
     with handler_context(instance, "flaky", "flaky_op", attempt=2) as (ctx2, _):
         assert handler.check_step_health(ctx2).is_healthy
+
+
+def _write_step_event(
+    instance: DagsterInstance, run: DagsterRun, step_key: str, event_type: DagsterEventType
+) -> None:
+    data = EngineEventData() if event_type == DagsterEventType.STEP_WORKER_STARTED else None
+    instance.report_dagster_event(
+        DagsterEvent(
+            event_type.value, job_name=run.job_name, step_key=step_key, event_specific_data=data
+        ),
+        run_id=run.run_id,
+    )
+
+
+class Clock:
+    """The watchdog's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_start_watchdog_fails_an_attempt_nobody_picked_up(
+    instance: DagsterInstance, sqs_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(executor, "_monotonic", clock)
+    handler = SqsStepHandler(queue_url=sqs_queue, step_start_timeout_seconds=10)
+    with handler_context(instance, "flaky", "flaky_op", attempt=1) as (ctx, run):
+        list(handler.launch_step(ctx))
+        clock.now += 9
+        assert handler.check_step_health(ctx).is_healthy
+        # Attempt 0 started and ended: that is not attempt 1 picked up.
+        _write_step_event(instance, run, "flaky_op", DagsterEventType.STEP_START)
+        _write_step_event(instance, run, "flaky_op", DagsterEventType.STEP_UP_FOR_RETRY)
+        _write_step_event(instance, run, "other_op", DagsterEventType.STEP_RESTARTED)
+        clock.now += 1
+        result = handler.check_step_health(ctx)
+        assert not result.is_healthy
+        reason = result.unhealthy_reason or ""
+        task_id = contract.step_task_id(run.run_id, "flaky_op", 1)
+        for said in ("attempt 1 of flaky_op", task_id, sqs_queue, "purged", "dead-letter"):
+            assert said in reason, reason
+        # Its step worker started: picked up, however long it then takes.
+        _write_step_event(instance, run, "flaky_op", DagsterEventType.STEP_WORKER_STARTED)
+        clock.now += 3600
+        assert handler.check_step_health(ctx).is_healthy
+
+    # A controller's note about the attempt (a relaunch) is a pickup too.
+    with handler_context(instance, "flaky", "flaky_op", attempt=0) as (ctx, run):
+        list(handler.launch_step(ctx))
+        instance.report_engine_event(
+            "relaunching",
+            run,
+            EngineEventData(
+                metadata={
+                    contract.META_ATTEMPT: "0",
+                    contract.META_TASK_ID: contract.step_task_id(run.run_id, "flaky_op", 0),
+                }
+            ),
+            step_key="flaky_op",
+        )
+        clock.now += 3600
+        assert handler.check_step_health(ctx).is_healthy
+
+    # A step in flight when this process took the run over is timed from its first check;
+    # 0 disables the watchdog.
+    with handler_context(instance, "flaky", "flaky_op", attempt=0) as (ctx, _):
+        adopted = SqsStepHandler(queue_url=sqs_queue, step_start_timeout_seconds=10)
+        assert adopted.check_step_health(ctx).is_healthy
+        clock.now += 10
+        assert not adopted.check_step_health(ctx).is_healthy
+        disabled = SqsStepHandler(queue_url=sqs_queue, step_start_timeout_seconds=0)
+        list(disabled.launch_step(ctx))
+        clock.now += 10**6
+        assert disabled.check_step_health(ctx).is_healthy
+    receive_all(sqs_queue, 3)
 
 
 def _execute_step(packed: dict[str, Any], job_name: str, step_key: str) -> int:

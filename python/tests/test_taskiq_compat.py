@@ -4,6 +4,8 @@ moto server (SQS and S3), and results read back with taskiq-aio-sqs's own S3 res
 
 from __future__ import annotations
 
+import json
+import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -14,8 +16,9 @@ import boto3
 import pytest
 import taskiq_jobs
 from conftest import wait_for
-from dagster import DagsterEvent, DagsterEventType, DagsterInstance, execute_job
+from dagster import DagsterEvent, DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
 from dagster._serdes import deserialize_value
+from relay import Relay
 from taskiq_jobs import Taskiq
 
 from dagster_taskiq_controller import contract
@@ -25,9 +28,12 @@ pytestmark = pytest.mark.controller
 
 
 class Bed:
-    def __init__(self, controller: Controller, queue_url: str, payload_bucket: str) -> None:
+    def __init__(
+        self, controller: Controller, queue_url: str, dlq_url: str, payload_bucket: str
+    ) -> None:
         self.controller = controller
         self.queue_url = queue_url
+        self.dlq_url = dlq_url
         self.payload_bucket = payload_bucket
 
     def queue_empty(self) -> bool:
@@ -88,7 +94,7 @@ def start_bed(
         args=("--receive-wait", "1", "--shutdown-grace", "10", *controller_args),
         log_path=tmp_path / "controller.log",
     ).start()
-    return Bed(controller, queues.queue_url, payload_bucket)
+    return Bed(controller, queues.queue_url, queues.dlq_url, payload_bucket)
 
 
 def stop_bed(bed: Bed, tmp_path: Path) -> None:
@@ -172,6 +178,65 @@ def test_a_message_over_1_mib_goes_through_s3_and_runs(
     for task_id in sent.values():
         assert sizes[f"{task_id}.json"] > 1024 * 1024
         assert not bed.result(task_id).is_err
+    wait_for(bed.queue_empty, 30, "every message deleted")
+
+
+def test_an_extended_payload_lost_in_flight_fails_its_run_with_the_reason(
+    bed: Bed, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The S3 object behind the first step's pointer is gone when the controller reads it: the
+    message is dead-lettered, and the taskiq error result (at the task id the pointer's key
+    names) fails the run at once instead of leaving it waiting for ever."""
+    monkeypatch.setattr(taskiq_jobs, "PAD_BYTES", 1100 * 1024)
+    inbox = f"taskiq-{uuid.uuid4().hex[:10]}-inbox"
+    inbox_url = boto3.client("sqs").create_queue(QueueName=inbox)["QueueUrl"]
+    monkeypatch.setenv(taskiq_jobs.QUEUE_NAME_ENV, inbox)
+    lost: list[str] = []
+
+    def lose_payload(body: str, attributes: dict[str, str]) -> tuple[str, dict[str, str]]:
+        pointer = json.loads(body)
+        if not lost:
+            boto3.client("s3").delete_object(Bucket=pointer["s3_bucket"], Key=pointer["s3_key"])
+            lost.append(pointer["s3_key"])
+        return body, attributes
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        with execute_job(taskiq_jobs.recon("three_ops"), instance) as result:
+            outcome["success"] = result.success
+            outcome["run_id"] = result.run_id
+
+    relay = Relay(inbox_url, bed.queue_url, lose_payload).start()
+    try:
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        wait_for(lambda: lost, 60, "the first step message relayed without its payload")
+        thread.join(60)
+        assert not thread.is_alive(), "the run still waits for the step whose payload was lost"
+    finally:
+        relay.stop()
+    assert outcome["success"] is False
+    run_id = outcome["run_id"]
+    run = instance.get_run_by_id(run_id)
+    assert run is not None and run.status == DagsterRunStatus.FAILURE
+    task_id = sent_for(run_id)["start"]
+    assert lost == [f"{task_id}.json"]
+    failures = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records
+    (failure,) = [r.event_log_entry.dagster_event.step_failure_data.error.message for r in failures]  # type: ignore[union-attr]
+    assert "invalid_extended_payload" in failure and "does not exist" in failure, failure
+    assert bed.result(task_id).is_err
+    sqs = boto3.client("sqs")
+    dead = wait_for(
+        lambda: sqs.receive_message(
+            QueueUrl=bed.dlq_url, MessageAttributeNames=["All"], WaitTimeSeconds=1
+        ).get("Messages"),
+        30,
+        "the dead letter",
+    )
+    attributes = dead[0]["MessageAttributes"]
+    assert attributes["dagster_taskiq_error"]["StringValue"] == "invalid_extended_payload"
+    assert "no verdict possible" in attributes["dagster_taskiq_error_detail"]["StringValue"]
     wait_for(bed.queue_empty, 30, "every message deleted")
 
 

@@ -147,6 +147,12 @@ pub(super) trait CallError: Transient {
     fn count(&self, metrics: &Metrics, operation: &'static str);
 }
 
+impl CallError for crate::dagster::BridgeError {
+    fn count(&self, _metrics: &Metrics, _operation: &'static str) {
+        // Counted by the bridge client per method.
+    }
+}
+
 impl CallError for QueueError {
     fn count(&self, metrics: &Metrics, operation: &'static str) {
         metrics

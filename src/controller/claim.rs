@@ -204,7 +204,9 @@ pub(super) async fn release(ctx: &Context, step: &StepRequest, outcome: &Outcome
         return;
     };
     let ended = match outcome {
-        Outcome::Verdict { cause, .. } => Some(cause.as_str()),
+        Outcome::Verdict { cause, .. } | Outcome::ContinuationLost { cause } => {
+            Some(cause.as_str())
+        }
         _ => None,
     };
     // One try: the outcome is durable already, and a claim left behind only goes stale.

@@ -14,6 +14,10 @@ use crate::outcome::{DeadLetterReason, Outcome, Release};
 use crate::queue::{continuation, ReceivedMessage};
 use crate::taskiq::DecodeError;
 
+/// Said in the dead letter of a message that names no attempt: nothing can be told to Dagster.
+const NO_ATTEMPT: &str = "; no verdict possible: the message does not name a run, step and \
+                          attempt that can be read";
+
 /// Receives until draining starts; each message becomes a task in `tasks`.
 pub(super) async fn intake(ctx: &Arc<Context>, tasks: &mut JoinSet<()>) {
     let mut failures = 0u32;
@@ -167,23 +171,54 @@ async fn handle(ctx: &Context, mut message: ReceivedMessage) {
     message.receive_count = message.receive_count.saturating_add(prior);
     let mut step = match ctx.taskiq.decode(&message).await {
         Ok(step) => step,
-        Err(DecodeError::Unavailable(e)) => {
-            let outcome =
-                settle::error_policy(ctx, settle::Failure::Payload(e), message.receive_count);
+        Err(DecodeError::Unavailable { error, task_id }) => {
+            let mut outcome =
+                settle::error_policy(ctx, settle::Failure::Payload(error), message.receive_count);
+            if let Outcome::DeadLettered { detail, .. } = &mut outcome {
+                ctx.taskiq
+                    .write_unrun_result(task_id.as_deref(), detail)
+                    .await;
+                detail.push_str(NO_ATTEMPT);
+            }
             settle::settle_unclaimed(ctx, &message, &outcome).await;
             return;
         }
-        Err(DecodeError::Poison { poison, task_id }) => {
-            let span = tracing::warn_span!("poison", message_id = %message.message_id);
+        Err(DecodeError::Poison {
+            poison,
+            mut identity,
+        }) => {
+            // Its verdict goes to the controller's own instance, as a step's events do.
+            if let Some(attempt) = &mut identity.attempt {
+                attempt.instance_ref = ctx.settings.instance.instance_ref.clone();
+            }
+            let span = tracing::warn_span!(
+                "poison",
+                message_id = %message.message_id,
+                run_id = identity.attempt.as_ref().map(|a| tracing::field::display(&a.run_id)),
+                step_key = identity.attempt.as_ref().map(|a| tracing::field::display(&a.step_key)),
+            );
             async {
                 tracing::warn!(reason = poison.name(), error = %poison, "poison message");
-                ctx.taskiq
-                    .write_poison_result(task_id.as_deref(), &poison)
-                    .await;
-                let outcome = Outcome::dead_letter(
-                    DeadLetterReason::Poison(poison.name()),
-                    poison.to_string(),
-                );
+                let reason = DeadLetterReason::Poison(poison.name());
+                let outcome = match &identity.attempt {
+                    Some(attempt) => {
+                        settle::dead_letter_unclaimed(
+                            ctx,
+                            attempt,
+                            reason,
+                            poison.to_string(),
+                            message.receive_count,
+                        )
+                        .await
+                    }
+                    None => Outcome::dead_letter(reason, format!("{poison}{NO_ATTEMPT}")),
+                };
+                if outcome.ends_attempt() {
+                    let why = format!("({}) {poison}", poison.name());
+                    ctx.taskiq
+                        .write_unrun_result(identity.task_id.as_deref(), &why)
+                        .await;
+                }
                 settle::settle_unclaimed(ctx, &message, &outcome).await;
             }
             .instrument(span)

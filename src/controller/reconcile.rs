@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{calls, handoff, launcher_name, settle, Context};
-use crate::dagster::{StepState as DagsterStepState, Verdict};
+use crate::dagster::{StepState as DagsterStepState, Verdict, META_ATTEMPT, META_TASK_ID};
 use crate::envelope::StepRequest;
 use crate::outcome::{DeadLetterReason, Outcome, Release, Skip};
 use crate::queue::{continuation, ReceivedMessage};
@@ -58,7 +58,7 @@ pub(super) async fn reconcile(
                 "past --max-attempts, but the attempt's ECS task is there: adopting it"
             );
         } else {
-            return Decision::Settle(give_up(ctx, step, message).await);
+            return Decision::Settle(give_up(ctx, message));
         }
     }
     if message.receive_count > 1 {
@@ -90,7 +90,7 @@ async fn skip(ctx: &Context, step: &StepRequest, state: &DagsterStepState) -> Op
             "dagster-taskiq-controller did not run this step: the run is {}",
             run_status.name()
         ));
-        if let Err(e) = ctx.bridge.report_verdict(step, &verdict).await {
+        if let Err(e) = ctx.bridge.report_verdict(&step.id(), &verdict).await {
             tracing::warn!(%e, "could not record the skip in Dagster");
         }
         return Some(Outcome::Skipped(Skip::RunEnded));
@@ -98,24 +98,13 @@ async fn skip(ctx: &Context, step: &StepRequest, state: &DagsterStepState) -> Op
     None
 }
 
-/// Too many deliveries without an outcome: tell Dagster, then dead-letter.
-async fn give_up(ctx: &Context, step: &StepRequest, message: &ReceivedMessage) -> Outcome {
+/// Too many deliveries without an outcome: dead-letter (settling tells Dagster first).
+fn give_up(ctx: &Context, message: &ReceivedMessage) -> Outcome {
     let detail = format!(
         "delivered {} times (limit {}) without reaching an outcome",
         message.receive_count, ctx.settings.max_attempts
     );
     tracing::error!(%detail, "giving up on the attempt");
-    let verdict = Verdict::not_run(format!("dagster-taskiq-controller gave up: {detail}"));
-    let detail = match calls::ask_bridge(ctx, step, "report_verdict", || {
-        ctx.bridge.report_verdict(step, &verdict)
-    })
-    .await
-    {
-        Ok(_) => detail,
-        Err(calls::Unanswered::LeaseLost) => return Outcome::Fenced,
-        // Bounded retries matter more than the event: the dead letter keeps the message.
-        Err(e) => format!("{detail}; the verdict could not be written to Dagster: {e}"),
-    };
     Outcome::dead_letter(DeadLetterReason::AttemptsExhausted, detail)
 }
 
@@ -129,9 +118,13 @@ async fn note_relaunch(ctx: &Context, step: &StepRequest, message: &ReceivedMess
         delivery = message.receive_count,
         "redelivered attempt: relaunching it (an ECS task that is still there is adopted)"
     );
+    // The attempt and task id mark the event as the controller's for this attempt (the
+    // executor's start watchdog reads it as the attempt picked up).
     let metadata = BTreeMap::from([
         ("delivery".to_owned(), message.receive_count.to_string()),
         ("controller".to_owned(), ctx.settings.controller_id.clone()),
+        (META_ATTEMPT.to_owned(), step.attempt.to_string()),
+        (META_TASK_ID.to_owned(), step.task_id.clone()),
     ]);
     let note = format!(
         "dagster-taskiq-controller: relaunching attempt {} of {} (delivery {}): the previous holder of the message ended without an outcome (a surviving ECS task is adopted instead)",

@@ -5,8 +5,8 @@
 use tokio::time::Instant;
 
 use super::{calls, claim, handoff, launcher_name, Context};
-use crate::dagster::BridgeError;
-use crate::envelope::{LauncherKind, StepRequest};
+use crate::dagster::{BridgeError, Verdict, VerdictAck};
+use crate::envelope::{AttemptId, LauncherKind, StepRequest};
 use crate::outcome::{DeadLetterReason, Disposition, Outcome, Release};
 use crate::queue::{DeadLetter, ReceivedMessage};
 use crate::taskiq::StoreError;
@@ -68,6 +68,149 @@ pub(super) fn error_policy(ctx: &Context, failure: Failure, receive_count: u32) 
     })
 }
 
+/// A dead letter of an attempt that can be named: Dagster gets a verdict first (the executor
+/// fails the step and its RetryPolicy decides), so that no run waits for ever on a step whose
+/// message is gone. For a claimed step, whose lease is held: a Dagster outage is waited out.
+async fn dead_letter_claimed(
+    ctx: &Context,
+    step: &StepRequest,
+    message: &ReceivedMessage,
+    reason: DeadLetterReason,
+    detail: String,
+) -> Outcome {
+    let attempt = step.id();
+    let reported = match dead_letter_verdict(reason, &detail) {
+        Some(verdict) => {
+            ctx.steps
+                .update(&step.task_id, |r| r.verdict = Some(verdict.verdict.clone()));
+            match calls::ask_bridge(ctx, step, "report_verdict", || {
+                ctx.bridge.report_verdict(&attempt, &verdict)
+            })
+            .await
+            {
+                Ok(ack) => Some(Ok(ack)),
+                Err(calls::Unanswered::Failed(e)) => Some(Err(e)),
+                // Draining while Dagster is out, or the lease lost: not ours to dead-letter.
+                Err(other) => return unanswered(ctx, other, message).await,
+            }
+        }
+        None => None,
+    };
+    dead_end(
+        ctx,
+        &attempt,
+        reason,
+        detail,
+        reported,
+        message.receive_count,
+    )
+}
+
+/// [`dead_letter_claimed`] for a message no lease holds (poison): the verdict is tried
+/// within the call budget, and the message given back for later if Dagster cannot be
+/// reached.
+pub(super) async fn dead_letter_unclaimed(
+    ctx: &Context,
+    attempt: &AttemptId,
+    reason: DeadLetterReason,
+    detail: String,
+    receive_count: u32,
+) -> Outcome {
+    let reported = match dead_letter_verdict(reason, &detail) {
+        Some(verdict) => Some(
+            calls::retrying(ctx, "report_verdict", || {
+                ctx.bridge.report_verdict(attempt, &verdict)
+            })
+            .await,
+        ),
+        None => None,
+    };
+    dead_end(ctx, attempt, reason, detail, reported, receive_count)
+}
+
+/// The verdict for an attempt whose message is dead-lettered; `None` where Dagster cannot
+/// take one (the run does not exist).
+fn dead_letter_verdict(reason: DeadLetterReason, detail: &str) -> Option<Verdict> {
+    let why = match reason {
+        DeadLetterReason::UnknownRun => return None,
+        DeadLetterReason::AttemptsExhausted => {
+            format!("dagster-taskiq-controller gave up: {detail}")
+        }
+        DeadLetterReason::InvalidLaunch(_) => {
+            format!("dagster-taskiq-controller cannot launch the step: {detail}")
+        }
+        DeadLetterReason::Poison(name) => {
+            format!("dagster-taskiq-controller cannot run the step's message ({name}): {detail}")
+        }
+        DeadLetterReason::BridgeRejected => {
+            format!(
+                "Dagster rejected a request of dagster-taskiq-controller for the step: {detail}"
+            )
+        }
+        DeadLetterReason::PayloadUnavailable => {
+            format!("dagster-taskiq-controller cannot read the step's message: {detail}")
+        }
+    };
+    Some(Verdict::not_run(format!(
+        "{why} (its message is in the dead-letter queue, reason {})",
+        reason.name()
+    )))
+}
+
+/// The dead letter, its detail saying what Dagster was told; or, when Dagster could not be
+/// reached and deliveries remain, the message back for later, so that the verdict is not
+/// skipped.
+fn dead_end(
+    ctx: &Context,
+    attempt: &AttemptId,
+    reason: DeadLetterReason,
+    detail: String,
+    reported: Option<Result<VerdictAck, BridgeError>>,
+    receive_count: u32,
+) -> Outcome {
+    let told = match reported {
+        None => "no verdict possible: the Dagster instance the message names has no such run \
+                 (a run worker waiting on this step uses another instance than its instance_ref)"
+            .to_owned(),
+        Some(Ok(ack)) if ack.attempt_finished => {
+            "no verdict needed: the attempt already has its outcome in Dagster".to_owned()
+        }
+        Some(Ok(_)) => {
+            tracing::info!(
+                task_id = %attempt.task_id,
+                reason = reason.name(),
+                "verdict recorded before the dead letter"
+            );
+            "verdict recorded in Dagster".to_owned()
+        }
+        Some(Err(e)) if !e.is_transient() => {
+            format!("no verdict possible: Dagster refused it ({e}); fail or cancel the run by hand")
+        }
+        Some(Err(e)) if receive_count < ctx.settings.max_attempts => {
+            tracing::warn!(%e, "the verdict could not be written: releasing the message for later");
+            return Outcome::Released {
+                why: Release::BridgeUnavailable,
+                delay: ctx.settings.backoff.delay(receive_count),
+            };
+        }
+        Some(Err(e)) => format!(
+            "the verdict could not be written to Dagster ({e}); fail or cancel the run by hand"
+        ),
+    };
+    // The DLQ keeps the first 1000 characters of a detail: what Dagster was told must fit.
+    let room = 1000usize.saturating_sub(told.chars().count() + 2);
+    let detail: String = if detail.chars().count() > room {
+        detail
+            .chars()
+            .take(room.saturating_sub(1))
+            .chain(['…'])
+            .collect()
+    } else {
+        detail
+    };
+    Outcome::dead_letter(reason, format!("{detail}; {told}"))
+}
+
 /// A bridge call for a held message got no answer. An error of the request goes to the
 /// error policy. Dagster still unreachable when the controller drains: the message goes back
 /// as a copy that carries its deliveries, so the outage charges no attempt. A lost lease:
@@ -94,7 +237,7 @@ pub(super) async fn unanswered(
 
 /// Settles a claimed step: its taskiq result first (when due), then the queue, the
 /// metrics and the steps table. `launched` names the launcher of an execution that this
-/// delivery started.
+/// delivery started. A dead letter gets its verdict before anything else.
 pub(super) async fn settle(
     ctx: &Context,
     step: &StepRequest,
@@ -102,6 +245,12 @@ pub(super) async fn settle(
     outcome: Outcome,
     launched: Option<LauncherKind>,
 ) {
+    let outcome = match outcome {
+        Outcome::DeadLettered { reason, detail } => {
+            dead_letter_claimed(ctx, step, message, reason, detail).await
+        }
+        other => other,
+    };
     let task_id = step.task_id.as_str();
     if let Some(kind) = launched {
         ctx.metrics

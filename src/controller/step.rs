@@ -164,9 +164,7 @@ async fn launch(
             tracing::info!(locator = %running.locator(), "step started");
             Ok(running)
         }
-        Err(LaunchError::Invalid { reason, detail }) => {
-            Err(refuse_launch(ctx, step, message, reason, detail).await)
-        }
+        Err(LaunchError::Invalid { reason, detail }) => Err(refuse_launch(reason, detail)),
         Err(e) => {
             tracing::warn!(%e, "launch failed");
             let why = match e {
@@ -181,27 +179,11 @@ async fn launch(
     }
 }
 
-/// The step's launch settings can never work: tell Dagster (so the run does not wait for
-/// it), then dead-letter the message with the reason.
-async fn refuse_launch(
-    ctx: &Context,
-    step: &StepRequest,
-    message: &ReceivedMessage,
-    reason: &'static str,
-    detail: String,
-) -> Outcome {
+/// The step's launch settings can never work: dead-letter the message with the reason
+/// (settling tells Dagster first, so the run does not wait for it).
+fn refuse_launch(reason: &'static str, detail: String) -> Outcome {
     tracing::error!(reason, %detail, "invalid launch settings");
-    let verdict = Verdict::not_run(format!(
-        "dagster-taskiq-controller cannot launch the step: {detail}"
-    ));
-    match calls::ask_bridge(ctx, step, "report_verdict", || {
-        ctx.bridge.report_verdict(step, &verdict)
-    })
-    .await
-    {
-        Ok(_) => Outcome::dead_letter(DeadLetterReason::InvalidLaunch(reason), detail),
-        Err(e) => settle::unanswered(ctx, e, message).await,
-    }
+    Outcome::dead_letter(DeadLetterReason::InvalidLaunch(reason), detail)
 }
 
 /// What an ended execution leaves behind: its output for the taskiq result, its duration,
@@ -264,8 +246,9 @@ async fn conclude(
     tracing::warn!(verdict = %verdict.verdict, "no outcome in Dagster: reporting a verdict");
     ctx.steps
         .update(&step.task_id, |r| r.verdict = Some(verdict.verdict.clone()));
+    let attempt = step.id();
     match calls::ask_bridge(ctx, step, "report_verdict", || {
-        ctx.bridge.report_verdict(step, &verdict)
+        ctx.bridge.report_verdict(&attempt, &verdict)
     })
     .await
     {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::step::Cause;
-use super::{handoff, sleep_until_deadline, Context};
+use super::{calls, handoff, sleep_until_deadline, Context};
+use crate::dagster::Verdict;
 use crate::envelope::StepRequest;
 use crate::launcher::{RunningStep, StepExit, TIMED_OUT_EXIT};
 use crate::lease::LeaseSignals;
@@ -83,12 +84,7 @@ pub(super) async fn supervise(
                 handoff::hand_off(ctx, &step.task_id, message).await;
                 None
             }
-            Event::AdoptionOverdue => {
-                tracing::error!(%locator, "continuation not received back in time: fencing the step");
-                running.kill();
-                running.wait().await;
-                Some(Ended::LetGo(Outcome::Fenced))
-            }
+            Event::AdoptionOverdue => Some(continuation_lost(ctx, step, running, &locator).await),
             Event::Renewed => None,
         };
         if let Some(ended) = ended {
@@ -136,6 +132,50 @@ async fn lease_lost(running: &mut dyn RunningStep, locator: &str) -> Ended {
         running.wait().await;
     }
     Ended::LetGo(Outcome::Fenced)
+}
+
+/// A hand-off's continuation did not come back within the adoption window: it was lost
+/// (deleted, purged), or another replica will relaunch it after the window. The original is
+/// deleted already, so nobody else may ever report this attempt: stop the execution and tell
+/// Dagster (the executor fails the step; its RetryPolicy decides). A relaunch of a
+/// continuation that does come back finds the attempt finished and skips it.
+async fn continuation_lost(
+    ctx: &Context,
+    step: &StepRequest,
+    running: &mut dyn RunningStep,
+    locator: &str,
+) -> Ended {
+    tracing::error!(%locator, "continuation not received back in time: fencing the step");
+    running.kill();
+    running.wait().await;
+    let window = ctx.settings.adoption_window.as_secs();
+    let verdict = Verdict {
+        verdict: format!(
+            "dagster-taskiq-controller stopped the step: its message was handed off to a \
+             continuation before SQS's visibility cap, and the continuation did not come back \
+             within {window}s (deleted, purged or lost)"
+        ),
+        exit: "killed".into(),
+        stderr_tail: running.stderr_tail().join("\n"),
+    };
+    let attempt = step.id();
+    match calls::ask_bridge(ctx, step, "report_verdict", || {
+        ctx.bridge.report_verdict(&attempt, &verdict)
+    })
+    .await
+    {
+        Ok(_) => {
+            ctx.steps
+                .update(&step.task_id, |r| r.verdict = Some(verdict.verdict.clone()));
+            Ended::LetGo(Outcome::ContinuationLost {
+                cause: verdict.verdict,
+            })
+        }
+        Err(e) => {
+            tracing::error!(%e, "could not record the lost continuation in Dagster");
+            Ended::LetGo(Outcome::Fenced)
+        }
+    }
 }
 
 /// The shutdown grace is over: a surviving execution is left for another replica, a local

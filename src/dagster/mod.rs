@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-use crate::envelope::StepRequest;
+use crate::envelope::{AttemptId, StepRequest};
 
 use crate::flags::parse_seconds;
 
@@ -148,6 +148,11 @@ impl BridgePush {
 /// run-status poll recovers anything dropped.
 const PUSH_BUFFER: usize = 1024;
 
+/// Engine event metadata keys shared with the executor (`contract.META_*` in Python): the
+/// attempt and task id an event of the controller is about.
+pub(crate) const META_ATTEMPT: &str = "dagster_taskiq_controller/attempt";
+pub(crate) const META_TASK_ID: &str = "dagster_taskiq_controller/task_id";
+
 /// The controller's account of an attempt that ended without a terminal event.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
@@ -202,6 +207,12 @@ impl BridgeError {
     /// nothing about the request.
     pub(crate) fn is_sidecar_down(&self) -> bool {
         matches!(self, BridgeError::Unavailable(_) | BridgeError::Timeout(_))
+    }
+}
+
+impl crate::retry::Transient for BridgeError {
+    fn is_transient(&self) -> bool {
+        BridgeError::is_transient(self)
     }
 }
 
@@ -301,10 +312,11 @@ pub trait DagsterBridge: Send + Sync + 'static {
     async fn step_state(&self, step: &StepRequest) -> Result<StepState, BridgeError>;
 
     /// Writes the verdict engine event that the executor's health check turns into a
-    /// failure or a retry. Idempotent.
+    /// failure or a retry. Idempotent per task id. Takes the attempt alone: a message that
+    /// failed validation may still name it ([`crate::envelope::Identity`]).
     async fn report_verdict(
         &self,
-        step: &StepRequest,
+        attempt: &AttemptId,
         verdict: &Verdict,
     ) -> Result<VerdictAck, BridgeError>;
 

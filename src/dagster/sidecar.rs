@@ -29,7 +29,7 @@ use super::{
     BridgeError, BridgeInfo, BridgePush, ClaimAnswer, ClaimBid, DagsterBridge, HeldClaim,
     RunStatus, StepState, Verdict, VerdictAck, PUSH_BUFFER,
 };
-use crate::envelope::StepRequest;
+use crate::envelope::{AttemptId, StepRequest};
 use crate::metrics::Metrics;
 
 /// The product's bridge module, run as `<python> -m dagster_taskiq_controller.bridge`.
@@ -558,12 +558,16 @@ impl SidecarBridge {
 }
 
 fn step_params(step: &StepRequest) -> serde_json::Map<String, Value> {
+    attempt_params(&step.id())
+}
+
+fn attempt_params(attempt: &AttemptId) -> serde_json::Map<String, Value> {
     let mut params = serde_json::Map::new();
-    params.insert("instance_ref".into(), step.instance_ref.clone());
-    params.insert("run_id".into(), step.run_id.clone().into());
-    params.insert("step_key".into(), step.step_key.clone().into());
-    params.insert("attempt".into(), step.attempt.into());
-    params.insert("task_id".into(), step.task_id.clone().into());
+    params.insert("instance_ref".into(), attempt.instance_ref.clone());
+    params.insert("run_id".into(), attempt.run_id.clone().into());
+    params.insert("step_key".into(), attempt.step_key.clone().into());
+    params.insert("attempt".into(), attempt.attempt.into());
+    params.insert("task_id".into(), attempt.task_id.clone().into());
     params
 }
 
@@ -597,10 +601,10 @@ impl DagsterBridge for SidecarBridge {
 
     async fn report_verdict(
         &self,
-        step: &StepRequest,
+        attempt: &AttemptId,
         verdict: &Verdict,
     ) -> Result<VerdictAck, BridgeError> {
-        let mut params = step_params(step);
+        let mut params = attempt_params(attempt);
         params.insert("verdict".into(), verdict.verdict.clone().into());
         params.insert("exit".into(), verdict.exit.clone().into());
         params.insert("stderr_tail".into(), verdict.stderr_tail.clone().into());

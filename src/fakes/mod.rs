@@ -22,7 +22,7 @@ use crate::dagster::{
     BridgeError, BridgePush, Claim, ClaimAnswer, ClaimBid, DagsterBridge, HeldClaim, RunStatus,
     StepState, Verdict, VerdictAck,
 };
-use crate::envelope::{LauncherKind, StepRequest};
+use crate::envelope::{AttemptId, LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
 use crate::queue::{DeadLetter, ExtendResult, QueueError, ReceivedMessage, Resend, WorkQueue};
 use crate::taskiq::{ObjectStore, StoreError};
@@ -50,6 +50,10 @@ struct QueueInner {
     extend_calls: u64,
     /// Messages a receive returns beyond the `max` asked for (a misbehaving queue).
     overdeliver: usize,
+    /// (message id, detail) of every dead letter.
+    dead_letter_details: Vec<(String, String)>,
+    /// While true, sent messages are recorded but never delivered (lost, or purged).
+    lose_sends: bool,
 }
 
 /// A work queue in memory. Receives return at once (no long poll) when empty after a
@@ -90,6 +94,17 @@ impl FakeQueue {
 
     pub fn events(&self) -> Vec<QueueEvent> {
         self.inner.lock().events.clone()
+    }
+
+    /// (message id, detail) of every dead letter so far.
+    pub fn dead_letter_details(&self) -> Vec<(String, String)> {
+        self.inner.lock().dead_letter_details.clone()
+    }
+
+    /// From now on, messages the controller sends are recorded but never delivered, as if
+    /// someone deleted them or purged the queue (true), or delivered again (false).
+    pub fn lose_sends(&self, lose: bool) {
+        self.inner.lock().lose_sends = lose;
     }
 
     pub fn extend_calls(&self) -> u64 {
@@ -241,13 +256,15 @@ impl WorkQueue for FakeQueue {
     async fn send(&self, resend: &Resend<'_>) -> Result<String, QueueError> {
         let message_id = format!("sent{}", self.next_handle.fetch_add(1, Ordering::Relaxed));
         let mut inner = self.inner.lock();
-        inner.visible.push_back(ReceivedMessage {
-            message_id: message_id.clone(),
-            receipt_handle: String::new(),
-            body: resend.of.body.clone(),
-            receive_count: 0,
-            attributes: resend.attributes.clone(),
-        });
+        if !inner.lose_sends {
+            inner.visible.push_back(ReceivedMessage {
+                message_id: message_id.clone(),
+                receipt_handle: String::new(),
+                body: resend.of.body.clone(),
+                receive_count: 0,
+                attributes: resend.attributes.clone(),
+            });
+        }
         inner.events.push(QueueEvent::Sent(message_id.clone()));
         drop(inner);
         self.changed.notify_waiters();
@@ -260,6 +277,10 @@ impl WorkQueue for FakeQueue {
         dead_letter: &DeadLetter,
     ) -> Result<(), QueueError> {
         self.take(&message.receipt_handle)?;
+        self.inner
+            .lock()
+            .dead_letter_details
+            .push((message.message_id.clone(), dead_letter.detail.clone()));
         self.record(QueueEvent::DeadLettered(
             message.message_id.clone(),
             dead_letter.reason.clone(),
@@ -487,6 +508,10 @@ struct BridgeInner {
     calls: u64,
     /// While true, every call fails as if the sidecar were down.
     down: bool,
+    /// While true, every call fails as rejected.
+    rejecting: bool,
+    /// Runs that do not exist.
+    unknown_runs: std::collections::HashSet<String>,
     /// Durable claims by (run id, step key, attempt), as the sidecar keys them.
     claims: HashMap<(String, String, u32), Claim>,
     /// While true, every call that reads or writes the instance raises, as when Dagster's
@@ -567,6 +592,17 @@ impl FakeBridge {
         self.inner.lock().down = down;
     }
 
+    /// Makes a run unknown to the instance, as if it never existed.
+    pub fn forget_run(&self, run_id: &str) {
+        self.inner.lock().unknown_runs.insert(run_id.to_owned());
+    }
+
+    /// Makes every call fail as rejected, as a bridge does for an instance ref it cannot
+    /// open (true), or work again (false).
+    pub fn set_rejecting(&self, rejecting: bool) {
+        self.inner.lock().rejecting = rejecting;
+    }
+
     /// Makes every call that touches the instance raise (true), as when Dagster's database
     /// is unreachable, or work again (false).
     pub fn set_storage_down(&self, down: bool) {
@@ -589,6 +625,12 @@ impl FakeBridge {
         if inner.down {
             return Err(BridgeError::Unavailable("fake bridge is down".into()));
         }
+        if inner.rejecting {
+            return Err(BridgeError::Rejected {
+                kind: "bad_request".into(),
+                message: "instance_ref is not a packed InstanceRef".into(),
+            });
+        }
         if inner.storage_down {
             return Err(BridgeError::Internal(
                 "OperationalError: could not connect to the database".into(),
@@ -597,22 +639,23 @@ impl FakeBridge {
         Ok(inner)
     }
 
-    fn state(inner: &BridgeInner, step: &StepRequest) -> StepState {
+    fn state(inner: &BridgeInner, run_id: &str, step_key: &str, attempt: u32) -> StepState {
         let events = inner
             .terminal
-            .get(&(step.run_id.clone(), step.step_key.clone()))
+            .get(&(run_id.to_owned(), step_key.to_owned()))
             .cloned()
             .unwrap_or_default();
+        let run_status = (!inner.unknown_runs.contains(run_id)).then(|| {
+            inner
+                .run_statuses
+                .get(run_id)
+                .cloned()
+                .unwrap_or(RunStatus::Started)
+        });
         StepState {
-            run_status: Some(
-                inner
-                    .run_statuses
-                    .get(&step.run_id)
-                    .cloned()
-                    .unwrap_or(RunStatus::Started),
-            ),
+            run_status,
             terminal_events: events.len() as u32,
-            attempt_finished: events.len() as u32 > step.attempt,
+            attempt_finished: events.len() as u32 > attempt,
             last_terminal: events.last().cloned(),
         }
     }
@@ -628,14 +671,7 @@ impl DagsterBridge for FakeBridge {
         let inner = self.enter()?;
         Ok(run_ids
             .iter()
-            .map(|id| {
-                let status = inner
-                    .run_statuses
-                    .get(id)
-                    .cloned()
-                    .unwrap_or(RunStatus::Started);
-                (id.clone(), Some(status))
-            })
+            .map(|id| (id.clone(), Self::state(&inner, id, "", 0).run_status))
             .collect())
     }
 
@@ -647,25 +683,46 @@ impl DagsterBridge for FakeBridge {
                 step.step_key
             )));
         }
-        Ok(Self::state(&inner, step))
+        Ok(Self::state(
+            &inner,
+            &step.run_id,
+            &step.step_key,
+            step.attempt,
+        ))
     }
 
     async fn report_verdict(
         &self,
-        step: &StepRequest,
+        attempt: &AttemptId,
         verdict: &Verdict,
     ) -> Result<VerdictAck, BridgeError> {
         let mut inner = self.enter()?;
-        let state = Self::state(&inner, step);
+        if inner.unknown_runs.contains(&attempt.run_id) {
+            return Err(BridgeError::Rejected {
+                kind: "not_found".into(),
+                message: format!("no run {}", attempt.run_id),
+            });
+        }
+        let state = Self::state(&inner, &attempt.run_id, &attempt.step_key, attempt.attempt);
         if state.attempt_finished {
             return Ok(VerdictAck {
                 written: false,
                 attempt_finished: true,
             });
         }
+        if inner
+            .verdicts
+            .iter()
+            .any(|(task_id, _)| *task_id == attempt.task_id)
+        {
+            return Ok(VerdictAck {
+                written: false,
+                attempt_finished: false,
+            });
+        }
         inner
             .verdicts
-            .push((step.task_id.clone(), verdict.verdict.clone()));
+            .push((attempt.task_id.clone(), verdict.verdict.clone()));
         Ok(VerdictAck {
             written: true,
             attempt_finished: false,
@@ -711,7 +768,12 @@ impl DagsterBridge for FakeBridge {
             return Ok(ClaimAnswer {
                 claimed: true,
                 current: Some(mine),
-                state: Some(Self::state(&inner, step)),
+                state: Some(Self::state(
+                    &inner,
+                    &step.run_id,
+                    &step.step_key,
+                    step.attempt,
+                )),
             });
         }
         Ok(ClaimAnswer {

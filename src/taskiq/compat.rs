@@ -13,7 +13,7 @@ use super::args::TaskiqArgs;
 use super::extended::{is_extended, MAX_EXTENDED_BODY_BYTES};
 use super::result::{error_result, result_key, success_result};
 use super::store::{ObjectStore, S3ObjectStore, StoreError};
-use crate::envelope::{self, Poison, StepRequest, MAX_BODY_BYTES};
+use crate::envelope::{self, Identity, Poison, StepRequest, MAX_BODY_BYTES};
 use crate::launcher::child::MAX_EVENT_BYTES;
 use crate::launcher::EventLines;
 use crate::outcome::{Outcome, Skip};
@@ -33,16 +33,17 @@ const PUT_BACKOFF: Backoff = Backoff {
 /// Why a message could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    /// It can never run; `task_id` is the body's own when it had a valid one (for an error
-    /// result).
+    /// It can never run; `identity` is whom it is for, as far as it says (an error result
+    /// for its task id, a verdict for its attempt).
     #[error("{poison}")]
-    Poison {
-        poison: Poison,
+    Poison { poison: Poison, identity: Identity },
+    /// Its extended payload cannot be read right now (S3 failing or refusing): try later.
+    /// `task_id`: the one the pointer's key names, if any.
+    #[error("extended payload unavailable: {error}")]
+    Unavailable {
+        error: StoreError,
         task_id: Option<String>,
     },
-    /// Its extended payload cannot be read right now (S3 failing or refusing): try later.
-    #[error("extended payload unavailable: {0}")]
-    Unavailable(StoreError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +128,7 @@ impl TaskiqCompat {
         message: &ReceivedMessage,
     ) -> Result<StepRequest, DecodeError> {
         let poison = |poison: Poison, body: &str| DecodeError::Poison {
-            task_id: task_id_of(&poison, body),
+            identity: identity_of(&poison, body),
             poison,
         };
         let mut step = if is_extended(message) {
@@ -142,26 +143,33 @@ impl TaskiqCompat {
     }
 
     async fn fetch_extended(&self, pointer: &str) -> Result<String, DecodeError> {
-        let poison = |poison| DecodeError::Poison {
-            poison,
-            task_id: None,
-        };
         if pointer.len() > MAX_BODY_BYTES {
-            return Err(poison(Poison::TooLarge {
-                size: pointer.len(),
-                limit: MAX_BODY_BYTES,
-            }));
+            return Err(DecodeError::Poison {
+                poison: Poison::TooLarge {
+                    size: pointer.len(),
+                    limit: MAX_BODY_BYTES,
+                },
+                identity: Identity::default(),
+            });
         }
         #[derive(Deserialize)]
         struct Pointer {
             s3_bucket: String,
             s3_key: String,
         }
-        let Pointer { s3_bucket, s3_key } = serde_json::from_str(pointer).map_err(|e| {
-            poison(Poison::InvalidExtendedPayload(format!(
-                "the body is not an {{\"s3_bucket\", \"s3_key\"}} pointer: {e}"
-            )))
-        })?;
+        let Pointer { s3_bucket, s3_key } =
+            serde_json::from_str(pointer).map_err(|e| DecodeError::Poison {
+                poison: Poison::InvalidExtendedPayload(format!(
+                    "the body is not an {{\"s3_bucket\", \"s3_key\"}} pointer: {e}"
+                )),
+                identity: Identity::default(),
+            })?;
+        // The body is out of reach, but the key names its task: its result can still say why.
+        let task_id = pointer_task_id(&s3_key);
+        let poison = |poison| DecodeError::Poison {
+            poison,
+            identity: Identity::task(task_id.clone()),
+        };
         let Some(store) = &self.store else {
             return Err(poison(Poison::InvalidExtendedPayload(
                 "this controller has no S3 client".into(),
@@ -184,7 +192,12 @@ impl TaskiqCompat {
             Err(e @ StoreError::NotFound { .. }) => {
                 return Err(poison(Poison::InvalidExtendedPayload(e.to_string())))
             }
-            Err(e) => return Err(DecodeError::Unavailable(e)),
+            Err(error) => {
+                return Err(DecodeError::Unavailable {
+                    error,
+                    task_id: task_id.clone(),
+                })
+            }
         };
         tracing::debug!(bytes = bytes.len(), bucket = %s3_bucket, key = %s3_key, "extended payload resolved");
         String::from_utf8(bytes).map_err(|e| {
@@ -274,9 +287,9 @@ impl TaskiqCompat {
                 "dagster-taskiq-controller dead-lettered step attempt {attempt} of {step_key} ({}): {detail}",
                 reason.name()
             )),
-            (Outcome::Verdict { cause, .. }, _) => error(format!(
-                "step attempt {attempt} of {step_key} failed: {cause}"
-            )),
+            (Outcome::Verdict { cause, .. } | Outcome::ContinuationLost { cause }, _) => error(
+                format!("step attempt {attempt} of {step_key} failed: {cause}"),
+            ),
             (Outcome::RunEnded | Outcome::Skipped(Skip::RunEnded), _) => error(format!(
                 "step attempt {attempt} of {step_key} did not finish: its run is over (canceled or failed)"
             )),
@@ -339,24 +352,24 @@ impl TaskiqCompat {
         }
     }
 
-    /// Best effort: an error result for a poison message that named a valid task id.
-    pub(crate) async fn write_poison_result(&self, task_id: Option<&str>, poison: &Poison) {
+    /// Best effort: the error result of a message that cannot run (poison, or a payload that
+    /// stayed unreadable) and named a valid task id, saying `why`.
+    pub(crate) async fn write_unrun_result(&self, task_id: Option<&str>, why: &str) {
         let (Some(target), Some(store), Some(task_id)) = (&self.results, &self.store, task_id)
         else {
             return;
         };
         let key = result_key(&target.base_path, task_id);
-        let message = format!(
-            "dagster-taskiq-controller cannot run this message ({}): {poison}",
-            poison.name()
-        );
+        let message = format!("dagster-taskiq-controller cannot run this message: {why}");
         let body = error_result(&message, 0.0, &BTreeMap::new());
         match self
             .put_retrying(store.as_ref(), &target.bucket, &key, body)
             .await
         {
-            Ok(()) => tracing::info!(%key, "taskiq error result written for the poison message"),
-            Err(e) => tracing::warn!(%e, "could not write the poison message's taskiq result"),
+            Ok(()) => {
+                tracing::info!(%key, "taskiq error result written for the unrunnable message")
+            }
+            Err(e) => tracing::warn!(%e, "could not write the unrunnable message's taskiq result"),
         }
     }
 
@@ -380,17 +393,19 @@ impl TaskiqCompat {
     }
 }
 
-/// The body's own task id, when it has a valid one and the body is JSON at all.
-fn task_id_of(poison: &Poison, body: &str) -> Option<String> {
+/// Whom a poison body is for, when the body is JSON at all.
+fn identity_of(poison: &Poison, body: &str) -> Identity {
     if matches!(poison, Poison::TooLarge { .. } | Poison::InvalidJson(_)) {
-        return None;
+        return Identity::default();
     }
-    #[derive(Deserialize)]
-    struct TaskId {
-        task_id: String,
-    }
-    serde_json::from_str::<TaskId>(body)
-        .ok()
-        .map(|t| t.task_id)
+    envelope::identify(body)
+}
+
+/// The task id an extended payload's key names: taskiq-aio-sqs stores the body of task `t`
+/// at `t.json`.
+fn pointer_task_id(s3_key: &str) -> Option<String> {
+    s3_key
+        .strip_suffix(".json")
         .filter(|t| envelope::is_valid_task_id(t))
+        .map(str::to_owned)
 }

@@ -97,7 +97,7 @@ async fn missing_or_malformed_extended_payloads_are_poison_and_s3_outages_are_no
     let store = FakeObjectStore::default();
     let name = |r: Result<StepRequest, DecodeError>| match r {
         Err(DecodeError::Poison { poison, .. }) => poison.name().to_owned(),
-        Err(DecodeError::Unavailable(_)) => "unavailable".to_owned(),
+        Err(DecodeError::Unavailable { .. }) => "unavailable".to_owned(),
         Ok(_) => "ok".to_owned(),
     };
     let c = compat(&store);
@@ -208,12 +208,53 @@ async fn dead_letters_and_poison_with_a_task_id_get_error_results() {
     assert!(message.as_str().unwrap().contains("unknown_run"));
 
     let bad = r#"{"task_id": "abc", "task_name": "other", "kwargs": {}}"#;
-    let Err(DecodeError::Poison { poison, task_id }) = c.decode(&message_of(bad)).await else {
+    let Err(DecodeError::Poison { poison, identity }) = c.decode(&message_of(bad)).await else {
         panic!("poison expected");
     };
-    assert_eq!(task_id.as_deref(), Some("abc"));
-    c.write_poison_result(task_id.as_deref(), &poison).await;
+    assert_eq!(identity.task_id.as_deref(), Some("abc"));
+    c.write_unrun_result(identity.task_id.as_deref(), &poison.to_string())
+        .await;
     assert_eq!(result_json(&store, "abc")["is_err"], true);
+}
+
+#[tokio::test]
+async fn an_unreadable_extended_payload_still_names_its_task() {
+    let store = FakeObjectStore::default();
+    let c = compat(&store);
+    // taskiq-aio-sqs keeps the body of task t at t.json: the key names the task.
+    let gone = message(
+        &format!(r#"{{"s3_bucket": "payloads", "s3_key": "{TASK}.json"}}"#),
+        true,
+    );
+    let Err(DecodeError::Poison { poison, identity }) = c.decode(&gone).await else {
+        panic!("poison expected");
+    };
+    assert_eq!(poison.name(), "invalid_extended_payload");
+    assert_eq!(identity.task_id.as_deref(), Some(TASK));
+    assert!(identity.attempt.is_none(), "the run is in the missing body");
+    store.fail_next(1);
+    let Err(DecodeError::Unavailable { task_id, .. }) = c.decode(&gone).await else {
+        panic!("unavailable expected");
+    };
+    assert_eq!(task_id.as_deref(), Some(TASK));
+    // A key that is not <task id>.json names nothing.
+    let other = message(r#"{"s3_bucket": "payloads", "s3_key": "a b.json"}"#, true);
+    let Err(DecodeError::Poison { identity, .. }) = c.decode(&other).await else {
+        panic!("poison expected");
+    };
+    assert_eq!(identity.task_id, None);
+    // A resolved body that fails validation names its attempt like any body.
+    let mut body: serde_json::Value =
+        serde_json::from_str(&step_body(TASK, "run-1", "op_a", 1)).unwrap();
+    body["labels"]["dagster_timeout"] = "soon".into();
+    store.insert("payloads", "bad.json", body.to_string().into_bytes());
+    let bad = message(r#"{"s3_bucket": "payloads", "s3_key": "bad.json"}"#, true);
+    let Err(DecodeError::Poison { poison, identity }) = c.decode(&bad).await else {
+        panic!("poison expected");
+    };
+    assert_eq!(poison.name(), "invalid_label");
+    let attempt = identity.attempt.expect("an attempt");
+    assert_eq!((attempt.run_id.as_str(), attempt.attempt), ("run-1", 1));
 }
 
 fn message_of(body: &str) -> ReceivedMessage {
