@@ -23,6 +23,7 @@ from dagster._core.execution.retries import RetryMode
 from dagster._core.executor.step_delegating import StepHandlerContext
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._grpc.types import ExecuteStepArgs
+from dagster._record import copy
 from dagster._serdes import deserialize_value
 
 from dagster_taskiq_controller import contract, executor, taskiq_controller_executor
@@ -111,7 +112,9 @@ def test_launch_step_sends_the_contract_message(instance: DagsterInstance, sqs_q
     assert payload["labels_types"] == {name: 3 for name in contract.ALL_LABELS}
     packed = payload["kwargs"]["execute_step_args_packed"]
     args = deserialize_value(json.dumps(packed), ExecuteStepArgs)
-    assert args == ctx.execute_step_args
+    # The args as Dagster made them, with its own step verification turned on.
+    assert args.should_verify_step is True
+    assert args == copy(ctx.execute_step_args, should_verify_step=True)
     assert payload["kwargs"]["executable_dict"] == jobs.recon("tagged").to_dict()
 
     metadata = events[0].engine_event_data.metadata
