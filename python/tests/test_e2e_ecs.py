@@ -366,6 +366,27 @@ def test_a_task_that_fails_to_start_is_relaunched_without_a_verdict(stack: Stack
     wait_for(stack.queue_empty, 60, "every message to be deleted")
 
 
+def test_an_attempt_whose_task_never_starts_gives_up_with_a_verdict_and_the_run_goes_on(
+    stack: Stack,
+) -> None:
+    # Every task of attempt 0 fails to start: its deliveries run out (--max-attempts 5).
+    stack.harness.never_start[("*", "flaky_op", 0)] = "CannotPullContainerError: not found"
+    with execute_job(jobs.recon("flaky"), stack.instance) as result:
+        # The verdict failed attempt 0 and its RetryPolicy went on: attempt 1 fails as the op
+        # does, attempt 2 succeeds.
+        assert result.success
+        run_id = result.run_id
+    assert stack.launches(run_id)[("flaky_op", 0)] == 5
+    (verdict,) = verdicts_of(stack.instance, run_id)
+    assert "gave up" in verdict.message, verdict.message
+    dead = boto3.client("sqs").receive_message(
+        QueueUrl=stack.queues.dlq_url, MessageAttributeNames=["All"], WaitTimeSeconds=5
+    )["Messages"]
+    assert [m["MessageAttributes"]["dagster_taskiq_error"]["StringValue"] for m in dead] == [
+        "attempts_exhausted"
+    ]
+
+
 def test_step_args_over_the_overrides_limit_are_offloaded_to_s3(stack: Stack) -> None:
     # The code location's container context travels in every step's ExecuteStepArgs; ~20 KB
     # of incompressible text there is far over ECS's 8192-character overrides limit.

@@ -76,6 +76,8 @@ class EcsHarness:
     poll_interval: float = 0.05
     # (run_id or "*", step_key, attempt) -> stoppedReason of a TaskFailedToStart, used once.
     fail_to_start: dict[tuple[str, str, int], str] = field(default_factory=dict)
+    # The same, for every task of that step attempt: it never starts.
+    never_start: dict[tuple[str, str, int], str] = field(default_factory=dict)
     tasks: dict[str, AgentTask] = field(default_factory=dict)
     run_task_calls: int = 0
     throttled_calls: int = 0
@@ -349,6 +351,8 @@ class EcsHarness:
         # Each entry fails one task: the relaunch then starts.
         reason = self.fail_to_start.pop((run_id, step_key, attempt), None)
         reason = reason or self.fail_to_start.pop(("*", step_key, attempt), None)
+        reason = reason or self.never_start.get((run_id, step_key, attempt))
+        reason = reason or self.never_start.get(("*", step_key, attempt))
         if reason is not None:
             self._stop_in_moto(task, agent_task, "TaskFailedToStart", reason, None, reason)
             return
