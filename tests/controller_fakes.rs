@@ -72,25 +72,49 @@ fn bed_full(
     let queue = FakeQueue::default();
     let bridge = FakeBridge::default();
     let launcher = FakeLauncher::new(bridge.clone(), step_duration);
-    let metrics = Arc::new(Metrics::new());
-    let controller = Arc::new(Context {
-        settings: Settings {
-            controller_id: "test".into(),
-            receive_wait: Duration::from_secs(1),
-            max_attempts: 3,
-            backoff: Backoff {
-                base: Duration::from_secs(1),
-                cap: Duration::from_secs(30),
-            },
-            shutdown_grace: Duration::from_secs(10),
-            call_retry_budget: Duration::from_secs(5),
-            default_step_timeout: None,
-            stop_grace: Duration::from_secs(3),
-            run_status_interval: Duration::from_secs(1),
-            adoption_window: Duration::from_secs(60),
-            waiting_limit,
-            instance: Default::default(),
+    let settings = Settings {
+        controller_id: "test".into(),
+        receive_wait: Duration::from_secs(1),
+        max_attempts: 3,
+        backoff: Backoff {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(30),
         },
+        shutdown_grace: Duration::from_secs(10),
+        call_retry_budget: Duration::from_secs(5),
+        default_step_timeout: None,
+        stop_grace: Duration::from_secs(3),
+        run_status_interval: Duration::from_secs(1),
+        adoption_window: Duration::from_secs(60),
+        waiting_limit,
+        instance: Default::default(),
+    };
+    let controller = context(
+        settings,
+        (&queue, &bridge, &launcher),
+        admission,
+        visibility_cap,
+        taskiq,
+    );
+    Bed {
+        queue,
+        bridge,
+        launcher,
+        controller,
+    }
+}
+
+/// A controller on these fakes, with tables of its own (a 3 s visibility timeout).
+fn context(
+    settings: Settings,
+    (queue, bridge, launcher): (&FakeQueue, &FakeBridge, &FakeLauncher),
+    admission: AdmissionConfig,
+    visibility_cap: Duration,
+    taskiq: TaskiqCompat,
+) -> Arc<Context> {
+    let metrics = Arc::new(Metrics::new());
+    Arc::new(Context {
+        settings,
         queue: Arc::new(queue.clone()),
         launcher: Arc::new(launcher.clone()),
         bridge: Arc::new(bridge.clone()),
@@ -107,13 +131,7 @@ fn bed_full(
         taskiq,
         draining: CancellationToken::new(),
         abort: CancellationToken::new(),
-    });
-    Bed {
-        queue,
-        bridge,
-        launcher,
-        controller,
-    }
+    })
 }
 
 fn task_id(n: u32) -> String {
@@ -133,6 +151,10 @@ impl Bed {
 
 fn acked(id: &str) -> impl Fn(&[QueueEvent]) -> bool + '_ {
     move |events| events.contains(&QueueEvent::Acked(id.to_owned()))
+}
+
+fn dead_lettered<'a>(id: &'a str, reason: &'a str) -> impl Fn(&[QueueEvent]) -> bool + 'a {
+    move |events| events.contains(&QueueEvent::DeadLettered(id.to_owned(), reason.to_owned()))
 }
 
 #[tokio::test(start_paused = true)]
@@ -246,12 +268,7 @@ async fn too_many_deliveries_dead_letter_with_a_verdict() {
     let bed = bed_with_receive_count(&body, 4);
     let handle = bed.start();
     bed.queue
-        .wait_for(|events| {
-            events.contains(&QueueEvent::DeadLettered(
-                "m1".into(),
-                "attempts_exhausted".into(),
-            ))
-        })
+        .wait_for(dead_lettered("m1", "attempts_exhausted"))
         .await;
     assert!(bed.launcher.launches().is_empty());
     assert_eq!(bed.bridge.verdicts().len(), 1);
@@ -664,12 +681,7 @@ async fn an_error_of_one_request_while_dagster_answers_follows_the_error_policy(
     // The probe answers, so it is this request's error: retried, released with backoff and
     // dead-lettered at --max-attempts (3), while the other step runs.
     bed.queue
-        .wait_for(|events| {
-            events.contains(&QueueEvent::DeadLettered(
-                "m1".into(),
-                "attempts_exhausted".into(),
-            ))
-        })
+        .wait_for(dead_lettered("m1", "attempts_exhausted"))
         .await;
     bed.queue.wait_for(acked("m2")).await;
     assert_eq!(bed.queue.receive_count("m1"), 3);
@@ -779,12 +791,7 @@ async fn invalid_launch_settings_dead_letter_with_a_verdict() {
         .push("m1", &step_body(&task_id(12), "run1", "op_a", 0));
     let handle = bed.start();
     bed.queue
-        .wait_for(|events| {
-            events.contains(&QueueEvent::DeadLettered(
-                "m1".into(),
-                "invalid_launch_tags".into(),
-            ))
-        })
+        .wait_for(dead_lettered("m1", "invalid_launch_tags"))
         .await;
     let verdicts = bed.bridge.verdicts();
     assert_eq!(verdicts.len(), 1);
@@ -974,12 +981,7 @@ async fn a_requeued_copy_keeps_counting_the_deliveries_before_it() {
     let handle = bed.start();
     // First delivery of the copy + 3 before it: past max_attempts (3).
     bed.queue
-        .wait_for(|events| {
-            events.contains(&QueueEvent::DeadLettered(
-                "copy".into(),
-                "attempts_exhausted".into(),
-            ))
-        })
+        .wait_for(dead_lettered("copy", "attempts_exhausted"))
         .await;
     assert!(bed.launcher.launches().is_empty());
     bed.stop(handle).await;
@@ -1082,30 +1084,17 @@ async fn a_requeued_copy_received_while_its_original_settles_is_not_adopted() {
 
 /// Another replica on the same queue, Dagster and launcher, with tables of its own.
 fn replica(bed: &Bed, controller_id: &str) -> Arc<Context> {
-    let c = &bed.controller;
-    let metrics = Arc::new(Metrics::new());
-    Arc::new(Context {
-        settings: Settings {
-            controller_id: controller_id.into(),
-            ..c.settings.clone()
-        },
-        queue: c.queue.clone(),
-        launcher: c.launcher.clone(),
-        bridge: c.bridge.clone(),
-        admission: Admission::new(AdmissionConfig::capped(1)),
-        leases: Arc::new(LeaseTable::new(
-            Duration::from_secs(3),
-            Duration::from_secs(12 * 3600),
-            metrics.clone(),
-        )),
-        claims: Arc::new(ClaimTable::new(Duration::from_secs(600), metrics.clone())),
-        steps: Arc::new(StepTable::default()),
-        metrics,
-        health: Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(10))),
-        taskiq: TaskiqCompat::default(),
-        draining: CancellationToken::new(),
-        abort: CancellationToken::new(),
-    })
+    let settings = Settings {
+        controller_id: controller_id.into(),
+        ..bed.controller.settings.clone()
+    };
+    context(
+        settings,
+        (&bed.queue, &bed.bridge, &bed.launcher),
+        AdmissionConfig::capped(1),
+        Duration::from_secs(12 * 3600),
+        TaskiqCompat::default(),
+    )
 }
 
 fn claims_counted(ctx: &Context, result: &'static str) -> u64 {
@@ -1284,7 +1273,8 @@ async fn a_copy_of_an_attempt_that_ended_with_a_verdict_is_acked_without_running
 
 // ---- no dead ends: every message of a nameable attempt leaves a verdict first ------------
 
-fn dead_lettered(id: &str) -> impl Fn(&[QueueEvent]) -> bool + '_ {
+/// Dead-lettered for any reason.
+fn dead_lettered_at_all(id: &str) -> impl Fn(&[QueueEvent]) -> bool + '_ {
     move |events| {
         events
             .iter()
@@ -1312,7 +1302,7 @@ async fn a_poison_message_that_names_its_attempt_gets_a_verdict_before_its_dead_
     );
     bed.queue.push("nameless", "{not json");
     let handle = bed.start();
-    bed.queue.wait_for(dead_lettered("nameless")).await;
+    bed.queue.wait_for(dead_lettered_at_all("nameless")).await;
     let settled = |events: &[QueueEvent]| {
         events.iter().any(|e| {
             matches!(e, QueueEvent::Released(m, _) | QueueEvent::DeadLettered(m, _) if m == "bad")
@@ -1322,13 +1312,13 @@ async fn a_poison_message_that_names_its_attempt_gets_a_verdict_before_its_dead_
         .await
         .expect("the message settled");
     assert!(
-        !dead_lettered("bad")(&bed.queue.events()),
+        !dead_lettered_at_all("bad")(&bed.queue.events()),
         "dead-lettered without its verdict: {:?}",
         bed.queue.events()
     );
     assert!(bed.bridge.verdicts().is_empty());
     bed.bridge.set_down(false);
-    bed.queue.wait_for(dead_lettered("bad")).await;
+    bed.queue.wait_for(dead_lettered_at_all("bad")).await;
     assert!(bed.queue.events().contains(&QueueEvent::DeadLettered(
         "bad".into(),
         "invalid_label".into()
@@ -1359,7 +1349,7 @@ async fn what_dagster_was_told_survives_the_dead_letters_detail_limit() {
         &body_with_labels(73, "run1", "op_a", &[("dagster_timeout", &long)]),
     );
     let handle = bed.start();
-    bed.queue.wait_for(dead_lettered("long")).await;
+    bed.queue.wait_for(dead_lettered_at_all("long")).await;
     let detail = detail_of(&bed, "long");
     assert!(detail.chars().count() <= 1000, "{}", detail.len());
     assert!(
@@ -1376,7 +1366,7 @@ async fn an_unknown_run_is_dead_lettered_saying_no_verdict_is_possible() {
     bed.queue
         .push("m1", &step_body(&task_id(71), "gone", "op_a", 0));
     let handle = bed.start();
-    bed.queue.wait_for(dead_lettered("m1")).await;
+    bed.queue.wait_for(dead_lettered_at_all("m1")).await;
     assert!(bed
         .queue
         .events()
@@ -1397,7 +1387,7 @@ async fn a_bridge_that_rejects_the_attempt_dead_letters_it_saying_no_verdict_was
     bed.queue
         .push("m1", &step_body(&task_id(72), "run1", "op_a", 0));
     let handle = bed.start();
-    bed.queue.wait_for(dead_lettered("m1")).await;
+    bed.queue.wait_for(dead_lettered_at_all("m1")).await;
     assert!(bed.queue.events().contains(&QueueEvent::DeadLettered(
         "m1".into(),
         "bridge_rejected".into()
