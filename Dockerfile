@@ -91,8 +91,9 @@ RUN apt-get update \
         --create-home --shell /usr/sbin/nologin dagster
 COPY --from=python-env /opt/venv /opt/venv
 COPY --from=python-env /opt/dagster/code /opt/dagster/code
-# DAGSTER_HOME: where DagsterInstance.get() looks for dagster.yaml when a message carries no
-# instance ref; mount or bake your dagster.yaml there if you rely on it.
+# DAGSTER_HOME: the controller's Dagster instance, the one every bridge call and every step
+# uses whatever a message names (docs/protocol.md, section 2): mount or bake the deployment's
+# dagster.yaml there.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DAGSTER_HOME=/opt/dagster/home
