@@ -1177,6 +1177,33 @@ async fn the_claim_of_a_holder_that_lost_this_very_message_is_taken_over_after_t
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_claim_of_a_dead_holder_whose_execution_survives_is_taken_over_at_once_and_adopted() {
+    use dagster_taskiq_controller::launcher::Launcher;
+    let bed = one_at_a_time(Duration::from_secs(1));
+    bed.launcher.survive_controller(true);
+    let body = step_body(&task_id(56), "run1", "op_a", 0);
+    // A controller that died left its claim and its execution (an ECS task) behind.
+    let step = envelope::decode(&body).unwrap();
+    let earlier = bed.launcher.launch(&step).await.unwrap();
+    bed.bridge
+        .put_claim("run1", "op_a", 0, foreign_claim("dead", "m1"));
+    bed.queue.push("m1", &body);
+    let started = tokio::time::Instant::now();
+    let handle = bed.start();
+    bed.queue.wait_for(acked("m1")).await;
+    assert_eq!(claims_counted(&bed.controller, "took_over"), 1);
+    // No fence grace: adopting starts no second execution.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(bed.bridge.verdicts().is_empty());
+    drop(earlier);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_copy_whose_holder_never_beats_again_waits_for_the_stale_time_then_runs() {
     let bed = one_at_a_time(Duration::from_secs(1));
     bed.bridge

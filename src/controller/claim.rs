@@ -49,6 +49,7 @@ pub(super) async fn acquire(
     let token = format!("{:032x}", rand::rng().random::<u128>());
     let mut replace: Option<String> = None;
     let mut watching: Option<Watch> = None;
+    let mut adoption_asked = false;
     loop {
         let bid = ClaimBid {
             holder: &ctx.settings.controller_id,
@@ -110,7 +111,20 @@ pub(super) async fn acquire(
             tracing::info!(%verdict, "the attempt already ended with a verdict: acknowledging without running");
             return Err(Outcome::Skipped(Skip::AlreadyFinished));
         }
-        match judge(ctx, &current, message, &mut watching) {
+        let mut judgement = judge(ctx, &current, message, &mut watching);
+        if matches!(judgement, Judgement::Wait)
+            && current.message_id == message.message_id
+            && !adoption_asked
+        {
+            adoption_asked = true;
+            if ctx.launcher.has_execution_to_adopt(step).await {
+                // Its execution outlives controllers (an ECS task): taking it over adopts that
+                // execution instead of starting another, and a holder that is still alive leaves
+                // it to whoever holds the message now.
+                judgement = Judgement::TakeOver;
+            }
+        }
+        match judgement {
             Judgement::TakeOver => {
                 tracing::warn!(holder = %current.holder, "the claim's holder is fenced or gone: taking the claim over");
                 replace = Some(current.token);

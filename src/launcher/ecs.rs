@@ -254,7 +254,6 @@ impl EcsLauncher {
                     "dagster-taskiq-controller: duplicate execution of the step attempt",
                 );
             }
-            tracing::info!(task = %newest.task_arn, status = %newest.last_status, "adopting the running ECS task of the attempt");
             return Ok(Some(newest.clone()));
         }
         let Some(last) = stopped.into_iter().next() else {
@@ -265,7 +264,6 @@ impl EcsLauncher {
             tracing::info!(task = %last.task_arn, cause = cause.name(), "the attempt's last ECS task never started: launching again");
             return Ok(None);
         }
-        tracing::info!(task = %last.task_arn, cause = cause.name(), "adopting the stopped ECS task of the attempt");
         Ok(Some(last))
     }
 
@@ -435,6 +433,8 @@ impl Launcher for EcsLauncher {
                     LaunchError::Transient(format!("cannot look for the attempt's task: {e}"))
                 })?;
                 if let Some(view) = existing {
+                    let state = if view.is_stopped() { "stopped" } else { "running" };
+                    tracing::info!(task = %view.task_arn, status = %view.last_status, "adopting the {state} ECS task of the attempt");
                     return Ok(self.running(view, step));
                 }
             }
