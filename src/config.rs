@@ -239,6 +239,8 @@ mod tests {
         assert!(err.to_string().starts_with("--visibility-timeout"), "{err}");
         let err = args(&["--max-concurrent", "0"]).validate().unwrap_err();
         assert!(err.to_string().contains("max-concurrent"), "{err}");
+        let err = args(&["--claim-stale-after", "4"]).validate().unwrap_err();
+        assert!(err.to_string().starts_with("--claim-stale-after"), "{err}");
         assert!(
             Cli::try_parse_from(["x", "run", "--queue-url", "u", "--backoff-cap", "soon"]).is_err()
         );

@@ -235,6 +235,12 @@ impl ControllerArgs {
         if self.receive_wait > Duration::from_secs(20) {
             return Err(invalid("receive-wait", "SQS long polls at most 20 seconds"));
         }
+        if self.claim_stale_after < Duration::from_secs(10) {
+            return Err(invalid(
+                "claim-stale-after",
+                "must be at least 10 seconds (holders fence themselves at half of it)",
+            ));
+        }
         if self.run_status_interval < Duration::from_millis(100) {
             return Err(invalid(
                 "run-status-interval",
