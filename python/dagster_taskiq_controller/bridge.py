@@ -343,7 +343,7 @@ class Bridge:
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def instance(self, params: dict[str, Any] | None = None) -> DagsterInstance:
+    def instance(self) -> DagsterInstance:
         """The pinned instance; a request's ``instance_ref`` is ignored."""
         if self._instance is None:
             self._instance = DagsterInstance.get()
@@ -444,7 +444,7 @@ class Bridge:
             run_id = params.get("run_id")
             if run_id is not None and not isinstance(run_id, str):
                 raise _bad_request("run_id must be a string or null")
-            instance = self.instance(params)
+            instance = self.instance()
             instance.get_runs(limit=1)
             if run_id is not None:
                 instance.get_records_for_run(run_id, limit=1, ascending=False)
@@ -458,7 +458,7 @@ class Bridge:
         watch = params.get("watch", False)
         if not isinstance(watch, bool):
             raise _bad_request("param watch must be a bool")
-        instance = self.instance(params)
+        instance = self.instance()
         statuses: dict[str, str | None] = {}
         for run_id in run_ids:
             run = instance.get_run_by_id(run_id)
@@ -481,7 +481,7 @@ class Bridge:
         run_id = _str_param(params, "run_id")
         step_key = _str_param(params, "step_key")
         attempt = _attempt_param(params)
-        instance = self.instance(params)
+        instance = self.instance()
         return self._step_state(instance, instance.get_run_by_id(run_id), step_key, attempt)
 
     def report_verdict(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -496,7 +496,7 @@ class Bridge:
             raise _bad_request("exit and stderr_tail must be strings")
         if not verdict:
             raise _bad_request("verdict must not be empty")
-        instance = self.instance(params)
+        instance = self.instance()
         run = self._run(instance, run_id)
 
         state = self._step_state(instance, run, step_key, attempt)
@@ -548,7 +548,7 @@ class Bridge:
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise _bad_request("metadata must be an object of strings")
-        instance = self.instance(params)
+        instance = self.instance()
         run = self._run(instance, run_id)
         instance.report_engine_event(
             message,
@@ -560,10 +560,10 @@ class Bridge:
 
     # --- claims (docs/guarantees.md, "Claims") ---------------------------------------------------
 
-    def _attempt_claims(self, params: dict[str, Any]) -> AttemptClaims:
+    def _attempt_claims(self) -> AttemptClaims:
         if self._claims is None:
             try:
-                self._claims = AttemptClaims(self.instance(params))
+                self._claims = AttemptClaims(self.instance())
             except ClaimsUnsupported as exc:
                 raise BridgeError("unsupported", str(exc)) from None
         return self._claims
@@ -578,7 +578,7 @@ class Bridge:
         replace_token = params.get("replace_token")
         if replace_token is not None and not isinstance(replace_token, str):
             raise _bad_request("replace_token must be a string or null")
-        answer = self._attempt_claims(params).take(
+        answer = self._attempt_claims().take(
             self._claim_key(params),
             holder=_str_param(params, "holder"),
             token=_str_param(params, "token"),
@@ -588,7 +588,7 @@ class Bridge:
         if answer["claimed"]:
             # Read after the claim is taken: a holder writes its outcome before it lets go,
             # so a claim won just after that holder finished sees the finished attempt.
-            instance = self.instance(params)
+            instance = self.instance()
             run_id, step_key = params["run_id"], params["step_key"]
             answer["state"] = self._step_state(
                 instance, instance.get_run_by_id(run_id), step_key, params["attempt"]
@@ -608,13 +608,13 @@ class Bridge:
                     "message_id": _str_param(claim, "message_id"),
                 }
             )
-        return {"alive": self._attempt_claims(params).renew(keyed)}
+        return {"alive": self._attempt_claims().renew(keyed)}
 
     def release_claim(self, params: dict[str, Any]) -> dict[str, Any]:
         ended = params.get("ended")
         if ended is not None and not isinstance(ended, str):
             raise _bad_request("ended must be a string or null")
-        released = self._attempt_claims(params).release(
+        released = self._attempt_claims().release(
             self._claim_key(params), _str_param(params, "token"), ended
         )
         return {"released": released}

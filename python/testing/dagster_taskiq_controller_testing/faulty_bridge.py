@@ -52,11 +52,11 @@ class FaultyBridge(Bridge):
             self._hang(hang_file)
         return super().handle(request)
 
-    def instance(self, params: dict[str, Any] | None = None) -> DagsterInstance:
+    def instance(self) -> DagsterInstance:
         fail_file = _control_file(FAIL_FILE_ENV)
         if fail_file is not None and fail_file.exists():
             raise InjectedStorageError("injected: Dagster's storage does not answer")
-        return super().instance(params)
+        return super().instance()
 
     def _hang(self, hang_file: Path) -> None:
         child = subprocess.Popen(["sleep", "3600"])
