@@ -116,7 +116,12 @@ def test_terminating_a_run_stops_its_steps_and_skips_the_queued_ones(
             30,
             "the queued messages to be acknowledged",
         )
-        seen = records(stack, run.run_id)
+        # A record settles a moment after its message's delete: wait until none is active.
+        seen = wait_for(
+            lambda: (s := records(stack, run.run_id)) and not any(r["active"] for r in s) and s,
+            30,
+            "every step record to settle",
+        )
         skipped = [r for r in seen if r["state"] == "skipped"]
         assert len(skipped) == 5, seen
         assert all(r["locator"] is None for r in skipped), "a queued step was spawned"
