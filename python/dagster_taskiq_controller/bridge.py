@@ -621,14 +621,22 @@ class Bridge:
 
 
 def _storage_classes(packed_ref: dict[str, Any]) -> dict[str, str]:
-    """``module.Class`` of each storage of a packed instance ref, as serialized (the form a
-    message carries), to tell a message's foreign ``instance_ref`` apart: paths legitimately
-    differ between hosts, storage classes do not."""
+    """``module.Class`` of each storage and of the instance class of a packed instance ref,
+    as serialized (the form a message carries), ``""`` for one it does not set, to tell a
+    message's foreign ``instance_ref`` apart: paths legitimately differ between hosts,
+    classes do not."""
     found: dict[str, str] = {}
-    for name in ("run_storage_data", "event_storage_data", "schedule_storage_data", "storage_data"):
+    for name in (
+        "run_storage_data",
+        "event_storage_data",
+        "schedule_storage_data",
+        "storage_data",
+        "custom_instance_class_data",
+    ):
         data = packed_ref.get(name)
-        if isinstance(data, dict):
-            found[name] = f"{data.get('module_name')}.{data.get('class_name')}"
+        found[name] = (
+            f"{data.get('module_name')}.{data.get('class_name')}" if isinstance(data, dict) else ""
+        )
     return found
 
 
