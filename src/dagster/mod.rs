@@ -272,12 +272,48 @@ pub struct BridgeInfo {
     /// The packed `InstanceRef` of the controller's instance: every step runs against it.
     #[serde(default)]
     pub instance_ref: Value,
-    /// `module.Class` of each of its storages, by `InstanceRef` field.
+    /// `module.Class` of each of its storages and of its instance class, by `InstanceRef`
+    /// field (`""` for one the instance does not set).
     #[serde(default)]
     pub storages: BTreeMap<String, String>,
+    /// The instance's root directory (`DAGSTER_HOME`).
+    #[serde(default)]
+    pub root_directory: Option<String>,
+    /// The instance's most recently created run, if it has any.
+    #[serde(default)]
+    pub latest_run: Option<LatestRun>,
+    /// Versions of the packages a PostgreSQL instance depends on (`None`: not installed).
+    #[serde(default)]
+    pub packages: BTreeMap<String, Option<String>>,
+}
+
+/// A run, as `doctor` shows that the controller's instance is the one the runs live in.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LatestRun {
+    pub run_id: String,
+    pub status: String,
+    /// When the run was created, in seconds since the epoch.
+    pub created: f64,
 }
 
 impl BridgeInfo {
+    /// Whether a run storage of the instance keeps its data in SQLite files on this host.
+    pub(crate) fn stores_in_sqlite(&self) -> bool {
+        self.storages.values().any(|class| class.contains("Sqlite"))
+    }
+
+    /// Whether the instance's storage is PostgreSQL (dagster-postgres).
+    pub(crate) fn stores_in_postgres(&self) -> bool {
+        self.storages
+            .values()
+            .any(|class| class.contains("Postgres"))
+    }
+
+    /// The installed version of a Python package, if installed.
+    pub(crate) fn package(&self, name: &str) -> Option<&str> {
+        self.packages.get(name).and_then(|v| v.as_deref())
+    }
+
     /// Whether a message's `instance_ref` names storages or an instance class other than the
     /// pinned instance's (it is ignored either way; paths differ legitimately between hosts).
     pub(crate) fn is_foreign(&self, instance_ref: &Value) -> bool {
