@@ -334,6 +334,30 @@ pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest,
 }
 
 impl StepRequest {
+    /// This request with the launch settings these op tags make (the run's stored ones),
+    /// the controller's default timeout where the tags set none.
+    pub(crate) fn with_op_tags(
+        &self,
+        op_tags: &BTreeMap<String, String>,
+        default_timeout: Option<Duration>,
+    ) -> StepRequest {
+        let (launcher, priority, timeout) = launch_settings_of(op_tags);
+        StepRequest {
+            tags: op_tags.clone(),
+            launcher,
+            priority,
+            timeout: timeout.or(default_timeout),
+            ..self.clone()
+        }
+    }
+
+    /// The timeout the message's own label sets (the controller's default is not one).
+    pub(crate) fn timeout_label(&self) -> Option<Duration> {
+        self.labels
+            .get(labels::TIMEOUT)
+            .and_then(|v| parse_timeout(v).ok())
+    }
+
     /// The attempt this request is for.
     pub fn id(&self) -> AttemptId {
         AttemptId {
@@ -494,6 +518,33 @@ fn agree(
         }),
         _ => Ok(args_value),
     }
+}
+
+/// Op tags that the executor turns into the launcher, priority and timeout labels.
+pub(crate) mod tags {
+    pub(crate) const LAUNCHER: &str = "dagster-taskiq/launcher";
+    pub(crate) const PRIORITY: &str = "dagster/priority";
+    pub(crate) const TIMEOUT: &str = "dagster-taskiq/timeout";
+}
+
+/// The launcher, priority and timeout that op tags make (the executor's `contract.py` writes
+/// them as labels the same way): what a message's labels must say for a step with these
+/// tags. A tag that does not parse makes no setting (the executor refuses to publish it).
+pub(crate) fn launch_settings_of(
+    op_tags: &BTreeMap<String, String>,
+) -> (Option<LauncherKind>, i32, Option<Duration>) {
+    let tag = |name: &str| {
+        op_tags
+            .get(name)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+    };
+    let launcher = tag(tags::LAUNCHER).and_then(|v| v.parse().ok());
+    let priority = tag(tags::PRIORITY)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let timeout = tag(tags::TIMEOUT).and_then(|v| parse_timeout(v).ok());
+    (launcher, priority, timeout)
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {

@@ -112,6 +112,8 @@ pub(crate) enum DeadLetterReason {
     InvalidLaunch(&'static str),
     /// Its run does not exist in the Dagster instance.
     UnknownRun,
+    /// Its op tags or launch labels are not the ones its run stored for the step.
+    TagsMismatch,
     /// Dagster refused the request outright.
     BridgeRejected,
     /// Delivered `--max-attempts` times without reaching an outcome.
@@ -126,6 +128,7 @@ impl DeadLetterReason {
         match self {
             DeadLetterReason::Poison(name) | DeadLetterReason::InvalidLaunch(name) => name,
             DeadLetterReason::UnknownRun => "unknown_run",
+            DeadLetterReason::TagsMismatch => "tags_mismatch",
             DeadLetterReason::BridgeRejected => "bridge_rejected",
             DeadLetterReason::AttemptsExhausted => "attempts_exhausted",
             DeadLetterReason::PayloadUnavailable => "payload_unavailable",

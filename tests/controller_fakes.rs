@@ -1476,3 +1476,41 @@ async fn a_lost_continuation_stops_the_step_and_leaves_a_verdict() {
     );
     bed.stop(handle).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_message_whose_op_tags_are_not_its_runs_is_refused_with_a_verdict_and_never_launched() {
+    let bed = bed(Duration::from_secs(1));
+    let role = r#"{"taskRoleArn": "arn:aws:iam::1:role/admin"}"#;
+    bed.bridge
+        .store_step("run1", "op_a", "job", &[("team", "data")]);
+    bed.bridge
+        .store_step("run1", "op_b", "job", &[("team", "data")]);
+    let forged = serde_json::json!({"team": "data", "ecs/task_overrides": role}).to_string();
+    let honest = serde_json::json!({"team": "data"}).to_string();
+    bed.queue.push(
+        "forged",
+        &body_with_labels(81, "run1", "op_a", &[("dagster_tags", &forged)]),
+    );
+    bed.queue.push(
+        "honest",
+        &body_with_labels(82, "run1", "op_b", &[("dagster_tags", &honest)]),
+    );
+    let handle = bed.start();
+    bed.queue
+        .wait_for(dead_lettered("forged", "tags_mismatch"))
+        .await;
+    bed.queue.wait_for(acked("honest")).await;
+    assert_eq!(bed.launcher.launches(), [task_id(82)]);
+    let detail = detail_of(&bed, "forged");
+    assert!(
+        detail.contains("ecs/task_overrides differ") && detail.contains("verdict recorded"),
+        "{detail}"
+    );
+    assert_eq!(
+        bed.bridge.verdicts().len(),
+        1,
+        "{:?}",
+        bed.bridge.verdicts()
+    );
+    bed.stop(handle).await;
+}

@@ -72,6 +72,9 @@ STDERR_TAIL_MAX_CHARS = 8192
 
 PAGE_SIZE = 1000
 
+PLAN_CACHE_SIZE = 64
+"""Execution plan snapshots whose step tags the bridge keeps (one per recent run shape)."""
+
 
 class BridgeError(Exception):
     """An error answered to the controller; ``kind`` is bad_request, not_found or internal."""
@@ -330,6 +333,8 @@ class Bridge:
         self._push = push
         self._watches: RunWatches | None = None
         self._claims: AttemptClaims | None = None
+        # Op tags per step key of each execution plan snapshot read, oldest first.
+        self._plan_tags: dict[str, dict[str, dict[str, str]]] = {}
         self._methods: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "ping": self.ping,
             "run_status": self.run_status,
@@ -495,7 +500,35 @@ class Bridge:
         step_key = _str_param(params, "step_key")
         attempt = _attempt_param(params)
         instance = self.instance()
-        return self._step_state(instance, instance.get_run_by_id(run_id), step_key, attempt)
+        run = instance.get_run_by_id(run_id)
+        state = self._step_state(instance, run, step_key, attempt)
+        if run is not None:
+            state["stored_step"] = self._stored_step(instance, run, step_key)
+        return state
+
+    def _stored_step(
+        self, instance: DagsterInstance, run: DagsterRun, step_key: str
+    ) -> dict[str, Any] | None:
+        """The step as its run stored it: its op tags (as the executor puts them in the
+        message's ``dagster_tags`` label) and the job's name. They decide how and where the
+        step is launched, so the controller launches a message only when it carries these
+        same ones (docs/security.md). ``None``: the run stored no execution plan."""
+        snapshot_id = run.execution_plan_snapshot_id
+        if snapshot_id is None:
+            return None
+        steps = self._plan_tags.get(snapshot_id)
+        if steps is None:
+            snapshot = instance.get_execution_plan_snapshot(snapshot_id)
+            steps = {step.key: contract.label_tags(step.tags or {}) for step in snapshot.steps}
+            # Snapshot ids are content hashes: an entry never goes stale, only old.
+            if len(self._plan_tags) >= PLAN_CACHE_SIZE:
+                self._plan_tags.pop(next(iter(self._plan_tags)))
+            self._plan_tags[snapshot_id] = steps
+        tags = steps.get(step_key)
+        if tags is None and step_key.endswith("]"):
+            # A step of a dynamic output: the plan stores it unresolved, as `op[?]`.
+            tags = steps.get(step_key.split("[", 1)[0] + "[?]")
+        return {"found": tags is not None, "tags": tags or {}, "job_name": run.job_name}
 
     def report_verdict(self, params: dict[str, Any]) -> dict[str, Any]:
         run_id = _str_param(params, "run_id")

@@ -11,16 +11,21 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from dagster import (
     Config,
     Definitions,
+    DynamicOut,
+    DynamicOutput,
     Field,
     FilesystemIOManager,
     OpDefinition,
     OpExecutionContext,
     Output,
     RetryPolicy,
+    graph,
     job,
     op,
 )
@@ -73,6 +78,38 @@ def diamond() -> None:
     """emit -> (add_one, double, square) -> join -> report. Final value: (2 + 2 + 1) * 10 = 50."""
     value = emit()
     report(join(add_one(value), double(value), square(value)))
+
+
+# --- dynamic: a fan-out over dynamic outputs inside a graph -----------------------------------
+
+
+@op(out=DynamicOut(int))
+def split() -> Iterator[DynamicOutput[int]]:
+    for item in (1, 2, 3):
+        yield DynamicOutput(item, mapping_key=f"item_{item}", metadata={"pid": os.getpid()})
+
+
+# Tags on the mapped op: the controller checks them against the run's stored plan, where
+# this step is kept unresolved (`stage.process_item[?]`).
+@op(tags={"team": "data", "dagster/priority": "3"})
+def process_item(item: int) -> Output[int]:
+    return _out(item * 10)
+
+
+@op
+def sum_items(values: list[int]) -> Output[int]:
+    return _out(sum(values))
+
+
+@graph
+def stage() -> Any:
+    return sum_items(split().map(process_item).collect())
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def dynamic_fan() -> None:
+    """A graph `stage`: split -> process_item per item (3, mapped) -> sum_items = 60."""
+    stage()
 
 
 # --- failing: one op raises ------------------------------------------------------------------
@@ -501,6 +538,7 @@ def outside_stop() -> None:
 
 
 ALL_JOBS = [
+    dynamic_fan,
     diamond,
     failing,
     flaky,

@@ -247,11 +247,19 @@ def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) 
         )
 
     # first: STEP_UP_FOR_RETRY (attempt 0) then STEP_SUCCESS (attempt 1)
-    assert state("first", 0) == {
+    first = state("first", 0)
+    # The step as the run stored it: the launch settings a message must carry.
+    assert first.pop("stored_step") == {"found": True, "tags": {}, "job_name": "tiny"}
+    assert first == {
         "run_status": "SUCCESS",
         "terminal_events": 2,
         "attempt_finished": True,
         "last_terminal": "STEP_SUCCESS",
+    }
+    assert state("not_a_step", 0)["stored_step"] == {
+        "found": False,
+        "tags": {},
+        "job_name": "tiny",
     }
     assert state("first", 1)["attempt_finished"] is True
     assert state("first", 2)["attempt_finished"] is False

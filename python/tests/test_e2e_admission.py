@@ -10,10 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from bed import Bed
 from conftest import child_env, wait_for
 from ledger import executions, overlaps
-from test_e2e_reliability import Bed
-from test_e2e_reliability import bed as bed  # the fixture
 
 pytestmark = pytest.mark.controller
 

@@ -15,6 +15,7 @@ from typing import Any
 import boto3
 from bed import Bed, metrics, run_in_background
 from conftest import wait_for
+from dagster import DagsterEventType
 
 from dagster_taskiq_controller_testing.hostile_import import MARKER_ENV
 
@@ -116,3 +117,51 @@ def test_hostile_instance_refs_are_ignored_and_the_steps_run_on_the_controllers_
     # is not (paths differ legitimately between hosts).
     counted = [line for line in metrics(controller).splitlines() if "foreign_instance" in line]
     assert "dagster_taskiq_foreign_instance_refs_total 2" in counted, counted
+
+
+def dead_letter_reasons(bed: Bed) -> list[tuple[str, str]]:
+    """(reason, detail) of every dead letter, taken off the DLQ."""
+    sqs = boto3.client("sqs")
+    got = sqs.receive_message(
+        QueueUrl=bed.queues.dlq_url,
+        MaxNumberOfMessages=10,
+        MessageAttributeNames=["All"],
+        WaitTimeSeconds=1,
+    ).get("Messages", [])
+    return [
+        (
+            m["MessageAttributes"]["dagster_taskiq_error"]["StringValue"],
+            m["MessageAttributes"]["dagster_taskiq_error_detail"]["StringValue"],
+        )
+        for m in got
+    ]
+
+
+def test_op_tags_a_message_adds_to_its_step_are_refused_and_the_step_never_runs(
+    bed: Bed,
+) -> None:
+    """A sender rewrites a live run's step message to launch it in an ECS task definition of
+    its choosing: the tags are not the ones the run stored for the step, so the step is
+    refused with a verdict (the run fails, as the message cannot be trusted) and never
+    starts."""
+    thread, outcome = run_in_background(bed.instance, "diamond")
+    (message,) = take_messages(bed, 1)
+    body = json.loads(message["Body"])
+    tags = json.loads(body["labels"].get("dagster_tags", "{}"))
+    tags["ecs/run_task_kwargs"] = json.dumps({"taskDefinition": "admin-tools"})
+    body["labels"]["dagster_tags"] = json.dumps(tags, sort_keys=True)
+    boto3.client("sqs").send_message(QueueUrl=bed.queues.queue_url, MessageBody=json.dumps(body))
+
+    bed.controller()
+    thread.join(120)
+    assert outcome.get("success") is False
+    run_id = outcome["run_id"]
+    dead = wait_for(lambda: dead_letter_reasons(bed), 30, "the refused message in the DLQ")
+    assert [reason for reason, _ in dead] == ["tags_mismatch"], dead
+    assert "ecs/run_task_kwargs differ" in dead[0][1] and "verdict recorded" in dead[0][1], dead
+    started = bed.instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_START).records
+    assert started == [], "the refused step started"
+    failure = bed.instance.get_records_for_run(
+        run_id, of_type=DagsterEventType.STEP_FAILURE
+    ).records
+    assert [r.event_log_entry.step_key for r in failure] == ["emit"]

@@ -145,6 +145,24 @@ def test_diamond_runs_every_step_in_its_own_process(stack: Stack) -> None:
 
 
 @BOTH_STORAGES
+def test_a_dynamic_fan_out_in_a_graph_runs_each_mapped_step_in_its_own_process(
+    stack: Stack,
+) -> None:
+    """Mapped steps (`stage.process_item[item_1]`) carry op tags the controller checks
+    against the run's stored plan, which keeps them unresolved: each runs, none is refused."""
+    with execute_job(jobs.recon("dynamic_fan"), stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+        assert result.output_for_node("stage") == 60
+    pids = step_pids(stack.instance, run_id)
+    mapped = {f"stage.process_item[item_{i}]" for i in (1, 2, 3)}
+    assert mapped | {"stage.split", "stage.sum_items"} == set(pids), pids
+    assert len(set(pids.values())) == len(pids), f"steps shared a process: {pids}"
+    wait_for(stack.queue_empty, 60, "every message to be deleted")
+    assert stack.queue_empty(stack.queues.dlq_url), "no step was refused"
+
+
+@BOTH_STORAGES
 def test_an_op_that_raises_fails_the_run_with_its_error(stack: Stack) -> None:
     with execute_job(jobs.recon("failing"), stack.instance) as result:
         assert not result.success

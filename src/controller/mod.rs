@@ -26,6 +26,7 @@ mod reconcile;
 mod runs;
 mod settle;
 mod step;
+mod stored_step;
 mod supervise;
 
 use std::sync::Arc;

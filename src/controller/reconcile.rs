@@ -4,8 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{calls, handoff, launcher_name, settle, Context};
-use crate::dagster::{StepState as DagsterStepState, Verdict, META_ATTEMPT, META_TASK_ID};
+use super::{calls, handoff, launcher_name, settle, stored_step, Context};
+use crate::dagster::{
+    StepState as DagsterStepState, StoredStep, Verdict, META_ATTEMPT, META_TASK_ID,
+};
 use crate::envelope::StepRequest;
 use crate::outcome::{DeadLetterReason, Outcome, Release, Skip};
 use crate::queue::{continuation, ReceivedMessage};
@@ -14,8 +16,9 @@ use crate::queue::{continuation, ReceivedMessage};
 pub(super) enum Decision {
     /// Do not run it; settle with this outcome.
     Settle(Outcome),
-    /// Run it (a first delivery, or a relaunch of an attempt whose execution vanished).
-    Launch,
+    /// Run it (a first delivery, or a relaunch of an attempt whose execution vanished), with
+    /// the launch settings its run stored for the step when Dagster has them.
+    Launch(Option<StoredStep>),
 }
 
 /// Reads the attempt's state in Dagster and decides.
@@ -64,7 +67,7 @@ pub(super) async fn reconcile(
     if message.receive_count > 1 {
         note_relaunch(ctx, step, message).await;
     }
-    Decision::Launch
+    Decision::Launch(state.stored_step)
 }
 
 /// A message that must not run: its run is unknown or over, or its attempt finished.
@@ -73,7 +76,7 @@ async fn skip(ctx: &Context, step: &StepRequest, state: &DagsterStepState) -> Op
         return Some(Outcome::dead_letter(
             DeadLetterReason::UnknownRun,
             format!(
-                "run {} does not exist in the Dagster instance named by the message",
+                "run {} does not exist in the controller's Dagster instance",
                 step.run_id
             ),
         ));
@@ -81,6 +84,14 @@ async fn skip(ctx: &Context, step: &StepRequest, state: &DagsterStepState) -> Op
     if state.attempt_finished {
         tracing::info!("attempt already finished in Dagster: acknowledging without running");
         return Some(Outcome::Skipped(Skip::AlreadyFinished));
+    }
+    if let Some(why) = state
+        .stored_step
+        .as_ref()
+        .and_then(|stored| stored_step::mismatch(step, stored))
+    {
+        tracing::warn!(%why, "the message's launch settings are not its run's: refused");
+        return Some(Outcome::dead_letter(DeadLetterReason::TagsMismatch, why));
     }
     if run_status.stops_new_steps() {
         tracing::info!(?run_status, "run is over: acknowledging without running");

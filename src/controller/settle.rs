@@ -150,6 +150,9 @@ fn dead_letter_verdict(reason: DeadLetterReason, detail: &str) -> Option<Verdict
         DeadLetterReason::PayloadUnavailable => {
             format!("dagster-taskiq-controller cannot read the step's message: {detail}")
         }
+        DeadLetterReason::TagsMismatch => {
+            format!("dagster-taskiq-controller refused the step's message: {detail}")
+        }
     };
     Some(Verdict::not_run(format!(
         "{why} (its message is in the dead-letter queue, reason {})",
@@ -169,8 +172,9 @@ fn dead_end(
     receive_count: u32,
 ) -> Outcome {
     let told = match reported {
-        None => "no verdict possible: the Dagster instance the message names has no such run \
-                 (a run worker waiting on this step uses another instance than its instance_ref)"
+        None => "no verdict possible: the controller's Dagster instance has no such run (a \
+                 run worker waiting on this step uses another instance than the controller's \
+                 DAGSTER_HOME)"
             .to_owned(),
         Some(Ok(ack)) if ack.attempt_finished => {
             "no verdict needed: the attempt already has its outcome in Dagster".to_owned()

@@ -47,9 +47,20 @@ pub(super) async fn live(
     signals: LeaseSignals,
 ) -> Life {
     let received_at = Instant::now();
-    if let Decision::Settle(outcome) = reconcile(ctx, step, message).await {
-        return outcome.into();
-    }
+    let stored = match reconcile(ctx, step, message).await {
+        Decision::Settle(outcome) => return outcome.into(),
+        Decision::Launch(stored) => stored,
+    };
+    // The run's own settings decide how the step launches, not the message's labels
+    // (reconcile refused a message whose labels say otherwise).
+    let from_run;
+    let step = match stored {
+        Some(stored) => {
+            from_run = step.with_op_tags(&stored.tags, ctx.settings.default_step_timeout);
+            &from_run
+        }
+        None => step,
+    };
     let waiting_since = Instant::now();
     // Held until the step has exited: the run slot is what the caps count.
     let _slot = match admit(ctx, step, message, &signals).await {

@@ -118,6 +118,21 @@ pub struct StepState {
     pub attempt_finished: bool,
     /// Type of the newest terminal event, e.g. `STEP_SUCCESS`.
     pub last_terminal: Option<String>,
+    /// The step as its run stored it (`None`: the run is unknown, or stored no execution
+    /// plan): what the message's launch settings must match.
+    #[serde(default)]
+    pub stored_step: Option<StoredStep>,
+}
+
+/// A step as its run stored it in Dagster: the settings that decide how it is launched.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StoredStep {
+    /// Whether the run's execution plan has the step at all.
+    pub found: bool,
+    /// Its op tags, as the executor writes them into the `dagster_tags` label.
+    pub tags: BTreeMap<String, String>,
+    /// The run's job.
+    pub job_name: String,
 }
 
 /// A notice the bridge sends unasked, about a run of the latest `run_statuses` call.

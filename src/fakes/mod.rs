@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::dagster::{
     BridgeError, BridgePush, Claim, ClaimAnswer, ClaimBid, DagsterBridge, HeldClaim, RunStatus,
-    StepState, Verdict, VerdictAck,
+    StepState, StoredStep, Verdict, VerdictAck,
 };
 use crate::envelope::{AttemptId, LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
@@ -520,6 +520,8 @@ struct BridgeInner {
     /// Step keys whose `step_state` raises although the storage answers.
     failing_steps: Vec<String>,
     probes: u64,
+    /// The steps as their runs stored them, by (run id, step key); none: not checked.
+    stored_steps: HashMap<(String, String), StoredStep>,
 }
 
 /// A Dagster instance in memory: runs default to STARTED.
@@ -597,6 +599,21 @@ impl FakeBridge {
         self.inner.lock().unknown_runs.insert(run_id.to_owned());
     }
 
+    /// Stores a step of a run with these op tags, as its execution plan would.
+    pub fn store_step(&self, run_id: &str, step_key: &str, job_name: &str, tags: &[(&str, &str)]) {
+        self.inner.lock().stored_steps.insert(
+            (run_id.to_owned(), step_key.to_owned()),
+            StoredStep {
+                found: true,
+                tags: tags
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                job_name: job_name.to_owned(),
+            },
+        );
+    }
+
     /// Makes every call fail as rejected, as a bridge does for an instance ref it cannot
     /// open (true), or work again (false).
     pub fn set_rejecting(&self, rejecting: bool) {
@@ -657,6 +674,10 @@ impl FakeBridge {
             terminal_events: events.len() as u32,
             attempt_finished: events.len() as u32 > attempt,
             last_terminal: events.last().cloned(),
+            stored_step: inner
+                .stored_steps
+                .get(&(run_id.to_owned(), step_key.to_owned()))
+                .cloned(),
         }
     }
 }
