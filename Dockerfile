@@ -106,9 +106,10 @@ ENTRYPOINT ["tini", "--"]
 FROM step AS controller
 COPY --from=builder /usr/local/bin/dagster-taskiq-controller /usr/local/bin/dagster-taskiq-controller
 # The dashboard binds 127.0.0.1 by default; in a container it must listen on all interfaces so
-# probes and Prometheus reach it. That is safe: the read-only endpoints show step metadata only,
-# and the mutating ones (cancel, DLQ redrive) answer 403 unless DAGSTER_TASKIQ_ADMIN_TOKEN is set
-# and then need it as a bearer token. Keep the port off the public internet all the same.
+# probes and Prometheus reach it. The read API shows step stderr tails (tracebacks can carry
+# secrets), so the default command below requires a read token; probes and /metrics stay open.
+# The mutating endpoints (cancel, DLQ redrive) answer 403 unless DAGSTER_TASKIQ_ADMIN_TOKEN is
+# set and then need it as a bearer token. Keep the port off the public internet all the same.
 ENV DAGSTER_TASKIQ_DASHBOARD_ADDR=0.0.0.0:8080 \
     DAGSTER_TASKIQ_PYTHON=/opt/venv/bin/python \
     DAGSTER_TASKIQ_LOG_FORMAT=json
@@ -121,4 +122,9 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
 # tini is PID 1: it forwards SIGTERM to the controller (which drains: docs/operations.md) and
 # reaps orphans. The controller puts each step in its own process group and kills them itself.
 ENTRYPOINT ["tini", "--", "dagster-taskiq-controller"]
-CMD ["run"]
+# The read token comes from a mounted secret (`docker run -v <file>:/run/secrets/...:ro`, a
+# Kubernetes Secret volume, a Compose secret); without the file the controller refuses to start.
+# A command that replaces this one must bring its own --read-token[-file] (CloudFormation passes
+# DAGSTER_TASKIQ_READ_TOKEN from Secrets Manager), or the controller warns that the read API is
+# open.
+CMD ["run", "--read-token-file", "/run/secrets/dagster-taskiq-read-token"]

@@ -29,6 +29,7 @@ from test_e2e_process import Stack
 pytestmark = pytest.mark.controller
 
 TOKEN = "dashboard-test-token-4f9c2a"
+READ_TOKEN = "dashboard-read-token-7d41e0"
 SCREENSHOT = REPO_ROOT / "target" / "dashboard.png"
 
 
@@ -96,11 +97,28 @@ class JobThread(threading.Thread):
             self.error = e
 
 
-def running_step(stack: Stack, step_key: str) -> Any:
-    for record in stack.api("/api/v1/steps?state=running"):
+def running_step(stack: Stack, step_key: str, token: str | None = None) -> Any:
+    status, records = request(stack, "GET", "/api/v1/steps?state=running", token=token)
+    assert status == 200, records
+    for record in records:
         if record["step_key"] == step_key:
             return record
     return None
+
+
+def get_page(stack: Stack, path: str) -> tuple[int, str]:
+    """A GET that follows no redirect; the status and the body as text."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(f"{stack.controller.dashboard_url}{path}", timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
 def metrics_when(stack: Stack, name: str, value: float) -> dict[str, float] | None:
@@ -261,6 +279,39 @@ def test_cancel_stops_a_running_step_and_the_run_ends(admin_stack: Stack) -> Non
     wait_for(admin_stack.queue_empty, 15, "the message to be deleted")
 
 
+def test_a_read_token_guards_the_page_and_the_api_but_not_probes_or_metrics(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack("--read-token", READ_TOKEN, "--admin-token", TOKEN)
+    with execute_job(jobs.recon("self_kill"), stack.instance) as result:
+        assert result.success
+    wait_for(stack.queue_empty, 15, "the message to be deleted")
+    for path in ["/api/v1/steps", "/api/v1/summary", "/api/v1/steps?state=acked"]:
+        status, reply = request(stack, "GET", path)
+        assert status == 401, reply
+        assert "--read-token" in reply["error"], reply
+        status, reply = request(stack, "GET", path, token="dashboard-read-token-wrong")
+        assert status == 401, reply
+    # With the read token (or the admin token) the records, stderr tails included, are there.
+    for token in (READ_TOKEN, TOKEN):
+        status, records = request(stack, "GET", "/api/v1/steps", token=token)
+        assert status == 200, records
+        killed = [r for r in records if r["step_key"] == "kill_self"]
+        assert killed and "stderr_tail" in killed[0], records
+    # The page without the token: the token page, no data, no script.
+    status, page = get_page(stack, "/")
+    assert status == 401 and 'name="token"' in page and "dashboard.js" not in page, page
+    status, page = get_page(stack, "/?token=dashboard-read-token-wrong")
+    assert status == 401 and "not valid" in page, page
+    status, _ = get_page(stack, f"/?token={READ_TOKEN}")
+    assert status == 303
+    # Probes and metrics need nothing (the kubelet and Prometheus carry no token).
+    for path in ("/healthz", "/readyz"):
+        status, reply = request(stack, "GET", path)
+        assert status == 200, (path, reply)
+    assert metric_values(stack.metrics())["dagster_taskiq_messages_received_total"] >= 1
+
+
 def test_json_logs_carry_the_step_span(admin_stack: Stack, tmp_path: Path) -> None:
     with execute_job(jobs.recon("tagged"), admin_stack.instance) as result:
         assert result.success
@@ -336,20 +387,29 @@ def run_chromium(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
         )
 
 
-def test_the_dashboard_shows_running_steps_in_a_browser(stack: Stack) -> None:
+def test_the_dashboard_shows_running_steps_in_a_browser(
+    make_stack: Callable[..., Stack],
+) -> None:
     if chromium() is None:
         if os.environ.get("DAGSTER_TASKIQ_REQUIRE_BROWSER"):
             pytest.fail("chromium not installed (make browser)")
         pytest.skip("chromium not installed (make browser)")
+    stack = make_stack("--read-token", READ_TOKEN)
     # Something settled and something failed with a verdict; then a step that keeps running.
     # (One job at a time: two concurrent execute_job calls on one instance stalled here.)
     with execute_job(jobs.recon("self_kill"), stack.instance) as result:
         assert result.success
     slow = JobThread(stack, "slow", {"ops": {"sleep_op": {"config": {"seconds": 25.0}}}})
     slow.start()
-    wait_for(lambda: running_step(stack, "sleep_op"), 60, "sleep_op to run", 0.2)
+    wait_for(lambda: running_step(stack, "sleep_op", READ_TOKEN), 60, "sleep_op to run", 0.2)
 
-    url = f"{stack.controller.dashboard_url}/"
+    # Without the token the browser gets the token page and nothing of the steps.
+    dom = run_chromium(f"{stack.controller.dashboard_url}/", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'id="token-message"' in dom.stdout and "sleep_op" not in dom.stdout, dom.stdout
+
+    # The token once in the URL: a cookie, a redirect to /, and the page's API calls carry it.
+    url = f"{stack.controller.dashboard_url}/?token={READ_TOKEN}"
     dom = run_chromium(url, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout

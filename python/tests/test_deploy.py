@@ -30,6 +30,11 @@ SRC = REPO / "src"
 DOCKERFILE = REPO / "Dockerfile"
 TEMPLATE = REPO / "manifests" / "cloudformation.yaml"
 K8S_DEPLOYMENT = REPO / "manifests" / "kubernetes" / "deployment.yaml"
+K8S_NETWORK_POLICY = REPO / "manifests" / "kubernetes" / "networkpolicy.yaml"
+SECURITY = REPO / "docs" / "security.md"
+# How the deployment files hand the controller its read token (src/dashboard/mod.rs).
+READ_TOKEN_ENV = "DAGSTER_TASKIQ_READ_TOKEN"
+READ_TOKEN_FILE_ENV = "DAGSTER_TASKIQ_READ_TOKEN_FILE"
 
 # Variables the deployment files may set that the controller's CLI does not read, and why.
 NON_CLI_ENV = {
@@ -395,7 +400,7 @@ def test_controller_role_is_least_privilege() -> None:
         assert s.actions == ["iam:PassRole"], s
         assert s.resources == [
             {"Fn::GetAtt": ["StepTaskRole", "Arn"]},
-            {"Fn::GetAtt": ["ExecutionRole", "Arn"]},
+            {"Fn::GetAtt": ["StepExecutionRole", "Arn"]},
         ], s
         assert "ecs-tasks.amazonaws.com" in json.dumps(s.condition), s
     s3_buckets = ("OffloadBucket", "TaskiqResultBucket", "TaskiqPayloadBucket")
@@ -414,6 +419,159 @@ def test_controller_role_is_least_privilege() -> None:
     assert run_task and all("ecs:cluster" in json.dumps(s.condition) for s in run_task)
     tag = [s for s in statements if "ecs:TagResource" in s.actions]
     assert tag and all("RunTask" in json.dumps(s.condition) for s in tag)
+
+
+def statements_granting(statements: list[Statement], action: str) -> list[Statement]:
+    return [s for s in statements if any(fnmatch.fnmatchcase(action, pat) for pat in s.actions)]
+
+
+def cluster_arn_condition(s: Statement) -> Any:
+    return s.condition.get("ArnEquals", {}).get("ecs:cluster")
+
+
+def test_task_control_and_pass_role_are_never_granted_on_every_resource() -> None:
+    template = load_template()
+    statements = role_statements(template, "ControllerTaskRole")
+    for action in ("ecs:RunTask", "ecs:StopTask", "ecs:DescribeTasks", "iam:PassRole"):
+        granting = statements_granting(statements, action)
+        assert granting, f"{action} is not granted at all"
+        for s in granting:
+            assert "*" not in s.resources, f"{s.sid}: {action} on Resource *"
+            if action.startswith("ecs:"):
+                # The cluster the controller launches in, and nothing else.
+                arn = json.dumps(cluster_arn_condition(s))
+                assert "cluster/${Name}" in arn and "ExistingClusterName" in arn, (s.sid, arn)
+    (run_task,) = statements_granting(statements, "ecs:RunTask")
+    (resource,) = run_task.resources
+    assert "task-definition/${AWS::StackName}-step:*" in json.dumps(resource), resource
+
+
+def test_the_work_queue_accepts_messages_only_from_producers_and_controllers() -> None:
+    template = load_template()
+    resources = template["Resources"]
+    parameter = template["Parameters"]["ProducerRoleArns"]
+    assert parameter["Type"] == "CommaDelimitedList"
+    assert "Default" not in parameter, "an empty producer list would let nobody send"
+    policies = [
+        r["Properties"]
+        for r in resources.values()
+        if r["Type"] == "AWS::SQS::QueuePolicy"
+        and {"Ref": "WorkQueue"} in r["Properties"]["Queues"]
+    ]
+    assert len(policies) == 1, "no (or more than one) AWS::SQS::QueuePolicy on the work queue"
+    statements = as_list(policies[0]["PolicyDocument"]["Statement"])
+    denies = [s for s in statements if s["Effect"] == "Deny"]
+    assert denies, statements
+    for s in denies:
+        # Only sending is restricted: the account keeps managing and reading the queue.
+        assert as_list(s["Action"]) == ["sqs:SendMessage"], s
+        assert s["Principal"] == "*", s
+        assert s["Resource"] == {"Fn::GetAtt": ["WorkQueue", "Arn"]}, s
+    (deny,) = denies
+    allowed_senders = json.dumps(deny["Condition"]["ArnNotLike"]["aws:PrincipalArn"])
+    assert '{"Ref": "ProducerRoleArns"}' in allowed_senders, allowed_senders
+    assert '{"Fn::GetAtt": ["ControllerTaskRole", "Arn"]}' in allowed_senders, allowed_senders
+    # The controller itself sends (continuations, requeues, dead letters) and may.
+    controller = role_statements(template, "ControllerTaskRole")
+    assert allowed(controller, "sqs:SendMessage")
+
+
+def test_steps_run_with_their_own_roles() -> None:
+    template = load_template()
+    resources = template["Resources"]
+    step = resources["StepTaskDefinition"]["Properties"]
+    controller = resources["ControllerTaskDefinition"]["Properties"]
+    step_roles = [step["TaskRoleArn"], step["ExecutionRoleArn"]]
+    controller_roles = [controller["TaskRoleArn"], controller["ExecutionRoleArn"]]
+    names = {json.dumps(r) for r in step_roles + controller_roles}
+    assert len(names) == 4, f"the steps share a role with the controller: {sorted(names)}"
+    # The controller may pass exactly the step roles to ECS.
+    statements = role_statements(template, "ControllerTaskRole")
+    (pass_role,) = statements_granting(statements, "iam:PassRole")
+    assert pass_role.resources == step_roles, pass_role
+    assert pass_role.condition == {
+        "StringEquals": {"iam:PassedToService": "ecs-tasks.amazonaws.com"}
+    }
+    # The steps' execution role reads no controller secret.
+    step_execution = step["ExecutionRoleArn"]["Fn::GetAtt"][0]
+    readable = json.dumps([s.resources for s in role_statements(template, step_execution)])
+    for secret in ("ReadToken", "AdminToken"):
+        assert secret not in readable, f"{step_execution} can read the {secret} secret"
+    step_env = container_env(container(template, "StepTaskDefinition", "step"))
+    assert READ_TOKEN_ENV not in step_env and "DAGSTER_TASKIQ_ADMIN_TOKEN" not in step_env
+
+
+def test_taskiq_results_are_scoped_to_the_base_path() -> None:
+    template = load_template()
+    env = container_env(container(template, "ControllerTaskDefinition", "controller"))
+    assert env["DAGSTER_TASKIQ_S3_BASE_PATH"] == {"Ref": "TaskiqResultBasePath"}
+    statements = role_statements(template, "ControllerTaskRole")
+    objects = [
+        s
+        for s in statements
+        if "s3:PutObject" in s.actions and "TaskiqResult" in json.dumps(s.resources)
+    ]
+    assert len(objects) == 1, objects
+    resource = objects[0].resources[0]
+    condition, with_base, without_base = resource["Fn::If"]
+    assert condition == "HasResultBasePath"
+    assert with_base["Fn::Sub"].endswith("${TaskiqResultBucket}/${TaskiqResultBasePath}/*")
+    assert without_base["Fn::Sub"].endswith("${TaskiqResultBucket}/*")
+    # A trailing slash would make the granted prefix differ from the keys written.
+    pattern = template["Parameters"]["TaskiqResultBasePath"]["AllowedPattern"]
+    for ok in ("", "results", "a/b"):
+        assert re.fullmatch(pattern, ok), ok
+    for bad in ("results/", "/results", "a//b"):
+        assert not re.fullmatch(pattern, bad), bad
+
+
+# --- the read token wherever the dashboard leaves loopback --------------------------------------
+
+
+def binds_all_interfaces(addr: Any) -> bool:
+    host = str(addr).rpartition(":")[0]
+    return host in ("0.0.0.0", "[::]", "::")
+
+
+def test_the_image_requires_a_read_token() -> None:
+    _, stages = dockerfile_stages()
+    chain = final_stage_chain(stages)
+    env = " ".join(i.args for s in chain for i in s.all("ENV"))
+    addr = re.search(r"DAGSTER_TASKIQ_DASHBOARD_ADDR=(\S+)", env)
+    assert addr and binds_all_interfaces(addr.group(1))
+    cmd = exec_form(chain[0].all("CMD")[-1].args)
+    in_env = re.search(rf"\b{READ_TOKEN_FILE_ENV}=\S+", env)
+    assert "--read-token-file" in cmd or in_env, f"the image binds {addr.group(1)} openly"
+    if "--read-token-file" in cmd:
+        path = cmd[cmd.index("--read-token-file") + 1]
+        assert path.startswith("/run/secrets/"), path
+    assert "--read-token-file" in cli_flags()
+
+
+def test_cloudformation_passes_the_read_token_from_secrets_manager() -> None:
+    template = load_template()
+    controller = container(template, "ControllerTaskDefinition", "controller")
+    env = container_env(controller)
+    assert binds_all_interfaces(env["DAGSTER_TASKIQ_DASHBOARD_ADDR"])
+    plain = {e["Name"] for e in without_novalue(controller.get("Environment", []))}
+    assert READ_TOKEN_ENV not in plain, "the read token must come from a secret, not plain env"
+    secrets = {s["Name"]: s for s in controller["Secrets"] if "Name" in s}
+    assert READ_TOKEN_ENV in secrets, "the controller binds 0.0.0.0 without a read token"
+    source = secrets[READ_TOKEN_ENV]["ValueFrom"]
+    assert json.dumps(source) == json.dumps(
+        {"Fn::If": ["CreateReadToken", {"Ref": "ReadTokenSecret"}, {"Ref": "ReadTokenSecretArn"}]}
+    )
+    generated = template["Resources"]["ReadTokenSecret"]["Properties"]["GenerateSecretString"]
+    assert generated["PasswordLength"] >= 16 and generated["ExcludePunctuation"] is True
+    # The controller's execution role (which ECS uses to fetch it) may read it.
+    role = controller_execution_role(template)
+    readable = json.dumps([s.resources for s in role_statements(template, role)])
+    assert json.dumps(source) in readable, readable
+
+
+def controller_execution_role(template: dict[str, Any]) -> str:
+    props = template["Resources"]["ControllerTaskDefinition"]["Properties"]
+    return str(props["ExecutionRoleArn"]["Fn::GetAtt"][0])
 
 
 # --- docs/operations.md --------------------------------------------------------------------------
@@ -489,6 +647,57 @@ def test_kubernetes_env_names_are_read_by_the_cli() -> None:
     assert controller["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert controller["args"][0] in cli_subcommands()
     assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_kubernetes_reads_the_read_token_from_a_secret() -> None:
+    deployment = next(d for d in k8s_documents() if d["kind"] == "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    (controller,) = spec["containers"]
+    env = {e["name"]: e for e in controller["env"]}
+    assert binds_all_interfaces(env["DAGSTER_TASKIQ_DASHBOARD_ADDR"]["value"])
+    assert READ_TOKEN_ENV not in env or "valueFrom" in env[READ_TOKEN_ENV]
+    path = Path(env[READ_TOKEN_FILE_ENV]["value"])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (mount,) = [m for m in controller["volumeMounts"] if path.parent == Path(m["mountPath"])]
+    assert mount["readOnly"] is True
+    secret = volumes[mount["name"]]["secret"]
+    # Not optional: a missing Secret must stop the pod, not open the dashboard.
+    assert not secret.get("optional", False)
+    assert {"key": "read-token", "path": path.name} in secret["items"]
+    # The file is readable by the controller's user (group) only.
+    assert secret["defaultMode"] & 0o007 == 0
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+    # The probes need no token (they are open on the dashboard address).
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert controller[probe]["httpGet"]["path"] in ("/healthz", "/readyz"), probe
+
+
+def test_the_network_policy_admits_only_monitoring_to_the_dashboard_port() -> None:
+    deployment = next(d for d in k8s_documents() if d["kind"] == "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (controller,) = deployment["spec"]["template"]["spec"]["containers"]
+    dashboard_port = next(p["containerPort"] for p in controller["ports"] if p["name"] == "http")
+    policies = [d for d in yaml.safe_load_all(K8S_NETWORK_POLICY.read_text()) if d]
+    (policy,) = [d for d in policies if d["kind"] == "NetworkPolicy"]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    selector = spec["podSelector"]["matchLabels"]
+    assert selector and selector.items() <= pod_labels.items(), "it selects no controller pod"
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    for rule in spec["ingress"]:
+        assert [p["port"] for p in rule["ports"]] == [dashboard_port], rule
+        assert rule["from"], "an ingress rule without `from` admits everyone"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, peer
+            selectors = [peer.get("podSelector"), peer.get("namespaceSelector")]
+            # Every peer is picked by a label, never by an empty (match-all) selector.
+            assert any(s and s.get("matchLabels") for s in selectors), peer
+            for s in selectors:
+                assert s is None or s.get("matchLabels"), peer
+    egress_ports = {
+        (p.get("protocol", "TCP"), p["port"]) for r in spec["egress"] for p in r["ports"]
+    }
+    assert egress_ports == {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 5432)}
 
 
 # --- Dockerfile --------------------------------------------------------------------------------
@@ -689,7 +898,16 @@ def test_dockerfile_runtime_entrypoint_healthcheck_and_user() -> None:
 
 
 @pytest.mark.parametrize(
-    "path", [DOCKERFILE, REPO / ".dockerignore", TEMPLATE, K8S_DEPLOYMENT, OPERATIONS]
+    "path",
+    [
+        DOCKERFILE,
+        REPO / ".dockerignore",
+        TEMPLATE,
+        K8S_DEPLOYMENT,
+        K8S_NETWORK_POLICY,
+        OPERATIONS,
+        SECURITY,
+    ],
 )
 def test_deployment_files_exist(path: Path) -> None:
     assert path.is_file(), path

@@ -108,6 +108,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         dashboard = %args.dashboard.dashboard_addr,
         max_concurrent = args.admission.max_concurrent,
         admin_api = args.dashboard.admin_token.is_some(),
+        read_token = args.dashboard.read_token.is_some() || args.dashboard.read_token_file.is_some(),
         warm_pool = args.warm.warm_pool,
         result_bucket = ?args.taskiq.result_bucket,
         "controller started"
@@ -257,6 +258,15 @@ async fn start_dashboard(
     stop: &CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let addr = args.dashboard.dashboard_addr;
+    let read_token = args.dashboard.read_token()?;
+    if dashboard::read_api_exposed(addr, read_token.is_some()) {
+        tracing::warn!(
+            dashboard = %addr,
+            "the dashboard listens beyond loopback without --read-token: the page and the read \
+             API (step records with their stderr tails, which can hold secrets) are open to \
+             anyone who reaches this address; set --read-token or --read-token-file"
+        );
+    }
     let listener = dashboard::bind(addr)
         .await
         .with_context(|| format!("cannot listen on --dashboard-addr {addr}"))?;
@@ -270,6 +280,7 @@ async fn start_dashboard(
         queues,
         bridge: bridge.clone(),
         admin_token: args.dashboard.admin_token.as_deref().map(Arc::from),
+        read_token: read_token.as_deref().map(Arc::from),
         draining: ctx.draining.clone(),
         queue_cache: Arc::new(QueueCache::new(QUEUE_COUNTS_MAX_AGE)),
     };

@@ -11,6 +11,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Buf, Filter, Rejection, Reply};
 
+use super::access::{bearer, require_read};
 use super::{with_state, DashboardState};
 use crate::admission::AdmissionState;
 use crate::queue::RedriveFilter;
@@ -36,6 +37,8 @@ pub(crate) enum ApiError {
     Disabled,
     #[error("missing or wrong bearer token (Authorization: Bearer <admin token>)")]
     Unauthorized,
+    #[error("this controller needs its read token (--read-token): send Authorization: Bearer <read token> (the admin token works too)")]
+    ReadUnauthorized,
     #[error("{0}")]
     Conflict(String),
     /// SQS failed while serving the request.
@@ -50,7 +53,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Disabled => StatusCode::FORBIDDEN,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::ReadUnauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -70,7 +73,7 @@ impl Reply for ApiError {
             self.status(),
         )
         .into_response();
-        if matches!(self, ApiError::Unauthorized) {
+        if matches!(self, ApiError::Unauthorized | ApiError::ReadUnauthorized) {
             response.headers_mut().insert(
                 "www-authenticate",
                 warp::http::HeaderValue::from_static("Bearer"),
@@ -127,6 +130,7 @@ pub(super) fn routes(
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let list = warp::path!("api" / "v1" / "steps")
         .and(warp::get())
+        .and(require_read(state.clone()))
         .and(warp::query::<HashMap<String, String>>())
         .and(with_state(state.clone()))
         .map(|query: HashMap<String, String>, state: DashboardState| {
@@ -134,6 +138,7 @@ pub(super) fn routes(
         });
     let one = warp::path!("api" / "v1" / "steps" / String)
         .and(warp::get())
+        .and(require_read(state.clone()))
         .and(with_state(state.clone()))
         .map(|task_id: String, state: DashboardState| {
             respond(get_step(&state, &task_id).map(|v| (StatusCode::OK, v)))
@@ -141,6 +146,7 @@ pub(super) fn routes(
     let summary =
         warp::path!("api" / "v1" / "summary")
             .and(warp::get())
+            .and(require_read(state.clone()))
             .and(with_state(state.clone()))
             .then(|state: DashboardState| async move {
                 json_reply(&summary(&state).await, StatusCode::OK)
@@ -187,11 +193,7 @@ fn authorize(state: &DashboardState, header: Option<&str>) -> Result<(), ApiErro
     let Some(expected) = &state.admin_token else {
         return Err(ApiError::Disabled);
     };
-    let presented = header
-        .and_then(|h| h.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    match presented {
+    match bearer(header) {
         Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
         _ => Err(ApiError::Unauthorized),
     }
@@ -533,6 +535,7 @@ pub(super) async fn handle_rejection(rejection: Rejection) -> Result<Response, I
     if let Some(e) = rejection.find::<ApiError>() {
         let error = match e {
             ApiError::TooLarge => ApiError::TooLarge,
+            ApiError::ReadUnauthorized => ApiError::ReadUnauthorized,
             other => ApiError::BadRequest(other.to_string()),
         };
         return Ok(error.into_response());

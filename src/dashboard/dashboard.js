@@ -215,6 +215,11 @@ function renderSummary(summary, ready) {
 
 async function getJson(path) {
   const response = await fetch(path, { cache: "no-store", headers: { accept: "application/json" } });
+  // The read-token cookie is gone or the token changed: back to the token page.
+  if (response.status === 401) {
+    window.location.assign("/");
+    throw new Error("read token needed");
+  }
   return { ok: response.ok, body: await response.json() };
 }
 

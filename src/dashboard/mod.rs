@@ -2,10 +2,13 @@
 //! the JSON API (`api`). Probes and reads never call out except for the cached queue depths;
 //! the two mutating endpoints need the admin bearer token.
 
+mod access;
 mod api;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +18,9 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use warp::http::StatusCode;
-use warp::Filter;
+use warp::{Filter, Reply};
 
+use self::access::PageAccess;
 use crate::admission::AdmissionView;
 use crate::dagster::{SidecarBridge, SidecarStatus};
 use crate::health::Health;
@@ -68,6 +72,9 @@ pub struct DashboardState {
     pub bridge: Arc<dyn BridgeProbe>,
     /// Bearer token of the mutating endpoints; `None`: they answer 403.
     pub admin_token: Option<Arc<str>>,
+    /// Token the page and the `/api/v1` reads need (the admin token also grants them);
+    /// `None`: reads are open.
+    pub read_token: Option<Arc<str>>,
     /// Cancelled when draining starts: `/readyz` turns not-ready.
     pub draining: CancellationToken,
     pub queue_cache: Arc<QueueCache>,
@@ -195,7 +202,30 @@ pub(crate) fn routes(
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = Infallible> + Clone {
     let page = warp::path::end()
         .and(warp::get())
-        .map(|| asset(INDEX_HTML, "text/html; charset=utf-8"));
+        .and(warp::query::<HashMap<String, String>>())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<String>("cookie"))
+        .and(with_state(state.clone()))
+        .map(
+            |query: HashMap<String, String>,
+             authorization: Option<String>,
+             cookie: Option<String>,
+             state: DashboardState| {
+                let access = access::page_access(
+                    &state,
+                    query.get("token").map(String::as_str),
+                    authorization.as_deref(),
+                    cookie.as_deref(),
+                );
+                match access {
+                    PageAccess::Page => {
+                        asset(INDEX_HTML, "text/html; charset=utf-8").into_response()
+                    }
+                    PageAccess::AskForToken { wrong } => access::ask_for_token(wrong),
+                    PageAccess::SetCookieAndRedirect => access::set_cookie_and_redirect(&state),
+                }
+            },
+        );
     let css = warp::path!("static" / "dashboard.css")
         .and(warp::get())
         .map(|| asset(DASHBOARD_CSS, "text/css; charset=utf-8"));
@@ -310,6 +340,20 @@ pub struct DashboardArgs {
     /// are disabled. At least 16 characters.
     #[arg(long, env = "DAGSTER_TASKIQ_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// Bearer token for reading: with it set, the dashboard page and every `/api/v1` GET need
+    /// it (or the admin token); probes and `/metrics` stay open. At least 16 characters.
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_READ_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "read_token_file"
+    )]
+    pub read_token: Option<String>,
+
+    /// File holding the read token (a mounted secret); one trailing newline is ignored.
+    #[arg(long, env = "DAGSTER_TASKIQ_READ_TOKEN_FILE")]
+    pub read_token_file: Option<PathBuf>,
 }
 
 impl DashboardArgs {
@@ -323,8 +367,52 @@ impl DashboardArgs {
                 ));
             }
         }
+        self.read_token()?;
         Ok(())
     }
+
+    /// The read token, from `--read-token` or `--read-token-file`; `None`: reads are open.
+    pub fn read_token(&self) -> Result<Option<String>, ConfigError> {
+        let token = match (&self.read_token, &self.read_token_file) {
+            (Some(token), _) => token.clone(),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid(
+                        "read-token-file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                // Secrets written by `echo` or an editor end with a newline.
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                text.strip_suffix('\r').unwrap_or(text).to_owned()
+            }
+            (None, None) => return Ok(None),
+        };
+        let flag = if self.read_token.is_some() {
+            "read-token"
+        } else {
+            "read-token-file"
+        };
+        check_token(flag, &token)?;
+        Ok(Some(token))
+    }
+}
+
+/// The rule every bearer token follows: long enough to resist guessing, no whitespace.
+fn check_token(flag: &'static str, token: &str) -> Result<(), ConfigError> {
+    if token.chars().count() < MIN_ADMIN_TOKEN_LEN || token.chars().any(char::is_whitespace) {
+        return Err(invalid(
+            flag,
+            format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters without spaces"),
+        ));
+    }
+    Ok(())
+}
+
+/// True when the dashboard would serve step stderr tails to anyone who can reach `addr`:
+/// a non-loopback address without a read token.
+pub fn read_api_exposed(addr: SocketAddr, read_token: bool) -> bool {
+    !read_token && !addr.ip().is_loopback()
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use crate::queue::{QueueError, RedriveError, RedriveFilter, RedriveReport};
 use crate::state::{StepState, StopReason};
 
 const TOKEN: &str = "test-token-0123456789";
+const READ_TOKEN: &str = "read-token-0123456789;,x";
 
 #[derive(Default)]
 struct FakeQueues {
@@ -88,6 +89,11 @@ struct Bed {
 }
 
 fn bed(token: Option<&str>) -> Bed {
+    bed_with(token, None)
+}
+
+/// A bed with an admin token and a read token.
+fn bed_with(token: Option<&str>, read_token: Option<&str>) -> Bed {
     let metrics = Arc::new(Metrics::new());
     let queues = Arc::new(FakeQueues::default());
     let bridge = Arc::new(FakeBridge(Mutex::new(SidecarStatus {
@@ -121,6 +127,7 @@ fn bed(token: Option<&str>) -> Bed {
         queues: queues.clone(),
         bridge: bridge.clone(),
         admin_token: token.map(Arc::from),
+        read_token: read_token.map(Arc::from),
         draining: CancellationToken::new(),
         queue_cache: Arc::new(QueueCache::new(Duration::from_secs(60))),
     };
@@ -522,4 +529,210 @@ fn token_comparison_is_exact() {
     assert!(!eq(b"abc", b"abd"));
     assert!(!eq(b"abc", b"abcd"));
     assert!(!eq(b"", b"a"));
+}
+
+/// A GET with optional headers; the status, the headers and the body as text.
+async fn get(
+    bed: &Bed,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, warp::http::HeaderMap, String) {
+    let mut request = warp::test::request().method("GET").path(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.reply(&routes(bed.state.clone())).await;
+    (
+        response.status(),
+        response.headers().clone(),
+        String::from_utf8_lossy(response.body()).into_owned(),
+    )
+}
+
+const READS: [&str; 4] = [
+    "/api/v1/steps",
+    "/api/v1/steps?state=running",
+    "/api/v1/steps/00000000000000000000000000000001",
+    "/api/v1/summary",
+];
+
+#[tokio::test]
+async fn with_a_read_token_the_page_and_the_api_need_it() {
+    let bed = bed_with(Some(TOKEN), Some(READ_TOKEN));
+    bed.claim(1, "run-a", "emit");
+    for path in READS {
+        let (status, headers, body) = get(&bed, path, &[]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
+        assert_eq!(headers["www-authenticate"], "Bearer");
+        let body: Value = serde_json::from_str(&body).expect("a JSON error");
+        assert!(
+            body["error"].as_str().unwrap().contains("--read-token"),
+            "{body}"
+        );
+        assert!(!body.to_string().contains("emit"));
+        for wrong in [
+            "Bearer read-token-0123456780;,x",
+            "Basic read-token-0123456789;,x",
+        ] {
+            let (status, _, _) = get(&bed, path, &[("authorization", wrong)]).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path} with {wrong}");
+        }
+        // The read token and the admin token both read.
+        for token in [READ_TOKEN, TOKEN] {
+            let auth = format!("Bearer {token}");
+            let (status, _, body) = get(&bed, path, &[("authorization", &auth)]).await;
+            assert_eq!(status, StatusCode::OK, "{path} with {token}: {body}");
+        }
+    }
+    // The page: a token page (no data) without it, the dashboard with it.
+    let (status, headers, body) = get(&bed, "/", &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("name=\"token\""), "{body}");
+    assert!(!body.contains("dashboard.js"));
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("form-action 'self'") && !csp.contains("script-src"));
+    let auth = format!("Bearer {READ_TOKEN}");
+    let (status, _, body) = get(&bed, "/", &[("authorization", &auth)]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("/static/dashboard.js"));
+    // The mutating endpoints still want the admin token: the read token is not enough.
+    let (status, _) = bed
+        .call_with("POST", "/api/v1/dlq/redrive", Some(READ_TOKEN), "")
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(bed.queues.redrives.lock().is_empty());
+}
+
+#[tokio::test]
+async fn the_token_in_the_url_becomes_a_cookie_that_authorizes_reads() {
+    let bed = bed_with(Some(TOKEN), Some(READ_TOKEN));
+    let (status, _, body) = get(&bed, "/?token=not-the-token-at-all", &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("not valid"), "{body}");
+    // Logging in with the admin token sets the same read-only cookie.
+    let mut cookies = Vec::new();
+    for token in [READ_TOKEN, TOKEN] {
+        let path = format!("/?token={}", token.replace(';', "%3B").replace(',', "%2C"));
+        let (status, headers, _) = get(&bed, &path, &[]).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{token}");
+        assert_eq!(headers["location"], "/");
+        let set_cookie = headers["set-cookie"].to_str().unwrap().to_owned();
+        for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+            assert!(set_cookie.contains(attribute), "{set_cookie}");
+        }
+        assert!(
+            !set_cookie.contains(TOKEN),
+            "the admin token leaked into {set_cookie}"
+        );
+        cookies.push(set_cookie.split(';').next().unwrap().to_owned());
+    }
+    assert_eq!(cookies[0], cookies[1]);
+    let cookie = cookies[0].as_str();
+    for path in READS.into_iter().chain(["/"]) {
+        let (status, _, body) = get(&bed, path, &[("cookie", cookie)]).await;
+        assert!(
+            status == StatusCode::OK || status == StatusCode::NOT_FOUND,
+            "{path}: {status} {body}"
+        );
+        assert_ne!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    let (status, _, _) = get(
+        &bed,
+        "/api/v1/summary",
+        &[("cookie", "dagster_taskiq_read=00ff")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // The cookie never authorizes a change.
+    let response = warp::test::request()
+        .method("POST")
+        .path("/api/v1/dlq/redrive")
+        .header("cookie", cookie)
+        .reply(&routes(bed.state.clone()))
+        .await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(bed.queues.redrives.lock().is_empty());
+}
+
+#[tokio::test]
+async fn probes_metrics_and_assets_stay_open_with_a_read_token() {
+    let bed = bed_with(None, Some(READ_TOKEN));
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/static/dashboard.js",
+        "/static/dashboard.css",
+    ] {
+        let (status, _, body) = get(&bed, path, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn without_a_read_token_reads_are_open_and_a_url_token_is_dropped() {
+    let bed = bed(Some(TOKEN));
+    for path in READS.into_iter().chain(["/"]) {
+        let (status, _, body) = get(&bed, path, &[]).await;
+        assert_ne!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
+    }
+    let (status, headers, _) = get(&bed, "/?token=whatever-it-is-here", &[]).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(headers.get("set-cookie").is_none());
+}
+
+#[test]
+fn the_read_api_counts_as_exposed_beyond_loopback_without_a_token() {
+    let exposed = |addr: &str, token| read_api_exposed(addr.parse().unwrap(), token);
+    assert!(exposed("0.0.0.0:8080", false));
+    assert!(exposed("[::]:8080", false));
+    assert!(exposed("10.1.2.3:8080", false));
+    assert!(!exposed("0.0.0.0:8080", true));
+    assert!(!exposed("127.0.0.1:8080", false));
+    assert!(!exposed("[::1]:8080", false));
+}
+
+#[test]
+fn read_token_flags_are_validated_and_files_trimmed() {
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        dashboard: DashboardArgs,
+    }
+    let parse = |argv: &[&str]| {
+        Cli::try_parse_from(std::iter::once("x").chain(argv.iter().copied())).map(|c| c.dashboard)
+    };
+    let args = parse(&[]).unwrap();
+    assert_eq!(args.read_token().unwrap(), None);
+    let args = parse(&["--read-token", READ_TOKEN]).unwrap();
+    assert_eq!(args.read_token().unwrap().as_deref(), Some(READ_TOKEN));
+    let err = parse(&["--read-token", "short"])
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert!(err.to_string().starts_with("--read-token:"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("read-token");
+    std::fs::write(&file, format!("{READ_TOKEN}\n")).unwrap();
+    let path = file.to_str().unwrap();
+    let args = parse(&["--read-token-file", path]).unwrap();
+    args.validate().unwrap();
+    assert_eq!(args.read_token().unwrap().as_deref(), Some(READ_TOKEN));
+    std::fs::write(&file, "too short\n").unwrap();
+    let err = parse(&["--read-token-file", path])
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert!(err.to_string().starts_with("--read-token-file:"), "{err}");
+    let missing = dir.path().join("missing");
+    let err = parse(&["--read-token-file", missing.to_str().unwrap()])
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot read"), "{err}");
+    // One source only.
+    assert!(parse(&["--read-token", READ_TOKEN, "--read-token-file", path]).is_err());
 }
