@@ -252,6 +252,69 @@ mod tests {
     }
 
     #[test]
+    fn ecs_override_policy_from_flags() {
+        let ecs = |extra: &[&str]| {
+            let mut flags = vec!["--ecs-task-definition", "step:3", "--ecs-subnets", "s-1"];
+            flags.extend_from_slice(extra);
+            args(&flags)
+        };
+        // Nothing allowed but the default family; Fargate's maxima as caps.
+        let p = ecs(&[]).ecs.config("ctl").unwrap().override_policy;
+        assert!(p.roles.is_empty());
+        assert_eq!(
+            p.task_definition_families.iter().collect::<Vec<_>>(),
+            ["step"]
+        );
+        assert_eq!(
+            (p.max_cpu, p.max_memory_mib, p.max_ephemeral_gib),
+            (16384, 122880, 200)
+        );
+
+        let p = ecs(&[
+            "--ecs-allow-role",
+            "arn:aws:iam::1:role/a",
+            "--ecs-allow-role",
+            "arn:aws:iam::1:role/b",
+            "--ecs-allow-task-definition",
+            "gpu-step",
+            "--ecs-max-cpu",
+            "4096",
+            "--ecs-max-memory",
+            "8192",
+            "--ecs-max-ephemeral-storage",
+            "50",
+        ])
+        .ecs
+        .config("ctl")
+        .unwrap()
+        .override_policy;
+        assert_eq!(p.roles.len(), 2);
+        assert!(p.task_definition_families.contains("gpu-step"));
+        assert!(p.task_definition_families.contains("step"));
+        assert_eq!(
+            (p.max_cpu, p.max_memory_mib, p.max_ephemeral_gib),
+            (4096, 8192, 50)
+        );
+
+        for (flags, flag) in [
+            (&["--ecs-allow-role", "admin"][..], "--ecs-allow-role"),
+            (
+                &["--ecs-allow-task-definition", "gpu-step:3"],
+                "--ecs-allow-task-definition",
+            ),
+            (&["--ecs-max-cpu", "0"], "--ecs-max-cpu"),
+            (&["--ecs-max-memory", "0"], "--ecs-max-memory"),
+            (
+                &["--ecs-max-ephemeral-storage", "500"],
+                "--ecs-max-ephemeral-storage",
+            ),
+        ] {
+            let err = ecs(flags).validate().unwrap_err();
+            assert!(err.to_string().starts_with(flag), "{err}");
+        }
+    }
+
+    #[test]
     fn ecs_settings_from_flags() {
         let a = args(&[]);
         assert!(!a.ecs_enabled());

@@ -21,6 +21,7 @@ from dagster import (
     DynamicOutput,
     Field,
     FilesystemIOManager,
+    JobDefinition,
     OpDefinition,
     OpExecutionContext,
     Output,
@@ -537,6 +538,54 @@ def outside_stop() -> None:
     stopped_once()
 
 
+# --- ecs overrides: op tags that try to widen their ECS task (the controller refuses them) --------
+
+# The role the ECS tests allow with --ecs-allow-role; any other is refused.
+ECS_ALLOWED_ROLE = "arn:aws:iam::123456789012:role/dagster-step-extra"
+ECS_ADMIN_ROLE = "arn:aws:iam::123456789012:role/admin"
+
+
+def _ecs_tagged(name: str, tags: dict[str, str]) -> JobDefinition:
+    """A one-op job whose op carries `tags`; the op itself only returns 1. Bind it to a module
+    name equal to `name`: a step process loads the job by that name."""
+
+    @op(name=f"{name}_op", tags=tags)
+    def _tagged() -> Output[int]:
+        return _out(1)
+
+    @job(name=name, executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+    def _job() -> None:
+        _tagged()
+
+    return _job
+
+
+ecs_role_override = _ecs_tagged(
+    "ecs_role_override", {"ecs/task_overrides": json.dumps({"taskRoleArn": ECS_ADMIN_ROLE})}
+)
+ecs_network_override = _ecs_tagged(
+    "ecs_network_override",
+    {
+        "ecs/run_task_kwargs": json.dumps(
+            {
+                "networkConfiguration": {
+                    "awsvpcConfiguration": {
+                        "subnets": ["subnet-attacker"],
+                        "assignPublicIp": "ENABLED",
+                    }
+                }
+            }
+        )
+    },
+)
+ecs_exec_command = _ecs_tagged(
+    "ecs_exec_command", {"ecs/run_task_kwargs": json.dumps({"enableExecuteCommand": True})}
+)
+ecs_allowed_role = _ecs_tagged(
+    "ecs_allowed_role", {"ecs/task_overrides": json.dumps({"taskRoleArn": ECS_ALLOWED_ROLE})}
+)
+
+
 ALL_JOBS = [
     dynamic_fan,
     diamond,
@@ -560,6 +609,10 @@ ALL_JOBS = [
     slow_then_more,
     stray_process,
     outside_stop,
+    ecs_role_override,
+    ecs_network_override,
+    ecs_exec_command,
+    ecs_allowed_role,
 ]
 JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 

@@ -414,3 +414,90 @@ def test_step_args_over_the_overrides_limit_are_offloaded_to_s3(stack: Stack) ->
     assert max(len(b) for b in bodies) > 8192
     assert "step args offloaded" in stack.log()
     wait_for(stack.queue_empty, 60, "every message to be deleted")
+
+
+# Each job's op asks its task for more than the controller allows (jobs.py, "ecs overrides").
+REFUSED_OVERRIDES = {
+    "ecs_role_override": (
+        f"ecs/task_overrides: taskRoleArn {jobs.ECS_ADMIN_ROLE} is not in --ecs-allow-role"
+    ),
+    "ecs_network_override": (
+        "ecs/run_task_kwargs: networkConfiguration is the controller's (--ecs-subnets"
+    ),
+    "ecs_exec_command": "ecs/run_task_kwargs: enableExecuteCommand may not be turned on by a tag",
+}
+
+
+def dead_letters_of(dlq_url: str, run_id: str) -> list[dict[str, str]]:
+    """The run's messages in the DLQ, as their attributes (strings) and ``body``."""
+    sqs = boto3.client("sqs")
+    got: list[dict[str, str]] = []
+
+    def poll() -> list[dict[str, str]]:
+        response = sqs.receive_message(
+            QueueUrl=dlq_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=1,
+            MessageAttributeNames=["All"],
+        )
+        for m in response.get("Messages", []):
+            attributes = {k: v["StringValue"] for k, v in m["MessageAttributes"].items()}
+            got.append({**attributes, "body": m["Body"]})
+            sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=m["ReceiptHandle"])
+        return [d for d in got if json.loads(d["body"])["labels"]["dagster_run_id"] == run_id]
+
+    return wait_for(poll, 30, "the run's dead letter", interval=0)
+
+
+@pytest.mark.parametrize("job_name", sorted(REFUSED_OVERRIDES))
+def test_an_op_tag_that_widens_its_task_is_refused_with_a_verdict_and_nothing_runs(
+    stack: Stack, job_name: str
+) -> None:
+    reason = REFUSED_OVERRIDES[job_name]
+    step_key = f"{job_name}_op"
+    with execute_job(jobs.recon(job_name), stack.instance) as result:
+        assert not result.success
+        run_id = result.run_id
+    # Nothing ran: no RunTask call at all for the run, so no task and no op code.
+    assert stack.harness.run_task_requests(run_id) == []
+    assert stack.launches(run_id) == {}
+    assert not events_of(stack.instance, run_id, DagsterEventType.STEP_START)
+    # The verdict names the refused override, and the step failed with it.
+    (verdict,) = verdicts_of(stack.instance, run_id)
+    assert verdict.step_key == step_key
+    metadata = verdict.dagster_event.event_specific_data.metadata
+    assert reason in metadata[contract.META_VERDICT].value, metadata[contract.META_VERDICT]
+    (failure,) = events_of(stack.instance, run_id, DagsterEventType.STEP_FAILURE)
+    assert failure.step_key == step_key
+    assert reason in failure.dagster_event.step_failure_data.error.message
+    assert stack.instance.get_run_by_id(run_id).status == DagsterRunStatus.FAILURE
+    # The message is in the DLQ with the reason, after Dagster was told.
+    (dead,) = dead_letters_of(stack.queues.dlq_url, run_id)
+    assert dead["dagster_taskiq_error"] == "launch_override_refused"
+    assert dead["dagster_taskiq_error_class"] == "poison"
+    assert reason in dead["dagster_taskiq_error_detail"], dead
+    assert dead["dagster_taskiq_error_detail"].endswith("verdict recorded in Dagster"), dead
+    assert 'dagster_taskiq_messages_dead_lettered_total{reason="launch_override_refused"}' in (
+        stack.metrics()
+    )
+    wait_for(stack.queue_empty, 30, "the work queue to be empty")
+
+
+def test_a_role_the_operator_allows_reaches_run_task_and_the_step_runs(stack: Stack) -> None:
+    # The same tag as ecs_role_override, with the role this controller allows.
+    assert stack.controller.stop() == 0, stack.log()[-4000:]
+    stack.controller = stack.start_controller(
+        "controller-b", "--ecs-allow-role", jobs.ECS_ALLOWED_ROLE
+    )
+    with execute_job(jobs.recon("ecs_allowed_role"), stack.instance) as result:
+        assert result.success
+        run_id = result.run_id
+    (request,) = stack.harness.run_task_requests(run_id)
+    assert request.overrides["taskRoleArn"] == jobs.ECS_ALLOWED_ROLE
+    # The network is the controller's.
+    vpc = request.network_configuration["awsvpcConfiguration"]  # type: ignore[index]
+    assert vpc["subnets"] == [stack.harness.subnet_id]
+    (task,) = stack.finished(run_id, 1)
+    assert (task.stop_code, task.exit_code) == ("EssentialContainerExited", 0)
+    assert not verdicts_of(stack.instance, run_id)
+    wait_for(stack.queue_empty, 30, "every message to be deleted")

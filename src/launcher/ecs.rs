@@ -38,8 +38,8 @@ pub(crate) use self::args::EcsArgs;
 pub use self::outcome::EcsStopCause;
 use self::outcome::TaskView;
 use self::request::{
-    BaseRequest, CapacityProviderItem, NetworkConfiguration, RunTaskRequest, StepArgs,
-    StepSettings, OVERRIDES_LIMIT,
+    BaseRequest, CapacityProviderItem, NetworkConfiguration, OverridePolicy, RunTaskRequest,
+    StepArgs, StepSettings, OVERRIDES_LIMIT,
 };
 use self::tracker::{Tracked, Tracker};
 use super::{LaunchError, Launcher, RunningStep, StepExit};
@@ -82,6 +82,8 @@ pub struct EcsLauncherConfig {
     pub run_task_burst: NonZeroU32,
     pub offload: Option<OffloadConfig>,
     pub controller_id: String,
+    /// What a step's op tags may change in its task.
+    pub(crate) override_policy: OverridePolicy,
 }
 
 /// Why the launcher cannot start.
@@ -109,6 +111,7 @@ pub enum EcsSetupError {
 
 pub struct EcsLauncher {
     base: BaseRequest,
+    policy: OverridePolicy,
     api: Arc<dyn EcsApi>,
     blobs: Arc<dyn BlobStore>,
     offload: Option<OffloadConfig>,
@@ -191,6 +194,7 @@ impl EcsLauncher {
         tokio::spawn(tracker.clone().run(stop.clone()));
         Self {
             base,
+            policy: config.override_policy,
             api,
             blobs,
             offload: config.offload,
@@ -419,15 +423,9 @@ impl Launcher for EcsLauncher {
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
         let span = tracing::info_span!("ecs_launch", delivery = step.receive_count);
         async {
-            let settings =
-                StepSettings::from_tags(&step.tags, &self.base.container).map_err(|e| {
-                    LaunchError::Invalid {
-                        reason: "invalid_launch_tags",
-                        detail: e.to_string(),
-                    }
-                })?;
             // A first delivery has no task yet (an SQS duplicate of it gets the same
-            // clientToken); any other may have one to adopt.
+            // clientToken); any other may have one to adopt. That one was launched under the
+            // policy of its time, so it is adopted even if the tags are refused now.
             if step.receive_count != 1 {
                 let existing = self.find_existing(step).await.map_err(|e| {
                     LaunchError::Transient(format!("cannot look for the attempt's task: {e}"))
@@ -438,6 +436,11 @@ impl Launcher for EcsLauncher {
                     return Ok(self.running(view, step));
                 }
             }
+            let settings = StepSettings::from_tags(&step.tags, &self.base.container, &self.policy)
+                .map_err(|e| LaunchError::Invalid {
+                    reason: e.reason(),
+                    detail: e.to_string(),
+                })?;
             let request = self
                 .request(step, &settings, step.receive_count.max(1))
                 .await?;

@@ -6,8 +6,9 @@ thread does what the ECS agent would: for every new task it starts the task's ov
 command as a local process with the overridden environment, and when the process ends it
 marks the task STOPPED in moto's backend with the real exit code and the stop code ECS
 would give (``EssentialContainerExited``, ``UserInitiated`` after StopTask, or
-``OutOfMemoryError`` for a SIGKILL nobody asked for). It also counts RunTask calls per step
-attempt, can make RunTask throttle, can make a task fail to start, and can interrupt a running
+``OutOfMemoryError`` for a SIGKILL nobody asked for). It also records every RunTask call
+(``run_task_requests``) and counts the tasks started per step attempt, can make RunTask
+throttle, can make a task fail to start, and can interrupt a running
 task as Fargate Spot does (``interrupt_spot``: SIGTERM, SIGKILL after the stop timeout, stop
 code ``SpotInterruption``).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import inspect
 import logging
 import os
 import signal
@@ -67,6 +69,18 @@ class AgentTask:
     log_path: Path | None = None
 
 
+@dataclass(frozen=True)
+class RunTaskRequest:
+    """One RunTask call as moto received it (before any throttling the harness injects)."""
+
+    run_id: str
+    step_key: str
+    attempt: int
+    task_definition: str
+    overrides: dict[str, Any]
+    network_configuration: dict[str, Any] | None
+
+
 @dataclass
 class EcsHarness:
     """moto (SQS, ECS, S3, EC2) on a free port plus the agent. Use as a context manager."""
@@ -86,6 +100,7 @@ class EcsHarness:
     _launches: collections.Counter[tuple[str, str, int]] = field(
         default_factory=collections.Counter
     )
+    _requests: list[RunTaskRequest] = field(default_factory=list)
     _throttle: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -220,10 +235,23 @@ class EcsHarness:
         original_run_task = backend.run_task
         original_stop_task = backend.stop_task
 
+        run_task_signature = inspect.signature(original_run_task)
+
         def run_task(*args: Any, **kwargs: Any) -> Any:
             from moto.ecs.exceptions import ECSException, InvalidParameterException
 
+            call = run_task_signature.bind(*args, **kwargs).arguments
+            run_id, step_key, attempt = _identity_of_tags(call.get("tags") or [])
+            request = RunTaskRequest(
+                run_id=run_id,
+                step_key=step_key,
+                attempt=attempt,
+                task_definition=call["task_definition_str"],
+                overrides=call.get("overrides") or {},
+                network_configuration=call.get("networking_configuration"),
+            )
             with self._lock:
+                self._requests.append(request)
                 self.run_task_calls += 1
                 style = self._throttle.pop(0) if self._throttle else None
                 if style is not None:
@@ -291,6 +319,11 @@ class EcsHarness:
         """Tasks RunTask started, per (run id, step key, attempt)."""
         with self._lock:
             return dict(self._launches)
+
+    def run_task_requests(self, run_id: str) -> list[RunTaskRequest]:
+        """Every RunTask call for a step of the run, started or not."""
+        with self._lock:
+            return [r for r in self._requests if r.run_id == run_id]
 
     def running_tasks(self) -> list[AgentTask]:
         with self._lock:
@@ -423,7 +456,11 @@ class EcsHarness:
 
 
 def _identity(task: Any) -> tuple[str, str, int]:
-    tags = {t["key"]: t["value"] for t in (task.tags or [])}
+    return _identity_of_tags(task.tags or [])
+
+
+def _identity_of_tags(task_tags: list[dict[str, str]]) -> tuple[str, str, int]:
+    tags = {t["key"]: t["value"] for t in task_tags}
     attempt = tags.get("dagster/attempt", "-1")
     return (
         tags.get("dagster/run-id", ""),

@@ -6,7 +6,9 @@ use std::time::Duration;
 use clap::Args;
 
 use super::request::{
-    check_strategy, AwsVpcConfiguration, CapacityProviderItem, NetworkConfiguration,
+    check_strategy, task_definition_family, AwsVpcConfiguration, CapacityProviderItem,
+    NetworkConfiguration, OverridePolicy, FARGATE_MAX_CPU, FARGATE_MAX_EPHEMERAL_GIB,
+    FARGATE_MAX_MEMORY_MIB,
 };
 use super::{EcsLauncherConfig, OffloadConfig};
 use crate::flags::{invalid, parse_seconds, ConfigError};
@@ -19,7 +21,8 @@ pub struct EcsArgs {
     pub ecs_cluster: String,
 
     /// Task definition of the step tasks (family, family:revision or ARN); a step may pick
-    /// another with op tag ecs/run_task_kwargs {"taskDefinition": ...}.
+    /// another revision of its family, or one of --ecs-allow-task-definition, with op tag
+    /// ecs/run_task_kwargs {"taskDefinition": ...}.
     #[arg(long, env = "DAGSTER_TASKIQ_ECS_TASK_DEFINITION")]
     pub ecs_task_definition: Option<String>,
 
@@ -80,6 +83,40 @@ pub struct EcsArgs {
         default_value = "dagster-taskiq/step-args/"
     )]
     pub offload_prefix: String,
+
+    /// An IAM role ARN that op tag ecs/task_overrides may give as taskRoleArn or
+    /// executionRoleArn; repeatable (comma-separated in the environment). None by default:
+    /// the task definition's roles are the only ones.
+    #[arg(long, env = "DAGSTER_TASKIQ_ECS_ALLOW_ROLE", value_delimiter = ',')]
+    pub ecs_allow_role: Vec<String>,
+
+    /// A task definition family that op tag ecs/run_task_kwargs may pick as taskDefinition
+    /// (any revision); repeatable (comma-separated in the environment). The family of
+    /// --ecs-task-definition is always allowed.
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_ECS_ALLOW_TASK_DEFINITION",
+        value_delimiter = ','
+    )]
+    pub ecs_allow_task_definition: Vec<String>,
+
+    /// Most CPU units op tags may ask for, for the task and for any one container
+    /// (default: Fargate's maximum, 16 vCPU).
+    #[arg(long, env = "DAGSTER_TASKIQ_ECS_MAX_CPU", default_value_t = FARGATE_MAX_CPU)]
+    pub ecs_max_cpu: u32,
+
+    /// Most memory in MiB op tags may ask for, for the task and for any one container's
+    /// memory or memoryReservation (default: Fargate's maximum, 120 GiB).
+    #[arg(long, env = "DAGSTER_TASKIQ_ECS_MAX_MEMORY", default_value_t = FARGATE_MAX_MEMORY_MIB)]
+    pub ecs_max_memory: u32,
+
+    /// Most ephemeral storage in GiB op tags may ask for (default: Fargate's maximum, 200).
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_ECS_MAX_EPHEMERAL_STORAGE",
+        default_value_t = FARGATE_MAX_EPHEMERAL_GIB
+    )]
+    pub ecs_max_ephemeral_storage: u32,
 }
 
 impl EcsArgs {
@@ -168,6 +205,7 @@ impl EcsArgs {
             }),
             _ => None,
         };
+        let override_policy = e.override_policy(&task_definition)?;
         Ok(EcsLauncherConfig {
             cluster: e.ecs_cluster.clone(),
             task_definition,
@@ -180,7 +218,51 @@ impl EcsArgs {
             run_task_burst: NonZeroU32::new(e.ecs_run_task_burst).unwrap_or(NonZeroU32::MIN),
             offload,
             controller_id: controller_id.to_owned(),
+            override_policy,
         })
+    }
+
+    /// What op tags may change, from the `--ecs-allow-*` and `--ecs-max-*` flags.
+    fn override_policy(&self, task_definition: &str) -> Result<OverridePolicy, ConfigError> {
+        let mut policy = OverridePolicy::new(task_definition);
+        for role in self.ecs_allow_role.iter().filter(|r| !r.is_empty()) {
+            if !role.starts_with("arn:") || !role.contains(":role/") {
+                return Err(invalid(
+                    "ecs-allow-role",
+                    format!("{role:?} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)"),
+                ));
+            }
+            policy.roles.insert(role.clone());
+        }
+        for family in self
+            .ecs_allow_task_definition
+            .iter()
+            .filter(|f| !f.is_empty())
+        {
+            if task_definition_family(family) != family || family.contains('/') {
+                return Err(invalid(
+                    "ecs-allow-task-definition",
+                    format!("{family:?} is not a task definition family (no revision, no ARN)"),
+                ));
+            }
+            policy.task_definition_families.insert(family.clone());
+        }
+        if self.ecs_max_cpu == 0 {
+            return Err(invalid("ecs-max-cpu", "must be at least 1"));
+        }
+        if self.ecs_max_memory == 0 {
+            return Err(invalid("ecs-max-memory", "must be at least 1"));
+        }
+        if !(21..=FARGATE_MAX_EPHEMERAL_GIB).contains(&self.ecs_max_ephemeral_storage) {
+            return Err(invalid(
+                "ecs-max-ephemeral-storage",
+                "must be 21 to 200 GiB (what ECS accepts)",
+            ));
+        }
+        policy.max_cpu = self.ecs_max_cpu;
+        policy.max_memory_mib = self.ecs_max_memory;
+        policy.max_ephemeral_gib = self.ecs_max_ephemeral_storage;
+        Ok(policy)
     }
 }
 

@@ -27,6 +27,7 @@ fn config(offload: Option<&str>) -> EcsLauncherConfig {
             prefix: "step-args/".into(),
         }),
         controller_id: "ctl-test".into(),
+        override_policy: OverridePolicy::new("dagster-step"),
     }
 }
 
@@ -207,6 +208,56 @@ async fn invalid_tags_are_refused_before_any_call() {
     );
     assert!(fake.run_calls().is_empty());
     assert_eq!(fake.lock().list_calls, 0);
+}
+
+#[tokio::test]
+async fn refused_overrides_are_refused_before_any_call_with_their_own_reason() {
+    let fake = FakeEcs::default();
+    let ecs = launcher(&fake, None);
+    for (tag, value) in [
+        (
+            "ecs/task_overrides",
+            r#"{"taskRoleArn": "arn:aws:iam::1:role/admin"}"#,
+        ),
+        (
+            "ecs/run_task_kwargs",
+            r#"{"networkConfiguration": {"awsvpcConfiguration": {"subnets": ["subnet-x"]}}}"#,
+        ),
+        ("ecs/run_task_kwargs", r#"{"enableExecuteCommand": true}"#),
+    ] {
+        let mut hostile = step(1);
+        hostile.tags.insert(tag.into(), value.into());
+        let Err(LaunchError::Invalid { reason, detail }) = ecs.launch(&hostile).await else {
+            panic!("{tag}={value} was not refused");
+        };
+        assert_eq!(reason, "launch_override_refused", "{detail}");
+        assert!(detail.starts_with(&format!("{tag}: ")), "{detail}");
+    }
+    assert!(fake.run_calls().is_empty());
+    assert_eq!(fake.lock().list_calls, 0);
+}
+
+#[tokio::test]
+async fn a_redelivery_adopts_its_task_even_when_the_policy_now_refuses_its_tags() {
+    // Launched under a policy that allowed the role; the operator has since removed it.
+    let fake = FakeEcs::default();
+    let arn = fake.add_task(&started_by(TASK_ID), "RUNNING");
+    let ecs = launcher(&fake, None);
+    let mut redelivered = step(2);
+    redelivered.tags.insert(
+        "ecs/task_overrides".into(),
+        r#"{"taskRoleArn": "arn:aws:iam::1:role/was-allowed"}"#.into(),
+    );
+    let running = ecs.launch(&redelivered).await.unwrap();
+    assert_eq!(running.locator(), arn);
+    // Without a task to adopt, the same redelivery is refused and nothing is launched.
+    let fake = FakeEcs::default();
+    let ecs = launcher(&fake, None);
+    assert_eq!(
+        invalid_reason(ecs.launch(&redelivered).await),
+        "launch_override_refused"
+    );
+    assert!(fake.run_calls().is_empty());
 }
 
 fn big_step() -> StepRequest {

@@ -113,10 +113,8 @@ impl StepSettings {
             launch_type,
             capacity_provider_strategy,
             platform_version: k.platform_version.clone(),
-            network_configuration: k
-                .network_configuration
-                .clone()
-                .or_else(|| base.network_configuration.clone()),
+            // Only the controller's: the policy refuses a tag's.
+            network_configuration: base.network_configuration.clone(),
             placement_constraints: k.placement_constraints.clone(),
             placement_strategy: k.placement_strategy.clone(),
             group: k.group.clone(),

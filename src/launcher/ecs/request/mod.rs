@@ -4,12 +4,15 @@
 //!
 //! - `run_task.rs`: the request in the ECS API's shape, and its overrides size;
 //! - `op_tags.rs`: what the `ecs/*` op tags may say, checked;
+//! - `policy.rs`: what the operator lets them change (roles, task definitions, sizes) and
+//!   what no tag may touch (network, ECS Exec, loader and interpreter variables);
 //! - `build.rs`: the controller's settings and the request they and the tags make;
 //! - `identity.rs`: `clientToken`, `startedBy` and the task tags.
 
 mod build;
 mod identity;
 mod op_tags;
+mod policy;
 mod run_task;
 #[cfg(test)]
 mod tests;
@@ -17,6 +20,10 @@ mod tests;
 pub(crate) use build::{BaseRequest, StepArgs, SHIM_TIMED_OUT_EXIT};
 pub(crate) use identity::started_by;
 pub(crate) use op_tags::{check_strategy, StepSettings};
+pub(crate) use policy::{
+    task_definition_family, OverridePolicy, FARGATE_MAX_CPU, FARGATE_MAX_EPHEMERAL_GIB,
+    FARGATE_MAX_MEMORY_MIB,
+};
 pub(crate) use run_task::{
     AwsVpcConfiguration, CapacityProviderItem, NetworkConfiguration, RunTaskRequest,
     OVERRIDES_LIMIT,

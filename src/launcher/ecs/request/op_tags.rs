@@ -1,5 +1,6 @@
 //! What a step's `ecs/*` op tags may say, read and checked once per launch so that a bad tag
-//! dead-letters the message (naming the tag) instead of failing at AWS.
+//! dead-letters the message (naming the tag) instead of failing at AWS, and a tag that asks
+//! for more than the operator allows (`policy.rs`) is refused the same way.
 
 use std::collections::BTreeMap;
 
@@ -9,23 +10,53 @@ use super::build::{
     ENV_ARGS_SHA256, ENV_ARGS_URI, ENV_COMPRESSED_ARGS, ENV_JOB_NAME, ENV_STEP_KEY,
     ENV_STEP_TIMEOUT,
 };
+use super::policy::OverridePolicy;
 use super::run_task::{
-    CapacityProviderItem, ContainerSettings, EphemeralStorage, KeyValue, NetworkConfiguration,
-    PlacementConstraint, PlacementStrategy, Tag,
+    CapacityProviderItem, ContainerSettings, EphemeralStorage, KeyValue, PlacementConstraint,
+    PlacementStrategy, Tag,
 };
 
-/// A launch setting that can never work. The message is dead-lettered with this text.
+/// A launch setting that can never work, or that the operator does not allow. The message
+/// is dead-lettered with this text, after a verdict with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{tag}: {message}")]
 pub(crate) struct InvalidTag {
     pub tag: &'static str,
     pub message: String,
+    pub kind: TagProblem,
+}
+
+/// Why a tag cannot be used: it is malformed, or it asks for more than the policy allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TagProblem {
+    Invalid,
+    Refused,
+}
+
+impl InvalidTag {
+    /// The dead-letter reason: a refused override is told apart from a typo, since it may be
+    /// someone trying to widen a task's privileges.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self.kind {
+            TagProblem::Invalid => "invalid_launch_tags",
+            TagProblem::Refused => "launch_override_refused",
+        }
+    }
 }
 
 fn invalid(tag: &'static str, message: impl Into<String>) -> InvalidTag {
     InvalidTag {
         tag,
         message: message.into(),
+        kind: TagProblem::Invalid,
+    }
+}
+
+pub(super) fn refused(tag: &'static str, message: impl Into<String>) -> InvalidTag {
+    InvalidTag {
+        tag,
+        message: message.into(),
+        kind: TagProblem::Refused,
     }
 }
 
@@ -80,7 +111,9 @@ pub(super) struct TaskOverridesTag {
 }
 
 /// `ecs/run_task_kwargs`: the RunTask parameters a step may choose. `cluster`, `count`,
-/// `overrides`, `startedBy` and `clientToken` belong to the controller.
+/// `overrides`, `startedBy` and `clientToken` belong to the controller; `taskDefinition`,
+/// `networkConfiguration` and `enableExecuteCommand` are read only to be checked against
+/// the policy.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RunTaskKwargsTag {
@@ -88,7 +121,8 @@ pub(super) struct RunTaskKwargsTag {
     pub(super) launch_type: Option<String>,
     pub(super) capacity_provider_strategy: Option<Vec<CapacityProviderItem>>,
     pub(super) platform_version: Option<String>,
-    pub(super) network_configuration: Option<NetworkConfiguration>,
+    /// Any value is refused: the network is the controller's.
+    pub(super) network_configuration: Option<serde_json::Value>,
     #[serde(default)]
     pub(super) placement_constraints: Vec<PlacementConstraint>,
     #[serde(default)]
@@ -126,10 +160,12 @@ pub(crate) struct StepSettings {
 const LAUNCH_TYPES: [&str; 3] = ["FARGATE", "EC2", "EXTERNAL"];
 
 impl StepSettings {
-    /// Reads and checks the `ecs/*` op tags of a step.
+    /// Reads and checks the `ecs/*` op tags of a step, then holds them to the operator's
+    /// policy.
     pub(crate) fn from_tags(
         tags: &BTreeMap<String, String>,
         container: &str,
+        policy: &OverridePolicy,
     ) -> Result<Self, InvalidTag> {
         let mut settings = StepSettings {
             task: json_tag(tags, "ecs/task_overrides")?.unwrap_or_default(),
@@ -157,6 +193,7 @@ impl StepSettings {
                 .get_or_insert(EphemeralStorage { size_in_gib: size });
         }
         settings.check(container)?;
+        policy.check(&settings)?;
         Ok(settings)
     }
 
@@ -216,9 +253,6 @@ impl StepSettings {
             if td.trim().is_empty() {
                 return Err(invalid("ecs/run_task_kwargs", "taskDefinition is empty"));
             }
-        }
-        if let Some(network) = &k.network_configuration {
-            check_network("ecs/run_task_kwargs", network)?;
         }
         if let Some(propagate) = &k.propagate_tags {
             if !["TASK_DEFINITION", "SERVICE", "NONE"].contains(&propagate.as_str()) {
@@ -286,6 +320,13 @@ fn check_environment(tag: &'static str, environment: &[KeyValue]) -> Result<(), 
         if var.name.is_empty() {
             return Err(invalid(tag, "an environment variable has an empty name"));
         }
+        // `NAME=VALUE` is how the container gets it: a name with `=` would set another.
+        if var.name.contains(['=', '\0']) {
+            return Err(invalid(
+                tag,
+                format!("environment variable name {:?} contains = or NUL", var.name),
+            ));
+        }
     }
     Ok(())
 }
@@ -298,28 +339,6 @@ fn check_container_settings(tag: &'static str, s: &ContainerSettings) -> Result<
     ] {
         if value.is_some_and(|v| v < 0 || (v == 0 && name != "cpu")) {
             return Err(invalid(tag, format!("{name} must be positive")));
-        }
-    }
-    Ok(())
-}
-
-fn check_network(tag: &'static str, network: &NetworkConfiguration) -> Result<(), InvalidTag> {
-    let vpc = &network.awsvpc_configuration;
-    if vpc.subnets.is_empty() || vpc.subnets.len() > 16 {
-        return Err(invalid(tag, "awsvpcConfiguration needs 1 to 16 subnets"));
-    }
-    if vpc.security_groups.len() > 5 {
-        return Err(invalid(
-            tag,
-            "awsvpcConfiguration takes at most 5 security groups",
-        ));
-    }
-    if let Some(ip) = &vpc.assign_public_ip {
-        if ip != "ENABLED" && ip != "DISABLED" {
-            return Err(invalid(
-                tag,
-                format!("assignPublicIp {ip:?} is not ENABLED or DISABLED"),
-            ));
         }
     }
     Ok(())

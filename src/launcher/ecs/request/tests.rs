@@ -4,7 +4,8 @@ use super::build::{
     ENV_COMPRESSED_ARGS, ENV_JOB_NAME, ENV_STEP_KEY, ENV_STEP_TIMEOUT, SHIM_COMMAND,
 };
 use super::identity::tag_keys;
-use super::op_tags::InvalidTag;
+use super::op_tags::{InvalidTag, TagProblem};
+use super::policy::refused_variable;
 use super::run_task::OVERRIDES_MARGIN;
 use super::*;
 use crate::envelope::StepRequest;
@@ -44,9 +45,26 @@ fn base() -> BaseRequest {
     }
 }
 
+const ALLOWED_ROLE: &str = "arn:aws:iam::1:role/step";
+
+/// What the operator of these tests allows: one role, one more family, Fargate's maxima.
+fn policy() -> OverridePolicy {
+    let mut policy = OverridePolicy::new(&base().task_definition);
+    policy.roles.insert(ALLOWED_ROLE.into());
+    policy.task_definition_families.insert("gpu-step".into());
+    policy
+}
+
 fn build(tags: &[(&str, &str)]) -> Result<RunTaskRequest, InvalidTag> {
+    build_under(&policy(), tags)
+}
+
+fn build_under(
+    policy: &OverridePolicy,
+    tags: &[(&str, &str)],
+) -> Result<RunTaskRequest, InvalidTag> {
     let step = step_with_tags(tags);
-    let settings = StepSettings::from_tags(&step.tags, "dagster")?;
+    let settings = StepSettings::from_tags(&step.tags, "dagster", policy)?;
     let args = StepArgs::Inline(step.compressed_step_args());
     Ok(settings.build(&base(), &step, 1, &args))
 }
@@ -225,9 +243,9 @@ fn invalid_tags_name_the_tag_and_the_problem() {
             "exclude each other",
         ),
         (
-            "ecs/run_task_kwargs",
-            r#"{"networkConfiguration": {"awsvpcConfiguration": {"subnets": []}}}"#,
-            "1 to 16 subnets",
+            "ecs/container_overrides",
+            r#"{"environment": [{"name": "TEAM=x\u0000LD_PRELOAD", "value": "1"}]}"#,
+            "contains = or NUL",
         ),
         (
             "ecs/run_task_kwargs",
@@ -239,6 +257,8 @@ fn invalid_tags_name_the_tag_and_the_problem() {
         let err = build(&[(tag, value)]).unwrap_err();
         assert_eq!(err.tag, *tag, "{tag}={value}: {err}");
         assert!(err.to_string().contains(expected), "{tag}={value}: {err}");
+        assert_eq!(err.kind, TagProblem::Invalid, "{tag}={value}: {err}");
+        assert_eq!(err.reason(), "invalid_launch_tags");
     }
 }
 
@@ -249,7 +269,7 @@ fn size_accounting_matches_the_serialized_overrides() {
     assert_eq!(request.overrides_chars(), json.len());
     // Args of about 20 KB of incompressible text do not fit inline...
     let step = step_with_tags(&[]);
-    let settings = StepSettings::from_tags(&step.tags, "dagster").unwrap();
+    let settings = StepSettings::from_tags(&step.tags, "dagster", &policy()).unwrap();
     let big = StepArgs::Inline("A".repeat(9000));
     let request = settings.build(&base(), &step, 1, &big);
     assert!(request.overrides_chars() > OVERRIDES_LIMIT);
@@ -284,7 +304,7 @@ fn size_accounting_matches_the_serialized_overrides() {
 #[test]
 fn a_step_with_a_timeout_runs_through_the_shim_which_enforces_it() {
     let mut step = step_with_tags(&[]);
-    let settings = StepSettings::from_tags(&step.tags, "dagster").unwrap();
+    let settings = StepSettings::from_tags(&step.tags, "dagster", &policy()).unwrap();
     let args = StepArgs::Inline("eJwLAAA=".into());
     let plain = settings.build(&base(), &step, 1, &args);
     assert_eq!(plain.overrides.container_overrides[0].command, SHIM_COMMAND);
@@ -300,7 +320,304 @@ fn a_step_with_a_timeout_runs_through_the_shim_which_enforces_it() {
     let tag = r#"{"environment": [{"name": "DAGSTER_TASKIQ_STEP_TIMEOUT_SECONDS", "value": "1"}]}"#;
     assert!(StepSettings::from_tags(
         &BTreeMap::from([("ecs/container_overrides".to_owned(), tag.to_owned())]),
-        "dagster"
+        "dagster",
+        &policy()
     )
     .is_err());
+}
+
+fn refusal(policy: &OverridePolicy, tag: &str, value: &str) -> InvalidTag {
+    let err = build_under(policy, &[(tag, value)])
+        .expect_err(&format!("{tag}={value} should be refused"));
+    assert_eq!(err.kind, TagProblem::Refused, "{tag}={value}: {err}");
+    assert_eq!(err.reason(), "launch_override_refused");
+    err
+}
+
+#[test]
+fn roles_network_exec_and_other_task_definitions_are_refused() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "ecs/task_overrides",
+            r#"{"taskRoleArn": "arn:aws:iam::1:role/admin"}"#,
+            "ecs/task_overrides: taskRoleArn arn:aws:iam::1:role/admin is not in --ecs-allow-role",
+        ),
+        (
+            "ecs/task_overrides",
+            r#"{"executionRoleArn": "arn:aws:iam::1:role/admin"}"#,
+            "ecs/task_overrides: executionRoleArn arn:aws:iam::1:role/admin is not in --ecs-allow-role",
+        ),
+        (
+            "ecs/run_task_kwargs",
+            r#"{"networkConfiguration": {"awsvpcConfiguration": {"subnets": ["subnet-open"], "assignPublicIp": "ENABLED"}}}"#,
+            "ecs/run_task_kwargs: networkConfiguration is the controller's (--ecs-subnets",
+        ),
+        (
+            "ecs/run_task_kwargs",
+            // Refused whatever its shape: no tag gets to argue about the network.
+            r#"{"networkConfiguration": "anything"}"#,
+            "networkConfiguration is the controller's",
+        ),
+        (
+            "ecs/run_task_kwargs",
+            r#"{"enableExecuteCommand": true}"#,
+            "ecs/run_task_kwargs: enableExecuteCommand may not be turned on",
+        ),
+        (
+            "ecs/run_task_kwargs",
+            r#"{"taskDefinition": "attacker-image:1"}"#,
+            r#"taskDefinition "attacker-image:1" (family "attacker-image") is not in --ecs-allow-task-definition"#,
+        ),
+        (
+            "ecs/run_task_kwargs",
+            r#"{"taskDefinition": "arn:aws:ecs:us-east-1:1:task-definition/attacker-image:4"}"#,
+            r#"(family "attacker-image") is not in --ecs-allow-task-definition"#,
+        ),
+        (
+            "ecs/run_task_kwargs",
+            // A family that only starts like an allowed one.
+            r#"{"taskDefinition": "dagster-step-evil"}"#,
+            "is not in --ecs-allow-task-definition",
+        ),
+    ];
+    for (tag, value, expected) in cases {
+        let err = refusal(&policy(), tag, value);
+        assert_eq!(err.tag, *tag);
+        assert!(err.to_string().contains(expected), "{tag}={value}: {err}");
+    }
+    // With no --ecs-allow-role (the default) no role at all may be overridden, and only the
+    // default task definition's family may be picked.
+    let default = OverridePolicy::new("dagster-step:3");
+    refusal(
+        &default,
+        "ecs/task_overrides",
+        &format!(r#"{{"taskRoleArn": "{ALLOWED_ROLE}"}}"#),
+    );
+    refusal(
+        &default,
+        "ecs/run_task_kwargs",
+        r#"{"taskDefinition": "gpu-step"}"#,
+    );
+}
+
+#[test]
+fn sizes_over_the_caps_are_refused_at_task_and_container_level() {
+    let fargate = policy();
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "ecs/cpu",
+            "16385",
+            "task cpu 16385 CPU units is over --ecs-max-cpu 16384",
+        ),
+        (
+            "ecs/memory",
+            "122881",
+            "task memory 122881 MiB is over --ecs-max-memory 122880",
+        ),
+        (
+            "ecs/task_overrides",
+            r#"{"cpu": 32768}"#,
+            "is over --ecs-max-cpu 16384",
+        ),
+        (
+            "ecs/container_overrides",
+            r#"{"cpu": 20000}"#,
+            "ecs/container_overrides: container cpu 20000 is over --ecs-max-cpu 16384",
+        ),
+        (
+            "ecs/container_overrides",
+            r#"{"memory": 200000}"#,
+            "container memory 200000 is over --ecs-max-memory 122880",
+        ),
+        (
+            "ecs/container_overrides",
+            r#"{"memoryReservation": 200000}"#,
+            "container memoryReservation 200000 is over --ecs-max-memory",
+        ),
+        (
+            "ecs/task_overrides",
+            r#"{"containerOverrides": [{"name": "sidecar", "memory": 200000}]}"#,
+            "ecs/task_overrides: container memory 200000 is over --ecs-max-memory",
+        ),
+    ];
+    for (tag, value, expected) in cases {
+        let err = refusal(&fargate, tag, value);
+        assert!(err.to_string().contains(expected), "{tag}={value}: {err}");
+    }
+
+    // An operator's lower caps.
+    let small = OverridePolicy {
+        max_cpu: 2048,
+        max_memory_mib: 8192,
+        max_ephemeral_gib: 50,
+        ..policy()
+    };
+    for (tag, value) in [
+        ("ecs/cpu", "4096"),
+        ("ecs/memory", "16384"),
+        ("ecs/ephemeral_storage", "51"),
+        (
+            "ecs/task_overrides",
+            r#"{"ephemeralStorage": {"sizeInGiB": 100}}"#,
+        ),
+        ("ecs/container_overrides", r#"{"cpu": 2049}"#),
+    ] {
+        refusal(&small, tag, value);
+    }
+    // At the caps exactly is fine.
+    let request = build_under(
+        &small,
+        &[
+            ("ecs/cpu", "2048"),
+            ("ecs/memory", "8192"),
+            ("ecs/ephemeral_storage", "50"),
+            (
+                "ecs/container_overrides",
+                r#"{"cpu": 2048, "memory": 8192, "memoryReservation": 8192}"#,
+            ),
+        ],
+    )
+    .unwrap();
+    assert_eq!(request.overrides.cpu.as_deref(), Some("2048"));
+    assert_eq!(request.overrides.ephemeral_storage.unwrap().size_in_gib, 50);
+}
+
+#[test]
+fn loader_and_interpreter_variables_are_refused_in_every_container() {
+    let names = [
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+        "LD_ANYTHING_NEW",
+        "ld_preload",
+        "GCONV_PATH",
+        "PYTHONPATH",
+        "PYTHONSTARTUP",
+        "PYTHONHOME",
+        "PYTHONINSPECT",
+        "PYTHONUSERBASE",
+        "PYTHONEXECUTABLE",
+        "PYTHONWARNINGS",
+        "PYTHONBREAKPOINT",
+        "PYTHONPLATLIBDIR",
+        "PATH",
+        "DAGSTER_HOME",
+        "DAGSTER_TASKIQ_BRIDGE_LOG_LEVEL",
+        "BASH_ENV",
+        "ENV",
+        "BASH_FUNC_ls%%",
+        "PERL5OPT",
+        "NODE_OPTIONS",
+        "JAVA_TOOL_OPTIONS",
+        "OPENSSL_CONF",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONFIG_FILE",
+        "AWS_ACCESS_KEY_ID",
+    ];
+    for name in names {
+        let env = format!(r#"[{{"name": "{name}", "value": "/tmp/x"}}]"#);
+        let step = format!(r#"{{"environment": {env}}}"#);
+        let err = refusal(&policy(), "ecs/container_overrides", &step);
+        assert!(
+            err.message.starts_with(&format!(
+                "environment variable {name} may not be set by a tag: it "
+            )),
+            "{err}"
+        );
+        let sidecar =
+            format!(r#"{{"containerOverrides": [{{"name": "sidecar", "environment": {env}}}]}}"#);
+        refusal(&policy(), "ecs/task_overrides", &sidecar);
+    }
+    assert_eq!(
+        refused_variable("LD_PRELOAD"),
+        Some("makes the dynamic loader load code")
+    );
+    assert_eq!(
+        refused_variable("PYTHONPATH"),
+        Some("changes what the Python interpreter loads or runs")
+    );
+    // An environment file could carry any of them.
+    let err = refusal(
+        &policy(),
+        "ecs/container_overrides",
+        r#"{"environmentFiles": [{"type": "s3", "value": "arn:aws:s3:::bucket/step.env"}]}"#,
+    );
+    assert!(
+        err.message.contains("environmentFiles may not be set"),
+        "{err}"
+    );
+}
+
+#[test]
+fn what_the_operator_allows_passes_into_the_request() {
+    let request = build(&[
+        (
+            "ecs/task_overrides",
+            &format!(
+                r#"{{"taskRoleArn": "{ALLOWED_ROLE}", "executionRoleArn": "{ALLOWED_ROLE}",
+                    "cpu": "16384", "memory": 122880, "ephemeralStorage": {{"sizeInGiB": 200}}}}"#
+            ),
+        ),
+        (
+            "ecs/container_overrides",
+            r#"{"environment": [
+                {"name": "TEAM", "value": "data"},
+                {"name": "PYTHONUNBUFFERED", "value": "1"},
+                {"name": "PYTHONHASHSEED", "value": "0"},
+                {"name": "PYTHONFAULTHANDLER", "value": "1"},
+                {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+                {"name": "PYTHONIOENCODING", "value": "utf-8"},
+                {"name": "PYTHONUTF8", "value": "1"},
+                {"name": "AWS_REGION", "value": "eu-west-1"},
+                {"name": "HOME", "value": "/home/step"}]}"#,
+        ),
+        (
+            "ecs/run_task_kwargs",
+            r#"{"taskDefinition": "arn:aws:ecs:us-east-1:1:task-definition/dagster-step:7",
+                "enableExecuteCommand": false, "group": "etl", "propagateTags": "TASK_DEFINITION",
+                "placementConstraints": [{"type": "memberOf", "expression": "attribute:ecs.instance-type =~ g5.*"}],
+                "tags": [{"key": "team", "value": "data"}]}"#,
+        ),
+    ])
+    .unwrap();
+    assert_eq!(
+        request.overrides.task_role_arn.as_deref(),
+        Some(ALLOWED_ROLE)
+    );
+    assert_eq!(
+        request.overrides.execution_role_arn.as_deref(),
+        Some(ALLOWED_ROLE)
+    );
+    assert_eq!(request.overrides.cpu.as_deref(), Some("16384"));
+    assert_eq!(request.overrides.memory.as_deref(), Some("122880"));
+    // Another revision of the default family, in ARN form.
+    assert_eq!(
+        request.task_definition,
+        "arn:aws:ecs:us-east-1:1:task-definition/dagster-step:7"
+    );
+    assert_eq!(request.enable_execute_command, Some(false));
+    assert_eq!(request.group.as_deref(), Some("etl"));
+    assert_eq!(request.placement_constraints.len(), 1);
+    let env = env_of(&request);
+    assert_eq!(env["PYTHONUNBUFFERED"], "1");
+    assert_eq!(env["HOME"], "/home/step");
+    // The network is always the controller's.
+    assert_eq!(request.network_configuration, base().network_configuration);
+    // An allowed family by name.
+    let gpu = build(&[("ecs/run_task_kwargs", r#"{"taskDefinition": "gpu-step:2"}"#)]).unwrap();
+    assert_eq!(gpu.task_definition, "gpu-step:2");
+}
+
+#[test]
+fn task_definition_families_are_read_from_every_form() {
+    assert_eq!(task_definition_family("dagster-step"), "dagster-step");
+    assert_eq!(task_definition_family("dagster-step:12"), "dagster-step");
+    assert_eq!(
+        task_definition_family(
+            "arn:aws:ecs:eu-west-1:123456789012:task-definition/dagster-step:12"
+        ),
+        "dagster-step"
+    );
+    // Not a task definition ARN: never equal to a family name (those have no colon).
+    assert_eq!(task_definition_family("arn:aws:iam::1:role/x"), "arn");
 }
