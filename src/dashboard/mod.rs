@@ -6,6 +6,7 @@ mod api;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -310,20 +311,48 @@ pub struct DashboardArgs {
     /// are disabled. At least 16 characters.
     #[arg(long, env = "DAGSTER_TASKIQ_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// File holding the admin token (a trailing newline is ignored), instead of
+    /// --admin-token: keeps the token out of the controller's environment.
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_ADMIN_TOKEN_FILE",
+        value_name = "PATH",
+        conflicts_with = "admin_token"
+    )]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl DashboardArgs {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(token) = &self.admin_token {
-            if token.chars().count() < MIN_ADMIN_TOKEN_LEN || token.chars().any(char::is_whitespace)
-            {
-                return Err(invalid(
-                    "admin-token",
-                    format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters without spaces"),
-                ));
+        self.admin_token().map(drop)
+    }
+
+    /// The admin token, from --admin-token or read from --admin-token-file, checked.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let (flag, token) = match (&self.admin_token, &self.admin_token_file) {
+            (Some(token), _) => ("admin-token", token.clone()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid(
+                        "admin-token-file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                (
+                    "admin-token-file",
+                    text.trim_end_matches(['\n', '\r']).to_owned(),
+                )
             }
+            (None, None) => return Ok(None),
+        };
+        if token.chars().count() < MIN_ADMIN_TOKEN_LEN || token.chars().any(char::is_whitespace) {
+            return Err(invalid(
+                flag,
+                format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters without spaces"),
+            ));
         }
-        Ok(())
+        Ok(Some(token))
     }
 }
 
