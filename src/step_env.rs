@@ -152,7 +152,10 @@ impl FromStr for NamePattern {
             Some(stem) => (stem, true),
             None => (text, false),
         };
-        if (stem.is_empty() && !prefix) || stem.contains(['=', '*', '\0']) || stem.contains(' ') {
+        if (stem.is_empty() && !prefix)
+            || stem.contains(['=', '*', '\0'])
+            || stem.contains(char::is_whitespace)
+        {
             return Err(format!(
                 "{text:?} is not a variable name or a prefix ending in `*`"
             ));
@@ -274,12 +277,12 @@ impl StepEnvPolicy {
         match &self.allow {
             None => true,
             Some(allow) => {
-                allow.iter().any(|p| p.matches(name))
-                    || ALWAYS_KEPT.iter().any(|kept| {
-                        kept.parse::<NamePattern>()
-                            .expect("the kept names are patterns")
-                            .matches(name)
-                    })
+                let name = name.as_bytes();
+                let always = ALWAYS_KEPT.iter().any(|kept| match kept.strip_suffix('*') {
+                    Some(prefix) => name.starts_with(prefix.as_bytes()),
+                    None => name == kept.as_bytes(),
+                });
+                always || allow.iter().any(|p| p.matches(OsStr::from_bytes(name)))
             }
         }
     }
