@@ -25,6 +25,7 @@ use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
 use dagster_taskiq_controller::retry::Backoff;
 use dagster_taskiq_controller::state::{StepState, StepTable};
+use dagster_taskiq_controller::step_env::StepEnvironment;
 use dagster_taskiq_controller::taskiq::TaskiqCompat;
 use tokio_util::sync::CancellationToken;
 
@@ -107,6 +108,7 @@ async fn round(moto: &common::Moto, n: usize) -> Round {
         queue: Arc::new(queue),
         launcher: Arc::new(ProcessLauncher::new(ProcessLauncherConfig {
             python: "/bin/true".into(),
+            environment: StepEnvironment::from_process(&Default::default()),
         })),
         bridge: Arc::new(FakeBridge::default()),
         admission: Admission::new(AdmissionConfig {

@@ -14,6 +14,7 @@ use crate::flags::{invalid, ConfigError};
 use crate::launcher::ecs::EcsArgs;
 use crate::launcher::WarmArgs;
 use crate::lease::LeaseArgs;
+use crate::step_env::StepEnvArgs;
 use crate::taskiq::TaskiqArgs;
 
 #[derive(Debug, Parser)]
@@ -135,6 +136,9 @@ pub struct RunArgs {
     pub warm: WarmArgs,
 
     #[command(flatten)]
+    pub step_env: StepEnvArgs,
+
+    #[command(flatten)]
     pub ecs: EcsArgs,
 
     #[command(flatten)]
@@ -170,6 +174,7 @@ impl RunArgs {
         self.lease.validate()?;
         self.dashboard.validate()?;
         self.warm.validate()?;
+        self.step_env.policy()?;
         if self.ecs_enabled() {
             self.ecs.config("validation")?;
         }
@@ -312,6 +317,80 @@ mod tests {
             let err = ecs(flags).validate().unwrap_err();
             assert!(err.to_string().starts_with(flag), "{err}");
         }
+    }
+
+    #[test]
+    fn admin_token_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "0123456789abcdef\n").unwrap();
+        let file = path.to_str().unwrap();
+        let a = args(&["--admin-token-file", file]);
+        a.validate().unwrap();
+        assert_eq!(
+            a.dashboard.admin_token().unwrap().as_deref(),
+            Some("0123456789abcdef")
+        );
+        assert!(Cli::try_parse_from([
+            "x",
+            "run",
+            "--queue-url",
+            "u",
+            "--admin-token",
+            "0123456789abcdef",
+            "--admin-token-file",
+            file,
+        ])
+        .is_err());
+        std::fs::write(&path, "short\n").unwrap();
+        let err = args(&["--admin-token-file", file]).validate().unwrap_err();
+        assert!(err.to_string().starts_with("--admin-token-file"), "{err}");
+        let missing = dir.path().join("absent");
+        let err = args(&["--admin-token-file", missing.to_str().unwrap()])
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--admin-token-file: cannot read"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn step_environment_flags() {
+        let a = args(&[
+            "--step-env-deny",
+            "AWS_SECRET_*",
+            "--step-env-deny",
+            "DB_PASSWORD",
+            "--step-env",
+            "ADDED=1",
+            "--step-env",
+            "URL=http://x/?a=b",
+        ]);
+        a.validate().unwrap();
+        assert_eq!(
+            format!("{:?}", a.step_env.step_env_deny),
+            "[AWS_SECRET_*, DB_PASSWORD]"
+        );
+        let policy = a.step_env.policy().unwrap();
+        assert!(policy.allow.is_none());
+        assert_eq!(policy.additions[1].value, "http://x/?a=b");
+        let a = args(&["--step-env-allow", "AWS_*,MY_APP_*"]);
+        assert_eq!(a.step_env.policy().unwrap().allow.unwrap().len(), 2);
+        for bad in [
+            ["--step-env-deny", "A*B"],
+            ["--step-env", "NOVALUE"],
+            ["--step-env", "1X=y"],
+        ] {
+            let argv = ["x", "run", "--queue-url", "u", bad[0], bad[1]];
+            let err = Cli::try_parse_from(argv).unwrap_err().to_string();
+            assert!(err.contains(bad[0]), "{err}");
+        }
+        let err = args(&["--step-env", "DAGSTER_RUN_STEP_KEY=x"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("--step-env:"), "{err}");
     }
 
     #[test]

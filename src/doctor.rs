@@ -302,10 +302,15 @@ async fn check_receive(sqs: &aws_sdk_sqs::Client, args: &RunArgs, report: &mut R
 
 async fn check_bridge(args: &RunArgs, report: &mut Report) {
     const NAME: &str = "dagster bridge";
+    let Ok(environment) = args.step_env.environment() else {
+        let why = "the step environment flags are invalid (see configuration)";
+        report.push(NAME, Outcome::Skipped(why.into()));
+        return;
+    };
     let bridge = SidecarBridge::new(
         SidecarConfig {
             startup_timeout: BRIDGE_STARTUP,
-            ..args.bridge.sidecar_config(&args.python)
+            ..args.bridge.sidecar_config(&args.python, &environment)
         },
         Arc::new(Metrics::new()),
     );

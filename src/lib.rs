@@ -31,6 +31,8 @@
 //!
 //! Around it:
 //! - [`state`]: step states and the table the API reads.
+//! - [`step_env`]: the environment of the processes started on this host (steps, the warm
+//!   zygote, the bridge): the controller's minus its own variables and the denied ones.
 //! - [`config`]: the command line, gathered from each component's own `...Args`;
 //!   [`flags`]: the value parsers and the error they share.
 //! - [`dashboard`]: HTML dashboard, probes, metrics and JSON API (warp).
@@ -62,4 +64,5 @@ pub(crate) mod outcome;
 pub mod queue;
 pub mod retry;
 pub mod state;
+pub mod step_env;
 pub mod taskiq;

@@ -10,6 +10,7 @@ use dagster_taskiq_controller::dagster::{
     BridgeError, DagsterBridge, RestartCause, SidecarBridge, SidecarConfig, SidecarState,
 };
 use dagster_taskiq_controller::metrics::Metrics;
+use dagster_taskiq_controller::step_env::StepEnvironment;
 
 /// Answers every request as `ping` does, unless the file `hang` exists in its directory:
 /// then it starts a child that sleeps (to show the whole process group dies) and waits on it.
@@ -46,6 +47,7 @@ fn bed(timeout: Duration, queue_limit: usize) -> Bed {
         request_timeout: timeout,
         startup_timeout: Duration::from_secs(10),
         queue_limit,
+        environment: StepEnvironment::from_process(&Default::default()),
     };
     let bridge = SidecarBridge::new(config, metrics.clone());
     Bed {

@@ -584,6 +584,55 @@ ecs_exec_command = _ecs_tagged(
 ecs_allowed_role = _ecs_tagged(
     "ecs_allowed_role", {"ecs/task_overrides": json.dumps({"taskRoleArn": ECS_ALLOWED_ROLE})}
 )
+# --- env_probe: what a step can read of the controller's environment ----------------------------
+
+
+class EnvProbeConfig(Config):
+    report_path: str
+    controller_pid: int
+
+
+def _read_environ(pid: int) -> dict[str, str] | str:
+    """Process ``pid``'s environment from /proc, or the name of the error reading it."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        return type(exc).__name__
+    entries = raw.decode(errors="replace").split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
+def _parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@op
+def probe_env(config: EnvProbeConfig) -> Output[int]:
+    """Writes what it can read to ``report_path``: its own environment, and each ancestor's
+    (by /proc) up to the controller, whose pid the test passes."""
+    ancestors: dict[str, dict[str, str] | str] = {}
+    pid = os.getppid()
+    while pid > 1:
+        ancestors[str(pid)] = _read_environ(pid)
+        if pid == config.controller_pid:
+            break
+        pid = _parent_pid(pid)
+    report = {
+        "environ": dict(os.environ),
+        "ancestors": ancestors,
+        "controller": _read_environ(config.controller_pid),
+    }
+    with open(config.report_path, "w") as f:
+        json.dump(report, f)
+    return _out(len(ancestors))
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def env_probe() -> None:
+    """probe_env reports its environment and its ancestors' up to the controller's."""
+    probe_env()
 
 
 ALL_JOBS = [
@@ -613,6 +662,7 @@ ALL_JOBS = [
     ecs_network_override,
     ecs_exec_command,
     ecs_allowed_role,
+    env_probe,
 ]
 JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 

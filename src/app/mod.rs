@@ -28,6 +28,7 @@ use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
 use dagster_taskiq_controller::state::StepTable;
+use dagster_taskiq_controller::step_env::StepEnvironment;
 use dagster_taskiq_controller::taskiq::TaskiqCompat;
 
 /// How old the dashboard's queue depths may get before GetQueueAttributes is called again.
@@ -44,7 +45,11 @@ pub(crate) async fn doctor(args: RunArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
+    forbid_same_uid_reads();
     args.validate()?;
+    let admin_token = args.dashboard.admin_token()?;
+    let environment = args.step_env.environment()?;
+    environment.log_summary();
     let controller_id = args.controller.controller_id();
     let metrics = Arc::new(Metrics::new());
     let aws = aws::load(args.controller.receive_wait + Duration::from_secs(10)).await;
@@ -60,8 +65,8 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     // SQS just answered: ready before the first long poll returns.
     health.queue_contact("GetQueueAttributes", None);
-    let (bridge, bridge_info) = start_bridge(&args, &metrics).await?;
-    let launcher = build_launcher(&args, &controller_id, &aws, &metrics).await?;
+    let (bridge, bridge_info) = start_bridge(&args, &environment, &metrics).await?;
+    let launcher = build_launcher(&args, &environment, &controller_id, &aws, &metrics).await?;
     let taskiq = TaskiqCompat::connect(&args.taskiq, &aws)
         .await
         .context("cannot set up taskiq results")?
@@ -97,7 +102,17 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         started_at: chrono::Utc::now(),
     };
     let dashboard_stop = CancellationToken::new();
-    let dashboard = start_dashboard(&args, info, &ctx, queue, &bridge, &dashboard_stop).await?;
+    let admin_api = admin_token.is_some();
+    let dashboard = start_dashboard(
+        &args,
+        admin_token,
+        info,
+        &ctx,
+        queue,
+        &bridge,
+        &dashboard_stop,
+    )
+    .await?;
 
     tokio::spawn(watch_signals(ctx.draining.clone(), ctx.abort.clone()));
     tracing::info!(
@@ -107,7 +122,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         dagster_version = %bridge_info.dagster_version,
         dashboard = %args.dashboard.dashboard_addr,
         max_concurrent = args.admission.max_concurrent,
-        admin_api = args.dashboard.admin_token.is_some(),
+        admin_api,
         read_token = args.dashboard.read_token.is_some() || args.dashboard.read_token_file.is_some(),
         warm_pool = args.warm.warm_pool,
         result_bucket = ?args.taskiq.result_bucket,
@@ -125,6 +140,22 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// Makes this process non-dumpable, so that a step running as the same uid cannot read its
+/// memory or `/proc/<pid>/environ` (the admin token, AWS credentials). Children are dumpable
+/// again after their execve: only the controller is protected, which is the point.
+fn forbid_same_uid_reads() {
+    #[cfg(target_os = "linux")]
+    match nix::sys::prctl::set_dumpable(false) {
+        Ok(()) => tracing::info!(
+            "controller is not dumpable: same-uid processes cannot read its memory or environment"
+        ),
+        Err(e) => tracing::warn!(
+            %e,
+            "cannot make the controller non-dumpable: a same-uid step could read its environment"
+        ),
+    }
 }
 
 /// The work queue and its dead-letter queue (given, or the RedrivePolicy's target), checked
@@ -169,10 +200,11 @@ async fn connect_queue(
 /// The Dagster bridge sidecar, answering (it reports Dagster's version).
 async fn start_bridge(
     args: &RunArgs,
+    environment: &StepEnvironment,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Arc<SidecarBridge>, BridgeInfo)> {
     let bridge = Arc::new(SidecarBridge::new(
-        args.bridge.sidecar_config(&args.python),
+        args.bridge.sidecar_config(&args.python, environment),
         metrics.clone(),
     ));
     let info = bridge.ping().await.with_context(|| {
@@ -188,12 +220,14 @@ async fn start_bridge(
 /// behind the per-step router.
 async fn build_launcher(
     args: &RunArgs,
+    environment: &StepEnvironment,
     controller_id: &str,
     aws: &aws_config::SdkConfig,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<LauncherRouter> {
     let cold = ProcessLauncher::new(ProcessLauncherConfig {
         python: args.python.clone(),
+        environment: environment.clone(),
     });
     let process_launcher: Arc<dyn Launcher> = if args.warm.warm_pool {
         Arc::new(WarmLauncher::new(
@@ -204,6 +238,7 @@ async fn build_launcher(
                 max_rss_growth: args.warm.warm_max_rss_growth_mb * 1024 * 1024,
                 start_timeout: args.warm.warm_start_timeout,
                 spawn_timeout: std::time::Duration::from_secs(30),
+                environment: environment.clone(),
             },
             cold,
             metrics.clone(),
@@ -251,6 +286,7 @@ fn settings(args: &RunArgs, controller_id: &str, instance: BridgeInfo) -> Settin
 /// `stop` is cancelled.
 async fn start_dashboard(
     args: &RunArgs,
+    admin_token: Option<String>,
     info: ControllerInfo,
     ctx: &Context,
     queues: Arc<SqsQueue>,
@@ -279,7 +315,7 @@ async fn start_dashboard(
         health: ctx.health.clone(),
         queues,
         bridge: bridge.clone(),
-        admin_token: args.dashboard.admin_token.as_deref().map(Arc::from),
+        admin_token: admin_token.map(Arc::from),
         read_token: read_token.as_deref().map(Arc::from),
         draining: ctx.draining.clone(),
         queue_cache: Arc::new(QueueCache::new(QUEUE_COUNTS_MAX_AGE)),

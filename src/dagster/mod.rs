@@ -20,6 +20,7 @@ use tokio::sync::broadcast;
 use crate::envelope::{AttemptId, StepRequest};
 
 use crate::flags::parse_seconds;
+use crate::step_env::StepEnvironment;
 
 pub use sidecar::{RestartCause, SidecarBridge, SidecarConfig, SidecarState, SidecarStatus};
 
@@ -441,13 +442,18 @@ pub struct BridgeArgs {
 }
 
 impl BridgeArgs {
-    /// How to start the sidecar with `python`.
-    pub fn sidecar_config(&self, python: &std::path::Path) -> SidecarConfig {
+    /// How to start the sidecar with `python` in the step environment.
+    pub fn sidecar_config(
+        &self,
+        python: &std::path::Path,
+        environment: &StepEnvironment,
+    ) -> SidecarConfig {
         SidecarConfig::python(
             python,
             &self.bridge_module,
             self.bridge_timeout,
             self.bridge_queue_limit as usize,
+            environment,
         )
     }
 }

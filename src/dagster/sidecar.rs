@@ -31,9 +31,13 @@ use super::{
 };
 use crate::envelope::{AttemptId, StepRequest};
 use crate::metrics::Metrics;
+use crate::step_env::StepEnvironment;
 
 /// The product's bridge module, run as `<python> -m dagster_taskiq_controller.bridge`.
 pub(crate) const BRIDGE_MODULE: &str = "dagster_taskiq_controller.bridge";
+
+/// The one controller variable the bridge reads (bridge.py).
+const BRIDGE_LOG_LEVEL_ENV: &str = "DAGSTER_TASKIQ_BRIDGE_LOG_LEVEL";
 
 /// How long a new sidecar may take to answer its first request.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
@@ -52,15 +56,19 @@ pub struct SidecarConfig {
     pub startup_timeout: Duration,
     /// Most requests waiting for an answer at once.
     pub queue_limit: usize,
+    /// Its whole environment. A same-uid step can read the bridge's, so it holds no more
+    /// than a step's ([`crate::step_env`]).
+    pub environment: StepEnvironment,
 }
 
 impl SidecarConfig {
-    /// `<python> -m <module>`.
+    /// `<python> -m <module>` in the step environment, plus the bridge's log level.
     pub fn python(
         python: &Path,
         module: &str,
         request_timeout: Duration,
         queue_limit: usize,
+        environment: &StepEnvironment,
     ) -> Self {
         Self {
             program: python.to_owned(),
@@ -68,6 +76,7 @@ impl SidecarConfig {
             request_timeout,
             startup_timeout: STARTUP_TIMEOUT,
             queue_limit,
+            environment: environment.with_inherited(BRIDGE_LOG_LEVEL_ENV),
         }
     }
 }
@@ -425,7 +434,9 @@ impl SidecarBridge {
     }
 
     fn spawn(&self, cause: RestartCause) -> Result<Connection, BridgeError> {
-        let mut child = Command::new(&self.config.program)
+        let mut command = Command::new(&self.config.program);
+        self.config.environment.apply(&mut command);
+        let mut child = command
             .args(&self.config.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

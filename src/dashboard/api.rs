@@ -33,7 +33,7 @@ pub(crate) enum ApiError {
     BadRequest(String),
     #[error("request body larger than {MAX_BODY} bytes")]
     TooLarge,
-    #[error("disabled: start the controller with --admin-token (DAGSTER_TASKIQ_ADMIN_TOKEN) to enable admin endpoints")]
+    #[error("disabled: start the controller with --admin-token or --admin-token-file to enable admin endpoints")]
     Disabled,
     #[error("missing or wrong bearer token (Authorization: Bearer <admin token>)")]
     Unauthorized,

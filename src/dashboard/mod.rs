@@ -341,6 +341,16 @@ pub struct DashboardArgs {
     #[arg(long, env = "DAGSTER_TASKIQ_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// File holding the admin token (a mounted secret; one trailing newline is ignored),
+    /// instead of --admin-token: keeps the token out of the controller's environment.
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_ADMIN_TOKEN_FILE",
+        value_name = "PATH",
+        conflicts_with = "admin_token"
+    )]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Bearer token for reading: with it set, the dashboard page and every `/api/v1` GET need
     /// it (or the admin token); probes and `/metrics` stay open. At least 16 characters.
     #[arg(
@@ -352,50 +362,53 @@ pub struct DashboardArgs {
     pub read_token: Option<String>,
 
     /// File holding the read token (a mounted secret); one trailing newline is ignored.
-    #[arg(long, env = "DAGSTER_TASKIQ_READ_TOKEN_FILE")]
+    #[arg(long, env = "DAGSTER_TASKIQ_READ_TOKEN_FILE", value_name = "PATH")]
     pub read_token_file: Option<PathBuf>,
 }
 
 impl DashboardArgs {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(token) = &self.admin_token {
-            if token.chars().count() < MIN_ADMIN_TOKEN_LEN || token.chars().any(char::is_whitespace)
-            {
-                return Err(invalid(
-                    "admin-token",
-                    format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters without spaces"),
-                ));
-            }
-        }
+        self.admin_token()?;
         self.read_token()?;
         Ok(())
     }
 
+    /// The admin token, from `--admin-token` or `--admin-token-file`; `None`: the mutating
+    /// API is disabled.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        token_from(
+            ("admin-token", self.admin_token.as_deref()),
+            ("admin-token-file", self.admin_token_file.as_deref()),
+        )
+    }
+
     /// The read token, from `--read-token` or `--read-token-file`; `None`: reads are open.
     pub fn read_token(&self) -> Result<Option<String>, ConfigError> {
-        let token = match (&self.read_token, &self.read_token_file) {
-            (Some(token), _) => token.clone(),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    invalid(
-                        "read-token-file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                // Secrets written by `echo` or an editor end with a newline.
-                let text = text.strip_suffix('\n').unwrap_or(&text);
-                text.strip_suffix('\r').unwrap_or(text).to_owned()
-            }
-            (None, None) => return Ok(None),
-        };
-        let flag = if self.read_token.is_some() {
-            "read-token"
-        } else {
-            "read-token-file"
-        };
-        check_token(flag, &token)?;
-        Ok(Some(token))
+        token_from(
+            ("read-token", self.read_token.as_deref()),
+            ("read-token-file", self.read_token_file.as_deref()),
+        )
     }
+}
+
+/// A token given inline or in a file, checked: the inline value wins (clap refuses both).
+fn token_from(
+    inline: (&'static str, Option<&str>),
+    file: (&'static str, Option<&std::path::Path>),
+) -> Result<Option<String>, ConfigError> {
+    let (flag, token) = match (inline, file) {
+        ((flag, Some(token)), _) => (flag, token.to_owned()),
+        (_, (flag, Some(path))) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid(flag, format!("cannot read {}: {e}", path.display())))?;
+            // Secrets written by `echo` or an editor end with a newline.
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            (flag, text.strip_suffix('\r').unwrap_or(text).to_owned())
+        }
+        _ => return Ok(None),
+    };
+    check_token(flag, &token)?;
+    Ok(Some(token))
 }
 
 /// The rule every bearer token follows: long enough to resist guessing, no whitespace.

@@ -161,6 +161,34 @@ def create_queues(
     return Queues(queue_url=queue_url, dlq_url=dlq_url)
 
 
+# capability(7) numbers and names of the capabilities that let a process read another's
+# environment although that one is not dumpable: CAP_SYS_PTRACE, and for reads (not for
+# ptrace attach) CAP_SYS_ADMIN and CAP_PERFMON, as measured on the test machine's kernel.
+INSPECTION_CAPABILITIES = {19: "sys_ptrace", 21: "sys_admin", 38: "perfmon"}
+
+
+def holds_capability(number: int) -> bool:
+    """True when this process's effective capability set has capability ``number``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> number & 1)
+    raise RuntimeError("/proc/self/status has no CapEff line")
+
+
+def without_inspection_capabilities() -> list[str]:
+    """A `Controller.command_prefix` that starts the controller, and so every step, without
+    `INSPECTION_CAPABILITIES`, as in a default container (Docker grants none of them): a
+    process holding one (root in this test sandbox) reads any process's environment,
+    non-dumpable or not. Empty when this process holds none either."""
+    held = [name for number, name in INSPECTION_CAPABILITIES.items() if holds_capability(number)]
+    if not held:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise FileNotFoundError(f"setpriv (util-linux) is needed to drop {held}")
+    return [setpriv, "--bounding-set", ",".join(f"-{name}" for name in held), "--"]
+
+
 @dataclass
 class Controller:
     """A controller process started with the given flags."""
@@ -170,6 +198,8 @@ class Controller:
     # None: the binary named by DAGSTER_TASKIQ_CONTROLLER_BINARY.
     binary: Path | None = None
     args: Sequence[str] = ()
+    # Runs the controller under this command (which must exec it: the pid stays the same).
+    command_prefix: Sequence[str] = ()
     log_path: Path | None = None
     dashboard_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
@@ -184,6 +214,7 @@ class Controller:
         if not binary.is_file():
             raise FileNotFoundError(f"controller binary {binary} not found (build it with cargo)")
         command = [
+            *self.command_prefix,
             str(binary),
             "run",
             "--queue-url",

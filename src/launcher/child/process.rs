@@ -17,6 +17,7 @@ use super::events::EventLines;
 use super::output::StepOutput;
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
+use crate::step_env::StepEnvironment;
 
 /// Runs `dagster api execute_step` in-process; a SIGTERM that Dagster did not ask for ends the
 /// step with [`crate::launcher::STOPPED_FROM_OUTSIDE_EXIT`] and no Dagster failure, so the
@@ -27,6 +28,8 @@ pub(crate) const STEP_MODULE: &str = "dagster_taskiq_controller.stop_guard";
 pub struct ProcessLauncherConfig {
     /// The interpreter whose `dagster` runs the step.
     pub python: PathBuf,
+    /// What the step inherits: not the controller's own variables (its secrets).
+    pub environment: StepEnvironment,
 }
 
 pub struct ProcessLauncher {
@@ -47,10 +50,11 @@ impl Launcher for ProcessLauncher {
 
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
         let mut command = Command::new(&self.config.python);
+        command.args(["-m", STEP_MODULE]);
+        // The step environment (the controller's minus its secrets); the message sets only
+        // these.
+        self.config.environment.apply(&mut command);
         command
-            .args(["-m", STEP_MODULE])
-            // The child inherits the controller's environment (user code paths, credentials,
-            // DAGSTER_HOME); the message sets only these.
             .env(
                 "DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS",
                 step.compressed_step_args(),

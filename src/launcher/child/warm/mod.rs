@@ -6,7 +6,8 @@
 //! The guarantees are those of [`ProcessLauncher`]: the step is its own process leading its own
 //! process group (kill, terminate, timeouts and fencing use `killpg`), its stdout/stderr go into
 //! the step's tracing span (the controller makes the pipes and passes their write ends with
-//! SCM_RIGHTS), it gets the same three variables over the zygote's environment, and it runs
+//! SCM_RIGHTS), it gets the same three variables over the zygote's environment (the same step
+//! environment the cold launcher uses, [`crate::step_env`]), and it runs
 //! Dagster's own `execute_step` command with the same arguments. Liveness:
 //! - the zygote gets PR_SET_PDEATHSIG and exits on EOF of its control socket;
 //! - every step holds the read end of a control pipe whose write end only the controller holds:
@@ -44,6 +45,7 @@ use super::ProcessLauncher;
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep};
 use crate::metrics::Metrics;
+use crate::step_env::StepEnvironment;
 
 /// Longest pause between restart attempts of a zygote that fails to start.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
@@ -65,6 +67,8 @@ pub struct WarmLauncherConfig {
     pub start_timeout: Duration,
     /// How long a zygote may take to answer one spawn request.
     pub spawn_timeout: Duration,
+    /// The zygote's environment, so its forks': not the controller's own variables.
+    pub environment: StepEnvironment,
 }
 
 /// Why the warm path could not launch a step.

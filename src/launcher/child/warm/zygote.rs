@@ -113,6 +113,8 @@ impl Zygote {
         for module in &config.preload {
             command.arg("--preload").arg(module);
         }
+        // The step environment: whatever the zygote holds, every fork inherits.
+        config.environment.apply(&mut command);
         command
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::piped())
@@ -248,7 +250,7 @@ impl Zygote {
             "op": "spawn",
             "id": id,
             // The same three variables as the cold launcher; the zygote's environment (the
-            // controller's) supplies the rest.
+            // step environment) supplies the rest.
             "env": {
                 "DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS": step.compressed_step_args(),
                 "DAGSTER_RUN_JOB_NAME": step.job_name.as_deref().unwrap_or(""),
