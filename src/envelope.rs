@@ -162,6 +162,13 @@ pub enum Poison {
     /// An extended (S3) message whose pointer is malformed or whose object is gone.
     #[error("extended payload cannot be read: {0}")]
     InvalidExtendedPayload(String),
+    /// An extended (S3) message that points outside the buckets this controller reads
+    /// (`--payload-bucket`): the object is never fetched.
+    #[error("extended payload refused: {0}")]
+    ExtendedPayloadRefused(String),
+    /// An extended (S3) payload over `--max-payload-bytes` (read no further than that).
+    #[error("extended payload is at least {size} bytes, over the --max-payload-bytes limit of {limit} bytes")]
+    PayloadTooLarge { size: u64, limit: usize },
 }
 
 impl Poison {
@@ -181,6 +188,8 @@ impl Poison {
             Poison::InvalidLabel { .. } => "invalid_label",
             Poison::LabelMismatch { .. } => "label_mismatch",
             Poison::InvalidExtendedPayload(_) => "invalid_extended_payload",
+            Poison::ExtendedPayloadRefused(_) => "extended_payload_refused",
+            Poison::PayloadTooLarge { .. } => "too_large",
         }
     }
 }
@@ -234,7 +243,7 @@ pub fn decode(body: &str) -> Result<StepRequest, Poison> {
 }
 
 /// Decodes and validates a body of at most `limit` bytes: [`MAX_BODY_BYTES`] for an SQS body,
-/// more for a body resolved from S3 (`MAX_EXTENDED_BODY_BYTES` in src/taskiq/extended.rs).
+/// more for a body resolved from S3 (`--max-payload-bytes`).
 pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest, Poison> {
     if body.len() > limit {
         return Err(Poison::TooLarge {
