@@ -104,7 +104,7 @@ fmt: setup
 
 # Benchmarks: (a) controller overhead with fakes, (b)+(d) latency and SQS calls per step
 # against moto, then (c) the end-to-end comparison. Tables on stdout and in target/bench/.
-bench: $(BENCH_STAMP) build
+bench: $(BENCH_STAMP) build postgresql
 	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server cargo bench --locked --bench overhead --bench latency
 	$(BINARY_ENV)=$(BIN) $(PY) bench/e2e.py --repeats 3
 	cat target/bench/overhead.md target/bench/latency.md target/bench-e2e.md > target/bench/report.md
@@ -116,8 +116,9 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 # Wall time of a diamond and a fan-out: controller cold and warm, Dagster's multiprocess
-# executor, an in-process taskiq worker. Report: stdout and target/bench-e2e.md.
-bench-e2e: $(BENCH_STAMP) build
+# executor, an in-process taskiq worker, and cold, warm and forkserver on a PostgreSQL-backed
+# instance (a throwaway server). Report: stdout and target/bench-e2e.md.
+bench-e2e: $(BENCH_STAMP) build postgresql
 	$(BINARY_ENV)=$(BIN) $(PY) bench/e2e.py
 
 clean:

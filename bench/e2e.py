@@ -7,7 +7,9 @@
   (Dagster's default), to price the executor's poll interval;
 - Dagster's multiprocess executor with ``spawn``, and with ``forkserver`` + ``preload_modules``;
 - an in-process taskiq worker (real ``taskiq`` + ``taskiq-aio-sqs``) running the steps inside
-  its own process (no isolation), as dagster-taskiq does.
+  its own process (no isolation), as dagster-taskiq does;
+- on a PostgreSQL-backed instance (a throwaway server from the machine's PostgreSQL binaries,
+  ``make postgresql``): the controller cold and warm, and the forkserver executor beside them.
 
 Also the step start latency (message received → op code running) and, for the controller, where
 the time before a step starts goes (queue → received → bridge check → launch → op running).
@@ -44,6 +46,18 @@ GRAPHS = ("diamond4", "fanout11")
 STEPS = {"diamond4": 4, "fanout11": 11}
 MAX_CONCURRENT = 16
 TASKIQ_WORKERS = os.cpu_count() or 2
+PG = "PostgreSQL: "
+VARIANTS = [
+    "cold",
+    "warm",
+    "warm_poll1",
+    "spawn",
+    "forkserver",
+    "taskiq",
+    "cold_pg",
+    "warm_pg",
+    "forkserver_pg",
+]
 
 
 @dataclass
@@ -296,6 +310,32 @@ class Bench:
 
     # --- report ------------------------------------------------------------------------------
 
+    def storage_ratios(
+        self, present: list[tuple[str, str]], medians: dict[tuple[str, str], float]
+    ) -> list[str]:
+        """PostgreSQL's wall time over SQLite's, per variant measured on both."""
+        pairs = [
+            (name, label)
+            for name, label in present
+            if name.endswith("_pg") and name.removesuffix("_pg") in self.results
+        ]
+        if not pairs:
+            return []
+        lines = [
+            "",
+            "Ratio of a PostgreSQL-backed instance to SQLite, same variant (lower is better):",
+            "",
+            "| job | " + " | ".join(label.removeprefix(PG) for _, label in pairs) + " |",
+            "|---|" + "---|" * len(pairs),
+        ]
+        for graph in GRAPHS:
+            cells = [
+                f"{medians[(name, graph)] / medians[(name.removesuffix('_pg'), graph)]:.2f}"
+                for name, _ in pairs
+            ]
+            lines.append(f"| {graph} | " + " | ".join(cells) + " |")
+        return lines
+
     def report(self) -> str:
         names = [
             ("cold", "controller, cold"),
@@ -304,6 +344,9 @@ class Bench:
             ("spawn", "multiprocess (spawn)"),
             ("forkserver", "multiprocess (forkserver + preload)"),
             ("taskiq", "taskiq in-process worker"),
+            ("cold_pg", "PostgreSQL: controller, cold"),
+            ("warm_pg", "PostgreSQL: controller, warm pool"),
+            ("forkserver_pg", "PostgreSQL: multiprocess (forkserver + preload)"),
         ]
         present = [(n, label) for n, label in names if n in self.results]
         lines = [
@@ -340,6 +383,7 @@ class Bench:
                 lines.append(f"| {graph} | " + " | ".join(cells) + " |")
         controllers = [(n, label) for n, label in present if n in ("cold", "warm")]
         multiprocess = [(n, label) for n, label in present if n in ("spawn", "forkserver")]
+        lines += self.storage_ratios(present, medians)
         if controllers and multiprocess:
             lines += [
                 "",
@@ -391,6 +435,29 @@ class Bench:
         return "\n".join(lines) + "\n"
 
 
+def run_on_postgres(bench: Bench, only: set[str], warm: tuple[str, ...], workdir: Path) -> None:
+    """The PostgreSQL variants, on a throwaway server and a DAGSTER_HOME of their own."""
+    from dagster_taskiq_controller_testing.postgres import PostgresServer, write_dagster_yaml
+
+    sqlite_home = os.environ["DAGSTER_HOME"]
+    with PostgresServer() as server:
+        home = write_dagster_yaml(workdir / "dagster_home_pg", server.url(server.create_database()))
+        os.environ["DAGSTER_HOME"] = str(home)
+        try:
+            if "cold_pg" in only:
+                bench.run_controller("cold_pg", "PostgreSQL: controller, cold", (), poll=0.1)
+            if "warm_pg" in only:
+                bench.run_controller("warm_pg", "PostgreSQL: controller, warm pool", warm, poll=0.1)
+            if "forkserver_pg" in only:
+                bench.run_multiprocess(
+                    "forkserver_pg",
+                    "PostgreSQL: multiprocess (forkserver + preload)",
+                    {"forkserver": {"preload_modules": ["dagster", "bench_jobs"]}},
+                )
+        finally:
+            os.environ["DAGSTER_HOME"] = sqlite_home
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -407,7 +474,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["cold", "warm", "warm_poll1", "spawn", "forkserver", "taskiq"],
+        choices=VARIANTS,
         help="measure only these (repeatable); default: all",
     )
     parser.add_argument(
@@ -417,7 +484,7 @@ def main() -> int:
         help="the controller's --max-concurrent (steps running at once)",
     )
     args = parser.parse_args()
-    only = set(args.only or ["cold", "warm", "warm_poll1", "spawn", "forkserver", "taskiq"])
+    only = set(args.only or VARIANTS)
 
     from dagster_taskiq_controller_testing.stack import MotoServer, aws_env
 
@@ -454,6 +521,8 @@ def main() -> int:
             )
         if "taskiq" in only:
             bench.run_taskiq()
+        if only & {"cold_pg", "warm_pg", "forkserver_pg"}:
+            run_on_postgres(bench, only, warm, workdir)
         report = bench.report()
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

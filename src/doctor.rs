@@ -13,7 +13,7 @@ use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::QueueAttributeName;
 
 use crate::config::RunArgs;
-use crate::dagster::{SidecarBridge, SidecarConfig};
+use crate::dagster::{BridgeInfo, SidecarBridge, SidecarConfig};
 use crate::metrics::Metrics;
 
 /// How long the bridge may take to import Dagster before the check fails.
@@ -30,6 +30,8 @@ pub struct Check {
 pub enum Outcome {
     /// Fine; what was found.
     Passed(String),
+    /// Works, but not as a production deployment should; what to change.
+    Warned(String),
     /// Broken; what is wrong and what to do about it.
     Failed(String),
     /// Not applicable, or not possible because an earlier check failed.
@@ -60,6 +62,7 @@ impl fmt::Display for Report {
         for check in &self.checks {
             let (mark, text) = match &check.outcome {
                 Outcome::Passed(text) => ("ok  ", text),
+                Outcome::Warned(text) => ("warn", text),
                 Outcome::Failed(text) => ("FAIL", text),
                 Outcome::Skipped(text) => ("skip", text),
             };
@@ -70,7 +73,14 @@ impl fmt::Display for Report {
             .iter()
             .filter(|c| matches!(c.outcome, Outcome::Failed(_)))
             .count();
-        if failed == 0 {
+        let warned = self
+            .checks
+            .iter()
+            .filter(|c| matches!(c.outcome, Outcome::Warned(_)))
+            .count();
+        if failed == 0 && warned > 0 {
+            write!(f, "all checks passed, {warned} warning(s)")
+        } else if failed == 0 {
             write!(f, "all checks passed")
         } else {
             write!(f, "{failed} check(s) failed")
@@ -299,26 +309,116 @@ async fn check_bridge(args: &RunArgs, report: &mut Report) {
         },
         Arc::new(Metrics::new()),
     );
-    let outcome = match bridge.ping().await {
-        Ok(info) => Outcome::Passed(format!(
+    let described = bridge.ping().await;
+    bridge.close().await;
+    let info = match described {
+        Ok(info) => info,
+        Err(e) => {
+            report.push(
+                NAME,
+                Outcome::Failed(format!(
+                    "the bridge does not start with {}: {e}. Point --python \
+                     (DAGSTER_TASKIQ_PYTHON) at an interpreter with dagster and the \
+                     dagster-taskiq-controller package installed, and set DAGSTER_HOME to the \
+                     instance your runs use",
+                    args.python.display()
+                )),
+            );
+            let why = Outcome::Skipped("the bridge does not start".into());
+            report.push(INSTANCE, why.clone());
+            report.push(STORAGE, why);
+            return;
+        }
+    };
+    report.push(
+        NAME,
+        Outcome::Passed(format!(
             "{} runs the bridge with dagster {} on the instance of DAGSTER_HOME ({})",
             args.python.display(),
             info.dagster_version,
-            info.storages
-                .values()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            info.root_directory
+                .as_deref()
+                .unwrap_or("unknown directory"),
         )),
-        Err(e) => Outcome::Failed(format!(
-            "the bridge does not start with {}: {e}. Point --python (DAGSTER_TASKIQ_PYTHON) at \
-             an interpreter with dagster and the dagster-taskiq-controller package installed, \
-             and set DAGSTER_HOME to the instance your runs use",
-            args.python.display()
-        )),
+    );
+    report.push(INSTANCE, instance_outcome(&info, chrono::Utc::now()));
+    report.push(STORAGE, storage_outcome(&info));
+}
+
+const INSTANCE: &str = "dagster instance";
+const STORAGE: &str = "dagster storage";
+
+/// Whether the controller's instance is the one the runs live in: it holds runs.
+fn instance_outcome(info: &BridgeInfo, now: chrono::DateTime<chrono::Utc>) -> Outcome {
+    let Some(run) = &info.latest_run else {
+        return Outcome::Warned(
+            "the instance has no runs yet: if runs were launched, DAGSTER_HOME points at \
+             another instance than the run workers' (the controller, the run workers and the \
+             steps must share one dagster.yaml and database)"
+                .into(),
+        );
     };
-    bridge.close().await;
-    report.push(NAME, outcome);
+    let age = chrono::DateTime::from_timestamp(run.created as i64, 0)
+        .map(|created| (now - created).num_minutes())
+        .map_or_else(
+            || "at an unknown time".to_owned(),
+            |m| format!("{m} min ago"),
+        );
+    Outcome::Passed(format!(
+        "its latest run is {} ({}, created {age})",
+        run.run_id, run.status
+    ))
+}
+
+/// What the storage means for a controller on its own host, and a driver combination
+/// known to break dagster-postgres.
+fn storage_outcome(info: &BridgeInfo) -> Outcome {
+    let classes = info
+        .storages
+        .values()
+        .filter(|c| !c.is_empty())
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if info.stores_in_postgres() || info.package("dagster-postgres").is_some() {
+        if let Some(sqlalchemy) = info.package("sqlalchemy") {
+            if sqlalchemy_maps_postgresql_to_psycopg3(sqlalchemy) {
+                let text = format!(
+                    "SQLAlchemy {sqlalchemy} maps postgresql:// URLs to psycopg 3, where \
+                     dagster-postgres cannot write events (`NOTIFY run_events` fails): install \
+                     'sqlalchemy<2.1' (the package's `postgres` extra pins it)"
+                );
+                return if info.stores_in_postgres() {
+                    Outcome::Failed(text)
+                } else {
+                    Outcome::Warned(text)
+                };
+            }
+        }
+    }
+    if info.stores_in_sqlite() {
+        return Outcome::Warned(format!(
+            "the instance keeps its runs in SQLite files under {}: only processes on this \
+             host see them. A controller, run workers and steps on separate hosts need a \
+             shared database (dagster-postgres; docs/operations.md)",
+            info.root_directory.as_deref().unwrap_or("DAGSTER_HOME")
+        ));
+    }
+    Outcome::Passed(classes)
+}
+
+/// SQLAlchemy 2.1 and later default `postgresql://` to the psycopg (3) driver.
+fn sqlalchemy_maps_postgresql_to_psycopg3(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+            .unwrap_or(0)
+    });
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= (2, 1)
 }
 
 async fn check_ecs(args: &RunArgs, aws: &aws_config::SdkConfig, report: &mut Report) {
@@ -462,5 +562,91 @@ mod tests {
         let text = report.to_string();
         assert!(text.contains("[FAIL] c: broken: do this"), "{text}");
         assert!(text.ends_with("1 check(s) failed"), "{text}");
+    }
+
+    #[test]
+    fn warnings_pass_and_are_counted() {
+        let mut report = Report::default();
+        report.push("a", Outcome::Warned("works, but".into()));
+        assert!(report.passed());
+        let text = report.to_string();
+        assert!(text.contains("[warn] a: works, but"), "{text}");
+        assert!(text.ends_with("all checks passed, 1 warning(s)"), "{text}");
+    }
+
+    fn info(storage: &str, packages: &[(&str, Option<&str>)]) -> BridgeInfo {
+        BridgeInfo {
+            storages: [("run_storage_data".to_string(), storage.to_string())].into(),
+            root_directory: Some("/srv/dagster".into()),
+            packages: packages
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.map(str::to_owned)))
+                .collect(),
+            ..BridgeInfo::default()
+        }
+    }
+
+    #[test]
+    fn a_postgres_instance_with_sqlalchemy_2_1_fails_and_says_what_to_pin() {
+        let postgres = "dagster_postgres.run_storage.PostgresRunStorage";
+        let broken = info(
+            postgres,
+            &[
+                ("sqlalchemy", Some("2.1.9")),
+                ("dagster-postgres", Some("0.29.27")),
+            ],
+        );
+        let Outcome::Failed(text) = storage_outcome(&broken) else {
+            panic!("{:?}", storage_outcome(&broken));
+        };
+        assert!(text.contains("'sqlalchemy<2.1'"), "{text}");
+        let fine = info(
+            postgres,
+            &[
+                ("sqlalchemy", Some("2.0.44")),
+                ("dagster-postgres", Some("0.29.27")),
+            ],
+        );
+        assert_eq!(storage_outcome(&fine), Outcome::Passed(postgres.into()));
+        // dagster-postgres installed beside a SQLite instance: the pin is only a warning.
+        let sqlite = "dagster._core.storage.runs.SqliteRunStorage";
+        let installed = info(
+            sqlite,
+            &[
+                ("sqlalchemy", Some("2.1.0")),
+                ("dagster-postgres", Some("0.29.27")),
+            ],
+        );
+        assert!(
+            matches!(storage_outcome(&installed), Outcome::Warned(t) if t.contains("psycopg 3"))
+        );
+        let local = info(
+            sqlite,
+            &[("sqlalchemy", Some("2.1.0")), ("dagster-postgres", None)],
+        );
+        assert!(
+            matches!(storage_outcome(&local), Outcome::Warned(t) if t.contains("SQLite files under /srv/dagster"))
+        );
+        assert!(!sqlalchemy_maps_postgresql_to_psycopg3("2.0.99"));
+        assert!(sqlalchemy_maps_postgresql_to_psycopg3("2.1.0b1"));
+        assert!(sqlalchemy_maps_postgresql_to_psycopg3("3.0"));
+    }
+
+    #[test]
+    fn an_instance_without_runs_is_a_warning_and_one_with_runs_names_the_latest() {
+        let mut i = info("x", &[]);
+        assert!(
+            matches!(instance_outcome(&i, chrono::Utc::now()), Outcome::Warned(t) if t.contains("no runs yet"))
+        );
+        let now = chrono::Utc::now();
+        i.latest_run = Some(crate::dagster::LatestRun {
+            run_id: "r1".into(),
+            status: "SUCCESS".into(),
+            created: (now.timestamp() - 600) as f64,
+        });
+        assert_eq!(
+            instance_outcome(&i, now),
+            Outcome::Passed("its latest run is r1 (SUCCESS, created 10 min ago)".into())
+        );
     }
 }

@@ -437,9 +437,22 @@ class Bridge:
         tell an outage of the storage from an error of that request."""
         result: dict[str, Any] = {"dagster_version": dagster.__version__, "pid": os.getpid()}
         if params.get("describe"):
-            packed_ref = json.loads(serialize_value(self.instance().get_ref()))
+            instance = self.instance()
+            packed_ref = json.loads(serialize_value(instance.get_ref()))
             result["instance_ref"] = packed_ref
             result["storages"] = _storage_classes(packed_ref)
+            result["root_directory"] = instance.root_directory
+            result["packages"] = _package_versions()
+            records = instance.get_run_records(limit=1)
+            result["latest_run"] = (
+                {
+                    "run_id": records[0].dagster_run.run_id,
+                    "status": records[0].dagster_run.status.value,
+                    "created": records[0].create_timestamp.timestamp(),
+                }
+                if records
+                else None
+            )
         if "instance_ref" in params:
             run_id = params.get("run_id")
             if run_id is not None and not isinstance(run_id, str):
@@ -621,14 +634,36 @@ class Bridge:
 
 
 def _storage_classes(packed_ref: dict[str, Any]) -> dict[str, str]:
-    """``module.Class`` of each storage of a packed instance ref, as serialized (the form a
-    message carries), to tell a message's foreign ``instance_ref`` apart: paths legitimately
-    differ between hosts, storage classes do not."""
+    """``module.Class`` of each storage and of the instance class of a packed instance ref,
+    as serialized (the form a message carries), ``""`` for one it does not set, to tell a
+    message's foreign ``instance_ref`` apart: paths legitimately differ between hosts,
+    classes do not."""
     found: dict[str, str] = {}
-    for name in ("run_storage_data", "event_storage_data", "schedule_storage_data", "storage_data"):
+    for name in (
+        "run_storage_data",
+        "event_storage_data",
+        "schedule_storage_data",
+        "storage_data",
+        "custom_instance_class_data",
+    ):
         data = packed_ref.get(name)
-        if isinstance(data, dict):
-            found[name] = f"{data.get('module_name')}.{data.get('class_name')}"
+        found[name] = (
+            f"{data.get('module_name')}.{data.get('class_name')}" if isinstance(data, dict) else ""
+        )
+    return found
+
+
+def _package_versions() -> dict[str, str | None]:
+    """Versions of the packages whose combination decides whether a PostgreSQL instance
+    works (``None``: not installed), for ``doctor``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("sqlalchemy", "dagster-postgres", "psycopg2-binary", "psycopg2"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
     return found
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import boto3
 import pytest
+from bed import Bed
 from dagster import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 
@@ -249,3 +250,19 @@ def make_stack(
     yield make
     for s in started:
         assert s.controller.stop() == 0, (tmp_path / "controller.log").read_text()[-4000:]
+
+
+@pytest.fixture
+def bed(
+    aws_env: dict[str, str],
+    dagster_home: Path,
+    instance: DagsterInstance,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Bed]:
+    """Queues and a ledger for controllers a test starts (python/tests/bed.py)."""
+    b = Bed(aws_env, dagster_home, instance, tmp_path, monkeypatch)
+    try:
+        yield b
+    finally:
+        b.stop_all()

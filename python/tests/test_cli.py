@@ -11,6 +11,8 @@ from pathlib import Path
 import boto3
 import pytest
 from conftest import child_env
+from dagster import DagsterInstance
+from dagster._core.storage.dagster_run import DagsterRun
 
 from dagster_taskiq_controller_testing.stack import (
     Queues,
@@ -61,10 +63,30 @@ def check_line(output: str, name: str) -> str:
 def test_doctor_passes_on_a_correct_setup(queues: Queues, dagster_home: Path) -> None:
     result = doctor(queues.queue_url)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.rstrip().endswith("all checks passed"), result.stdout
+    # The embedded SQLite instance works on one host, and it has no runs yet: two warnings.
+    assert result.stdout.rstrip().endswith("all checks passed, 2 warning(s)"), result.stdout
     assert f"dead-letter queue: {queues.dlq_url} (maxReceiveCount 10" in result.stdout
     assert "runs the bridge with dagster 1." in check_line(result.stdout, "dagster bridge")
     assert check_line(result.stdout, "ECS cluster").startswith("[skip]")
+    storage = check_line(result.stdout, "dagster storage")
+    assert storage.startswith("[warn]") and f"SQLite files under {dagster_home}" in storage
+    assert "no runs yet" in check_line(result.stdout, "dagster instance")
+
+
+@pytest.mark.parametrize("dagster_storage", ["postgres"])
+def test_doctor_reads_the_latest_run_of_a_postgres_instance(
+    queues: Queues, instance: DagsterInstance
+) -> None:
+    """A controller on its own host: doctor proves its instance is the runs' one by reading
+    the latest run, and a PostgreSQL storage with the pinned SQLAlchemy passes."""
+    run = instance.add_run(DagsterRun(job_name="somebody_elses_job", run_id=str(uuid.uuid4())))
+    result = doctor(queues.queue_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.rstrip().endswith("all checks passed"), result.stdout
+    line = check_line(result.stdout, "dagster instance")
+    assert line.startswith("[ok  ]") and f"its latest run is {run.run_id}" in line, line
+    line = check_line(result.stdout, "dagster storage")
+    assert line.startswith("[ok  ]") and "PostgresRunStorage" in line, line
 
 
 def test_doctor_names_a_missing_queue(moto_server: str, aws_env: dict[str, str]) -> None:

@@ -5,14 +5,12 @@ and real processes."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,145 +18,27 @@ from typing import Any
 import boto3
 import jobs
 import pytest
+from bed import (
+    Bed,
+    alive,
+    api,
+    duplicate_the_first_message,
+    lead_executions,
+    metrics,
+    run_in_background,
+    running_pids,
+    settled_records,
+)
 from conftest import VECTORS_DIR, wait_for
 from dagster import DagsterInstance, execute_job
 from faultproxy import FaultProxy
-from ledger import executions, overlaps
+from ledger import overlaps
 
 from dagster_taskiq_controller_testing import faulty_bridge
 from dagster_taskiq_controller_testing.postgres import PostgresServer, TcpRelay, write_dagster_yaml
-from dagster_taskiq_controller_testing.stack import Controller, MotoServer, Queues, create_queues
+from dagster_taskiq_controller_testing.stack import Controller, MotoServer
 
 pytestmark = pytest.mark.controller
-
-
-class Bed:
-    """Queues, a ledger and a way to start controllers against them."""
-
-    def __init__(
-        self,
-        aws_env: dict[str, str],
-        dagster_home: Path,
-        instance: DagsterInstance,
-        tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch,
-        visibility_timeout: int = 5,
-    ) -> None:
-        self.aws_env = aws_env
-        self.dagster_home = dagster_home
-        self.instance = instance
-        self.tmp_path = tmp_path
-        self.visibility_timeout = visibility_timeout
-        self.queues: Queues = create_queues(
-            aws_env["AWS_ENDPOINT_URL"],
-            f"steps-{uuid.uuid4().hex[:10]}",
-            visibility_timeout=visibility_timeout,
-            max_receive_count=20,
-        )
-        monkeypatch.setenv("DAGSTER_TASKIQ_SQS_QUEUE_URL", self.queues.queue_url)
-        self.ledger = tmp_path / "ledger.jsonl"
-        self.controllers: list[Controller] = []
-
-    def controller(
-        self, *args: str, endpoint: str | None = None, env: dict[str, str] | None = None
-    ) -> Controller:
-        env = {
-            **self.aws_env,
-            "DAGSTER_HOME": str(self.dagster_home),
-            jobs.LEDGER_ENV: str(self.ledger),
-            **(env or {}),
-        }
-        if endpoint:
-            env["AWS_ENDPOINT_URL"] = endpoint
-        c = Controller(
-            queue_url=self.queues.queue_url,
-            env=env,
-            args=(
-                "--receive-wait",
-                "1",
-                "--visibility-timeout",
-                str(self.visibility_timeout),
-                "--backoff-base",
-                "0.5",
-                "--backoff-cap",
-                "3",
-                *args,
-            ),
-            log_path=self.tmp_path / f"controller-{len(self.controllers)}.log",
-        )
-        self.controllers.append(c)
-        return c.start()
-
-    def queue_empty(self, url: str | None = None) -> bool:
-        attributes = boto3.client("sqs").get_queue_attributes(
-            QueueUrl=url or self.queues.queue_url,
-            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-        )["Attributes"]
-        return all(v == "0" for v in attributes.values())
-
-    def stop_all(self) -> None:
-        for c in self.controllers:
-            c.stop()
-
-
-@pytest.fixture
-def bed(
-    aws_env: dict[str, str],
-    dagster_home: Path,
-    instance: DagsterInstance,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Bed]:
-    b = Bed(aws_env, dagster_home, instance, tmp_path, monkeypatch)
-    try:
-        yield b
-    finally:
-        b.stop_all()
-
-
-def api(controller: Controller, path: str) -> Any:
-    with urllib.request.urlopen(f"{controller.dashboard_url}{path}", timeout=5) as r:
-        return json.load(r)
-
-
-def metrics(controller: Controller) -> str:
-    with urllib.request.urlopen(f"{controller.dashboard_url}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def run_in_background(instance: DagsterInstance, job_name: str) -> tuple[threading.Thread, dict]:
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        with execute_job(jobs.recon(job_name), instance) as result:
-            outcome["success"] = result.success
-            outcome["run_id"] = result.run_id
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
-def running_pids(controller: Controller) -> list[int]:
-    return [
-        int(r["locator"].removeprefix("pid "))
-        for r in api(controller, "/api/v1/steps")
-        if r["state"] == "running"
-    ]
-
-
-def settled_records(controller: Controller) -> list[dict[str, Any]] | None:
-    """The controller's step records once none is still being worked on, else None."""
-    records = api(controller, "/api/v1/steps")
-    return None if any(r["active"] for r in records) else records
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_kill_9_of_the_controller_loses_nothing_and_never_overlaps_an_attempt(bed: Bed) -> None:
@@ -184,50 +64,6 @@ def test_kill_9_of_the_controller_loses_nothing_and_never_overlaps_an_attempt(be
     relaunched = [r for r in seen if r["receive_count"] >= 2]
     assert len(relaunched) >= len(pids), relaunched
     assert all(r["state"] == "acked" for r in relaunched), relaunched
-
-
-def take_the_first_message(bed: Bed) -> dict[str, Any]:
-    """Takes the run's first step message off the queue (deleted), to put back changed."""
-    sqs = boto3.client("sqs")
-    url = bed.queues.queue_url
-
-    def first() -> dict[str, Any] | None:
-        got = sqs.receive_message(
-            QueueUrl=url,
-            MaxNumberOfMessages=1,
-            WaitTimeSeconds=1,
-            VisibilityTimeout=60,
-            MessageAttributeNames=["All"],
-        ).get("Messages")
-        return got[0] if got else None
-
-    message = wait_for(first, 60, "the run's first step message")
-    sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-    return message
-
-
-def put_back(bed: Bed, message: dict[str, Any], body: str | None = None, copies: int = 1) -> None:
-    extra = (
-        {"MessageAttributes": message["MessageAttributes"]}
-        if "MessageAttributes" in message
-        else {}
-    )
-    for _ in range(copies):
-        boto3.client("sqs").send_message(
-            QueueUrl=bed.queues.queue_url, MessageBody=body or message["Body"], **extra
-        )
-
-
-def duplicate_the_first_message(bed: Bed) -> None:
-    """Two copies of the run's first step message instead of one, as an SQS duplicate
-    delivery (or a requeue whose delete failed) leaves them."""
-    put_back(bed, take_the_first_message(bed), copies=2)
-
-
-def lead_executions(bed: Bed) -> dict[int, tuple[float, float]]:
-    runs = [spans for key, spans in executions(bed.ledger).items() if key[1] == "lead"]
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 def test_one_copy_of_an_attempt_to_each_of_two_replicas_runs_it_once(bed: Bed) -> None:
@@ -256,34 +92,6 @@ def test_both_copies_of_an_attempt_on_one_replica_run_it_once(bed: Bed) -> None:
     wait_for(bed.queue_empty, 60, "every message to be deleted")
     assert overlaps(bed.ledger) == []
     assert len(lead_executions(bed)) == 1, lead_executions(bed)
-
-
-def test_a_message_naming_a_hostile_instance_runs_against_the_controllers_own(
-    bed: Bed, tmp_path: Path
-) -> None:
-    marker = tmp_path / "hostile-handler-ran"
-    elsewhere = tmp_path / "elsewhere"
-    thread, outcome = run_in_background(bed.instance, "diamond")
-    message = take_the_first_message(bed)
-    body = json.loads(message["Body"])
-    ref = body["kwargs"]["execute_step_args_packed"]["instance_ref"]
-    # Configuration that runs code where an instance is built from it, and storages elsewhere.
-    handler = {"()": "os.system", "command": f"touch {marker}"}
-    ref["settings"] = {"python_logs": {"dagster_handler_config": {"handlers": {"x": handler}}}}
-    for storage in ("event_storage_data", "schedule_storage_data"):
-        ref[storage]["config_yaml"] = f"base_dir: {elsewhere / storage}\n"
-    # A storage of another kind: the controller counts the message as naming another instance.
-    ref["run_storage_data"]["module_name"] = "dagster_postgres.run_storage"
-    ref["run_storage_data"]["class_name"] = "PostgresRunStorage"
-    ref["run_storage_data"]["config_yaml"] = "postgres_url: postgresql://attacker.invalid/db\n"
-    put_back(bed, message, json.dumps(body))
-    controller = bed.controller()
-    thread.join(120)
-    assert outcome.get("success") is True, "the step ran against the run's own instance"
-    assert not marker.exists(), "the message's logging handler ran"
-    assert not elsewhere.exists(), "a storage of the message's instance was opened"
-    counted = [line for line in metrics(controller).splitlines() if "foreign_instance" in line]
-    assert "dagster_taskiq_foreign_instance_refs_total 1" in counted, counted
 
 
 @pytest.fixture

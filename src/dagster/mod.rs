@@ -272,25 +272,65 @@ pub struct BridgeInfo {
     /// The packed `InstanceRef` of the controller's instance: every step runs against it.
     #[serde(default)]
     pub instance_ref: Value,
-    /// `module.Class` of each of its storages, by `InstanceRef` field.
+    /// `module.Class` of each of its storages and of its instance class, by `InstanceRef`
+    /// field (`""` for one the instance does not set).
     #[serde(default)]
     pub storages: BTreeMap<String, String>,
+    /// The instance's root directory (`DAGSTER_HOME`).
+    #[serde(default)]
+    pub root_directory: Option<String>,
+    /// The instance's most recently created run, if it has any.
+    #[serde(default)]
+    pub latest_run: Option<LatestRun>,
+    /// Versions of the packages a PostgreSQL instance depends on (`None`: not installed).
+    #[serde(default)]
+    pub packages: BTreeMap<String, Option<String>>,
+}
+
+/// A run, as `doctor` shows that the controller's instance is the one the runs live in.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LatestRun {
+    pub run_id: String,
+    pub status: String,
+    /// When the run was created, in seconds since the epoch.
+    pub created: f64,
 }
 
 impl BridgeInfo {
-    /// Whether a message's `instance_ref` names storages of other classes than the pinned
-    /// instance's (it is ignored either way; paths differ legitimately between hosts).
+    /// Whether a run storage of the instance keeps its data in SQLite files on this host.
+    pub(crate) fn stores_in_sqlite(&self) -> bool {
+        self.storages.values().any(|class| class.contains("Sqlite"))
+    }
+
+    /// Whether the instance's storage is PostgreSQL (dagster-postgres).
+    pub(crate) fn stores_in_postgres(&self) -> bool {
+        self.storages
+            .values()
+            .any(|class| class.contains("Postgres"))
+    }
+
+    /// The installed version of a Python package, if installed.
+    pub(crate) fn package(&self, name: &str) -> Option<&str> {
+        self.packages.get(name).and_then(|v| v.as_deref())
+    }
+
+    /// Whether a message's `instance_ref` names storages or an instance class other than the
+    /// pinned instance's (it is ignored either way; paths differ legitimately between hosts).
     pub(crate) fn is_foreign(&self, instance_ref: &Value) -> bool {
         if instance_ref.is_null() {
             return false;
         }
         self.storages.iter().any(|(field, class)| {
             let data = &instance_ref[field.as_str()];
-            let named = format!(
-                "{}.{}",
-                data["module_name"].as_str().unwrap_or_default(),
-                data["class_name"].as_str().unwrap_or_default()
-            );
+            let named = if data.is_object() {
+                format!(
+                    "{}.{}",
+                    data["module_name"].as_str().unwrap_or("None"),
+                    data["class_name"].as_str().unwrap_or("None")
+                )
+            } else {
+                String::new()
+            };
             &named != class
         })
     }
@@ -428,5 +468,41 @@ mod tests {
         }
         let json = serde_json::to_string(&RunStatus::Other("SUSPENDED".into())).unwrap();
         assert_eq!(json, r#""SUSPENDED""#);
+    }
+
+    #[test]
+    fn a_ref_is_foreign_when_a_storage_or_the_instance_class_differs_not_a_path() {
+        let sqlite = |dir: &str| {
+            serde_json::json!({
+                "module_name": "dagster._core.storage.runs",
+                "class_name": "SqliteRunStorage",
+                "config_yaml": format!("base_dir: {dir}\n"),
+            })
+        };
+        let pinned = BridgeInfo {
+            storages: BTreeMap::from([
+                (
+                    "run_storage_data".to_string(),
+                    "dagster._core.storage.runs.SqliteRunStorage".to_string(),
+                ),
+                ("custom_instance_class_data".to_string(), String::new()),
+            ]),
+            ..BridgeInfo::default()
+        };
+        let ours_elsewhere = serde_json::json!({"run_storage_data": sqlite("/other/host")});
+        assert!(
+            !pinned.is_foreign(&ours_elsewhere),
+            "paths differ between hosts"
+        );
+        assert!(!pinned.is_foreign(&Value::Null));
+
+        let mut custom_class = ours_elsewhere.clone();
+        custom_class["custom_instance_class_data"] =
+            serde_json::json!({"module_name": "evil", "class_name": "Instance", "config_yaml": ""});
+        assert!(pinned.is_foreign(&custom_class));
+
+        let mut other_storage = ours_elsewhere;
+        other_storage["run_storage_data"]["class_name"] = "PostgresRunStorage".into();
+        assert!(pinned.is_foreign(&other_storage));
     }
 }
