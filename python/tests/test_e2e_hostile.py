@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import boto3
-from bed import Bed, metrics, run_in_background
+import jobs
+from bed import Bed, api, metrics, put_back, run_in_background
 from conftest import wait_for
+from dagster import execute_job
 
 from dagster_taskiq_controller_testing.hostile_import import MARKER_ENV
 
@@ -116,3 +120,125 @@ def test_hostile_instance_refs_are_ignored_and_the_steps_run_on_the_controllers_
     # is not (paths differ legitimately between hosts).
     counted = [line for line in metrics(controller).splitlines() if "foreign_instance" in line]
     assert "dagster_taskiq_foreign_instance_refs_total 2" in counted, counted
+
+
+def dead_letters(bed: Bed, count: int) -> dict[str, dict[str, Any]]:
+    """The attributes of the next `count` dead letters (deleted), by original message id."""
+    sqs = boto3.client("sqs")
+    dead: dict[str, dict[str, Any]] = {}
+
+    def enough() -> bool:
+        got = sqs.receive_message(
+            QueueUrl=bed.queues.dlq_url,
+            MaxNumberOfMessages=10,
+            MessageAttributeNames=["All"],
+            WaitTimeSeconds=1,
+        )
+        for m in got.get("Messages", []):
+            attributes = m["MessageAttributes"]
+            dead[attributes["dagster_taskiq_original_message_id"]["StringValue"]] = attributes
+            sqs.delete_message(QueueUrl=bed.queues.dlq_url, ReceiptHandle=m["ReceiptHandle"])
+        return len(dead) >= count
+
+    wait_for(enough, 120, f"{count} dead letters")
+    return dead
+
+
+def test_extended_payloads_from_a_foreign_bucket_or_over_the_limit_are_dead_lettered_unread(
+    bed: Bed,
+) -> None:
+    """Two extended (S3) pointers carry a real step of a waiting run: one to a bucket outside
+    --payload-bucket, one to an object over --max-payload-bytes. Neither runs; each is
+    dead-lettered with its reason. The step's own message then runs it."""
+    s3 = boto3.client("s3")
+    suffix = uuid.uuid4().hex[:10]
+    allowed, foreign = f"payloads-{suffix}", f"foreign-{suffix}"
+    for bucket in (allowed, foreign):
+        s3.create_bucket(Bucket=bucket)
+    thread, outcome = run_in_background(bed.instance, "diamond")
+    (message,) = take_messages(bed, 1)
+    body = json.loads(message["Body"])
+    key = f"{body['task_id']}.json"
+    # As is, in the foreign bucket: fetched, it would run.
+    s3.put_object(Bucket=foreign, Key=key, Body=message["Body"].encode())
+    # Padded past the limit, in the allowed bucket.
+    body["kwargs"]["executable_dict"]["padding"] = "x" * 300_000
+    s3.put_object(Bucket=allowed, Key=key, Body=json.dumps(body).encode())
+    sqs = boto3.client("sqs")
+    extended = {"s3_extended_message": {"DataType": "String", "StringValue": "True"}}
+    reasons = {}
+    for bucket, reason in ((foreign, "extended_payload_refused"), (allowed, "too_large")):
+        pointer = json.dumps({"s3_bucket": bucket, "s3_key": key})
+        sent = sqs.send_message(
+            QueueUrl=bed.queues.queue_url, MessageBody=pointer, MessageAttributes=extended
+        )
+        reasons[sent["MessageId"]] = reason
+
+    controller = bed.controller("--payload-bucket", allowed, "--max-payload-bytes", "262144")
+    dead = dead_letters(bed, 2)
+    details = {}
+    for message_id, reason in reasons.items():
+        assert dead[message_id]["dagster_taskiq_error"]["StringValue"] == reason, dead
+        details[reason] = dead[message_id]["dagster_taskiq_error_detail"]["StringValue"]
+    refused = details["extended_payload_refused"]
+    assert f'bucket "{foreign}" is not in --payload-bucket' in refused, refused
+    too_large = details["too_large"]
+    assert "over the --max-payload-bytes limit of 262144 bytes" in too_large, too_large
+    assert "xxxxxxxx" not in too_large, "the detail quotes the payload"
+    assert "dagster_taskiq_steps_launched_total" not in metrics(controller), "a pointer ran"
+
+    put_back(bed, message)
+    thread.join(180)
+    assert outcome.get("success") is True, "the run completes from the step's own message"
+
+
+def peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE)
+    assert match, status
+    return int(match.group(1))
+
+
+LINE_BOUND = 8192
+MIB = 1 << 20
+
+
+def test_an_unbounded_output_line_is_cut_and_the_controllers_memory_stays_bounded(
+    bed: Bed,
+) -> None:
+    """A step prints 64 MiB with no newline on stdout, then as much on stderr. It completes;
+    each line reaches the log (and stderr the step's tail) cut at 8 KiB with a marker; the
+    controller's peak RSS grows less than 32 MiB over its peak after a quiet run of the same
+    job (holding either line whole takes 64 MiB)."""
+    controller = bed.controller(env={"RUST_LOG": "info,step::stdout=debug"})
+    assert controller.process is not None and controller.log_path is not None
+    pid = controller.process.pid
+
+    def run(mebibytes: int) -> str:
+        run_config = {"ops": {"loud_op": {"config": {"mebibytes": mebibytes}}}}
+        with execute_job(jobs.recon("loud"), bed.instance, run_config=run_config) as result:
+            assert result.success
+            return result.run_id
+
+    run(0)
+    baseline = peak_rss_kib(pid)
+    run_id = run(64)
+    growth = peak_rss_kib(pid) - baseline
+    assert growth < 32 * 1024, f"peak RSS grew {growth} KiB over {baseline} KiB"
+
+    # The whole stdout line is the op's 64 MiB: all but the first 8 KiB are cut.
+    log = controller.log_path.read_text(errors="replace")
+    marker = f"{'x' * 100} …[truncated {64 * MIB - LINE_BOUND} bytes]"
+    assert any("step::stdout" in line and marker in line for line in log.splitlines())
+    cut = [int(n) for n in re.findall(r"…\[truncated (\d+) bytes\]", log)]
+    assert len([n for n in cut if n >= 64 * MIB - LINE_BOUND]) == 2, cut
+
+    def settled() -> list[dict[str, Any]]:
+        records = api(controller, f"/api/v1/steps?run={run_id}")
+        return [r for r in records if not r["active"]]
+
+    (record,) = wait_for(settled, 30, "the step's record to settle")
+    tail = record["stderr_tail"]
+    (long_line,) = [line for line in tail if "…[truncated" in line]
+    assert long_line.startswith("x" * LINE_BOUND), long_line[:100]
+    assert max(len(line.encode()) for line in tail) < LINE_BOUND + 64
