@@ -175,6 +175,7 @@ impl RunArgs {
         self.dashboard.validate()?;
         self.warm.validate()?;
         self.step_env.policy()?;
+        self.taskiq.validate()?;
         if self.ecs_enabled() {
             self.ecs.config("validation")?;
         }
@@ -249,6 +250,18 @@ mod tests {
         assert!(
             Cli::try_parse_from(["x", "run", "--queue-url", "u", "--backoff-cap", "soon"]).is_err()
         );
+        let err = args(&["--max-payload-bytes", "1000"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("--max-payload-bytes"), "{err}");
+        let err = args(&["--payload-bucket", "s3://bucket"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("--payload-bucket"), "{err}");
+        let a = args(&["--payload-bucket", "a-1", "--payload-bucket", "b.2"]);
+        a.validate().unwrap();
+        assert_eq!(a.taskiq.payload_buckets, ["a-1", "b.2"]);
+        assert_eq!(a.taskiq.max_payload_bytes, 8 * 1024 * 1024);
         let err = args(&["--admin-token", "short"]).validate().unwrap_err();
         assert!(err.to_string().starts_with("--admin-token"), "{err}");
         args(&["--admin-token", "0123456789abcdef"])

@@ -16,6 +16,11 @@ use serde_json::Value;
 
 /// SQS refuses larger bodies; anything bigger that reaches us is not ours.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Most characters of a message's own text that an error quotes: errors go to the log, the
+/// dead-letter attribute, the taskiq result and Dagster, and a body is not theirs to copy.
+const EXCERPT_CHARS: usize = 64;
+/// Most characters of a JSON parser's message (which may quote the value it choked on).
+const PARSER_MESSAGE_CHARS: usize = 160;
 /// The only TaskIQ task the controller runs.
 pub(crate) const TASK_NAME: &str = "execute_plan";
 
@@ -46,7 +51,8 @@ impl std::str::FromStr for LauncherKind {
             "process" => Ok(Self::Process),
             "ecs" => Ok(Self::Ecs),
             other => Err(format!(
-                "unknown launcher {other:?} (expected process or ecs)"
+                "unknown launcher {:?} (expected process or ecs)",
+                excerpt(other)
             )),
         }
     }
@@ -156,6 +162,13 @@ pub enum Poison {
     /// An extended (S3) message whose pointer is malformed or whose object is gone.
     #[error("extended payload cannot be read: {0}")]
     InvalidExtendedPayload(String),
+    /// An extended (S3) message that points outside the buckets this controller reads
+    /// (`--payload-bucket`): the object is never fetched.
+    #[error("extended payload refused: {0}")]
+    ExtendedPayloadRefused(String),
+    /// An extended (S3) payload over `--max-payload-bytes` (read no further than that).
+    #[error("extended payload is at least {size} bytes, over the --max-payload-bytes limit of {limit} bytes")]
+    PayloadTooLarge { size: u64, limit: usize },
 }
 
 impl Poison {
@@ -175,6 +188,8 @@ impl Poison {
             Poison::InvalidLabel { .. } => "invalid_label",
             Poison::LabelMismatch { .. } => "label_mismatch",
             Poison::InvalidExtendedPayload(_) => "invalid_extended_payload",
+            Poison::ExtendedPayloadRefused(_) => "extended_payload_refused",
+            Poison::PayloadTooLarge { .. } => "too_large",
         }
     }
 }
@@ -228,7 +243,7 @@ pub fn decode(body: &str) -> Result<StepRequest, Poison> {
 }
 
 /// Decodes and validates a body of at most `limit` bytes: [`MAX_BODY_BYTES`] for an SQS body,
-/// more for a body resolved from S3 (`MAX_EXTENDED_BODY_BYTES` in src/taskiq/extended.rs).
+/// more for a body resolved from S3 (`--max-payload-bytes`).
 pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest, Poison> {
     if body.len() > limit {
         return Err(Poison::TooLarge {
@@ -237,20 +252,20 @@ pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest,
         });
     }
     let raw: RawMessage = serde_json::from_str(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Poison::InvalidShape(e.to_string()),
-        _ => Poison::InvalidJson(e.to_string()),
+        serde_json::error::Category::Data => Poison::InvalidShape(json_error(&e)),
+        _ => Poison::InvalidJson(json_error(&e)),
     })?;
     if !is_identifier(&raw.task_id, 64) {
-        return Err(Poison::InvalidTaskId(raw.task_id));
+        return Err(Poison::InvalidTaskId(excerpt(&raw.task_id)));
     }
     if raw.task_name != TASK_NAME {
-        return Err(Poison::WrongTaskName(raw.task_name));
+        return Err(Poison::WrongTaskName(excerpt(&raw.task_name)));
     }
     if !raw.args.is_empty() {
         return Err(Poison::UnexpectedArgs(raw.args.len()));
     }
     let packed: PackedStepArgs = serde_json::from_str(raw.kwargs.execute_step_args_packed.get())
-        .map_err(|e| Poison::InvalidStepArgs(e.to_string()))?;
+        .map_err(|e| Poison::InvalidStepArgs(json_error(&e)))?;
     let [args_step_key] = <[String; 1]>::try_from(packed.step_keys_to_execute)
         .map_err(|keys| Poison::StepCount(keys.len()))?;
     let args_attempt = packed
@@ -272,12 +287,12 @@ pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest,
         Some(text) => {
             let value: u32 = text.parse().map_err(|_| Poison::InvalidLabel {
                 label: labels::ATTEMPT,
-                reason: format!("{text:?} is not a non-negative integer"),
+                reason: format!("{:?} is not a non-negative integer", excerpt(text)),
             })?;
             if value != args_attempt {
                 return Err(Poison::LabelMismatch {
                     label: labels::ATTEMPT,
-                    label_value: text.to_owned(),
+                    label_value: excerpt(text),
                     args_value: args_attempt.to_string(),
                 });
             }
@@ -285,22 +300,22 @@ pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest,
         }
     };
     if !is_identifier(&run_id, 64) {
-        return Err(Poison::InvalidRunId(run_id));
+        return Err(Poison::InvalidRunId(excerpt(&run_id)));
     }
     if !is_step_key(&step_key) {
-        return Err(Poison::InvalidStepKey(step_key));
+        return Err(Poison::InvalidStepKey(excerpt(&step_key)));
     }
 
     let launcher = parse_label(&labels, labels::LAUNCHER, |s| s.parse::<LauncherKind>())?;
     let priority = parse_label(&labels, labels::PRIORITY, |s| {
         s.parse::<i32>()
-            .map_err(|_| format!("{s:?} is not an integer"))
+            .map_err(|_| format!("{:?} is not an integer", excerpt(s)))
     })?
     .unwrap_or(0);
     let timeout = parse_label(&labels, labels::TIMEOUT, parse_timeout)?;
     let tags = parse_label(&labels, labels::TAGS, |s| {
         serde_json::from_str::<BTreeMap<String, String>>(s)
-            .map_err(|e| format!("not a JSON object of strings: {e}"))
+            .map_err(|e| format!("not a JSON object of strings: {}", json_error(&e)))
     })?
     .unwrap_or_default();
     let job_name = parse_label(&labels, labels::JOB_NAME, |s| {
@@ -308,7 +323,8 @@ pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest,
             Ok(s.to_owned())
         } else {
             Err(format!(
-                "{s:?} is not a Dagster name (1 to 255 characters of [A-Za-z0-9_])"
+                "{:?} is not a Dagster name (1 to 255 characters of [A-Za-z0-9_])",
+                excerpt(s)
             ))
         }
     })?;
@@ -513,8 +529,8 @@ fn agree(
     match label(labels, name) {
         Some(label_value) if label_value != args_value => Err(Poison::LabelMismatch {
             label: name,
-            label_value: label_value.to_owned(),
-            args_value,
+            label_value: excerpt(label_value),
+            args_value: excerpt(&args_value),
         }),
         _ => Ok(args_value),
     }
@@ -550,11 +566,40 @@ pub(crate) fn launch_settings_of(
 fn parse_timeout(text: &str) -> Result<Duration, String> {
     let seconds: f64 = text
         .parse()
-        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+        .map_err(|_| format!("{:?} is not a number of seconds", excerpt(text)))?;
     if !(seconds.is_finite() && seconds > 0.0 && seconds <= 7.0 * 24.0 * 3600.0) {
-        return Err(format!("{text:?} must be between 0 and 604800 seconds"));
+        return Err(format!(
+            "{:?} must be between 0 and 604800 seconds",
+            excerpt(text)
+        ));
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+/// At most [`EXCERPT_CHARS`] characters of a message's own text, for an error to quote; a
+/// longer text is cut and its size given.
+pub(crate) fn excerpt(text: &str) -> String {
+    excerpt_of(text, EXCERPT_CHARS)
+}
+
+fn excerpt_of(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        None => text.to_owned(),
+        Some((cut, _)) => format!("{}…[{} bytes]", &text[..cut], text.len()),
+    }
+}
+
+/// A JSON parser's error, which quotes the value it choked on (`invalid type: string "…"`),
+/// cut to [`PARSER_MESSAGE_CHARS`]; the position is kept.
+pub(crate) fn json_error(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    let position = format!(" at line {} column {}", error.line(), error.column());
+    match text.strip_suffix(&position) {
+        Some(message) if error.line() > 0 => {
+            format!("{}{position}", excerpt_of(message, PARSER_MESSAGE_CHARS))
+        }
+        _ => excerpt_of(&text, PARSER_MESSAGE_CHARS),
+    }
 }
 
 /// Whether `task_id` is a valid task id (1 to 64 characters of `[0-9A-Za-z_-]`).
@@ -779,6 +824,59 @@ mod tests {
         let bad_task = body(serde_json::json!({}), packed("r", "s", 0))
             .replace("0123456789abcdef0123456789abcdef", "a b");
         assert_eq!(identify(&bad_task), Identity::default());
+    }
+
+    #[test]
+    fn no_error_quotes_more_than_an_excerpt_of_the_body() {
+        let secret = "s3cr3t".repeat(100_000);
+        let ok = || body(serde_json::json!({}), packed("r", "s", 0));
+        let swap = |what: &str| ok().replacen(what, &secret, 1);
+        let mut bodies = vec![
+            swap("0123456789abcdef0123456789abcdef"), // task id
+            swap("execute_plan"),                     // task name
+            format!("{{\"task_id\": 7, \"x\": \"{secret}\"}}"),
+            format!("{{\"task_id\": \"{secret}\""), // not JSON
+            ok().replacen("[]", &format!("[\"{secret}\"]"), 1), // args: a count
+        ];
+        for (label, value) in [
+            ("dagster_run_id", secret.clone()),
+            ("dagster_attempt", secret.clone()),
+            ("dagster_priority", secret.clone()),
+            ("dagster_timeout", secret.clone()),
+            ("dagster_launcher", secret.clone()),
+            ("dagster_job_name", secret.clone()),
+            ("dagster_tags", format!("{{\"a\": 1, \"b\": \"{secret}\"}}")),
+            ("dagster_tags", format!("[\"{secret}\"]")),
+        ] {
+            bodies.push(body(
+                serde_json::json!({ label: value }),
+                packed("r", "s", 0),
+            ));
+        }
+        bodies.push(body(serde_json::json!({}), packed(&secret, "s", 0)));
+        bodies.push(body(serde_json::json!({}), packed("r", &secret, 0)));
+        let mut args = packed("r", "s", 0);
+        args["pipeline_run_id"] = Value::Array(vec![Value::String(secret.clone())]);
+        bodies.push(body(serde_json::json!({}), args));
+        for (i, b) in bodies.iter().enumerate() {
+            let err = decode_with_limit(b, 8 * MAX_BODY_BYTES).expect_err("poison");
+            let text = err.to_string();
+            assert!(
+                text.len() < 400,
+                "body {i}: {} says {} bytes",
+                err.name(),
+                text.len()
+            );
+        }
+        // The excerpt still shows the start of what was wrong, and how big it was.
+        let err = decode(&swap("execute_plan")).unwrap_err().to_string();
+        assert!(err.contains("s3cr3ts3cr3t"), "{err}");
+        assert!(err.contains("…[600000 bytes]"), "{err}");
+        assert_eq!(excerpt("ünïcödé"), "ünïcödé");
+        assert_eq!(
+            excerpt(&"é".repeat(100)),
+            format!("{}…[200 bytes]", "é".repeat(64))
+        );
     }
 
     #[test]

@@ -46,6 +46,7 @@
 
 pub mod admission;
 pub mod aws;
+pub(crate) mod bounded_lines;
 pub mod claims;
 pub mod config;
 pub mod controller;

@@ -14,6 +14,7 @@ use dagster_taskiq_controller::step_env::StepEnvironment;
 
 /// Answers every request as `ping` does, unless the file `hang` exists in its directory:
 /// then it starts a child that sleeps (to show the whole process group dies) and waits on it.
+/// While the file `huge` exists, its replies carry 17 MB of padding.
 const SIDECAR: &str = r#"
 dir=$1
 while IFS= read -r line; do
@@ -23,6 +24,12 @@ while IFS= read -r line; do
     wait
   fi
   id=$(printf '%s' "$line" | sed 's/^{"id":\([0-9]*\),.*/\1/')
+  if [ -e "$dir/huge" ]; then
+    printf '{"id": %s, "ok": true, "result": {"pad": "' "$id"
+    head -c 17000000 /dev/zero | tr '\0' x
+    printf '"}}\n'
+    continue
+  fi
   printf '{"id":%s,"ok":true,"result":{"dagster_version":"stand-in","pid":%s}}\n' "$id" "$$"
 done
 "#;
@@ -190,5 +197,42 @@ async fn requests_beyond_the_queue_limit_fail_at_once_as_busy() {
         .probe(None, None)
         .await
         .expect("a new sidecar answers");
+    bed.bridge.close().await;
+}
+
+#[tokio::test]
+async fn a_reply_over_the_limit_fails_its_request_at_once_and_the_sidecar_stays() {
+    let bed = bed(Duration::from_secs(60), 4);
+    bed.bridge.ping().await.unwrap();
+    std::fs::write(bed.dir.path().join("huge"), b"").expect("huge file");
+    let asked = Instant::now();
+    let err = bed
+        .bridge
+        .ping()
+        .await
+        .expect_err("a 17 MB reply is refused");
+    match &err {
+        BridgeError::Rejected { kind, message } => {
+            assert_eq!(kind, "reply_too_large");
+            assert!(
+                message.contains("over the 16777216-byte limit"),
+                "{message}"
+            );
+        }
+        other => panic!("expected reply_too_large, got {other:?}"),
+    }
+    // At once, not at the request's deadline.
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        asked.elapsed()
+    );
+    std::fs::remove_file(bed.dir.path().join("huge")).expect("huge file");
+    bed.bridge
+        .ping()
+        .await
+        .expect("the same sidecar answers again");
+    assert_eq!(bed.restarts(RestartCause::Timeout), 0);
+    assert_eq!(bed.restarts(RestartCause::Exited), 0);
     bed.bridge.close().await;
 }

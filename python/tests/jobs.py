@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -168,6 +169,31 @@ def self_kill() -> None:
     """kill_self dies by SIGKILL on attempt 0 (no Dagster event written), succeeds on attempt 1
     once the controller's verdict lets the RetryPolicy retry it."""
     kill_self()
+
+
+# --- loud: one unbounded output line on stdout and one on stderr ------------------------------
+
+
+class LoudConfig(Config):
+    mebibytes: int = 64
+
+
+@op
+def loud_op(config: LoudConfig) -> Output[int]:
+    """Prints ``mebibytes`` MiB with no newline to stdout, then as much to stderr."""
+    chunk = "x" * (1 << 20)
+    for stream in (sys.stdout, sys.stderr):
+        for _ in range(config.mebibytes):
+            stream.write(chunk)
+        stream.flush()
+    return _out(config.mebibytes)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def loud() -> None:
+    """loud_op prints one line of ``ops.loud_op.config.mebibytes`` (default 64) MiB on each of
+    stdout and stderr."""
+    loud_op()
 
 
 # --- slow: sleeps a configurable time ----------------------------------------------------------
@@ -663,6 +689,7 @@ ALL_JOBS = [
     ecs_exec_command,
     ecs_allowed_role,
     env_probe,
+    loud,
 ]
 JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 

@@ -6,6 +6,7 @@ overridden command and reports its real exit code; see dagster_taskiq_controller
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -407,6 +408,8 @@ def test_step_args_over_the_overrides_limit_are_offloaded_to_s3(stack: Stack) ->
         if o["Key"].startswith("dagster-taskiq/step-args/")
     ]
     bodies = [s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys]
+    # Keyed by the content's sha256, never by the message's task id.
+    assert [k.rsplit("/", 1)[1] for k in keys] == [hashlib.sha256(b).hexdigest() for b in bodies]
     # The object is DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS: base64 of zlib of the args' JSON.
     args = [json.loads(zlib.decompress(base64.b64decode(b))) for b in bodies]
     (step_args,) = [a for a in args if a["pipeline_run_id"] == run_id]

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import boto3
-from bed import Bed, metrics, run_in_background
+import jobs
+from bed import Bed, api, metrics, put_back, run_in_background
 from conftest import wait_for
-from dagster import DagsterEventType
+from dagster import DagsterEventType, execute_job
 
 from dagster_taskiq_controller_testing.hostile_import import MARKER_ENV
 
@@ -119,22 +122,26 @@ def test_hostile_instance_refs_are_ignored_and_the_steps_run_on_the_controllers_
     assert "dagster_taskiq_foreign_instance_refs_total 2" in counted, counted
 
 
-def dead_letter_reasons(bed: Bed) -> list[tuple[str, str]]:
-    """(reason, detail) of every dead letter, taken off the DLQ."""
+def dead_letters(bed: Bed, count: int) -> dict[str, dict[str, Any]]:
+    """The attributes of the next `count` dead letters (deleted), by original message id."""
     sqs = boto3.client("sqs")
-    got = sqs.receive_message(
-        QueueUrl=bed.queues.dlq_url,
-        MaxNumberOfMessages=10,
-        MessageAttributeNames=["All"],
-        WaitTimeSeconds=1,
-    ).get("Messages", [])
-    return [
-        (
-            m["MessageAttributes"]["dagster_taskiq_error"]["StringValue"],
-            m["MessageAttributes"]["dagster_taskiq_error_detail"]["StringValue"],
+    dead: dict[str, dict[str, Any]] = {}
+
+    def enough() -> bool:
+        got = sqs.receive_message(
+            QueueUrl=bed.queues.dlq_url,
+            MaxNumberOfMessages=10,
+            MessageAttributeNames=["All"],
+            WaitTimeSeconds=1,
         )
-        for m in got
-    ]
+        for m in got.get("Messages", []):
+            attributes = m["MessageAttributes"]
+            dead[attributes["dagster_taskiq_original_message_id"]["StringValue"]] = attributes
+            sqs.delete_message(QueueUrl=bed.queues.dlq_url, ReceiptHandle=m["ReceiptHandle"])
+        return len(dead) >= count
+
+    wait_for(enough, 120, f"{count} dead letters")
+    return dead
 
 
 def test_op_tags_a_message_adds_to_its_step_are_refused_and_the_step_never_runs(
@@ -156,12 +163,125 @@ def test_op_tags_a_message_adds_to_its_step_are_refused_and_the_step_never_runs(
     thread.join(120)
     assert outcome.get("success") is False
     run_id = outcome["run_id"]
-    dead = wait_for(lambda: dead_letter_reasons(bed), 30, "the refused message in the DLQ")
-    assert [reason for reason, _ in dead] == ["tags_mismatch"], dead
-    assert "ecs/run_task_kwargs differ" in dead[0][1] and "verdict recorded" in dead[0][1], dead
+    (dead,) = dead_letters(bed, 1).values()
+    assert dead["dagster_taskiq_error"]["StringValue"] == "tags_mismatch", dead
+    detail = dead["dagster_taskiq_error_detail"]["StringValue"]
+    assert "ecs/run_task_kwargs differ" in detail and "verdict recorded" in detail, detail
     started = bed.instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_START).records
     assert started == [], "the refused step started"
     failure = bed.instance.get_records_for_run(
         run_id, of_type=DagsterEventType.STEP_FAILURE
     ).records
     assert [r.event_log_entry.step_key for r in failure] == ["emit"]
+
+
+def test_extended_payloads_from_a_foreign_bucket_or_over_the_limit_are_dead_lettered_unread(
+    bed: Bed,
+) -> None:
+    """Two extended (S3) pointers carry a real step of a waiting run: one to a bucket outside
+    --payload-bucket, one to an object over --max-payload-bytes. Neither runs; each is
+    dead-lettered with its reason. The step's own message then runs it."""
+    s3 = boto3.client("s3")
+    suffix = uuid.uuid4().hex[:10]
+    allowed, foreign = f"payloads-{suffix}", f"foreign-{suffix}"
+    for bucket in (allowed, foreign):
+        s3.create_bucket(Bucket=bucket)
+    thread, outcome = run_in_background(bed.instance, "diamond")
+    (message,) = take_messages(bed, 1)
+    body = json.loads(message["Body"])
+    key = f"{body['task_id']}.json"
+    # As is, in the foreign bucket: fetched, it would run.
+    s3.put_object(Bucket=foreign, Key=key, Body=message["Body"].encode())
+    # Padded past the limit, in the allowed bucket.
+    body["kwargs"]["executable_dict"]["padding"] = "x" * 300_000
+    s3.put_object(Bucket=allowed, Key=key, Body=json.dumps(body).encode())
+    sqs = boto3.client("sqs")
+    extended = {"s3_extended_message": {"DataType": "String", "StringValue": "True"}}
+    reasons = {}
+    for bucket, reason in ((foreign, "extended_payload_refused"), (allowed, "too_large")):
+        pointer = json.dumps({"s3_bucket": bucket, "s3_key": key})
+        sent = sqs.send_message(
+            QueueUrl=bed.queues.queue_url, MessageBody=pointer, MessageAttributes=extended
+        )
+        reasons[sent["MessageId"]] = reason
+
+    controller = bed.controller("--payload-bucket", allowed, "--max-payload-bytes", "262144")
+    dead = dead_letters(bed, 2)
+    details = {}
+    for message_id, reason in reasons.items():
+        assert dead[message_id]["dagster_taskiq_error"]["StringValue"] == reason, dead
+        details[reason] = dead[message_id]["dagster_taskiq_error_detail"]["StringValue"]
+    refused = details["extended_payload_refused"]
+    assert f'bucket "{foreign}" is not in --payload-bucket' in refused, refused
+    too_large = details["too_large"]
+    assert "over the --max-payload-bytes limit of 262144 bytes" in too_large, too_large
+    assert "xxxxxxxx" not in too_large, "the detail quotes the payload"
+    assert "dagster_taskiq_steps_launched_total" not in metrics(controller), "a pointer ran"
+
+    put_back(bed, message)
+    thread.join(180)
+    assert outcome.get("success") is True, "the run completes from the step's own message"
+
+
+def peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE)
+    assert match, status
+    return int(match.group(1))
+
+
+LINE_BOUND = 8192
+MIB = 1 << 20
+
+
+def test_an_unbounded_output_line_is_cut_and_the_controllers_memory_stays_bounded(
+    bed: Bed,
+) -> None:
+    """A step prints 64 MiB with no newline on stdout, then as much on stderr. It completes;
+    each line reaches the log (and stderr the step's tail) cut at 8 KiB with a marker; the
+    controller's peak RSS grows less than 32 MiB over its peak after a quiet run of the same
+    job (a line held whole until its end takes 64 MiB, twice that while its buffer grows)."""
+    controller = bed.controller(env={"RUST_LOG": "info,step::stdout=debug"})
+    assert controller.process is not None and controller.log_path is not None
+    pid = controller.process.pid
+
+    def run(mebibytes: int) -> str:
+        run_config = {"ops": {"loud_op": {"config": {"mebibytes": mebibytes}}}}
+        with execute_job(jobs.recon("loud"), bed.instance, run_config=run_config) as result:
+            assert result.success
+            return result.run_id
+
+    run(0)
+    baseline = peak_rss_kib(pid)
+    run_id = run(64)
+    growth = peak_rss_kib(pid) - baseline
+    assert growth < 32 * 1024, f"peak RSS grew {growth} KiB over {baseline} KiB"
+
+    # Each line is logged as its first 8 KiB and a marker. (Dagster's compute-log capture
+    # mirrors a step's output through a `tail` it stops at the step's end, so the controller
+    # may see less than the op's 64 MiB: the marker counts what it saw.)
+    # The run may end before the controller reads the ends of the step's pipes.
+    log_path = controller.log_path
+
+    def cut_lines() -> list[tuple[str, str]] | None:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        found = re.findall(
+            rf"(step::std(?:out|err)): x{{{LINE_BOUND}}} …\[truncated (\d+) bytes\]$",
+            re.sub(r"\x1b\[[0-9;]*m", "", text),
+            re.MULTILINE,
+        )
+        return found if len(found) == 2 else None
+
+    found = wait_for(cut_lines, 30, "both cut lines in the controller's log")
+    assert sorted(stream for stream, _ in found) == ["step::stderr", "step::stdout"]
+    assert all(int(n) > MIB for _, n in found), found
+
+    def settled() -> list[dict[str, Any]]:
+        records = api(controller, f"/api/v1/steps?run={run_id}")
+        return [r for r in records if not r["active"]]
+
+    (record,) = wait_for(settled, 30, "the step's record to settle")
+    tail = record["stderr_tail"]
+    (long_line,) = [line for line in tail if "…[truncated" in line]
+    assert long_line.startswith("x" * LINE_BOUND), long_line[:100]
+    assert max(len(line.encode()) for line in tail) < LINE_BOUND + 64

@@ -90,6 +90,8 @@ def start_bed(
             "DAGSTER_HOME": str(dagster_home),
             "DAGSTER_TASKIQ_S3_BUCKET_NAME": result_bucket,
             "DAGSTER_TASKIQ_S3_ENDPOINT_URL": aws_env["AWS_ENDPOINT_URL"],
+            # Extended payloads are read from this bucket only.
+            "DAGSTER_TASKIQ_PAYLOAD_BUCKET": payload_bucket,
         },
         args=("--receive-wait", "1", "--shutdown-grace", "10", *controller_args),
         log_path=tmp_path / "controller.log",

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,7 @@ use super::{
     BridgeError, BridgeInfo, BridgePush, ClaimAnswer, ClaimBid, DagsterBridge, HeldClaim,
     RunStatus, StepState, Verdict, VerdictAck, PUSH_BUFFER,
 };
+use crate::bounded_lines::{BoundedLines, Line as OutputLine, MAX_LINE_BYTES};
 use crate::envelope::{AttemptId, StepRequest};
 use crate::metrics::Metrics;
 use crate::step_env::StepEnvironment;
@@ -38,6 +39,13 @@ pub(crate) const BRIDGE_MODULE: &str = "dagster_taskiq_controller.bridge";
 
 /// The one controller variable the bridge reads (bridge.py).
 const BRIDGE_LOG_LEVEL_ENV: &str = "DAGSTER_TASKIQ_BRIDGE_LOG_LEVEL";
+/// Bound of one line on the sidecar's stdout, its reply channel. The largest replies are
+/// `run_status` for every watched run (about 60 bytes a run) and errors that quote Dagster's
+/// exception; a reply over this fails its request ([`REPLY_TOO_LARGE`]) instead of being
+/// buffered whole.
+pub(crate) const MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
+/// The error kind of a request whose reply was over [`MAX_REPLY_BYTES`].
+pub(crate) const REPLY_TOO_LARGE: &str = "reply_too_large";
 
 /// How long a new sidecar may take to answer its first request.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
@@ -480,8 +488,13 @@ impl SidecarBridge {
         let answered = Arc::new(AtomicBool::new(false));
         let reader_answered = answered.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
+            let mut lines = BoundedLines::new(stdout, MAX_REPLY_BYTES);
             while let Ok(Some(line)) = lines.next_line().await {
+                if line.truncated > 0 {
+                    fail_over_long_reply(line, &reader_pending);
+                    continue;
+                }
+                let line = line.text;
                 match serde_json::from_str::<Line>(&line) {
                     Ok(Line::Response(response)) => {
                         reader_answered.store(true, Ordering::Relaxed);
@@ -504,14 +517,22 @@ impl SidecarBridge {
                         // No subscriber (yet) is fine: the poll catches up.
                         let _ = pushes.send(push);
                     }
-                    Err(e) => tracing::warn!(%e, line, "unparseable line from Dagster bridge"),
+                    Err(e) => {
+                        let line = OutputLine {
+                            text: line,
+                            truncated: 0,
+                        }
+                        .cut_to(MAX_LINE_BYTES)
+                        .marked();
+                        tracing::warn!(%e, line, "unparseable line from Dagster bridge")
+                    }
                 }
             }
         });
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
+            let mut lines = BoundedLines::new(stderr, MAX_LINE_BYTES);
             while let Ok(Some(line)) = lines.next_line().await {
-                tracing::debug!(target: "dagster_bridge", "{line}");
+                tracing::debug!(target: "dagster_bridge", "{}", line.marked());
             }
         });
         let waiter_exited = exited.clone();
@@ -566,6 +587,43 @@ impl SidecarBridge {
             answered,
         })
     }
+}
+
+/// A reply line over [`MAX_REPLY_BYTES`]: its request (the bridge writes `{"id": N, ...`)
+/// fails at once with [`REPLY_TOO_LARGE`] rather than waiting out its deadline.
+fn fail_over_long_reply(line: OutputLine, pending: &Pending) {
+    let size = line.text.len() + line.truncated;
+    let id = reply_id(&line.text);
+    tracing::error!(
+        size,
+        limit = MAX_REPLY_BYTES,
+        id,
+        "Dagster bridge reply over the limit: dropped"
+    );
+    let Some(waiter) = id.and_then(|id| pending.lock().remove(&id)) else {
+        return;
+    };
+    let _ = waiter.send(Response {
+        id: id.unwrap_or_default(),
+        ok: false,
+        result: Value::Null,
+        error: Some(ErrorBody {
+            kind: REPLY_TOO_LARGE.into(),
+            message: format!(
+                "the reply is {size} bytes, over the {MAX_REPLY_BYTES}-byte limit of the bridge's \
+                 reply channel"
+            ),
+        }),
+    });
+}
+
+/// The request id at the start of a reply line, `{"id": 12, ...`.
+fn reply_id(start: &str) -> Option<u64> {
+    let rest = start.strip_prefix('{')?.trim_start();
+    let rest = rest.strip_prefix("\"id\"")?.trim_start();
+    let rest = rest.strip_prefix(':')?.trim_start();
+    let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    rest[..digits].parse().ok()
 }
 
 fn step_params(step: &StepRequest) -> serde_json::Map<String, Value> {

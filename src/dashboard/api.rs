@@ -247,6 +247,11 @@ fn view(state: &DashboardState, record: StepRecord) -> StepView {
     }
 }
 
+/// Records `/api/v1/steps` lists without a `limit`, and the largest `limit` it takes: the
+/// table keeps every active attempt and 1000 finished ones, each with its stderr tail.
+const DEFAULT_STEPS_LIMIT: usize = 500;
+const MAX_STEPS_LIMIT: usize = 5000;
+
 fn list_steps(
     state: &DashboardState,
     query: &HashMap<String, String>,
@@ -269,10 +274,16 @@ fn list_steps(
         None => None,
     };
     let limit = match query.get("limit") {
-        Some(text) => text.parse::<usize>().map_err(|_| {
-            ApiError::BadRequest(format!("limit {text:?} is not a non-negative integer"))
-        })?,
-        None => usize::MAX,
+        Some(text) => match text.parse::<usize>() {
+            Ok(limit) if limit <= MAX_STEPS_LIMIT => limit,
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "limit {:?} is not an integer from 0 to {MAX_STEPS_LIMIT}",
+                    crate::envelope::excerpt(text)
+                )))
+            }
+        },
+        None => DEFAULT_STEPS_LIMIT,
     };
     let run = query.get("run");
     let launcher = query.get("launcher");

@@ -237,6 +237,25 @@ async fn steps_are_listed_with_filters() {
 }
 
 #[tokio::test]
+async fn the_step_list_has_a_default_limit_and_a_maximum() {
+    let bed = bed(None);
+    for n in 0..520 {
+        bed.claim(n, "run-a", "emit");
+    }
+    let (status, body) = bed.call("GET", "/api/v1/steps").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.as_array().unwrap().len(), 500, "the default limit");
+    let (_, body) = bed.call("GET", "/api/v1/steps?limit=5000").await;
+    assert_eq!(body.as_array().unwrap().len(), 520);
+    let (status, body) = bed.call("GET", "/api/v1/steps?limit=5001").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"].as_str().unwrap().contains("from 0 to 5000"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn one_step_shows_its_lease_deadline_and_history() {
     let bed = bed(None);
     let task_id = bed.claim(7, "run-a", "emit");

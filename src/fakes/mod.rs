@@ -910,6 +910,7 @@ struct ObjectStoreInner {
     /// Calls that fail (transiently) before the store works again.
     failing: u32,
     puts: u64,
+    gets: u64,
 }
 
 /// S3 in memory, for the taskiq results and extended payloads.
@@ -939,6 +940,11 @@ impl FakeObjectStore {
         self.inner.lock().puts
     }
 
+    /// Gets asked so far (whatever their answer).
+    pub fn gets(&self) -> u64 {
+        self.inner.lock().gets
+    }
+
     /// The next `calls` calls fail as if S3 were unreachable (0: work again).
     pub fn fail_next(&self, calls: u32) {
         self.inner.lock().failing = calls;
@@ -962,6 +968,7 @@ impl FakeObjectStore {
 #[async_trait]
 impl ObjectStore for FakeObjectStore {
     async fn get(&self, bucket: &str, key: &str, limit: usize) -> Result<Vec<u8>, StoreError> {
+        self.inner.lock().gets += 1;
         self.fail("GetObject", bucket, key)?;
         match self.object(bucket, key) {
             None => Err(StoreError::NotFound {

@@ -298,8 +298,10 @@ impl EcsLauncher {
                 ),
             });
         };
-        let key = format!("{}{}", offload.prefix, step.task_id);
+        // Keyed by content: a message cannot overwrite another step's args by choosing a
+        // task id, and the same args written twice are the same object.
         let sha256 = hex::encode(Sha256::digest(compressed.as_bytes()));
+        let key = format!("{}{sha256}", offload.prefix);
         let result = self
             .blobs
             .put(&offload.bucket, &key, compressed.into_bytes())

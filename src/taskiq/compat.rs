@@ -9,11 +9,11 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::args::TaskiqArgs;
-use super::extended::{is_extended, MAX_EXTENDED_BODY_BYTES};
+use super::args::{TaskiqArgs, DEFAULT_MAX_PAYLOAD_BYTES};
+use super::extended::{is_extended, MAX_S3_KEY_BYTES};
 use super::result::{error_result, result_key, success_result};
 use super::store::{ObjectStore, S3ObjectStore, StoreError};
-use crate::envelope::{self, Identity, Poison, StepRequest, MAX_BODY_BYTES};
+use crate::envelope::{self, excerpt, Identity, Poison, StepRequest, MAX_BODY_BYTES};
 use crate::launcher::child::MAX_EVENT_BYTES;
 use crate::launcher::EventLines;
 use crate::outcome::{Outcome, Skip};
@@ -67,18 +67,37 @@ struct KeptOutput {
     kept_at: Instant,
 }
 
+/// Which extended payloads are read: from these buckets only, up to this size.
+#[derive(Debug, Clone)]
+struct PayloadPolicy {
+    /// None: every extended payload is refused.
+    buckets: Vec<String>,
+    max_bytes: usize,
+}
+
+impl Default for PayloadPolicy {
+    fn default() -> Self {
+        Self {
+            buckets: Vec::new(),
+            max_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
 /// Extended payloads and taskiq results; [`TaskiqCompat::default`] does neither.
 #[derive(Default)]
 pub struct TaskiqCompat {
     store: Option<Arc<dyn ObjectStore>>,
     results: Option<ResultTarget>,
+    payloads: PayloadPolicy,
     kept: Mutex<HashMap<String, KeptOutput>>,
     /// How long a result write is retried before the message is released for later.
     retry_budget: Duration,
 }
 
 impl TaskiqCompat {
-    /// Resolves extended payloads from `store`; writes results to `result_bucket` when given.
+    /// Writes results to `result_bucket` when given; reads no extended payloads until
+    /// [`TaskiqCompat::with_payloads`].
     pub fn new(
         store: Arc<dyn ObjectStore>,
         result_bucket: Option<String>,
@@ -90,9 +109,17 @@ impl TaskiqCompat {
                 bucket,
                 base_path: result_base_path.to_owned(),
             }),
+            payloads: PayloadPolicy::default(),
             kept: Mutex::default(),
             retry_budget: Duration::from_secs(10),
         }
+    }
+
+    /// Reads extended payloads from `buckets` only (none: refuses them all), of at most
+    /// `max_bytes`.
+    pub fn with_payloads(mut self, buckets: Vec<String>, max_bytes: usize) -> Self {
+        self.payloads = PayloadPolicy { buckets, max_bytes };
+        self
     }
 
     /// How long a result write is retried before the message is released (default 10 s).
@@ -114,7 +141,8 @@ impl TaskiqCompat {
                 .await
                 .map_err(|e| TaskiqSetupError::Bucket(format!("cannot use {bucket:?}: {e}")))?;
         }
-        Ok(Self::new(Arc::new(store), bucket, &args.result_base_path))
+        Ok(Self::new(Arc::new(store), bucket, &args.result_base_path)
+            .with_payloads(args.payload_buckets.clone(), args.max_payload_bytes))
     }
 
     /// Whether taskiq results are written.
@@ -133,7 +161,7 @@ impl TaskiqCompat {
         };
         let mut step = if is_extended(message) {
             let body = self.fetch_extended(&message.body).await?;
-            envelope::decode_with_limit(&body, MAX_EXTENDED_BODY_BYTES)
+            envelope::decode_with_limit(&body, self.payloads.max_bytes)
                 .map_err(|p| poison(p, &body))?
         } else {
             envelope::decode(&message.body).map_err(|p| poison(p, &message.body))?
@@ -160,7 +188,8 @@ impl TaskiqCompat {
         let Pointer { s3_bucket, s3_key } =
             serde_json::from_str(pointer).map_err(|e| DecodeError::Poison {
                 poison: Poison::InvalidExtendedPayload(format!(
-                    "the body is not an {{\"s3_bucket\", \"s3_key\"}} pointer: {e}"
+                    "the body is not an {{\"s3_bucket\", \"s3_key\"}} pointer: {}",
+                    envelope::json_error(&e)
                 )),
                 identity: Identity::default(),
             })?;
@@ -170,6 +199,29 @@ impl TaskiqCompat {
             poison,
             identity: Identity::task(task_id.clone()),
         };
+        // A pointer is an instruction to read: only from our own buckets, checked before any
+        // call to S3.
+        if !self.payloads.buckets.contains(&s3_bucket) {
+            return Err(poison(Poison::ExtendedPayloadRefused(
+                if self.payloads.buckets.is_empty() {
+                    format!(
+                        "bucket {:?}: this controller reads no extended payloads (no --payload-bucket)",
+                        excerpt(&s3_bucket)
+                    )
+                } else {
+                    format!(
+                        "bucket {:?} is not in --payload-bucket",
+                        excerpt(&s3_bucket)
+                    )
+                },
+            )));
+        }
+        if s3_key.is_empty() || s3_key.len() > MAX_S3_KEY_BYTES {
+            return Err(poison(Poison::InvalidExtendedPayload(format!(
+                "the key is {} bytes: S3 keys are 1 to {MAX_S3_KEY_BYTES}",
+                s3_key.len()
+            ))));
+        }
         let Some(store) = &self.store else {
             return Err(poison(Poison::InvalidExtendedPayload(
                 "this controller has no S3 client".into(),
@@ -177,17 +229,14 @@ impl TaskiqCompat {
         };
         let span = tracing::info_span!("extended_payload", bucket = %s3_bucket, key = %s3_key);
         let fetched = tracing::Instrument::instrument(
-            store.get(&s3_bucket, &s3_key, MAX_EXTENDED_BODY_BYTES),
+            store.get(&s3_bucket, &s3_key, self.payloads.max_bytes),
             span,
         )
         .await;
         let bytes = match fetched {
             Ok(bytes) => bytes,
             Err(StoreError::TooLarge { size, limit, .. }) => {
-                return Err(poison(Poison::TooLarge {
-                    size: usize::try_from(size).unwrap_or(usize::MAX),
-                    limit,
-                }))
+                return Err(poison(Poison::PayloadTooLarge { size, limit }))
             }
             Err(e @ StoreError::NotFound { .. }) => {
                 return Err(poison(Poison::InvalidExtendedPayload(e.to_string())))

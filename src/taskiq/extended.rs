@@ -4,9 +4,8 @@ use crate::queue::ReceivedMessage;
 
 /// Message attribute that marks an extended (S3) message; taskiq-aio-sqs sets it to `True`.
 pub(crate) const EXTENDED_MESSAGE_ATTRIBUTE: &str = "s3_extended_message";
-/// Largest body resolved from S3. taskiq-aio-sqs sets no limit; this one bounds the memory a
-/// single message can take (the body is held while its step runs).
-pub(crate) const MAX_EXTENDED_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// Longest S3 key; a pointer naming a longer one is not read.
+pub(crate) const MAX_S3_KEY_BYTES: usize = 1024;
 
 /// Whether the message's body is an S3 pointer (taskiq-aio-sqs tests the attribute's
 /// presence; it always sends `True`).

@@ -5,9 +5,9 @@
 //! - **Extended payloads.** A body of 1 MiB or more is sent the taskiq-aio-sqs way: the SQS
 //!   body is `{"s3_bucket": ..., "s3_key": ...}` with the string message attribute
 //!   `s3_extended_message` = `True`; the real body is that S3 object.
-//!   [`TaskiqCompat::decode`] resolves it before decoding, with
-//!   [`extended::MAX_EXTENDED_BODY_BYTES`] as the size limit (the 1 MiB limit applies to the
-//!   SQS body only).
+//!   [`TaskiqCompat::decode`] resolves it before decoding: only from the buckets named by
+//!   `--payload-bucket` (none: refused; the object is never fetched), at most
+//!   `--max-payload-bytes` (the 1 MiB limit applies to the SQS body only).
 //! - **Results.** With a result bucket, every settled attempt gets a taskiq result object at
 //!   `<base_path>/<task_id>`, in the JSON the taskiq-aio-sqs `S3Backend` reads with its default
 //!   (orjson) serializer, written before the message is deleted:

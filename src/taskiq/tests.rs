@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::extended::{EXTENDED_MESSAGE_ATTRIBUTE, MAX_EXTENDED_BODY_BYTES};
+use super::args::DEFAULT_MAX_PAYLOAD_BYTES;
+use super::extended::EXTENDED_MESSAGE_ATTRIBUTE;
 use super::result::{error_result, result_key, success_result, ERROR_MODULE, ERROR_TYPE};
 use super::*;
 use crate::envelope::{self, StepRequest, MAX_BODY_BYTES};
@@ -28,8 +29,10 @@ fn message(body: &str, extended: bool) -> ReceivedMessage {
     }
 }
 
+/// Reads extended payloads from the bucket `payloads` only.
 fn compat(store: &FakeObjectStore) -> TaskiqCompat {
     TaskiqCompat::new(Arc::new(store.clone()), Some("results".into()), "")
+        .with_payloads(vec!["payloads".into()], DEFAULT_MAX_PAYLOAD_BYTES)
 }
 
 const TASK: &str = "0123456789abcdef0123456789abcdef";
@@ -107,7 +110,11 @@ async fn missing_or_malformed_extended_payloads_are_poison_and_s3_outages_are_no
         name(c.decode(&message("not a pointer", true)).await),
         "invalid_extended_payload"
     );
-    store.insert("payloads", "huge", vec![b' '; MAX_EXTENDED_BODY_BYTES + 1]);
+    store.insert(
+        "payloads",
+        "huge",
+        vec![b' '; DEFAULT_MAX_PAYLOAD_BYTES + 1],
+    );
     let huge = message(r#"{"s3_bucket": "payloads", "s3_key": "huge"}"#, true);
     assert_eq!(name(c.decode(&huge).await), "too_large");
     store.fail_next(3);
@@ -259,4 +266,118 @@ async fn an_unreadable_extended_payload_still_names_its_task() {
 
 fn message_of(body: &str) -> ReceivedMessage {
     message(body, false)
+}
+
+#[tokio::test]
+async fn extended_payloads_are_read_only_from_the_allowed_buckets() {
+    let store = FakeObjectStore::default();
+    let body = step_body(TASK, "run-1", "op_a", 0).into_bytes();
+    let key = format!("{TASK}.json");
+    store.insert("payloads", &key, body.clone());
+    store.insert("elsewhere", &key, body);
+    let pointer = |bucket: &str| {
+        message(
+            &format!(r#"{{"s3_bucket": "{bucket}", "s3_key": "{TASK}.json"}}"#),
+            true,
+        )
+    };
+    let refused = |r: Result<StepRequest, DecodeError>| match r {
+        Err(DecodeError::Poison { poison, identity }) => {
+            assert_eq!(poison.name(), "extended_payload_refused");
+            // The key still names the task: its error result says why.
+            assert_eq!(identity.task_id.as_deref(), Some(TASK));
+            poison.to_string()
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let c = compat(&store);
+    let why = refused(c.decode(&pointer("elsewhere")).await);
+    assert!(
+        why.contains(r#"bucket "elsewhere" is not in --payload-bucket"#),
+        "{why}"
+    );
+    assert_eq!(store.gets(), 0, "a foreign object is never fetched");
+    c.decode(&pointer("payloads"))
+        .await
+        .expect("an allowed bucket");
+    assert_eq!(store.gets(), 1);
+
+    // No --payload-bucket: every extended payload is refused, unread.
+    let none = TaskiqCompat::new(Arc::new(store.clone()), Some("results".into()), "");
+    let why = refused(none.decode(&pointer("payloads")).await);
+    assert!(why.contains("no --payload-bucket"), "{why}");
+    assert_eq!(store.gets(), 1);
+    // A bucket name that would flood the error is quoted in part.
+    let long = "b".repeat(100_000);
+    let why = refused(c.decode(&pointer(&long)).await);
+    assert!(why.len() < 300, "{} bytes", why.len());
+}
+
+#[tokio::test]
+async fn an_extended_payload_over_the_limit_is_refused_naming_the_limit() {
+    let store = FakeObjectStore::default();
+    let c = TaskiqCompat::new(Arc::new(store.clone()), Some("results".into()), "")
+        .with_payloads(vec!["payloads".into()], 256 * 1024);
+    let mut body: serde_json::Value =
+        serde_json::from_str(&step_body(TASK, "run-1", "op_a", 0)).unwrap();
+    body["kwargs"]["executable_dict"] = serde_json::json!({"pad": "x".repeat(256 * 1024)});
+    store.insert("payloads", "big.json", body.to_string().into_bytes());
+    let big = message(r#"{"s3_bucket": "payloads", "s3_key": "big.json"}"#, true);
+    let Err(DecodeError::Poison { poison, .. }) = c.decode(&big).await else {
+        panic!("poison expected");
+    };
+    assert_eq!(poison.name(), "too_large");
+    let why = poison.to_string();
+    assert!(
+        why.contains("over the --max-payload-bytes limit of 262144 bytes"),
+        "{why}"
+    );
+    // Keys longer than S3 allows are not even asked for.
+    let gets = store.gets();
+    let long_key = message(
+        &format!(
+            r#"{{"s3_bucket": "payloads", "s3_key": "{}"}}"#,
+            "k".repeat(2000)
+        ),
+        true,
+    );
+    let Err(DecodeError::Poison { poison, .. }) = c.decode(&long_key).await else {
+        panic!("poison expected");
+    };
+    assert_eq!(poison.name(), "invalid_extended_payload");
+    assert_eq!(store.gets(), gets);
+}
+
+#[tokio::test]
+async fn a_resolved_body_that_is_poison_is_quoted_only_in_part() {
+    let store = FakeObjectStore::default();
+    let c = compat(&store);
+    let secret = "s3cr3t".repeat(200_000);
+    let mut body: serde_json::Value =
+        serde_json::from_str(&step_body(TASK, "run-1", "op_a", 0)).unwrap();
+    body["task_name"] = secret.clone().into();
+    store.insert("payloads", "p.json", body.to_string().into_bytes());
+    store.insert("payloads", "q.json", format!("[\"{secret}\"").into_bytes());
+    for key in ["p.json", "q.json"] {
+        let m = message(
+            &format!(r#"{{"s3_bucket": "payloads", "s3_key": "{key}"}}"#),
+            true,
+        );
+        let Err(DecodeError::Poison { poison, .. }) = c.decode(&m).await else {
+            panic!("poison expected");
+        };
+        let why = poison.to_string();
+        assert!(
+            why.len() < 400,
+            "{key}: {} bytes: {}",
+            why.len(),
+            &why[..400]
+        );
+    }
+    // Nor is a pointer that is not one.
+    let m = message(&format!(r#"{{"s3_bucket": ["{secret}"]}}"#), true);
+    let Err(DecodeError::Poison { poison, .. }) = c.decode(&m).await else {
+        panic!("poison expected");
+    };
+    assert!(poison.to_string().len() < 400);
 }

@@ -38,6 +38,11 @@ impl EventLines {
         true
     }
 
+    /// Counts a line that was not kept (cut at the line bound: no longer an event).
+    pub(crate) fn drop_line(&mut self) {
+        self.dropped += 1;
+    }
+
     /// A sink for this step, when its events are to be collected.
     pub(crate) fn sink_for(step: &StepRequest) -> Option<EventSink> {
         step.collect_events.then(EventSink::default)
@@ -47,6 +52,14 @@ impl EventLines {
     pub(crate) fn take(sink: &EventSink) -> EventLines {
         std::mem::take(&mut *sink.lock())
     }
+}
+
+/// Whether a stdout line (or its start) begins the way Dagster serializes an event: its keys
+/// are sorted, so `__class__` comes first. Such a line may be long (big metadata, a deep
+/// stack trace); others are cut at the usual line bound.
+pub(crate) fn starts_like_an_event(line: &[u8]) -> bool {
+    line.trim_ascii_start()
+        .starts_with(br#"{"__class__": "DagsterEvent""#)
 }
 
 /// Whether a stdout line is a serialized `DagsterEvent` (Dagster's `serialize_value` output:
@@ -77,6 +90,10 @@ mod tests {
         assert!(!is_serialized_event(r#"{"__class__": "DagsterRun"}"#));
         assert!(!is_serialized_event(r#"{"note": "DagsterEvent"}"#));
         assert!(!is_serialized_event(r#"{"__class__": "DagsterEvent""#));
+        assert!(starts_like_an_event(
+            br#" {"__class__": "DagsterEvent", "event"#
+        ));
+        assert!(!starts_like_an_event(br#"{"note": "DagsterEvent"}"#));
     }
 
     #[test]

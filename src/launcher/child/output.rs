@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::AsyncRead;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::events::{self, EventLines, EventSink};
+use crate::bounded_lines::{BoundedLines, LongLines, MAX_LINE_BYTES};
 use crate::envelope::StepRequest;
 
-/// How many stderr lines a verdict quotes.
+/// How many stderr lines a verdict quotes (each at most [`MAX_LINE_BYTES`] and a marker).
 const STDERR_TAIL_LINES: usize = 20;
 /// How long to wait for output pipes to close after the process exited (a grandchild may
 /// still hold them).
@@ -43,30 +44,53 @@ fn event_lines_of(step: &StepRequest, sink: &Option<EventSink>) -> Option<EventS
     sink.clone().filter(|_| step.print_serialized_events)
 }
 
-/// Streams a pipe's lines into the step's span. With `events`, stdout lines that are
-/// serialized Dagster events go there instead (bounded: see [`events::MAX_EVENT_BYTES`]).
+/// Streams a pipe's lines into the step's span, each at most [`MAX_LINE_BYTES`] (then cut,
+/// with a marker). With `events`, stdout lines that are serialized Dagster events go there
+/// instead; they may be as long as the events' whole budget ([`events::MAX_EVENT_BYTES`]).
 async fn forward_lines(
     pipe: impl AsyncRead + Unpin,
     stream: Stream,
     tail: Option<Tail>,
     events: Option<EventSink>,
 ) {
-    let mut lines = BufReader::new(pipe).lines();
+    let mut lines = match events {
+        Some(_) => BoundedLines::with_long_lines(
+            pipe,
+            MAX_LINE_BYTES,
+            LongLines {
+                limit: events::MAX_EVENT_BYTES,
+                long: events::starts_like_an_event,
+            },
+        ),
+        None => BoundedLines::new(pipe, MAX_LINE_BYTES),
+    };
     while let Ok(Some(line)) = lines.next_line().await {
-        if let Some(events) = events
-            .as_ref()
-            .filter(|_| events::is_serialized_event(&line))
-        {
-            let kept = events.lock().push(line);
-            if !kept {
+        if let Some(events) = &events {
+            if line.truncated > 0 && events::starts_like_an_event(line.text.as_bytes()) {
+                // Cut, it is no event any more: the result must not pretend to be complete.
+                events.lock().drop_line();
                 tracing::warn!(
                     target: "step::stdout",
                     limit = events::MAX_EVENT_BYTES,
-                    "event line dropped: the step's events are over the limit"
+                    bytes = line.text.len() + line.truncated,
+                    "event line dropped: it is over the limit"
                 );
+                continue;
             }
-            continue;
+            if events::is_serialized_event(&line.text) {
+                let kept = events.lock().push(line.text);
+                if !kept {
+                    tracing::warn!(
+                        target: "step::stdout",
+                        limit = events::MAX_EVENT_BYTES,
+                        "event line dropped: the step's events are over the limit"
+                    );
+                }
+                continue;
+            }
         }
+        // A long line that turned out not to be an event is cut like any other.
+        let line = line.cut_to(MAX_LINE_BYTES).marked();
         match stream {
             // With print_serialized_events the step prints one serialized event per line.
             Stream::Stdout => tracing::debug!(target: "step::stdout", "{line}"),

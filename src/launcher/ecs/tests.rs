@@ -283,9 +283,11 @@ async fn step_args_that_do_not_fit_are_offloaded_behind_a_pointer() {
     let step = big_step();
     ecs.launch(&step).await.unwrap();
     let (bucket, key, body) = fake.lock().puts[0].clone();
+    // Keyed by the content's hash, not by the message's task id.
+    let sha256 = hex::encode(Sha256::digest(&body));
     assert_eq!(
         (bucket.as_str(), key.as_str()),
-        ("bucket-1", "step-args/0123456789abcdef0123456789abcdef")
+        ("bucket-1", format!("step-args/{sha256}").as_str())
     );
     // The object is exactly DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS.
     assert_eq!(body, step.compressed_step_args().into_bytes());
@@ -307,9 +309,9 @@ async fn step_args_that_do_not_fit_are_offloaded_behind_a_pointer() {
         .collect();
     assert_eq!(
         env[ENV_ARGS_URI],
-        "s3://bucket-1/step-args/0123456789abcdef0123456789abcdef"
+        format!("s3://bucket-1/step-args/{sha256}")
     );
-    assert_eq!(env[ENV_ARGS_SHA256], hex::encode(Sha256::digest(&body)));
+    assert_eq!(env[ENV_ARGS_SHA256], sha256);
 }
 
 #[tokio::test]

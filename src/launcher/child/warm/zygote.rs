@@ -15,7 +15,7 @@ use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Interest, Lines};
+use tokio::io::{AsyncRead, Interest};
 use tokio::net::unix::{pipe, OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -26,10 +26,15 @@ use tracing::Instrument;
 
 use super::step::WarmStep;
 use super::{WarmError, WarmLauncherConfig};
+use crate::bounded_lines::{BoundedLines, MAX_LINE_BYTES};
 use crate::envelope::StepRequest;
 use crate::launcher::child::output::StepOutput;
 use crate::launcher::StepExit;
 use crate::metrics::Metrics;
+
+/// Bound of a line on the zygote's socket: its events are small JSON objects, but a `failed`
+/// one carries a traceback.
+const MAX_EVENT_LINE_BYTES: usize = 64 * 1024;
 
 /// What the zygote writes on its socket, one JSON object per line.
 #[derive(Debug, Deserialize)]
@@ -144,7 +149,7 @@ impl Zygote {
             tokio::spawn(forward_zygote_output(pipe).instrument(span.clone()));
         }
         let (read, write) = ours.into_split();
-        let mut lines = BufReader::new(read).lines();
+        let mut lines = BoundedLines::new(read, MAX_EVENT_LINE_BYTES);
         let first = match tokio::time::timeout(config.start_timeout, lines.next_line()).await {
             Err(_) => return Err(WarmError::StartTimeout(config.start_timeout)),
             Ok(Ok(Some(line))) => line,
@@ -163,13 +168,14 @@ impl Zygote {
                 )));
             }
         };
-        let (pid, base_rss) = match serde_json::from_str::<Event>(&first) {
-            Ok(Event::Ready {
+        let parsed = (first.truncated == 0).then(|| serde_json::from_str::<Event>(&first.text));
+        let (pid, base_rss) = match parsed {
+            Some(Ok(Event::Ready {
                 pid,
                 dagster_version,
                 rss_bytes,
                 load_seconds,
-            }) => {
+            })) => {
                 span.in_scope(|| {
                     tracing::info!(
                         dagster_version,
@@ -181,10 +187,11 @@ impl Zygote {
                 });
                 (pid, rss_bytes)
             }
-            Ok(Event::Failed { error }) => return Err(WarmError::Start(error)),
+            Some(Ok(Event::Failed { error })) => return Err(WarmError::Start(error)),
             _ => {
                 return Err(WarmError::Start(format!(
-                    "zygote said {first:?} instead of ready"
+                    "zygote said {:?} instead of ready",
+                    first.cut_to(MAX_LINE_BYTES).marked()
                 )))
             }
         };
@@ -395,15 +402,19 @@ impl Zygote {
 /// retired, asks for a replacement.
 async fn read_events(
     zygote: Arc<Zygote>,
-    mut lines: Lines<BufReader<OwnedReadHalf>>,
+    mut lines: BoundedLines<OwnedReadHalf>,
     mut child: Child,
     wake: mpsc::UnboundedSender<()>,
     metrics: Arc<Metrics>,
 ) {
     loop {
         match lines.next_line().await {
+            Ok(Some(line)) if line.truncated > 0 => {
+                let line = line.cut_to(MAX_LINE_BYTES).marked();
+                tracing::warn!(line, "over-long line from the zygote ignored");
+            }
             Ok(Some(line)) => {
-                zygote.on_event(&line);
+                zygote.on_event(&line.text);
                 zygote.close_if_idle().await;
             }
             Ok(None) => break,
@@ -440,9 +451,9 @@ async fn read_events(
 }
 
 async fn forward_zygote_output(pipe: impl AsyncRead + Unpin) {
-    let mut lines = BufReader::new(pipe).lines();
+    let mut lines = BoundedLines::new(pipe, MAX_LINE_BYTES);
     while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(target: "zygote", "{line}");
+        tracing::info!(target: "zygote", "{}", line.marked());
     }
 }
 
