@@ -158,7 +158,10 @@ mod tests {
         assert_eq!(launched.timeout, default_timeout);
         assert_eq!(launched.tags, stored(&TAGS).tags);
         // A launch label without the tags it follows from is still a claim, and checked.
-        let why = mismatch(&message(json!({"dagster_launcher": "process"})), &stored(&TAGS));
+        let why = mismatch(
+            &message(json!({"dagster_launcher": "process"})),
+            &stored(&TAGS),
+        );
         assert!(why.unwrap().contains("dagster_launcher"));
     }
 
