@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 
+import dagster
 from dagster import (
     Config,
     Definitions,
@@ -32,7 +33,8 @@ RESOURCES = {"io_manager": FilesystemIOManager()}
 
 
 def _out(value: int) -> Output[int]:
-    return Output(value, metadata={"pid": os.getpid(), "value": value})
+    metadata = {"pid": os.getpid(), "value": value, "dagster_version": dagster.__version__}
+    return Output(value, metadata=metadata)
 
 
 # --- diamond: fan-out / fan-in, values through the filesystem IO manager -------------------
@@ -130,6 +132,25 @@ def self_kill() -> None:
     """kill_self dies by SIGKILL on attempt 0 (no Dagster event written), succeeds on attempt 1
     once the controller's verdict lets the RetryPolicy retry it."""
     kill_self()
+
+
+# --- diamond_retry: the diamond, its middle op SIGKILLed once ----------------------------------
+
+
+@op(retry_policy=RetryPolicy(max_retries=1))
+def double_or_die(context: OpExecutionContext, x: int) -> Output[int]:
+    if context.retry_number == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _out(x * 2)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def diamond_retry() -> None:
+    """The diamond with double_or_die for double: it dies by SIGKILL on attempt 0, and only the
+    controller's verdict (no Dagster event from the step) lets the RetryPolicy retry it. Every
+    output's metadata names the step's Dagster version. Final value 50, as the diamond's."""
+    value = emit()
+    report(join(add_one(value), double_or_die(value), square(value)))
 
 
 # --- slow: sleeps a configurable time ----------------------------------------------------------
