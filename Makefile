@@ -18,7 +18,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 PYTEST_WORKERS ?= 3
 RUFF_PATHS := bench examples
 
-.PHONY: setup build build-debug browser postgresql demo test test-rust test-python test-deploy lint fmt bench bench-e2e chaos fuzz clean
+.PHONY: setup versions build build-debug browser postgresql demo test test-rust test-python test-deploy lint fmt bench bench-e2e chaos fuzz clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,23 @@ $(STAMP): python/pyproject.toml python/testing/pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e 'python[test]' -e python/testing
 	touch $(STAMP)
+
+# One virtualenv per older Dagster minor (a pin in python/versions/) for
+# python/tests/test_versions.py: the package editable with its postgres extra (the resolver must
+# pair a dagster-postgres with the pin) and pytest, the test beds without their dependencies.
+# uv (from the test extra) builds one in seconds from its cache; pip takes a minute. A venv is
+# rebuilt when its pin or the package's dependencies change.
+VERSION_PINS := $(wildcard python/versions/*.txt)
+VERSION_VENVS := $(patsubst python/versions/%.txt,.venv-versions/%/.installed,$(VERSION_PINS))
+versions: $(VERSION_VENVS)
+
+.venv-versions/%/.installed: python/versions/%.txt python/pyproject.toml python/testing/pyproject.toml $(STAMP)
+	rm -rf .venv-versions/$*
+	$(VENV)/bin/uv venv --quiet --python $(PY) .venv-versions/$*
+	$(VENV)/bin/uv pip install --quiet --python .venv-versions/$*/bin/python \
+		-r $< -e 'python[postgres]' pytest
+	$(VENV)/bin/uv pip install --quiet --python .venv-versions/$*/bin/python --no-deps -e python/testing
+	touch $@
 
 build:
 	cargo build --release --locked
@@ -73,11 +90,20 @@ test-rust: setup
 PYTEST_ENV := $(BINARY_ENV)=$(CURDIR)/$(DEBUG_BIN) DAGSTER_TASKIQ_REQUIRE_BINARY=1 \
 	DAGSTER_TASKIQ_REQUIRE_BROWSER=1
 PYTEST := $(PY) -m pytest python/tests -q -p no:cacheprovider
-test-python: setup build-debug browser postgresql
+test-python: setup build-debug browser postgresql versions
 	$(PYTEST_ENV) $(PYTEST) -m 'not serial' -n $(PYTEST_WORKERS) --dist worksteal --durations=25
 	$(PYTEST_ENV) $(PYTEST) -m serial --durations=10
 
-test: lint test-rust test-python
+# The older Dagster versions' virtualenvs build in the background (network and disk) while lint
+# and the Rust tests use the CPU; test-python waits for them.
+VERSIONS_LOG := .venv-versions/build.log
+test: setup
+	@mkdir -p .venv-versions
+	@$(MAKE) --no-print-directory versions > $(VERSIONS_LOG) 2>&1 & versions=$$!; \
+	$(MAKE) --no-print-directory lint test-rust; status=$$?; \
+	if ! wait $$versions; then echo "make versions failed:"; cat $(VERSIONS_LOG); exit 1; fi; \
+	[ $$status -eq 0 ] || exit $$status; \
+	$(MAKE) --no-print-directory test-python
 
 # The deployment files (Dockerfile, manifests/, cfn-lint) against the code; no Rust build.
 # Also part of test-python.
@@ -123,4 +149,4 @@ bench-e2e: $(BENCH_STAMP) build postgresql
 
 clean:
 	cargo clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-versions

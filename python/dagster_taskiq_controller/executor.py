@@ -43,10 +43,9 @@ from dagster._core.executor.step_delegating import (
     StepHandler,
     StepHandlerContext,
 )
-from dagster._record import copy
 from dagster._utils.hosted_user_process import recon_job_from_origin
 
-from dagster_taskiq_controller import contract
+from dagster_taskiq_controller import compat, contract
 
 logger = logging.getLogger("dagster_taskiq_controller")
 
@@ -227,7 +226,9 @@ class SqsStepHandler(StepHandler):
         step_key = self._step_key(step_handler_context)
         # Dagster's own check that the attempt has not started before, in the step process:
         # a second line behind the controller's durable claims (docs/guarantees.md).
-        args = copy(step_handler_context.execute_step_args, should_verify_step=True)
+        args = compat.replace_step_args(
+            step_handler_context.execute_step_args, should_verify_step=True
+        )
         message = contract.build_step_message(
             args,
             self._executable_dict(step_handler_context),

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import dagster
 from dagster import (
     Config,
     Definitions,
@@ -39,7 +40,8 @@ RESOURCES = {"io_manager": FilesystemIOManager()}
 
 
 def _out(value: int) -> Output[int]:
-    return Output(value, metadata={"pid": os.getpid(), "value": value})
+    metadata = {"pid": os.getpid(), "value": value, "dagster_version": dagster.__version__}
+    return Output(value, metadata=metadata)
 
 
 # --- diamond: fan-out / fan-in, values through the filesystem IO manager -------------------
@@ -194,6 +196,25 @@ def loud() -> None:
     """loud_op prints one line of ``ops.loud_op.config.mebibytes`` (default 64) MiB on each of
     stdout and stderr."""
     loud_op()
+
+
+# --- diamond_retry: the diamond, its middle op SIGKILLed once ----------------------------------
+
+
+@op(retry_policy=RetryPolicy(max_retries=1))
+def double_or_die(context: OpExecutionContext, x: int) -> Output[int]:
+    if context.retry_number == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _out(x * 2)
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def diamond_retry() -> None:
+    """The diamond with double_or_die for double: it dies by SIGKILL on attempt 0, and only the
+    controller's verdict (no Dagster event from the step) lets the RetryPolicy retry it. Every
+    output's metadata names the step's Dagster version. Final value 50, as the diamond's."""
+    value = emit()
+    report(join(add_one(value), double_or_die(value), square(value)))
 
 
 # --- slow: sleeps a configurable time ----------------------------------------------------------

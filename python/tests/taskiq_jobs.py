@@ -35,10 +35,10 @@ from dagster._core.executor.step_delegating import (
     StepHandlerContext,
 )
 from dagster._serdes import serialize_value
-from dagster_shared.record import copy
 from taskiq import AsyncTaskiqDecoratedTask
 from taskiq_aio_sqs import S3Backend, SQSBroker
 
+from dagster_taskiq_controller.compat import replace_step_args
 from dagster_taskiq_controller.executor import SqsStepHandler
 
 T = TypeVar("T")
@@ -119,7 +119,9 @@ class TaskiqStepHandler(StepHandler):
         return ctx.execute_step_args.run_id, ctx.execute_step_args.step_keys_to_execute[0]
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
-        args = copy(step_handler_context.execute_step_args, print_serialized_events=True)
+        args = replace_step_args(
+            step_handler_context.execute_step_args, print_serialized_events=True
+        )
         executable = dict(SqsStepHandler._executable_dict(step_handler_context))
         if PAD_BYTES:
             executable["padding"] = "x" * PAD_BYTES

@@ -23,10 +23,9 @@ from dagster._core.execution.retries import RetryMode
 from dagster._core.executor.step_delegating import StepHandlerContext
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._grpc.types import ExecuteStepArgs
-from dagster._record import copy
 from dagster._serdes import deserialize_value
 
-from dagster_taskiq_controller import contract, executor, taskiq_controller_executor
+from dagster_taskiq_controller import compat, contract, executor, taskiq_controller_executor
 from dagster_taskiq_controller.bridge import Bridge
 from dagster_taskiq_controller.executor import SqsStepHandler
 
@@ -114,7 +113,7 @@ def test_launch_step_sends_the_contract_message(instance: DagsterInstance, sqs_q
     args = deserialize_value(json.dumps(packed), ExecuteStepArgs)
     # The args as Dagster made them, with its own step verification turned on.
     assert args.should_verify_step is True
-    assert args == copy(ctx.execute_step_args, should_verify_step=True)
+    assert args == compat.replace_step_args(ctx.execute_step_args, should_verify_step=True)
     assert payload["kwargs"]["executable_dict"] == jobs.recon("tagged").to_dict()
 
     metadata = events[0].engine_event_data.metadata

@@ -201,6 +201,8 @@ class Controller:
     # Runs the controller under this command (which must exec it: the pid stays the same).
     command_prefix: Sequence[str] = ()
     log_path: Path | None = None
+    # The `--python` of steps and the bridge; None: this interpreter.
+    python: Path | None = None
     dashboard_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
@@ -220,7 +222,7 @@ class Controller:
             "--queue-url",
             self.queue_url,
             "--python",
-            sys.executable,
+            str(self.python or sys.executable),
             "--dashboard-addr",
             f"127.0.0.1:{self.dashboard_port}",
             *self.args,
