@@ -324,8 +324,8 @@ async fn check_bridge(args: &RunArgs, report: &mut Report) {
                 Outcome::Failed(format!(
                     "the bridge does not start with {}: {e}. Point --python \
                      (DAGSTER_TASKIQ_PYTHON) at an interpreter with dagster and the \
-                     dagster-taskiq-controller package installed, and set DAGSTER_HOME to the \
-                     instance your runs use",
+                     dagster-taskiq-controller package installed, and set --dagster-home (or \
+                     DAGSTER_HOME) to the instance your runs use",
                     args.python.display()
                 )),
             );

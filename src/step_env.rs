@@ -35,6 +35,9 @@ pub const ALWAYS_KEPT: &[&str] = &[
     "VIRTUAL_ENV",
 ];
 
+/// Where Dagster finds its instance's `dagster.yaml`.
+pub(crate) const DAGSTER_HOME: &str = "DAGSTER_HOME";
+
 /// Set per step by the launchers; an addition of one of these would be overwritten.
 pub(crate) const PER_STEP: &[&str] = &[
     "DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS",
@@ -80,6 +83,12 @@ pub struct StepEnvArgs {
     /// set in every step.
     #[arg(long, env = "DAGSTER_TASKIQ_STEP_ENV_FILE", value_name = "PATH")]
     pub step_env_file: Option<PathBuf>,
+
+    /// The controller's Dagster instance: the directory of its `dagster.yaml`, the same as the
+    /// deployment's. The bridge and every process step use it, whatever a message names;
+    /// without the flag, the controller's DAGSTER_HOME.
+    #[arg(long, env = "DAGSTER_TASKIQ_DAGSTER_HOME", value_name = "DIR")]
+    pub dagster_home: Option<PathBuf>,
 }
 
 impl StepEnvArgs {
@@ -99,6 +108,15 @@ impl StepEnvArgs {
             );
         }
         additions.extend(self.step_env.iter().cloned());
+        if let Some(home) = self.instance_home()? {
+            if additions.iter().any(|p| p.key == DAGSTER_HOME) {
+                return Err(invalid(
+                    "dagster-home",
+                    "DAGSTER_HOME is also set by --step-env or --step-env-file: give the instance once",
+                ));
+            }
+            additions.push(home);
+        }
         if let Some(reserved) = additions
             .iter()
             .find(|p| PER_STEP.contains(&p.key.as_str()))
@@ -118,6 +136,33 @@ impl StepEnvArgs {
             allow: (!self.step_env_allow.is_empty()).then(|| self.step_env_allow.clone()),
             additions,
         })
+    }
+
+    /// `DAGSTER_HOME` of `--dagster-home`, made absolute (steps may start elsewhere): an
+    /// existing directory, checked now rather than by the bridge's first request.
+    fn instance_home(&self) -> Result<Option<EnvPair>, ConfigError> {
+        let Some(dir) = &self.dagster_home else {
+            return Ok(None);
+        };
+        let home = std::fs::canonicalize(dir)
+            .ok()
+            .filter(|home| home.is_dir())
+            .ok_or_else(|| {
+                invalid(
+                    "dagster-home",
+                    format!("{} is not a directory", dir.display()),
+                )
+            })?;
+        let value = home.into_os_string().into_string().map_err(|home| {
+            invalid(
+                "dagster-home",
+                format!("{} is not UTF-8", home.to_string_lossy()),
+            )
+        })?;
+        Ok(Some(EnvPair {
+            key: DAGSTER_HOME.to_owned(),
+            value,
+        }))
     }
 
     /// The environment steps get: the policy applied to this process's environment.
@@ -599,5 +644,58 @@ mod tests {
             err.starts_with("--step-env-file: DAGSTER_RUN_JOB_NAME"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn dagster_home_pins_the_instance_of_every_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("instance");
+        std::fs::create_dir(&home).unwrap();
+        // A relative path is made absolute: steps and the bridge may start elsewhere.
+        let relative = pathdiff(&home);
+        let args = StepEnvArgs {
+            dagster_home: Some(relative),
+            ..Default::default()
+        };
+        let e = StepEnvironment::new(&args.policy().unwrap(), env(CONTROLLER));
+        let expected = std::fs::canonicalize(&home).unwrap();
+        assert_eq!(e.get("DAGSTER_HOME"), Some(expected.as_os_str()));
+
+        // Allow-list mode keeps it too, and a deny of DAGSTER_HOME cannot drop the flag's.
+        let args = StepEnvArgs {
+            dagster_home: Some(home.clone()),
+            step_env_allow: patterns(&["AWS_REGION"]),
+            step_env_deny: patterns(&["DAGSTER_HOME"]),
+            ..Default::default()
+        };
+        let e = StepEnvironment::new(&args.policy().unwrap(), env(CONTROLLER));
+        assert_eq!(e.get("DAGSTER_HOME"), Some(expected.as_os_str()));
+
+        let missing = StepEnvArgs {
+            dagster_home: Some(dir.path().join("absent")),
+            ..Default::default()
+        };
+        let err = missing.policy().unwrap_err().to_string();
+        assert!(
+            err.starts_with("--dagster-home:") && err.contains("not a directory"),
+            "{err}"
+        );
+
+        let twice = StepEnvArgs {
+            dagster_home: Some(home),
+            step_env: vec!["DAGSTER_HOME=/elsewhere".parse().unwrap()],
+            ..Default::default()
+        };
+        let err = twice.policy().unwrap_err().to_string();
+        assert!(err.starts_with("--dagster-home:"), "{err}");
+    }
+
+    /// `path` relative to the current directory.
+    fn pathdiff(path: &std::path::Path) -> PathBuf {
+        let cwd = std::env::current_dir().unwrap();
+        let ups = cwd.components().count() - 1;
+        let mut relative: PathBuf = std::iter::repeat("..").take(ups).collect();
+        relative.push(path.strip_prefix("/").unwrap());
+        relative
     }
 }

@@ -19,12 +19,12 @@ def replace_step_args(args: ExecuteStepArgs, **changes: Any) -> ExecuteStepArgs:
     """A copy of ``args`` with ``changes``.
 
     Dagster 1.11: ``ExecuteStepArgs`` is a ``NamedTuple`` (``_replace``); from 1.12 it is a
-    ``@record``, which has no ``_replace`` and takes ``dagster._record.copy``. The serialized
-    form is the same in all three.
+    ``@record``, which is built on a tuple and still has a ``_replace`` that fails (records
+    forbid iteration), so it is told apart with ``is_record`` and copied with
+    ``dagster._record.copy``. The serialized form is the same in all three.
     """
-    replace = getattr(args, "_replace", None)
-    if replace is not None:
-        return replace(**changes)
-    from dagster._record import copy
+    from dagster._record import copy, is_record
 
-    return copy(args, **changes)
+    if is_record(args):
+        return copy(args, **changes)
+    return args._replace(**changes)

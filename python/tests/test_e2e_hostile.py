@@ -74,7 +74,9 @@ def test_hostile_instance_refs_are_ignored_and_the_steps_run_on_the_controllers_
     """Four messages of one run each name a hostile Dagster instance: a logging handler that
     runs a command, an instance class from a module that acts on import, storages in another
     directory, and a run storage in another database. Each step runs against the controller's
-    instance, and none of it happens."""
+    instance, and none of it happens. The controller names its instance with --dagster-home,
+    over a DAGSTER_HOME of its environment that points elsewhere: the flag wins for the bridge
+    and for every step."""
     handler_marker = tmp_path / "hostile-handler-ran"
     import_marker = tmp_path / "hostile-module-imported"
     elsewhere = tmp_path / "elsewhere"
@@ -110,12 +112,19 @@ def test_hostile_instance_refs_are_ignored_and_the_steps_run_on_the_controllers_
             MessageAttributes=message.get("MessageAttributes", {}),
         )
 
-    controller = bed.controller(env={MARKER_ENV: str(import_marker)})
+    decoy_home = tmp_path / "decoy-home"
+    decoy_home.mkdir()
+    controller = bed.controller(
+        "--dagster-home",
+        str(bed.dagster_home),
+        env={MARKER_ENV: str(import_marker), "DAGSTER_HOME": str(decoy_home)},
+    )
     thread.join(120)
     assert outcome.get("success") is True, "every step ran against the controller's instance"
     assert not handler_marker.exists(), "the message's logging handler ran"
     assert not import_marker.exists(), "the message's instance class was imported"
     assert not elsewhere.exists(), "a storage of the message's instance was opened"
+    assert list(decoy_home.iterdir()) == [], "the environment's DAGSTER_HOME was used"
     # Another instance class and another run storage class are counted; another directory
     # is not (paths differ legitimately between hosts).
     counted = [line for line in metrics(controller).splitlines() if "foreign_instance" in line]

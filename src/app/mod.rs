@@ -120,6 +120,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         queue_url = %args.queue_url,
         dlq_url,
         dagster_version = %bridge_info.dagster_version,
+        dagster_home = bridge_info.root_directory.as_deref().unwrap_or("?"),
         dashboard = %args.dashboard.dashboard_addr,
         max_concurrent = args.admission.max_concurrent,
         admin_api,
@@ -209,7 +210,7 @@ async fn start_bridge(
     ));
     let info = bridge.ping().await.with_context(|| {
         format!(
-            "the Dagster bridge does not start with {}: is dagster-taskiq-controller (the Python package) installed there, and DAGSTER_HOME set to the instance your runs use?",
+            "the Dagster bridge does not start with {}: is dagster-taskiq-controller (the Python package) installed there, and --dagster-home (or DAGSTER_HOME) the instance your runs use?",
             args.python.display()
         )
     })?;

@@ -174,7 +174,7 @@ fn dead_end(
     let told = match reported {
         None => "no verdict possible: the controller's Dagster instance has no such run (a \
                  run worker waiting on this step uses another instance than the controller's \
-                 DAGSTER_HOME)"
+                 --dagster-home)"
             .to_owned(),
         Some(Ok(ack)) if ack.attempt_finished => {
             "no verdict needed: the attempt already has its outcome in Dagster".to_owned()
