@@ -694,7 +694,7 @@ mod tests {
     fn pathdiff(path: &std::path::Path) -> PathBuf {
         let cwd = std::env::current_dir().unwrap();
         let ups = cwd.components().count() - 1;
-        let mut relative: PathBuf = std::iter::repeat("..").take(ups).collect();
+        let mut relative: PathBuf = std::iter::repeat_n("..", ups).collect();
         relative.push(path.strip_prefix("/").unwrap());
         relative
     }
