@@ -711,6 +711,7 @@ ALL_JOBS = [
     ecs_allowed_role,
     env_probe,
     loud,
+    diamond_retry,
 ]
 JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 
