@@ -103,8 +103,9 @@ def http_json(url: str) -> Any:
 def metric(dashboard: str, name: str) -> float:
     with urllib.request.urlopen(f"{dashboard}/metrics", timeout=5) as response:
         text = response.read().decode()
-    match = re.search(rf"^dagster_taskiq_{name} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    # Summed over labels: the warm pool's metrics are per Python environment (one here).
+    samples = re.findall(rf"^dagster_taskiq_{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
+    return sum(float(value) for value in samples)
 
 
 class Bench:

@@ -19,7 +19,7 @@ use dagster_taskiq_controller::claims::ClaimTable;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
 use dagster_taskiq_controller::fakes::{step_body, FakeBridge};
 use dagster_taskiq_controller::health::Health;
-use dagster_taskiq_controller::launcher::{ProcessLauncher, ProcessLauncherConfig};
+use dagster_taskiq_controller::launcher::{ProcessLauncher, ProcessLauncherConfig, PythonMap};
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
@@ -107,7 +107,7 @@ async fn round(moto: &common::Moto, n: usize) -> Round {
         },
         queue: Arc::new(queue),
         launcher: Arc::new(ProcessLauncher::new(ProcessLauncherConfig {
-            python: "/bin/true".into(),
+            pythons: PythonMap::single("/bin/true".into()),
             environment: StepEnvironment::from_process(&Default::default()),
         })),
         bridge: Arc::new(FakeBridge::default()),

@@ -12,7 +12,7 @@ use crate::dashboard::DashboardArgs;
 use crate::envelope::LauncherKind;
 use crate::flags::{invalid, ConfigError};
 use crate::launcher::ecs::EcsArgs;
-use crate::launcher::WarmArgs;
+use crate::launcher::{PythonMapArgs, WarmArgs};
 use crate::lease::LeaseArgs;
 use crate::step_env::StepEnvArgs;
 use crate::taskiq::TaskiqArgs;
@@ -109,9 +109,13 @@ pub struct RunArgs {
     #[arg(long, env = "DAGSTER_TASKIQ_SQS_DLQ_URL")]
     pub dlq_url: Option<String>,
 
-    /// Python interpreter whose `dagster` runs steps and the bridge.
+    /// Python interpreter whose `dagster` runs the bridge, and the process steps of code
+    /// locations without a --python-for.
     #[arg(long, env = "DAGSTER_TASKIQ_PYTHON", default_value = "python3")]
     pub python: PathBuf,
+
+    #[command(flatten)]
+    pub python_map: PythonMapArgs,
 
     /// Where steps run unless their op tag dagster-taskiq/launcher says otherwise.
     #[arg(long, env = "DAGSTER_TASKIQ_LAUNCHER", value_enum, default_value_t = LauncherChoice::Process)]
@@ -174,6 +178,7 @@ impl RunArgs {
         self.lease.validate()?;
         self.dashboard.validate()?;
         self.warm.validate()?;
+        self.python_map.map(&self.python)?;
         self.step_env.policy()?;
         self.taskiq.validate()?;
         if self.ecs_enabled() {

@@ -95,6 +95,10 @@ pub struct StepRequest {
     /// redelivery, a claim taken over): the step then runs without Dagster's step
     /// verification (`should_verify_step`), which refuses an attempt that has started once.
     pub relaunch: bool,
+    /// The run's code location as Dagster stored it (set by the controller from the stored
+    /// run, never from the message; `None`: unknown, or the run has none). It picks the
+    /// Python environment of a local step.
+    pub location: Option<String>,
 }
 
 /// A step attempt as Dagster knows it: what the bridge needs to write about it.
@@ -346,6 +350,7 @@ pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest,
         print_serialized_events: packed.print_serialized_events == Value::Bool(true),
         collect_events: false,
         relaunch: false,
+        location: None,
     })
 }
 

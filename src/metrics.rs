@@ -94,19 +94,21 @@ pub struct Metrics {
     pub exit_to_delete_seconds: Histogram,
     /// `method`: Dagster bridge round trips.
     pub bridge_latency_seconds: HistogramFamily,
-    /// Steps forked from a warm zygote.
-    pub warm_pool_forks: Counter,
-    /// `reason`: why a step was launched cold although the warm pool is on.
-    pub warm_pool_fallbacks: Family<Label, Counter>,
-    /// `result`: ok, failed.
-    pub warm_pool_zygote_starts: Family<Label, Counter>,
-    /// Zygotes that died without being asked to.
-    pub warm_pool_zygote_deaths: Counter,
-    /// `reason`: forks, rss.
-    pub warm_pool_recycles: Family<Label, Counter>,
-    /// Pid of the zygote new steps fork from (0: none).
-    pub warm_pool_zygote_pid: Gauge,
-    pub warm_pool_zygote_rss_bytes: Gauge,
+    /// `environment` (`default`, or the code locations of a `--python-for` interpreter):
+    /// steps forked from a warm zygote.
+    pub warm_pool_forks: Family<Label, Counter>,
+    /// `reason`, `environment`: why a step was launched cold although the warm pool is on.
+    pub warm_pool_fallbacks: Family<Labels2, Counter>,
+    /// `result` (ok, failed), `environment`.
+    pub warm_pool_zygote_starts: Family<Labels2, Counter>,
+    /// `environment`: zygotes that died without being asked to.
+    pub warm_pool_zygote_deaths: Family<Label, Counter>,
+    /// `reason` (forks, rss), `environment`.
+    pub warm_pool_recycles: Family<Labels2, Counter>,
+    /// `environment`: pid of the zygote new steps fork from (0: none).
+    pub warm_pool_zygote_pid: Family<Label, Gauge>,
+    /// `environment`.
+    pub warm_pool_zygote_rss_bytes: Family<Label, Gauge>,
 }
 
 impl Default for Metrics {
@@ -155,13 +157,13 @@ impl Metrics {
             settle_latency_seconds: seconds_histogram(),
             exit_to_delete_seconds: seconds_histogram(),
             bridge_latency_seconds: Family::new_with_constructor(seconds_histogram),
-            warm_pool_forks: Counter::default(),
+            warm_pool_forks: Family::default(),
             warm_pool_fallbacks: Family::default(),
             warm_pool_zygote_starts: Family::default(),
-            warm_pool_zygote_deaths: Counter::default(),
+            warm_pool_zygote_deaths: Family::default(),
             warm_pool_recycles: Family::default(),
-            warm_pool_zygote_pid: Gauge::default(),
-            warm_pool_zygote_rss_bytes: Gauge::default(),
+            warm_pool_zygote_pid: Family::default(),
+            warm_pool_zygote_rss_bytes: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -362,37 +364,37 @@ impl Metrics {
         );
         r.register(
             "warm_pool_forks",
-            "Steps forked from a warm zygote",
+            "Steps forked from a warm zygote, by Python environment",
             metrics.warm_pool_forks.clone(),
         );
         r.register(
             "warm_pool_fallbacks",
-            "Steps launched cold although the warm pool is on, by reason",
+            "Steps launched cold although the warm pool is on, by reason and Python environment",
             metrics.warm_pool_fallbacks.clone(),
         );
         r.register(
             "warm_pool_zygote_starts",
-            "Warm zygote starts, by result",
+            "Warm zygote starts, by result and Python environment",
             metrics.warm_pool_zygote_starts.clone(),
         );
         r.register(
             "warm_pool_zygote_deaths",
-            "Warm zygotes that died without being asked to",
+            "Warm zygotes that died without being asked to, by Python environment",
             metrics.warm_pool_zygote_deaths.clone(),
         );
         r.register(
             "warm_pool_recycles",
-            "Warm zygotes retired, by reason (forks, rss)",
+            "Warm zygotes retired, by reason (forks, rss) and Python environment",
             metrics.warm_pool_recycles.clone(),
         );
         r.register(
             "warm_pool_zygote_pid",
-            "Pid of the zygote new steps fork from (0: none)",
+            "Pid of the zygote new steps of a Python environment fork from (0: none)",
             metrics.warm_pool_zygote_pid.clone(),
         );
         r.register(
             "warm_pool_zygote_rss_bytes",
-            "Resident memory of the current zygote",
+            "Resident memory of the current zygote of a Python environment",
             metrics.warm_pool_zygote_rss_bytes.clone(),
         );
         Metrics {

@@ -1514,3 +1514,27 @@ async fn a_message_whose_op_tags_are_not_its_runs_is_refused_with_a_verdict_and_
     );
     bed.stop(handle).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_step_launches_with_the_code_location_its_run_stored_and_no_other() {
+    let bed = bed(Duration::from_secs(1));
+    bed.bridge.store_step("run1", "op_a", "job", &[]);
+    bed.bridge.set_location("run1", "op_a", "etl");
+    bed.bridge.store_step("run1", "op_b", "job", &[]);
+    // A message has no say: whatever it carries, the location is the stored run's.
+    let claims = [("dagster_location", "admin"), ("location_name", "admin")];
+    bed.queue
+        .push("a", &body_with_labels(91, "run1", "op_a", &claims));
+    bed.queue
+        .push("b", &body_with_labels(92, "run1", "op_b", &claims));
+    let handle = bed.start();
+    bed.queue.wait_for(acked("a")).await;
+    bed.queue.wait_for(acked("b")).await;
+    let mut locations = bed.launcher.locations();
+    locations.sort();
+    assert_eq!(
+        locations,
+        [(task_id(91), Some("etl".to_owned())), (task_id(92), None)]
+    );
+    bed.stop(handle).await;
+}

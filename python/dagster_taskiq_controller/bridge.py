@@ -99,6 +99,13 @@ def _param(params: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
+def _location_name(run: DagsterRun) -> str | None:
+    """The code location the run was launched from; ``None`` for a run launched without a
+    workspace (``execute_job``)."""
+    origin = run.remote_job_origin
+    return origin.location_name if origin is not None else None
+
+
 def _str_param(params: dict[str, Any], name: str) -> str:
     return _param(params, name, str)
 
@@ -510,9 +517,10 @@ class Bridge:
         self, instance: DagsterInstance, run: DagsterRun, step_key: str
     ) -> dict[str, Any] | None:
         """The step as its run stored it: its op tags (as the executor puts them in the
-        message's ``dagster_tags`` label) and the job's name. They decide how and where the
-        step is launched, so the controller launches a message only when it carries these
-        same ones (docs/security.md). ``None``: the run stored no execution plan."""
+        message's ``dagster_tags`` label), the job's name and the run's code location. They
+        decide how and where the step is launched, so the controller launches a message only
+        when it carries these same ones, and runs it in its location's Python environment
+        (docs/security.md). ``None``: the run stored no execution plan."""
         snapshot_id = run.execution_plan_snapshot_id
         if snapshot_id is None:
             return None
@@ -528,7 +536,12 @@ class Bridge:
         if tags is None and step_key.endswith("]"):
             # A step of a dynamic output: the plan stores it unresolved, as `op[?]`.
             tags = steps.get(step_key.split("[", 1)[0] + "[?]")
-        return {"found": tags is not None, "tags": tags or {}, "job_name": run.job_name}
+        return {
+            "found": tags is not None,
+            "tags": tags or {},
+            "job_name": run.job_name,
+            "location": _location_name(run),
+        }
 
     def report_verdict(self, params: dict[str, Any]) -> dict[str, Any]:
         run_id = _str_param(params, "run_id")

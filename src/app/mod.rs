@@ -226,14 +226,22 @@ async fn build_launcher(
     aws: &aws_config::SdkConfig,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<LauncherRouter> {
+    let pythons = args.python_map.map(&args.python)?;
+    for (location, python) in pythons.locations() {
+        anyhow::ensure!(
+            python.is_file(),
+            "--python-for: the interpreter of code location {location:?}, {}, is not a file",
+            python.display()
+        );
+        tracing::info!(location, python = %python.display(), "code location's Python environment");
+    }
     let cold = ProcessLauncher::new(ProcessLauncherConfig {
-        python: args.python.clone(),
+        pythons,
         environment: environment.clone(),
     });
     let process_launcher: Arc<dyn Launcher> = if args.warm.warm_pool {
         Arc::new(WarmLauncher::new(
             WarmLauncherConfig {
-                python: args.python.clone(),
                 preload: args.warm.warm_preload.clone(),
                 recycle_after: args.warm.warm_recycle_after,
                 max_rss_growth: args.warm.warm_max_rss_growth_mb * 1024 * 1024,

@@ -52,11 +52,15 @@ pub(super) async fn live(
         Decision::Launch(stored) => stored,
     };
     // The run's own settings decide how the step launches, not the message's labels
-    // (reconcile refused a message whose labels say otherwise).
+    // (reconcile refused a message whose labels say otherwise), and its code location which
+    // Python environment runs it.
     let from_run;
     let step = match stored {
         Some(stored) => {
-            from_run = step.with_op_tags(&stored.tags, ctx.settings.default_step_timeout);
+            from_run = StepRequest {
+                location: stored.location.clone(),
+                ..step.with_op_tags(&stored.tags, ctx.settings.default_step_timeout)
+            };
             &from_run
         }
         None => step,

@@ -134,6 +134,10 @@ pub struct StoredStep {
     pub tags: BTreeMap<String, String>,
     /// The run's job.
     pub job_name: String,
+    /// The run's code location (`remote_job_origin.location_name`); `None` for a run
+    /// launched without a workspace (`execute_job`).
+    #[serde(default)]
+    pub location: Option<String>,
 }
 
 /// A notice the bridge sends unasked, about a run of the latest `run_statuses` call.

@@ -310,6 +310,9 @@ enum FakeSignal {
     Kill,
 }
 
+/// (task id, code location) of a launch.
+pub type LaunchedLocation = (String, Option<String>);
+
 /// A launcher whose steps end as told, after `duration`.
 #[derive(Clone)]
 pub struct FakeLauncher {
@@ -317,6 +320,8 @@ pub struct FakeLauncher {
     pub duration: Duration,
     outcomes: Arc<Mutex<HashMap<String, FakeOutcome>>>,
     launches: Arc<Mutex<Vec<String>>>,
+    /// (task id, code location) of each launch.
+    locations: Arc<Mutex<Vec<LaunchedLocation>>>,
     /// step key → (reason, detail) of a `LaunchError::Invalid`.
     refusals: Arc<Mutex<HashMap<String, (&'static str, String)>>>,
     /// Steps outlive the controller (like ECS tasks).
@@ -331,6 +336,7 @@ impl FakeLauncher {
             duration,
             outcomes: Arc::default(),
             launches: Arc::default(),
+            locations: Arc::default(),
             refusals: Arc::default(),
             survives: Arc::default(),
             kills: Arc::default(),
@@ -368,6 +374,11 @@ impl FakeLauncher {
     pub fn launches(&self) -> Vec<String> {
         self.launches.lock().clone()
     }
+
+    /// (task id, code location) of each launch, in order.
+    pub fn locations(&self) -> Vec<LaunchedLocation> {
+        self.locations.lock().clone()
+    }
 }
 
 #[async_trait]
@@ -389,6 +400,9 @@ impl Launcher for FakeLauncher {
             });
         }
         self.launches.lock().push(step.task_id.clone());
+        self.locations
+            .lock()
+            .push((step.task_id.clone(), step.location.clone()));
         let outcome = self
             .outcomes
             .lock()
@@ -610,8 +624,21 @@ impl FakeBridge {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 job_name: job_name.to_owned(),
+                location: None,
             },
         );
+    }
+
+    /// Gives a stored step's run a code location, as a run launched from a workspace has.
+    pub fn set_location(&self, run_id: &str, step_key: &str, location: &str) {
+        if let Some(stored) = self
+            .inner
+            .lock()
+            .stored_steps
+            .get_mut(&(run_id.to_owned(), step_key.to_owned()))
+        {
+            stored.location = Some(location.to_owned());
+        }
     }
 
     /// Makes every call fail as rejected, as a bridge does for an instance ref it cannot

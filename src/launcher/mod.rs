@@ -10,7 +10,10 @@ mod router;
 use async_trait::async_trait;
 
 pub(crate) use child::{EventLines, WarmArgs};
-pub use child::{ProcessLauncher, ProcessLauncherConfig, WarmLauncher, WarmLauncherConfig};
+pub use child::{
+    ProcessLauncher, ProcessLauncherConfig, PythonMap, PythonMapArgs, Unmapped, WarmLauncher,
+    WarmLauncherConfig,
+};
 pub use ecs::{EcsLauncher, EcsLauncherConfig, EcsStopCause};
 pub use router::LauncherRouter;
 

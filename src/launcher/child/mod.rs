@@ -6,10 +6,12 @@
 mod events;
 mod output;
 mod process;
+mod python_map;
 mod warm;
 
 pub(crate) use events::{EventLines, MAX_EVENT_BYTES};
 pub use process::{ProcessLauncher, ProcessLauncherConfig};
+pub use python_map::{PythonMap, PythonMapArgs, Unmapped};
 pub(crate) use warm::WarmArgs;
 pub use warm::{WarmLauncher, WarmLauncherConfig};
 

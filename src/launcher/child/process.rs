@@ -3,7 +3,7 @@
 //! the stop), no shell, in its own process group, its output streamed into the step's span.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Stdio;
 
 use async_trait::async_trait;
@@ -15,6 +15,7 @@ use super::die_with_controller;
 
 use super::events::EventLines;
 use super::output::StepOutput;
+use super::python_map::PythonMap;
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep, StepExit};
 use crate::step_env::StepEnvironment;
@@ -26,8 +27,8 @@ pub(crate) const STEP_MODULE: &str = "dagster_taskiq_controller.stop_guard";
 
 #[derive(Debug, Clone)]
 pub struct ProcessLauncherConfig {
-    /// The interpreter whose `dagster` runs the step.
-    pub python: PathBuf,
+    /// The interpreter whose `dagster` runs the step: the one of its run's code location.
+    pub pythons: PythonMap,
     /// What the step inherits: not the controller's own variables (its secrets).
     pub environment: StepEnvironment,
 }
@@ -40,6 +41,10 @@ impl ProcessLauncher {
     pub fn new(config: ProcessLauncherConfig) -> Self {
         Self { config }
     }
+
+    pub(crate) fn pythons(&self) -> &PythonMap {
+        &self.config.pythons
+    }
 }
 
 #[async_trait]
@@ -49,7 +54,9 @@ impl Launcher for ProcessLauncher {
     }
 
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
-        let mut command = Command::new(&self.config.python);
+        let python = self.config.pythons.choose(step.location.as_deref())?;
+        tracing::debug!(location = ?step.location, python = %python.display(), "cold start");
+        let mut command = Command::new(python);
         command.args(["-m", STEP_MODULE]);
         // The step environment (the controller's minus its secrets); the message sets only
         // these.
@@ -73,7 +80,7 @@ impl Launcher for ProcessLauncher {
         die_with_controller(&mut command);
         let mut child = command
             .spawn()
-            .map_err(|e| classify_spawn_error(&self.config, e))?;
+            .map_err(|e| classify_spawn_error(python, e))?;
         let pid = child.id().expect("a just-spawned child has a pid");
         let output = StepOutput::forward(
             child.stdout.take().expect("piped"),
@@ -89,8 +96,8 @@ impl Launcher for ProcessLauncher {
     }
 }
 
-fn classify_spawn_error(config: &ProcessLauncherConfig, e: std::io::Error) -> LaunchError {
-    let message = format!("cannot start {}: {e}", config.python.display());
+fn classify_spawn_error(python: &Path, e: std::io::Error) -> LaunchError {
+    let message = format!("cannot start {}: {e}", python.display());
     match e.raw_os_error() {
         Some(libc::EAGAIN) | Some(libc::ENOMEM) | Some(libc::EMFILE) | Some(libc::ENFILE) => {
             LaunchError::Transient(message)
@@ -162,5 +169,61 @@ impl RunningStep for ChildStep {
 
     fn take_events(&mut self) -> Option<EventLines> {
         self.output.take_events()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::launcher::child::python_map::{PythonMapArgs, Unmapped};
+
+    /// An "interpreter" that says which one it is on stderr.
+    fn interpreter(dir: &Path, name: &str) -> String {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\necho 'ran {name}' >&2\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.display().to_string()
+    }
+
+    async fn ran_on(launcher: &ProcessLauncher, location: Option<&str>) -> Result<String, String> {
+        let mut step =
+            crate::envelope::decode(&crate::fakes::step_body("t1", "run-1", "op_a", 0)).unwrap();
+        step.location = location.map(str::to_owned);
+        let mut running = launcher.launch(&step).await.map_err(|e| e.to_string())?;
+        assert_eq!(running.wait().await, StepExit::Code(0));
+        Ok(running.stderr_tail().join("\n"))
+    }
+
+    #[tokio::test]
+    async fn a_step_runs_on_its_locations_interpreter_or_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = interpreter(dir.path(), "default");
+        let etl = interpreter(dir.path(), "etl");
+        let launcher = |unmapped| {
+            let pythons = PythonMapArgs {
+                python_for: vec![format!("etl={etl}")],
+                python_for_unmapped: unmapped,
+            }
+            .map(Path::new(&default))
+            .unwrap();
+            ProcessLauncher::new(ProcessLauncherConfig {
+                pythons,
+                environment: StepEnvironment::from_process(&Default::default()),
+            })
+        };
+        let lenient = launcher(Unmapped::Default);
+        assert_eq!(ran_on(&lenient, Some("etl")).await.unwrap(), "ran etl");
+        assert_eq!(ran_on(&lenient, Some("bi")).await.unwrap(), "ran default");
+        assert_eq!(ran_on(&lenient, None).await.unwrap(), "ran default");
+        let strict = launcher(Unmapped::Refuse);
+        assert_eq!(ran_on(&strict, Some("etl")).await.unwrap(), "ran etl");
+        let refused = ran_on(&strict, Some("bi")).await.unwrap_err();
+        assert!(
+            refused.contains("unmapped_location") && refused.contains("\"bi\""),
+            "{refused}"
+        );
+        assert!(ran_on(&strict, None).await.is_err());
     }
 }

@@ -18,7 +18,10 @@
 //!   controller when it ended ([`crate::launcher::StepExit::Unknown`]; the outcome is in
 //!   Dagster's event log).
 //!
-//! The zygote is supervised (restarted with backoff when it dies), recycled after
+//! Each Python environment a code location maps to (`--python-for`, [`super::PythonMap`])
+//! has its own zygote, started with its first step (`--python`'s right away), and the step
+//! forks from the one of its run's location. Each zygote is supervised (restarted with
+//! backoff when it dies), recycled after
 //! `recycle_after` forks or when its memory grows past `max_rss_growth`, and whenever no
 //! usable zygote is at hand the step is launched cold, with a warning and
 //! `warm_pool_fallbacks_total`.
@@ -29,6 +32,7 @@ mod zygote;
 
 pub(crate) use args::WarmArgs;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -54,9 +58,9 @@ const READY_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct WarmLauncherConfig {
-    /// The interpreter that runs the zygote (the same one the cold launcher uses).
-    pub python: PathBuf,
-    /// Modules (or `.py` files) the zygote imports before forking, e.g. the user's code.
+    /// Modules (or `.py` files) the zygote of `--python`'s environment imports before
+    /// forking, e.g. the user's code. The zygotes of the other environments (`--python-for`)
+    /// import Dagster only: these modules need not be importable there.
     pub preload: Vec<String>,
     /// Retire a zygote after this many forks; 0 means never.
     pub recycle_after: u64,
@@ -69,6 +73,15 @@ pub struct WarmLauncherConfig {
     pub spawn_timeout: Duration,
     /// The zygote's environment, so its forks': not the controller's own variables.
     pub environment: StepEnvironment,
+}
+
+/// One Python environment's zygotes: what they run, and the `environment` metric label.
+#[derive(Debug)]
+pub(super) struct PythonEnv {
+    pub(super) python: PathBuf,
+    pub(super) preload: Vec<String>,
+    /// `default` for `--python`, else the code locations mapped to it; bounded by the map.
+    pub(super) label: &'static str,
 }
 
 /// Why the warm path could not launch a step.
@@ -104,15 +117,19 @@ impl WarmError {
     }
 }
 
-/// [`crate::launcher::Launcher`] that forks steps from a warm zygote, falling back to the cold
-/// [`ProcessLauncher`].
+/// [`crate::launcher::Launcher`] that forks steps from a warm zygote of their code location's
+/// Python environment, falling back to the cold [`ProcessLauncher`].
 pub struct WarmLauncher {
-    inner: Arc<Inner>,
+    /// One pool per interpreter of the cold launcher's map.
+    pools: BTreeMap<PathBuf, Arc<Pool>>,
+    cold: ProcessLauncher,
+    metrics: Arc<Metrics>,
 }
 
-struct Inner {
+/// The zygotes of one Python environment, supervised and recycled on their own.
+struct Pool {
+    env: PythonEnv,
     config: WarmLauncherConfig,
-    cold: ProcessLauncher,
     metrics: Arc<Metrics>,
     /// The zygote new steps fork from; only the supervisor replaces it.
     current: watch::Sender<Option<Arc<Zygote>>>,
@@ -121,18 +138,51 @@ struct Inner {
 }
 
 impl WarmLauncher {
-    /// Starts the supervisor, which brings up the first zygote right away. Needs a runtime.
+    /// A pool per Python environment of `cold`'s map; starts the supervisors. The default
+    /// environment's zygote comes up right away (when unmapped locations run there), the
+    /// others' with their first step. Needs a runtime.
     pub fn new(config: WarmLauncherConfig, cold: ProcessLauncher, metrics: Arc<Metrics>) -> Self {
-        let (wake, wakes) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner {
-            config,
+        let map = cold.pythons();
+        let default = map.default_python().to_owned();
+        let mut pools = BTreeMap::new();
+        for python in map.interpreters() {
+            let is_default = python == default;
+            let label = if is_default {
+                "default".to_owned()
+            } else {
+                map.locations()
+                    .filter(|(_, p)| *p == python)
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let env = PythonEnv {
+                python: python.to_owned(),
+                preload: if is_default {
+                    config.preload.clone()
+                } else {
+                    Vec::new()
+                },
+                // Leaked once per interpreter of the map, for the metrics' static labels.
+                label: Box::leak(label.into_boxed_str()),
+            };
+            let (wake, wakes) = mpsc::unbounded_channel();
+            let pool = Arc::new(Pool {
+                env,
+                config: config.clone(),
+                metrics: metrics.clone(),
+                current: watch::Sender::new(None),
+                wake,
+            });
+            let eager = is_default && map.runs_unmapped();
+            tokio::spawn(supervise(Arc::downgrade(&pool), wakes, eager));
+            pools.insert(python.to_owned(), pool);
+        }
+        Self {
+            pools,
             cold,
             metrics,
-            current: watch::Sender::new(None),
-            wake,
-        });
-        tokio::spawn(supervise(Arc::downgrade(&inner), wakes));
-        Self { inner }
+        }
     }
 }
 
@@ -143,23 +193,31 @@ impl Launcher for WarmLauncher {
     }
 
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
-        match self.inner.launch_warm(step).await {
+        let python = self.cold.pythons().choose(step.location.as_deref())?;
+        let pool = self
+            .pools
+            .get(python)
+            .expect("a pool for every interpreter of the map");
+        match pool.launch_warm(step).await {
             Ok(running) => Ok(Box::new(running)),
             Err(e @ WarmError::ForkFailed { .. }) => Err(LaunchError::Transient(e.to_string())),
             Err(e) => {
-                tracing::warn!(error = %e, "warm pool unavailable: launching the step cold");
-                self.inner
-                    .metrics
+                tracing::warn!(error = %e, environment = pool.env.label, "warm pool unavailable: launching the step cold");
+                self.metrics
                     .warm_pool_fallbacks
-                    .get_or_create(&[("reason", e.reason())])
+                    .get_or_create(&[("reason", e.reason()), ("environment", pool.env.label)])
                     .inc();
-                self.inner.cold.launch(step).await
+                self.cold.launch(step).await
             }
         }
     }
 }
 
-impl Inner {
+impl Pool {
+    fn label(&self) -> [(&'static str, &'static str); 1] {
+        [("environment", self.env.label)]
+    }
+
     async fn launch_warm(&self, step: &StepRequest) -> Result<WarmStep, WarmError> {
         let zygote = self.ready_zygote().await?;
         let (running, forks, rss) = match zygote.spawn(step, self.config.spawn_timeout).await {
@@ -173,8 +231,14 @@ impl Inner {
                 return Err(e);
             }
         };
-        self.metrics.warm_pool_forks.inc();
-        self.metrics.warm_pool_zygote_rss_bytes.set(rss as i64);
+        self.metrics
+            .warm_pool_forks
+            .get_or_create(&self.label())
+            .inc();
+        self.metrics
+            .warm_pool_zygote_rss_bytes
+            .get_or_create(&self.label())
+            .set(rss as i64);
         let growth = rss.saturating_sub(zygote.base_rss);
         let reason = if self.config.recycle_after > 0 && forks >= self.config.recycle_after {
             Some("forks")
@@ -187,6 +251,7 @@ impl Inner {
             if !zygote.recycle_wanted.swap(true, Ordering::SeqCst) {
                 tracing::info!(
                     pid = zygote.pid,
+                    environment = self.env.label,
                     forks,
                     rss_growth = growth,
                     reason,
@@ -194,7 +259,7 @@ impl Inner {
                 );
                 self.metrics
                     .warm_pool_recycles
-                    .get_or_create(&[("reason", reason)])
+                    .get_or_create(&[("reason", reason), ("environment", self.env.label)])
                     .inc();
                 let _ = self.wake.send(());
             }
@@ -232,17 +297,29 @@ impl Inner {
     /// Starts a zygote and makes it current; the one it replaces is retired (it exits once
     /// its last child has).
     async fn replace(&self) -> Result<(), WarmError> {
+        // A clone: the family's guard must not be held across the start.
+        let pid = self
+            .metrics
+            .warm_pool_zygote_pid
+            .get_or_create(&self.label())
+            .clone();
         if self.current.borrow().as_ref().is_none_or(|z| !z.usable()) {
-            self.metrics.warm_pool_zygote_pid.set(0);
+            pid.set(0);
         }
-        let zygote = Zygote::start(&self.config, self.wake.clone(), self.metrics.clone()).await?;
+        let deaths = self
+            .metrics
+            .warm_pool_zygote_deaths
+            .get_or_create(&self.label())
+            .clone();
+        let zygote = Zygote::start(&self.env, &self.config, self.wake.clone(), deaths).await?;
         self.metrics
             .warm_pool_zygote_starts
-            .get_or_create(&[("result", "ok")])
+            .get_or_create(&[("result", "ok"), ("environment", self.env.label)])
             .inc();
-        self.metrics.warm_pool_zygote_pid.set(zygote.pid as i64);
+        pid.set(zygote.pid as i64);
         self.metrics
             .warm_pool_zygote_rss_bytes
+            .get_or_create(&self.label())
             .set(zygote.base_rss as i64);
         if let Some(old) = self.current.send_replace(Some(zygote)) {
             old.retire().await;
@@ -256,12 +333,16 @@ fn restart_backoff(failures: u32) -> Duration {
     Duration::from_secs(secs).min(MAX_RESTART_BACKOFF)
 }
 
-/// Keeps a usable zygote up: at start, after a death, for a recycle; retries failed starts
-/// with backoff. Ends when the launcher is dropped.
-async fn supervise(inner: Weak<Inner>, mut wakes: mpsc::UnboundedReceiver<()>) {
+/// Keeps a usable zygote up in one pool: at start (`eager`) or on the first launch, after a
+/// death, for a recycle; retries failed starts with backoff. Ends when the launcher is
+/// dropped.
+async fn supervise(pool: Weak<Pool>, mut wakes: mpsc::UnboundedReceiver<()>, eager: bool) {
+    if !eager && wakes.recv().await.is_none() {
+        return;
+    }
     let mut failures = 0u32;
     loop {
-        let Some(strong) = inner.upgrade() else {
+        let Some(strong) = pool.upgrade() else {
             return;
         };
         let mut retry = None;
@@ -274,9 +355,9 @@ async fn supervise(inner: Weak<Inner>, mut wakes: mpsc::UnboundedReceiver<()>) {
                     strong
                         .metrics
                         .warm_pool_zygote_starts
-                        .get_or_create(&[("result", "failed")])
+                        .get_or_create(&[("result", "failed"), ("environment", strong.env.label)])
                         .inc();
-                    tracing::warn!(error = %e, failures, retry_in = ?pause, "zygote failed to start; launching cold meanwhile");
+                    tracing::warn!(error = %e, environment = strong.env.label, failures, retry_in = ?pause, "zygote failed to start; launching cold meanwhile");
                     retry = Some(pause);
                 }
             }

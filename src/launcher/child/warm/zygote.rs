@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncRead, Interest};
@@ -25,12 +26,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use super::step::WarmStep;
-use super::{WarmError, WarmLauncherConfig};
+use super::{PythonEnv, WarmError, WarmLauncherConfig};
 use crate::bounded_lines::{BoundedLines, MAX_LINE_BYTES};
 use crate::envelope::StepRequest;
 use crate::launcher::child::output::StepOutput;
 use crate::launcher::StepExit;
-use crate::metrics::Metrics;
 
 /// Bound of a line on the zygote's socket: its events are small JSON objects, but a `failed`
 /// one carries a traceback.
@@ -106,16 +106,17 @@ struct Table {
 
 impl Zygote {
     pub(super) async fn start(
+        env: &PythonEnv,
         config: &WarmLauncherConfig,
         wake: mpsc::UnboundedSender<()>,
-        metrics: Arc<Metrics>,
+        deaths: Counter,
     ) -> Result<Arc<Zygote>, WarmError> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         ours.set_nonblocking(true)?;
         let ours = UnixStream::from_std(ours)?;
-        let mut command = Command::new(&config.python);
+        let mut command = Command::new(&env.python);
         command.args(["-m", "dagster_taskiq_controller.zygote"]);
-        for module in &config.preload {
+        for module in &env.preload {
             command.arg("--preload").arg(module);
         }
         // The step environment: whatever the zygote holds, every fork inherits.
@@ -128,11 +129,11 @@ impl Zygote {
             .process_group(0)
             .kill_on_drop(true);
         die_with_controller(&mut command);
-        let mut child = command.spawn().map_err(|e| {
-            WarmError::Start(format!("cannot run {}: {e}", config.python.display()))
-        })?;
+        let mut child = command
+            .spawn()
+            .map_err(|e| WarmError::Start(format!("cannot run {}: {e}", env.python.display())))?;
         let os_pid = child.id().unwrap_or_default();
-        let span = tracing::info_span!("zygote", pid = os_pid);
+        let span = tracing::info_span!("zygote", pid = os_pid, environment = env.label);
         for pipe in [
             child
                 .stdout
@@ -181,7 +182,8 @@ impl Zygote {
                         dagster_version,
                         load_seconds,
                         rss_bytes,
-                        preload = ?config.preload,
+                        python = %env.python.display(),
+                        preload = ?env.preload,
                         "zygote ready"
                     )
                 });
@@ -205,7 +207,7 @@ impl Zygote {
             retiring: AtomicBool::new(false),
             recycle_wanted: AtomicBool::new(false),
         });
-        tokio::spawn(read_events(zygote.clone(), lines, child, wake, metrics).instrument(span));
+        tokio::spawn(read_events(zygote.clone(), lines, child, wake, deaths).instrument(span));
         Ok(zygote)
     }
 
@@ -405,7 +407,7 @@ async fn read_events(
     mut lines: BoundedLines<OwnedReadHalf>,
     mut child: Child,
     wake: mpsc::UnboundedSender<()>,
-    metrics: Arc<Metrics>,
+    deaths: Counter,
 ) {
     loop {
         match lines.next_line().await {
@@ -445,7 +447,7 @@ async fn read_events(
         tracing::info!(%status, "retired zygote exited");
     } else {
         tracing::warn!(%status, "zygote died; starting a new one");
-        metrics.warm_pool_zygote_deaths.inc();
+        deaths.inc();
         let _ = wake.send(());
     }
 }
