@@ -829,6 +829,7 @@ async fn an_execution_that_never_started_is_relaunched_without_a_verdict() {
 
 fn taskiq_bed(store: &FakeObjectStore) -> Bed {
     let taskiq = TaskiqCompat::new(Arc::new(store.clone()), Some("results".into()), "")
+        .with_payloads(vec!["payloads".into()], 8 << 20)
         .with_retry_budget(Duration::from_secs(1));
     bed_with(
         Duration::from_secs(1),
