@@ -95,6 +95,9 @@ pub struct StepRequest {
     /// redelivery, a claim taken over): the step then runs without Dagster's step
     /// verification (`should_verify_step`), which refuses an attempt that has started once.
     pub relaunch: bool,
+    /// The run's stored ECS settings (image, executor env_vars and secrets), set by the
+    /// controller from the bridge; never read from the message.
+    pub stored_ecs: Option<crate::dagster::StoredEcs>,
 }
 
 /// A step attempt as Dagster knows it: what the bridge needs to write about it.
@@ -346,6 +349,7 @@ pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest,
         print_serialized_events: packed.print_serialized_events == Value::Bool(true),
         collect_events: false,
         relaunch: false,
+        stored_ecs: None,
     })
 }
 

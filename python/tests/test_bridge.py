@@ -249,7 +249,14 @@ def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) 
     # first: STEP_UP_FOR_RETRY (attempt 0) then STEP_SUCCESS (attempt 1)
     first = state("first", 0)
     # The step as the run stored it: the launch settings a message must carry.
-    assert first.pop("stored_step") == {"found": True, "tags": {}, "job_name": "tiny"}
+    # No image on the run's origin, no executor env_vars or secrets.
+    no_ecs = {"image": None, "env_vars": [], "secrets": []}
+    assert first.pop("stored_step") == {
+        "found": True,
+        "tags": {},
+        "job_name": "tiny",
+        "ecs": no_ecs,
+    }
     assert first == {
         "run_status": "SUCCESS",
         "terminal_events": 2,
@@ -260,6 +267,7 @@ def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) 
         "found": False,
         "tags": {},
         "job_name": "tiny",
+        "ecs": no_ecs,
     }
     assert state("first", 1)["attempt_finished"] is True
     assert state("first", 2)["attempt_finished"] is False

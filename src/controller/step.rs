@@ -56,7 +56,10 @@ pub(super) async fn live(
     let from_run;
     let step = match stored {
         Some(stored) => {
-            from_run = step.with_op_tags(&stored.tags, ctx.settings.default_step_timeout);
+            from_run = StepRequest {
+                stored_ecs: Some(stored.ecs),
+                ..step.with_op_tags(&stored.tags, ctx.settings.default_step_timeout)
+            };
             &from_run
         }
         None => step,

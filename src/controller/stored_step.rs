@@ -94,6 +94,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
             job_name: "nightly".into(),
+            ecs: Default::default(),
         }
     }
 

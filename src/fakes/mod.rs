@@ -623,6 +623,7 @@ impl FakeBridge {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 job_name: job_name.to_owned(),
+                ecs: Default::default(),
             },
         );
     }
