@@ -99,6 +99,9 @@ pub struct StepRequest {
     /// run, never from the message; `None`: unknown, or the run has none). It picks the
     /// Python environment of a local step.
     pub location: Option<String>,
+    /// The run's stored ECS settings (image, executor env_vars and secrets), set by the
+    /// controller from the bridge; never read from the message.
+    pub stored_ecs: Option<crate::dagster::StoredEcs>,
 }
 
 /// A step attempt as Dagster knows it: what the bridge needs to write about it.
@@ -351,6 +354,7 @@ pub(crate) fn decode_with_limit(body: &str, limit: usize) -> Result<StepRequest,
         collect_events: false,
         relaunch: false,
         location: None,
+        stored_ecs: None,
     })
 }
 

@@ -829,6 +829,7 @@ async fn an_execution_that_never_started_is_relaunched_without_a_verdict() {
 
 fn taskiq_bed(store: &FakeObjectStore) -> Bed {
     let taskiq = TaskiqCompat::new(Arc::new(store.clone()), Some("results".into()), "")
+        .with_payloads(vec!["payloads".into()], 8 << 20)
         .with_retry_budget(Duration::from_secs(1));
     bed_with(
         Duration::from_secs(1),
@@ -1370,10 +1371,16 @@ async fn a_poison_message_that_names_its_attempt_gets_a_verdict_before_its_dead_
 #[tokio::test(start_paused = true)]
 async fn what_dagster_was_told_survives_the_dead_letters_detail_limit() {
     let bed = bed(Duration::from_secs(1));
-    let long = "9".repeat(3000);
+    bed.bridge.store_step("run1", "op_a", "job", &[]);
+    // Eight op tags the run did not store, each with a long name: the detail names them all,
+    // which is longer than the 1000 characters a dead letter keeps.
+    let tags: serde_json::Map<String, serde_json::Value> = (0..8)
+        .map(|i| (format!("{i}{}", "k".repeat(300)), "v".into()))
+        .collect();
+    let tags = serde_json::Value::Object(tags).to_string();
     bed.queue.push(
         "long",
-        &body_with_labels(73, "run1", "op_a", &[("dagster_timeout", &long)]),
+        &body_with_labels(73, "run1", "op_a", &[("dagster_tags", &tags)]),
     );
     let handle = bed.start();
     bed.queue.wait_for(dead_lettered_at_all("long")).await;

@@ -541,6 +541,7 @@ class Bridge:
             "tags": tags or {},
             "job_name": run.job_name,
             "location": _location_name(run),
+            "ecs": _stored_ecs(run),
         }
 
     def report_verdict(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -727,6 +728,43 @@ def serve(bridge: Bridge, requests: IO[bytes], writer: LineWriter) -> None:
             response = _error_response(None, BridgeError("internal", str(exc)))
         if response is not None:
             writer.write(response)
+
+
+def _stored_ecs(run: DagsterRun) -> dict[str, Any]:
+    """What the run says about its ECS tasks: the image of its code location
+    (``job_code_origin.repository_origin.container_image``) and its executor config's
+    ``env_vars`` and ``secrets``, as written (the controller checks them). Read from the
+    stored run, so a queue message chooses none of them (docs/ecs.md)."""
+    origin = run.job_code_origin
+    image = origin.repository_origin.container_image if origin is not None else None
+    config = _executor_config(run.run_config)
+    env_vars = config.get("env_vars") or []
+    secrets = config.get("secrets") or []
+    return {
+        "image": image if isinstance(image, str) else None,
+        # Anything but strings and {name, valueFrom} maps was refused by the executor's
+        # config schema when the run was made; passed on as text so the controller names it.
+        "env_vars": [str(v) for v in env_vars] if isinstance(env_vars, list) else [],
+        "secrets": [
+            {"name": str(s.get("name", "")), "valueFrom": str(s.get("valueFrom", ""))}
+            if isinstance(s, dict)
+            else {"name": "", "valueFrom": str(s)}
+            for s in (secrets if isinstance(secrets, list) else [])
+        ],
+    }
+
+
+def _executor_config(run_config: Any) -> dict[str, Any]:
+    """The executor's config in a run config: ``execution: {config: ...}``, or the older
+    ``execution: {<executor name>: {config: ...}}``."""
+    execution = run_config.get("execution") if isinstance(run_config, dict) else None
+    if not isinstance(execution, dict):
+        return {}
+    config = execution.get("config")
+    if config is None and len(execution) == 1:
+        (named,) = execution.values()
+        config = named.get("config") if isinstance(named, dict) else None
+    return config if isinstance(config, dict) else {}
 
 
 def main(bridge_class: type[Bridge] = Bridge) -> int:

@@ -22,6 +22,7 @@ from dagster import (
     Field,
     IntSource,
     Noneable,
+    Shape,
     StringSource,
     executor,
 )
@@ -152,6 +153,21 @@ TASKIQ_CONTROLLER_EXECUTOR_CONFIG: dict[str, Field] = {
         is_required=False,
         default_value=0.1,
         description="Seconds between polls of the event log for step events.",
+    ),
+    # Plain strings, not StringSource: the controller reads them from the stored run config,
+    # where an {"env": ...} would still be unresolved (and resolving it on the controller's
+    # host would hand steps the controller's environment).
+    "env_vars": Field(
+        [str],
+        is_required=False,
+        description="ECS steps: environment variables of the step container, each KEY=VALUE "
+        "(a bare KEY is refused: the controller does not pass its own environment on).",
+    ),
+    "secrets": Field(
+        [Shape({"name": str, "valueFrom": str})],
+        is_required=False,
+        description="ECS steps: container secrets, each {name, valueFrom} with a Secrets "
+        "Manager secret or SSM parameter ARN; read by the task definition's execution role.",
     ),
     "step_start_timeout_seconds": Field(
         float,

@@ -631,6 +631,8 @@ ecs_exec_command = _ecs_tagged(
 ecs_allowed_role = _ecs_tagged(
     "ecs_allowed_role", {"ecs/task_overrides": json.dumps({"taskRoleArn": ECS_ALLOWED_ROLE})}
 )
+# Runs of it are made with a code location image (tests set container_image on its origin).
+ecs_location = _ecs_tagged("ecs_location", {})
 # --- env_probe: what a step can read of the controller's environment ----------------------------
 
 
@@ -709,6 +711,7 @@ ALL_JOBS = [
     ecs_network_override,
     ecs_exec_command,
     ecs_allowed_role,
+    ecs_location,
     env_probe,
     loud,
     diamond_retry,

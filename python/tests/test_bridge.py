@@ -250,11 +250,14 @@ def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) 
     first = state("first", 0)
     # The step as the run stored it: the launch settings a message must carry.
     # No code location: the run was launched without a workspace.
+    # No image on the run's origin, no executor env_vars or secrets.
+    no_ecs = {"image": None, "env_vars": [], "secrets": []}
     assert first.pop("stored_step") == {
         "found": True,
         "tags": {},
         "job_name": "tiny",
         "location": None,
+        "ecs": no_ecs,
     }
     assert first == {
         "run_status": "SUCCESS",
@@ -267,6 +270,7 @@ def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) 
         "tags": {},
         "job_name": "tiny",
         "location": None,
+        "ecs": no_ecs,
     }
     assert state("first", 1)["attempt_finished"] is True
     assert state("first", 2)["attempt_finished"] is False

@@ -66,6 +66,8 @@ IAM_ACTION_OF = {
 STAR_RESOURCE_ACTIONS: dict[str, str | None] = {
     "ecs:DescribeTaskDefinition": None,
     "ecs:ListTasks": "ecs:cluster",
+    # The copies of the step task definition per code location image (docs/ecs.md).
+    "ecs:RegisterTaskDefinition": None,
 }
 
 
@@ -442,8 +444,10 @@ def test_task_control_and_pass_role_are_never_granted_on_every_resource() -> Non
                 arn = json.dumps(cluster_arn_condition(s))
                 assert "cluster/${Name}" in arn and "ExistingClusterName" in arn, (s.sid, arn)
     (run_task,) = statements_granting(statements, "ecs:RunTask")
-    (resource,) = run_task.resources
-    assert "task-definition/${AWS::StackName}-step:*" in json.dumps(resource), resource
+    # The step family, and its copies per code location image (`<family>-<hash>`).
+    base, images = (json.dumps(r) for r in run_task.resources)
+    assert "task-definition/${AWS::StackName}-step:*" in base, base
+    assert "task-definition/${AWS::StackName}-step-*:*" in images, images
 
 
 def test_the_work_queue_accepts_messages_only_from_producers_and_controllers() -> None:

@@ -504,3 +504,93 @@ def test_a_role_the_operator_allows_reaches_run_task_and_the_step_runs(stack: St
     assert (task.stop_code, task.exit_code) == ("EssentialContainerExited", 0)
     assert not verdicts_of(stack.instance, run_id)
     wait_for(stack.queue_empty, 30, "every message to be deleted")
+
+
+# --- code location images, executor env_vars and secrets ---------------------------------------
+
+IMAGE_B = "registry.example/team-b:7"
+IMAGE_C = "registry.example/team-c@sha256:" + "c" * 64
+# The prefix a plain string match would let through; the allow-list does not.
+REFUSED_IMAGE = "registry.example/team-b-evil:7"
+TOKEN_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:api-token-AbCdEf"
+
+
+def in_image(job_name: str, image: str | None) -> Any:
+    """The job as a code location serving it in `image` would hand it to Dagster: the run's
+    job_code_origin then carries the image (what the controller reads from the stored run)."""
+    recon = jobs.recon(job_name)
+    return recon._replace(repository=recon.repository._replace(container_image=image))
+
+
+def test_each_code_location_image_gets_its_own_task_definition_and_a_refused_one_a_verdict(
+    stack: Stack,
+) -> None:
+    assert stack.controller.stop() == 0, stack.log()[-4000:]
+    stack.controller = stack.start_controller(
+        "controller-img",
+        "--ecs-allow-image-prefix",
+        "registry.example/team-b",
+        "--ecs-allow-image-prefix",
+        "registry.example/team-c",
+    )
+    secret_config = {
+        "execution": {
+            "config": {
+                "env_vars": ["GREETING=hello"],
+                "secrets": [{"name": "API_TOKEN", "valueFrom": TOKEN_ARN}],
+            }
+        }
+    }
+    requests = {}
+    for name, image, run_config in [
+        ("base", None, None),
+        ("b", IMAGE_B, None),
+        ("b_secret", IMAGE_B, secret_config),
+        ("c", IMAGE_C, None),
+        ("c_again", IMAGE_C, None),
+    ]:
+        with execute_job(in_image("ecs_location", image), stack.instance, run_config) as result:
+            assert result.success, name
+            (requests[name],) = stack.harness.run_task_requests(result.run_id)
+    # The controller's own task definition for a run without an image; a copy per image (and
+    # per set of secrets) otherwise, each running the run's image.
+    assert requests["base"].task_definition == "dagster-step"
+    assert requests["base"].image == "dagster-user-code:test"
+    for name, image in [("b", IMAGE_B), ("b_secret", IMAGE_B), ("c", IMAGE_C)]:
+        assert requests[name].image == image, name
+        assert ":task-definition/dagster-step-" in requests[name].task_definition, name
+    arns = {name: r.task_definition for name, r in requests.items()}
+    assert len({arns["b"], arns["b_secret"], arns["c"]}) == 3, arns
+    # Registered once, then reused.
+    assert arns["c_again"] == arns["c"]
+    ecs = boto3.client("ecs")
+    family = arns["c"].rsplit("/", 1)[1].split(":")[0]
+    assert len(ecs.list_task_definitions(familyPrefix=family)["taskDefinitionArns"]) == 1
+    # The copy keeps the base's sizes and network mode; the secret is in its step container
+    # (RunTask overrides cannot carry one), the env var in the overrides.
+    copy = ecs.describe_task_definition(taskDefinition=arns["b_secret"])["taskDefinition"]
+    assert (copy["cpu"], copy["memory"], copy["networkMode"]) == ("512", "1024", "awsvpc")
+    (container,) = copy["containerDefinitions"]
+    assert container["secrets"] == [{"name": "API_TOKEN", "valueFrom": TOKEN_ARN}]
+    (step_override,) = requests["b_secret"].overrides["containerOverrides"]
+    assert {"name": "GREETING", "value": "hello"} in step_override["environment"]
+    assert (
+        "secrets"
+        not in ecs.describe_task_definition(taskDefinition=arns["b"])["taskDefinition"][
+            "containerDefinitions"
+        ][0]
+    )
+    metrics = stack.metrics()
+    assert 'operation="RegisterTaskDefinition",result="ok"} 3' in metrics, metrics
+
+    # An image outside the allow-list: a verdict, the DLQ, and no task.
+    with execute_job(in_image("ecs_location", REFUSED_IMAGE), stack.instance) as result:
+        assert not result.success
+        run_id = result.run_id
+    assert stack.harness.run_task_requests(run_id) == []
+    (verdict,) = verdicts_of(stack.instance, run_id)
+    text = verdict.dagster_event.event_specific_data.metadata[contract.META_VERDICT].value
+    assert REFUSED_IMAGE in text and "--ecs-allow-image-prefix" in text, text
+    (dead,) = dead_letters_of(stack.queues.dlq_url, run_id)
+    assert dead["dagster_taskiq_error"] == "launch_override_refused"
+    wait_for(stack.queue_empty, 30, "every message to be deleted")

@@ -59,6 +59,7 @@ pub(super) async fn live(
         Some(stored) => {
             from_run = StepRequest {
                 location: stored.location.clone(),
+                stored_ecs: Some(stored.ecs),
                 ..step.with_op_tags(&stored.tags, ctx.settings.default_step_timeout)
             };
             &from_run

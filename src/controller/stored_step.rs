@@ -95,6 +95,7 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             job_name: "nightly".into(),
             location: None,
+            ecs: Default::default(),
         }
     }
 

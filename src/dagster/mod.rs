@@ -138,6 +138,31 @@ pub struct StoredStep {
     /// launched without a workspace (`execute_job`).
     #[serde(default)]
     pub location: Option<String>,
+    /// What the run says about its ECS tasks (`bridge.py` `_stored_ecs`).
+    #[serde(default)]
+    pub ecs: StoredEcs,
+}
+
+/// The ECS settings a run stored: the image of its code location and its executor config's
+/// `env_vars` and `secrets`, as written (checked by the ECS launcher, request/run_ecs.rs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct StoredEcs {
+    /// `job_code_origin.repository_origin.container_image`.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// `KEY=VALUE` (or a bare `KEY`, which the launcher refuses).
+    #[serde(default)]
+    pub env_vars: Vec<String>,
+    #[serde(default)]
+    pub secrets: Vec<StoredSecret>,
+}
+
+/// A container secret: an environment variable read by ECS from Secrets Manager or SSM.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StoredSecret {
+    pub name: String,
+    #[serde(rename = "valueFrom")]
+    pub value_from: String,
 }
 
 /// A notice the bridge sends unasked, about a run of the latest `run_statuses` call.

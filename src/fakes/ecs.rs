@@ -8,10 +8,11 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::launcher::ecs::api::{
-    ApiError, BlobStore, DescribeOutput, Desired, EcsApi, ErrorClass, RunTaskOutput,
+    ApiError, BlobStore, ContainerDefinitionView, DescribeOutput, Desired, EcsApi, ErrorClass,
+    RunTaskOutput, TaskDefinitionView,
 };
 use crate::launcher::ecs::outcome::{ContainerView, TaskView};
-use crate::launcher::ecs::request::RunTaskRequest;
+use crate::launcher::ecs::request::{RunTaskRequest, Secret};
 
 #[derive(Default)]
 pub struct Inner {
@@ -26,6 +27,13 @@ pub struct Inner {
     /// The next RunTask calls answer with a `failures` entry of this reason.
     pub run_failures: Vec<String>,
     pub puts: Vec<(String, String, Vec<u8>)>,
+    /// Registered task definitions by family, newest revision last.
+    pub(crate) task_definitions: HashMap<String, Vec<TaskDefinitionView>>,
+    pub describe_definition_calls: usize,
+    /// (base, family) of each RegisterTaskDefinition.
+    pub registrations: Vec<(String, String)>,
+    /// The next RegisterTaskDefinition calls fail with these errors, in order.
+    pub register_errors: Vec<ApiError>,
     next_id: u64,
 }
 
@@ -179,8 +187,50 @@ impl EcsApi for FakeEcs {
         Ok(())
     }
 
-    async fn container_names(&self, _task_definition: &str) -> Result<Vec<String>, ApiError> {
-        Ok(vec!["dagster".into()])
+    async fn describe_task_definition(
+        &self,
+        task_definition: &str,
+    ) -> Result<Option<TaskDefinitionView>, ApiError> {
+        let mut inner = self.lock();
+        inner.describe_definition_calls += 1;
+        let family = task_definition
+            .rsplit('/')
+            .next()
+            .unwrap_or(task_definition);
+        let family = family.split(':').next().unwrap_or(family);
+        Ok(inner
+            .task_definitions
+            .get(family)
+            .and_then(|revisions| revisions.last().cloned()))
+    }
+
+    async fn register_task_definition(
+        &self,
+        base: &str,
+        family: &str,
+        container: &str,
+        image: &str,
+        secrets: &[Secret],
+    ) -> Result<TaskDefinitionView, ApiError> {
+        let mut inner = self.lock();
+        inner.registrations.push((base.into(), family.into()));
+        if !inner.register_errors.is_empty() {
+            return Err(inner.register_errors.remove(0));
+        }
+        let revisions = inner.task_definitions.entry(family.into()).or_default();
+        let view = TaskDefinitionView {
+            arn: format!(
+                "arn:aws:ecs:eu-west-1:123456789012:task-definition/{family}:{}",
+                revisions.len() + 1
+            ),
+            containers: vec![ContainerDefinitionView {
+                name: container.into(),
+                image: image.into(),
+                secrets: secrets.to_vec(),
+            }],
+        };
+        revisions.push(view.clone());
+        Ok(view)
     }
 }
 

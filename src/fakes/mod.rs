@@ -134,13 +134,26 @@ impl FakeQueue {
     }
 
     /// Waits until `predicate` holds for the recorded events.
+    /// Waits until `predicate` holds for the events so far; panics with them after two days
+    /// of (usually paused, so virtual) time, so a condition that never comes fails the test.
     pub async fn wait_for(&self, predicate: impl Fn(&[QueueEvent]) -> bool) {
-        loop {
-            let notified = self.changed.notified();
-            if predicate(&self.events()) {
-                return;
+        let waiting = async {
+            loop {
+                let notified = self.changed.notified();
+                if predicate(&self.events()) {
+                    return;
+                }
+                notified.await;
             }
-            notified.await;
+        };
+        if tokio::time::timeout(Duration::from_secs(2 * 24 * 3600), waiting)
+            .await
+            .is_err()
+        {
+            panic!(
+                "the awaited queue events never came; events: {:?}",
+                self.events()
+            );
         }
     }
 
@@ -625,6 +638,7 @@ impl FakeBridge {
                     .collect(),
                 job_name: job_name.to_owned(),
                 location: None,
+                ecs: Default::default(),
             },
         );
     }

@@ -20,6 +20,7 @@ pub(crate) mod api;
 mod args;
 pub(crate) mod outcome;
 pub(crate) mod request;
+pub(crate) mod task_definitions;
 pub(crate) mod tracker;
 
 use std::num::NonZeroU32;
@@ -38,9 +39,10 @@ pub(crate) use self::args::EcsArgs;
 pub use self::outcome::EcsStopCause;
 use self::outcome::TaskView;
 use self::request::{
-    BaseRequest, CapacityProviderItem, NetworkConfiguration, OverridePolicy, RunTaskRequest,
-    StepArgs, StepSettings, OVERRIDES_LIMIT,
+    BaseRequest, CapacityProviderItem, NetworkConfiguration, OverridePolicy, RunEcs,
+    RunTaskRequest, StepArgs, StepSettings, OVERRIDES_LIMIT,
 };
+use self::task_definitions::{BaseDefinition, TaskDefinitions};
 use self::tracker::{Tracked, Tracker};
 use super::{LaunchError, Launcher, RunningStep, StepExit};
 use crate::envelope::{LauncherKind, StepRequest};
@@ -84,6 +86,8 @@ pub struct EcsLauncherConfig {
     pub controller_id: String,
     /// What a step's op tags may change in its task.
     pub(crate) override_policy: OverridePolicy,
+    /// The task definition as read at start (`connect`): what a run's image replaces.
+    pub(crate) base: Option<BaseDefinition>,
 }
 
 /// Why the launcher cannot start.
@@ -116,6 +120,7 @@ pub struct EcsLauncher {
     blobs: Arc<dyn BlobStore>,
     offload: Option<OffloadConfig>,
     tracker: Arc<Tracker>,
+    task_definitions: TaskDefinitions,
     limiter: DefaultDirectRateLimiter,
     metrics: Arc<Metrics>,
     /// Stops the tracker when the launcher goes.
@@ -132,13 +137,22 @@ impl EcsLauncher {
     ) -> Result<Self, EcsSetupError> {
         let api: Arc<dyn EcsApi> = Arc::new(api::AwsEcs::new(crate::aws::ecs_client(aws)));
         let s3 = crate::aws::s3_client(aws, None);
-        let names = api
-            .container_names(&config.task_definition)
+        let view = api
+            .describe_task_definition(&config.task_definition)
             .await
+            .and_then(|view| {
+                view.ok_or_else(|| ApiError {
+                    operation: "DescribeTaskDefinition",
+                    class: ErrorClass::Permanent,
+                    code: None,
+                    message: "no such task definition".into(),
+                })
+            })
             .map_err(|source| EcsSetupError::TaskDefinition {
                 task_definition: config.task_definition.clone(),
                 source,
             })?;
+        let names: Vec<String> = view.containers.iter().map(|c| c.name.clone()).collect();
         let container = match (&config.container, names.as_slice()) {
             (Some(name), _) if names.contains(name) => name.clone(),
             (Some(name), _) => {
@@ -157,6 +171,7 @@ impl EcsLauncher {
             }
         };
         let config = EcsLauncherConfig {
+            base: BaseDefinition::from_view(&view, &container),
             container: Some(container),
             ..config
         };
@@ -192,6 +207,12 @@ impl EcsLauncher {
         ));
         let stop = CancellationToken::new();
         tokio::spawn(tracker.clone().run(stop.clone()));
+        let base_definition = config.base.unwrap_or_else(|| BaseDefinition {
+            arn: config.task_definition.clone(),
+            container: base.container.clone(),
+            image: String::new(),
+        });
+        let task_definitions = TaskDefinitions::new(base_definition, api.clone(), metrics.clone());
         Self {
             base,
             policy: config.override_policy,
@@ -199,6 +220,7 @@ impl EcsLauncher {
             blobs,
             offload: config.offload,
             tracker,
+            task_definitions,
             limiter: RateLimiter::direct(
                 Quota::per_second(config.run_task_rate).allow_burst(config.run_task_burst),
             ),
@@ -269,6 +291,54 @@ impl EcsLauncher {
             return Ok(None);
         }
         Ok(Some(last))
+    }
+
+    /// What the run stored (its image, executor env_vars and secrets) into the settings:
+    /// checked, and the task definition for the image registered or found.
+    async fn apply_run(
+        &self,
+        step: &StepRequest,
+        settings: &mut StepSettings,
+    ) -> Result<(), LaunchError> {
+        let Some(stored) = &step.stored_ecs else {
+            return Ok(());
+        };
+        let run = RunEcs::from_stored(stored, &self.policy, &self.task_definitions.base().image)
+            .map_err(|e| LaunchError::Invalid {
+                reason: e.reason(),
+                detail: e.to_string(),
+            })?;
+        settings.run_environment = run.environment.clone();
+        if !run.needs_task_definition() {
+            return Ok(());
+        }
+        if settings.chooses_task_definition() {
+            if !run.secrets.is_empty() {
+                return Err(LaunchError::Invalid {
+                    reason: "invalid_executor_config",
+                    detail: "execution config secrets: op tag ecs/run_task_kwargs picks the \
+                             taskDefinition, and secrets can only be added to the controller's \
+                             own (RunTask overrides cannot carry secrets)"
+                        .into(),
+                });
+            }
+            tracing::info!("op tag ecs/run_task_kwargs picks the task definition: the run's image is not applied");
+            return Ok(());
+        }
+        let arn = self
+            .task_definitions
+            .for_run(run.image.as_deref(), &run.secrets)
+            .await
+            .map_err(|e| {
+                let text = format!("cannot get the task definition of the run's image: {e}");
+                if e.retryable() {
+                    LaunchError::Transient(text)
+                } else {
+                    LaunchError::Permanent(text)
+                }
+            })?;
+        settings.run_task_definition = Some(arn);
+        Ok(())
     }
 
     /// The request for this delivery, with the args inline or offloaded to S3.
@@ -438,11 +508,13 @@ impl Launcher for EcsLauncher {
                     return Ok(self.running(view, step));
                 }
             }
-            let settings = StepSettings::from_tags(&step.tags, &self.base.container, &self.policy)
-                .map_err(|e| LaunchError::Invalid {
-                    reason: e.reason(),
-                    detail: e.to_string(),
-                })?;
+            let mut settings =
+                StepSettings::from_tags(&step.tags, &self.base.container, &self.policy)
+                    .map_err(|e| LaunchError::Invalid {
+                        reason: e.reason(),
+                        detail: e.to_string(),
+                    })?;
+            self.apply_run(step, &mut settings).await?;
             let request = self
                 .request(step, &settings, step.receive_count.max(1))
                 .await?;

@@ -7,10 +7,10 @@ command as a local process with the overridden environment, and when the process
 marks the task STOPPED in moto's backend with the real exit code and the stop code ECS
 would give (``EssentialContainerExited``, ``UserInitiated`` after StopTask, or
 ``OutOfMemoryError`` for a SIGKILL nobody asked for). It also records every RunTask call
-(``run_task_requests``) and counts the tasks started per step attempt, can make RunTask
-throttle, can make a task fail to start, and can interrupt a running
-task as Fargate Spot does (``interrupt_spot``: SIGTERM, SIGKILL after the stop timeout, stop
-code ``SpotInterruption``).
+(``run_task_requests``, with the image of the task definition each names) and counts the
+tasks started per step attempt, can make RunTask throttle, can make a task fail to start, and
+can interrupt a running task as Fargate Spot does (``interrupt_spot``: SIGTERM, SIGKILL after
+the stop timeout, stop code ``SpotInterruption``).
 
 Nothing here is used in production. Only ``dagster`` and ``python`` (this interpreter's) may
 be a task's command, so nothing in a message chooses an executable here either.
@@ -79,6 +79,8 @@ class RunTaskRequest:
     task_definition: str
     overrides: dict[str, Any]
     network_configuration: dict[str, Any] | None
+    # The step container's image in the task definition the call names.
+    image: str = ""
 
 
 @dataclass
@@ -249,6 +251,7 @@ class EcsHarness:
                 task_definition=call["task_definition_str"],
                 overrides=call.get("overrides") or {},
                 network_configuration=call.get("networking_configuration"),
+                image=self._image_of(call["task_definition_str"]),
             )
             with self._lock:
                 self._requests.append(request)
@@ -283,6 +286,16 @@ class EcsHarness:
         backend.run_task = run_task
         backend.stop_task = stop_task
         self._patched = {"run_task": original_run_task, "stop_task": original_stop_task}
+
+    def _image_of(self, task_definition: str) -> str:
+        try:
+            definition = self._backend().describe_task_definition(task_definition)
+        except Exception:
+            return ""
+        for container in definition.container_definitions:
+            if container.get("name") == CONTAINER:
+                return str(container.get("image", ""))
+        return ""
 
     def _find(self, task_str: str) -> Any:
         task_id = task_str.split("/")[-1]

@@ -8,7 +8,7 @@ use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ecs::types as ecs;
 
 use super::outcome::{ContainerView, TaskView};
-use super::request::RunTaskRequest;
+use super::request::{RunTaskRequest, Secret};
 use crate::aws;
 pub(crate) use crate::aws::ErrorClass;
 use crate::retry::Transient;
@@ -87,8 +87,44 @@ pub(crate) trait EcsApi: Send + Sync + 'static {
         arns: &[String],
     ) -> Result<DescribeOutput, ApiError>;
     async fn stop_task(&self, cluster: &str, arn: &str, reason: &str) -> Result<(), ApiError>;
-    /// Container names of a task definition, for finding the step container at startup.
-    async fn container_names(&self, task_definition: &str) -> Result<Vec<String>, ApiError>;
+    /// A task definition (family: its newest ACTIVE revision); `None` when ECS knows none.
+    async fn describe_task_definition(
+        &self,
+        task_definition: &str,
+    ) -> Result<Option<TaskDefinitionView>, ApiError>;
+    /// Registers a copy of `base` (same roles, sizes, network mode, volumes, log
+    /// configuration, other containers) as a revision of `family`, with the container
+    /// `container`'s image replaced and `secrets` added to it.
+    async fn register_task_definition(
+        &self,
+        base: &str,
+        family: &str,
+        container: &str,
+        image: &str,
+        secrets: &[Secret],
+    ) -> Result<TaskDefinitionView, ApiError>;
+}
+
+/// What the launcher reads of a task definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TaskDefinitionView {
+    /// With its revision.
+    pub arn: String,
+    pub containers: Vec<ContainerDefinitionView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ContainerDefinitionView {
+    pub name: String,
+    pub image: String,
+    /// Sorted by name.
+    pub secrets: Vec<Secret>,
+}
+
+impl TaskDefinitionView {
+    pub(crate) fn container(&self, name: &str) -> Option<&ContainerDefinitionView> {
+        self.containers.iter().find(|c| c.name == name)
+    }
 }
 
 /// Where offloaded step args go.
@@ -347,23 +383,132 @@ impl EcsApi for AwsEcs {
         Ok(())
     }
 
-    async fn container_names(&self, task_definition: &str) -> Result<Vec<String>, ApiError> {
+    async fn describe_task_definition(
+        &self,
+        task_definition: &str,
+    ) -> Result<Option<TaskDefinitionView>, ApiError> {
+        Ok(self
+            .describe_sdk(task_definition)
+            .await?
+            .as_ref()
+            .map(definition_view))
+    }
+
+    async fn register_task_definition(
+        &self,
+        base: &str,
+        family: &str,
+        container: &str,
+        image: &str,
+        secrets: &[Secret],
+    ) -> Result<TaskDefinitionView, ApiError> {
+        let Some(td) = self.describe_sdk(base).await? else {
+            return Err(build_error(
+                "DescribeTaskDefinition",
+                format!("task definition {base} no longer exists"),
+            ));
+        };
+        let mut containers = td.container_definitions().to_vec();
+        let Some(step) = containers.iter_mut().find(|c| c.name() == Some(container)) else {
+            return Err(build_error(
+                "RegisterTaskDefinition",
+                format!("task definition {base} has no container {container:?}"),
+            ));
+        };
+        step.image = Some(image.to_owned());
+        let mut all_secrets = step.secrets.take().unwrap_or_default();
+        all_secrets.retain(|s| !secrets.iter().any(|n| n.name == s.name()));
+        for secret in secrets {
+            all_secrets.push(
+                ecs::Secret::builder()
+                    .name(&secret.name)
+                    .value_from(&secret.value_from)
+                    .build()
+                    .map_err(|e| build_error("RegisterTaskDefinition", e))?,
+            );
+        }
+        step.secrets = (!all_secrets.is_empty()).then_some(all_secrets);
         let out = self
+            .client
+            .register_task_definition()
+            .family(family)
+            .set_task_role_arn(td.task_role_arn().map(str::to_owned))
+            .set_execution_role_arn(td.execution_role_arn().map(str::to_owned))
+            .set_network_mode(td.network_mode().cloned())
+            .set_container_definitions(Some(containers))
+            .set_volumes(Some(td.volumes().to_vec()))
+            .set_placement_constraints(Some(td.placement_constraints().to_vec()))
+            .set_requires_compatibilities(Some(td.requires_compatibilities().to_vec()))
+            .set_cpu(td.cpu().map(str::to_owned))
+            .set_memory(td.memory().map(str::to_owned))
+            .set_pid_mode(td.pid_mode().cloned())
+            .set_ipc_mode(td.ipc_mode().cloned())
+            .set_proxy_configuration(td.proxy_configuration().cloned())
+            .set_ephemeral_storage(td.ephemeral_storage().cloned())
+            .set_runtime_platform(td.runtime_platform().cloned())
+            .set_enable_fault_injection(td.enable_fault_injection())
+            .send()
+            .await
+            .map_err(|e| api_error("RegisterTaskDefinition", e))?;
+        out.task_definition().map(definition_view).ok_or_else(|| {
+            build_error(
+                "RegisterTaskDefinition",
+                "the answer has no task definition",
+            )
+        })
+    }
+}
+
+impl AwsEcs {
+    async fn describe_sdk(
+        &self,
+        task_definition: &str,
+    ) -> Result<Option<ecs::TaskDefinition>, ApiError> {
+        let result = self
             .client
             .describe_task_definition()
             .task_definition(task_definition)
             .send()
-            .await
-            .map_err(|e| api_error("DescribeTaskDefinition", e))?;
-        Ok(out
-            .task_definition()
-            .map(|td| {
-                td.container_definitions()
+            .await;
+        match result {
+            Ok(out) => Ok(out.task_definition),
+            Err(e) => {
+                let error = api_error("DescribeTaskDefinition", e);
+                // What ECS (and moto) answer for a family or revision it does not have.
+                if error.code.as_deref() == Some("ClientException")
+                    && error.message.contains("Unable to describe task definition")
+                {
+                    return Ok(None);
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+fn definition_view(td: &ecs::TaskDefinition) -> TaskDefinitionView {
+    TaskDefinitionView {
+        arn: td.task_definition_arn().unwrap_or_default().to_owned(),
+        containers: td
+            .container_definitions()
+            .iter()
+            .map(|c| {
+                let mut secrets: Vec<Secret> = c
+                    .secrets()
                     .iter()
-                    .filter_map(|c| c.name().map(str::to_owned))
-                    .collect()
+                    .map(|s| Secret {
+                        name: s.name().to_owned(),
+                        value_from: s.value_from().to_owned(),
+                    })
+                    .collect();
+                secrets.sort();
+                ContainerDefinitionView {
+                    name: c.name().unwrap_or_default().to_owned(),
+                    image: c.image().unwrap_or_default().to_owned(),
+                    secrets,
+                }
             })
-            .unwrap_or_default())
+            .collect(),
     }
 }
 

@@ -6,9 +6,9 @@ use std::time::Duration;
 use clap::Args;
 
 use super::request::{
-    check_strategy, task_definition_family, AwsVpcConfiguration, CapacityProviderItem,
-    NetworkConfiguration, OverridePolicy, FARGATE_MAX_CPU, FARGATE_MAX_EPHEMERAL_GIB,
-    FARGATE_MAX_MEMORY_MIB,
+    check_image_name, check_strategy, task_definition_family, AwsVpcConfiguration,
+    CapacityProviderItem, NetworkConfiguration, OverridePolicy, FARGATE_MAX_CPU,
+    FARGATE_MAX_EPHEMERAL_GIB, FARGATE_MAX_MEMORY_MIB,
 };
 use super::{EcsLauncherConfig, OffloadConfig};
 use crate::flags::{invalid, parse_seconds, ConfigError};
@@ -117,6 +117,17 @@ pub struct EcsArgs {
         default_value_t = FARGATE_MAX_EPHEMERAL_GIB
     )]
     pub ecs_max_ephemeral_storage: u32,
+    /// An image (`registry/repository`, `registry/repository:tag`, or a namespace ending in
+    /// `/`) whose runs' steps may run in it: the run's code location image
+    /// (`container_image`) is followed when it is the task definition's own image or matches
+    /// one of these; repeatable (comma-separated in the environment). None by default: a run
+    /// in any other image gets a verdict and is dead-lettered.
+    #[arg(
+        long,
+        env = "DAGSTER_TASKIQ_ECS_ALLOW_IMAGE_PREFIX",
+        value_delimiter = ','
+    )]
+    pub ecs_allow_image_prefix: Vec<String>,
 }
 
 impl EcsArgs {
@@ -219,6 +230,7 @@ impl EcsArgs {
             offload,
             controller_id: controller_id.to_owned(),
             override_policy,
+            base: None,
         })
     }
 
@@ -258,6 +270,22 @@ impl EcsArgs {
                 "ecs-max-ephemeral-storage",
                 "must be 21 to 200 GiB (what ECS accepts)",
             ));
+        }
+        for prefix in self.ecs_allow_image_prefix.iter().filter(|p| !p.is_empty()) {
+            if let Err(why) = check_image_name(prefix) {
+                return Err(invalid(
+                    "ecs-allow-image-prefix",
+                    format!("{prefix:?}: {why}"),
+                ));
+            }
+            // A bare registry would allow every repository on it by accident.
+            if !prefix.contains('/') {
+                return Err(invalid(
+                    "ecs-allow-image-prefix",
+                    format!("{prefix:?} names no repository: give registry/repository or a namespace ending in /"),
+                ));
+            }
+            policy.image_prefixes.push(prefix.clone());
         }
         policy.max_cpu = self.ecs_max_cpu;
         policy.max_memory_mib = self.ecs_max_memory;

@@ -10,6 +10,8 @@ use crate::fakes::ecs::{throttled, FakeEcs};
 use crate::fakes::step_body;
 
 const TASK_ID: &str = "0123456789abcdef0123456789abcdef";
+const BASE_ARN: &str = "arn:aws:ecs:eu-west-1:123456789012:task-definition/dagster-step:3";
+const BASE_IMAGE: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/team-a:1";
 
 fn config(offload: Option<&str>) -> EcsLauncherConfig {
     EcsLauncherConfig {
@@ -28,6 +30,11 @@ fn config(offload: Option<&str>) -> EcsLauncherConfig {
         }),
         controller_id: "ctl-test".into(),
         override_policy: OverridePolicy::new("dagster-step"),
+        base: Some(BaseDefinition {
+            arn: BASE_ARN.into(),
+            container: "dagster".into(),
+            image: BASE_IMAGE.into(),
+        }),
     }
 }
 
@@ -408,4 +415,252 @@ async fn wait_resolves_from_the_tracker_and_terminate_sends_stop_task() {
         }
     );
     assert_eq!(exit.short(), "ecs UserInitiated exit code 143");
+}
+
+// ---- a task definition per image (task_definitions.rs) ----------------------------------------
+
+const TEAM_B: &str = "registry.example/team-b:1";
+const TEAM_C: &str = "registry.example/team-c:1";
+const TOKEN_ARN: &str = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:token-AbCd";
+
+fn image_launcher(fake: &FakeEcs) -> EcsLauncher {
+    let mut config = config(None);
+    config.override_policy.image_prefixes = vec![
+        "registry.example/team-b".into(),
+        "registry.example/team-c".into(),
+    ];
+    EcsLauncher::new(
+        config,
+        Arc::new(fake.clone()),
+        Arc::new(fake.clone()),
+        Arc::new(Metrics::new()),
+    )
+}
+
+fn run_step(task_id: &str, image: Option<&str>, secrets: &[(&str, &str)]) -> StepRequest {
+    let mut step =
+        crate::envelope::decode(&step_body(task_id, "run-1", "op_a", 0)).expect("valid body");
+    step.receive_count = 1;
+    step.stored_ecs = Some(crate::dagster::StoredEcs {
+        image: image.map(str::to_owned),
+        env_vars: vec!["GREETING=hello".into()],
+        secrets: secrets
+            .iter()
+            .map(|(name, from)| crate::dagster::StoredSecret {
+                name: name.to_string(),
+                value_from: from.to_string(),
+            })
+            .collect(),
+    });
+    step
+}
+
+fn task_id(n: u8) -> String {
+    format!("{n:032x}")
+}
+
+#[test]
+fn a_derived_family_is_the_base_family_and_a_hash_of_what_differs() {
+    let base = BaseDefinition {
+        arn: BASE_ARN.into(),
+        container: "dagster".into(),
+        image: BASE_IMAGE.into(),
+    };
+    let b = task_definitions::derived_family(&base, TEAM_B, &[]);
+    assert!(
+        b.starts_with("dagster-step-") && b.len() == "dagster-step-".len() + 12,
+        "{b}"
+    );
+    assert_eq!(b, task_definitions::derived_family(&base, TEAM_B, &[]));
+    assert_ne!(b, task_definitions::derived_family(&base, TEAM_C, &[]));
+    let secret = request::Secret {
+        name: "TOKEN".into(),
+        value_from: TOKEN_ARN.into(),
+    };
+    assert_ne!(
+        b,
+        task_definitions::derived_family(&base, TEAM_B, &[secret])
+    );
+    // A new revision of the base makes new families: a copy never outlives its original.
+    let newer = BaseDefinition {
+        arn: BASE_ARN.replace(":3", ":4"),
+        ..base.clone()
+    };
+    assert_ne!(b, task_definitions::derived_family(&newer, TEAM_B, &[]));
+    // ECS's 255-character limit holds for the longest base family.
+    let long = BaseDefinition {
+        arn: format!("{}:1", "f".repeat(255)),
+        ..base
+    };
+    assert_eq!(
+        task_definitions::derived_family(&long, TEAM_B, &[]).len(),
+        255
+    );
+}
+
+#[tokio::test]
+async fn each_image_gets_its_own_task_definition_registered_once_and_cached() {
+    let fake = FakeEcs::default();
+    let ecs = image_launcher(&fake);
+    // The base image and no secrets: the controller's task definition, nothing registered.
+    ecs.launch(&run_step(&task_id(1), Some(BASE_IMAGE), &[]))
+        .await
+        .unwrap();
+    ecs.launch(&run_step(&task_id(2), None, &[])).await.unwrap();
+    for image in [TEAM_B, TEAM_C, TEAM_B, TEAM_C] {
+        let n = fake.run_calls().len() as u8 + 1;
+        ecs.launch(&run_step(&task_id(n), Some(image), &[]))
+            .await
+            .unwrap();
+    }
+    let calls = fake.run_calls();
+    assert_eq!(calls[0].task_definition, "dagster-step");
+    assert_eq!(calls[1].task_definition, "dagster-step");
+    let inner = fake.lock();
+    // Two registrations, both copies of the revision read at start.
+    assert_eq!(inner.registrations.len(), 2, "{:?}", inner.registrations);
+    assert!(inner.registrations.iter().all(|(base, _)| base == BASE_ARN));
+    // Looked up once per image (then remembered).
+    assert_eq!(inner.describe_definition_calls, 2);
+    let image_of = |arn: &str| {
+        let family = arn.rsplit('/').next().unwrap().split(':').next().unwrap();
+        inner.task_definitions[family][0].containers[0]
+            .image
+            .clone()
+    };
+    assert_eq!(image_of(&calls[2].task_definition), TEAM_B);
+    assert_eq!(image_of(&calls[3].task_definition), TEAM_C);
+    assert_eq!(calls[4].task_definition, calls[2].task_definition);
+    assert_eq!(calls[5].task_definition, calls[3].task_definition);
+    // The run's env_vars are in the step container's overrides.
+    let env = &calls[2].overrides.container_overrides[0].environment;
+    assert!(env
+        .iter()
+        .any(|kv| kv.name == "GREETING" && kv.value == "hello"));
+}
+
+#[tokio::test]
+async fn a_task_definition_another_replica_registered_is_reused() {
+    let fake = FakeEcs::default();
+    let first = image_launcher(&fake);
+    first
+        .launch(&run_step(&task_id(1), Some(TEAM_B), &[]))
+        .await
+        .unwrap();
+    // A second replica (fresh memory) finds it with DescribeTaskDefinition.
+    let second = image_launcher(&fake);
+    second
+        .launch(&run_step(&task_id(2), Some(TEAM_B), &[]))
+        .await
+        .unwrap();
+    let calls = fake.run_calls();
+    assert_eq!(calls[0].task_definition, calls[1].task_definition);
+    assert_eq!(fake.lock().registrations.len(), 1);
+    assert_eq!(fake.lock().describe_definition_calls, 2);
+}
+
+#[tokio::test]
+async fn a_revision_that_does_not_match_its_family_is_not_reused() {
+    let fake = FakeEcs::default();
+    let ecs = image_launcher(&fake);
+    ecs.launch(&run_step(&task_id(1), Some(TEAM_B), &[]))
+        .await
+        .unwrap();
+    let family = {
+        let arn = &fake.run_calls()[0].task_definition;
+        arn.rsplit('/')
+            .next()
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    // Someone registers another image into the family.
+    fake.lock()
+        .task_definitions
+        .get_mut(&family)
+        .unwrap()
+        .last_mut()
+        .unwrap()
+        .containers[0]
+        .image = "evil.example/x:1".into();
+    let other = image_launcher(&fake);
+    other
+        .launch(&run_step(&task_id(2), Some(TEAM_B), &[]))
+        .await
+        .unwrap();
+    let calls = fake.run_calls();
+    assert!(
+        calls[1].task_definition.ends_with(&format!("{family}:2")),
+        "{}",
+        calls[1].task_definition
+    );
+    assert_eq!(fake.lock().registrations.len(), 2);
+}
+
+#[tokio::test]
+async fn secrets_make_a_task_definition_even_for_the_base_image() {
+    let fake = FakeEcs::default();
+    let ecs = image_launcher(&fake);
+    ecs.launch(&run_step(&task_id(1), None, &[("TOKEN", TOKEN_ARN)]))
+        .await
+        .unwrap();
+    let call = &fake.run_calls()[0];
+    assert_ne!(call.task_definition, "dagster-step");
+    let inner = fake.lock();
+    let (_, family) = &inner.registrations[0];
+    let container = &inner.task_definitions[family][0].containers[0];
+    assert_eq!(container.image, BASE_IMAGE);
+    assert_eq!(container.secrets.len(), 1);
+    assert_eq!(container.secrets[0].value_from, TOKEN_ARN);
+}
+
+#[tokio::test]
+async fn a_refused_image_or_secret_with_an_op_task_definition_launches_nothing() {
+    let fake = FakeEcs::default();
+    let ecs = image_launcher(&fake);
+    let refused = ecs
+        .launch(&run_step(&task_id(1), Some("evil.example/x:1"), &[]))
+        .await;
+    assert_eq!(invalid_reason(refused), "launch_override_refused");
+    let mut step = run_step(&task_id(2), Some(TEAM_B), &[("TOKEN", TOKEN_ARN)]);
+    step.tags.insert(
+        "ecs/run_task_kwargs".into(),
+        r#"{"taskDefinition": "dagster-step:2"}"#.into(),
+    );
+    assert_eq!(
+        invalid_reason(ecs.launch(&step).await),
+        "invalid_executor_config"
+    );
+    // The op tag's task definition wins over the run's image (no secrets).
+    let mut step = run_step(&task_id(3), Some(TEAM_B), &[]);
+    step.tags.insert(
+        "ecs/run_task_kwargs".into(),
+        r#"{"taskDefinition": "dagster-step:2"}"#.into(),
+    );
+    ecs.launch(&step).await.unwrap();
+    let calls = fake.run_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].task_definition, "dagster-step:2");
+    assert!(fake.lock().registrations.is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_registration_is_retried_by_the_next_launch() {
+    let fake = FakeEcs::default();
+    fake.lock()
+        .register_errors
+        .push(crate::fakes::ecs::error(ErrorClass::Transient));
+    let ecs = image_launcher(&fake);
+    match ecs.launch(&run_step(&task_id(1), Some(TEAM_B), &[])).await {
+        Err(LaunchError::Transient(text)) => assert!(text.contains("task definition"), "{text}"),
+        Err(other) => panic!("expected a transient error, got {other}"),
+        Ok(_) => panic!("expected a transient error, got a task"),
+    }
+    assert!(fake.run_calls().is_empty());
+    ecs.launch(&run_step(&task_id(1), Some(TEAM_B), &[]))
+        .await
+        .unwrap();
+    assert_eq!(fake.lock().registrations.len(), 2);
 }

@@ -52,6 +52,12 @@ pub(crate) enum StepArgs {
 }
 
 impl StepSettings {
+    /// Whether the op tags pick the task definition (ecs/run_task_kwargs): it is then used
+    /// as it is.
+    pub(crate) fn chooses_task_definition(&self) -> bool {
+        self.kwargs.task_definition.is_some()
+    }
+
     /// The complete request for delivery `delivery` (1-based) of the step.
     pub(crate) fn build(
         &self,
@@ -86,6 +92,13 @@ impl StepSettings {
         }
         environment.push(kv(ENV_JOB_NAME, step.job_name.as_deref().unwrap_or("")));
         environment.push(kv(ENV_STEP_KEY, &step.step_key));
+        // The run's env_vars, then the op tags' (which win: a name is set once).
+        environment.extend(
+            self.run_environment
+                .iter()
+                .filter(|v| !self.container.environment.iter().any(|t| t.name == v.name))
+                .cloned(),
+        );
         environment.extend(self.container.environment.iter().cloned());
         let mut container_overrides = vec![ContainerOverride {
             name: base.container.clone(),
@@ -107,6 +120,7 @@ impl StepSettings {
             task_definition: k
                 .task_definition
                 .clone()
+                .or_else(|| self.run_task_definition.clone())
                 .unwrap_or_else(|| base.task_definition.clone()),
             client_token: client_token(&step.task_id, delivery),
             started_by: started_by(&step.task_id),

@@ -31,6 +31,8 @@ pub(crate) struct InvalidTag {
 pub(crate) enum TagProblem {
     Invalid,
     Refused,
+    /// The run's executor config (`env_vars`, `secrets`) cannot be used.
+    Config,
 }
 
 impl InvalidTag {
@@ -40,6 +42,7 @@ impl InvalidTag {
         match self.kind {
             TagProblem::Invalid => "invalid_launch_tags",
             TagProblem::Refused => "launch_override_refused",
+            TagProblem::Config => "invalid_executor_config",
         }
     }
 }
@@ -61,7 +64,7 @@ pub(super) fn refused(tag: &'static str, message: impl Into<String>) -> InvalidT
 }
 
 /// Names a tag may not set: the controller owns them.
-const RESERVED_ENV: [&str; 7] = [
+pub(super) const RESERVED_ENV: [&str; 7] = [
     ENV_COMPRESSED_ARGS,
     ENV_JOB_NAME,
     ENV_STEP_KEY,
@@ -155,6 +158,10 @@ pub(crate) struct StepSettings {
     pub(super) task: TaskOverridesTag,
     pub(super) container: ContainerOverridesTag,
     pub(super) kwargs: RunTaskKwargsTag,
+    /// The run's `env_vars`, checked (`run_ecs.rs`); the op tags' environment wins by name.
+    pub(crate) run_environment: Vec<KeyValue>,
+    /// The task definition for the run's image and secrets, when not the controller's.
+    pub(crate) run_task_definition: Option<String>,
 }
 
 const LAUNCH_TYPES: [&str; 3] = ["FARGATE", "EC2", "EXTERNAL"];
@@ -171,6 +178,7 @@ impl StepSettings {
             task: json_tag(tags, "ecs/task_overrides")?.unwrap_or_default(),
             container: json_tag(tags, "ecs/container_overrides")?.unwrap_or_default(),
             kwargs: json_tag(tags, "ecs/run_task_kwargs")?.unwrap_or_default(),
+            ..StepSettings::default()
         };
         // The simple tags fill in what ecs/task_overrides leaves unset (it wins, as in
         // dagster-aws).

@@ -31,6 +31,9 @@ pub(crate) struct OverridePolicy {
     pub max_memory_mib: u32,
     /// GiB of ephemeral storage (`--ecs-max-ephemeral-storage`).
     pub max_ephemeral_gib: u32,
+    /// Images a run's steps may run in besides the task definition's own
+    /// (`--ecs-allow-image-prefix`, see [`image_allowed`]).
+    pub image_prefixes: Vec<String>,
 }
 
 impl OverridePolicy {
@@ -46,7 +49,23 @@ impl OverridePolicy {
             max_cpu: FARGATE_MAX_CPU,
             max_memory_mib: FARGATE_MAX_MEMORY_MIB,
             max_ephemeral_gib: FARGATE_MAX_EPHEMERAL_GIB,
+            image_prefixes: Vec::new(),
         }
+    }
+
+    /// Refuses a run's image that is neither the task definition's (`base_image`) nor
+    /// allowed by `--ecs-allow-image-prefix`: the image is the code that runs.
+    pub(crate) fn check_image(&self, image: &str, base_image: &str) -> Result<(), InvalidTag> {
+        if image == base_image || self.image_prefixes.iter().any(|p| image_allowed(p, image)) {
+            return Ok(());
+        }
+        Err(refused(
+            "container_image",
+            format!(
+                "the run's code location image {image:?} is not the task definition's \
+                 ({base_image:?}) and matches no --ecs-allow-image-prefix"
+            ),
+        ))
     }
 
     /// Refuses settings that ask for more than the operator allows, naming the tag and why.
@@ -182,6 +201,33 @@ impl OverridePolicy {
             ));
         }
         Ok(())
+    }
+}
+
+/// Whether `--ecs-allow-image-prefix` entry `prefix` allows `image`: the same image, the
+/// same repository with a tag or digest (`prefix:` or `prefix@`), or anything under a
+/// namespace given with a trailing `/`. A plain string prefix would let `repo` allow
+/// `repo-evil`.
+pub(crate) fn image_allowed(prefix: &str, image: &str) -> bool {
+    match image.strip_prefix(prefix) {
+        None => false,
+        Some("") => true,
+        Some(rest) => prefix.ends_with('/') || rest.starts_with(':') || rest.starts_with('@'),
+    }
+}
+
+/// Checks an image reference as ECS takes it: 1 to 255 characters of letters, digits and
+/// `-_:./@#` (ECS's own rule, plus `@` of a digest).
+pub(crate) fn check_image_name(image: &str) -> Result<(), String> {
+    if image.is_empty() || image.len() > 255 {
+        return Err("an image is 1 to 255 characters".into());
+    }
+    match image
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-_:./@#".contains(*c)))
+    {
+        Some(c) => Err(format!("{c:?} is not allowed in an image name")),
+        None => Ok(()),
     }
 }
 

@@ -153,6 +153,16 @@ pub struct KeyValue {
     pub value: String,
 }
 
+/// A container secret of a task definition: ECS reads `valueFrom` (a Secrets Manager or SSM
+/// parameter ARN) with the execution role and sets the variable `name`. RunTask overrides
+/// cannot carry secrets, so they go into a task definition (`task_definitions.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Secret {
+    pub name: String,
+    pub value_from: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnvironmentFile {

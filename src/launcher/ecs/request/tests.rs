@@ -6,7 +6,7 @@ use super::build::{
 use super::identity::tag_keys;
 use super::op_tags::{InvalidTag, TagProblem};
 use super::policy::refused_variable;
-use super::run_task::OVERRIDES_MARGIN;
+use super::run_task::{KeyValue, OVERRIDES_MARGIN};
 use super::*;
 use crate::envelope::StepRequest;
 use crate::fakes::step_body;
@@ -620,4 +620,247 @@ fn task_definition_families_are_read_from_every_form() {
     );
     // Not a task definition ARN: never equal to a family name (those have no colon).
     assert_eq!(task_definition_family("arn:aws:iam::1:role/x"), "arn");
+}
+
+// ---- the run's image, env_vars and secrets (run_ecs.rs) ---------------------------------------
+
+const BASE_IMAGE: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/team-a:1";
+
+fn stored(
+    image: Option<&str>,
+    env_vars: &[&str],
+    secrets: &[(&str, &str)],
+) -> crate::dagster::StoredEcs {
+    crate::dagster::StoredEcs {
+        image: image.map(str::to_owned),
+        env_vars: env_vars.iter().map(|v| v.to_string()).collect(),
+        secrets: secrets
+            .iter()
+            .map(|(name, from)| crate::dagster::StoredSecret {
+                name: name.to_string(),
+                value_from: from.to_string(),
+            })
+            .collect(),
+    }
+}
+
+fn image_policy(prefixes: &[&str]) -> OverridePolicy {
+    let mut policy = OverridePolicy::new("dagster-step");
+    policy.image_prefixes = prefixes.iter().map(|p| p.to_string()).collect();
+    policy
+}
+
+#[test]
+fn an_image_is_allowed_as_the_base_image_or_under_an_allowed_prefix_only() {
+    let policy = image_policy(&["registry.example/team-b", "registry.example/shared/"]);
+    for (image, allowed) in [
+        (BASE_IMAGE, true),
+        ("registry.example/team-b", true),
+        ("registry.example/team-b:2", true),
+        ("registry.example/team-b@sha256:abc", true),
+        ("registry.example/shared/anything:1", true),
+        // A plain string prefix would allow these.
+        ("registry.example/team-b-evil:1", false),
+        ("registry.example/team-bb", false),
+        ("registry.example/sharedx/a:1", false),
+        (
+            "123456789012.dkr.ecr.eu-west-1.amazonaws.com/team-a:2",
+            false,
+        ),
+        ("evil.example/team-b:1", false),
+    ] {
+        let result = RunEcs::from_stored(&stored(Some(image), &[], &[]), &policy, BASE_IMAGE);
+        match (allowed, result) {
+            (true, Ok(run)) => {
+                assert_eq!(run.image.is_none(), image == BASE_IMAGE, "{image}");
+            }
+            (false, Err(e)) => {
+                assert_eq!(e.reason(), "launch_override_refused", "{image}");
+                assert!(e.to_string().contains("--ecs-allow-image-prefix"), "{e}");
+                assert!(e.to_string().starts_with("container_image: "), "{e}");
+            }
+            (allowed, result) => panic!("{image}: allowed {allowed}, got {result:?}"),
+        }
+    }
+    // Without the flag only the task definition's own image runs.
+    let none = image_policy(&[]);
+    assert!(RunEcs::from_stored(&stored(Some(BASE_IMAGE), &[], &[]), &none, BASE_IMAGE).is_ok());
+    assert!(RunEcs::from_stored(&stored(None, &[], &[]), &none, BASE_IMAGE).is_ok());
+    let err = RunEcs::from_stored(
+        &stored(Some("registry.example/team-b:1"), &[], &[]),
+        &none,
+        BASE_IMAGE,
+    )
+    .unwrap_err();
+    assert_eq!(err.kind, TagProblem::Refused);
+    // A malformed name is a config error, whatever the prefixes.
+    let err = RunEcs::from_stored(
+        &stored(Some("registry.example/team-b:1 --x"), &[], &[]),
+        &policy,
+        BASE_IMAGE,
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "invalid_executor_config");
+}
+
+#[test]
+fn env_vars_and_secrets_of_the_run_are_mapped_and_checked_like_op_tags() {
+    let policy = image_policy(&[]);
+    let run = RunEcs::from_stored(
+        &stored(
+            None,
+            &["GREETING=hello=world", "EMPTY="],
+            &[
+                (
+                    "TOKEN",
+                    "arn:aws:secretsmanager:eu-west-1:123456789012:secret:token-AbCd",
+                ),
+                (
+                    "DB_URL",
+                    "arn:aws:ssm:eu-west-1:123456789012:parameter/db/url",
+                ),
+            ],
+        ),
+        &policy,
+        BASE_IMAGE,
+    )
+    .unwrap();
+    assert_eq!(
+        run.environment,
+        vec![
+            KeyValue {
+                name: "GREETING".into(),
+                value: "hello=world".into()
+            },
+            KeyValue {
+                name: "EMPTY".into(),
+                value: String::new()
+            },
+        ]
+    );
+    // Sorted: the same secrets in another order make the same task definition.
+    let names: Vec<&str> = run.secrets.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["DB_URL", "TOKEN"]);
+    assert!(run.needs_task_definition());
+
+    for (env_vars, secrets, reason, says) in [
+        (
+            &["HOME_DIR"][..],
+            &[][..],
+            "invalid_executor_config",
+            "has no value",
+        ),
+        (
+            &["LD_PRELOAD=/tmp/x.so"][..],
+            &[][..],
+            "launch_override_refused",
+            "dynamic loader",
+        ),
+        (
+            &["PYTHONPATH=/tmp"][..],
+            &[][..],
+            "launch_override_refused",
+            "Python interpreter",
+        ),
+        (
+            &["DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS=x"][..],
+            &[][..],
+            "invalid_executor_config",
+            "set by the controller",
+        ),
+        (
+            &["=x"][..],
+            &[][..],
+            "invalid_executor_config",
+            "not an environment variable name",
+        ),
+        (
+            &[][..],
+            &[("LD_PRELOAD", "arn:aws:ssm:eu-west-1:1:parameter/x")][..],
+            "launch_override_refused",
+            "dynamic loader",
+        ),
+        (
+            &[][..],
+            &[("TOKEN", "plain-text")][..],
+            "invalid_executor_config",
+            "not a Secrets Manager",
+        ),
+        (
+            &[][..],
+            &[("TOKEN", "arn:aws:s3:::bucket/key")][..],
+            "invalid_executor_config",
+            "not a Secrets Manager",
+        ),
+        (
+            &["TOKEN=x"][..],
+            &[("TOKEN", "arn:aws:ssm:eu-west-1:1:parameter/x")][..],
+            "invalid_executor_config",
+            "also in env_vars",
+        ),
+        (
+            &[][..],
+            &[
+                ("T", "arn:aws:ssm:eu-west-1:1:parameter/x"),
+                ("T", "arn:aws:ssm:eu-west-1:1:parameter/y"),
+            ][..],
+            "invalid_executor_config",
+            "named twice",
+        ),
+    ] {
+        let err =
+            RunEcs::from_stored(&stored(None, env_vars, secrets), &policy, BASE_IMAGE).unwrap_err();
+        assert_eq!(err.reason(), reason, "{env_vars:?} {secrets:?}: {err}");
+        assert!(err.to_string().contains(says), "{err}");
+        assert!(err.to_string().starts_with("execution config "), "{err}");
+    }
+    let many: Vec<String> = (0..=100).map(|i| format!("V{i}=1")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert!(RunEcs::from_stored(&stored(None, &many, &[]), &policy, BASE_IMAGE).is_err());
+}
+
+#[test]
+fn the_runs_env_vars_reach_the_step_container_and_an_op_tag_wins_by_name() {
+    let step = step_with_tags(&[(
+        "ecs/container_overrides",
+        r#"{"environment": [{"name": "MODE", "value": "from-tag"}]}"#,
+    )]);
+    let mut settings = StepSettings::from_tags(&step.tags, "dagster", &policy()).unwrap();
+    settings.run_environment = vec![
+        KeyValue {
+            name: "MODE".into(),
+            value: "from-run".into(),
+        },
+        KeyValue {
+            name: "GREETING".into(),
+            value: "hello".into(),
+        },
+    ];
+    settings.run_task_definition =
+        Some("arn:aws:ecs:r:1:task-definition/dagster-step-abc:1".into());
+    let request = settings.build(&base(), &step, 1, &StepArgs::Inline("x".into()));
+    let env = &request.overrides.container_overrides[0].environment;
+    let named = |n: &str| {
+        env.iter()
+            .filter(|kv| kv.name == n)
+            .map(|kv| kv.value.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(named("MODE"), ["from-tag"]);
+    assert_eq!(named("GREETING"), ["hello"]);
+    assert_eq!(
+        request.task_definition,
+        "arn:aws:ecs:r:1:task-definition/dagster-step-abc:1"
+    );
+    // An op tag's task definition wins over the run's.
+    let step = step_with_tags(&[(
+        "ecs/run_task_kwargs",
+        r#"{"taskDefinition": "dagster-step:7"}"#,
+    )]);
+    let mut settings = StepSettings::from_tags(&step.tags, "dagster", &policy()).unwrap();
+    settings.run_task_definition =
+        Some("arn:aws:ecs:r:1:task-definition/dagster-step-abc:1".into());
+    assert!(settings.chooses_task_definition());
+    let request = settings.build(&base(), &step, 1, &StepArgs::Inline("x".into()));
+    assert_eq!(request.task_definition, "dagster-step:7");
 }
