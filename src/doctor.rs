@@ -106,6 +106,7 @@ pub async fn diagnose(args: &RunArgs, aws: &aws_config::SdkConfig) -> Report {
         report.push("receive permission", why);
     }
     check_bridge(args, &mut report).await;
+    check_code_locations(args, &mut report).await;
     check_ecs(args, aws, &mut report).await;
     check_offload_bucket(args, aws, &mut report).await;
     check_dashboard_addr(args, &mut report).await;
@@ -350,6 +351,68 @@ async fn check_bridge(args: &RunArgs, report: &mut Report) {
     report.push(STORAGE, storage_outcome(&info));
 }
 
+/// How long a code location's interpreter may take to import Dagster and this package.
+const LOCATION_PROBE: Duration = Duration::from_secs(60);
+
+/// Each `--python-for` interpreter starts and has Dagster and this package (what its steps
+/// and its zygote run); one line for all of them.
+async fn check_code_locations(args: &RunArgs, report: &mut Report) {
+    const NAME: &str = "code location environments";
+    let Ok(map) = args.python_map.map(&args.python) else {
+        report.push(
+            NAME,
+            Outcome::Skipped("--python-for is invalid (see configuration)".into()),
+        );
+        return;
+    };
+    let mut found = Vec::new();
+    for (location, python) in map.locations() {
+        match probe_interpreter(python).await {
+            Ok(version) => found.push(format!("{location}: dagster {version}")),
+            Err(why) => {
+                let detail = format!(
+                    "code location {location:?}: {} {why}; it needs dagster and the \
+                     dagster-taskiq-controller package (--python-for)",
+                    python.display()
+                );
+                report.push(NAME, Outcome::Failed(detail));
+                return;
+            }
+        }
+    }
+    if found.is_empty() {
+        report.push(
+            NAME,
+            Outcome::Skipped("no --python-for: every step runs on --python".into()),
+        );
+    } else {
+        report.push(NAME, Outcome::Passed(found.join(", ")));
+    }
+}
+
+/// The Dagster version of an interpreter that also has this package.
+async fn probe_interpreter(python: &std::path::Path) -> Result<String, String> {
+    let probe = tokio::process::Command::new(python)
+        .args([
+            "-c",
+            "import dagster, dagster_taskiq_controller.stop_guard; print(dagster.__version__)",
+        ])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = match tokio::time::timeout(LOCATION_PROBE, probe).await {
+        Err(_) => return Err(format!("did not answer within {LOCATION_PROBE:?}")),
+        Ok(Err(e)) => return Err(format!("does not start: {e}")),
+        Ok(Ok(output)) => output,
+    };
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr.lines().last().unwrap_or("").trim();
+        return Err(format!("cannot import them ({last})"));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
 const INSTANCE: &str = "dagster instance";
 const STORAGE: &str = "dagster storage";
 
@@ -554,6 +617,50 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_location_interpreter_without_dagster_fails_the_check_naming_it() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let script = |name: &str, body: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path.display().to_string()
+        };
+        let good = script("good", "echo 1.12.3");
+        let bad = script("bad", "echo 'ModuleNotFoundError: dagster' >&2; exit 1");
+        let run = |entries: &str| {
+            let argv = [
+                "dagster-taskiq-controller",
+                "doctor",
+                "--queue-url",
+                "http://127.0.0.1:1/1/q",
+                "--python-for",
+                entries,
+            ];
+            match crate::config::Cli::try_parse_from(argv).unwrap().command {
+                crate::config::Command::Doctor(args) => args,
+                _ => unreachable!(),
+            }
+        };
+        let mut report = Report::default();
+        check_code_locations(&run(&format!("etl={good}")), &mut report).await;
+        assert_eq!(
+            report.checks[0].outcome,
+            Outcome::Passed("etl: dagster 1.12.3".into())
+        );
+        let mut report = Report::default();
+        check_code_locations(&run(&format!("etl={good},ml={bad}")), &mut report).await;
+        let Outcome::Failed(why) = &report.checks[0].outcome else {
+            panic!("{:?}", report.checks);
+        };
+        assert!(
+            why.contains("\"ml\"") && why.contains("ModuleNotFoundError"),
+            "{why}"
+        );
+    }
 
     #[test]
     fn a_report_fails_when_any_check_fails_and_says_how_many() {
