@@ -98,7 +98,8 @@ def test_contract_tests_pass_on_old_dagster(old: OldDagster) -> None:
 
 def _python_dispatch(tmp_path: Path, bridge: str, steps: Path) -> Path:
     """The controller's --python: the bridge sidecar on ``bridge``, everything else (steps, a
-    zygote) on ``steps``. One controller has one --python today (docs/operations.md)."""
+    zygote) on ``steps``. The runs here come from `dagster job execute -f`, without a code
+    location, so --python-for cannot reach them (test_e2e_locations.py maps locations)."""
     script = tmp_path / "python-dispatch"
     script.write_text(
         "#!/bin/sh\n"
