@@ -58,6 +58,29 @@ impl std::str::FromStr for LauncherKind {
     }
 }
 
+/// The ECS settings a run stored: the image of its code location and its executor config's
+/// `env_vars` and `secrets`, as written; read by the bridge from the stored run, never from
+/// the message, and checked by the ECS launcher (src/launcher/ecs/request/run_ecs.rs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct StoredEcs {
+    /// `job_code_origin.repository_origin.container_image`.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// `KEY=VALUE` (or a bare `KEY`, which the launcher refuses).
+    #[serde(default)]
+    pub env_vars: Vec<String>,
+    #[serde(default)]
+    pub secrets: Vec<StoredSecret>,
+}
+
+/// A container secret: an environment variable read by ECS from Secrets Manager or SSM.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StoredSecret {
+    pub name: String,
+    #[serde(rename = "valueFrom")]
+    pub value_from: String,
+}
+
 /// One step attempt, decoded and validated.
 #[derive(Debug, Clone)]
 pub struct StepRequest {
@@ -101,7 +124,7 @@ pub struct StepRequest {
     pub location: Option<String>,
     /// The run's stored ECS settings (image, executor env_vars and secrets), set by the
     /// controller from the bridge; never read from the message.
-    pub stored_ecs: Option<crate::dagster::StoredEcs>,
+    pub stored_ecs: Option<StoredEcs>,
 }
 
 /// A step attempt as Dagster knows it: what the bridge needs to write about it.

@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use crate::envelope::{AttemptId, StepRequest};
+pub use crate::envelope::{StoredEcs, StoredSecret};
 
 use crate::flags::parse_seconds;
 use crate::step_env::StepEnvironment;
@@ -141,28 +142,6 @@ pub struct StoredStep {
     /// What the run says about its ECS tasks (`bridge.py` `_stored_ecs`).
     #[serde(default)]
     pub ecs: StoredEcs,
-}
-
-/// The ECS settings a run stored: the image of its code location and its executor config's
-/// `env_vars` and `secrets`, as written (checked by the ECS launcher, request/run_ecs.rs).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct StoredEcs {
-    /// `job_code_origin.repository_origin.container_image`.
-    #[serde(default)]
-    pub image: Option<String>,
-    /// `KEY=VALUE` (or a bare `KEY`, which the launcher refuses).
-    #[serde(default)]
-    pub env_vars: Vec<String>,
-    #[serde(default)]
-    pub secrets: Vec<StoredSecret>,
-}
-
-/// A container secret: an environment variable read by ECS from Secrets Manager or SSM.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct StoredSecret {
-    pub name: String,
-    #[serde(rename = "valueFrom")]
-    pub value_from: String,
 }
 
 /// A notice the bridge sends unasked, about a run of the latest `run_statuses` call.
