@@ -39,6 +39,37 @@ from dagster_taskiq_controller_testing.stack import BINARY_ENV, MotoServer
 # The one condition poller, re-exported for the test modules (`from conftest import wait_for`).
 from dagster_taskiq_controller_testing.stack import wait_for as wait_for
 
+
+def take_dead_letters(
+    dlq_url: str,
+    count: int,
+    timeout: float = 60,
+    keep: Callable[[dict[str, str]], bool] = lambda _: True,
+) -> list[dict[str, str]]:
+    """Takes dead letters off the DLQ (deleted) until ``count`` of them pass ``keep``; returns
+    those: each message's attributes as strings, and its body under ``body``."""
+    sqs = boto3.client("sqs")
+    kept: list[dict[str, str]] = []
+
+    def enough() -> bool:
+        response = sqs.receive_message(
+            QueueUrl=dlq_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=1,
+            MessageAttributeNames=["All"],
+        )
+        for m in response.get("Messages", []):
+            dead = {k: v["StringValue"] for k, v in m["MessageAttributes"].items()}
+            dead["body"] = m["Body"]
+            if keep(dead):
+                kept.append(dead)
+            sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=m["ReceiptHandle"])
+        return len(kept) >= count
+
+    wait_for(enough, timeout, f"{count} dead letter(s)", interval=0)
+    return kept
+
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parents[1]
 VECTORS_DIR = REPO_ROOT / "tests" / "vectors"

@@ -16,7 +16,7 @@ from typing import Any
 import boto3
 import jobs
 import pytest
-from conftest import VECTORS_DIR, wait_for
+from conftest import VECTORS_DIR, take_dead_letters, wait_for
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
 from dagster._serdes import serialize_value
 from relay import Relay
@@ -64,28 +64,6 @@ class RunInBackground:
             for r in records
             if r.event_log_entry.dagster_event is not None
         ]
-
-
-def dead_letters(dlq_url: str, expected: int, timeout: float = 60) -> list[dict[str, str]]:
-    """The DLQ's messages: their attributes as strings, and the body under ``body``."""
-    sqs = boto3.client("sqs")
-    got: list[dict[str, str]] = []
-
-    def poll() -> bool:
-        response = sqs.receive_message(
-            QueueUrl=dlq_url,
-            MaxNumberOfMessages=10,
-            WaitTimeSeconds=1,
-            MessageAttributeNames=["All"],
-        )
-        for m in response.get("Messages", []):
-            attributes = {k: v["StringValue"] for k, v in m["MessageAttributes"].items()}
-            got.append({**attributes, "body": m["Body"]})
-            sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=m["ReceiptHandle"])
-        return len(got) >= expected
-
-    wait_for(poll, timeout, f"{expected} dead letter(s)", interval=0)
-    return got
 
 
 def queue_depth(url: str) -> int:
@@ -163,7 +141,7 @@ def test_a_step_message_corrupted_in_flight_fails_its_run_with_the_reason(
     (failure,) = run.step_failures()
     assert "emit" in failure and "dagster_priority" in failure and "high" in failure, failure
     assert "dead-letter queue" in failure, failure
-    (dead,) = dead_letters(bed.queues.dlq_url, 1)
+    (dead,) = take_dead_letters(bed.queues.dlq_url, 1)
     assert dead["dagster_taskiq_error"] == "invalid_label"
     assert dead["dagster_taskiq_error_detail"].endswith("verdict recorded in Dagster"), dead
     assert json.loads(dead["body"])["labels"]["dagster_step_key"] == "emit"
@@ -183,7 +161,7 @@ def test_a_message_for_a_run_the_instance_does_not_know_says_no_verdict_is_possi
     packed["instance_ref"] = json.loads(serialize_value(instance.get_ref()))
     bed.start_controller()
     boto3.client("sqs").send_message(QueueUrl=bed.queues.queue_url, MessageBody=json.dumps(body))
-    (dead,) = dead_letters(bed.queues.dlq_url, 1)
+    (dead,) = take_dead_letters(bed.queues.dlq_url, 1)
     assert dead["dagster_taskiq_error"] == "unknown_run"
     detail = dead["dagster_taskiq_error_detail"]
     assert run_id in detail and "no verdict possible" in detail, detail

@@ -22,7 +22,14 @@ from typing import Any
 import boto3
 import jobs
 import pytest
-from conftest import make_dagster_home, only_run, start_run_worker, terminate_run, wait_for
+from conftest import (
+    make_dagster_home,
+    only_run,
+    start_run_worker,
+    take_dead_letters,
+    terminate_run,
+    wait_for,
+)
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
 from dagster._core.execution.plan.objects import ErrorSource
 from dagster._core.instance.ref import InstanceRef
@@ -432,24 +439,13 @@ REFUSED_OVERRIDES = {
 
 
 def dead_letters_of(dlq_url: str, run_id: str) -> list[dict[str, str]]:
-    """The run's messages in the DLQ, as their attributes (strings) and ``body``."""
-    sqs = boto3.client("sqs")
-    got: list[dict[str, str]] = []
-
-    def poll() -> list[dict[str, str]]:
-        response = sqs.receive_message(
-            QueueUrl=dlq_url,
-            MaxNumberOfMessages=10,
-            WaitTimeSeconds=1,
-            MessageAttributeNames=["All"],
-        )
-        for m in response.get("Messages", []):
-            attributes = {k: v["StringValue"] for k, v in m["MessageAttributes"].items()}
-            got.append({**attributes, "body": m["Body"]})
-            sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=m["ReceiptHandle"])
-        return [d for d in got if json.loads(d["body"])["labels"]["dagster_run_id"] == run_id]
-
-    return wait_for(poll, 30, "the run's dead letter", interval=0)
+    """The run's dead letters (taken off the DLQ)."""
+    return take_dead_letters(
+        dlq_url,
+        1,
+        30,
+        keep=lambda dead: json.loads(dead["body"])["labels"]["dagster_run_id"] == run_id,
+    )
 
 
 @pytest.mark.parametrize("job_name", sorted(REFUSED_OVERRIDES))

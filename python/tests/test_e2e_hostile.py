@@ -17,7 +17,7 @@ from typing import Any
 import boto3
 import jobs
 from bed import Bed, api, metrics, put_back, run_in_background
-from conftest import wait_for
+from conftest import take_dead_letters, wait_for
 from dagster import DagsterEventType, execute_job
 
 from dagster_taskiq_controller_testing.hostile_import import MARKER_ENV
@@ -131,26 +131,10 @@ def test_hostile_instance_refs_are_ignored_and_the_steps_run_on_the_controllers_
     assert "dagster_taskiq_foreign_instance_refs_total 2" in counted, counted
 
 
-def dead_letters(bed: Bed, count: int) -> dict[str, dict[str, Any]]:
-    """The attributes of the next `count` dead letters (deleted), by original message id."""
-    sqs = boto3.client("sqs")
-    dead: dict[str, dict[str, Any]] = {}
-
-    def enough() -> bool:
-        got = sqs.receive_message(
-            QueueUrl=bed.queues.dlq_url,
-            MaxNumberOfMessages=10,
-            MessageAttributeNames=["All"],
-            WaitTimeSeconds=1,
-        )
-        for m in got.get("Messages", []):
-            attributes = m["MessageAttributes"]
-            dead[attributes["dagster_taskiq_original_message_id"]["StringValue"]] = attributes
-            sqs.delete_message(QueueUrl=bed.queues.dlq_url, ReceiptHandle=m["ReceiptHandle"])
-        return len(dead) >= count
-
-    wait_for(enough, 120, f"{count} dead letters")
-    return dead
+def dead_letters(bed: Bed, count: int) -> dict[str, dict[str, str]]:
+    """The next `count` dead letters (taken off the DLQ), by original message id."""
+    dead = take_dead_letters(bed.queues.dlq_url, count, 120)
+    return {d["dagster_taskiq_original_message_id"]: d for d in dead}
 
 
 def test_op_tags_a_message_adds_to_its_step_are_refused_and_the_step_never_runs(
@@ -173,8 +157,8 @@ def test_op_tags_a_message_adds_to_its_step_are_refused_and_the_step_never_runs(
     assert outcome.get("success") is False
     run_id = outcome["run_id"]
     (dead,) = dead_letters(bed, 1).values()
-    assert dead["dagster_taskiq_error"]["StringValue"] == "tags_mismatch", dead
-    detail = dead["dagster_taskiq_error_detail"]["StringValue"]
+    assert dead["dagster_taskiq_error"] == "tags_mismatch", dead
+    detail = dead["dagster_taskiq_error_detail"]
     assert "ecs/run_task_kwargs differ" in detail and "verdict recorded" in detail, detail
     started = bed.instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_START).records
     assert started == [], "the refused step started"
@@ -218,8 +202,8 @@ def test_extended_payloads_from_a_foreign_bucket_or_over_the_limit_are_dead_lett
     dead = dead_letters(bed, 2)
     details = {}
     for message_id, reason in reasons.items():
-        assert dead[message_id]["dagster_taskiq_error"]["StringValue"] == reason, dead
-        details[reason] = dead[message_id]["dagster_taskiq_error_detail"]["StringValue"]
+        assert dead[message_id]["dagster_taskiq_error"] == reason, dead
+        details[reason] = dead[message_id]["dagster_taskiq_error_detail"]
     refused = details["extended_payload_refused"]
     assert f'bucket "{foreign}" is not in --payload-bucket' in refused, refused
     too_large = details["too_large"]

@@ -21,10 +21,9 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import dagster
 import pytest
-from conftest import REPO_ROOT, child_env, wait_for
+from conftest import REPO_ROOT, child_env, take_dead_letters, wait_for
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from test_e2e_process import Stack, events_of
 
@@ -259,18 +258,9 @@ def test_each_code_location_runs_in_its_own_environment_and_an_unmapped_one_is_r
     assert [(step, attempt) for step, attempt, _ in verdicts] == [("where", 0)], verdicts
     assert '"loc_c"' in verdicts[0][2] and "unmapped_location" in verdicts[0][2], verdicts
     assert not events_of(instance, refused.run_id, DagsterEventType.STEP_START)
-    sqs = boto3.client("sqs")
-    dead = wait_for(
-        lambda: sqs.receive_message(
-            QueueUrl=stack.queues.dlq_url, MessageAttributeNames=["All"], WaitTimeSeconds=1
-        ).get("Messages"),
-        30,
-        "the refused message in the DLQ",
-    )
-    assert dead[0]["MessageAttributes"]["dagster_taskiq_error"]["StringValue"] == (
-        "unmapped_location"
-    )
-    assert refused.run_id in dead[0]["Body"]
+    (dead,) = take_dead_letters(stack.queues.dlq_url, 1, 30)
+    assert dead["dagster_taskiq_error"] == "unmapped_location", dead
+    assert refused.run_id in dead["body"]
 
     if mode == "warm":
         # One zygote per mapped environment, each started by its first step; none for the

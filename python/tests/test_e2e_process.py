@@ -22,7 +22,14 @@ from typing import Any
 import boto3
 import jobs
 import pytest
-from conftest import BOTH_STORAGES, child_env, only_run, start_run_worker, wait_for
+from conftest import (
+    BOTH_STORAGES,
+    child_env,
+    only_run,
+    start_run_worker,
+    take_dead_letters,
+    wait_for,
+)
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
 
 from dagster_taskiq_controller import contract
@@ -278,17 +285,10 @@ def test_a_malformed_message_is_dead_lettered_and_the_next_one_runs(stack: Stack
     with execute_job(jobs.recon("flaky"), stack.instance) as result:
         assert result.success
 
-    def dead_letter() -> Any:
-        got = sqs.receive_message(
-            QueueUrl=stack.queues.dlq_url, MessageAttributeNames=["All"], WaitTimeSeconds=1
-        )
-        return got.get("Messages")
-
-    (message,) = wait_for(dead_letter, 15, "the malformed message in the DLQ")
-    assert message["Body"] == '{"task_id": "x", "oops"'
-    attributes = message["MessageAttributes"]
-    assert attributes["dagster_taskiq_error"]["StringValue"] == "invalid_json"
-    assert "not valid JSON" in attributes["dagster_taskiq_error_detail"]["StringValue"]
+    (dead,) = take_dead_letters(stack.queues.dlq_url, 1, 15)
+    assert dead["body"] == '{"task_id": "x", "oops"'
+    assert dead["dagster_taskiq_error"] == "invalid_json"
+    assert "not valid JSON" in dead["dagster_taskiq_error_detail"]
     assert 'dagster_taskiq_messages_dead_lettered_total{reason="invalid_json"} 1' in stack.metrics()
     wait_for(stack.queue_empty, 60, "the work queue to be empty")
 

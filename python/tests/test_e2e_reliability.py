@@ -29,7 +29,7 @@ from bed import (
     running_pids,
     settled_records,
 )
-from conftest import VECTORS_DIR, wait_for
+from conftest import VECTORS_DIR, take_dead_letters, wait_for
 from dagster import DagsterInstance, execute_job
 from faultproxy import FaultProxy
 from ledger import overlaps
@@ -208,27 +208,14 @@ def test_a_corpus_of_bad_messages_is_dead_lettered_with_reasons_and_never_spawns
         sent[message_id] = reason
     assert len(sent) >= 40
 
-    dead: dict[str, Any] = {}
-
-    def drain_dlq() -> bool:
-        got = sqs.receive_message(
-            QueueUrl=bed.queues.dlq_url,
-            MaxNumberOfMessages=10,
-            MessageAttributeNames=["All"],
-            WaitTimeSeconds=1,
-        )
-        for m in got.get("Messages", []):
-            attributes = m["MessageAttributes"]
-            original = attributes["dagster_taskiq_original_message_id"]["StringValue"]
-            dead[original] = attributes
-            sqs.delete_message(QueueUrl=bed.queues.dlq_url, ReceiptHandle=m["ReceiptHandle"])
-        return len(dead) >= len(sent)
-
-    wait_for(drain_dlq, 120, "every bad message in the DLQ")
+    dead = {
+        d["dagster_taskiq_original_message_id"]: d
+        for d in take_dead_letters(bed.queues.dlq_url, len(sent), 120)
+    }
     for message_id, reason in sent.items():
         attributes = dead[message_id]
-        assert attributes["dagster_taskiq_error"]["StringValue"] == reason, message_id
-        assert attributes["dagster_taskiq_error_detail"]["StringValue"]
+        assert attributes["dagster_taskiq_error"] == reason, message_id
+        assert attributes["dagster_taskiq_error_detail"]
     text = metrics(controller)
     assert "dagster_taskiq_steps_launched_total" not in text, "a bad message was spawned"
     assert controller.process is not None and controller.process.poll() is None

@@ -230,14 +230,7 @@ impl EcsLauncher {
     }
 
     fn count(&self, operation: &'static str, result: &Result<impl Sized, ApiError>) {
-        let outcome = match result {
-            Ok(_) => "ok",
-            Err(e) => e.class.name(),
-        };
-        self.metrics
-            .ecs_api_calls
-            .get_or_create(&[("operation", operation), ("result", outcome)])
-            .inc();
+        api::count_call(&self.metrics, operation, result);
     }
 
     /// The step's task from an earlier delivery, if one should be adopted rather than a new

@@ -537,3 +537,19 @@ impl BlobStore for AwsBlobStore {
         Ok(())
     }
 }
+
+/// Counts one ECS API call in `dagster_taskiq_ecs_api_calls_total` by operation and result.
+pub(crate) fn count_call(
+    metrics: &crate::metrics::Metrics,
+    operation: &'static str,
+    result: &Result<impl Sized, ApiError>,
+) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(e) => e.class.name(),
+    };
+    metrics
+        .ecs_api_calls
+        .get_or_create(&[("operation", operation), ("result", outcome)])
+        .inc();
+}

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
-use super::api::{ApiError, EcsApi, TaskDefinitionView};
+use super::api::{self, ApiError, EcsApi, TaskDefinitionView};
 use super::request::{task_definition_family, Secret};
 use crate::metrics::Metrics;
 
@@ -139,14 +139,7 @@ impl TaskDefinitions {
     }
 
     fn count(&self, operation: &'static str, result: &Result<impl Sized, ApiError>) {
-        let outcome = match result {
-            Ok(_) => "ok",
-            Err(e) => e.class.name(),
-        };
-        self.metrics
-            .ecs_api_calls
-            .get_or_create(&[("operation", operation), ("result", outcome)])
-            .inc();
+        api::count_call(&self.metrics, operation, result);
     }
 }
 
