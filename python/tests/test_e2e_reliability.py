@@ -29,13 +29,13 @@ from bed import (
     running_pids,
     settled_records,
 )
-from conftest import VECTORS_DIR, take_dead_letters, wait_for
-from dagster import DagsterInstance, execute_job
+from conftest import VECTORS_DIR, only_run, start_run_worker, take_dead_letters, wait_for
+from dagster import DagsterInstance, DagsterRunStatus, ReexecutionOptions, execute_job
 from faultproxy import FaultProxy
 from ledger import overlaps
 
 from dagster_taskiq_controller_testing import faulty_bridge
-from dagster_taskiq_controller_testing.postgres import PostgresServer, TcpRelay, write_dagster_yaml
+from dagster_taskiq_controller_testing.postgres import PostgresServer
 from dagster_taskiq_controller_testing.stack import Controller, MotoServer
 
 pytestmark = pytest.mark.controller
@@ -393,36 +393,99 @@ def test_a_dagster_outage_of_a_minute_spends_no_attempts_and_the_run_succeeds(be
     assert overlaps(bed.ledger) == []
 
 
-@pytest.mark.parametrize("dagster_storage", ["postgres"])
-def test_three_minutes_without_the_database_for_the_controller_dead_letter_nothing(
-    bed: Bed, postgres_server: PostgresServer, postgres_url: str
-) -> None:
-    """The controller (and the steps it starts) reach the run's PostgreSQL database through a
-    relay that is cut for three minutes; the run worker keeps its own connection."""
-    database = postgres_url.rsplit("/", 1)[1]
-    with TcpRelay(postgres_server.port) as relay:
-        home = write_dagster_yaml(
-            bed.tmp_path / "controller_home", postgres_server.url(database, port=relay.port)
-        )
-        controller = bed.controller("--max-attempts", "2", env={"DAGSTER_HOME": str(home)})
-        thread, outcome = run_in_background(bed.instance, "chaos")
-        wait_for(lambda: running_pids(controller), 90, "a step running")
-        relay.cut()
-        cut_at = time.monotonic()
-        _, body = wait_for(
-            lambda: (r := readiness(controller))[0] == 503 and r, 60, "/readyz to say not ready"
-        )
-        assert "dagster_unreachable" in body["reasons"], body
-        # Far past --max-attempts 2 with a 3 s backoff cap: nothing dead-lettered.
-        threading.Event().wait(max(0.0, 180 - (time.monotonic() - cut_at)))
-        assert readiness(controller)[0] == 503
-        assert dlq_empty(bed)
-        assert "messages_dead_lettered_total" not in metrics(controller)
-        relay.restore()
+OUTAGE_SECONDS = 180
+RUN_WORKER_LOST = "Detected run worker status WorkerStatus.FAILED. Marking run {run_id} as failed."
 
-        thread.join(300)
-        assert outcome.get("success") is True
-        wait_for(bed.queue_empty, 60, "every message to be deleted")
+
+def acked(text: str, outcome: str) -> int:
+    found = re.search(
+        rf'^dagster_taskiq_messages_acked_total{{outcome="{outcome}"}} (\d+)', text, re.M
+    )
+    return int(found.group(1)) if found else 0
+
+
+def steps_of(seconds: float) -> dict[str, Any]:
+    """Run config of ledger_fan whose steps take ``seconds`` each."""
+    return {"ops": {op.name: {"config": {"seconds": seconds}} for op in jobs.LEDGER_OPS}}
+
+
+@pytest.mark.parametrize("dagster_storage", ["postgres"])
+def test_three_minutes_without_the_database_dead_letter_nothing_and_the_run_reexecutes(
+    bed: Bed, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """The whole database stops for three minutes mid-run (a clean shutdown of the server, then
+    a start on the same port and data): the run worker, the controller and its steps all lose
+    it at once. The server is this session's (one per xdist worker, whose tests run one after
+    another), so stopping it takes no other test's database away; it is started again whatever
+    happens.
+
+    The run worker is a process of its own (``dagster job execute``). dagster-postgres opens a
+    connection per call and retries only the connect, five times over about 6 s, and the
+    step-delegating executor reads the event log every second: a run worker dies of an outage
+    that long (path "run worker died"). Dagster's run monitoring then marks the run failed (a
+    launcher whose health check finds the worker gone: ``report_run_failed``, done here as the
+    daemon does, the default launcher has no health check); the controller acknowledges the
+    run's remaining messages unrun and a re-execution from failure succeeds. A run worker
+    still alive after the outage (path "run worker survived") must finish the run."""
+    controller = bed.controller("--max-attempts", "2", "--max-concurrent", "1")
+    # Six steps of 3 s, one at a time: most are still queued when the database goes.
+    run_worker = start_run_worker("ledger_fan", tmp_path, steps_of(3.0))
+    try:
+        run = wait_for(lambda: only_run(bed.instance), 60, "the run to be created")
+        wait_for(lambda: running_pids(controller), 90, "a step running")
+        postgres_server.stop()
+        try:
+            stopped_at = time.monotonic()
+            _, body = wait_for(
+                lambda: (r := readiness(controller))[0] == 503 and r, 60, "/readyz to say not ready"
+            )
+            assert "dagster_unreachable" in body["reasons"], body
+            # Far past --max-attempts 2 with a 3 s backoff cap: nothing dead-lettered.
+            threading.Event().wait(max(0.0, OUTAGE_SECONDS - (time.monotonic() - stopped_at)))
+            assert readiness(controller)[0] == 503
+            assert dlq_empty(bed)
+            assert "messages_dead_lettered_total" not in metrics(controller)
+        finally:
+            postgres_server.start()
+
+        # Alive or not, the run worker ends: it finishes the run, or it fails of the outage.
+        wait_for(lambda: run_worker.poll() is not None, 300, "the run worker to exit")
+        worker_died = run_worker.returncode != 0
+        lost = bed.instance.get_run_by_id(run.run_id)
+        assert lost is not None
+        print(f"path: run worker {'died' if worker_died else 'survived'}, run {lost.status}")
+        if worker_died and lost.status == DagsterRunStatus.STARTED:
+            # It died with the database down and could not say so: run monitoring's move.
+            bed.instance.report_run_failed(lost, RUN_WORKER_LOST.format(run_id=run.run_id))
+        wait_for(bed.queue_empty, 120, "every message to be deleted")
         assert dlq_empty(bed)
         wait_for(lambda: readiness(controller)[0] == 200, 30, "/readyz to say ready again")
+        records = wait_for(lambda: settled_records(controller), 30, "every step record to settle")
+        print("records:", sorted((r["state"], r["receive_count"]) for r in records))
+        text = metrics(controller)
+        print(
+            "\n".join(x for x in text.splitlines() if "acked_total" in x or "finished_total" in x)
+        )
+        assert "messages_dead_lettered_total" not in text
+        ended = bed.instance.get_run_by_id(run.run_id)
+        assert ended is not None
+        if worker_died:
+            assert ended.status == DagsterRunStatus.FAILURE
+            assert acked(text, "run_ended") + acked(text, "already_finished") >= 1, text
+            options = ReexecutionOptions.from_failure(run.run_id, bed.instance)
+            with execute_job(
+                jobs.recon("ledger_fan"),
+                bed.instance,
+                run_config=steps_of(0.2),
+                reexecution_options=options,
+            ) as r:
+                assert r.success
+        else:
+            assert ended.status == DagsterRunStatus.SUCCESS
+        wait_for(bed.queue_empty, 60, "every message to be deleted")
+        assert dlq_empty(bed)
         assert overlaps(bed.ledger) == []
+    finally:
+        if run_worker.poll() is None:
+            run_worker.kill()
+        run_worker.wait()
