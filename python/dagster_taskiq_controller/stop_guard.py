@@ -64,6 +64,11 @@ def install() -> None:
         _stderr_fd.append(os.dup(2))  # not inherited: no subprocess holds the pipe open
     # The handler first: importing Dagster takes a second, a SIGTERM may come meanwhile.
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGINT is how Dagster interrupts a step (a cancel, a stop it asked for). A process
+    # started with SIGINT ignored (a controller launched in the background by a shell without
+    # job control, under nohup) would pass that on to every step, and cancels would not stop
+    # them: Python installs its handler only when SIGINT is not ignored at start.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from dagster._utils import interrupts
 
     interrupts.setup_interrupt_handlers = _leave_sigterm_alone

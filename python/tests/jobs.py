@@ -321,7 +321,8 @@ def shutdown_mix() -> None:
 
 # --- ledgered: ops that record when they run, to prove no attempt ever overlaps itself --------
 
-LEDGER_ENV = "DAGSTER_TASKIQ_TEST_LEDGER"
+# Not DAGSTER_TASKIQ_*: the controller keeps those from steps (docs/security.md).
+LEDGER_ENV = "DTC_TEST_LEDGER"
 
 
 def _ledgered(
@@ -464,7 +465,7 @@ def tagged() -> None:
 
 # --- polluting: a step changes its process's global state; the next step must not see it ------
 
-POLLUTION_ENV = "DAGSTER_TASKIQ_TEST_POLLUTED"
+POLLUTION_ENV = "DTC_TEST_POLLUTED"
 STATE: dict[str, int] = {}
 
 

@@ -5,11 +5,13 @@ end proofs are in test_e2e_process.py and test_e2e_ecs.py (outside SIGTERM, Spot
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import uuid
 
 import jobs
+import pytest
 from conftest import wait_for
 from dagster import DagsterInstance, DagsterRunStatus
 from dagster._core.events import EngineEventData
@@ -21,14 +23,24 @@ from dagster._grpc.types import ExecuteStepArgs
 from dagster_taskiq_controller import contract, stop_guard
 
 
-def _python(code: str) -> subprocess.CompletedProcess[str]:
+def _python(code: str, sigint_ignored: bool = False) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        # As when the controller was started in the background by a shell without job control.
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        if sigint_ignored
+        else None,
     )
 
 
-def test_dagsters_interrupt_handling_leaves_sigterm_to_the_guard() -> None:
-    # Its own process: install() patches Dagster for the rest of the process's life.
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_dagsters_interrupt_handling_leaves_sigterm_to_the_guard(sigint_ignored: bool) -> None:
+    # Its own process: install() patches Dagster for the rest of the process's life. A step
+    # that inherited an ignored SIGINT gets Dagster's interrupt back.
     result = _python(
         "import signal\n"
         "from dagster._utils.interrupts import capture_interrupts, raise_interrupts_as\n"
@@ -40,7 +52,8 @@ def test_dagsters_interrupt_handling_leaves_sigterm_to_the_guard() -> None:
         "    assert signal.getsignal(signal.SIGTERM) is stop_guard._on_sigterm\n"
         "assert signal.getsignal(signal.SIGTERM) is stop_guard._on_sigterm\n"
         "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
-        "print('ok')\n"
+        "print('ok')\n",
+        sigint_ignored,
     )
     assert result.stdout.strip() == "ok", result.stderr
 

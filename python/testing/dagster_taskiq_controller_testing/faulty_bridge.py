@@ -3,10 +3,10 @@ here is used in production: a test starts the controller with the hidden flag
 ``--bridge-module dagster_taskiq_controller_testing.faulty_bridge`` and names the control files
 in the controller's environment (the sidecar inherits it):
 
-- ``DAGSTER_TASKIQ_TEST_BRIDGE_HANG_FILE``: while this file exists, a request hangs for good.
+- ``DTC_TEST_BRIDGE_HANG_FILE``: while this file exists, a request hangs for good.
   The bridge first starts a child that sleeps (in its process group, so a test can see the
   whole group die) and writes ``{"pid", "child", "at"}`` to ``<hang file>.hung``.
-- ``DAGSTER_TASKIQ_TEST_BRIDGE_FAIL_FILE``: while this file exists, every request that opens a
+- ``DTC_TEST_BRIDGE_FAIL_FILE``: while this file exists, every request that opens a
   Dagster instance raises, as when Dagster's storage is unreachable; a plain ``ping`` (no
   instance) still answers, as a running sidecar does.
 """
@@ -26,8 +26,8 @@ from dagster import DagsterInstance
 
 from dagster_taskiq_controller.bridge import Bridge, main
 
-HANG_FILE_ENV = "DAGSTER_TASKIQ_TEST_BRIDGE_HANG_FILE"
-FAIL_FILE_ENV = "DAGSTER_TASKIQ_TEST_BRIDGE_FAIL_FILE"
+HANG_FILE_ENV = "DTC_TEST_BRIDGE_HANG_FILE"
+FAIL_FILE_ENV = "DTC_TEST_BRIDGE_FAIL_FILE"
 MODULE = "dagster_taskiq_controller_testing.faulty_bridge"
 
 
