@@ -94,14 +94,18 @@ test-python: setup build-debug browser postgresql versions
 	$(PYTEST_ENV) $(PYTEST) -m 'not serial' -n $(PYTEST_WORKERS) --dist worksteal --durations=25
 	$(PYTEST_ENV) $(PYTEST) -m serial --durations=10
 
-# The older Dagster versions' virtualenvs build in the background (network and disk) while lint
-# and the Rust tests use the CPU; test-python waits for them.
+# The older Dagster versions' virtualenvs and the browser and PostgreSQL packages install in the
+# background (network and disk) while lint and the Rust tests use the CPU; test-python waits
+# for them.
 VERSIONS_LOG := .venv-versions/build.log
+PACKAGES_LOG := .venv-versions/packages.log
 test: setup
 	@mkdir -p .venv-versions
 	@$(MAKE) --no-print-directory versions > $(VERSIONS_LOG) 2>&1 & versions=$$!; \
+	$(MAKE) --no-print-directory browser postgresql > $(PACKAGES_LOG) 2>&1 & packages=$$!; \
 	$(MAKE) --no-print-directory lint test-rust; status=$$?; \
 	if ! wait $$versions; then echo "make versions failed:"; cat $(VERSIONS_LOG); exit 1; fi; \
+	if ! wait $$packages; then echo "make browser postgresql failed:"; cat $(PACKAGES_LOG); exit 1; fi; \
 	[ $$status -eq 0 ] || exit $$status; \
 	$(MAKE) --no-print-directory test-python
 

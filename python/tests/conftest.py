@@ -95,6 +95,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "serial: a wall-clock budget on step work; run without parallel workers"
     )
+    config.addinivalue_line(
+        "markers",
+        "starts_first: runs for minutes; collected first so that the parallel pass does not "
+        "wait for it at its end",
+    )
     if hasattr(config, "workerinput"):
         return  # an xdist worker: the controller process did the checks below
     if os.environ.get(REQUIRE_BINARY_ENV) == "1" and not BINARY.is_file():
@@ -115,6 +120,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Stable: the rest keep their order. (xdist's worksteal gives the first worker the start of
+    # the list; the others take its later tests from it.)
+    items.sort(key=lambda item: item.get_closest_marker("starts_first") is None)
     if BINARY.is_file():
         return
     skip = pytest.mark.skip(reason=f"controller binary {BINARY} not built ({BINARY_ENV})")

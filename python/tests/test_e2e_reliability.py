@@ -409,6 +409,7 @@ def steps_of(seconds: float) -> dict[str, Any]:
     return {"ops": {op.name: {"config": {"seconds": seconds}} for op in jobs.LEDGER_OPS}}
 
 
+@pytest.mark.starts_first
 @pytest.mark.parametrize("dagster_storage", ["postgres"])
 def test_three_minutes_without_the_database_dead_letter_nothing_and_the_run_reexecutes(
     bed: Bed, postgres_server: PostgresServer, tmp_path: Path
