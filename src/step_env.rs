@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -108,14 +108,16 @@ impl StepEnvArgs {
             );
         }
         additions.extend(self.step_env.iter().cloned());
-        if let Some(home) = self.instance_home()? {
-            if additions.iter().any(|p| p.key == DAGSTER_HOME) {
+        let added_home = additions.iter().any(|p| p.key == DAGSTER_HOME);
+        match self.instance_home()? {
+            Some(_) if added_home && self.dagster_home.is_some() => {
                 return Err(invalid(
                     "dagster-home",
                     "DAGSTER_HOME is also set by --step-env or --step-env-file: give the instance once",
                 ));
             }
-            additions.push(home);
+            Some(home) if !added_home => additions.push(home),
+            _ => {}
         }
         if let Some(reserved) = additions
             .iter()
@@ -139,26 +141,31 @@ impl StepEnvArgs {
     }
 
     /// `DAGSTER_HOME` of `--dagster-home`, made absolute (steps may start elsewhere): an
-    /// existing directory, checked now rather than by the bridge's first request.
+    /// existing directory, checked now rather than by the bridge's first request. Without the
+    /// flag, a relative `DAGSTER_HOME` of the controller's environment is made absolute the
+    /// same way (Dagster refuses a relative one).
     fn instance_home(&self) -> Result<Option<EnvPair>, ConfigError> {
-        let Some(dir) = &self.dagster_home else {
-            return Ok(None);
+        let (dir, whose) = match (&self.dagster_home, std::env::var_os(DAGSTER_HOME)) {
+            (Some(dir), _) => (dir.clone(), ""),
+            (None, Some(dir)) if Path::new(&dir).is_relative() => {
+                (dir.into(), "the environment's DAGSTER_HOME ")
+            }
+            _ => return Ok(None),
         };
-        let home = std::fs::canonicalize(dir)
-            .ok()
-            .filter(|home| home.is_dir())
-            .ok_or_else(|| {
-                invalid(
-                    "dagster-home",
-                    format!("{} is not a directory", dir.display()),
-                )
-            })?;
-        let value = home.into_os_string().into_string().map_err(|home| {
+        let not = |what: &str| {
             invalid(
                 "dagster-home",
-                format!("{} is not UTF-8", home.to_string_lossy()),
+                format!("{whose}{} is not {what}", dir.display()),
             )
-        })?;
+        };
+        let home = std::fs::canonicalize(&dir)
+            .ok()
+            .filter(|home| home.is_dir())
+            .ok_or_else(|| not("a directory"))?;
+        let value = home
+            .into_os_string()
+            .into_string()
+            .map_err(|_| not("UTF-8"))?;
         Ok(Some(EnvPair {
             key: DAGSTER_HOME.to_owned(),
             value,

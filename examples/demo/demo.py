@@ -77,7 +77,7 @@ def main() -> int:
     options = parser.parse_args()
     if options.binary is None or not Path(options.binary).is_file():
         parser.error(f"no controller binary: pass --binary or set {BINARY_ENV}")
-    workdir = options.workdir or Path(tempfile.mkdtemp(prefix="dagster-taskiq-demo-"))
+    workdir = (options.workdir or Path(tempfile.mkdtemp(prefix="dagster-taskiq-demo-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     dagster_home = Path(tempfile.mkdtemp(prefix="dagster-home-", dir=workdir))
     (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
@@ -123,8 +123,9 @@ def main() -> int:
 def zygote_ready(dashboard_url: str) -> bool:
     with urllib.request.urlopen(f"{dashboard_url}/metrics", timeout=2) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith("dagster_taskiq_warm_pool_zygote_pid "):
-                return float(line.split()[1]) > 0
+            # One series per Python environment; the demo has only the default one.
+            if line.startswith("dagster_taskiq_warm_pool_zygote_pid{"):
+                return float(line.split()[-1]) > 0
     return False
 
 
