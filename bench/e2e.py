@@ -104,8 +104,9 @@ def metric(dashboard: str, name: str) -> float:
     with urllib.request.urlopen(f"{dashboard}/metrics", timeout=5) as response:
         text = response.read().decode()
     # Summed over labels: the warm pool's metrics are per Python environment (one here).
-    samples = re.findall(rf"^dagster_taskiq_{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
-    return sum(float(value) for value in samples)
+    from dagster_taskiq_controller_testing.stack import metric_value
+
+    return metric_value(text, name)
 
 
 class Bench:

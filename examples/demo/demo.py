@@ -32,6 +32,7 @@ from dagster_taskiq_controller_testing.stack import (
     MotoServer,
     aws_env,
     create_queues,
+    metric_value,
     wait_for,
 )
 
@@ -122,11 +123,7 @@ def main() -> int:
 
 def zygote_ready(dashboard_url: str) -> bool:
     with urllib.request.urlopen(f"{dashboard_url}/metrics", timeout=2) as response:
-        for line in response.read().decode().splitlines():
-            # One series per Python environment; the demo has only the default one.
-            if line.startswith("dagster_taskiq_warm_pool_zygote_pid{"):
-                return float(line.split()[-1]) > 0
-    return False
+        return metric_value(response.read().decode(), "warm_pool_zygote_pid") > 0
 
 
 def run_job(label: str, started: float, dashboard_url: str) -> Outcome:

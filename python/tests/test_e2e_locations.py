@@ -28,6 +28,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from test_e2e_process import Stack, events_of
 
 from dagster_taskiq_controller.executor import read_verdict
+from dagster_taskiq_controller_testing.stack import metric_value
 
 OLD_VENV = REPO_ROOT / ".venv-versions" / "dagster-1.12"
 RUN_TIMEOUT = 90.0
@@ -190,14 +191,8 @@ def _run_id(log: Path) -> str:
 
 
 def _metric(stack: Stack, name: str, **labels: str) -> float:
-    """One sample of a labelled metric (0 when absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    match = re.search(
-        rf"^dagster_taskiq_{re.escape(name)}\{{{re.escape(wanted)}\}} (\S+)$",
-        stack.metrics(),
-        re.MULTILINE,
-    )
-    return float(match.group(1)) if match else 0.0
+    """The samples of a metric with these labels (0 when absent)."""
+    return metric_value(stack.metrics(), name, **labels)
 
 
 @pytest.mark.parametrize("mode", ["cold", "warm"])

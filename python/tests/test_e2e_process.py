@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from conftest import (
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
 
 from dagster_taskiq_controller import contract
-from dagster_taskiq_controller_testing.stack import Controller, Queues, create_queues
+from dagster_taskiq_controller_testing.stack import Controller, Queues, create_queues, metric_value
 
 pytestmark = pytest.mark.controller
 
@@ -62,12 +61,7 @@ class Stack:
     def metric(self, name: str) -> float:
         """The value of one metric, summed over its labels (0 when absent); the warm pool's
         are labelled by Python environment, of which these tests have one."""
-        samples = re.findall(
-            rf"^dagster_taskiq_{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$",
-            self.metrics(),
-            re.MULTILINE,
-        )
-        return sum(float(value) for value in samples)
+        return metric_value(self.metrics(), name)
 
     def zygote_pid(self) -> int:
         return int(self.metric("warm_pool_zygote_pid"))

@@ -7,6 +7,7 @@ this package does not know where a source checkout keeps its build output."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,6 +45,19 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def metric_value(exposition: str, name: str, **labels: str) -> float:
+    """The controller's metric ``dagster_taskiq_<name>`` in a Prometheus text exposition:
+    the sum of its samples that carry ``labels`` (all of them when none are given), 0 when
+    there are none. The warm pool's metrics are per Python environment, for one."""
+    total = 0.0
+    pattern = rf"^dagster_taskiq_{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$"
+    for sample_labels, value in re.findall(pattern, exposition, re.MULTILINE):
+        carried = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', sample_labels))
+        if all(carried.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def controller_binary() -> Path:
