@@ -134,24 +134,27 @@ def alive(pid: int) -> bool:
     return True
 
 
-def take_the_first_message(bed: Bed) -> dict[str, Any]:
-    """Takes the run's first step message off the queue (deleted), to put back changed."""
+def take_messages(bed: Bed, count: int) -> list[dict[str, Any]]:
+    """Takes `count` step messages of the run off the queue (deleted), to put back changed."""
     sqs = boto3.client("sqs")
     url = bed.queues.queue_url
+    taken: list[dict[str, Any]] = []
 
-    def first() -> dict[str, Any] | None:
+    def enough() -> bool:
         got = sqs.receive_message(
             QueueUrl=url,
-            MaxNumberOfMessages=1,
+            MaxNumberOfMessages=count - len(taken),
             WaitTimeSeconds=1,
-            VisibilityTimeout=60,
+            VisibilityTimeout=120,
             MessageAttributeNames=["All"],
-        ).get("Messages")
-        return got[0] if got else None
+        ).get("Messages", [])
+        for m in got:
+            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+        taken.extend(got)
+        return len(taken) >= count
 
-    message = wait_for(first, 60, "the run's first step message")
-    sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-    return message
+    wait_for(enough, 60, f"{count} step messages of the run")
+    return taken
 
 
 def put_back(bed: Bed, message: dict[str, Any], body: str | None = None, copies: int = 1) -> None:
@@ -169,7 +172,8 @@ def put_back(bed: Bed, message: dict[str, Any], body: str | None = None, copies:
 def duplicate_the_first_message(bed: Bed) -> None:
     """Two copies of the run's first step message instead of one, as an SQS duplicate
     delivery (or a requeue whose delete failed) leaves them."""
-    put_back(bed, take_the_first_message(bed), copies=2)
+    (message,) = take_messages(bed, 1)
+    put_back(bed, message, copies=2)
 
 
 def lead_executions(bed: Bed) -> dict[int, tuple[float, float]]:

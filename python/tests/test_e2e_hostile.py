@@ -16,36 +16,13 @@ from typing import Any
 
 import boto3
 import jobs
-from bed import Bed, api, metrics, put_back, run_in_background
+from bed import Bed, api, metrics, put_back, run_in_background, take_messages
 from conftest import take_dead_letters, wait_for
 from dagster import DagsterEventType, execute_job
 
 from dagster_taskiq_controller_testing.hostile_import import MARKER_ENV
 
 HOSTILE_MODULE = "dagster_taskiq_controller_testing.hostile_import"
-
-
-def take_messages(bed: Bed, count: int) -> list[dict[str, Any]]:
-    """Takes `count` step messages of the run off the queue (deleted), to put back changed."""
-    sqs = boto3.client("sqs")
-    url = bed.queues.queue_url
-    taken: list[dict[str, Any]] = []
-
-    def enough() -> bool:
-        got = sqs.receive_message(
-            QueueUrl=url,
-            MaxNumberOfMessages=count - len(taken),
-            WaitTimeSeconds=1,
-            VisibilityTimeout=120,
-            MessageAttributeNames=["All"],
-        ).get("Messages", [])
-        for m in got:
-            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
-        taken.extend(got)
-        return len(taken) >= count
-
-    wait_for(enough, 60, f"{count} step messages of the run")
-    return taken
 
 
 def builds_and_acts(ref: dict[str, Any], marker: Path) -> bool:
