@@ -18,15 +18,17 @@ BENCH_STAMP := $(VENV)/.bench-installed
 PYTEST_WORKERS ?= 3
 RUFF_PATHS := bench examples
 
-.PHONY: setup versions build build-debug browser postgresql demo test test-rust test-python test-deploy lint fmt bench bench-e2e chaos fuzz clean
+.PHONY: setup versions build build-debug browser postgresql demo test test-rust test-python test-deploy lint lint-rust lint-python fmt bench bench-e2e chaos fuzz clean
 
 setup: $(STAMP)
 
-# The product package with its test extra, and the test beds (python/testing) beside it.
+# The product package with its test extra, and the test beds (python/testing) beside it. uv
+# (pinned in the test extra) resolves and installs them: pip takes minutes for the same set.
+UV_VERSION := $(shell sed -n 's/^ *"uv\(.*\)",$$/uv\1/p' python/pyproject.toml)
 $(STAMP): python/pyproject.toml python/testing/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e 'python[test]' -e python/testing
+	$(PY) -m pip install --quiet --disable-pip-version-check '$(UV_VERSION)'
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e 'python[test]' -e python/testing
 	touch $(STAMP)
 
 # One virtualenv per older Dagster minor (a pin in python/versions/) for
@@ -73,9 +75,13 @@ postgresql:
 demo: setup build
 	$(BINARY_ENV)=$(BIN) $(PY) examples/demo/demo.py --workdir target/demo
 
-lint: setup
+lint: lint-rust lint-python
+
+lint-rust:
 	cargo fmt --check
 	cargo clippy --all-targets --locked -- -D warnings
+
+lint-python: setup
 	$(VENV)/bin/ruff check python
 	$(VENV)/bin/ruff format --check python
 	$(VENV)/bin/ruff check --config python/pyproject.toml $(RUFF_PATHS)
@@ -94,19 +100,22 @@ test-python: setup build-debug browser postgresql versions
 	$(PYTEST_ENV) $(PYTEST) -m 'not serial' -n $(PYTEST_WORKERS) --dist worksteal --durations=25
 	$(PYTEST_ENV) $(PYTEST) -m serial --durations=10
 
-# The older Dagster versions' virtualenvs and the browser and PostgreSQL packages install in the
-# background (network and disk) while lint and the Rust tests use the CPU; test-python waits
-# for them.
+# The Python environments (the package's venv, then the older Dagster versions') and the browser
+# and PostgreSQL packages install in the background (mostly network and disk) while the Rust
+# lint and test build use the CPU; the Python lint and the Rust tests (which need moto from the
+# venv) follow, and test-python waits for the packages.
 VERSIONS_LOG := .venv-versions/build.log
 PACKAGES_LOG := .venv-versions/packages.log
-test: setup
+test:
 	@mkdir -p .venv-versions
-	@$(MAKE) --no-print-directory versions > $(VERSIONS_LOG) 2>&1 & versions=$$!; \
+	@{ $(MAKE) --no-print-directory setup && $(MAKE) --no-print-directory versions; } \
+		> $(VERSIONS_LOG) 2>&1 & python=$$!; \
 	$(MAKE) --no-print-directory browser postgresql > $(PACKAGES_LOG) 2>&1 & packages=$$!; \
-	$(MAKE) --no-print-directory lint test-rust; status=$$?; \
-	if ! wait $$versions; then echo "make versions failed:"; cat $(VERSIONS_LOG); exit 1; fi; \
-	if ! wait $$packages; then echo "make browser postgresql failed:"; cat $(PACKAGES_LOG); exit 1; fi; \
+	$(MAKE) --no-print-directory lint-rust build-debug; status=$$?; \
+	if ! wait $$python; then echo "make setup versions failed:"; cat $(VERSIONS_LOG); exit 1; fi; \
 	[ $$status -eq 0 ] || exit $$status; \
+	$(MAKE) --no-print-directory lint-python test-rust || exit $$?; \
+	if ! wait $$packages; then echo "make browser postgresql failed:"; cat $(PACKAGES_LOG); exit 1; fi; \
 	$(MAKE) --no-print-directory test-python
 
 # The deployment files (Dockerfile, manifests/, cfn-lint) against the code; no Rust build.
@@ -142,7 +151,7 @@ bench: $(BENCH_STAMP) build postgresql
 
 # The taskiq packages of the in-process comparison (they pin boto3/botocore to aiobotocore's).
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e 'python[test,bench]'
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e 'python[test,bench]'
 	touch $(BENCH_STAMP)
 
 # Wall time of a diamond and a fan-out: controller cold and warm, Dagster's multiprocess
