@@ -963,7 +963,8 @@ def test_a_disruption_budget_covers_the_controller_pods() -> None:
 SCRAPE_LABELS = {"instance", "job", "le"}
 
 
-def exported_metric_samples() -> set[str]:
+@functools.cache
+def exported_metric_samples() -> frozenset[str]:
     """Every sample name /metrics can carry, from the registrations in src/metrics.rs and
     the type of each registered field (counters get `_total`, histograms `_bucket`, `_sum`
     and `_count`, the info `_info`)."""
@@ -990,17 +991,18 @@ def exported_metric_samples() -> set[str]:
             samples.add(f"{full}_info")
         else:
             raise AssertionError(f"{name}: unknown metric type {kind}")
-    return samples
+    return frozenset(samples)
 
 
-def exported_label_names() -> set[str]:
+@functools.cache
+def exported_label_names() -> frozenset[str]:
     """Label names the code gives its series (`get_or_create(&[("name", ...)])`)."""
     names = set()
     for path in SRC.rglob("*.rs"):
         for labels in re.findall(r"get_or_create\(\s*&\[(.*?)\]\s*\)", path.read_text(), re.S):
             names |= set(re.findall(r'\(\s*"([a-z_]+)",', labels))
     assert {"outcome", "queue", "state", "launcher"} <= names, names
-    return names | {"version", "profile"}  # build_info's
+    return frozenset(names | {"version", "profile"})  # build_info's
 
 
 def promql_problems(expr: str) -> list[str]:
