@@ -147,6 +147,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub taskiq: TaskiqArgs,
+
+    #[command(flatten)]
+    pub cloudwatch: crate::cloudwatch::CloudWatchArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -181,6 +184,7 @@ impl RunArgs {
         self.python_map.map(&self.python)?;
         self.step_env.policy()?;
         self.taskiq.validate()?;
+        self.cloudwatch.validate()?;
         if self.ecs_enabled() {
             self.ecs.config("validation")?;
         }

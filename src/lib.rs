@@ -38,7 +38,8 @@
 //! - [`dashboard`]: HTML dashboard, probes, metrics and JSON API (warp).
 //! - [`doctor`]: the `doctor` subcommand's checks of a configuration.
 //! - [`health`]: loop heartbeats and SQS reachability, read by the probes.
-//! - [`metrics`]: the Prometheus registry.
+//! - [`metrics`]: the Prometheus registry; [`scale`]: the windowed scaling signals behind
+//!   some of it; [`cloudwatch`]: the same signals as CloudWatch metrics, once a minute.
 //! - `fakes` (feature `testing`): every in-memory boundary (and the ECS API), for the
 //!   state-machine tests and the overhead benchmarks; never the only test of a feature.
 //!
@@ -48,6 +49,7 @@ pub mod admission;
 pub mod aws;
 pub(crate) mod bounded_lines;
 pub mod claims;
+pub mod cloudwatch;
 pub mod config;
 pub mod controller;
 pub mod dagster;
@@ -64,6 +66,7 @@ pub mod metrics;
 pub(crate) mod outcome;
 pub mod queue;
 pub mod retry;
+pub mod scale;
 pub mod state;
 pub mod step_env;
 pub mod taskiq;

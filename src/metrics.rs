@@ -1,6 +1,8 @@
 //! Prometheus metrics (prometheus-client). Names follow Prometheus conventions: a
 //! `dagster_taskiq_` prefix, `_total` on counters, base units (seconds).
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -8,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+use crate::scale::ScaleSignals;
 
 /// One label whose value is known at compile time.
 pub(crate) type Label = [(&'static str, &'static str); 1];
@@ -62,6 +66,19 @@ pub struct Metrics {
     pub queue_messages: Family<Labels2, Gauge>,
     /// Messages this controller may hold at once (`--max-concurrent`).
     pub admission_capacity: Gauge,
+    /// Messages this controller holds at most: `--max-concurrent` + `--prefetch`, the
+    /// capacity a backlog per replica is measured against.
+    pub hold_capacity: Gauge,
+    /// Age (now − sent) of the oldest message received in the last one to two minutes.
+    pub oldest_message_age_seconds: Gauge<f64, AtomicU64>,
+    /// Message sent (the executor's stamp, else SQS's) → step started.
+    pub schedule_to_start_seconds: Histogram,
+    /// 1 while this replica is ready (`/readyz`), refreshed every few seconds.
+    pub ready: Gauge,
+    /// `result` (ok, error): PutMetricData calls (`--cloudwatch-namespace`).
+    pub cloudwatch_publishes: Family<Label, Counter>,
+    /// The windowed state behind the scaling signals.
+    pub scale: ScaleSignals,
     /// `method`.
     pub bridge_requests: Family<Label, Counter>,
     pub bridge_errors: Family<Label, Counter>,
@@ -141,6 +158,12 @@ impl Metrics {
             sqs_request_duration_seconds: Family::new_with_constructor(seconds_histogram),
             queue_messages: Family::default(),
             admission_capacity: Gauge::default(),
+            hold_capacity: Gauge::default(),
+            oldest_message_age_seconds: Gauge::default(),
+            schedule_to_start_seconds: seconds_histogram(),
+            ready: Gauge::default(),
+            cloudwatch_publishes: Family::default(),
+            scale: ScaleSignals::default(),
             bridge_requests: Family::default(),
             bridge_errors: Family::default(),
             bridge_restarts: Family::default(),
@@ -293,6 +316,31 @@ impl Metrics {
             metrics.admission_capacity.clone(),
         );
         r.register(
+            "hold_capacity",
+            "Messages this controller holds at most (max concurrent + prefetch)",
+            metrics.hold_capacity.clone(),
+        );
+        r.register(
+            "oldest_message_age_seconds",
+            "Age of the oldest message received in the last one to two minutes",
+            metrics.oldest_message_age_seconds.clone(),
+        );
+        r.register(
+            "schedule_to_start_seconds",
+            "Time from message sent (the executor's stamp, else SQS's) to step started",
+            metrics.schedule_to_start_seconds.clone(),
+        );
+        r.register(
+            "ready",
+            "1 while this replica is ready to work (/readyz)",
+            metrics.ready.clone(),
+        );
+        r.register(
+            "cloudwatch_publishes",
+            "CloudWatch PutMetricData calls, by result",
+            metrics.cloudwatch_publishes.clone(),
+        );
+        r.register(
             "admission_wait_seconds",
             "Time a step waited for the launch rate limit",
             metrics.admission_wait_seconds.clone(),
@@ -401,6 +449,33 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// A message was received; `sent_ms` is SQS's SentTimestamp (the copy's own for a
+    /// message the controller re-sent, so a long step's continuation does not look old).
+    pub(crate) fn message_seen(&self, sent_ms: Option<i64>) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if let Some(age) = sent_ms.and_then(|sent| crate::scale::age_since(sent, now_ms)) {
+            self.scale.message_seen(age, std::time::Instant::now());
+            self.refresh_oldest_message_age();
+        }
+    }
+
+    /// A step started: schedule-to-start from the executor's `dagster_sent_at` label, else
+    /// from SQS's SentTimestamp.
+    pub(crate) fn step_started(&self, sent_at_label: Option<&str>, sqs_sent_ms: Option<i64>) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if let Some(latency) = crate::scale::schedule_to_start(sent_at_label, sqs_sent_ms, now_ms) {
+            self.schedule_to_start_seconds
+                .observe(latency.as_secs_f64());
+            self.scale.schedule_to_start_observed(latency);
+        }
+    }
+
+    /// Lets the oldest-message gauge fall back to 0 once nothing old was received lately.
+    pub(crate) fn refresh_oldest_message_age(&self) {
+        self.oldest_message_age_seconds
+            .set(self.scale.oldest_message_age(std::time::Instant::now()));
     }
 
     /// The registry in Prometheus text exposition format.

@@ -55,6 +55,11 @@ ALL_LABELS: tuple[str, ...] = (
     LABEL_TAGS,
 )
 
+LABEL_SENT_AT = "dagster_sent_at"
+"""When the executor sent the message: seconds since the Unix epoch, three decimals. Read by
+the controller for schedule-to-start latency only (bounded there, docs/protocol.md); absent
+from messages built without a send time (the test vectors)."""
+
 LAUNCHERS: tuple[str, ...] = ("process", "ecs")
 """Values the ``dagster_launcher`` label may take besides empty (the controller's default)."""
 
@@ -188,8 +193,11 @@ def build_step_message(
     executable_dict: Mapping[str, Any],
     job_name: str,
     step_tags: Mapping[str, str],
+    sent_at: float | None = None,
 ) -> dict[str, Any]:
     """The TaskIQ message (the SQS body is its ``json.dumps``) for the one step in the args.
+
+    ``sent_at`` (``time.time()`` of the send) becomes the ``dagster_sent_at`` label.
 
     Raises ``ValueError`` when the args do not name exactly one step or when a steering tag has
     a value the controller would reject.
@@ -213,6 +221,8 @@ def build_step_message(
         LABEL_TIMEOUT: _timeout_label(step_tags),
         LABEL_TAGS: json.dumps(label_tags(step_tags), sort_keys=True),
     }
+    if sent_at is not None:
+        labels[LABEL_SENT_AT] = f"{sent_at:.3f}"
     return {
         "task_id": step_task_id(run_id, step_key, attempt),
         "task_name": TASK_NAME,

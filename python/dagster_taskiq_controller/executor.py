@@ -250,6 +250,8 @@ class SqsStepHandler(StepHandler):
             self._executable_dict(step_handler_context),
             job_name=step_handler_context.dagster_run.job_name,
             step_tags=step_handler_context.step_tags[step_key],
+            # The controller's schedule-to-start latency counts from here.
+            sent_at=time.time(),
         )
         body = contract.encode_body(message)
         if len(body.encode()) > contract.MAX_BODY_BYTES:

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,12 @@ def metric_values(text: str) -> dict[str, float]:
 def stack(make_stack: Callable[..., Stack]) -> Stack:
     """A controller without an admin token."""
     return make_stack()
+
+
+@pytest.fixture
+def published_stack(make_stack: Callable[..., Stack]) -> Stack:
+    """A controller that also publishes to (moto's) CloudWatch, in a namespace of its own."""
+    return make_stack("--cloudwatch-namespace", f"DagsterTaskiqTest/{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture
@@ -127,7 +134,8 @@ def metrics_when(stack: Stack, name: str, value: float) -> dict[str, float] | No
     return values if values.get(name) == value else None
 
 
-def test_counters_and_the_api_follow_a_real_job(stack: Stack) -> None:
+def test_counters_and_the_api_follow_a_real_job(published_stack: Stack) -> None:
+    stack = published_stack
     before = metric_values(stack.metrics())
     assert before.get("dagster_taskiq_messages_received_total", 0) == 0
     with execute_job(jobs.recon("diamond"), stack.instance) as result:
@@ -146,6 +154,13 @@ def test_counters_and_the_api_follow_a_real_job(stack: Stack) -> None:
     assert after["dagster_taskiq_step_duration_seconds_count"] == 6
     assert after["dagster_taskiq_admission_wait_seconds_count"] == 6
     assert after["dagster_taskiq_admission_capacity"] == 16
+    # The scaling signals: every step's start measured from the executor's send stamp (a
+    # bounded, clamped latency), the capacity a backlog is measured against, readiness.
+    assert after["dagster_taskiq_schedule_to_start_seconds_count"] == 6
+    assert 0 < after["dagster_taskiq_schedule_to_start_seconds_sum"] < 6 * 60
+    assert after["dagster_taskiq_hold_capacity"] == 16 + 10
+    assert after["dagster_taskiq_ready"] == 1
+    assert 0 <= after["dagster_taskiq_oldest_message_age_seconds"] < 60
     assert any(k.startswith("dagster_taskiq_build_info{") for k in after)
 
     status, records = request(stack, "GET", f"/api/v1/steps?run={run_id}&state=acked")
@@ -189,6 +204,42 @@ def test_counters_and_the_api_follow_a_real_job(stack: Stack) -> None:
     }
     status, ready = request(stack, "GET", "/readyz")
     assert status == 200 and ready["checks"]["bridge_alive"] is True
+    check_cloudwatch_metrics(stack)
+
+
+def check_cloudwatch_metrics(stack: Stack) -> None:
+    """What the controller published through the real SDK to moto's CloudWatch: every metric
+    the template's scaling policy and alarms read, with the dimension they read it by, and
+    real values."""
+    from test_deploy import OUR_NAMESPACE, cloudwatch_metric_names, load_template, metric_references
+
+    namespace = stack.controller.args[stack.controller.args.index("--cloudwatch-namespace") + 1]
+    queue = stack.queues.queue_url.rstrip("/").rsplit("/", 1)[1]
+    cloudwatch = boto3.client("cloudwatch")
+
+    def listed() -> dict[str, Any] | None:
+        metrics = cloudwatch.list_metrics(Namespace=namespace)["Metrics"]
+        names = {m["MetricName"]: m["Dimensions"] for m in metrics}
+        return names if "HeldMessages" in names else None
+
+    published = wait_for(listed, 30, "the controller's first PutMetricData")
+    read = {r.name for r in metric_references(load_template()) if r.namespace == OUR_NAMESPACE}
+    assert read <= set(published) <= cloudwatch_metric_names(), (read, published)
+    for dimensions in published.values():
+        assert dimensions == [{"Name": "Queue", "Value": queue}]
+    now = time.time()
+    stats = cloudwatch.get_metric_statistics(
+        Namespace=namespace,
+        MetricName="HoldCapacity",
+        Dimensions=[{"Name": "Queue", "Value": queue}],
+        StartTime=now - 600,
+        EndTime=now + 60,
+        Period=60,
+        Statistics=["Maximum", "SampleCount"],
+    )["Datapoints"]
+    # One sample per minute from the one replica, of --max-concurrent + --prefetch.
+    assert stats and all(p["Maximum"] == 26 and p["SampleCount"] == 1 for p in stats), stats
+    assert stack.metric("cloudwatch_publishes_total") >= 1
 
 
 def test_bad_paths_and_bodies_get_json_errors(admin_stack: Stack) -> None:

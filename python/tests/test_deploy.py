@@ -31,6 +31,8 @@ DOCKERFILE = REPO / "Dockerfile"
 TEMPLATE = REPO / "manifests" / "cloudformation.yaml"
 K8S_DEPLOYMENT = REPO / "manifests" / "kubernetes" / "deployment.yaml"
 K8S_NETWORK_POLICY = REPO / "manifests" / "kubernetes" / "networkpolicy.yaml"
+K8S_AUTOSCALING = REPO / "manifests" / "kubernetes" / "autoscaling.yaml"
+GRAFANA = REPO / "deploy" / "grafana" / "dagster-taskiq-controller.json"
 SECURITY = REPO / "docs" / "security.md"
 # How the deployment files hand the controller its read token (src/dashboard/mod.rs).
 READ_TOKEN_ENV = "DAGSTER_TASKIQ_READ_TOKEN"
@@ -44,7 +46,12 @@ NON_CLI_ENV = {
 }
 
 # The SDKs whose calls the controller's IAM role must allow, by the crate that calls them.
-SDK_CRATES = {"aws_sdk_sqs": "sqs", "aws_sdk_ecs": "ecs", "aws_sdk_s3": "s3"}
+SDK_CRATES = {
+    "aws_sdk_sqs": "sqs",
+    "aws_sdk_ecs": "ecs",
+    "aws_sdk_s3": "s3",
+    "aws_sdk_cloudwatch": "cloudwatch",
+}
 
 # SDK operations whose IAM action is not `<service>:<OperationName>`.
 IAM_ACTION_OF = {
@@ -68,6 +75,8 @@ STAR_RESOURCE_ACTIONS: dict[str, str | None] = {
     "ecs:ListTasks": "ecs:cluster",
     # The copies of the step task definition per code location image (docs/ecs.md).
     "ecs:RegisterTaskDefinition": None,
+    # The scaling and alarm metrics (src/cloudwatch.rs), narrowed to the stack's namespace.
+    "cloudwatch:PutMetricData": "cloudwatch:namespace",
 }
 
 
@@ -578,6 +587,191 @@ def controller_execution_role(template: dict[str, Any]) -> str:
     return str(props["ExecutionRoleArn"]["Fn::GetAtt"][0])
 
 
+# --- scaling and alarms ------------------------------------------------------------------------
+
+CLOUDWATCH_RS = SRC / "cloudwatch.rs"
+OUR_NAMESPACE = {"Ref": "CloudWatchNamespace"}
+# Metrics AWS itself publishes that the template reads (every other one must be the
+# controller's, in OUR_NAMESPACE).
+AWS_METRICS = {
+    ("AWS/SQS", "ApproximateNumberOfMessagesVisible"),
+    ("ECS/ContainerInsights", "RunningTaskCount"),
+    ("ECS/ContainerInsights", "DesiredTaskCount"),
+}
+# The alarms of docs/operations.md ("Alarms") that the template creates.
+TEMPLATE_ALARMS = {
+    "DeadLettersAlarm",
+    "OldestMessageAgeAlarm",
+    "ControllerNotReadyAlarm",
+    "ControllerTasksBelowDesiredAlarm",
+    "StepFailureRatioAlarm",
+    "LeaseLossesAlarm",
+    "RunTaskThrottlingAlarm",
+}
+
+
+def cloudwatch_metric_names() -> set[str]:
+    """The CloudWatch metrics the controller publishes: the constants of `mod names` in
+    src/cloudwatch.rs (each is sent every minute, see its unit test)."""
+    body = re.search(r"pub mod names \{(.*?)\n\}", CLOUDWATCH_RS.read_text(), re.S)
+    assert body, "no `pub mod names` in src/cloudwatch.rs"
+    names = set(re.findall(r'pub const [A-Z_]+: &str = "([A-Za-z]+)";', body.group(1)))
+    assert "HeldMessages" in names, "src/cloudwatch.rs no longer parses as expected"
+    return names
+
+
+def cloudwatch_dimensions() -> list[dict[str, Any]]:
+    """The dimensions every published metric carries, as the template must name them."""
+    found = re.search(r'pub const QUEUE_DIMENSION: &str = "(\w+)";', CLOUDWATCH_RS.read_text())
+    assert found, "no QUEUE_DIMENSION in src/cloudwatch.rs"
+    return [{"Name": found.group(1), "Value": {"Fn::GetAtt": ["WorkQueue", "QueueName"]}}]
+
+
+@dataclass(frozen=True)
+class MetricRef:
+    resource: str
+    namespace: Any
+    name: str
+    dimensions: Any
+
+
+def metric_queries(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    props = resource.get("Properties", {})
+    if resource["Type"] == "AWS::ApplicationAutoScaling::ScalingPolicy":
+        props = props["TargetTrackingScalingPolicyConfiguration"]["CustomizedMetricSpecification"]
+    elif resource["Type"] != "AWS::CloudWatch::Alarm":
+        return []
+    if "MetricName" in props:
+        stat = {"Metric": {k: props.get(k) for k in ("Namespace", "MetricName", "Dimensions")}}
+        return [{"Id": "m", "MetricStat": stat, "ReturnData": True}]
+    return list(props.get("Metrics", []))
+
+
+def metric_references(template: dict[str, Any]) -> list[MetricRef]:
+    """Every metric an alarm or scaling policy of the template reads."""
+    refs = []
+    for name, resource in template["Resources"].items():
+        for query in metric_queries(resource):
+            if "MetricStat" in query:
+                m = query["MetricStat"]["Metric"]
+                refs.append(MetricRef(name, m["Namespace"], m["MetricName"], m.get("Dimensions")))
+    return refs
+
+
+def metric_reference_problems(template: dict[str, Any]) -> list[str]:
+    published, dimensions = cloudwatch_metric_names(), cloudwatch_dimensions()
+    problems = []
+    for ref in metric_references(template):
+        if ref.namespace == OUR_NAMESPACE:
+            if ref.name not in published:
+                problems.append(f"{ref.resource}: the controller publishes no {ref.name}")
+            elif ref.dimensions != dimensions:
+                problems.append(f"{ref.resource}: {ref.name} by {ref.dimensions}, not {dimensions}")
+        elif (ref.namespace, ref.name) not in AWS_METRICS:
+            problems.append(f"{ref.resource}: {ref.namespace} {ref.name} is nobody's metric")
+    return problems
+
+
+def test_every_alarm_and_scaling_policy_reads_a_metric_the_controller_publishes() -> None:
+    import copy
+
+    template = load_template()
+    resources = template["Resources"]
+    alarms = {n for n, r in resources.items() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    assert alarms == TEMPLATE_ALARMS
+    policies = [
+        n for n, r in resources.items() if r["Type"] == "AWS::ApplicationAutoScaling::ScalingPolicy"
+    ]
+    assert policies == ["ControllerBacklogScaling"]
+    assert not metric_reference_problems(template), metric_reference_problems(template)
+    readers = {ref.resource for ref in metric_references(template)}
+    assert readers == TEMPLATE_ALARMS | set(policies), readers
+    for name in TEMPLATE_ALARMS | set(policies):
+        queries = metric_queries(resources[name])
+        # Metric math: one result, and it only names the queries beside it.
+        returned = [q for q in queries if q.get("ReturnData", True)]
+        assert len(returned) == 1, name
+        ids = {q["Id"] for q in queries}
+        for q in queries:
+            if "Expression" in q:
+                words = set(re.findall(r"\b[a-z_][a-z0-9_]*\b", q["Expression"]))
+                assert words <= ids, f"{name}: {q['Expression']} names {words - ids}"
+    # The check itself catches a renamed metric and a missing dimension.
+    broken = copy.deepcopy(template)
+    stat = broken["Resources"]["ControllerBacklogScaling"]["Properties"][
+        "TargetTrackingScalingPolicyConfiguration"
+    ]["CustomizedMetricSpecification"]["Metrics"][1]["MetricStat"]["Metric"]
+    stat["MetricName"] = "HeldMessagez"
+    broken["Resources"]["LeaseLossesAlarm"]["Properties"]["Dimensions"] = []
+    assert len(metric_reference_problems(broken)) == 2, metric_reference_problems(broken)
+
+
+def test_the_controller_publishes_where_the_alarms_read() -> None:
+    template = load_template()
+    env = container_env(container(template, "ControllerTaskDefinition", "controller"))
+    assert env["DAGSTER_TASKIQ_CLOUDWATCH_NAMESPACE"] == OUR_NAMESPACE
+    statements = role_statements(template, "ControllerTaskRole")
+    (publish,) = statements_granting(statements, "cloudwatch:PutMetricData")
+    assert publish.condition == {"StringEquals": {"cloudwatch:namespace": OUR_NAMESPACE}}
+    # The parameter takes what the controller's --cloudwatch-namespace takes.
+    pattern = template["Parameters"]["CloudWatchNamespace"]["AllowedPattern"]
+    assert re.fullmatch(pattern, template["Parameters"]["CloudWatchNamespace"]["Default"])
+    for bad in ("AWS/SQS", "", "a{b}"):
+        assert not re.fullmatch(pattern, bad), bad
+
+
+def test_the_service_scales_on_backlog_per_replica() -> None:
+    template = load_template()
+    resources = template["Resources"]
+    target = resources["ControllerScalableTarget"]["Properties"]
+    assert (target["ServiceNamespace"], target["ScalableDimension"]) == (
+        "ecs",
+        "ecs:service:DesiredCount",
+    )
+    assert "ControllerService" in json.dumps(target["ResourceId"])
+    assert target["MinCapacity"] == {"Ref": "MinReplicas"}
+    assert target["MaxCapacity"] == {"Ref": "MaxReplicas"}
+    # At least one replica: with none, nobody publishes the metric that would scale out.
+    assert template["Parameters"]["MinReplicas"]["MinValue"] >= 1
+    policy = resources["ControllerBacklogScaling"]["Properties"]
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    assert policy["ScalingTargetId"] == {"Ref": "ControllerScalableTarget"}
+    config = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert config["TargetValue"] == {"Ref": "TargetBacklogPerReplica"}
+    queries = {q["Id"]: q for q in metric_queries(resources["ControllerBacklogScaling"])}
+    stats = {
+        i: (q["MetricStat"]["Metric"]["MetricName"], q["MetricStat"]["Stat"])
+        for i, q in queries.items()
+        if "MetricStat" in q
+    }
+    # Held messages summed over the replicas, replicas counted by their samples (one per
+    # replica and minute, src/cloudwatch.rs), the queue's visible messages as any one saw it.
+    assert stats == {
+        "visible": ("VisibleMessages", "Maximum"),
+        "held": ("HeldMessages", "Sum"),
+        "replicas": ("HeldMessages", "SampleCount"),
+    }
+    (result,) = [q for q in queries.values() if q.get("ReturnData", True)]
+    assert result["Expression"].replace(" ", "") == "(visible+held)/replicas"
+    default_target = parameter_default(template, "TargetBacklogPerReplica")
+    assert default_target == parameter_default(template, "MaxConcurrent")
+
+
+def test_alarms_notify_the_optional_topic() -> None:
+    template = load_template()
+    assert template["Parameters"]["AlarmTopicArn"]["Default"] == ""
+    assert template["Conditions"]["HasAlarmTopic"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "AlarmTopicArn"}, ""]}]
+    }
+    actions = {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}
+    for name in TEMPLATE_ALARMS:
+        props = template["Resources"][name]["Properties"]
+        assert props["AlarmActions"] == actions, name
+        assert props["OKActions"] == actions, name
+        # A quiet fleet (no steps, no dead letters) is no alarm.
+        assert props["TreatMissingData"] == "notBreaching", name
+
+
 # --- docs/operations.md --------------------------------------------------------------------------
 
 OPERATIONS = REPO / "docs" / "operations.md"
@@ -702,6 +896,179 @@ def test_the_network_policy_admits_only_monitoring_to_the_dashboard_port() -> No
         (p.get("protocol", "TCP"), p["port"]) for r in spec["egress"] for p in r["ports"]
     }
     assert egress_ports == {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 5432)}
+
+
+def autoscaling_documents() -> dict[str, dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(K8S_AUTOSCALING.read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    assert len(by_kind) == len(docs), "one object of each kind expected"
+    return by_kind
+
+
+def test_keda_scales_the_deployment_on_its_queue() -> None:
+    deployment = next(d for d in k8s_documents() if d["kind"] == "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    (controller,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in controller["env"]}
+    objects = autoscaling_documents()
+    scaled = objects["ScaledObject"]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (target.get("apiVersion", "apps/v1"), target.get("kind", "Deployment")) == (
+        deployment["apiVersion"],
+        deployment["kind"],
+    )
+    assert target["name"] == deployment["metadata"]["name"]
+    low, high = scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]
+    assert 1 <= low <= deployment["spec"]["replicas"] <= high
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "aws-sqs-queue"
+    meta = trigger["metadata"]
+    # The queue the controller consumes, read from the Deployment's own environment.
+    assert meta["queueURLFromEnv"] == "DAGSTER_TASKIQ_SQS_QUEUE_URL"
+    assert meta["queueURLFromEnv"] in env and meta["queueURLFromEnv"] in cli_env_names()
+    assert "queueURL" not in meta
+    assert meta["awsRegion"] == env["AWS_REGION"]
+    # Target per replica: the replica's concurrency; held (in-flight) messages count.
+    assert int(meta["queueLength"]) == int(env["DAGSTER_TASKIQ_MAX_CONCURRENT"])
+    assert meta["scaleOnInFlight"] == "true"
+    # Authenticated as the controller itself (its IRSA role reads the queue's attributes).
+    auth = objects["TriggerAuthentication"]
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert auth["spec"]["podIdentity"] == {"provider": "aws", "identityOwner": "workload"}
+    account = next(d for d in k8s_documents() if d["kind"] == "ServiceAccount")
+    assert spec["serviceAccountName"] == account["metadata"]["name"]
+    assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]
+    # Scale-in one drain at a time.
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 60}]
+
+
+def test_a_disruption_budget_covers_the_controller_pods() -> None:
+    documents = k8s_documents()
+    deployment = next(d for d in documents if d["kind"] == "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (budget,) = [d for d in documents if d["kind"] == "PodDisruptionBudget"]
+    assert budget["apiVersion"] == "policy/v1"
+    selector = budget["spec"]["selector"]["matchLabels"]
+    assert selector and selector.items() <= pod_labels.items()
+    assert selector == deployment["spec"]["selector"]["matchLabels"]
+    # One eviction at a time, and never none (a budget of 0 blocks node drains).
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": budget["spec"]["selector"]}
+
+
+# --- Grafana -----------------------------------------------------------------------------------
+
+# Labels Prometheus adds to every scraped series, and the histogram bucket label.
+SCRAPE_LABELS = {"instance", "job", "le"}
+
+
+@functools.cache
+def exported_metric_samples() -> frozenset[str]:
+    """Every sample name /metrics can carry, from the registrations in src/metrics.rs and
+    the type of each registered field (counters get `_total`, histograms `_bucket`, `_sum`
+    and `_count`, the info `_info`)."""
+    text = (SRC / "metrics.rs").read_text()
+    struct = re.search(r"pub struct Metrics \{(.*?)\n\}", text, re.S)
+    assert struct, "no `pub struct Metrics` in src/metrics.rs"
+    field_types = dict(re.findall(r"^\s*pub (\w+): ([^\n]+),$", struct.group(1), re.M))
+    registrations = re.findall(
+        r'\.register\(\s*"([a-z_]+)",\s*"[^"]*",\s*(?:metrics\.(\w+)\.clone\(\)|(Info)::new)',
+        text,
+    )
+    assert {name for name, *_ in registrations} == registered_metrics()
+    samples = set()
+    for name, member, info in registrations:
+        full = f"dagster_taskiq_{name}"
+        kind = "Info" if info else field_types[member]
+        if "Histogram" in kind:
+            samples |= {f"{full}_bucket", f"{full}_sum", f"{full}_count"}
+        elif "Counter" in kind:
+            samples.add(f"{full}_total")
+        elif "Gauge" in kind:
+            samples.add(full)
+        elif kind == "Info":
+            samples.add(f"{full}_info")
+        else:
+            raise AssertionError(f"{name}: unknown metric type {kind}")
+    return frozenset(samples)
+
+
+@functools.cache
+def exported_label_names() -> frozenset[str]:
+    """Label names the code gives its series (`get_or_create(&[("name", ...)])`)."""
+    names = set()
+    for path in SRC.rglob("*.rs"):
+        for labels in re.findall(r"get_or_create\(\s*&\[(.*?)\]\s*\)", path.read_text(), re.S):
+            names |= set(re.findall(r'\(\s*"([a-z_]+)",', labels))
+    assert {"outcome", "queue", "state", "launcher"} <= names, names
+    return frozenset(names | {"version", "profile"})  # build_info's
+
+
+def promql_problems(expr: str) -> list[str]:
+    samples, labels = exported_metric_samples(), exported_label_names() | SCRAPE_LABELS
+    problems = [
+        f"{name} is not exported"
+        for name in re.findall(r"\bdagster_taskiq_[a-z_]+", expr)
+        if name not in samples
+    ]
+    used = set()
+    for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+        used |= {label.strip() for label in grouping.split(",") if label.strip()}
+    for matchers in re.findall(r"\{([^}]*)\}", expr):
+        used |= set(re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", matchers))
+    problems += [f"no series has a label {label!r}" for label in sorted(used - labels)]
+    return problems
+
+
+def grafana_panels() -> list[dict[str, Any]]:
+    dashboard = json.loads(GRAFANA.read_text())
+    return [p for p in dashboard["panels"] if p["type"] != "row"]
+
+
+def test_grafana_dashboard_queries_only_exported_metrics() -> None:
+    dashboard = json.loads(GRAFANA.read_text())
+    assert dashboard["uid"] == "dagster-taskiq-controller"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    panels = grafana_panels()
+    exprs = []
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            problems = promql_problems(target["expr"])
+            assert not problems, (panel["title"], target["expr"], problems)
+            exprs.append(target["expr"])
+    # The built-in page's panels: queue depths, held steps, launches and outcomes, start
+    # latency p50/p99, failures; and the scaling signals.
+    text = "\n".join(exprs)
+    for needed in (
+        'dagster_taskiq_queue_messages{queue="work"}',
+        'dagster_taskiq_queue_messages{queue="dlq",state="visible"}',
+        "dagster_taskiq_steps_in_flight",
+        "dagster_taskiq_steps_launched_total",
+        "dagster_taskiq_steps_finished_total",
+        "histogram_quantile(0.5, sum by (le) (rate(dagster_taskiq_launch_latency_seconds_bucket",
+        "histogram_quantile(0.99, sum by (le) (rate(dagster_taskiq_launch_latency_seconds_bucket",
+        "dagster_taskiq_schedule_to_start_seconds_bucket",
+        "dagster_taskiq_oldest_message_age_seconds",
+        "dagster_taskiq_hold_capacity",
+    ):
+        assert needed in text, needed
+    per_replica = [p for p in panels if any("by (instance" in t["expr"] for t in p["targets"])]
+    assert len(per_replica) >= 6, [p["title"] for p in per_replica]
+    # Panels do not overlap on the grid.
+    cells = set()
+    for panel in dashboard["panels"]:
+        g = panel["gridPos"]
+        xs, ys = range(g["x"], g["x"] + g["w"]), range(g["y"], g["y"] + g["h"])
+        area = {(x, y) for x in xs for y in ys}
+        assert g["x"] + g["w"] <= 24 and not cells & area, panel["title"]
+        cells |= area
+    # The check itself catches a metric, a suffix and a label the code does not export.
+    assert len(promql_problems('sum by (pod) (dagster_taskiq_steps_in_flight_total{x="1"})')) == 3
 
 
 # --- Dockerfile --------------------------------------------------------------------------------
@@ -909,6 +1276,8 @@ def test_dockerfile_runtime_entrypoint_healthcheck_and_user() -> None:
         TEMPLATE,
         K8S_DEPLOYMENT,
         K8S_NETWORK_POLICY,
+        K8S_AUTOSCALING,
+        GRAFANA,
         OPERATIONS,
         SECURITY,
     ],

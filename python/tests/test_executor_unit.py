@@ -4,6 +4,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -108,7 +109,10 @@ def test_launch_step_sends_the_contract_message(instance: DagsterInstance, sqs_q
     assert decoded.tags == contract.label_tags(jobs.tagged_op.tags)
 
     payload = json.loads(body)
-    assert payload["labels_types"] == {name: 3 for name in contract.ALL_LABELS}
+    labels = (*contract.ALL_LABELS, contract.LABEL_SENT_AT)
+    assert payload["labels_types"] == {name: 3 for name in labels}
+    # The send time, for the controller's schedule-to-start latency.
+    assert abs(float(payload["labels"][contract.LABEL_SENT_AT]) - time.time()) < 60
     packed = payload["kwargs"]["execute_step_args_packed"]
     args = deserialize_value(json.dumps(packed), ExecuteStepArgs)
     # The args as Dagster made them, with its own step verification turned on.

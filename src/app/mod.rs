@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use dagster_taskiq_controller::admission::Admission;
 use dagster_taskiq_controller::aws;
 use dagster_taskiq_controller::claims::ClaimTable;
+use dagster_taskiq_controller::cloudwatch;
 use dagster_taskiq_controller::config::RunArgs;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
 use dagster_taskiq_controller::dagster::{BridgeInfo, SidecarBridge};
@@ -75,6 +76,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     metrics
         .admission_capacity
         .set(i64::try_from(args.admission.max_concurrent).unwrap_or(i64::MAX));
+    metrics.hold_capacity.set(
+        i64::try_from(args.admission.max_concurrent + args.admission.prefetch).unwrap_or(i64::MAX),
+    );
 
     let ctx = Arc::new(Context {
         settings: settings(&args, &controller_id, bridge_info.clone()),
@@ -108,13 +112,28 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         admin_token,
         info,
         &ctx,
-        queue,
+        queue.clone(),
         &bridge,
         &dashboard_stop,
     )
     .await?;
 
     tokio::spawn(watch_signals(ctx.draining.clone(), ctx.abort.clone()));
+    let signals_stop = CancellationToken::new();
+    let signals = tokio::spawn(cloudwatch::run(
+        scale_sources(&ctx, &bridge, &queue, &args.queue_url),
+        args.cloudwatch
+            .cloudwatch_namespace
+            .clone()
+            .map(|namespace| {
+                cloudwatch::Publisher::new(
+                    namespace,
+                    cloudwatch::queue_name(&args.queue_url),
+                    Arc::new(cloudwatch::CloudWatchSink::new(&aws)),
+                )
+            }),
+        signals_stop.clone(),
+    ));
     tracing::info!(
         controller_id,
         queue_url = %args.queue_url,
@@ -130,6 +149,8 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         "controller started"
     );
     controller::run(ctx).await;
+    signals_stop.cancel();
+    let _ = signals.await;
     bridge.close().await;
     dashboard_stop.cancel();
     // Keep-alive connections must not hold the exit.
@@ -141,6 +162,32 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// What the scaling signals read: readiness as `/readyz` sees it, the work queue's depth.
+fn scale_sources(
+    ctx: &Arc<Context>,
+    bridge: &Arc<SidecarBridge>,
+    queue: &Arc<SqsQueue>,
+    queue_url: &str,
+) -> cloudwatch::Sources {
+    let (health, draining, bridge) = (ctx.health.clone(), ctx.draining.clone(), bridge.clone());
+    let (queue, queue_url) = (queue.clone(), queue_url.to_owned());
+    cloudwatch::Sources {
+        metrics: ctx.metrics.clone(),
+        not_ready: Box::new(move || {
+            dashboard::not_ready_reasons(
+                draining.is_cancelled(),
+                &health,
+                bridge.status().is_running(),
+            )
+        }),
+        visible: Box::new(move || {
+            let (queue, url) = (queue.clone(), queue_url.clone());
+            Box::pin(async move { queue.depth(&url).await.map_err(|e| e.to_string()) })
+                as futures::future::BoxFuture<'static, Result<u64, String>>
+        }),
+    }
 }
 
 /// Makes this process non-dumpable, so that a step running as the same uid cannot read its

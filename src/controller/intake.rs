@@ -78,6 +78,7 @@ pub(super) async fn intake(ctx: &Arc<Context>, tasks: &mut JoinSet<()>) {
                 failures = 0;
                 for message in messages {
                     ctx.metrics.messages_received.inc();
+                    ctx.metrics.message_seen(message.sent_at_ms);
                     let ctx = ctx.clone();
                     let Some(permit) = permits.pop() else {
                         // More than asked for: no room was reserved for it.

@@ -177,6 +177,12 @@ async fn launch(
             ctx.metrics
                 .launch_latency_seconds
                 .observe(received_at.elapsed().as_secs_f64());
+            ctx.metrics.step_started(
+                step.labels
+                    .get(crate::scale::SENT_AT_LABEL)
+                    .map(String::as_str),
+                message.sent_at_ms,
+            );
             tracing::info!(locator = %running.locator(), "step started");
             Ok(running)
         }

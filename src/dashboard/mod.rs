@@ -276,23 +276,32 @@ pub(crate) fn routes(
         .recover(api::handle_rejection)
 }
 
+/// Why this replica is not ready (empty: ready); `/readyz` and the `ready` metric.
+pub fn not_ready_reasons(
+    draining: bool,
+    health: &Health,
+    bridge_running: bool,
+) -> Vec<&'static str> {
+    let sqs_ok = health.last_queue_contact().is_some_and(|c| c.ok);
+    [
+        (draining, "draining"),
+        (!sqs_ok, "sqs_unreachable"),
+        (!bridge_running, "bridge_restarting"),
+        (!health.dagster_outages().is_empty(), "dagster_unreachable"),
+    ]
+    .into_iter()
+    .filter_map(|(failing, reason)| failing.then_some(reason))
+    .collect()
+}
+
 /// Ready when SQS answered the last call, the bridge sidecar runs, every Dagster instance in
 /// use answers and the controller is not draining; `reasons` says what is missing.
 async fn readiness(state: DashboardState) -> impl warp::Reply {
     let draining = state.draining.is_cancelled();
     let sqs = state.health.last_queue_contact();
-    let sqs_ok = sqs.as_ref().is_some_and(|c| c.ok);
     let bridge = state.bridge.status();
     let dagster = state.health.dagster_outages();
-    let reasons: Vec<&str> = [
-        (draining, "draining"),
-        (!sqs_ok, "sqs_unreachable"),
-        (!bridge.is_running(), "bridge_restarting"),
-        (!dagster.is_empty(), "dagster_unreachable"),
-    ]
-    .into_iter()
-    .filter_map(|(failing, reason)| failing.then_some(reason))
-    .collect();
+    let reasons = not_ready_reasons(draining, &state.health, bridge.is_running());
     let ready = reasons.is_empty();
     let status = if draining {
         "draining"

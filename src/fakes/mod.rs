@@ -87,6 +87,7 @@ impl FakeQueue {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            sent_at_ms: Some(chrono::Utc::now().timestamp_millis()),
         });
         drop(inner);
         self.changed.notify_waiters();
@@ -276,6 +277,7 @@ impl WorkQueue for FakeQueue {
                 body: resend.of.body.clone(),
                 receive_count: 0,
                 attributes: resend.attributes.clone(),
+                sent_at_ms: Some(chrono::Utc::now().timestamp_millis()),
             });
         }
         inner.events.push(QueueEvent::Sent(message_id.clone()));

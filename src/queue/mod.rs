@@ -41,6 +41,8 @@ pub struct ReceivedMessage {
     pub receive_count: u32,
     /// String message attributes (e.g. `s3_extended_message`).
     pub attributes: HashMap<String, String>,
+    /// SentTimestamp (ms since the epoch): when this copy was sent to the queue.
+    pub sent_at_ms: Option<i64>,
 }
 
 /// A message sent in place of a received one: the same body, new attributes.

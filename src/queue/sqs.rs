@@ -335,11 +335,9 @@ impl SqsQueue {
             .messages()
             .iter()
             .map(|m| {
-                let sent_ms = m
-                    .attributes()
-                    .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
-                    .and_then(|v| v.parse().ok());
-                (received(m), sent_ms)
+                let message = received(m);
+                let sent_ms = message.sent_at_ms;
+                (message, sent_ms)
             })
             .collect())
     }
@@ -371,6 +369,10 @@ fn received(m: &aws_sdk_sqs::types::Message) -> ReceivedMessage {
             .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
             .and_then(|v| v.parse().ok())
             .unwrap_or(1),
+        sent_at_ms: m
+            .attributes()
+            .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
+            .and_then(|v| v.parse().ok()),
         attributes: m
             .message_attributes()
             .map(|attrs| {

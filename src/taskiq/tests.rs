@@ -26,6 +26,7 @@ fn message(body: &str, extended: bool) -> ReceivedMessage {
         body: body.to_owned(),
         receive_count: 1,
         attributes,
+        sent_at_ms: None,
     }
 }
 
