@@ -179,7 +179,12 @@ def test_an_op_that_raises_fails_the_run_with_its_error(stack: Stack) -> None:
     wait_for(stack.queue_empty, 60, "every message to be deleted")
 
 
-def test_retry_policy_attempts_each_arrive_as_their_own_message(stack: Stack) -> None:
+# The launcher is not the subject of the next three (a retry's message, the lease, the decoder):
+# they run warm only, the cheaper launcher; the cold launcher's runs are the tests above.
+
+
+def test_retry_policy_attempts_each_arrive_as_their_own_message(warm_stack: Stack) -> None:
+    stack = warm_stack
     with execute_job(jobs.recon("flaky"), stack.instance) as result:
         assert result.success
         run_id = result.run_id
@@ -259,9 +264,9 @@ def test_an_outside_sigterm_to_a_step_is_a_verdict_and_the_retry_policy_applies(
 
 
 def test_a_step_longer_than_the_visibility_timeout_is_not_redelivered(
-    make_stack: Callable[..., Stack], instance: DagsterInstance, launcher_args: tuple[str, ...]
+    make_stack: Callable[..., Stack], instance: DagsterInstance
 ) -> None:
-    s = make_stack("--visibility-timeout", "2", *launcher_args, visibility_timeout=2)
+    s = make_stack("--visibility-timeout", "2", *WARM_ARGS, visibility_timeout=2)
     run_config = {"ops": {"sleep_op": {"config": {"seconds": 7.0}}}}
     with execute_job(jobs.recon("slow"), instance, run_config=run_config) as result:
         assert result.success
@@ -273,7 +278,8 @@ def test_a_step_longer_than_the_visibility_timeout_is_not_redelivered(
     wait_for(s.queue_empty, 60, "the message to be deleted")
 
 
-def test_a_malformed_message_is_dead_lettered_and_the_next_one_runs(stack: Stack) -> None:
+def test_a_malformed_message_is_dead_lettered_and_the_next_one_runs(warm_stack: Stack) -> None:
+    stack = warm_stack
     sqs = boto3.client("sqs")
     sqs.send_message(QueueUrl=stack.queues.queue_url, MessageBody='{"task_id": "x", "oops"')
     with execute_job(jobs.recon("flaky"), stack.instance) as result:

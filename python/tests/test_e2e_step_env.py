@@ -34,11 +34,6 @@ DENIED = "STEP_ENV_TEST_SECRET"
 DENIED_BY_PREFIX = "STEP_ENV_TEST_PREFIXED_KEY"
 
 
-@pytest.fixture(params=["cold", "warm"])
-def launcher_args(request: pytest.FixtureRequest) -> tuple[str, ...]:
-    return WARM_ARGS if request.param == "warm" else ()
-
-
 def read_environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().decode()
     return dict(entry.split("=", 1) for entry in raw.split("\0") if "=" in entry)
@@ -66,7 +61,13 @@ def admin_status(stack: Stack, token: str) -> int:
         return e.code
 
 
-@pytest.mark.parametrize("token_source", ["env", "file"])
+# Each launcher once, each with one of the admin token's sources: the token source does not
+# change what a step inherits, the launcher does.
+@pytest.mark.parametrize(
+    ("launcher_args", "token_source"),
+    [((), "env"), (WARM_ARGS, "file")],
+    ids=["cold-env", "warm-file"],
+)
 def test_a_step_finds_no_controller_secret(
     launcher_args: tuple[str, ...],
     token_source: str,

@@ -33,18 +33,24 @@ def wait_for(
     condition: Callable[[], T | None],
     timeout: float,
     what: str,
-    interval: float = 0.05,
+    interval: float = 0.25,
 ) -> T:
     """Polls `condition` until it returns a truthy value; after `timeout` seconds raises an
-    AssertionError (a condition a test waits for did not hold)."""
+    AssertionError (a condition a test waits for did not hold).
+
+    The pause between polls starts at 20 ms and grows by half each time up to `interval`: a
+    condition that holds soon is seen soon, and a long wait does not spend the suite's CPU on
+    polls (each one is an SQS, HTTP or database call somewhere)."""
     deadline = time.monotonic() + timeout
+    pause = min(0.02, interval)
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+        time.sleep(pause)
+        pause = min(pause * 1.5, interval)
 
 
 def metric_value(exposition: str, name: str, **labels: str) -> float:
