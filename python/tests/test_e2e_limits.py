@@ -18,6 +18,7 @@ from typing import Any
 
 import jobs
 import pytest
+from conftest import wait_for
 from dagster import DagsterEventType, execute_job
 from test_e2e_process import WARM_ARGS, Stack, events_of
 
@@ -79,7 +80,12 @@ def test_a_step_past_its_memory_limit_fails_alone_and_is_retried(
     run_id = run_memory_hog(stack)
     (retry,) = events_of(stack.instance, run_id, DagsterEventType.STEP_UP_FOR_RETRY)
     assert "MemoryError" in error_classes(retry.dagster_event.event_specific_data.error)
-    (note,) = engine_metadata(stack, run_id, "hog", OUT_OF_MEMORY_KEY)
+    # Written when the controller concludes attempt 0, which may trail the retry's start.
+    (note,) = wait_for(
+        lambda: engine_metadata(stack, run_id, "hog", OUT_OF_MEMORY_KEY),
+        30,
+        "the out-of-memory engine event",
+    )
     assert note.startswith(f"{LIMIT} (address-space rlimit"), note
     # No verdict: Dagster had the attempt's outcome.
     assert engine_metadata(stack, run_id, "hog", contract.META_VERDICT) == []
@@ -91,6 +97,7 @@ def test_a_step_past_its_memory_limit_fails_alone_and_is_retried(
         if r["run_id"] == run_id and r["step_key"] == "hog" and r["attempt"] == 0
     ]
     assert record["verdict"] == note
+    assert stack.metric("steps_out_of_memory_total") == 1
 
 
 @pytest.fixture
@@ -129,6 +136,7 @@ def test_step_cgroups_under_a_delegated_cgroup2(
         run_id = run_memory_hog(stack)
         (verdict,) = engine_metadata(stack, run_id, "hog", contract.META_VERDICT)
         assert verdict.startswith(f"{LIMIT} (the step's cgroup reached memory.max"), verdict
+        assert stack.metric("steps_out_of_memory_total") == 1
         assert list(cgroup2.glob("step-*")) == []
         return
     log_path = tmp_path / "refused.log"

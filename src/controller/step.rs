@@ -262,9 +262,13 @@ async fn conclude(
     }
     let timed_out = matches!(cause, Some(Cause::TimedOut(_)));
     // A step its memory limit ended: the verdict names the limit, not just the signal.
+    let out_of_memory = cause.is_none().then(|| running.out_of_memory()).flatten();
+    if out_of_memory.is_some() {
+        ctx.metrics.steps_out_of_memory.inc();
+    }
     let verdict = Verdict {
         verdict: cause.map_or_else(
-            || running.out_of_memory().unwrap_or_else(|| exit.describe()),
+            || out_of_memory.unwrap_or_else(|| exit.describe()),
             |c| c.describe(),
         ),
         exit: exit.short(),
@@ -295,6 +299,7 @@ async fn conclude(
 /// event says so next to the failure, whose RetryPolicy decides as usual.
 async fn note_out_of_memory(ctx: &Context, step: &StepRequest, note: &str) {
     tracing::warn!(%note, "the step failed for its memory limit");
+    ctx.metrics.steps_out_of_memory.inc();
     ctx.steps
         .update(&step.task_id, |r| r.verdict = Some(note.to_owned()));
     // No verdict or attempt key: this is no verdict, Dagster has the attempt's outcome.
