@@ -35,6 +35,9 @@ const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
 /// Below this no Python step even starts: a limit this small is a typo.
 const MIN_MEMORY: u64 = 16 * MIB;
+/// How long dropping a step's cgroup waits for the processes `cgroup.kill` ended.
+const STRAY_EXIT_POLLS: u32 = 20;
+const STRAY_EXIT_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 /// `cpu.max`'s period, in microseconds (the kernel's default).
 const CPU_PERIOD_US: u64 = 100_000;
 
@@ -586,9 +589,18 @@ impl Drop for Placement {
         if fs::remove_dir(dir).is_ok() {
             return;
         }
-        // Something the step started outlived it: the cgroup takes it down (Linux 5.14+).
+        // Something the step started outlived it: the cgroup takes it down (Linux 5.14+); the
+        // directory can go once the kernel has finished those exits, a few milliseconds.
         let _ = fs::write(dir.join("cgroup.kill"), "1");
-        if let Err(e) = fs::remove_dir(dir) {
+        let mut last = None;
+        for _ in 0..STRAY_EXIT_POLLS {
+            match fs::remove_dir(dir) {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(STRAY_EXIT_POLL);
+        }
+        if let Some(e) = last {
             tracing::warn!(cgroup = %dir.display(), %e, "cannot remove the step's cgroup");
         }
     }
@@ -688,6 +700,97 @@ mod tests {
             cgroup: None,
         };
         assert!(bare.out_of_memory(StepExit::Code(1), &tail).is_none());
+    }
+
+    /// A cgroup2 file system mounted for one test (root only: fails loudly otherwise), with a
+    /// child cgroup of the test's as the step cgroup root.
+    struct Cgroup2 {
+        mount: tempfile::TempDir,
+        root: PathBuf,
+    }
+
+    impl Cgroup2 {
+        fn mount() -> Self {
+            let mount = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args(["-t", "cgroup2", "none"])
+                .arg(mount.path())
+                .status()
+                .expect("mount(8)");
+            assert!(
+                status.success(),
+                "cannot mount cgroup2 at {} (this test needs root): {status}",
+                mount.path().display()
+            );
+            let root = mount
+                .path()
+                .join(format!("dagster-taskiq-unit-{}", std::process::id()));
+            fs::create_dir(&root).unwrap();
+            Cgroup2 { mount, root }
+        }
+    }
+
+    impl Drop for Cgroup2 {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir(&self.root);
+            let _ = std::process::Command::new("umount")
+                .arg(self.mount.path())
+                .status();
+        }
+    }
+
+    /// The placement's mechanics on a real cgroup v2 hierarchy (the memory and cpu files need
+    /// their controllers, which a host with cgroup v1 memory lacks: they are not written
+    /// here): a cold child enters its cgroup before exec, a forked one is moved in, and
+    /// dropping the placement kills what is left and removes the cgroup.
+    #[tokio::test]
+    async fn steps_enter_their_own_cgroup_and_it_goes_with_them() {
+        let cgroup = Cgroup2::mount();
+        let limiter = StepLimiter::with_mode(
+            Limits {
+                memory: None,
+                cpu: Some(500),
+            },
+            Mode::Cgroup {
+                root: cgroup.root.clone(),
+                cpu: false,
+            },
+        );
+        let placement = limiter
+            .prepare(&BTreeMap::new(), "task-1")
+            .unwrap()
+            .unwrap();
+        let dir = placement.cgroup.clone().unwrap();
+        assert!(dir.is_dir());
+        let inside = format!(
+            "0::/{}",
+            dir.strip_prefix(cgroup.mount.path()).unwrap().display()
+        );
+
+        let mut cold = Command::new("cat");
+        cold.arg("/proc/self/cgroup");
+        placement.before_exec(&mut cold).unwrap();
+        let out = cold.output().await.unwrap();
+        let membership = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            membership.lines().any(|l| l == inside),
+            "{membership} lacks {inside}"
+        );
+
+        let mut forked = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        placement.adopt(forked.id()).unwrap();
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert_eq!(procs.trim(), forked.id().to_string());
+        assert!(placement.out_of_memory(StepExit::Signal(9), &[]).is_none());
+
+        // The step "ended" with a process of its cgroup still running.
+        drop(placement);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(forked.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert!(!dir.exists(), "{} is still there", dir.display());
     }
 
     /// A real rlimit on a real child.
