@@ -19,7 +19,9 @@ use dagster_taskiq_controller::claims::ClaimTable;
 use dagster_taskiq_controller::controller::{self, Context, Settings};
 use dagster_taskiq_controller::fakes::{step_body, FakeBridge};
 use dagster_taskiq_controller::health::Health;
-use dagster_taskiq_controller::launcher::{ProcessLauncher, ProcessLauncherConfig, PythonMap};
+use dagster_taskiq_controller::launcher::{
+    ProcessLauncher, ProcessLauncherConfig, PythonMap, StepLimiter,
+};
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
 use dagster_taskiq_controller::queue::{SqsQueue, SqsQueueConfig};
@@ -109,6 +111,7 @@ async fn round(moto: &common::Moto, n: usize) -> Round {
         launcher: Arc::new(ProcessLauncher::new(ProcessLauncherConfig {
             pythons: PythonMap::single("/bin/true".into()),
             environment: StepEnvironment::from_process(&Default::default()),
+            limits: Arc::new(StepLimiter::unlimited()),
         })),
         bridge: Arc::new(FakeBridge::default()),
         admission: Admission::new(AdmissionConfig {

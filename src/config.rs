@@ -12,6 +12,7 @@ use crate::dashboard::DashboardArgs;
 use crate::envelope::LauncherKind;
 use crate::flags::{invalid, ConfigError};
 use crate::launcher::ecs::EcsArgs;
+use crate::launcher::LimitArgs;
 use crate::launcher::{PythonMapArgs, WarmArgs};
 use crate::lease::LeaseArgs;
 use crate::step_env::StepEnvArgs;
@@ -141,6 +142,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub step_env: StepEnvArgs,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
 
     #[command(flatten)]
     pub ecs: EcsArgs,

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub steps_finished: Family<Labels2, Counter>,
     /// `launcher`: attempts launched again because an earlier delivery left no outcome.
     pub steps_relaunched: Family<Label, Counter>,
+    /// Process and warm steps that ended for their memory limit (docs/operations.md, "Step
+    /// resource limits").
+    pub steps_out_of_memory: Counter,
     pub steps_in_flight: Gauge,
     pub leases_held: Gauge,
     /// Durable attempt claims held (docs/guarantees.md, "Claims").
@@ -145,6 +148,7 @@ impl Metrics {
             steps_launched: Family::default(),
             steps_finished: Family::default(),
             steps_relaunched: Family::default(),
+            steps_out_of_memory: Counter::default(),
             steps_in_flight: Gauge::default(),
             leases_held: Gauge::default(),
             claims_held: Gauge::default(),
@@ -239,6 +243,11 @@ impl Metrics {
             "steps_relaunched",
             "Step attempts launched again after a delivery without an outcome, by launcher",
             metrics.steps_relaunched.clone(),
+        );
+        r.register(
+            "steps_out_of_memory",
+            "Process and warm steps that ended for their memory limit",
+            metrics.steps_out_of_memory.clone(),
         );
         r.register(
             "steps_in_flight",

@@ -685,6 +685,38 @@ def env_probe() -> None:
     probe_env()
 
 
+# --- memory_hog: one step allocates past its memory limit, its neighbour finishes ---------------
+
+HOG_LIMIT_MIB = 256
+
+
+@op(
+    tags={"dagster-taskiq/memory": f"{HOG_LIMIT_MIB}Mi"},
+    retry_policy=RetryPolicy(max_retries=1),
+)
+def hog(context: OpExecutionContext) -> Output[int]:
+    if context.retry_number == 0:
+        # Twice the limit, every page written: a cgroup's memory.max charges touched pages,
+        # an address-space rlimit refuses the mapping itself.
+        hoard = b"x" * (2 * HOG_LIMIT_MIB * 1024 * 1024)
+        return _out(len(hoard))
+    return _out(context.retry_number)
+
+
+@op
+def neighbour(config: SleepConfig) -> Output[int]:
+    time.sleep(config.seconds)
+    return _out(os.getpid())
+
+
+@job(executor_def=taskiq_controller_executor, resource_defs=RESOURCES)
+def memory_hog() -> None:
+    """hog (limit 256 MiB) allocates 512 MiB on attempt 0 and is retried by its RetryPolicy;
+    neighbour runs beside it, unlimited, and finishes."""
+    hog()
+    neighbour()
+
+
 ALL_JOBS = [
     dynamic_fan,
     diamond,
@@ -716,6 +748,7 @@ ALL_JOBS = [
     env_probe,
     loud,
     diamond_retry,
+    memory_hog,
 ]
 JOB_NAMES = tuple(j.name for j in ALL_JOBS)
 

@@ -22,8 +22,8 @@ use dagster_taskiq_controller::dashboard::{self, ControllerInfo, DashboardState,
 use dagster_taskiq_controller::doctor;
 use dagster_taskiq_controller::health::Health;
 use dagster_taskiq_controller::launcher::{
-    EcsLauncher, Launcher, LauncherRouter, ProcessLauncher, ProcessLauncherConfig, WarmLauncher,
-    WarmLauncherConfig,
+    EcsLauncher, Launcher, LauncherRouter, ProcessLauncher, ProcessLauncherConfig, StepLimiter,
+    WarmLauncher, WarmLauncherConfig,
 };
 use dagster_taskiq_controller::lease::LeaseTable;
 use dagster_taskiq_controller::metrics::Metrics;
@@ -51,6 +51,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_token = args.dashboard.admin_token()?;
     let environment = args.step_env.environment()?;
     environment.log_summary();
+    // Before any child starts: in `auto` mode this moves the controller into a leaf cgroup.
+    let limits = Arc::new(
+        StepLimiter::detect(&args.limits).map_err(|e| anyhow::anyhow!("--step-cgroup: {e}"))?,
+    );
     let controller_id = args.controller.controller_id();
     let metrics = Arc::new(Metrics::new());
     let aws = aws::load(args.controller.receive_wait + Duration::from_secs(10)).await;
@@ -67,7 +71,8 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
     // SQS just answered: ready before the first long poll returns.
     health.queue_contact("GetQueueAttributes", None);
     let (bridge, bridge_info) = start_bridge(&args, &environment, &metrics).await?;
-    let launcher = build_launcher(&args, &environment, &controller_id, &aws, &metrics).await?;
+    let launcher =
+        build_launcher(&args, &environment, limits, &controller_id, &aws, &metrics).await?;
     let taskiq = TaskiqCompat::connect(&args.taskiq, &aws)
         .await
         .context("cannot set up taskiq results")?
@@ -269,6 +274,7 @@ async fn start_bridge(
 async fn build_launcher(
     args: &RunArgs,
     environment: &StepEnvironment,
+    limits: Arc<StepLimiter>,
     controller_id: &str,
     aws: &aws_config::SdkConfig,
     metrics: &Arc<Metrics>,
@@ -285,6 +291,7 @@ async fn build_launcher(
     let cold = ProcessLauncher::new(ProcessLauncherConfig {
         pythons,
         environment: environment.clone(),
+        limits,
     });
     let process_launcher: Arc<dyn Launcher> = if args.warm.warm_pool {
         Arc::new(WarmLauncher::new(

@@ -1,6 +1,7 @@
 //! The step's life on this controller, once its message is claimed: reconcile, wait for a
 //! slot, launch, supervise, conclude. Produces exactly one [`Outcome`].
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -245,8 +246,14 @@ async fn conclude(
             Err(e) => return settle::unanswered(ctx, e, message).await,
         };
     if state.attempt_finished {
-        let outcome = Outcome::Finished(Finish::from_event(state.last_terminal.as_deref()));
+        let finish = Finish::from_event(state.last_terminal.as_deref());
+        let outcome = Outcome::Finished(finish);
         tracing::info!(outcome = outcome.name(), "step finished");
+        if finish != Finish::Succeeded {
+            if let Some(note) = running.out_of_memory() {
+                note_out_of_memory(ctx, step, &note).await;
+            }
+        }
         return outcome;
     }
     if state.run_status.is_some_and(|s| s.stops_new_steps()) {
@@ -260,8 +267,16 @@ async fn conclude(
         };
     }
     let timed_out = matches!(cause, Some(Cause::TimedOut(_)));
+    // A step its memory limit ended: the verdict names the limit, not just the signal.
+    let out_of_memory = cause.is_none().then(|| running.out_of_memory()).flatten();
+    if out_of_memory.is_some() {
+        ctx.metrics.steps_out_of_memory.inc();
+    }
     let verdict = Verdict {
-        verdict: cause.map_or_else(|| exit.describe(), |c| c.describe()),
+        verdict: cause.map_or_else(
+            || out_of_memory.unwrap_or_else(|| exit.describe()),
+            |c| c.describe(),
+        ),
         exit: exit.short(),
         stderr_tail: running.stderr_tail().join("\n"),
     };
@@ -284,6 +299,31 @@ async fn conclude(
         Err(e) => settle::unanswered(ctx, e, message).await,
     }
 }
+
+/// A step that failed with Dagster's own event (its op got the failed allocation, e.g. a
+/// `MemoryError` under the address-space rlimit) but ended for its memory limit: an engine
+/// event says so next to the failure, whose RetryPolicy decides as usual.
+async fn note_out_of_memory(ctx: &Context, step: &StepRequest, note: &str) {
+    tracing::warn!(%note, "the step failed for its memory limit");
+    ctx.metrics.steps_out_of_memory.inc();
+    ctx.steps
+        .update(&step.task_id, |r| r.verdict = Some(note.to_owned()));
+    // No verdict or attempt key: this is no verdict, Dagster has the attempt's outcome.
+    let metadata = BTreeMap::from([
+        (OUT_OF_MEMORY_KEY.to_owned(), note.to_owned()),
+        ("controller".to_owned(), ctx.settings.controller_id.clone()),
+    ]);
+    let message = format!(
+        "dagster-taskiq-controller: attempt {} of {} failed for its memory limit: {note}",
+        step.attempt, step.step_key
+    );
+    if let Err(e) = ctx.bridge.report_event(step, &message, &metadata).await {
+        tracing::warn!(%e, "could not record the out-of-memory failure in Dagster");
+    }
+}
+
+/// Engine-event metadata key of [`note_out_of_memory`].
+const OUT_OF_MEMORY_KEY: &str = "dagster_taskiq_controller/out_of_memory";
 
 /// Why the controller ended an execution itself; the verdict says so when Dagster has no
 /// outcome for the attempt.

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 
 pub(crate) use child::{EventLines, WarmArgs};
 pub use child::{
-    ProcessLauncher, ProcessLauncherConfig, PythonMap, PythonMapArgs, Unmapped, WarmLauncher,
-    WarmLauncherConfig,
+    LimitArgs, ProcessLauncher, ProcessLauncherConfig, PythonMap, PythonMapArgs, StepLimiter,
+    Unmapped, WarmLauncher, WarmLauncherConfig,
 };
 pub use ecs::{EcsLauncher, EcsLauncherConfig, EcsStopCause};
 pub use router::LauncherRouter;
@@ -148,6 +148,12 @@ pub trait RunningStep: Send + Sync {
     /// them (`StepRequest::collect_events`); `None` from launchers that do not capture the
     /// step's output (ECS).
     fn take_events(&mut self) -> Option<EventLines> {
+        None
+    }
+
+    /// Once it ended: the verdict's sentence when it ended for its memory limit
+    /// (`out of memory: 512 MiB limit (...)`); local launchers with a limit only.
+    fn out_of_memory(&self) -> Option<String> {
         None
     }
     /// True when the execution keeps running without this controller (an ECS task): on

@@ -4,12 +4,14 @@
 //! stdout's serialized Dagster events into [`EventLines`] for the taskiq result.
 
 mod events;
+pub mod limits;
 mod output;
 mod process;
 mod python_map;
 mod warm;
 
 pub(crate) use events::{EventLines, MAX_EVENT_BYTES};
+pub use limits::{LimitArgs, StepLimiter};
 pub use process::{ProcessLauncher, ProcessLauncherConfig};
 pub use python_map::{PythonMap, PythonMapArgs, Unmapped};
 pub(crate) use warm::WarmArgs;

@@ -12,6 +12,7 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use super::die_with_controller;
+use super::limits::{Placement, StepLimiter};
 
 use super::events::EventLines;
 use super::output::StepOutput;
@@ -31,6 +32,8 @@ pub struct ProcessLauncherConfig {
     pub pythons: PythonMap,
     /// What the step inherits: not the controller's own variables (its secrets).
     pub environment: StepEnvironment,
+    /// Each step's memory and CPU limits, and how they are enforced.
+    pub limits: std::sync::Arc<StepLimiter>,
 }
 
 pub struct ProcessLauncher {
@@ -45,6 +48,10 @@ impl ProcessLauncher {
     pub(crate) fn pythons(&self) -> &PythonMap {
         &self.config.pythons
     }
+
+    pub(crate) fn limiter(&self) -> &StepLimiter {
+        &self.config.limits
+    }
 }
 
 #[async_trait]
@@ -55,6 +62,7 @@ impl Launcher for ProcessLauncher {
 
     async fn launch(&self, step: &StepRequest) -> Result<Box<dyn RunningStep>, LaunchError> {
         let python = self.config.pythons.choose(step.location.as_deref())?;
+        let placement = self.config.limits.prepare(&step.tags, &step.task_id)?;
         tracing::debug!(location = ?step.location, python = %python.display(), "cold start");
         let mut command = Command::new(python);
         command.args(["-m", STEP_MODULE]);
@@ -78,6 +86,11 @@ impl Launcher for ProcessLauncher {
             .process_group(0)
             .kill_on_drop(true);
         die_with_controller(&mut command);
+        if let Some(placement) = &placement {
+            placement
+                .before_exec(&mut command)
+                .map_err(|e| LaunchError::Transient(format!("step limits: {e}")))?;
+        }
         let mut child = command
             .spawn()
             .map_err(|e| classify_spawn_error(python, e))?;
@@ -92,6 +105,7 @@ impl Launcher for ProcessLauncher {
             pid,
             output,
             exit: None,
+            placement,
         }))
     }
 }
@@ -111,6 +125,8 @@ struct ChildStep {
     pid: u32,
     output: StepOutput,
     exit: Option<StepExit>,
+    /// Its limits; its cgroup goes when the step is dropped.
+    placement: Option<Placement>,
 }
 
 impl ChildStep {
@@ -170,6 +186,13 @@ impl RunningStep for ChildStep {
     fn take_events(&mut self) -> Option<EventLines> {
         self.output.take_events()
     }
+
+    fn out_of_memory(&self) -> Option<String> {
+        let exit = self.exit?;
+        self.placement
+            .as_ref()?
+            .out_of_memory(exit, &self.output.stderr_tail())
+    }
 }
 
 #[cfg(test)]
@@ -211,6 +234,7 @@ mod tests {
             ProcessLauncher::new(ProcessLauncherConfig {
                 pythons,
                 environment: StepEnvironment::from_process(&Default::default()),
+                limits: std::sync::Arc::new(StepLimiter::unlimited()),
             })
         };
         let lenient = launcher(Unmapped::Default);

@@ -45,6 +45,7 @@ use tokio::sync::{mpsc, watch};
 
 use self::step::WarmStep;
 use self::zygote::Zygote;
+use super::limits::Placement;
 use super::ProcessLauncher;
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, Launcher, RunningStep};
@@ -101,6 +102,9 @@ enum WarmError {
     Io(#[from] std::io::Error),
     #[error("fork failed in the zygote: {message}")]
     ForkFailed { message: String },
+    /// The forked step could not be put under its limits; it never ran.
+    #[error("cannot apply the step's limits: {0}")]
+    Limits(std::io::Error),
 }
 
 impl WarmError {
@@ -113,6 +117,7 @@ impl WarmError {
             WarmError::SpawnTimeout(_) => "spawn_timeout",
             WarmError::Io(_) => "io",
             WarmError::ForkFailed { .. } => "fork_failed",
+            WarmError::Limits(_) => "limits",
         }
     }
 }
@@ -198,9 +203,12 @@ impl Launcher for WarmLauncher {
             .pools
             .get(python)
             .expect("a pool for every interpreter of the map");
-        match pool.launch_warm(step).await {
+        let placement = self.cold.limiter().prepare(&step.tags, &step.task_id)?;
+        match pool.launch_warm(step, placement).await {
             Ok(running) => Ok(Box::new(running)),
-            Err(e @ WarmError::ForkFailed { .. }) => Err(LaunchError::Transient(e.to_string())),
+            Err(e @ (WarmError::ForkFailed { .. } | WarmError::Limits(_))) => {
+                Err(LaunchError::Transient(e.to_string()))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, environment = pool.env.label, "warm pool unavailable: launching the step cold");
                 self.metrics
@@ -218,9 +226,16 @@ impl Pool {
         [("environment", self.env.label)]
     }
 
-    async fn launch_warm(&self, step: &StepRequest) -> Result<WarmStep, WarmError> {
+    async fn launch_warm(
+        &self,
+        step: &StepRequest,
+        placement: Option<Placement>,
+    ) -> Result<WarmStep, WarmError> {
         let zygote = self.ready_zygote().await?;
-        let (running, forks, rss) = match zygote.spawn(step, self.config.spawn_timeout).await {
+        let spawned = zygote
+            .spawn(step, self.config.spawn_timeout, placement)
+            .await;
+        let (running, forks, rss) = match spawned {
             Ok(spawned) => spawned,
             Err(e) => {
                 if let WarmError::SpawnTimeout(_) = e {

@@ -13,6 +13,7 @@ use tokio::io::Interest;
 use tokio::sync::watch;
 
 use crate::launcher::child::events::EventLines;
+use crate::launcher::child::limits::Placement;
 use crate::launcher::child::output::StepOutput;
 use crate::launcher::{RunningStep, StepExit};
 
@@ -31,6 +32,8 @@ pub(super) struct WarmStep {
     _control: std::fs::File,
     output: StepOutput,
     exit: Option<StepExit>,
+    /// Its limits; its cgroup goes when the step is dropped.
+    placement: Option<Placement>,
 }
 
 impl WarmStep {
@@ -40,6 +43,7 @@ impl WarmStep {
         exit_rx: watch::Receiver<Option<StepExit>>,
         control: OwnedFd,
         output: StepOutput,
+        placement: Option<Placement>,
     ) -> Self {
         // Opened before the go byte, so it names this child even if the zygote dies and the
         // pid is reused later.
@@ -63,6 +67,7 @@ impl WarmStep {
             _control: control,
             output,
             exit: None,
+            placement,
         }
     }
 
@@ -142,6 +147,13 @@ impl RunningStep for WarmStep {
 
     fn take_events(&mut self) -> Option<EventLines> {
         self.output.take_events()
+    }
+
+    fn out_of_memory(&self) -> Option<String> {
+        let exit = self.exit?;
+        self.placement
+            .as_ref()?
+            .out_of_memory(exit, &self.output.stderr_tail())
     }
 }
 

@@ -29,6 +29,7 @@ use super::step::WarmStep;
 use super::{PythonEnv, WarmError, WarmLauncherConfig};
 use crate::bounded_lines::{BoundedLines, MAX_LINE_BYTES};
 use crate::envelope::StepRequest;
+use crate::launcher::child::limits::Placement;
 use crate::launcher::child::output::StepOutput;
 use crate::launcher::StepExit;
 
@@ -241,6 +242,7 @@ impl Zygote {
         self: &Arc<Self>,
         step: &StepRequest,
         timeout: Duration,
+        placement: Option<Placement>,
     ) -> Result<(WarmStep, u64, u64), WarmError> {
         let (out_r, out_w) = cloexec_pipe()?;
         let (err_r, err_w) = cloexec_pipe()?;
@@ -296,7 +298,15 @@ impl Zygote {
                 rss,
                 exit,
             }) => {
-                let running = WarmStep::start(pid, exit, control_w, output);
+                // Before its go byte: no step code runs outside its limits. On failure the
+                // control pipe closes unused and the child kills its group.
+                if let Some(placement) = &placement {
+                    if let Err(e) = placement.adopt(pid) {
+                        output.abort();
+                        return Err(WarmError::Limits(e));
+                    }
+                }
+                let running = WarmStep::start(pid, exit, control_w, output, placement);
                 Ok((running, forks, rss))
             }
             Ok(SpawnReply::Failed(message)) => {
