@@ -18,7 +18,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 PYTEST_WORKERS ?= 3
 RUFF_PATHS := bench examples
 
-.PHONY: setup versions build build-debug browser postgresql demo test test-rust test-python test-deploy lint lint-rust lint-python fmt bench bench-e2e chaos fuzz clean
+.PHONY: setup versions build build-debug browser a11y postgresql demo test test-rust test-python test-deploy lint lint-rust lint-python fmt bench bench-e2e chaos fuzz clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,19 @@ browser:
 		{ apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium >/dev/null; }; }
 	@chromium --version
 
+# The dashboard's accessibility check: axe-core run in the system Chromium by playwright-core
+# (npm registry; no browser download), in .venv-a11y (beside .venv, which make test creates at
+# the same time). Node.js and npm come from Debian where they are missing.
+A11Y_DIR := .venv-a11y
+A11Y_STAMP := $(A11Y_DIR)/.installed-4.14.1-1.65.2
+a11y: $(A11Y_STAMP)
+$(A11Y_STAMP):
+	@command -v npm >/dev/null 2>&1 || { \
+		apt-get install -y --no-install-recommends nodejs npm >/dev/null 2>&1 || \
+		{ apt-get update >/dev/null && apt-get install -y --no-install-recommends nodejs npm >/dev/null; }; }
+	npm install --no-audit --no-fund --silent --prefix $(A11Y_DIR) axe-core@4.14.1 playwright-core@1.65.2
+	touch $@
+
 # PostgreSQL server binaries for the tests on a PostgreSQL-backed Dagster instance (each test
 # session starts its own throwaway server; Debian package; needs root and apt).
 PG_INITDB := /usr/lib/postgresql/*/bin/initdb
@@ -96,7 +109,7 @@ test-rust: setup
 PYTEST_ENV := $(BINARY_ENV)=$(CURDIR)/$(DEBUG_BIN) DAGSTER_TASKIQ_REQUIRE_BINARY=1 \
 	DAGSTER_TASKIQ_REQUIRE_BROWSER=1
 PYTEST := $(PY) -m pytest python/tests -q -p no:cacheprovider
-test-python: setup build-debug browser postgresql versions
+test-python: setup build-debug browser a11y postgresql versions
 	$(PYTEST_ENV) $(PYTEST) -m 'not serial' -n $(PYTEST_WORKERS) --dist worksteal --durations=25
 	$(PYTEST_ENV) $(PYTEST) -m serial --durations=10
 
@@ -110,12 +123,12 @@ test:
 	@mkdir -p .venv-versions
 	@{ $(MAKE) --no-print-directory setup && $(MAKE) --no-print-directory versions; } \
 		> $(VERSIONS_LOG) 2>&1 & python=$$!; \
-	$(MAKE) --no-print-directory browser postgresql > $(PACKAGES_LOG) 2>&1 & packages=$$!; \
+	$(MAKE) --no-print-directory browser a11y postgresql > $(PACKAGES_LOG) 2>&1 & packages=$$!; \
 	$(MAKE) --no-print-directory lint-rust build-debug; status=$$?; \
 	if ! wait $$python; then echo "make setup versions failed:"; cat $(VERSIONS_LOG); exit 1; fi; \
 	[ $$status -eq 0 ] || exit $$status; \
 	$(MAKE) --no-print-directory lint-python test-rust || exit $$?; \
-	if ! wait $$packages; then echo "make browser postgresql failed:"; cat $(PACKAGES_LOG); exit 1; fi; \
+	if ! wait $$packages; then echo "make browser a11y postgresql failed:"; cat $(PACKAGES_LOG); exit 1; fi; \
 	$(MAKE) --no-print-directory test-python
 
 # The deployment files (Dockerfile, manifests/, cfn-lint) against the code; no Rust build.
@@ -162,4 +175,4 @@ bench-e2e: $(BENCH_STAMP) build postgresql
 
 clean:
 	cargo clean
-	rm -rf $(VENV) .venv-versions
+	rm -rf $(VENV) .venv-versions $(A11Y_DIR)

@@ -38,6 +38,10 @@
 //! - [`dashboard`]: HTML dashboard, probes, metrics and JSON API (warp).
 //! - [`doctor`]: the `doctor` subcommand's checks of a configuration.
 //! - [`health`]: loop heartbeats and SQS reachability, read by the probes.
+//! - [`history`]: the last hour at one-minute resolution (launches, outcomes, queue depth,
+//!   start latency), a bounded ring the dashboard charts.
+//! - [`links`]: links to a step's run in the Dagster UI and to its ECS task and log stream,
+//!   built safely from message and ECS values.
 //! - [`metrics`]: the Prometheus registry; [`scale`]: the windowed scaling signals behind
 //!   some of it; [`cloudwatch`]: the same signals as CloudWatch metrics, once a minute.
 //! - `fakes` (feature `testing`): every in-memory boundary (and the ECS API), for the
@@ -60,8 +64,10 @@ pub mod envelope;
 pub mod fakes;
 pub(crate) mod flags;
 pub mod health;
+pub mod history;
 pub mod launcher;
 pub mod lease;
+pub mod links;
 pub mod metrics;
 pub(crate) mod outcome;
 pub mod queue;

@@ -10,6 +10,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::{LauncherKind, StepRequest};
+use crate::history::History;
+use crate::links::Link;
 
 fn serialize_history<S: serde::Serializer>(
     history: &[(StepState, DateTime<Utc>)],
@@ -132,6 +134,8 @@ pub struct StepRecord {
     pub launcher: Option<String>,
     /// `pid 1234` or a task ARN once launched.
     pub locator: Option<String>,
+    /// Where the execution's own pages are (an ECS task, its log stream), once launched.
+    pub links: Vec<Link>,
     pub verdict: Option<String>,
     /// How the controller settled the message: `succeeded`, `failed`, `verdict`, a dead-letter
     /// or release reason, ...
@@ -162,6 +166,8 @@ pub struct StepTable {
     inner: Mutex<Inner>,
     /// Notified whenever an attempt reaches its final state here.
     settled: tokio::sync::Notify,
+    /// The last hour of launches, outcomes and messages held, fed by the transitions.
+    history: History,
 }
 
 impl StepTable {
@@ -188,6 +194,7 @@ impl StepTable {
                 .to_owned()
             }),
             locator: None,
+            links: Vec::new(),
             verdict: None,
             outcome: None,
             stderr_tail: Vec::new(),
@@ -196,7 +203,30 @@ impl StepTable {
             instance_ref: step.instance_ref.clone(),
         };
         inner.active.insert(step.task_id.clone(), record);
+        self.history
+            .record_in_flight(Utc::now(), inner.active.len());
         true
+    }
+
+    /// The last hour at one-minute resolution, for the dashboard's charts.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Feeds the history after a change of `record` from state `before`.
+    fn record_history(&self, before: StepState, record: &StepRecord) {
+        if record.state == before {
+            return;
+        }
+        let now = Utc::now();
+        if record.state == StepState::Running {
+            let received = record.history.first().map_or(now, |(_, at)| *at);
+            let latency = (now - received).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            self.history.record_launch(now, latency);
+        } else if record.state.is_final() {
+            self.history
+                .record_outcome(now, record.outcome.unwrap_or(record.state.as_str()));
+        }
     }
 
     /// Records a transition; a final state moves the record to the recent list.
@@ -213,13 +243,17 @@ impl StepTable {
         let Some(record) = inner.active.get_mut(task_id) else {
             return;
         };
+        let before = record.state;
         change(record);
+        self.record_history(before, record);
         if record.state.is_final() {
             let record = inner.active.remove(task_id).expect("present");
             if inner.recent.len() == RECENT_LIMIT {
                 inner.recent.pop_front();
             }
             inner.recent.push_back(record);
+            self.history
+                .record_in_flight(Utc::now(), inner.active.len());
             drop(inner);
             self.settled.notify_waiters();
         }
@@ -300,6 +334,11 @@ impl StepTable {
             .into_iter()
             .map(|(instance_ref, runs)| (instance_ref, runs.into_iter().collect()))
             .collect()
+    }
+
+    /// Messages held here now.
+    pub fn active_count(&self) -> usize {
+        self.inner.lock().active.len()
     }
 
     pub fn is_active(&self, task_id: &str) -> bool {

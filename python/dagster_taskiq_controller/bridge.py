@@ -110,6 +110,19 @@ def _str_param(params: dict[str, Any], name: str) -> str:
     return _param(params, name, str)
 
 
+def _links_param(params: dict[str, Any]) -> dict[str, Any]:
+    """The optional ``links`` param (``{kind: url}``) as url metadata entries."""
+    links = params.get("links") or {}
+    if not isinstance(links, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in links.items()
+    ):
+        raise _bad_request("links must be an object of strings")
+    try:
+        return contract.link_metadata(links)
+    except ValueError as exc:
+        raise _bad_request(str(exc)) from None
+
+
 def _attempt_param(params: dict[str, Any]) -> int:
     attempt = _param(params, "attempt", int)
     if attempt < 0:
@@ -556,6 +569,7 @@ class Bridge:
             raise _bad_request("exit and stderr_tail must be strings")
         if not verdict:
             raise _bad_request("verdict must not be empty")
+        links = _links_param(params)
         instance = self.instance()
         run = self._run(instance, run_id)
 
@@ -570,13 +584,16 @@ class Bridge:
             f"dagster-taskiq-controller: step attempt {attempt} of {step_key} failed: {verdict}",
             run,
             EngineEventData(
-                metadata=contract.verdict_metadata(
-                    verdict=verdict,
-                    attempt=attempt,
-                    task_id=task_id,
-                    exit=exit_text,
-                    stderr_tail=stderr_tail[-STDERR_TAIL_MAX_CHARS:],
-                )
+                metadata={
+                    **contract.verdict_metadata(
+                        verdict=verdict,
+                        attempt=attempt,
+                        task_id=task_id,
+                        exit=exit_text,
+                        stderr_tail=stderr_tail[-STDERR_TAIL_MAX_CHARS:],
+                    ),
+                    **links,
+                }
             ),
             step_key=step_key,
         )
@@ -608,12 +625,13 @@ class Bridge:
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise _bad_request("metadata must be an object of strings")
+        links = _links_param(params)
         instance = self.instance()
         run = self._run(instance, run_id)
         instance.report_engine_event(
             message,
             run,
-            EngineEventData(metadata=dict(metadata)),
+            EngineEventData(metadata={**metadata, **links}),
             step_key=step_key or None,
         )
         return {"written": True}

@@ -80,6 +80,10 @@ META_STDERR_TAIL = "dagster_taskiq_controller/stderr_tail"
 # Set (to the attempt's task_id) on the engine event the executor's ``terminate_step`` writes;
 # the bridge pushes it to the controller, which stops that attempt at once.
 META_TERMINATE = "dagster_taskiq_controller/terminate"
+# Prefix of the url metadata entries of the controller's engine events: the execution's pages
+# (``ecs_task``, ``cloudwatch_logs``), so the Dagster UI leads to the step's task and logs.
+META_LINK_PREFIX = "dagster_taskiq_controller/link/"
+LINK_KINDS = frozenset({"ecs_task", "cloudwatch_logs"})
 
 # --- validation patterns (docs/protocol.md, "Validation") ------------------------------------
 
@@ -438,3 +442,18 @@ def verdict_metadata(
 def terminate_metadata(*, task_id: str, attempt: int) -> dict[str, str | int]:
     """The metadata of the engine event that asks the controller to stop a step attempt."""
     return {META_TERMINATE: task_id, META_ATTEMPT: int(attempt)}
+
+
+def link_metadata(links: Mapping[str, str]) -> dict[str, Any]:
+    """The url metadata entries of an engine event for ``{kind: url}`` links; raises
+    ValueError for an unknown kind or a URL that is not http(s)."""
+    from dagster import MetadataValue
+
+    entries: dict[str, Any] = {}
+    for kind, url in links.items():
+        if kind not in LINK_KINDS:
+            raise ValueError(f"unknown link kind {kind!r} (known: {sorted(LINK_KINDS)})")
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            raise ValueError(f"link {kind!r} is not an http(s) URL")
+        entries[META_LINK_PREFIX + kind] = MetadataValue.url(url)
+    return entries

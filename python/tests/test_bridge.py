@@ -24,6 +24,7 @@ from dagster import (
     job,
     op,
 )
+from dagster._core.definitions.metadata import UrlMetadataValue
 from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.events.log import EventLogEntry
 from dagster._core.instance.ref import InstanceRef
@@ -430,6 +431,66 @@ def test_report_event(bridge: BridgeProcess, world: World) -> None:
     assert metadata == {"reason": "lease lost", "host": "controller-1"}
     bad = bridge.call("report_event", run_id=world.pending_run_id, message="m", metadata=[1])
     assert bad["error"]["kind"] == "bad_request"
+
+
+def test_links_become_url_metadata_and_only_http_links_are_taken(
+    bridge: BridgeProcess, world: World
+) -> None:
+    task = "https://us-east-1.console.aws.amazon.com/ecs/v2/clusters/c/tasks/t1?region=us-east-1"
+    logs = "https://us-east-1.console.aws.amazon.com/cloudwatch/home?region=us-east-1#logsV2:x"
+    base = {
+        "instance_ref": world.ref,
+        "run_id": world.pending_run_id,
+        "step_key": "second",
+        "metadata": {},
+    }
+    result = bridge.result(
+        "report_event",
+        **base,
+        message="dagster-taskiq-controller: attempt 0 of second runs as t1",
+        links={"ecs_task": task, "cloudwatch_logs": logs},
+    )
+    assert result == {"written": True}
+    (event,) = [
+        e
+        for e in _engine_events(world, world.pending_run_id, "second")
+        if "runs as t1" in (e.message or "")
+    ]
+    metadata = event.engine_event_data.metadata
+    for kind, url in (("ecs_task", task), ("cloudwatch_logs", logs)):
+        value = metadata[contract.META_LINK_PREFIX + kind]
+        assert isinstance(value, UrlMetadataValue) and value.value == url
+    for links in (
+        {"ecs_task": "javascript:alert(1)"},
+        {"ecs_task": "data:text/html,x"},
+        {"somewhere": task},
+        {"ecs_task": 1},
+        ["ecs_task"],
+    ):
+        bad = bridge.call("report_event", **base, message="m", links=links)
+        assert bad["error"]["kind"] == "bad_request", links
+    # A verdict carries them too.
+    verdict = bridge.result(
+        "report_verdict",
+        instance_ref=world.ref,
+        run_id=world.pending_run_id,
+        step_key="second",
+        attempt=0,
+        task_id=contract.step_task_id(world.pending_run_id, "second", 0),
+        verdict="ecs OutOfMemoryError",
+        exit="ecs OutOfMemoryError exit code 137",
+        stderr_tail="",
+        links={"cloudwatch_logs": logs},
+    )
+    assert verdict["written"] is True
+    (event,) = [
+        e
+        for e in _engine_events(world, world.pending_run_id, "second")
+        if contract.META_VERDICT in e.engine_event_data.metadata
+    ]
+    assert event.engine_event_data.metadata[contract.META_LINK_PREFIX + "cloudwatch_logs"] == (
+        UrlMetadataValue(logs)
+    )
 
 
 def test_exits_cleanly_on_eof(own_bridge: BridgeProcess) -> None:

@@ -32,6 +32,10 @@ pytestmark = pytest.mark.controller
 TOKEN = "dashboard-test-token-4f9c2a"
 READ_TOKEN = "dashboard-read-token-7d41e0"
 SCREENSHOT = REPO_ROOT / "target" / "dashboard.png"
+RUN_SCREENSHOT = REPO_ROOT / "target" / "dashboard-run.png"
+DAGSTER_URL = "http://dagster.test:3000/ui"
+A11Y_NODE_MODULES = REPO_ROOT / ".venv-a11y" / "node_modules"
+AXE_CHECK = Path(__file__).parent / "a11y" / "axe_check.mjs"
 
 
 def request(
@@ -445,14 +449,17 @@ def test_the_dashboard_shows_running_steps_in_a_browser(
         if os.environ.get("DAGSTER_TASKIQ_REQUIRE_BROWSER"):
             pytest.fail("chromium not installed (make browser)")
         pytest.skip("chromium not installed (make browser)")
-    stack = make_stack("--read-token", READ_TOKEN)
+    stack = make_stack("--read-token", READ_TOKEN, "--dagster-url", DAGSTER_URL)
     # Something settled and something failed with a verdict; then a step that keeps running.
     # (One job at a time: two concurrent execute_job calls on one instance stalled here.)
     with execute_job(jobs.recon("self_kill"), stack.instance) as result:
         assert result.success
+        killed_run = result.run_id
     slow = JobThread(stack, "slow", {"ops": {"sleep_op": {"config": {"seconds": 25.0}}}})
     slow.start()
-    wait_for(lambda: running_step(stack, "sleep_op", READ_TOKEN), 60, "sleep_op to run", 0.2)
+    sleeping = wait_for(
+        lambda: running_step(stack, "sleep_op", READ_TOKEN), 60, "sleep_op to run", 0.2
+    )
 
     # Without the token the browser gets the token page and nothing of the steps.
     dom = run_chromium(f"{stack.controller.dashboard_url}/", "--dump-dom")
@@ -470,11 +477,70 @@ def test_the_dashboard_shows_running_steps_in_a_browser(
     failures = html[html.index('id="failures"') :]
     assert "kill_self" in failures and "signal 9" in failures, failures
     assert 'id="status-pill" class="pill pill-good">ready<' in html
+    # The run and its step lead into the Dagster UI; the run id also to this page's run view.
+    run_id = sleeping["run_id"]
+    assert f'href="{DAGSTER_URL}/runs/{run_id}"' in inflight, inflight
+    assert (
+        f'href="{DAGSTER_URL}/runs/{run_id}?selection=sleep_op&amp;logs=step%3Asleep_op"'
+        in inflight
+    ), inflight
+    assert f'href="#run={run_id}"' in inflight
+    assert 'rel="noopener noreferrer"' in inflight
+    # The last hour: three charts, with the launches and the outcomes of the jobs above.
+    charts = html[html.index('id="charts"') : html.index('id="inflight"')]
+    for chart in ("chart-throughput", "chart-depth", "chart-latency"):
+        assert f'<svg id="{chart}"' in charts, charts
+    throughput = charts[charts.index('id="chart-throughput"') : charts.index('id="chart-depth"')]
+    assert 'class="bar s-good"' in throughput and 'class="line s-accent"' in throughput
+    assert 'class="bar s-bad"' in throughput  # the SIGKILLed attempt's verdict
+    latency = charts[charts.index('id="chart-latency"') :]
+    assert 'class="line s-info"' in latency and 'class="line s-warn"' in latency
 
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     SCREENSHOT.unlink(missing_ok=True)
     shot = run_chromium(url, f"--screenshot={SCREENSHOT}")
     assert shot.returncode == 0, shot.stderr[-2000:]
     assert SCREENSHOT.stat().st_size > 10_000
+
+    # The per-run view of the self_kill run: both attempts, a timeline bar each.
+    run_url = f"{url}#run={killed_run}"
+    dom = run_chromium(run_url, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    view = dom.stdout[dom.stdout.index('id="run-view"') : dom.stdout.index('id="overview"')]
+    assert "hidden" not in view[: view.index(">")], view[:200]
+    assert view.count('<svg class="gantt"') == 2, view
+    assert view.count('class="seg seg-run"') == 2, view
+    assert f'href="{DAGSTER_URL}/runs/{killed_run}"' in view
+    RUN_SCREENSHOT.unlink(missing_ok=True)
+    shot = run_chromium(run_url, f"--screenshot={RUN_SCREENSHOT}")
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert RUN_SCREENSHOT.stat().st_size > 10_000
+
+    # Accessibility (labels, names, contrast, ...) of both views, by axe-core.
+    report = axe_check(url, "#chart-latency", run_url, "svg.gantt")
+    for page in report["pages"]:
+        assert page["violations"] == [], json.dumps(page, indent=1)
+        assert page["rules_passed"] > 20, page
     slow.join(60)
     assert slow.result_success is True, slow.error
+
+
+def axe_check(*urls_and_selectors: str) -> Any:
+    """axe-core's report on each page (`make a11y` installs it with playwright-core)."""
+    node = shutil.which("node")
+    if node is None or not (A11Y_NODE_MODULES / "axe-core").is_dir():
+        pytest.fail(
+            "the accessibility check needs node and `make a11y` (axe-core, playwright-core)"
+        )
+    env = {**os.environ, "NODE_PATH": str(A11Y_NODE_MODULES), "CHROMIUM": chromium() or ""}
+    done = subprocess.run(
+        [node, str(AXE_CHECK), *urls_and_selectors],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+        cwd=A11Y_NODE_MODULES.parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import signal
 import threading
 import urllib.request
@@ -31,11 +32,12 @@ from conftest import (
     wait_for,
 )
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, execute_job
+from dagster._core.definitions.metadata import UrlMetadataValue
 from dagster._core.execution.plan.objects import ErrorSource
 from dagster._core.instance.ref import InstanceRef
 
 from dagster_taskiq_controller import contract
-from dagster_taskiq_controller_testing.ecs import BUCKET, EcsHarness
+from dagster_taskiq_controller_testing.ecs import BUCKET, CONTAINER, EcsHarness
 from dagster_taskiq_controller_testing.stack import Controller, Queues, create_queues
 
 pytestmark = [
@@ -180,6 +182,24 @@ def test_diamond_runs_every_step_as_its_own_ecs_task(stack: Stack) -> None:
     records = wait_for(acked_records, 10, "every step record to be acked")
     assert len(records) == 6
     assert all(r["locator"].startswith("arn:aws:ecs:") for r in records), records
+    # Each record links to its task and log stream; so does a launch event in Dagster.
+    for record in records:
+        task_id = record["locator"].rsplit("/", 1)[1]
+        kinds = {link["kind"]: link["url"] for link in record["links"]}
+        assert set(kinds) == {"ecs_task", "cloudwatch_logs"}, record
+        assert kinds["cloudwatch_logs"].endswith(f"$252F{task_id}"), kinds
+    launch_links = {
+        e.step_key: e.dagster_event.event_specific_data.metadata[
+            contract.META_LINK_PREFIX + "cloudwatch_logs"
+        ].value
+        for e in events_of(stack.instance, run_id, DagsterEventType.ENGINE_EVENT)
+        if contract.META_LINK_PREFIX + "cloudwatch_logs"
+        in (e.dagster_event.event_specific_data.metadata or {})
+    }
+    assert launch_links == {
+        r["step_key"]: next(link["url"] for link in r["links"] if link["kind"] == "cloudwatch_logs")
+        for r in records
+    }
     metrics = stack.metrics()
     assert 'dagster_taskiq_steps_launched_total{launcher="ecs"} 6' in metrics
     assert 'operation="DescribeTasks",result="ok"' in metrics
@@ -194,6 +214,17 @@ def test_an_oom_killed_task_gets_a_verdict_and_the_retry_policy_applies(stack: S
     (verdict,) = verdicts_of(stack.instance, run_id)
     metadata = verdict.dagster_event.event_specific_data.metadata
     assert "ran out of memory" in metadata[contract.META_VERDICT].value
+    # The verdict leads to the task and its log stream (url metadata in the Dagster UI).
+    task_link = metadata[contract.META_LINK_PREFIX + "ecs_task"]
+    logs_link = metadata[contract.META_LINK_PREFIX + "cloudwatch_logs"]
+    assert isinstance(task_link, UrlMetadataValue) and isinstance(logs_link, UrlMetadataValue)
+    task_id = task_link.value.split("/tasks/")[1].split("?")[0]
+    assert re.fullmatch(r"[0-9a-zA-Z-]+", task_id), task_link.value
+    assert task_link.value.startswith("https://us-east-1.console.aws.amazon.com/ecs/v2/clusters/")
+    assert logs_link.value.endswith(
+        f"#logsV2:log-groups/log-group/$252Fecs$252Fdagster-steps/log-events/"
+        f"steps$252F{CONTAINER}$252F{task_id}"
+    ), logs_link.value
     assert metadata[contract.META_EXIT].value == "ecs OutOfMemoryError exit code 137"
     assert "OutOfMemoryError: Container killed" in metadata[contract.META_STDERR_TAIL].value
     retries = events_of(stack.instance, run_id, DagsterEventType.STEP_UP_FOR_RETRY)

@@ -109,6 +109,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
         queue_url: args.queue_url.clone(),
         dlq_url: dlq_url.clone(),
         started_at: chrono::Utc::now(),
+        dagster_url: args.dashboard.dagster_url.clone(),
     };
     let dashboard_stop = CancellationToken::new();
     let admin_api = admin_token.is_some();
@@ -382,6 +383,7 @@ async fn start_dashboard(
         read_token: read_token.as_deref().map(Arc::from),
         draining: ctx.draining.clone(),
         queue_cache: Arc::new(QueueCache::new(QUEUE_COUNTS_MAX_AGE)),
+        dagster_ui: args.dashboard.dagster_ui()?.map(Arc::new),
     };
     Ok(tokio::spawn(dashboard::serve(
         listener,

@@ -141,7 +141,7 @@ async fn note_relaunch(ctx: &Context, step: &StepRequest, message: &ReceivedMess
         "dagster-taskiq-controller: relaunching attempt {} of {} (delivery {}): the previous holder of the message ended without an outcome (a surviving ECS task is adopted instead)",
         step.attempt, step.step_key, message.receive_count
     );
-    if let Err(e) = ctx.bridge.report_event(step, &note, &metadata).await {
+    if let Err(e) = ctx.bridge.report_event(step, &note, &metadata, &[]).await {
         tracing::warn!(%e, "could not record the relaunch in Dagster");
     }
 }

@@ -4,16 +4,19 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use tokio::time::Instant;
 
 use super::reconcile::{reconcile, Decision};
 use super::supervise::{supervise, Ended};
 use super::{calls, claim, handoff, launcher_name, settle, sleep_until_deadline, Context};
 use crate::admission::{Slot, Ticket};
-use crate::dagster::Verdict;
+use crate::dagster::{Verdict, META_ATTEMPT, META_TASK_ID};
 use crate::envelope::{LauncherKind, StepRequest};
 use crate::launcher::{LaunchError, RunningStep};
 use crate::lease::LeaseSignals;
+use crate::links::Link;
 use crate::outcome::{DeadLetterReason, Finish, Outcome, Release};
 use crate::queue::ReceivedMessage;
 use crate::state::StepState;
@@ -105,7 +108,10 @@ pub(super) async fn live(
         Err(outcome) => return outcome.into(),
     };
     let started = Instant::now();
+    let links = running.links();
+    report_launch(ctx, step, running.as_ref(), &links);
     ctx.steps.update(&step.task_id, |r| {
+        r.links = links;
         r.locator = Some(running.locator());
         r.launcher = Some(launcher_name(kind).to_owned());
         r.state = StepState::Running;
@@ -125,6 +131,35 @@ pub(super) async fn live(
         outcome,
         launched: Some(Launched { kind, exited_at }),
     }
+}
+
+/// Writes an engine event with the execution's pages (an ECS task, its log stream) into the
+/// step's Dagster log, in the background: the Dagster UI then leads to the step's logs. An
+/// execution without such pages (a local process) writes nothing.
+fn report_launch(ctx: &Context, step: &StepRequest, running: &dyn RunningStep, links: &[Link]) {
+    if links.is_empty() {
+        return;
+    }
+    let metadata = BTreeMap::from([
+        (META_ATTEMPT.to_owned(), step.attempt.to_string()),
+        (META_TASK_ID.to_owned(), step.task_id.clone()),
+        ("locator".to_owned(), running.locator()),
+    ]);
+    let note = format!(
+        "dagster-taskiq-controller: attempt {} of {} runs as {}",
+        step.attempt,
+        step.step_key,
+        running.locator()
+    );
+    let (bridge, step, links) = (ctx.bridge.clone(), step.clone(), links.to_vec());
+    tokio::spawn(
+        async move {
+            if let Err(e) = bridge.report_event(&step, &note, &metadata, &links).await {
+                tracing::warn!(%e, "could not write the step's links into Dagster");
+            }
+        }
+        .in_current_span(),
+    );
 }
 
 /// Waits for a run slot. Gives up on it when draining, when the lease is lost, when the
@@ -279,6 +314,7 @@ async fn conclude(
         ),
         exit: exit.short(),
         stderr_tail: running.stderr_tail().join("\n"),
+        links: running.links(),
     };
     tracing::warn!(verdict = %verdict.verdict, "no outcome in Dagster: reporting a verdict");
     ctx.steps

@@ -157,6 +157,7 @@ async fn continuation_lost(
         ),
         exit: "killed".into(),
         stderr_tail: running.stderr_tail().join("\n"),
+        links: running.links(),
     };
     let attempt = step.id();
     match calls::ask_bridge(ctx, step, "report_verdict", || {

@@ -21,6 +21,7 @@ use crate::envelope::{AttemptId, StepRequest};
 pub use crate::envelope::{StoredEcs, StoredSecret};
 
 use crate::flags::parse_seconds;
+use crate::links::Link;
 use crate::step_env::StepEnvironment;
 
 pub use sidecar::{RestartCause, SidecarBridge, SidecarConfig, SidecarState, SidecarStatus};
@@ -186,6 +187,8 @@ pub struct Verdict {
     pub exit: String,
     /// Last lines the step wrote to stderr.
     pub stderr_tail: String,
+    /// The execution's pages (its ECS task, its log stream): url metadata of the event.
+    pub links: Vec<Link>,
 }
 
 impl Verdict {
@@ -195,6 +198,7 @@ impl Verdict {
             verdict,
             exit: "not run".into(),
             stderr_tail: String::new(),
+            links: Vec::new(),
         }
     }
 }
@@ -384,12 +388,13 @@ pub trait DagsterBridge: Send + Sync + 'static {
         verdict: &Verdict,
     ) -> Result<VerdictAck, BridgeError>;
 
-    /// Writes an informational engine event for the step.
+    /// Writes an informational engine event for the step; `links` become url metadata.
     async fn report_event(
         &self,
         step: &StepRequest,
         message: &str,
         metadata: &BTreeMap<String, String>,
+        links: &[Link],
     ) -> Result<(), BridgeError>;
 
     /// Whether Dagster answers at all (starting the sidecar if it is not running). With an

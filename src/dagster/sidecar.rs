@@ -677,6 +677,7 @@ impl DagsterBridge for SidecarBridge {
         params.insert("verdict".into(), verdict.verdict.clone().into());
         params.insert("exit".into(), verdict.exit.clone().into());
         params.insert("stderr_tail".into(), verdict.stderr_tail.clone().into());
+        params.insert("links".into(), link_params(&verdict.links));
         let result = self.call("report_verdict", Value::Object(params)).await?;
         parse("report_verdict", result)
     }
@@ -686,10 +687,12 @@ impl DagsterBridge for SidecarBridge {
         step: &StepRequest,
         message: &str,
         metadata: &std::collections::BTreeMap<String, String>,
+        links: &[crate::links::Link],
     ) -> Result<(), BridgeError> {
         let mut params = step_params(step);
         params.insert("message".into(), message.into());
         params.insert("metadata".into(), json!(metadata));
+        params.insert("links".into(), link_params(links));
         self.call("report_event", Value::Object(params)).await?;
         Ok(())
     }
@@ -774,6 +777,16 @@ impl DagsterBridge for SidecarBridge {
     fn subscribe(&self) -> broadcast::Receiver<BridgePush> {
         self.pushes.subscribe()
     }
+}
+
+/// Links as the bridge takes them: `{kind: url}`, written as url metadata.
+fn link_params(links: &[crate::links::Link]) -> Value {
+    Value::Object(
+        links
+            .iter()
+            .map(|l| (l.kind.to_owned(), Value::String(l.url.clone())))
+            .collect(),
+    )
 }
 
 #[cfg(test)]

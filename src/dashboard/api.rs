@@ -143,6 +143,13 @@ pub(super) fn routes(
         .map(|task_id: String, state: DashboardState| {
             respond(get_step(&state, &task_id).map(|v| (StatusCode::OK, v)))
         });
+    let history = warp::path!("api" / "v1" / "history")
+        .and(warp::get())
+        .and(require_read(state.clone()))
+        .and(with_state(state.clone()))
+        .map(|state: DashboardState| {
+            json_reply(&state.steps.history().view(Utc::now()), StatusCode::OK)
+        });
     let summary =
         warp::path!("api" / "v1" / "summary")
             .and(warp::get())
@@ -179,6 +186,8 @@ pub(super) fn routes(
             },
         );
     list.or(one)
+        .unify()
+        .or(history)
         .unify()
         .or(summary)
         .unify()
@@ -224,7 +233,12 @@ struct StepView {
     active: bool,
 }
 
-fn view(state: &DashboardState, record: StepRecord) -> StepView {
+fn view(state: &DashboardState, mut record: StepRecord) -> StepView {
+    if let Some(ui) = &state.dagster_ui {
+        let ecs = std::mem::take(&mut record.links);
+        record.links = ui.links(&record.run_id, &record.step_key).into();
+        record.links.extend(ecs);
+    }
     let received_at = record.history.first().map(|(_, at)| *at);
     let updated_at = record.history.last().map(|(_, at)| *at);
     let active = !record.state.is_final();

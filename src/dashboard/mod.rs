@@ -25,6 +25,7 @@ use crate::admission::AdmissionView;
 use crate::dagster::{SidecarBridge, SidecarStatus};
 use crate::health::Health;
 use crate::lease::LeaseTable;
+use crate::links::DagsterUi;
 use crate::metrics::Metrics;
 use crate::queue::{QueueAdmin, QueueCounts};
 use crate::state::StepTable;
@@ -57,6 +58,8 @@ pub struct ControllerInfo {
     pub queue_url: String,
     pub dlq_url: String,
     pub started_at: DateTime<Utc>,
+    /// The Dagster webserver (`--dagster-url`), for the page's links.
+    pub dagster_url: Option<String>,
 }
 
 /// What the routes read (and the two things they may change: stop requests, dead letters).
@@ -78,6 +81,8 @@ pub struct DashboardState {
     /// Cancelled when draining starts: `/readyz` turns not-ready.
     pub draining: CancellationToken,
     pub queue_cache: Arc<QueueCache>,
+    /// `--dagster-url`: step records link to their run in the Dagster UI.
+    pub dagster_ui: Option<Arc<DagsterUi>>,
 }
 
 /// Queue depths from GetQueueAttributes, refreshed at most every `max_age` however many
@@ -123,6 +128,10 @@ impl QueueCache {
         let snapshot = match result {
             Ok(Ok((work, dlq))) => {
                 state.health.queue_contact("GetQueueAttributes", None);
+                state
+                    .steps
+                    .history()
+                    .record_queue_depth(Utc::now(), work.visible);
                 for (queue, counts) in [("work", work), ("dlq", dlq)] {
                     for (name, value) in [
                         ("visible", counts.visible),
@@ -177,11 +186,34 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Serves until `stop` is cancelled. The caller bounds how long it waits after that, so an
 /// idle keep-alive connection cannot hold the exit.
 pub async fn serve(listener: TcpListener, state: DashboardState, stop: CancellationToken) {
+    tokio::spawn(sample_history(state.clone(), stop.clone()));
     warp::serve(routes(state))
         .incoming(listener)
         .graceful(async move { stop.cancelled().await })
         .run()
         .await;
+}
+
+/// How often the history samples the queue depth and the messages held when nothing else
+/// does (a dashboard or Prometheus reading the queue depth records it too): two
+/// GetQueueAttributes calls (work queue and DLQ) per sample, through the cache.
+const HISTORY_SAMPLE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Keeps the history's gauges filled in minutes without transitions or readers.
+async fn sample_history(state: DashboardState, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(HISTORY_SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        state
+            .steps
+            .history()
+            .record_in_flight(Utc::now(), state.steps.active_count());
+        state.queue_cache.get(&state).await;
+    }
 }
 
 fn with_state(
@@ -373,13 +405,27 @@ pub struct DashboardArgs {
     /// File holding the read token (a mounted secret); one trailing newline is ignored.
     #[arg(long, env = "DAGSTER_TASKIQ_READ_TOKEN_FILE", value_name = "PATH")]
     pub read_token_file: Option<PathBuf>,
+
+    /// Base URL of the Dagster webserver (http or https, e.g. `https://dagster.example.com`):
+    /// the dashboard links run ids and step keys to their run page there.
+    #[arg(long, env = "DAGSTER_TASKIQ_DAGSTER_URL", value_name = "URL")]
+    pub dagster_url: Option<String>,
 }
 
 impl DashboardArgs {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.admin_token()?;
         self.read_token()?;
+        self.dagster_ui()?;
         Ok(())
+    }
+
+    /// The Dagster UI of `--dagster-url`, checked; `None`: no links into Dagster.
+    pub fn dagster_ui(&self) -> Result<Option<DagsterUi>, ConfigError> {
+        self.dagster_url
+            .as_deref()
+            .map(|url| DagsterUi::parse(url).map_err(|e| invalid("dagster-url", e)))
+            .transpose()
     }
 
     /// The admin token, from `--admin-token` or `--admin-token-file`; `None`: the mutating

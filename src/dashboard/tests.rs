@@ -114,6 +114,7 @@ fn bed_with(token: Option<&str>, read_token: Option<&str>) -> Bed {
             queue_url: "http://q/work".into(),
             dlq_url: "http://q/dlq".into(),
             started_at: Utc::now(),
+            dagster_url: None,
         }),
         metrics: metrics.clone(),
         steps: Arc::new(StepTable::default()),
@@ -130,6 +131,7 @@ fn bed_with(token: Option<&str>, read_token: Option<&str>) -> Bed {
         read_token: read_token.map(Arc::from),
         draining: CancellationToken::new(),
         queue_cache: Arc::new(QueueCache::new(Duration::from_secs(60))),
+        dagster_ui: None,
     };
     Bed {
         state,
@@ -754,4 +756,134 @@ fn read_token_flags_are_validated_and_files_trimmed() {
     assert!(err.to_string().contains("cannot read"), "{err}");
     // One source only.
     assert!(parse(&["--read-token", READ_TOKEN, "--read-token-file", path]).is_err());
+}
+
+#[tokio::test]
+async fn the_history_counts_launches_outcomes_and_queue_depth_per_minute() {
+    let bed = bed(None);
+    let a = bed.claim(1, "run-a", "emit");
+    let b = bed.claim(2, "run-a", "join");
+    bed.state.steps.transition(&a, StepState::Running);
+    bed.state.steps.transition(&b, StepState::Running);
+    bed.state
+        .steps
+        .update(&a, |r| r.outcome = Some("succeeded"));
+    bed.state.steps.transition(&a, StepState::Acked);
+    // Reading the summary reads the queue depth, and the history keeps it.
+    bed.call("GET", "/api/v1/summary").await;
+    let (status, history) = bed.call("GET", "/api/v1/history").await;
+    assert_eq!(status, StatusCode::OK, "{history}");
+    let minutes = history["minutes"].as_array().unwrap();
+    assert_eq!(minutes.len(), crate::history::MINUTES);
+    // The newest minute; a test that crosses a minute boundary sums the last two.
+    let sum = |key: &str| -> u64 {
+        minutes[minutes.len() - 2..]
+            .iter()
+            .map(|m| m[key].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert_eq!(sum("launches"), 2, "{history}");
+    let outcomes: u64 = minutes[minutes.len() - 2..]
+        .iter()
+        .map(|m| m["outcomes"]["succeeded"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(outcomes, 1);
+    let largest = |key: &str| -> f64 {
+        minutes[minutes.len() - 2..]
+            .iter()
+            .filter_map(|m| m[key].as_f64())
+            .fold(0.0, f64::max)
+    };
+    assert_eq!(largest("queue_depth"), 4.0, "{history}");
+    assert_eq!(largest("in_flight"), 2.0, "{history}");
+    assert!(largest("start_latency_p50") > 0.0, "{history}");
+}
+
+#[tokio::test]
+async fn the_history_needs_the_read_token_like_the_rest_of_the_api() {
+    let bed = bed_with(Some(TOKEN), Some(READ_TOKEN));
+    let (status, _) = bed.call("GET", "/api/v1/history").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = bed
+        .call_with("GET", "/api/v1/history", Some(READ_TOKEN), "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn with_a_dagster_url_records_link_to_their_run_and_step() {
+    let mut bed = bed(None);
+    bed.state.dagster_ui = Some(Arc::new(
+        DagsterUi::parse("https://dagster.example.com/prefix/").unwrap(),
+    ));
+    let task = bed.claim(1, "run-a", "emit");
+    // The envelope refuses such a run id; the links do not rely on it.
+    bed.state.steps.update(&task, |r| {
+        r.run_id = "run-\"><img src=x>".into();
+        r.links = crate::links::ecs_links("arn:aws:ecs:eu-west-1:1:task/c/abc123", "step", None)
+    });
+    let (status, record) = bed.call("GET", &format!("/api/v1/steps/{task}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let links: Vec<(String, String)> = record["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["kind"].as_str().unwrap().to_owned(),
+                l["url"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        links,
+        [
+            (
+                "dagster_run".to_owned(),
+                "https://dagster.example.com/prefix/runs/run-%22%3E%3Cimg%20src=x%3E".to_owned()
+            ),
+            (
+                "dagster_step".to_owned(),
+                "https://dagster.example.com/prefix/runs/run-%22%3E%3Cimg%20src=x%3E\
+                 ?selection=emit&logs=step%3Aemit"
+                    .to_owned()
+            ),
+            (
+                "ecs_task".to_owned(),
+                "https://eu-west-1.console.aws.amazon.com/ecs/v2/clusters/c/tasks/abc123\
+                 ?region=eu-west-1"
+                    .to_owned()
+            ),
+        ]
+    );
+    // Without the flag only the execution's own links.
+    bed.state.dagster_ui = None;
+    let (_, record) = bed.call("GET", &format!("/api/v1/steps/{task}")).await;
+    assert_eq!(record["links"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn the_dagster_url_flag_is_validated() {
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        dashboard: DashboardArgs,
+    }
+    let parse = |argv: &[&str]| {
+        Cli::try_parse_from(std::iter::once("x").chain(argv.iter().copied()))
+            .unwrap()
+            .dashboard
+    };
+    assert!(parse(&[]).dagster_ui().unwrap().is_none());
+    let ui = parse(&["--dagster-url", "http://dagster:3000"])
+        .dagster_ui()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ui.run("r"), "http://dagster:3000/runs/r");
+    for bad in ["dagster:3000", "javascript:alert(1)", "http://x/?q=1"] {
+        let err = parse(&["--dagster-url", bad]).validate().unwrap_err();
+        assert!(err.to_string().starts_with("--dagster-url:"), "{err}");
+    }
 }

@@ -227,6 +227,7 @@ impl EcsApi for FakeEcs {
                 name: container.into(),
                 image: image.into(),
                 secrets: secrets.to_vec(),
+                logs: None,
             }],
         };
         revisions.push(view.clone());

@@ -798,6 +798,7 @@ impl DagsterBridge for FakeBridge {
         step: &StepRequest,
         message: &str,
         _metadata: &BTreeMap<String, String>,
+        _links: &[crate::links::Link],
     ) -> Result<(), BridgeError> {
         let mut inner = self.inner.lock();
         inner.calls += 1;

@@ -211,6 +211,7 @@ impl EcsLauncher {
             arn: config.task_definition.clone(),
             container: base.container.clone(),
             image: String::new(),
+            logs: None,
         });
         let task_definitions = TaskDefinitions::new(base_definition, api.clone(), metrics.clone());
         Self {
@@ -450,8 +451,14 @@ impl EcsLauncher {
     fn running(&self, view: TaskView, step: &StepRequest) -> Box<dyn RunningStep> {
         let arn = view.task_arn.clone();
         let rx = self.tracker.track(&arn, Some(view));
+        let links = crate::links::ecs_links(
+            &arn,
+            &self.base.container,
+            self.task_definitions.base().logs.as_ref(),
+        );
         Box::new(EcsStep {
             arn,
+            links,
             container: self.base.container.clone(),
             stopper: Stopper {
                 api: self.api.clone(),
@@ -553,6 +560,8 @@ impl Stopper {
 /// A step running as an ECS task; its status comes from the shared tracker.
 struct EcsStep {
     arn: String,
+    /// The task and its log stream in the AWS console.
+    links: Vec<crate::links::Link>,
     container: String,
     stopper: Stopper,
     rx: watch::Receiver<Tracked>,
@@ -575,6 +584,10 @@ impl EcsStep {
 impl RunningStep for EcsStep {
     fn locator(&self) -> String {
         self.arn.clone()
+    }
+
+    fn links(&self) -> Vec<crate::links::Link> {
+        self.links.clone()
     }
 
     fn pid(&self) -> Option<u32> {

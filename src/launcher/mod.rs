@@ -134,6 +134,10 @@ pub trait Launcher: Send + Sync + 'static {
 pub trait RunningStep: Send + Sync {
     /// Where it runs, for logs and the API: `pid 1234`, a task ARN.
     fn locator(&self) -> String;
+    /// Pages about the execution outside the controller (an ECS task and its log stream).
+    fn links(&self) -> Vec<crate::links::Link> {
+        Vec::new()
+    }
     /// OS process id, for the local launchers.
     fn pid(&self) -> Option<u32>;
     /// Waits for the end. Cancel-safe: may be polled again after being dropped mid-way.

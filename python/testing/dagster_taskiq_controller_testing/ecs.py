@@ -44,6 +44,7 @@ ACCOUNT_ID = "123456789012"
 CLUSTER = "dagster-steps"
 TASK_FAMILY = "dagster-step"
 CONTAINER = "dagster"
+LOG_GROUP = "/ecs/dagster-steps"
 BUCKET = "dagster-step-args"
 ALLOWED_COMMANDS = ("dagster", "python")
 # Like ECS's stopTimeout: SIGKILL this long after the SIGTERM of a StopTask.
@@ -199,6 +200,15 @@ class EcsHarness:
                     "memory": 1024,
                     "essential": True,
                     "command": ["dagster", "api", "execute_step"],
+                    # The controller links each step to its log stream from these.
+                    "logConfiguration": {
+                        "logDriver": "awslogs",
+                        "options": {
+                            "awslogs-group": LOG_GROUP,
+                            "awslogs-region": REGION,
+                            "awslogs-stream-prefix": "steps",
+                        },
+                    },
                 }
             ],
         )

@@ -119,6 +119,8 @@ pub(crate) struct ContainerDefinitionView {
     pub image: String,
     /// Sorted by name.
     pub secrets: Vec<Secret>,
+    /// Its `awslogs` log configuration, if it has one.
+    pub logs: Option<crate::links::AwsLogs>,
 }
 
 impl TaskDefinitionView {
@@ -506,10 +508,24 @@ fn definition_view(td: &ecs::TaskDefinition) -> TaskDefinitionView {
                     name: c.name().unwrap_or_default().to_owned(),
                     image: c.image().unwrap_or_default().to_owned(),
                     secrets,
+                    logs: c.log_configuration().and_then(awslogs),
                 }
             })
             .collect(),
     }
+}
+
+/// The `awslogs` options of a log configuration (other drivers: none).
+fn awslogs(config: &ecs::LogConfiguration) -> Option<crate::links::AwsLogs> {
+    if config.log_driver().as_str() != "awslogs" {
+        return None;
+    }
+    let options = config.options()?;
+    Some(crate::links::AwsLogs {
+        group: options.get("awslogs-group")?.clone(),
+        stream_prefix: options.get("awslogs-stream-prefix").cloned(),
+        region: options.get("awslogs-region").cloned(),
+    })
 }
 
 pub(crate) struct AwsBlobStore {

@@ -32,14 +32,18 @@ pub(crate) struct BaseDefinition {
     pub arn: String,
     pub container: String,
     pub image: String,
+    /// The step container's `awslogs` settings: a copy for another image keeps them.
+    pub logs: Option<crate::links::AwsLogs>,
 }
 
 impl BaseDefinition {
     pub(crate) fn from_view(view: &TaskDefinitionView, container: &str) -> Option<Self> {
+        let step = view.container(container)?;
         Some(BaseDefinition {
             arn: view.arn.clone(),
             container: container.to_owned(),
-            image: view.container(container)?.image.clone(),
+            image: step.image.clone(),
+            logs: step.logs.clone(),
         })
     }
 }

@@ -34,6 +34,11 @@ fn config(offload: Option<&str>) -> EcsLauncherConfig {
             arn: BASE_ARN.into(),
             container: "dagster".into(),
             image: BASE_IMAGE.into(),
+            logs: Some(crate::links::AwsLogs {
+                group: "/ecs/steps".into(),
+                stream_prefix: Some("steps".into()),
+                region: None,
+            }),
         }),
     }
 }
@@ -69,6 +74,25 @@ async fn first_delivery_launches_one_task_without_looking_for_others() {
     let running = ecs.launch(&step(1)).await.unwrap();
     assert!(running.survives_controller());
     assert!(running.locator().starts_with("arn:aws:ecs:"));
+    // The task and its log stream (awslogs-stream-prefix/container/task id) are linked.
+    let task_id = running.locator().rsplit('/').next().unwrap().to_owned();
+    let links = running.links();
+    assert_eq!(
+        links.iter().map(|l| l.kind).collect::<Vec<_>>(),
+        ["ecs_task", "cloudwatch_logs"]
+    );
+    assert!(
+        links[0]
+            .url
+            .ends_with(&format!("/tasks/{task_id}?region=us-east-1")),
+        "{links:?}"
+    );
+    assert!(
+        links[1]
+            .url
+            .ends_with(&format!("/log-events/steps$252Fdagster$252F{task_id}")),
+        "{links:?}"
+    );
     let calls = fake.run_calls();
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].client_token, client_token(TASK_ID, 1));
@@ -465,6 +489,7 @@ fn a_derived_family_is_the_base_family_and_a_hash_of_what_differs() {
         arn: BASE_ARN.into(),
         container: "dagster".into(),
         image: BASE_IMAGE.into(),
+        logs: None,
     };
     let b = task_definitions::derived_family(&base, TEAM_B, &[]);
     assert!(
