@@ -353,7 +353,11 @@ async fn note_out_of_memory(ctx: &Context, step: &StepRequest, note: &str) {
         "dagster-taskiq-controller: attempt {} of {} failed for its memory limit: {note}",
         step.attempt, step.step_key
     );
-    if let Err(e) = ctx.bridge.report_event(step, &message, &metadata).await {
+    if let Err(e) = ctx
+        .bridge
+        .report_event(step, &message, &metadata, &[])
+        .await
+    {
         tracing::warn!(%e, "could not record the out-of-memory failure in Dagster");
     }
 }
