@@ -539,9 +539,9 @@ impl Placement {
     }
 
     /// The sentence for a step that ended for its memory limit: the kernel OOM-killed its
-    /// cgroup, or (rlimit mode) an allocation failed (its stderr tail names the error). Call
-    /// after it exited.
-    pub(crate) fn out_of_memory(&self, exit: StepExit, stderr_tail: &[String]) -> Option<String> {
+    /// cgroup, or (rlimit mode) an allocation failed (one of its stderr lines named the error:
+    /// `allocation_failed`, see [`names_an_allocation_failure`]). Call after it exited.
+    pub(crate) fn out_of_memory(&self, exit: StepExit, allocation_failed: bool) -> Option<String> {
         let limit = human_bytes(self.limits.memory?);
         match &self.cgroup {
             Some(dir) => {
@@ -559,24 +559,13 @@ impl Placement {
                     )
                 })
             }
-            None => {
-                // Python names the error on a line of its own in a traceback (Dagster's
-                // failure report prints the op's chain the same way); C and C++ code, these.
-                let allocation_failed = stderr_tail.iter().any(|l| {
-                    let l = l.trim();
-                    l == "MemoryError"
-                        || l.starts_with("MemoryError:")
-                        || l.contains("Cannot allocate memory")
-                        || l.contains("std::bad_alloc")
-                });
-                allocation_failed.then(|| {
-                    format!(
-                        "out of memory: {limit} limit (address-space rlimit: an allocation \
-                         failed; {})",
-                        exit.short()
-                    )
-                })
-            }
+            None => allocation_failed.then(|| {
+                format!(
+                    "out of memory: {limit} limit (address-space rlimit: an allocation \
+                     failed; {})",
+                    exit.short()
+                )
+            }),
         }
     }
 }
@@ -618,6 +607,18 @@ fn set_address_space_limit(pid: libc::pid_t, bytes: u64) -> std::io::Result<()> 
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Whether a step's stderr line names a failed allocation: Python names the error on a line of
+/// its own in a traceback (Dagster's failure report prints the op's chain the same way); C and
+/// C++ code, the others. Every line is checked as it is read, not only the tail a verdict quotes
+/// (Dagster logs more after the failure).
+pub(crate) fn names_an_allocation_failure(line: &str) -> bool {
+    let line = line.trim();
+    line == "MemoryError"
+        || line.starts_with("MemoryError:")
+        || line.contains("Cannot allocate memory")
+        || line.contains("std::bad_alloc")
 }
 
 #[cfg(test)]
@@ -683,23 +684,22 @@ mod tests {
             },
             cgroup: None,
         };
-        let tail = vec!["MemoryError".to_owned()];
-        let verdict = placement.out_of_memory(StepExit::Code(1), &tail).unwrap();
+        let verdict = placement.out_of_memory(StepExit::Code(1), true).unwrap();
         assert!(
             verdict.starts_with("out of memory: 256 MiB limit"),
             "{verdict}"
         );
-        assert!(placement
-            .out_of_memory(
-                StepExit::Code(1),
-                &["raise ValueError('MemoryError later')".to_owned()]
-            )
-            .is_none());
+        assert!(placement.out_of_memory(StepExit::Code(1), false).is_none());
+        assert!(names_an_allocation_failure("MemoryError"));
+        assert!(names_an_allocation_failure("MemoryError: cannot grow"));
+        assert!(!names_an_allocation_failure(
+            "raise ValueError('MemoryError later')"
+        ));
         let bare = Placement {
             limits: Limits::default(),
             cgroup: None,
         };
-        assert!(bare.out_of_memory(StepExit::Code(1), &tail).is_none());
+        assert!(bare.out_of_memory(StepExit::Code(1), true).is_none());
     }
 
     /// A cgroup2 file system mounted for one test (root only: fails loudly otherwise), with a
@@ -784,7 +784,9 @@ mod tests {
         placement.adopt(forked.id()).unwrap();
         let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap();
         assert_eq!(procs.trim(), forked.id().to_string());
-        assert!(placement.out_of_memory(StepExit::Signal(9), &[]).is_none());
+        assert!(placement
+            .out_of_memory(StepExit::Signal(9), false)
+            .is_none());
 
         // The step "ended" with a process of its cgroup still running.
         drop(placement);

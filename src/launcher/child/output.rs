@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::events::{self, EventLines, EventSink};
+use super::limits;
 use crate::bounded_lines::{BoundedLines, LongLines, MAX_LINE_BYTES};
 use crate::envelope::StepRequest;
 
@@ -21,15 +22,26 @@ const STDERR_TAIL_LINES: usize = 20;
 /// still hold them).
 const PIPE_DRAIN: Duration = Duration::from_secs(2);
 
-/// The shared buffer of a step's last stderr lines.
-type Tail = Arc<Mutex<VecDeque<String>>>;
+/// What a step's stderr told so far: its last lines, and whether any line named a failed
+/// allocation (the address-space limit's out-of-memory sign, which may scroll out of the tail).
+#[derive(Default)]
+struct StderrSeen {
+    tail: VecDeque<String>,
+    allocation_failed: bool,
+}
+
+/// Shared between the stderr reader and the step.
+type Tail = Arc<Mutex<StderrSeen>>;
 
 fn new_tail() -> Tail {
-    Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)))
+    Arc::new(Mutex::new(StderrSeen {
+        tail: VecDeque::with_capacity(STDERR_TAIL_LINES),
+        allocation_failed: false,
+    }))
 }
 
 fn tail_lines(tail: &Tail) -> Vec<String> {
-    tail.lock().iter().cloned().collect()
+    tail.lock().tail.iter().cloned().collect()
 }
 
 #[derive(Clone, Copy)]
@@ -97,11 +109,12 @@ async fn forward_lines(
             Stream::Stderr => tracing::info!(target: "step::stderr", "{line}"),
         }
         if let Some(tail) = &tail {
-            let mut tail = tail.lock();
-            if tail.len() == STDERR_TAIL_LINES {
-                tail.pop_front();
+            let mut seen = tail.lock();
+            seen.allocation_failed |= limits::names_an_allocation_failure(&line);
+            if seen.tail.len() == STDERR_TAIL_LINES {
+                seen.tail.pop_front();
             }
-            tail.push_back(line);
+            seen.tail.push_back(line);
         }
     }
 }
@@ -155,6 +168,11 @@ impl StepOutput {
 
     pub(super) fn stderr_tail(&self) -> Vec<String> {
         tail_lines(&self.stderr_tail)
+    }
+
+    /// Whether a stderr line so far named a failed allocation.
+    pub(super) fn allocation_failed(&self) -> bool {
+        self.stderr_tail.lock().allocation_failed
     }
 
     pub(super) fn take_events(&self) -> Option<EventLines> {

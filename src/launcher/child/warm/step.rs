@@ -153,7 +153,7 @@ impl RunningStep for WarmStep {
         let exit = self.exit?;
         self.placement
             .as_ref()?
-            .out_of_memory(exit, &self.output.stderr_tail())
+            .out_of_memory(exit, self.output.allocation_failed())
     }
 }
 
