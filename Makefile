@@ -168,8 +168,9 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 # Wall time of a diamond and a fan-out: controller cold and warm, Dagster's multiprocess
-# executor, an in-process taskiq worker, and cold, warm and forkserver on a PostgreSQL-backed
-# instance (a throwaway server). Report: stdout and target/bench-e2e.md.
+# executor, an in-process taskiq worker, Dagster's in_process_executor, and cold, warm and
+# forkserver on a PostgreSQL-backed instance (a throwaway server); the step hop of each and its
+# stages (bench/hop.py). Report: stdout and target/bench-e2e.md.
 bench-e2e: $(BENCH_STAMP) build postgresql
 	$(BINARY_ENV)=$(BIN) $(PY) bench/e2e.py
 

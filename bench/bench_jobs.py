@@ -14,6 +14,7 @@ from dagster import (
     JobDefinition,
     Output,
     graph,
+    in_process_executor,
     multiprocess_executor,
     op,
 )
@@ -72,6 +73,7 @@ def _executors() -> dict[str, object]:
     executors: dict[str, object] = {
         "controller": taskiq_controller_executor,
         "multiprocess": multiprocess_executor,
+        "in_process": in_process_executor,
     }
     try:
         from taskiq_app import taskiq_bench_executor

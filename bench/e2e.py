@@ -9,7 +9,11 @@
 - an in-process taskiq worker (real ``taskiq`` + ``taskiq-aio-sqs``) running the steps inside
   its own process (no isolation), as dagster-taskiq does;
 - on a PostgreSQL-backed instance (a throwaway server from the machine's PostgreSQL binaries,
-  ``make postgresql``): the controller cold and warm, and the forkserver executor beside them.
+  ``make postgresql``): the controller cold and warm, and the forkserver executor beside them;
+- Dagster's ``in_process_executor`` (every step in the run worker, no isolation): the floor.
+
+Also the step hop (an upstream's STEP_SUCCESS written → the next STEP_START written) of every
+variant, and for the controller both the hop and the step start cut into stages (bench/hop.py).
 
 Also the step start latency (message received → op code running) and, for the controller, where
 the time before a step starts goes (queue → received → bridge check → launch → op running).
@@ -42,6 +46,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
+import hop  # noqa: E402  (bench/hop.py, beside this file)
+
 GRAPHS = ("diamond4", "fanout11")
 STEPS = {"diamond4": 4, "fanout11": 11}
 MAX_CONCURRENT = 16
@@ -57,6 +63,7 @@ VARIANTS = [
     "cold_pg",
     "warm_pg",
     "forkserver_pg",
+    "in_process",
 ]
 
 
@@ -118,6 +125,11 @@ class Bench:
         self.binary = binary
         self.workdir = workdir
         self.results: dict[str, Measured] = {}
+        # The step hop of every variant, and its stages for the controller (bench/hop.py).
+        self.hops: dict[str, hop.Breakdown] = {}
+        self.dashboard: str | None = None
+        self.probe = hop.PublishProbe()
+        self.probe.install()
 
     # --- one job run -------------------------------------------------------------------------
 
@@ -172,16 +184,56 @@ class Bench:
             job_name = f"{graph}_{variant.executor}"
             warmup, _ = self.run_job(job_name, variant.run_config)
             times = []
+            calls_before = self.hop_calls()
             for _ in range(self.repeats):
                 seconds, run_id = self.run_job(job_name, variant.run_config)
                 times.append(seconds)
                 if observe is not None:
                     observe(run_id, measured)
+                self.observe_hop(variant.name, run_id)
+            self.hop_calls_since(variant.name, calls_before)
             measured.seconds[graph] = times
             log(
                 f"{variant.label}: {graph} warm-up {warmup:.2f}s, runs "
                 + ", ".join(f"{t:.2f}" for t in times)
             )
+
+    # --- the step hop (bench/hop.py) -------------------------------------------------------
+
+    def observe_hop(self, name: str, run_id: str) -> None:
+        from dagster import DagsterInstance
+
+        history = None
+        if self.dashboard is not None:
+            history = {
+                r["step_key"]: {h["state"]: parse_time(h["at"]) for h in r["history"]}
+                for r in http_json(f"{self.dashboard}/api/v1/steps")
+                if r["run_id"] == run_id
+            }
+        breakdown = self.hops.setdefault(name, hop.Breakdown())
+        hop.observe_run(breakdown, DagsterInstance.get(), run_id, history, self.probe)
+
+    def hop_calls(self) -> dict[str, tuple[float, float]]:
+        if self.dashboard is None:
+            return {}
+        with urllib.request.urlopen(f"{self.dashboard}/metrics", timeout=5) as response:
+            return hop.call_totals(response.read().decode())
+
+    def hop_calls_since(self, name: str, before: dict[str, tuple[float, float]]) -> None:
+        if self.dashboard is not None:
+            hop.add_calls(self.hops.setdefault(name, hop.Breakdown()), before, self.hop_calls())
+
+    def hop_report(self, present: list[tuple[str, str]]) -> list[str]:
+        rows = [(label, self.hops[name]) for name, label in present if name in self.hops]
+        lines = hop.hop_table(rows, percentile)
+        for label, breakdown in rows:
+            lines += hop.report_lines(label, breakdown, percentile)
+        return lines
+
+    def run_in_process(self) -> None:
+        """Dagster's in_process_executor: every step in the run worker, one after another (no
+        isolation); the floor of the comparison."""
+        self.measure(Variant("in_process", "Dagster in_process_executor", "in_process"))
 
     # --- variants ----------------------------------------------------------------------------
 
@@ -211,7 +263,11 @@ class Bench:
                     if time.monotonic() > deadline:
                         raise TimeoutError("the zygote did not become ready")
                     time.sleep(0.05)
-            yield controller.dashboard_url
+            self.dashboard = controller.dashboard_url
+            try:
+                yield controller.dashboard_url
+            finally:
+                self.dashboard = None
 
     def controller_observer(self, dashboard: str) -> Callable[[str, Measured], None]:
         def observe(run_id: str, measured: Measured) -> None:
@@ -349,6 +405,7 @@ class Bench:
             ("cold_pg", "PostgreSQL: controller, cold"),
             ("warm_pg", "PostgreSQL: controller, warm pool"),
             ("forkserver_pg", "PostgreSQL: multiprocess (forkserver + preload)"),
+            ("in_process", "Dagster in_process_executor"),
         ]
         present = [(n, label) for n, label in names if n in self.results]
         lines = [
@@ -419,6 +476,7 @@ class Bench:
                     f"| {label} | {len(latency)} | {percentile(latency, 0.5):.3f} | "
                     f"{percentile(latency, 0.99):.3f} |"
                 )
+        lines += self.hop_report(present)
         for name, label in present:
             phases = self.results[name].phases
             if not phases:
@@ -485,6 +543,13 @@ def main() -> int:
         default=MAX_CONCURRENT,
         help="the controller's --max-concurrent (steps running at once)",
     )
+    parser.add_argument(
+        "--warm-poll",
+        type=float,
+        default=0.1,
+        help="the executor's poll_interval_seconds in the warm variant (default: 0.1, the "
+        "executor's default)",
+    )
     args = parser.parse_args()
     only = set(args.only or VARIANTS)
 
@@ -510,7 +575,7 @@ def main() -> int:
         if "cold" in only:
             bench.run_controller("cold", "controller, cold", (), poll=0.1)
         if "warm" in only:
-            bench.run_controller("warm", "controller, warm pool", warm, poll=0.1)
+            bench.run_controller("warm", "controller, warm pool", warm, poll=args.warm_poll)
         if "warm_poll1" in only:
             bench.run_controller("warm_poll1", "warm pool, executor poll 1 s", warm, poll=1.0)
         if "spawn" in only:
@@ -523,6 +588,8 @@ def main() -> int:
             )
         if "taskiq" in only:
             bench.run_taskiq()
+        if "in_process" in only:
+            bench.run_in_process()
         if only & {"cold_pg", "warm_pg", "forkserver_pg"}:
             run_on_postgres(bench, only, warm, workdir)
         report = bench.report()

@@ -113,7 +113,9 @@ class TaskiqStepHandler(StepHandler):
 
 @executor(name="taskiq_bench", requirements=multiple_process_executor_requirements())
 def taskiq_bench_executor(init_context: InitExecutorContext) -> Executor:
-    # The same event-log poll interval as the controller's executor, so only launching differs.
+    # The same event-log poll interval as the controller's executor. Dagster's plain loop, as
+    # dagster-taskiq's: it does not also wake when the run's event log changes, as the
+    # controller's executor does on SQLite (EventLogWake).
     return StepDelegatingExecutor(
         TaskiqStepHandler(),
         retries=RetryMode.DISABLED,

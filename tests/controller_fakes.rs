@@ -969,6 +969,35 @@ async fn a_message_that_waits_too_long_for_a_slot_is_requeued_with_its_deliverie
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_exited_steps_slot_goes_to_the_next_step_before_its_outcome_is_read() {
+    let bed = bed_with_admission(
+        Duration::from_secs(1),
+        Duration::from_secs(12 * 3600),
+        AdmissionConfig {
+            prefetch: 1,
+            ..AdmissionConfig::capped(1)
+        },
+        None,
+    );
+    bed.queue
+        .push("first", &step_body(&task_id(23), "run1", "op_a", 0));
+    let handle = bed.start();
+    launched(&bed, &task_id(23)).await;
+    let first_launched = tokio::time::Instant::now();
+    // Once it has exited (after 1 s), its outcome cannot be read for the call budget (5 s).
+    bed.bridge.fail_step_state("op_a");
+    bed.queue
+        .push("next", &step_body(&task_id(24), "run1", "op_b", 0));
+    launched(&bed, &task_id(24)).await;
+    let waited = first_launched.elapsed();
+    assert!(
+        waited < Duration::from_secs(4),
+        "the one slot came free {waited:?} after the first step started"
+    );
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_requeued_copy_keeps_counting_the_deliveries_before_it() {
     let bed = bed(Duration::from_secs(1));
     bed.queue.push_with_attributes(

@@ -73,8 +73,94 @@ TERMINAL_EVENT_TYPES = frozenset(
 WATCHED_EVENT_TYPES = {DagsterEventType.ENGINE_EVENT, *PICKUP_EVENT_TYPES, *TERMINAL_EVENT_TYPES}
 
 
+WAKE_CHECK_SECONDS = 0.005
+"""How often the executor looks at a SQLite event log's files while it waits between polls."""
+
+
 def _monotonic() -> float:
     return time.monotonic()
+
+
+class EventLogWake:
+    """Waits, between two polls of a run's event log, until the log changed or the poll
+    interval is over, whichever comes first.
+
+    On a SQLite instance an event written to the run's shard changes the size or the
+    modification time of its database or write-ahead log file: looking at them costs a
+    ``stat`` where a poll costs an SQL query, so the wait can look every
+    ``WAKE_CHECK_SECONDS`` and a step's success is acted on within milliseconds instead of
+    half a poll interval on average. Other storages (PostgreSQL) have no file to look at: the
+    wait is the plain poll interval.
+    """
+
+    def __init__(self, paths: list[str]) -> None:
+        self._paths = paths
+        self._seen = self._signature()
+
+    @classmethod
+    def for_run(cls, instance: Any, run_id: str) -> EventLogWake | None:
+        from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+            SqliteEventLogStorage,
+        )
+
+        storage = getattr(instance, "event_log_storage", None)
+        if not isinstance(storage, SqliteEventLogStorage):
+            return None
+        path = storage.path_for_shard(run_id)
+        return cls([path, f"{path}-wal"])
+
+    def _signature(self) -> tuple[tuple[int, int] | None, ...]:
+        signature = []
+        for path in self._paths:
+            try:
+                stat = os.stat(path)
+            except OSError:
+                signature.append(None)
+            else:
+                signature.append((stat.st_mtime_ns, stat.st_size))
+        return tuple(signature)
+
+    def wait(self, seconds: float) -> None:
+        """Returns once the log differs from what it was when the previous wait returned (so
+        nothing written during the poll in between is missed), or after ``seconds``."""
+        deadline = _monotonic() + seconds
+        while True:
+            now = self._signature()
+            if now != self._seen:
+                break
+            left = deadline - _monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(WAKE_CHECK_SECONDS, left))
+        self._seen = now
+
+
+class WakingStepDelegatingExecutor(StepDelegatingExecutor):
+    """Dagster's step-delegating executor, woken from its pause between event-log polls as
+    soon as the run's event log changes (``EventLogWake``), not only at the poll interval.
+
+    Dagster's loop pauses with ``time.sleep(self._sleep_seconds)`` after each poll; the wait
+    happens when it reads that attribute, which then says 0. Nothing else of the loop
+    changes: the poll interval stays the longest pause (interrupts, health checks).
+    """
+
+    _poll_interval: float
+    _wake: EventLogWake | None = None
+
+    @property  # type: ignore[override]
+    def _sleep_seconds(self) -> float:
+        if self._wake is None:
+            return self._poll_interval
+        self._wake.wait(self._poll_interval)
+        return 0.0
+
+    @_sleep_seconds.setter
+    def _sleep_seconds(self, value: float) -> None:
+        self._poll_interval = value
+
+    def execute(self, plan_context: Any, execution_plan: Any) -> Iterator[DagsterEvent]:
+        self._wake = EventLogWake.for_run(plan_context.instance, plan_context.run_id)
+        yield from super().execute(plan_context, execution_plan)
 
 
 @dataclass
@@ -152,7 +238,8 @@ TASKIQ_CONTROLLER_EXECUTOR_CONFIG: dict[str, Field] = {
         float,
         is_required=False,
         default_value=0.1,
-        description="Seconds between polls of the event log for step events.",
+        description="Longest pause between polls of the event log for step events. On a "
+        "SQLite instance the executor also wakes as soon as the run's event log changes.",
     ),
     # Plain strings, not StringSource: the controller reads them from the stored run config,
     # where an {"env": ...} would still be unresolved (and resolving it on the controller's
@@ -441,7 +528,7 @@ def taskiq_controller_executor(init_context: InitExecutorContext) -> Executor:
     retries = RetryMode.from_config(check.dict_elem(config, "retries"))
     check.invariant(retries is not None, "retries config is required")
     assert retries is not None
-    return StepDelegatingExecutor(
+    return WakingStepDelegatingExecutor(
         SqsStepHandler(
             queue_url=_resolve_queue_url(config),
             region_name=check.opt_str_elem(config, "region_name"),

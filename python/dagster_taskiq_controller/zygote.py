@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import select
@@ -179,6 +180,51 @@ def share_instance() -> None:
         return instance if instance_ref == ref else build(instance_ref)
 
     DagsterInstance.from_ref = staticmethod(from_ref)  # type: ignore[method-assign]
+
+
+# Dagster's SQLite storages, which build a new SQLAlchemy engine for every connection.
+SQLITE_STORAGE_MODULES = (
+    "dagster._core.storage.runs.sqlite.sqlite_run_storage",
+    "dagster._core.storage.event_log.sqlite.sqlite_event_log",
+    "dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log",
+    "dagster._core.storage.schedules.sqlite.sqlite_schedule_storage",
+)
+
+
+def share_sqlite_engines() -> None:
+    """One SQLAlchemy engine per SQLite database for the zygote and every step, instead of a
+    new one per connection.
+
+    Dagster's SQLite storages build an engine for each connection they open: a step writes
+    about ten events, and each engine starts with an empty statement cache, so every insert
+    is compiled again, and every engine runs the dialect's first-connect set-up. Only engines
+    without a pool (``NullPool``) are shared: they hold no connection between uses, so nothing
+    open crosses a fork, and each process still opens its own connection for each use.
+    """
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    build = sqlalchemy.create_engine
+    engines: dict[tuple[str, str], Any] = {}
+
+    def create_engine(url: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs.get("poolclass") is not NullPool or not str(url).startswith("sqlite"):
+            return build(url, *args, **kwargs)
+        key = (str(url), repr(sorted((k, repr(v)) for k, v in kwargs.items())))
+        engine = engines.get(key)
+        if engine is None:
+            engine = engines[key] = build(url, **kwargs)
+        return engine
+
+    for name in SQLITE_STORAGE_MODULES:
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+        if getattr(module, "create_engine", None) is build:
+            module.create_engine = create_engine  # type: ignore[attr-defined]
 
 
 def skip_tail_orphan_watchers() -> None:
@@ -452,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # Another Dagster version may not have it: a slower step, not a broken one.
                 log(f"not preloaded: {name} ({exc})")
         share_alembic_scripts()
+        share_sqlite_engines()
         share_instance()
         skip_tail_orphan_watchers()
         for name in args.preload:

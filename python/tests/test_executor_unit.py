@@ -4,6 +4,7 @@ import base64
 import json
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -366,3 +367,44 @@ def test_round_trip_with_a_fake_controller(
             run_proc.kill()
             run_proc.wait()
         log.close()
+
+
+def test_the_executor_wakes_as_soon_as_the_runs_event_log_changes(
+    instance: DagsterInstance,
+) -> None:
+    """Between two polls the executor waits on the run's SQLite event log: a quiet log keeps it
+    waiting the whole poll interval, an event written meanwhile ends the wait at once."""
+    recon_job = jobs.recon("self_kill")
+    run = instance.create_run_for_job(
+        job_def=recon_job.get_definition(),
+        execution_plan=create_execution_plan(recon_job),
+        job_code_origin=None,
+    )
+    instance.report_engine_event("the shard exists", run)
+    wake = executor.EventLogWake.for_run(instance, run.run_id)
+    assert wake is not None
+    wake.wait(0)  # what was written before the executor's first poll is read by that poll
+
+    started = time.monotonic()
+    wake.wait(0.3)
+    assert time.monotonic() - started >= 0.3
+
+    writer = threading.Timer(0.2, lambda: instance.report_engine_event("a step ended", run))
+    started = time.monotonic()
+    writer.start()
+    try:
+        wake.wait(30)
+    finally:
+        writer.join()
+    # Woken by the write, long before the interval (generous for a loaded machine).
+    assert time.monotonic() - started < 10
+
+    # Dagster's loop reads the pause from the executor: the wait, then 0.
+    made = executor.WakingStepDelegatingExecutor(
+        SqsStepHandler(queue_url="q"), retries=RetryMode.DISABLED, sleep_seconds=0.25
+    )
+    assert made._sleep_seconds == 0.25  # no run yet: the plain interval
+    made._wake = wake
+    started = time.monotonic()
+    assert made._sleep_seconds == 0
+    assert 0.25 <= time.monotonic() - started < 10

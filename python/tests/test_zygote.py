@@ -55,6 +55,7 @@ def test_alembic_scripts_are_read_once_and_schema_checks_still_work(tmp_path: Pa
 
 
 def test_steps_of_the_zygotes_instance_get_it_already_open_and_can_write(tmp_path: Path) -> None:
+    """The zygote's SQLite instance and engines, shared with a forked step that writes."""
     home, other = tmp_path / "home", tmp_path / "other"
     for path in (home, other):
         path.mkdir()
@@ -65,7 +66,7 @@ def test_steps_of_the_zygotes_instance_get_it_already_open_and_can_write(tmp_pat
         from dagster import DagsterInstance, job, op
         from dagster._core.instance.ref import InstanceRef
 
-        from dagster_taskiq_controller.zygote import share_instance
+        from dagster_taskiq_controller.zygote import share_instance, share_sqlite_engines
 
         @op
         def noop() -> None:
@@ -75,12 +76,21 @@ def test_steps_of_the_zygotes_instance_get_it_already_open_and_can_write(tmp_pat
         def tiny() -> None:
             noop()
 
+        share_sqlite_engines()
         share_instance()
         ref = InstanceRef.from_dir({str(home)!r})
         shared = DagsterInstance.from_ref(ref)
         assert DagsterInstance.from_ref(ref) is shared
         assert DagsterInstance.from_ref(InstanceRef.from_dir({str(other)!r})) is not shared
         run = shared.create_run_for_job(job_def=tiny)
+        # One engine per database (its statement cache kept), none per connection.
+        storages = (shared.event_log_storage.run_connection, shared.run_storage.connect)
+        for connect, args in zip(storages, ((run.run_id,), ())):
+            engines = []
+            for _ in range(2):
+                with connect(*args) as connection:
+                    engines.append(connection.engine)
+            assert engines[0] is engines[1], connect
         pid = os.fork()
         if pid == 0:  # a step: writes through its copy of the shared instance
             with DagsterInstance.from_ref(ref) as instance:

@@ -72,7 +72,7 @@ pub(super) async fn live(
     };
     let waiting_since = Instant::now();
     // Held until the step has exited: the run slot is what the caps count.
-    let _slot = match admit(ctx, step, message, &signals).await {
+    let slot = match admit(ctx, step, message, &signals).await {
         Ok(slot) => slot,
         Err(outcome) => return outcome.into(),
     };
@@ -121,6 +121,9 @@ pub(super) async fn live(
         match supervise(ctx, step, message, running.as_mut(), &signals, started).await {
             Ended::LetGo(outcome) => (outcome, None),
             Ended::Exited { exit, cause } => {
+                // The execution is over: its slot goes to the next step now, not after the
+                // bridge has read the outcome (one round trip less per step on a full pool).
+                drop(slot);
                 let exited_at = Instant::now();
                 record_exit(ctx, step, running.as_mut(), exit, exited_at - started);
                 let outcome = conclude(ctx, step, message, running.as_ref(), exit, cause).await;
