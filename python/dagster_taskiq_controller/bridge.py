@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -39,6 +39,7 @@ from dagster_taskiq_controller import contract
 from dagster_taskiq_controller.claims import AttemptClaims, ClaimsUnsupported, claim_key
 from dagster_taskiq_controller.executor import read_terminate_request, read_verdict
 from dagster_taskiq_controller.pg_watch import PostgresRunWatcher, is_postgres
+from dagster_taskiq_controller.step_events import StepEvents, records_of
 
 logger = logging.getLogger("dagster_taskiq_controller.bridge")
 
@@ -69,8 +70,6 @@ within the file system's timestamp granularity that left the size equal)."""
 
 STDERR_TAIL_MAX_CHARS = 8192
 """Longer ``stderr_tail`` values are cut to their last this-many characters."""
-
-PAGE_SIZE = 1000
 
 PLAN_CACHE_SIZE = 64
 """Execution plan snapshots whose step tags the bridge keeps (one per recent run shape)."""
@@ -138,21 +137,6 @@ class LineWriter:
 
 
 Push = Callable[[dict[str, Any]], None]
-
-
-def _records_of(
-    instance: DagsterInstance,
-    run_id: str,
-    of_type: DagsterEventType | set[DagsterEventType],
-    cursor: str | None = None,
-) -> Iterator[EventLogRecord]:
-    """The run's event records of these types after ``cursor``, page by page."""
-    while True:
-        conn = instance.get_records_for_run(run_id, cursor=cursor, of_type=of_type, limit=PAGE_SIZE)
-        yield from conn.records
-        if not conn.has_more:
-            return
-        cursor = conn.cursor
 
 
 def _cursor_of(record: EventLogRecord) -> str:
@@ -237,7 +221,7 @@ class ShardWatcher:
         if signature == shard.signature and now - shard.read_at < SHARD_REREAD_SECONDS:
             return
         shard.signature, shard.read_at = signature, now
-        for record in _records_of(self._instance, run_id, set(WATCHED_EVENT_TYPES), shard.cursor):
+        for record in records_of(self._instance, run_id, set(WATCHED_EVENT_TYPES), shard.cursor):
             with self._lock:
                 if run_id not in self._shards:  # no longer watched
                     return
@@ -340,6 +324,7 @@ class Bridge:
         self._push = push
         self._watches: RunWatches | None = None
         self._claims: AttemptClaims | None = None
+        self._events: StepEvents | None = None
         # Op tags per step key of each execution plan snapshot read, oldest first.
         self._plan_tags: dict[str, dict[str, dict[str, str]]] = {}
         self._methods: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -406,13 +391,21 @@ class Bridge:
 
     # --- reading the event log -----------------------------------------------------------------
 
+    def _step_events(self, instance: DagsterInstance) -> StepEvents:
+        if self._events is None:
+            self._events = StepEvents(instance)
+            if not self._events.indexed:
+                logger.warning(
+                    "the event log storage %s is not SQL-backed: each step check reads the "
+                    "run's events of every step",
+                    type(instance.event_log_storage).__name__,
+                )
+        return self._events
+
     def _terminal_events(self, instance: DagsterInstance, run_id: str, step_key: str) -> list[str]:
-        types: list[str] = []
-        for record in _records_of(instance, run_id, set(TERMINAL_EVENT_TYPES)):
-            event = record.event_log_entry.dagster_event
-            if event is not None and event.step_key == step_key:
-                types.append(event.event_type_value)
-        return types
+        """The types of the step's terminal events, oldest first (one per ended attempt)."""
+        events = self._step_events(instance)
+        return events.types(run_id, [step_key], TERMINAL_EVENT_TYPES)[step_key]
 
     def _step_state(
         self, instance: DagsterInstance, run: DagsterRun | None, step_key: str, attempt: int
@@ -586,8 +579,11 @@ class Bridge:
     def _has_verdict(
         self, instance: DagsterInstance, run_id: str, step_key: str, attempt: int, task_id: str
     ) -> bool:
-        for record in _records_of(instance, run_id, DagsterEventType.ENGINE_EVENT):
-            event = record.event_log_entry.dagster_event
+        entries = self._step_events(instance).entries(
+            run_id, step_key, [DagsterEventType.ENGINE_EVENT]
+        )
+        for entry in entries:
+            event = entry.dagster_event
             found = read_verdict(event)
             if found is None or found[0] != step_key or found[1] != attempt:
                 continue
