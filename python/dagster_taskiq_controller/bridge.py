@@ -71,6 +71,13 @@ within the file system's timestamp granularity that left the size equal)."""
 STDERR_TAIL_MAX_CHARS = 8192
 """Longer ``stderr_tail`` values are cut to their last this-many characters."""
 
+PROTOCOL = 2
+"""The bridge protocol's version, in every ``ping`` answer (docs/protocol.md, section 2):
+2 added ``step_states``."""
+
+MAX_STEP_STATES = 100
+"""Entries of one ``step_states`` request, at most (a receive brings up to 10)."""
+
 PLAN_CACHE_SIZE = 64
 """Execution plan snapshots whose step tags the bridge keeps (one per recent run shape)."""
 
@@ -331,6 +338,7 @@ class Bridge:
             "ping": self.ping,
             "run_status": self.run_status,
             "step_state": self.step_state,
+            "step_states": self.step_states,
             "report_verdict": self.report_verdict,
             "report_event": self.report_event,
             "claim_attempt": self.claim_attempt,
@@ -411,19 +419,40 @@ class Bridge:
         self, instance: DagsterInstance, run: DagsterRun | None, step_key: str, attempt: int
     ) -> dict[str, Any]:
         if run is None:
-            return {
-                "run_status": None,
-                "terminal_events": 0,
-                "attempt_finished": False,
-                "last_terminal": None,
-            }
-        terminal = self._terminal_events(instance, run.run_id, step_key)
-        return {
-            "run_status": run.status.value,
-            "terminal_events": len(terminal),
-            "attempt_finished": len(terminal) > attempt,
-            "last_terminal": terminal[-1] if terminal else None,
-        }
+            return _state_of(None, [], attempt)
+        return _state_of(run, self._terminal_events(instance, run.run_id, step_key), attempt)
+
+    def _run_step_states(
+        self, instance: DagsterInstance, run_id: str, entries: list[tuple[int, str, int]]
+    ) -> dict[int, dict[str, Any]]:
+        """The ``step_states`` answers of the entries ``(index, step_key, attempt)`` of one
+        run: the run and the terminal events of all its asked steps read once."""
+        try:
+            run = instance.get_run_by_id(run_id)
+            terminal = (
+                self._step_events(instance).types(
+                    run_id, {step_key for _, step_key, _ in entries}, TERMINAL_EVENT_TYPES
+                )
+                if run is not None
+                else {}
+            )
+        except Exception as exc:
+            logger.exception("step_states of run %s failed", run_id)
+            failed = _entry_error(BridgeError("internal", f"{type(exc).__name__}: {exc}"))
+            return {index: failed for index, _, _ in entries}
+        answers: dict[int, dict[str, Any]] = {}
+        for index, step_key, attempt in entries:
+            state = _state_of(run, terminal.get(step_key, []), attempt)
+            if run is not None:
+                try:
+                    state["stored_step"] = self._stored_step(instance, run, step_key)
+                except Exception as exc:
+                    logger.exception("stored step %s of run %s failed", step_key, run_id)
+                    error = BridgeError("internal", f"{type(exc).__name__}: {exc}")
+                    answers[index] = _entry_error(error)
+                    continue
+            answers[index] = {"ok": True, "result": state}
+        return answers
 
     def _run(self, instance: DagsterInstance, run_id: str) -> DagsterRun:
         run = instance.get_run_by_id(run_id)
@@ -440,7 +469,11 @@ class Bridge:
         pinned one), the storage answers too: its latest run and, with ``run_id``, that run's
         latest event are read. The controller asks this after Dagster raised for a request, to
         tell an outage of the storage from an error of that request."""
-        result: dict[str, Any] = {"dagster_version": dagster.__version__, "pid": os.getpid()}
+        result: dict[str, Any] = {
+            "dagster_version": dagster.__version__,
+            "pid": os.getpid(),
+            "protocol": PROTOCOL,
+        }
         if params.get("describe"):
             instance = self.instance()
             packed_ref = json.loads(serialize_value(instance.get_ref()))
@@ -505,6 +538,32 @@ class Bridge:
         if run is not None:
             state["stored_step"] = self._stored_step(instance, run, step_key)
         return state
+
+    def step_states(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``step_state`` of several attempts in one request (the messages of one receive):
+        one answer per entry, in order, each ``{"ok": true, "result": ...}`` or
+        ``{"ok": false, "error": ...}``, so a bad entry fails alone. The entries of one run
+        share one read of the run and one of its steps' terminal events."""
+        steps = _param(params, "steps", list)
+        if len(steps) > MAX_STEP_STATES:
+            raise _bad_request(f"at most {MAX_STEP_STATES} steps per request, not {len(steps)}")
+        answers: dict[int, dict[str, Any]] = {}
+        by_run: dict[str, list[tuple[int, str, int]]] = {}
+        for index, entry in enumerate(steps):
+            try:
+                if not isinstance(entry, dict):
+                    raise _bad_request("each step must be an object")
+                run_id = _str_param(entry, "run_id")
+                key = (index, _str_param(entry, "step_key"), _attempt_param(entry))
+            except BridgeError as exc:
+                answers[index] = _entry_error(exc)
+                continue
+            by_run.setdefault(run_id, []).append(key)
+        if by_run:
+            instance = self.instance()
+            for run_id, entries in by_run.items():
+                answers.update(self._run_step_states(instance, run_id, entries))
+        return {"states": [answers[index] for index in range(len(steps))]}
 
     def _stored_step(
         self, instance: DagsterInstance, run: DagsterRun, step_key: str
@@ -708,6 +767,21 @@ def _package_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             found[name] = None
     return found
+
+
+def _state_of(run: DagsterRun | None, terminal: list[str], attempt: int) -> dict[str, Any]:
+    """A ``step_state`` answer from the run (``None``: unknown) and the types of the step's
+    terminal events, oldest first."""
+    return {
+        "run_status": run.status.value if run is not None else None,
+        "terminal_events": len(terminal),
+        "attempt_finished": len(terminal) > attempt,
+        "last_terminal": terminal[-1] if terminal else None,
+    }
+
+
+def _entry_error(error: BridgeError) -> dict[str, Any]:
+    return {"ok": False, "error": {"kind": error.kind, "message": error.message}}
 
 
 def _error_response(request_id: Any, error: BridgeError) -> dict[str, Any]:

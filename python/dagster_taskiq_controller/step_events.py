@@ -87,10 +87,13 @@ class StepEvents:
                     entry.dagster_event.event_type_value  # type: ignore[union-attr]
                 )
             return found
-        columns = (SqlEventLogStorageTable.c.step_key, SqlEventLogStorageTable.c.dagster_event_type)
-        query = self._query(run_id, found.keys(), types, *columns)
-        for step_key, event_type in self._rows(run_id, query):
-            found[step_key].append(event_type)
+        column = SqlEventLogStorageTable.c.dagster_event_type
+        queries = {key: self._query(run_id, key, types, column) for key in found}
+        # One query per step on one connection: with several step keys in one query, SQLite
+        # reads the run's whole index instead.
+        with self._storage.run_connection(run_id) as conn:
+            for step_key, query in queries.items():
+                found[step_key] = [event_type for (event_type,) in conn.execute(query)]
         return found
 
     def entries(
@@ -99,33 +102,25 @@ class StepEvents:
         """The step's event log entries of these types, oldest first."""
         if self._storage is None:
             return list(self._scan(run_id, {step_key}, types))
-        query = self._query(run_id, {step_key}, types, SqlEventLogStorageTable.c.event)
-        return [deserialize_value(text, EventLogEntry) for (text,) in self._rows(run_id, query)]
+        query = self._query(run_id, step_key, types, SqlEventLogStorageTable.c.event)
+        with self._storage.run_connection(run_id) as conn:
+            rows = conn.execute(query).fetchall()
+        return [deserialize_value(text, EventLogEntry) for (text,) in rows]
 
     @staticmethod
-    def _query(
-        run_id: str,
-        step_keys: Collection[str],
-        types: Collection[DagsterEventType],
-        *columns: Any,
-    ) -> Any:
+    def _query(run_id: str, step_key: str, types: Collection[DagsterEventType], column: Any) -> Any:
         table = SqlEventLogStorageTable
         return (
-            db.select(*columns)
+            db.select(column)
             .where(
                 table.c.run_id == run_id,
-                table.c.step_key.in_(sorted(step_keys)),
+                table.c.step_key == step_key,
                 # `IN` even for one type: SQLite then keeps to the step-key index instead of the
                 # event-type one, which holds every step's events of that type.
                 table.c.dagster_event_type.in_(sorted(t.value for t in types)),
             )
             .order_by(table.c.id.asc())
         )
-
-    def _rows(self, run_id: str, query: Any) -> list[Any]:
-        assert self._storage is not None
-        with self._storage.run_connection(run_id) as conn:
-            return list(conn.execute(query).fetchall())
 
     def _scan(
         self, run_id: str, step_keys: Collection[str], types: Collection[DagsterEventType]

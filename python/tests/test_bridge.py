@@ -286,6 +286,29 @@ def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) 
         "last_terminal": None,
     }
 
+    # The same checks in one request, as the controller sends those of one receive: each
+    # entry answered as its own step_state, a bad entry failing alone.
+    asked = [("first", 0), ("second", 1), ("not_a_step", 0), ("first", 2)]
+    entries: list[Any] = [
+        {"run_id": world.done_run_id, "step_key": step_key, "attempt": attempt}
+        for step_key, attempt in asked
+    ]
+    entries += [
+        {"run_id": "no-such-run", "step_key": "first", "attempt": 0},
+        {"run_id": world.done_run_id, "step_key": "first", "attempt": -1},
+        "not an object",
+    ]
+    states = bridge.result("step_states", instance_ref=None, steps=entries)["states"]
+    assert len(states) == len(entries)
+    for (step_key, attempt), answer in zip(asked, states, strict=False):
+        assert answer == {"ok": True, "result": state(step_key, attempt)}
+    assert states[4] == {"ok": True, "result": missing}
+    assert states[5]["ok"] is False and states[5]["error"]["kind"] == "bad_request"
+    assert states[6]["ok"] is False and states[6]["error"]["kind"] == "bad_request"
+    too_many = bridge.call("step_states", steps=entries[:1] * 101)
+    assert too_many["ok"] is False and too_many["error"]["kind"] == "bad_request"
+    assert bridge.result("ping")["protocol"] == 2
+
 
 def test_pipelined_requests(bridge: BridgeProcess, world: World) -> None:
     requests = [
@@ -850,7 +873,7 @@ def test_a_step_check_reads_only_that_steps_events_however_many_the_run_has(
     world: World = request.getfixturevalue("world" if storage == "sqlite" else "pg_world")
     instance = world.instance
     run = instance.create_run_for_job(job_def=tiny)
-    others = 60
+    others = 40
     for i in range(others):
         step_key = f"other_{i}"
         instance.report_engine_event(f"note {i}", run, EngineEventData(), step_key=step_key)
@@ -873,7 +896,7 @@ def test_a_step_check_reads_only_that_steps_events_however_many_the_run_has(
         with EventLogSelects() as reads:
             state = bridge.step_state(params)
         assert state["terminal_events"] == 0 and state["attempt_finished"] is False
-        # Only "first"'s terminal events (none): the 60 other steps' successes are not read.
+        # Only "first"'s terminal events (none): the 40 other steps' successes are not read.
         assert reads.rows == 0, reads.selects
         with EventLogSelects() as reads:
             again = bridge.report_verdict(verdict)
@@ -888,6 +911,12 @@ def test_a_step_check_reads_only_that_steps_events_however_many_the_run_has(
             state = bridge.step_state(params)
         assert state["attempt_finished"] is True and state["last_terminal"] == "STEP_SUCCESS"
         assert reads.rows == 1, reads.selects
+        with EventLogSelects() as reads:
+            steps = [{**params, "step_key": key} for key in ("first", "other_0", "other_1")]
+            states = bridge.step_states({"steps": steps})["states"]
+        assert [s["result"]["terminal_events"] for s in states] == [1, 1, 1]
+        # One query per step, on one connection, reading their three terminal events alone.
+        assert len(reads.selects) == 3 and reads.rows == 3, reads.selects
         if storage == "sqlite":
             # The shard's step-key index, not a scan of the run's events of that type.
             assert all("idx_step_key" in plan for _, plan in reads.selects), reads.selects
