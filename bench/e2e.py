@@ -561,7 +561,10 @@ def run_scale(bench: Bench, sizes: list[int], repeats: int, big_repeats: int) ->
 
     rows: list[ScaleRow] = []
     warm = ("--warm-pool", "--warm-preload", bench_jobs.__file__)
-    controller_config = {"execution": {"config": {"poll_interval_seconds": 0.1}}}
+    # All leaves are published at once: the last ones wait in the queue for as long as the
+    # run takes, which must not trip the executor's start watchdog (30 min by default).
+    config = {"poll_interval_seconds": 0.1, "step_start_timeout_seconds": 4 * 3600}
+    controller_config = {"execution": {"config": config}}
     with bench.controller("scale", warm):
         processes = _scale_processes(bench.binary)
         missing = set(SCALE_PROCESSES) - {"run worker"} - processes.keys()
