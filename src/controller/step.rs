@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::batch::CheckTicket;
 use super::reconcile::{reconcile, Decision};
 use super::supervise::{supervise, Ended};
 use super::{calls, claim, handoff, launcher_name, settle, sleep_until_deadline, Context};
@@ -45,9 +46,10 @@ pub(super) async fn live(
     step: &StepRequest,
     message: &ReceivedMessage,
     signals: LeaseSignals,
+    ticket: CheckTicket,
 ) -> Life {
     let received_at = Instant::now();
-    let stored = match reconcile(ctx, step, message).await {
+    let stored = match reconcile(ctx, step, message, ticket).await {
         Decision::Settle(outcome) => return outcome.into(),
         Decision::Launch(stored) => stored,
     };
