@@ -536,17 +536,41 @@ def _self_cpu() -> float:
     return times.user + times.system
 
 
-def _scale_run(
-    bench: Bench, row: ScaleRow, run_config: dict[str, Any], processes: dict[str, tuple[int, bool]]
-) -> None:
+def _scale_cpu(binary: Path) -> tuple[dict[str, dict[int, float]], float]:
+    """CPU seconds so far of each measured process by name and pid, and of the controller's
+    reaped children (a recycled zygote with its steps, a replaced bridge)."""
+    processes = _scale_processes(binary)
+    cpu: dict[str, dict[int, float]] = {}
+    for name, (pid, children) in processes.items():
+        try:
+            cpu.setdefault(name, {})[pid] = _cpu_of(pid, children)
+        except FileNotFoundError:  # exited since it was found
+            continue
+    controller = processes["controller"][0]
+    fields = _proc_stat(controller)
+    reaped = (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+    return cpu, reaped
+
+
+def _scale_run(bench: Bench, row: ScaleRow, run_config: dict[str, Any]) -> None:
     job_name = f"scale{row.leaves}_{'controller' if row.executor != 'in_process' else 'inprocess'}"
-    before = {name: _cpu_of(pid, children) for name, (pid, children) in processes.items()}
+    measured = row.executor != "in_process"
+    before, reaped_before = _scale_cpu(bench.binary) if measured else ({}, 0.0)
     worker_before = _self_cpu()
     seconds, _run_id = bench.run_job(job_name, run_config)
     row.seconds.append(seconds)
     row.cpu.setdefault("run worker", []).append(_self_cpu() - worker_before)
-    for name, (pid, children) in processes.items():
-        row.cpu.setdefault(name, []).append(_cpu_of(pid, children) - before[name])
+    if measured:
+        after, reaped_after = _scale_cpu(bench.binary)
+        for name in SCALE_PROCESSES[:3]:
+            then, now = before.get(name, {}), after.get(name, {})
+            used = sum(now.values()) - sum(v for pid, v in then.items() if pid in now)
+            # A process that exited during the run (the zygote recycled after its forks)
+            # was reaped by the controller: its CPU is in the controller's children time.
+            gone = {pid: v for pid, v in then.items() if pid not in now}
+            if gone and name == "zygote + steps":
+                used += reaped_after - reaped_before - sum(gone.values())
+            row.cpu.setdefault(name, []).append(used)
     steps = row.leaves + 1
     log(
         f"scale {row.executor} {steps} steps: {seconds:.1f}s, {steps / seconds:.1f} steps/s, "
@@ -556,7 +580,7 @@ def _scale_run(
 
 def run_scale(bench: Bench, sizes: list[int], repeats: int, big_repeats: int) -> list[ScaleRow]:
     """Each size on the warm pool, then on the in_process_executor: one warm-up run of the
-    smallest size, then ``repeats`` runs (``big_repeats`` for sizes over 100)."""
+    101-step job, then ``repeats`` runs (``big_repeats`` for sizes over 100)."""
     import bench_jobs
 
     rows: list[ScaleRow] = []
@@ -566,21 +590,20 @@ def run_scale(bench: Bench, sizes: list[int], repeats: int, big_repeats: int) ->
     config = {"poll_interval_seconds": 0.1, "step_start_timeout_seconds": 4 * 3600}
     controller_config = {"execution": {"config": config}}
     with bench.controller("scale", warm):
-        processes = _scale_processes(bench.binary)
-        missing = set(SCALE_PROCESSES) - {"run worker"} - processes.keys()
+        missing = set(SCALE_PROCESSES) - {"run worker"} - _scale_processes(bench.binary).keys()
         if missing:
             raise RuntimeError(f"scale: no {', '.join(sorted(missing))} process found")
-        bench.run_job(f"scale{min(sizes)}_controller", controller_config)  # warm-up
+        bench.run_job("scale100_controller", controller_config)  # warm-up
         for leaves in sizes:
             row = ScaleRow(leaves, "warm pool")
             for _ in range(repeats if leaves <= 100 else big_repeats):
-                _scale_run(bench, row, controller_config, processes)
+                _scale_run(bench, row, controller_config)
             rows.append(row)
-    bench.run_job(f"scale{min(sizes)}_inprocess", {})  # warm-up
+    bench.run_job("scale100_inprocess", {})  # warm-up
     for leaves in sizes:
         row = ScaleRow(leaves, "in_process")
         for _ in range(repeats if leaves <= 100 else big_repeats):
-            _scale_run(bench, row, {}, {})
+            _scale_run(bench, row, {})
         rows.append(row)
     return rows
 
