@@ -97,3 +97,44 @@ JOBS: dict[str, JobDefinition] = {
 globals().update(JOBS)
 
 defs = Definitions(jobs=list(JOBS.values()))
+
+
+# --- scale (bench/e2e.py, "Scale"): one source and N trivial leaves ----------------------------
+
+SCALE_LEAVES = (100, 1000)
+SCALE_EXECUTORS = ("controller", "inprocess")
+_scale_jobs: dict[str, JobDefinition] = {}
+
+
+def scale_job_name(leaves: int, executor_name: str) -> str:
+    return f"scale{leaves}_{executor_name}"
+
+
+def scale_job(leaves: int, executor_name: str) -> JobDefinition:
+    """source -> N leaves (N + 1 steps), on the controller or Dagster's in_process_executor.
+    Built on first use, not at import: every step process imports this file."""
+    name = scale_job_name(leaves, executor_name)
+    if name not in _scale_jobs:
+        executor = taskiq_controller_executor if executor_name == "controller" else None
+
+        @graph(name=f"scale{leaves}")
+        def fan_out() -> None:
+            value = source()
+            for i in range(leaves):
+                branch.alias(f"leaf_{i}")(value)
+
+        _scale_jobs[name] = fan_out.to_job(
+            name=name,
+            executor_def=executor or in_process_executor,  # type: ignore[arg-type]
+            resource_defs=RESOURCES,
+        )
+    return _scale_jobs[name]
+
+
+def __getattr__(name: str) -> JobDefinition:
+    """Step processes load a scale job by its attribute name, as the others."""
+    for leaves in SCALE_LEAVES:
+        for executor_name in SCALE_EXECUTORS:
+            if name == scale_job_name(leaves, executor_name):
+                return scale_job(leaves, executor_name)
+    raise AttributeError(name)

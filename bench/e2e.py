@@ -64,6 +64,7 @@ VARIANTS = [
     "warm_pg",
     "forkserver_pg",
     "in_process",
+    "scale",
 ]
 
 
@@ -518,6 +519,274 @@ def run_on_postgres(bench: Bench, only: set[str], warm: tuple[str, ...], workdir
             os.environ["DAGSTER_HOME"] = sqlite_home
 
 
+# --- scale: a wide fan-out's throughput and CPU per step (issue 19) ---------------------------
+#
+# One source and N trivial leaves, through the controller's warm pool and through Dagster's
+# in_process_executor (the floor: no isolation), on SQLite. Per run: wall time, steps per
+# second and CPU seconds per step of every process: the controller, its bridge sidecar, the
+# zygote with its forked steps (reaped by the zygote, so counted in its children's time) and
+# the run worker (this process: ``execute_job`` runs the executor here). Then the bridge's
+# cost per check when the run has 1 finished step and when it has 1,000.
+
+SCALE_PROCESSES = ("controller", "bridge", "zygote + steps", "run worker")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ScaleRow:
+    leaves: int
+    executor: str
+    seconds: list[float] = field(default_factory=list)
+    # Per process, CPU seconds of each run.
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _proc_stat(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()  # the fields after the command name
+
+
+def _cpu_of(pid: int, with_children: bool = False) -> float:
+    """CPU seconds (user + system) of ``pid``, and of its reaped children with
+    ``with_children``."""
+    fields = _proc_stat(pid)
+    # Fields 14-17 of proc(5): utime stime cutime cstime; this list starts at field 3.
+    ticks = int(fields[11]) + int(fields[12])
+    if with_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLOCK_TICKS
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_proc_stat(int(entry.name))[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _scale_processes(binary: Path) -> dict[str, tuple[int, bool]]:
+    """pid of each measured process and whether its reaped children count too."""
+    (controller,) = [p for p in _children(os.getpid()) if str(binary) in _cmdline(p)]
+    found: dict[str, tuple[int, bool]] = {"controller": (controller, False)}
+    for child in _children(controller):
+        command = _cmdline(child)
+        if "dagster_taskiq_controller.bridge" in command:
+            found["bridge"] = (child, False)
+        elif "dagster_taskiq_controller.zygote" in command:
+            found["zygote + steps"] = (child, True)
+    return found
+
+
+def _self_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _scale_cpu(binary: Path) -> tuple[dict[str, dict[int, float]], float]:
+    """CPU seconds so far of each measured process by name and pid, and of the controller's
+    reaped children (a recycled zygote with its steps, a replaced bridge)."""
+    processes = _scale_processes(binary)
+    cpu: dict[str, dict[int, float]] = {}
+    for name, (pid, children) in processes.items():
+        try:
+            cpu.setdefault(name, {})[pid] = _cpu_of(pid, children)
+        except FileNotFoundError:  # exited since it was found
+            continue
+    controller = processes["controller"][0]
+    fields = _proc_stat(controller)
+    reaped = (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+    return cpu, reaped
+
+
+def _scale_run(bench: Bench, row: ScaleRow, run_config: dict[str, Any]) -> None:
+    job_name = f"scale{row.leaves}_{'controller' if row.executor != 'in_process' else 'inprocess'}"
+    measured = row.executor != "in_process"
+    before, reaped_before = _scale_cpu(bench.binary) if measured else ({}, 0.0)
+    worker_before = _self_cpu()
+    seconds, _run_id = bench.run_job(job_name, run_config)
+    row.seconds.append(seconds)
+    row.cpu.setdefault("run worker", []).append(_self_cpu() - worker_before)
+    if measured:
+        after, reaped_after = _scale_cpu(bench.binary)
+        for name in SCALE_PROCESSES[:3]:
+            then, now = before.get(name, {}), after.get(name, {})
+            used = sum(now.values()) - sum(v for pid, v in then.items() if pid in now)
+            # A process that exited during the run (the zygote recycled after its forks)
+            # was reaped by the controller: its CPU is in the controller's children time.
+            gone = {pid: v for pid, v in then.items() if pid not in now}
+            if gone and name == "zygote + steps":
+                used += reaped_after - reaped_before - sum(gone.values())
+            row.cpu.setdefault(name, []).append(used)
+    steps = row.leaves + 1
+    log(
+        f"scale {row.executor} {steps} steps: {seconds:.1f}s, {steps / seconds:.1f} steps/s, "
+        + ", ".join(f"{name} {values[-1]:.1f}s CPU" for name, values in row.cpu.items())
+    )
+
+
+def run_scale(bench: Bench, sizes: list[int], repeats: int, big_repeats: int) -> list[ScaleRow]:
+    """Each size on the warm pool, then on the in_process_executor: one warm-up run of the
+    101-step job, then ``repeats`` runs (``big_repeats`` for sizes over 100)."""
+    import bench_jobs
+
+    rows: list[ScaleRow] = []
+    warm = ("--warm-pool", "--warm-preload", bench_jobs.__file__)
+    # All leaves are published at once: the last ones wait in the queue for as long as the
+    # run takes, which must not trip the executor's start watchdog (30 min by default).
+    config = {"poll_interval_seconds": 0.1, "step_start_timeout_seconds": 4 * 3600}
+    controller_config = {"execution": {"config": config}}
+    with bench.controller("scale", warm):
+        missing = set(SCALE_PROCESSES) - {"run worker"} - _scale_processes(bench.binary).keys()
+        if missing:
+            raise RuntimeError(f"scale: no {', '.join(sorted(missing))} process found")
+        bench.run_job("scale100_controller", controller_config)  # warm-up
+        for leaves in sizes:
+            row = ScaleRow(leaves, "warm pool")
+            for _ in range(repeats if leaves <= 100 else big_repeats):
+                _scale_run(bench, row, controller_config)
+            rows.append(row)
+    bench.run_job("scale100_inprocess", {})  # warm-up
+    for leaves in sizes:
+        row = ScaleRow(leaves, "in_process")
+        for _ in range(repeats if leaves <= 100 else big_repeats):
+            _scale_run(bench, row, {})
+        rows.append(row)
+    return rows
+
+
+def bridge_check_cost(finished: tuple[int, ...] = (1, 1000), calls: int = 20) -> dict[int, dict]:
+    """Milliseconds per bridge check (median of ``calls``) on a run of the 1,000-leaf job
+    whose event log holds, per finished step, the events a controller step writes that these
+    checks filter on (start, an engine event, success): a step-state check of the last
+    finished step, and a verdict check that finds its verdict already written."""
+    import bench_jobs
+    from dagster import DagsterEventType, DagsterInstance
+    from dagster._core.events import DagsterEvent, EngineEventData
+    from dagster._core.execution.plan.objects import StepSuccessData
+
+    from dagster_taskiq_controller.bridge import Bridge
+
+    instance = DagsterInstance.get()
+    job = bench_jobs.scale_job(1000, "controller")
+    run = instance.create_run_for_job(job_def=job)
+    bridge = Bridge()
+    bridge._instance = instance
+    verdict = {
+        "run_id": run.run_id,
+        "step_key": "source",
+        "attempt": 0,
+        "task_id": "bench",
+        "verdict": "bench verdict",
+    }
+    bridge.report_verdict(verdict)
+
+    def write(step_key: str) -> None:
+        for event_type, data in (
+            (DagsterEventType.STEP_START, None),
+            (DagsterEventType.STEP_SUCCESS, StepSuccessData(1.0)),
+        ):
+            instance.report_dagster_event(
+                DagsterEvent(
+                    event_type.value,
+                    job_name=run.job_name,
+                    step_key=step_key,
+                    event_specific_data=data,
+                ),
+                run_id=run.run_id,
+            )
+        instance.report_engine_event("bench", run, EngineEventData(), step_key=step_key)
+
+    def median_ms(call: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+
+    costs: dict[int, dict] = {}
+    written = 0
+    try:
+        for count in finished:
+            while written < count:
+                write(f"leaf_{written}")
+                written += 1
+            last = f"leaf_{count - 1}"
+            params = {"run_id": run.run_id, "step_key": last, "attempt": 0}
+            costs[count] = {
+                "step_state": median_ms(lambda: bridge.step_state(params)),  # noqa: B023
+                "report_verdict": median_ms(lambda: bridge.report_verdict(verdict)),
+            }
+            log(f"bridge checks with {count} finished steps: {costs[count]}")
+    finally:
+        bridge._instance = None
+    return costs
+
+
+def scale_report(rows: list[ScaleRow], costs: dict[int, dict]) -> str:
+    lines = [
+        "",
+        f"## Scale: one source and N trivial leaves, SQLite ({os.cpu_count()} CPUs)",
+        "",
+        "Wall seconds as median (min to max) of the runs; steps/s from the median; CPU seconds "
+        "per step (median run) of each process: controller, bridge, zygote with its forked "
+        "steps, run worker (the in_process_executor runs everything in the run worker).",
+        "",
+        "| steps | executor | runs | wall s | steps/s | "
+        + " | ".join(f"CPU/step {name}" for name in SCALE_PROCESSES)
+        + " | CPU/step total |",
+        "|---|---|---|---|---|" + "---|" * (len(SCALE_PROCESSES) + 1),
+    ]
+    for row in rows:
+        steps = row.leaves + 1
+        median = statistics.median(row.seconds)
+        cells = []
+        total = 0.0
+        for name in SCALE_PROCESSES:
+            values = row.cpu.get(name)
+            if values:
+                per_step = statistics.median(values) / steps
+                total += per_step
+                cells.append(f"{per_step:.4f}")
+            else:
+                cells.append("-")
+        lines.append(
+            f"| {steps} | {row.executor} | {len(row.seconds)} | {median:.2f} "
+            f"({min(row.seconds):.2f} to {max(row.seconds):.2f}) | {steps / median:.1f} | "
+            + " | ".join(cells)
+            + f" | {total:.4f} |"
+        )
+    if costs:
+        lines += [
+            "",
+            "The bridge's cost per check (ms, median of 20) as the run's finished steps grow:",
+            "",
+            "| finished steps | step_state | report_verdict (already written) |",
+            "|---|---|---|",
+        ]
+        for count, cost in costs.items():
+            lines.append(f"| {count} | {cost['step_state']:.2f} | {cost['report_verdict']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_jobs_scale_leaves() -> tuple[int, ...]:
+    import bench_jobs
+
+    return bench_jobs.SCALE_LEAVES
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -549,6 +818,19 @@ def main() -> int:
         default=0.1,
         help="the executor's poll_interval_seconds in the warm variant (default: 0.1, the "
         "executor's default)",
+    )
+    parser.add_argument(
+        "--scale-leaves",
+        type=int,
+        action="append",
+        choices=bench_jobs_scale_leaves(),
+        help="scale: the fan-outs measured (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--scale-big-repeats",
+        type=int,
+        default=1,
+        help="scale: runs of each fan-out over 100 leaves (each takes minutes)",
     )
     args = parser.parse_args()
     only = set(args.only or VARIANTS)
@@ -592,7 +874,11 @@ def main() -> int:
             bench.run_in_process()
         if only & {"cold_pg", "warm_pg", "forkserver_pg"}:
             run_on_postgres(bench, only, warm, workdir)
-        report = bench.report()
+        report = bench.report() if bench.results else ""
+        if "scale" in only:
+            leaves = sorted(args.scale_leaves or bench_jobs.SCALE_LEAVES)
+            rows = run_scale(bench, leaves, args.repeats, args.scale_big_repeats)
+            report += scale_report(rows, bridge_check_cost())
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)

@@ -236,3 +236,58 @@ async fn a_reply_over_the_limit_fails_its_request_at_once_and_the_sidecar_stays(
     assert_eq!(bed.restarts(RestartCause::Exited), 0);
     bed.bridge.close().await;
 }
+
+/// A bridge of an older package: `step_states` is an unknown method to it, `step_state`
+/// answers an unfinished attempt.
+const OLD_SIDECAR: &str = r#"
+while IFS= read -r line; do
+  id=$(printf '%s' "$line" | sed 's/^{"id":\([0-9]*\),.*/\1/')
+  case "$line" in
+    *'"method":"step_states"'*)
+      printf '{"id":%s,"ok":false,"error":{"kind":"bad_request","message":"unknown method %s"}}\n' "$id" "'step_states'" ;;
+    *)
+      printf '{"id":%s,"ok":true,"result":{"run_status":"STARTED","terminal_events":0,"attempt_finished":false,"last_terminal":null}}\n' "$id" ;;
+  esac
+done
+"#;
+
+#[tokio::test]
+async fn an_older_bridge_without_step_states_is_asked_one_step_at_a_time() {
+    let metrics = Arc::new(Metrics::new());
+    let config = SidecarConfig {
+        program: PathBuf::from("/bin/sh"),
+        args: vec!["-c".into(), OLD_SIDECAR.into(), "old-sidecar".into()],
+        request_timeout: Duration::from_secs(10),
+        startup_timeout: Duration::from_secs(10),
+        queue_limit: 16,
+        environment: StepEnvironment::from_process(&Default::default()),
+    };
+    let bridge = SidecarBridge::new(config, metrics.clone());
+    let steps: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|key| {
+            let body = dagster_taskiq_controller::fakes::step_body(
+                &format!("task-{key}"),
+                "run-1",
+                key,
+                0,
+            );
+            dagster_taskiq_controller::envelope::decode(&body).expect("valid body")
+        })
+        .collect();
+    let requests = |method: &'static str| {
+        metrics
+            .bridge_requests
+            .get_or_create(&[("method", method)])
+            .get()
+    };
+    for _ in 0..2 {
+        let states = bridge.step_states(&steps).await.expect("answered");
+        assert_eq!(states.len(), 2);
+        assert!(states.iter().all(|s| !s.as_ref().unwrap().attempt_finished));
+    }
+    // Asked once; after its refusal, one step at a time.
+    assert_eq!(requests("step_states"), 1);
+    assert_eq!(requests("step_state"), 4);
+    bridge.close().await;
+}

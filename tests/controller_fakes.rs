@@ -170,6 +170,24 @@ async fn a_successful_step_is_launched_once_and_acked() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_checks_of_one_receive_go_to_the_bridge_in_one_request() {
+    let bed = bed(Duration::from_secs(1));
+    for n in 1..=3 {
+        let body = step_body(&task_id(n), "run1", &format!("op_{n}"), 0);
+        bed.queue.push(&format!("m{n}"), &body);
+    }
+    // Received with them, and ended before its check: it does not hold the batch.
+    bed.queue.push("bad", "{not json");
+    let handle = bed.start();
+    for n in 1..=3 {
+        bed.queue.wait_for(acked(&format!("m{n}"))).await;
+    }
+    assert_eq!(bed.launcher.launches().len(), 3);
+    assert_eq!(bed.bridge.step_state_batches(), vec![3]);
+    bed.stop(handle).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn poison_is_dead_lettered_with_its_reason_and_never_launched() {
     let bed = bed(Duration::from_secs(1));
     bed.queue.push("bad", "{not json");

@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -39,6 +39,7 @@ from dagster_taskiq_controller import contract
 from dagster_taskiq_controller.claims import AttemptClaims, ClaimsUnsupported, claim_key
 from dagster_taskiq_controller.executor import read_terminate_request, read_verdict
 from dagster_taskiq_controller.pg_watch import PostgresRunWatcher, is_postgres
+from dagster_taskiq_controller.step_events import StepEvents, records_of
 
 logger = logging.getLogger("dagster_taskiq_controller.bridge")
 
@@ -70,7 +71,12 @@ within the file system's timestamp granularity that left the size equal)."""
 STDERR_TAIL_MAX_CHARS = 8192
 """Longer ``stderr_tail`` values are cut to their last this-many characters."""
 
-PAGE_SIZE = 1000
+PROTOCOL = 2
+"""The bridge protocol's version, in every ``ping`` answer (docs/protocol.md, section 2):
+2 added ``step_states``."""
+
+MAX_STEP_STATES = 100
+"""Entries of one ``step_states`` request, at most (a receive brings up to 10)."""
 
 PLAN_CACHE_SIZE = 64
 """Execution plan snapshots whose step tags the bridge keeps (one per recent run shape)."""
@@ -151,21 +157,6 @@ class LineWriter:
 
 
 Push = Callable[[dict[str, Any]], None]
-
-
-def _records_of(
-    instance: DagsterInstance,
-    run_id: str,
-    of_type: DagsterEventType | set[DagsterEventType],
-    cursor: str | None = None,
-) -> Iterator[EventLogRecord]:
-    """The run's event records of these types after ``cursor``, page by page."""
-    while True:
-        conn = instance.get_records_for_run(run_id, cursor=cursor, of_type=of_type, limit=PAGE_SIZE)
-        yield from conn.records
-        if not conn.has_more:
-            return
-        cursor = conn.cursor
 
 
 def _cursor_of(record: EventLogRecord) -> str:
@@ -250,7 +241,7 @@ class ShardWatcher:
         if signature == shard.signature and now - shard.read_at < SHARD_REREAD_SECONDS:
             return
         shard.signature, shard.read_at = signature, now
-        for record in _records_of(self._instance, run_id, set(WATCHED_EVENT_TYPES), shard.cursor):
+        for record in records_of(self._instance, run_id, set(WATCHED_EVENT_TYPES), shard.cursor):
             with self._lock:
                 if run_id not in self._shards:  # no longer watched
                     return
@@ -353,12 +344,14 @@ class Bridge:
         self._push = push
         self._watches: RunWatches | None = None
         self._claims: AttemptClaims | None = None
+        self._events: StepEvents | None = None
         # Op tags per step key of each execution plan snapshot read, oldest first.
         self._plan_tags: dict[str, dict[str, dict[str, str]]] = {}
         self._methods: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "ping": self.ping,
             "run_status": self.run_status,
             "step_state": self.step_state,
+            "step_states": self.step_states,
             "report_verdict": self.report_verdict,
             "report_event": self.report_event,
             "claim_attempt": self.claim_attempt,
@@ -419,31 +412,60 @@ class Bridge:
 
     # --- reading the event log -----------------------------------------------------------------
 
+    def _step_events(self, instance: DagsterInstance) -> StepEvents:
+        if self._events is None:
+            self._events = StepEvents(instance)
+            if not self._events.indexed:
+                logger.warning(
+                    "the event log storage %s is not SQL-backed: each step check reads the "
+                    "run's events of every step",
+                    type(instance.event_log_storage).__name__,
+                )
+        return self._events
+
     def _terminal_events(self, instance: DagsterInstance, run_id: str, step_key: str) -> list[str]:
-        types: list[str] = []
-        for record in _records_of(instance, run_id, set(TERMINAL_EVENT_TYPES)):
-            event = record.event_log_entry.dagster_event
-            if event is not None and event.step_key == step_key:
-                types.append(event.event_type_value)
-        return types
+        """The types of the step's terminal events, oldest first (one per ended attempt)."""
+        events = self._step_events(instance)
+        return events.types(run_id, [step_key], TERMINAL_EVENT_TYPES)[step_key]
 
     def _step_state(
         self, instance: DagsterInstance, run: DagsterRun | None, step_key: str, attempt: int
     ) -> dict[str, Any]:
         if run is None:
-            return {
-                "run_status": None,
-                "terminal_events": 0,
-                "attempt_finished": False,
-                "last_terminal": None,
-            }
-        terminal = self._terminal_events(instance, run.run_id, step_key)
-        return {
-            "run_status": run.status.value,
-            "terminal_events": len(terminal),
-            "attempt_finished": len(terminal) > attempt,
-            "last_terminal": terminal[-1] if terminal else None,
-        }
+            return _state_of(None, [], attempt)
+        return _state_of(run, self._terminal_events(instance, run.run_id, step_key), attempt)
+
+    def _run_step_states(
+        self, instance: DagsterInstance, run_id: str, entries: list[tuple[int, str, int]]
+    ) -> dict[int, dict[str, Any]]:
+        """The ``step_states`` answers of the entries ``(index, step_key, attempt)`` of one
+        run: the run and the terminal events of all its asked steps read once."""
+        try:
+            run = instance.get_run_by_id(run_id)
+            terminal = (
+                self._step_events(instance).types(
+                    run_id, {step_key for _, step_key, _ in entries}, TERMINAL_EVENT_TYPES
+                )
+                if run is not None
+                else {}
+            )
+        except Exception as exc:
+            logger.exception("step_states of run %s failed", run_id)
+            failed = _entry_error(BridgeError("internal", f"{type(exc).__name__}: {exc}"))
+            return {index: failed for index, _, _ in entries}
+        answers: dict[int, dict[str, Any]] = {}
+        for index, step_key, attempt in entries:
+            state = _state_of(run, terminal.get(step_key, []), attempt)
+            if run is not None:
+                try:
+                    state["stored_step"] = self._stored_step(instance, run, step_key)
+                except Exception as exc:
+                    logger.exception("stored step %s of run %s failed", step_key, run_id)
+                    error = BridgeError("internal", f"{type(exc).__name__}: {exc}")
+                    answers[index] = _entry_error(error)
+                    continue
+            answers[index] = {"ok": True, "result": state}
+        return answers
 
     def _run(self, instance: DagsterInstance, run_id: str) -> DagsterRun:
         run = instance.get_run_by_id(run_id)
@@ -460,7 +482,11 @@ class Bridge:
         pinned one), the storage answers too: its latest run and, with ``run_id``, that run's
         latest event are read. The controller asks this after Dagster raised for a request, to
         tell an outage of the storage from an error of that request."""
-        result: dict[str, Any] = {"dagster_version": dagster.__version__, "pid": os.getpid()}
+        result: dict[str, Any] = {
+            "dagster_version": dagster.__version__,
+            "pid": os.getpid(),
+            "protocol": PROTOCOL,
+        }
         if params.get("describe"):
             instance = self.instance()
             packed_ref = json.loads(serialize_value(instance.get_ref()))
@@ -525,6 +551,32 @@ class Bridge:
         if run is not None:
             state["stored_step"] = self._stored_step(instance, run, step_key)
         return state
+
+    def step_states(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``step_state`` of several attempts in one request (the messages of one receive):
+        one answer per entry, in order, each ``{"ok": true, "result": ...}`` or
+        ``{"ok": false, "error": ...}``, so a bad entry fails alone. The entries of one run
+        share one read of the run and one of its steps' terminal events."""
+        steps = _param(params, "steps", list)
+        if len(steps) > MAX_STEP_STATES:
+            raise _bad_request(f"at most {MAX_STEP_STATES} steps per request, not {len(steps)}")
+        answers: dict[int, dict[str, Any]] = {}
+        by_run: dict[str, list[tuple[int, str, int]]] = {}
+        for index, entry in enumerate(steps):
+            try:
+                if not isinstance(entry, dict):
+                    raise _bad_request("each step must be an object")
+                run_id = _str_param(entry, "run_id")
+                key = (index, _str_param(entry, "step_key"), _attempt_param(entry))
+            except BridgeError as exc:
+                answers[index] = _entry_error(exc)
+                continue
+            by_run.setdefault(run_id, []).append(key)
+        if by_run:
+            instance = self.instance()
+            for run_id, entries in by_run.items():
+                answers.update(self._run_step_states(instance, run_id, entries))
+        return {"states": [answers[index] for index in range(len(steps))]}
 
     def _stored_step(
         self, instance: DagsterInstance, run: DagsterRun, step_key: str
@@ -603,8 +655,11 @@ class Bridge:
     def _has_verdict(
         self, instance: DagsterInstance, run_id: str, step_key: str, attempt: int, task_id: str
     ) -> bool:
-        for record in _records_of(instance, run_id, DagsterEventType.ENGINE_EVENT):
-            event = record.event_log_entry.dagster_event
+        entries = self._step_events(instance).entries(
+            run_id, step_key, [DagsterEventType.ENGINE_EVENT]
+        )
+        for entry in entries:
+            event = entry.dagster_event
             found = read_verdict(event)
             if found is None or found[0] != step_key or found[1] != attempt:
                 continue
@@ -730,6 +785,21 @@ def _package_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             found[name] = None
     return found
+
+
+def _state_of(run: DagsterRun | None, terminal: list[str], attempt: int) -> dict[str, Any]:
+    """A ``step_state`` answer from the run (``None``: unknown) and the types of the step's
+    terminal events, oldest first."""
+    return {
+        "run_status": run.status.value if run is not None else None,
+        "terminal_events": len(terminal),
+        "attempt_finished": len(terminal) > attempt,
+        "last_terminal": terminal[-1] if terminal else None,
+    }
+
+
+def _entry_error(error: BridgeError) -> dict[str, Any]:
+    return {"ok": False, "error": {"kind": error.kind, "message": error.message}}
 
 
 def _error_response(request_id: Any, error: BridgeError) -> dict[str, Any]:

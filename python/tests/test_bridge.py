@@ -287,6 +287,29 @@ def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) 
         "last_terminal": None,
     }
 
+    # The same checks in one request, as the controller sends those of one receive: each
+    # entry answered as its own step_state, a bad entry failing alone.
+    asked = [("first", 0), ("second", 1), ("not_a_step", 0), ("first", 2)]
+    entries: list[Any] = [
+        {"run_id": world.done_run_id, "step_key": step_key, "attempt": attempt}
+        for step_key, attempt in asked
+    ]
+    entries += [
+        {"run_id": "no-such-run", "step_key": "first", "attempt": 0},
+        {"run_id": world.done_run_id, "step_key": "first", "attempt": -1},
+        "not an object",
+    ]
+    states = bridge.result("step_states", instance_ref=None, steps=entries)["states"]
+    assert len(states) == len(entries)
+    for (step_key, attempt), answer in zip(asked, states, strict=False):
+        assert answer == {"ok": True, "result": state(step_key, attempt)}
+    assert states[4] == {"ok": True, "result": missing}
+    assert states[5]["ok"] is False and states[5]["error"]["kind"] == "bad_request"
+    assert states[6]["ok"] is False and states[6]["error"]["kind"] == "bad_request"
+    too_many = bridge.call("step_states", steps=entries[:1] * 101)
+    assert too_many["ok"] is False and too_many["error"]["kind"] == "bad_request"
+    assert bridge.result("ping")["protocol"] == 2
+
 
 def test_pipelined_requests(bridge: BridgeProcess, world: World) -> None:
     requests = [
@@ -851,3 +874,136 @@ def test_a_claim_won_on_a_finished_attempt_says_so(bridge: BridgeProcess, world:
     won = bridge.result("claim_attempt", **params)
     assert won["claimed"] is True
     assert won["state"]["attempt_finished"] is True
+
+
+# --- per-step reads (docs/architecture.md, "The bridge's reads") -----------------------------
+
+
+class EventLogSelects:
+    """Every SELECT on ``event_logs`` while active, with the rows it returns and, on SQLite,
+    its query plan: counted by the database itself, on the statement's own connection."""
+
+    def __init__(self) -> None:
+        self.selects: list[tuple[int, str]] = []
+
+    def __enter__(self) -> "EventLogSelects":
+        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", self._seen)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", self._seen)
+
+    def _seen(self, conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if not statement.lstrip().upper().startswith("SELECT") or "FROM event_logs" not in (
+            statement
+        ):
+            return
+        probe = cursor.connection.cursor()
+        try:
+            probe.execute(f"SELECT count(*) FROM ({statement}) AS counted", parameters)
+            rows = probe.fetchone()[0]
+            plan = ""
+            if conn.dialect.name == "sqlite":
+                probe.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
+                plan = "; ".join(str(row[-1]) for row in probe.fetchall())
+        finally:
+            probe.close()
+        self.selects.append((rows, plan))
+
+    @property
+    def rows(self) -> int:
+        return sum(rows for rows, _ in self.selects)
+
+
+def _step_event(run: Any, event_type: DagsterEventType, step_key: str, data: Any) -> DagsterEvent:
+    return DagsterEvent(
+        event_type.value, job_name=run.job_name, step_key=step_key, event_specific_data=data
+    )
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "postgres"])
+def test_a_step_check_reads_only_that_steps_events_however_many_the_run_has(
+    storage: str, request: pytest.FixtureRequest
+) -> None:
+    """The step-state and verdict checks read the rows of their step alone: a check at the
+    1,000th step of a run costs what it costs at the first (not O(N) per step)."""
+    from dagster._core.execution.plan.objects import StepSuccessData
+
+    from dagster_taskiq_controller.bridge import Bridge
+
+    world: World = request.getfixturevalue("world" if storage == "sqlite" else "pg_world")
+    instance = world.instance
+    run = instance.create_run_for_job(job_def=tiny)
+    others = 40
+    for i in range(others):
+        step_key = f"other_{i}"
+        instance.report_engine_event(f"note {i}", run, EngineEventData(), step_key=step_key)
+        instance.report_dagster_event(
+            _step_event(run, DagsterEventType.STEP_SUCCESS, step_key, StepSuccessData(1.0)),
+            run_id=run.run_id,
+        )
+    bridge = Bridge()
+    bridge._instance = instance
+    verdict = {
+        "run_id": run.run_id,
+        "step_key": "first",
+        "attempt": 0,
+        "task_id": "t0",
+        "verdict": "killed",
+    }
+    try:
+        assert bridge.report_verdict(verdict)["written"] is True
+        params = {"run_id": run.run_id, "step_key": "first", "attempt": 0}
+        with EventLogSelects() as reads:
+            state = bridge.step_state(params)
+        assert state["terminal_events"] == 0 and state["attempt_finished"] is False
+        # Only "first"'s terminal events (none): the 40 other steps' successes are not read.
+        assert reads.rows == 0, reads.selects
+        with EventLogSelects() as reads:
+            again = bridge.report_verdict(verdict)
+        assert again == {"written": False, "attempt_finished": False}
+        # Its terminal events (none) and its one engine event, the verdict.
+        assert reads.rows == 1, reads.selects
+        instance.report_dagster_event(
+            _step_event(run, DagsterEventType.STEP_SUCCESS, "first", StepSuccessData(1.0)),
+            run_id=run.run_id,
+        )
+        with EventLogSelects() as reads:
+            state = bridge.step_state(params)
+        assert state["attempt_finished"] is True and state["last_terminal"] == "STEP_SUCCESS"
+        assert reads.rows == 1, reads.selects
+        with EventLogSelects() as reads:
+            steps = [{**params, "step_key": key} for key in ("first", "other_0", "other_1")]
+            states = bridge.step_states({"steps": steps})["states"]
+        assert [s["result"]["terminal_events"] for s in states] == [1, 1, 1]
+        # One query per step, on one connection, reading their three terminal events alone.
+        assert len(reads.selects) == 3 and reads.rows == 3, reads.selects
+        if storage == "sqlite":
+            # The shard's step-key index, not a scan of the run's events of that type.
+            assert all("idx_step_key" in plan for _, plan in reads.selects), reads.selects
+    finally:
+        bridge._instance = None  # the world's instance is the fixture's to dispose
+        bridge.close()
+
+
+def test_the_scan_for_storages_without_sql_reads_what_the_index_reads(world: World) -> None:
+    from dagster_taskiq_controller.step_events import StepEvents
+
+    indexed, scanned = StepEvents(world.instance), StepEvents(world.instance)
+    scanned._storage = None  # as for an event-log storage that is not SQL-backed
+    assert indexed.indexed and not scanned.indexed
+    run_id, steps = world.done_run_id, ["first", "second", "not_a_step"]
+    types = {DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_UP_FOR_RETRY}
+    found = indexed.types(run_id, steps, types)
+    assert found == {
+        "first": ["STEP_UP_FOR_RETRY", "STEP_SUCCESS"],
+        "second": ["STEP_SUCCESS"],
+        "not_a_step": [],
+    }
+    assert scanned.types(run_id, steps, types) == found
+    outputs = [DagsterEventType.STEP_OUTPUT]
+    assert (
+        [e.dagster_event.step_key for e in scanned.entries(run_id, "first", outputs)]
+        == [e.dagster_event.step_key for e in indexed.entries(run_id, "first", outputs)]
+        == ["first"]
+    )

@@ -7,6 +7,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::batch::CheckTicket;
 use super::{count_queue_error, outage, settle, step, Context};
 use crate::envelope::StepRequest;
 use crate::health::IDLE_BEAT;
@@ -76,6 +77,8 @@ pub(super) async fn intake(ctx: &Arc<Context>, tasks: &mut JoinSet<()>) {
         match received {
             Ok(messages) => {
                 failures = 0;
+                // The step-state checks of the messages handled here go in one request.
+                let mut tickets = CheckTicket::for_receive(messages.len().min(permits.len()));
                 for message in messages {
                     ctx.metrics.messages_received.inc();
                     ctx.metrics.message_seen(message.sent_at_ms);
@@ -92,9 +95,10 @@ pub(super) async fn intake(ctx: &Arc<Context>, tasks: &mut JoinSet<()>) {
                         });
                         continue;
                     };
+                    let ticket = tickets.pop().unwrap_or_else(CheckTicket::alone);
                     ctx.metrics.steps_in_flight.inc();
                     tasks.spawn(async move {
-                        handle(&ctx, message).await;
+                        handle(&ctx, message, ticket).await;
                         ctx.metrics.steps_in_flight.dec();
                         drop(permit);
                     });
@@ -162,7 +166,7 @@ async fn sleep_beating(ctx: &Context, pause: Duration) {
 }
 
 /// One received message to the end: decode, claim, live the step, settle.
-async fn handle(ctx: &Context, mut message: ReceivedMessage) {
+async fn handle(ctx: &Context, mut message: ReceivedMessage, ticket: CheckTicket) {
     // A requeued copy continues the count of the message it replaced.
     let prior = message
         .attributes
@@ -244,7 +248,7 @@ async fn handle(ctx: &Context, mut message: ReceivedMessage) {
             return;
         }
         let signals = ctx.leases.hold(&step.task_id, &message.receipt_handle);
-        let life = step::live(ctx, &step, &message, signals).await;
+        let life = step::live(ctx, &step, &message, signals, ticket).await;
         settle::settle(
             ctx,
             &step,

@@ -17,6 +17,7 @@
 //! - [`outage`](self::outage): telling a Dagster outage from an error of one request; what
 //!   `/readyz` and the intake read while Dagster is unreachable.
 
+mod batch;
 mod calls;
 mod claim;
 mod handoff;

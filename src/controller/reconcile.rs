@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::batch::CheckTicket;
 use super::{calls, handoff, launcher_name, settle, stored_step, Context};
 use crate::dagster::{
     StepState as DagsterStepState, StoredStep, Verdict, META_ATTEMPT, META_TASK_ID,
@@ -26,12 +27,19 @@ pub(super) async fn reconcile(
     ctx: &Context,
     step: &StepRequest,
     message: &ReceivedMessage,
+    ticket: CheckTicket,
 ) -> Decision {
-    let state =
-        match calls::ask_bridge(ctx, step, "step_state", || ctx.bridge.step_state(step)).await {
-            Ok(state) => state,
-            Err(e) => return Decision::Settle(settle::unanswered(ctx, e, message).await),
-        };
+    // The first try goes with the other checks of the message's receive, a retry alone.
+    let bridge = ctx.bridge.as_ref();
+    let mut ticket = Some(ticket);
+    let asked = calls::ask_bridge(ctx, step, "step_state", || {
+        let ticket = ticket.take().unwrap_or_else(CheckTicket::alone);
+        ticket.step_state(bridge, step)
+    });
+    let state = match asked.await {
+        Ok(state) => state,
+        Err(e) => return Decision::Settle(settle::unanswered(ctx, e, message).await),
+    };
     if let Some(skip) = skip(ctx, step, &state).await {
         return Decision::Settle(skip);
     }

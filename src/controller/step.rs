@@ -8,6 +8,7 @@ use tracing::Instrument;
 
 use tokio::time::Instant;
 
+use super::batch::CheckTicket;
 use super::reconcile::{reconcile, Decision};
 use super::supervise::{supervise, Ended};
 use super::{calls, claim, handoff, launcher_name, settle, sleep_until_deadline, Context};
@@ -49,9 +50,10 @@ pub(super) async fn live(
     step: &StepRequest,
     message: &ReceivedMessage,
     signals: LeaseSignals,
+    ticket: CheckTicket,
 ) -> Life {
     let received_at = Instant::now();
-    let stored = match reconcile(ctx, step, message).await {
+    let stored = match reconcile(ctx, step, message, ticket).await {
         Decision::Settle(outcome) => return outcome.into(),
         Decision::Launch(stored) => stored,
     };

@@ -379,6 +379,20 @@ pub trait DagsterBridge: Send + Sync + 'static {
     /// What the event log says about the request's step attempt.
     async fn step_state(&self, step: &StepRequest) -> Result<StepState, BridgeError>;
 
+    /// [`DagsterBridge::step_state`] of several attempts (the messages of one receive) in one
+    /// round trip: one answer per step, in order, an entry's error its own; `Err` when the
+    /// request as a whole failed. By default, asked one step at a time.
+    async fn step_states(
+        &self,
+        steps: &[StepRequest],
+    ) -> Result<Vec<Result<StepState, BridgeError>>, BridgeError> {
+        let mut states = Vec::with_capacity(steps.len());
+        for step in steps {
+            states.push(self.step_state(step).await);
+        }
+        Ok(states)
+    }
+
     /// Writes the verdict engine event that the executor's health check turns into a
     /// failure or a retry. Idempotent per task id. Takes the attempt alone: a message that
     /// failed validation may still name it ([`crate::envelope::Identity`]).

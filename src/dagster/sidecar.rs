@@ -195,6 +195,8 @@ pub struct SidecarBridge {
     connection: tokio::sync::Mutex<Option<Connection>>,
     pushes: broadcast::Sender<BridgePush>,
     status: StatusCell,
+    /// The bridge answered `step_states` as an unknown method: ask one step at a time.
+    one_by_one: AtomicBool,
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
@@ -248,6 +250,68 @@ struct ErrorBody {
     message: String,
 }
 
+/// An error answer, to the request or to one entry of a batch.
+fn error_of(error: Option<ErrorBody>) -> BridgeError {
+    let error = error.unwrap_or(ErrorBody {
+        kind: "internal".into(),
+        message: "error without details".into(),
+    });
+    match error.kind.as_str() {
+        "internal" => BridgeError::Internal(error.message),
+        _ => BridgeError::Rejected {
+            kind: error.kind,
+            message: error.message,
+        },
+    }
+}
+
+/// One entry of the result of `step_states`.
+#[derive(Deserialize)]
+struct Entry {
+    ok: bool,
+    #[serde(default)]
+    result: Value,
+    #[serde(default)]
+    error: Option<ErrorBody>,
+}
+
+/// The result of `step_states`.
+#[derive(Deserialize)]
+struct States {
+    states: Vec<Entry>,
+}
+
+/// The answers of a `step_states` request of `asked` steps.
+fn entries_of(
+    result: Value,
+    asked: usize,
+) -> Result<Vec<Result<StepState, BridgeError>>, BridgeError> {
+    let states = parse::<States>("step_states", result)?.states;
+    if states.len() != asked {
+        return Err(BridgeError::Internal(format!(
+            "step_states answered {} entries for {asked} steps",
+            states.len()
+        )));
+    }
+    Ok(states
+        .into_iter()
+        .map(|entry| {
+            if entry.ok {
+                parse("step_states", entry.result)
+            } else {
+                Err(error_of(entry.error))
+            }
+        })
+        .collect())
+}
+
+/// Whether the bridge refused a request for not knowing its method (an older bridge: its
+/// protocol has no such method).
+fn is_unknown_method(error: &BridgeError) -> bool {
+    matches!(error, BridgeError::Rejected { kind, message }
+        if kind == "bad_request" && message.starts_with("unknown method"))
+}
+
 /// The result of `run_status`.
 #[derive(Deserialize)]
 struct Statuses {
@@ -278,6 +342,7 @@ impl SidecarBridge {
             connection: tokio::sync::Mutex::new(None),
             pushes: broadcast::channel(PUSH_BUFFER).0,
             status: StatusCell::new(),
+            one_by_one: AtomicBool::new(false),
         }
     }
 
@@ -398,20 +463,20 @@ impl SidecarBridge {
                 "sidecar exited before answering".into(),
             )),
             Ok(Ok(response)) if response.ok => Ok(response.result),
-            Ok(Ok(response)) => {
-                let error = response.error.unwrap_or(ErrorBody {
-                    kind: "internal".into(),
-                    message: "error without details".into(),
-                });
-                Err(match error.kind.as_str() {
-                    "internal" => BridgeError::Internal(error.message),
-                    _ => BridgeError::Rejected {
-                        kind: error.kind,
-                        message: error.message,
-                    },
-                })
-            }
+            Ok(Ok(response)) => Err(error_of(response.error)),
         }
+    }
+
+    /// `step_state` of each step, one request each: for a bridge without `step_states`.
+    async fn step_states_one_by_one(
+        &self,
+        steps: &[StepRequest],
+    ) -> Vec<Result<StepState, BridgeError>> {
+        let mut states = Vec::with_capacity(steps.len());
+        for step in steps {
+            states.push(self.step_state(step).await);
+        }
+        states
     }
 
     /// A request to sidecar `generation` passed its deadline: the sidecar is wedged (a
@@ -668,6 +733,32 @@ impl DagsterBridge for SidecarBridge {
         parse("step_state", result)
     }
 
+    async fn step_states(
+        &self,
+        steps: &[StepRequest],
+    ) -> Result<Vec<Result<StepState, BridgeError>>, BridgeError> {
+        if steps.len() < 2 || self.one_by_one.load(Ordering::Relaxed) {
+            return Ok(self.step_states_one_by_one(steps).await);
+        }
+        let entries: Vec<Value> = steps
+            .iter()
+            .map(|s| Value::Object(step_params(s)))
+            .collect();
+        let params = json!({"instance_ref": steps[0].instance_ref, "steps": entries});
+        match self.call("step_states", params).await {
+            Ok(result) => entries_of(result, steps.len()),
+            Err(e) if is_unknown_method(&e) => {
+                tracing::warn!(
+                    "the Dagster bridge does not know step_states (bridge protocol 1, an older \
+                     dagster-taskiq-controller package): asking one step at a time"
+                );
+                self.one_by_one.store(true, Ordering::Relaxed);
+                Ok(self.step_states_one_by_one(steps).await)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn report_verdict(
         &self,
         attempt: &AttemptId,
@@ -827,6 +918,39 @@ mod tests {
         ));
         // An unknown push kind is neither: logged and skipped by the reader.
         assert!(serde_json::from_str::<Line>(r#"{"push": "other"}"#).is_err());
+    }
+
+    #[test]
+    fn a_step_states_answer_gives_each_entry_its_own_result() {
+        let state = serde_json::json!({
+            "run_status": "STARTED", "terminal_events": 1, "attempt_finished": true,
+            "last_terminal": "STEP_SUCCESS", "stored_step": null,
+        });
+        let result = serde_json::json!({"states": [
+            {"ok": true, "result": state},
+            {"ok": false, "error": {"kind": "bad_request", "message": "param attempt must be >= 0"}},
+            {"ok": false, "error": {"kind": "internal", "message": "OperationalError"}},
+        ]});
+        let entries = entries_of(result.clone(), 3).unwrap();
+        assert!(entries[0].as_ref().unwrap().attempt_finished);
+        assert!(
+            matches!(&entries[1], Err(BridgeError::Rejected { kind, .. }) if kind == "bad_request")
+        );
+        assert!(matches!(&entries[2], Err(BridgeError::Internal(_))));
+        // An answer that does not match the request is an error of the whole request.
+        assert!(matches!(
+            entries_of(result, 2),
+            Err(BridgeError::Internal(_))
+        ));
+        let unknown = BridgeError::Rejected {
+            kind: "bad_request".into(),
+            message: "unknown method 'step_states'".into(),
+        };
+        assert!(is_unknown_method(&unknown));
+        assert!(!is_unknown_method(&BridgeError::Rejected {
+            kind: "bad_request".into(),
+            message: "missing param steps".into(),
+        }));
     }
 
     #[test]

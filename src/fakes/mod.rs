@@ -548,6 +548,8 @@ struct BridgeInner {
     storage_down: bool,
     /// Step keys whose `step_state` raises although the storage answers.
     failing_steps: Vec<String>,
+    /// The size of each `step_states` request.
+    step_state_batches: Vec<usize>,
     probes: u64,
     /// The steps as their runs stored them, by (run id, step key); none: not checked.
     stored_steps: HashMap<(String, String), StoredStep>,
@@ -675,6 +677,11 @@ impl FakeBridge {
     }
 
     /// Probes asked so far.
+    /// The number of steps of each `step_states` request, in order.
+    pub fn step_state_batches(&self) -> Vec<usize> {
+        self.inner.lock().step_state_batches.clone()
+    }
+
     pub fn probes(&self) -> u64 {
         self.inner.lock().probes
     }
@@ -753,6 +760,18 @@ impl DagsterBridge for FakeBridge {
             &step.step_key,
             step.attempt,
         ))
+    }
+
+    async fn step_states(
+        &self,
+        steps: &[StepRequest],
+    ) -> Result<Vec<Result<StepState, BridgeError>>, BridgeError> {
+        self.enter()?.step_state_batches.push(steps.len());
+        let mut states = Vec::with_capacity(steps.len());
+        for step in steps {
+            states.push(self.step_state(step).await);
+        }
+        Ok(states)
     }
 
     async fn report_verdict(
