@@ -24,11 +24,14 @@ setup: $(STAMP)
 
 # The product package with its test extra, and the test beds (python/testing) beside it. uv
 # (pinned in the test extra) resolves and installs them: pip takes minutes for the same set.
+# Bytecode is compiled at install (as pip does): where PYTHONDONTWRITEBYTECODE is set, as on
+# the CI machines, Python would otherwise compile Dagster from source in every process.
+UV_INSTALL = $(VENV)/bin/uv pip install --quiet --compile-bytecode
 UV_VERSION := $(shell sed -n 's/^ *"uv\(.*\)",$$/uv\1/p' python/pyproject.toml)
 $(STAMP): python/pyproject.toml python/testing/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check '$(UV_VERSION)'
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -e 'python[test]' -e python/testing
+	$(UV_INSTALL) --python $(PY) -e 'python[test]' -e python/testing
 	touch $(STAMP)
 
 # One virtualenv per older Dagster minor (a pin in python/versions/) for
@@ -43,9 +46,8 @@ versions: $(VERSION_VENVS)
 .venv-versions/%/.installed: python/versions/%.txt python/pyproject.toml python/testing/pyproject.toml $(STAMP)
 	rm -rf .venv-versions/$*
 	$(VENV)/bin/uv venv --quiet --python $(PY) .venv-versions/$*
-	$(VENV)/bin/uv pip install --quiet --python .venv-versions/$*/bin/python \
-		-r $< -e 'python[postgres]' pytest
-	$(VENV)/bin/uv pip install --quiet --python .venv-versions/$*/bin/python --no-deps -e python/testing
+	$(UV_INSTALL) --python .venv-versions/$*/bin/python -r $< -e 'python[postgres]' pytest
+	$(UV_INSTALL) --python .venv-versions/$*/bin/python --no-deps -e python/testing
 	touch $@
 
 build:
@@ -164,7 +166,7 @@ bench: $(BENCH_STAMP) build postgresql
 
 # The taskiq packages of the in-process comparison (they pin boto3/botocore to aiobotocore's).
 $(BENCH_STAMP): $(STAMP)
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -e 'python[test,bench]'
+	$(UV_INSTALL) --python $(PY) -e 'python[test,bench]'
 	touch $(BENCH_STAMP)
 
 # Wall time of a diamond and a fan-out: controller cold and warm, Dagster's multiprocess
