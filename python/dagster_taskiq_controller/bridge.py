@@ -78,6 +78,12 @@ PROTOCOL = 2
 MAX_STEP_STATES = 100
 """Entries of one ``step_states`` request, at most (a receive brings up to 10)."""
 
+MAX_FAILURE_CLASSES = 8
+"""Errors of a failure's chain that ``step_state``'s ``failure_classes`` names, at most."""
+
+MAX_CLASS_NAME = 200
+"""Characters of one name in ``failure_classes``, at most."""
+
 PLAN_CACHE_SIZE = 64
 """Execution plan snapshots whose step tags the bridge keeps (one per recent run shape)."""
 
@@ -550,7 +556,32 @@ class Bridge:
         state = self._step_state(instance, run, step_key, attempt)
         if run is not None:
             state["stored_step"] = self._stored_step(instance, run, step_key)
+            if state["attempt_finished"]:
+                state["failure_classes"] = self._failure_classes(
+                    instance, run_id, step_key, attempt
+                )
         return state
+
+    def _failure_classes(
+        self, instance: DagsterInstance, run_id: str, step_key: str, attempt: int
+    ) -> list[str]:
+        """The class names of the error chain of the attempt's failure (its STEP_FAILURE or
+        STEP_UP_FOR_RETRY: the attempt-th terminal event of the step), outermost first; empty
+        when it succeeded. Read only for an attempt that ended, after its process exited: the
+        controller names a memory limit from it (a ``MemoryError`` under the address-space
+        rlimit), whatever the step's stderr showed (Dagster mirrors a step's stderr through a
+        ``tail`` process that may not flush its last lines before it is killed)."""
+        entries = self._step_events(instance).entries(run_id, step_key, TERMINAL_EVENT_TYPES)
+        if len(entries) <= attempt:
+            return []
+        event = entries[attempt].dagster_event
+        data = event.event_specific_data if event is not None else None
+        error = getattr(data, "error", None)
+        names: list[str] = []
+        while error is not None and len(names) < MAX_FAILURE_CLASSES:
+            names.append(str(error.cls_name or "")[:MAX_CLASS_NAME])
+            error = error.cause or error.context
+        return names
 
     def step_states(self, params: dict[str, Any]) -> dict[str, Any]:
         """``step_state`` of several attempts in one request (the messages of one receive):

@@ -260,12 +260,16 @@ def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) 
         "location": None,
         "ecs": no_ecs,
     }
+    # The attempt's failure, as the controller reads it to name a memory limit.
+    assert first.pop("failure_classes") == ["RetryRequestedFromPolicy", "RuntimeError"]
     assert first == {
         "run_status": "SUCCESS",
         "terminal_events": 2,
         "attempt_finished": True,
         "last_terminal": "STEP_SUCCESS",
     }
+    assert state("first", 1)["failure_classes"] == []
+    assert "failure_classes" not in state("first", 2)
     assert state("not_a_step", 0)["stored_step"] == {
         "found": False,
         "tags": {},
@@ -302,7 +306,10 @@ def test_step_state_counts_terminal_events(bridge: BridgeProcess, world: World) 
     states = bridge.result("step_states", instance_ref=None, steps=entries)["states"]
     assert len(states) == len(entries)
     for (step_key, attempt), answer in zip(asked, states, strict=False):
-        assert answer == {"ok": True, "result": state(step_key, attempt)}
+        # Only step_state, the check after an attempt's exit, reads its failure.
+        alone = state(step_key, attempt)
+        alone.pop("failure_classes", None)
+        assert answer == {"ok": True, "result": alone}
     assert states[4] == {"ok": True, "result": missing}
     assert states[5]["ok"] is False and states[5]["error"]["kind"] == "bad_request"
     assert states[6]["ok"] is False and states[6]["error"]["kind"] == "bad_request"

@@ -1,12 +1,10 @@
 """End to end: per-step memory limits (op tag dagster-taskiq/memory) on process and warm steps,
 through a real SQS API (moto server), the controller binary and real Dagster runs.
 
-Which enforcement runs depends on the host (docs/operations.md, "Step resource limits"): the
-address-space rlimit runs everywhere and is tested cold and warm; the cgroup v2 path needs a
-cgroup2 hierarchy with the memory controller. The cgroup test mounts a cgroup2 file system of
-its own (root, and a kernel that allows it, are required: it fails otherwise) and, where the
-memory controller is bound elsewhere (a host still on cgroup v1 for memory), checks the
-controller refuses a step cgroup root without it rather than running steps unlimited."""
+Both enforcements run here (docs/operations.md, "Step resource limits"): the address-space
+rlimit (everywhere) and a cgroup per step, on whichever cgroup version the host has its memory
+controller on (v1: a child of the test's own memory cgroup; v2: a cgroup2 file system mounted
+for the test). The cgroup tests need root and fail, never skip, without it."""
 
 from __future__ import annotations
 
@@ -100,9 +98,57 @@ def test_a_step_past_its_memory_limit_fails_alone_and_is_retried(
     assert stack.metric("steps_out_of_memory_total") == 1
 
 
+def _v1_mount(controller: str) -> tuple[Path, str] | None:
+    """The mount point and shown root of the cgroup v1 hierarchy with ``controller``."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        kind, _source, options = [*right.split(), "", "", ""][:3]
+        if kind == "cgroup" and controller in options.split(","):
+            fields = left.split()
+            return Path(fields[4]), fields[3]
+    return None
+
+
+def _own_v1_dir(controller: str) -> Path | None:
+    """This process's cgroup directory in the v1 hierarchy with ``controller``."""
+    mount = _v1_mount(controller)
+    if mount is None:
+        return None
+    point, root = mount
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return point / Path(path).relative_to(root)
+    return None
+
+
 @pytest.fixture
-def cgroup2(tmp_path: Path) -> Iterator[Path]:
-    """A cgroup2 file system mounted for this test, and a child cgroup of it for the steps."""
+def step_cgroup(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A delegated cgroup for the steps, of whichever kind this host enforces memory with:
+    where memory is still on cgroup v1, a child of this process's memory cgroup and the cpu
+    hierarchy's directory at the same place (as an operator delegates both); else a child of
+    a cgroup2 file system mounted for this test. Root is needed: fails loudly otherwise."""
+    own_memory = _own_v1_dir("memory")
+    name = f"dagster-taskiq-test-{uuid.uuid4().hex[:8]}"
+    if own_memory is not None:
+        memory = own_memory / name
+        created = [memory]
+        memory.mkdir()
+        cpu_mount, memory_mount = _v1_mount("cpu"), _v1_mount("memory")
+        if cpu_mount is not None and memory_mount is not None:
+            cpu = cpu_mount[0] / memory.relative_to(memory_mount[0])
+            missing = [d for d in [cpu, *cpu.parents] if not d.exists()]
+            for d in reversed(missing):
+                d.mkdir()
+                created.append(d)
+        try:
+            yield memory, "memory.limit_in_bytes"
+        finally:
+            for d in reversed(created):
+                for child in d.glob("step-*/"):
+                    child.rmdir()
+                d.rmdir()
+        return
     mount = tmp_path / "cgroup2"
     mount.mkdir()
     mounted = subprocess.run(
@@ -110,13 +156,15 @@ def cgroup2(tmp_path: Path) -> Iterator[Path]:
     )
     if mounted.returncode != 0:
         pytest.fail(
-            f"cannot mount cgroup2 (the cgroup test needs root and a kernel that allows it): "
-            f"{mounted.stderr.strip()}"
+            f"no cgroup v1 memory hierarchy and cannot mount cgroup2 (the cgroup test needs "
+            f"root): {mounted.stderr.strip()}"
         )
-    steps = mount / f"dagster-taskiq-test-{uuid.uuid4().hex[:8]}"
+    steps = mount / name
     try:
         steps.mkdir()
-        yield steps
+        if "memory" not in (steps / "cgroup.controllers").read_text().split():
+            pytest.fail(f"memory is on neither cgroup v1 nor cgroup v2 here: {steps}")
+        yield steps, "memory.max"
     finally:
         for child in sorted(steps.glob("*/"), reverse=True):
             child.rmdir()
@@ -124,31 +172,44 @@ def cgroup2(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_step_cgroups_under_a_delegated_cgroup2(
-    make_stack: Callable[..., Stack], cgroup2: Path, tmp_path: Path, aws_env: dict[str, str]
+@pytest.mark.parametrize("launcher", ["cold", "warm"])
+def test_a_step_past_its_memory_limit_in_its_own_cgroup_is_killed_alone_and_retried(
+    make_stack: Callable[..., Stack], step_cgroup: tuple[Path, str], launcher: str
 ) -> None:
-    """With the memory controller: hog is OOM-killed in its own cgroup, alone; the verdict names
-    the limit and the RetryPolicy retries it. Without it (this hierarchy's memory controller is
-    bound to cgroup v1): --step-cgroup DIR refuses to start, naming why."""
-    controllers = (cgroup2 / "cgroup.controllers").read_text().split()
-    if "memory" in controllers:
-        stack = make_stack("--step-cgroup", str(cgroup2))
-        run_id = run_memory_hog(stack)
-        (verdict,) = engine_metadata(stack, run_id, "hog", contract.META_VERDICT)
-        assert verdict.startswith(f"{LIMIT} (the step's cgroup reached memory.max"), verdict
-        assert stack.metric("steps_out_of_memory_total") == 1
-        assert list(cgroup2.glob("step-*")) == []
-        return
+    """cgroup mode, on whichever cgroup version this host has memory on: hog touches 512 MiB
+    in its own 256 MiB cgroup and the kernel kills it there, alone; the verdict names the
+    limit, the RetryPolicy retries it, the neighbour runs once and finishes, and the step
+    cgroups are gone afterwards."""
+    root, limit_file = step_cgroup
+    stack = make_stack("--step-cgroup", str(root), *(WARM_ARGS if launcher == "warm" else ()))
+    run_id = run_memory_hog(stack)
+    (verdict,) = engine_metadata(stack, run_id, "hog", contract.META_VERDICT)
+    assert verdict.startswith(f"{LIMIT} (the step's cgroup reached {limit_file}"), verdict
+    assert "signal 9" in verdict, verdict
+    assert stack.metric("steps_out_of_memory_total") == 1
+    log = stack.controller.log_path.read_text()  # type: ignore[union-attr]
+    version = "v1" if limit_file == "memory.limit_in_bytes" else "v2"
+    assert f"step resource limits: a cgroup {version} per step" in log
+    # Each step's cgroup went with it.
+    wait_for(lambda: not list(root.glob("step-*")), 10, "the step cgroups to be removed")
+
+
+def test_a_step_cgroup_root_that_is_no_cgroup_stops_the_start(
+    tmp_path: Path, aws_env: dict[str, str]
+) -> None:
+    """--step-cgroup DIR must work, or the controller does not start (never runs steps
+    unlimited when limits were asked for)."""
+    not_a_cgroup = tmp_path / "plain"
+    not_a_cgroup.mkdir()
     log_path = tmp_path / "refused.log"
     controller = Controller(
         queue_url="http://127.0.0.1:1/000000000000/unused",
         env={**aws_env, "DAGSTER_HOME": str(tmp_path)},
-        args=("--step-cgroup", str(cgroup2)),
+        args=("--step-cgroup", str(not_a_cgroup)),
         log_path=log_path,
     )
     with pytest.raises(RuntimeError, match="controller exited with"):
         controller.start()
     controller.stop()
     log = log_path.read_text()
-    assert f"--step-cgroup: {cgroup2} has no memory controller" in log, log
-    assert list(cgroup2.glob("step-*")) == []
+    assert f"--step-cgroup: {not_a_cgroup} is neither a cgroup v2 directory" in log, log

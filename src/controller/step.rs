@@ -290,7 +290,7 @@ async fn conclude(
         let outcome = Outcome::Finished(finish);
         tracing::info!(outcome = outcome.name(), "step finished");
         if finish != Finish::Succeeded {
-            if let Some(note) = running.out_of_memory() {
+            if let Some(note) = running.out_of_memory(state.failed_allocation()) {
                 note_out_of_memory(ctx, step, &note).await;
             }
         }
@@ -308,7 +308,10 @@ async fn conclude(
     }
     let timed_out = matches!(cause, Some(Cause::TimedOut(_)));
     // A step its memory limit ended: the verdict names the limit, not just the signal.
-    let out_of_memory = cause.is_none().then(|| running.out_of_memory()).flatten();
+    let out_of_memory = cause
+        .is_none()
+        .then(|| running.out_of_memory(false))
+        .flatten();
     if out_of_memory.is_some() {
         ctx.metrics.steps_out_of_memory.inc();
     }

@@ -125,6 +125,18 @@ pub struct StepState {
     /// plan): what the message's launch settings must match.
     #[serde(default)]
     pub stored_step: Option<StoredStep>,
+    /// For an attempt that ended in failure: the class names of its error chain, outermost
+    /// first (`step_state` only; empty otherwise).
+    #[serde(default)]
+    pub failure_classes: Vec<String>,
+}
+
+impl StepState {
+    /// Whether the attempt's failure was a failed allocation (Python's `MemoryError`, as an
+    /// address-space rlimit raises it).
+    pub(crate) fn failed_allocation(&self) -> bool {
+        self.failure_classes.iter().any(|c| c == "MemoryError")
+    }
 }
 
 /// A step as its run stored it in Dagster: the settings that decide how it is launched.

@@ -728,6 +728,7 @@ impl FakeBridge {
                 .stored_steps
                 .get(&(run_id.to_owned(), step_key.to_owned()))
                 .cloned(),
+            failure_classes: Vec::new(),
         }
     }
 }

@@ -157,7 +157,8 @@ pub trait RunningStep: Send + Sync {
 
     /// Once it ended: the verdict's sentence when it ended for its memory limit
     /// (`out of memory: 512 MiB limit (...)`); local launchers with a limit only.
-    fn out_of_memory(&self) -> Option<String> {
+    /// `failed_allocation`: Dagster recorded the attempt's failure as a failed allocation.
+    fn out_of_memory(&self, _failed_allocation: bool) -> Option<String> {
         None
     }
     /// True when the execution keeps running without this controller (an ECS task): on

@@ -187,11 +187,11 @@ impl RunningStep for ChildStep {
         self.output.take_events()
     }
 
-    fn out_of_memory(&self) -> Option<String> {
+    fn out_of_memory(&self, failed_allocation: bool) -> Option<String> {
         let exit = self.exit?;
         self.placement
             .as_ref()?
-            .out_of_memory(exit, self.output.allocation_failed())
+            .out_of_memory(exit, failed_allocation || self.output.allocation_failed())
     }
 }
 

@@ -8,6 +8,9 @@
 //!   `memory.max`, `memory.swap.max` 0, `memory.oom.group` 1 and `cpu.max`; a step past its
 //!   memory is killed by the kernel alone (its whole cgroup, nothing else), and its
 //!   `memory.events` `oom_kill` count says so in the verdict;
+//! - **cgroup v1** (a host whose memory controller is still on v1): the same per step in the
+//!   memory and cpu hierarchies ([`cgroup_v1`]), `memory.oom_control`'s `oom_kill` count
+//!   for the verdict;
 //! - **address-space rlimit** (no usable cgroup): `RLIMIT_AS` at the memory limit, so an
 //!   allocation past it fails (`MemoryError` in Python) instead of growing; a CPU limit is not
 //!   enforced in this mode (`RLIMIT_CPU` caps total CPU seconds, not a share).
@@ -25,6 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::process::Command;
 
 use crate::launcher::{LaunchError, StepExit};
+
+mod cgroup_v1;
 
 /// Op tag: the step's memory limit (`512Mi`, `2Gi`, or a number of MiB).
 pub(crate) const MEMORY_TAG: &str = "dagster-taskiq/memory";
@@ -64,9 +69,11 @@ pub struct LimitArgs {
     )]
     pub step_cpu_limit: Option<u32>,
 
-    /// The cgroup v2 directory steps get their own cgroups under: `auto` (the controller's own
-    /// cgroup when it is delegated to it; else the rlimit fallback), `off` (always the
-    /// rlimit fallback), or a directory (must work, or the controller does not start).
+    /// The cgroup directory steps get their own cgroups under: `auto` (the controller's own
+    /// cgroup when it is its container's, v2 or else v1; else the rlimit fallback), `off`
+    /// (always the rlimit fallback), or a directory: a cgroup v2 one, or one of the cgroup v1
+    /// memory hierarchy (the cpu hierarchy's directory at the same place, if any, takes CPU
+    /// limits). A directory must work, or the controller does not start.
     #[arg(
         long,
         env = "DAGSTER_TASKIQ_STEP_CGROUP",
@@ -89,7 +96,7 @@ fn parse_cgroup_choice(text: &str) -> Result<CgroupChoice, String> {
     match text.trim() {
         "auto" => Ok(CgroupChoice::Auto),
         "off" => Ok(CgroupChoice::Off),
-        "" => Err("expected auto, off or a cgroup v2 directory".into()),
+        "" => Err("expected auto, off or a cgroup directory".into()),
         dir if Path::new(dir).is_absolute() => Ok(CgroupChoice::Dir(dir.into())),
         dir => Err(format!("{dir:?} is not an absolute path (or auto, off)")),
     }
@@ -200,6 +207,11 @@ pub enum CgroupError {
     NotNamespaced(String),
     #[error("{dir} has no memory controller (cgroup.controllers: {controllers:?})")]
     NoMemoryController { dir: PathBuf, controllers: String },
+    #[error(
+        "{0} is neither a cgroup v2 directory (cgroup.controllers) nor one of the cgroup v1 \
+         memory hierarchy (memory.limit_in_bytes)"
+    )]
+    NotACgroup(PathBuf),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -208,7 +220,7 @@ pub enum CgroupError {
     },
 }
 
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError {
+pub(super) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError {
     let path = path.to_owned();
     move |source| CgroupError::Io { what, path, source }
 }
@@ -219,6 +231,9 @@ pub(crate) enum Mode {
     /// Step cgroups under `root` (whose `cgroup.subtree_control` has memory, and cpu when
     /// `cpu` is true).
     Cgroup { root: PathBuf, cpu: bool },
+    /// cgroup v1: step cgroups under the memory hierarchy's directory, and the cpu
+    /// hierarchy's when CPU limits are enforced.
+    CgroupV1(cgroup_v1::Roots),
     /// `RLIMIT_AS` at the memory limit; CPU not enforced.
     Rlimit,
 }
@@ -259,38 +274,46 @@ impl StepLimiter {
                 );
                 Mode::Rlimit
             }
-            CgroupChoice::Dir(dir) => {
+            // A cgroup v2 directory has cgroup.controllers; anything else must be v1 memory.
+            CgroupChoice::Dir(dir) if dir.join("cgroup.controllers").exists() => {
                 let cpu = prepare_root(dir)?;
-                log_cgroup_mode(dir, cpu);
                 Mode::Cgroup {
                     root: dir.clone(),
                     cpu,
                 }
             }
+            CgroupChoice::Dir(dir) => Mode::CgroupV1(cgroup_v1::prepare(dir)?),
             CgroupChoice::Auto => match delegate_own_cgroup() {
-                Ok((root, cpu)) => {
-                    log_cgroup_mode(&root, cpu);
-                    Mode::Cgroup { root, cpu }
-                }
-                Err(why) => {
-                    tracing::info!(
-                        reason = %why,
-                        "step resource limits: address-space rlimit (RLIMIT_AS), no delegated cgroup v2; CPU limits are not enforced"
-                    );
-                    Mode::Rlimit
-                }
+                Ok((root, cpu)) => Mode::Cgroup { root, cpu },
+                Err(v2) => match cgroup_v1::own() {
+                    Ok(roots) => Mode::CgroupV1(roots),
+                    Err(v1) => {
+                        tracing::info!(
+                            v2 = %v2,
+                            v1 = %v1,
+                            "step resource limits: address-space rlimit (RLIMIT_AS), no delegated cgroup; CPU limits are not enforced"
+                        );
+                        Mode::Rlimit
+                    }
+                },
             },
         };
+        log_cgroup_mode(&mode);
         if let Some(memory) = defaults.memory {
             tracing::info!(
                 limit = %human_bytes(memory),
                 "default step memory limit (--step-memory-limit)"
             );
         }
-        if let (Some(cpu), Mode::Rlimit) = (defaults.cpu, &mode) {
+        let cpu_enforced = match &mode {
+            Mode::Cgroup { cpu, .. } => *cpu,
+            Mode::CgroupV1(roots) => roots.cpu.is_some(),
+            Mode::Rlimit => false,
+        };
+        if let (Some(cpu), false) = (defaults.cpu, cpu_enforced) {
             tracing::warn!(
                 millicores = cpu,
-                "--step-cpu-limit is not enforced without a delegated cgroup v2"
+                "--step-cpu-limit is not enforced: no cgroup with the cpu controller"
             );
         }
         Ok(Self::with_mode(defaults, mode))
@@ -312,26 +335,41 @@ impl StepLimiter {
         if limits.is_empty() {
             return Ok(None);
         }
+        let name = || {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            format!("step-{}-{n}-{task_id}", std::process::id())
+        };
+        let failed = |e: CgroupError| LaunchError::Transient(format!("step cgroup: {e}"));
         let cgroup = match &self.mode {
             Mode::Rlimit => None,
             Mode::Cgroup { root, cpu } => {
-                let n = self.next.fetch_add(1, Ordering::Relaxed);
-                let dir = root.join(format!("step-{}-{n}-{task_id}", std::process::id()));
-                create_step_cgroup(&dir, limits, *cpu)
-                    .map_err(|e| LaunchError::Transient(format!("step cgroup: {e}")))?;
-                Some(dir)
+                let dir = root.join(name());
+                create_step_cgroup(&dir, limits, *cpu).map_err(failed)?;
+                Some(StepCgroup::V2(dir))
+            }
+            Mode::CgroupV1(roots) => {
+                let dirs = cgroup_v1::create(roots, &name(), limits).map_err(failed)?;
+                Some(StepCgroup::V1(dirs))
             }
         };
         Ok(Some(Placement { limits, cgroup }))
     }
 }
 
-fn log_cgroup_mode(root: &Path, cpu: bool) {
-    tracing::info!(
-        root = %root.display(),
-        cpu,
-        "step resource limits: a cgroup v2 per step (memory.max, memory.swap.max 0, cpu.max)"
-    );
+fn log_cgroup_mode(mode: &Mode) {
+    match mode {
+        Mode::Cgroup { root, cpu } => tracing::info!(
+            root = %root.display(),
+            cpu,
+            "step resource limits: a cgroup v2 per step (memory.max, memory.swap.max 0, cpu.max)"
+        ),
+        Mode::CgroupV1(roots) => tracing::info!(
+            memory = %roots.memory.display(),
+            cpu = ?roots.cpu,
+            "step resource limits: a cgroup v1 per step (memory.limit_in_bytes, no swap, cpu.cfs_quota_us)"
+        ),
+        Mode::Rlimit => {}
+    }
 }
 
 /// Checks `dir` is a cgroup v2 directory with the memory controller and enables memory (and
@@ -493,25 +531,75 @@ fn create_step_cgroup(dir: &Path, limits: Limits, cpu: bool) -> Result<(), Cgrou
     result
 }
 
+/// A step's own cgroup (v2) or cgroups (v1: memory, then cpu), removed with its placement.
+#[derive(Debug)]
+pub(crate) enum StepCgroup {
+    V2(PathBuf),
+    V1(Vec<PathBuf>),
+}
+
+impl StepCgroup {
+    fn dirs(&self) -> &[PathBuf] {
+        match self {
+            StepCgroup::V2(dir) => std::slice::from_ref(dir),
+            StepCgroup::V1(dirs) => dirs,
+        }
+    }
+
+    /// The kernel's OOM kills in the step's memory cgroup so far.
+    fn oom_kills(&self) -> Option<u64> {
+        match self {
+            StepCgroup::V2(dir) => {
+                let events = fs::read_to_string(dir.join("memory.events")).ok()?;
+                events
+                    .lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|n| n.trim().parse().ok())
+            }
+            StepCgroup::V1(dirs) => cgroup_v1::oom_kills(dirs.first()?),
+        }
+    }
+
+    /// Ends what the step left running in its cgroup (v2: `cgroup.kill`; v1: each process).
+    fn kill_leftovers(&self) {
+        match self {
+            StepCgroup::V2(dir) => {
+                let _ = fs::write(dir.join("cgroup.kill"), "1");
+            }
+            StepCgroup::V1(dirs) => {
+                for dir in dirs {
+                    cgroup_v1::kill_all(dir);
+                }
+            }
+        }
+    }
+}
+
 /// One step's limits as applied: its cgroup (removed when this is dropped) or its rlimit.
 #[derive(Debug)]
 pub(crate) struct Placement {
     limits: Limits,
-    cgroup: Option<PathBuf>,
+    cgroup: Option<StepCgroup>,
 }
 
 impl Placement {
     /// Makes a cold step's child enter its cgroup, or set its rlimit, before exec.
     pub(crate) fn before_exec(&self, command: &mut Command) -> std::io::Result<()> {
         match &self.cgroup {
-            Some(dir) => {
+            Some(cgroup) => {
                 // Opened here: the child only writes (async-signal-safe); "0" is the writer.
-                let procs = File::options().write(true).open(dir.join("cgroup.procs"))?;
-                // SAFETY: write(2) on an open descriptor is async-signal-safe.
+                let procs = cgroup
+                    .dirs()
+                    .iter()
+                    .map(|dir| File::options().write(true).open(dir.join("cgroup.procs")))
+                    .collect::<std::io::Result<Vec<File>>>()?;
+                // SAFETY: write(2) on open descriptors is async-signal-safe.
                 unsafe {
                     command.pre_exec(move || {
-                        let mut procs = &procs;
-                        procs.write_all(b"0")
+                        for mut file in &procs {
+                            file.write_all(b"0")?;
+                        }
+                        Ok(())
                     });
                 }
             }
@@ -530,7 +618,10 @@ impl Placement {
     /// Places a forked warm step (not yet running its step: it waits for its go byte).
     pub(crate) fn adopt(&self, pid: u32) -> std::io::Result<()> {
         match &self.cgroup {
-            Some(dir) => fs::write(dir.join("cgroup.procs"), pid.to_string()),
+            Some(cgroup) => cgroup
+                .dirs()
+                .iter()
+                .try_for_each(|dir| fs::write(dir.join("cgroup.procs"), pid.to_string())),
             None => match self.limits.memory {
                 Some(memory) => set_address_space_limit(pid as libc::pid_t, memory),
                 None => Ok(()),
@@ -538,22 +629,21 @@ impl Placement {
         }
     }
 
-    /// The sentence for a step that ended for its memory limit: the kernel OOM-killed its
-    /// cgroup, or (rlimit mode) an allocation failed (one of its stderr lines named the error:
-    /// `allocation_failed`, see [`names_an_allocation_failure`]). Call after it exited.
+    /// The sentence for a step that ended for its memory limit: the kernel OOM-killed in its
+    /// cgroup, or (rlimit mode) an allocation failed (`allocation_failed`: Dagster recorded a
+    /// `MemoryError`, or a stderr line named a failed allocation, see
+    /// [`names_an_allocation_failure`]). Call after it exited.
     pub(crate) fn out_of_memory(&self, exit: StepExit, allocation_failed: bool) -> Option<String> {
         let limit = human_bytes(self.limits.memory?);
         match &self.cgroup {
-            Some(dir) => {
-                let events = fs::read_to_string(dir.join("memory.events")).ok()?;
-                let killed = events
-                    .lines()
-                    .find_map(|l| l.strip_prefix("oom_kill "))
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .unwrap_or(0);
-                (killed > 0).then(|| {
+            Some(cgroup) => {
+                let file = match cgroup {
+                    StepCgroup::V2(_) => "memory.max",
+                    StepCgroup::V1(_) => "memory.limit_in_bytes",
+                };
+                (cgroup.oom_kills().unwrap_or(0) > 0).then(|| {
                     format!(
-                        "out of memory: {limit} limit (the step's cgroup reached memory.max and \
+                        "out of memory: {limit} limit (the step's cgroup reached {file} and \
                          the kernel killed it; {})",
                         exit.short()
                     )
@@ -572,25 +662,31 @@ impl Placement {
 
 impl Drop for Placement {
     fn drop(&mut self) {
-        let Some(dir) = &self.cgroup else {
+        let Some(cgroup) = &self.cgroup else {
             return;
         };
-        if fs::remove_dir(dir).is_ok() {
-            return;
-        }
-        // Something the step started outlived it: the cgroup takes it down (Linux 5.14+); the
-        // directory can go once the kernel has finished those exits, a few milliseconds.
-        let _ = fs::write(dir.join("cgroup.kill"), "1");
-        let mut last = None;
-        for _ in 0..STRAY_EXIT_POLLS {
-            match fs::remove_dir(dir) {
-                Ok(()) => return,
-                Err(e) => last = Some(e),
+        for dir in cgroup.dirs() {
+            if fs::remove_dir(dir).is_ok() {
+                continue;
             }
-            std::thread::sleep(STRAY_EXIT_POLL);
-        }
-        if let Some(e) = last {
-            tracing::warn!(cgroup = %dir.display(), %e, "cannot remove the step's cgroup");
+            // Something the step started outlived it: it goes with the step (cgroup.kill
+            // needs Linux 5.14+); the directory can go once the kernel has finished those
+            // exits, a few milliseconds.
+            let mut last = None;
+            for _ in 0..STRAY_EXIT_POLLS {
+                cgroup.kill_leftovers();
+                std::thread::sleep(STRAY_EXIT_POLL);
+                match fs::remove_dir(dir) {
+                    Ok(()) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                tracing::warn!(cgroup = %dir.display(), %e, "cannot remove the step's cgroup");
+            }
         }
     }
 }
@@ -760,7 +856,7 @@ mod tests {
             .prepare(&BTreeMap::new(), "task-1")
             .unwrap()
             .unwrap();
-        let dir = placement.cgroup.clone().unwrap();
+        let dir = placement.cgroup.as_ref().unwrap().dirs()[0].clone();
         assert!(dir.is_dir());
         let inside = format!(
             "0::/{}",
@@ -793,6 +889,126 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(forked.wait().unwrap().signal(), Some(libc::SIGKILL));
         assert!(!dir.exists(), "{} is still there", dir.display());
+    }
+
+    /// The step cgroup root a memory test can use on this host: where memory is still on v1,
+    /// a child of this process's own memory cgroup and the cpu hierarchy's directory at the
+    /// same place (created for the test, as an operator delegates both); else a cgroup2
+    /// mount's. Fails loudly when neither can be made (root is needed).
+    enum MemoryHost {
+        V1 {
+            root: PathBuf,
+            created: Vec<PathBuf>,
+        },
+        V2(Cgroup2),
+    }
+
+    impl MemoryHost {
+        fn new() -> Self {
+            let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+            let membership = fs::read_to_string("/proc/self/cgroup").unwrap();
+            let Some(own) = cgroup_v1::own_dir(&mountinfo, &membership, "memory") else {
+                return MemoryHost::V2(Cgroup2::mount());
+            };
+            let root = own.join(format!("dagster-taskiq-unit-{}", std::process::id()));
+            let mut created = Vec::new();
+            fs::create_dir(&root)
+                .unwrap_or_else(|e| panic!("cannot create {} (needs root): {e}", root.display()));
+            created.push(root.clone());
+            if let Some(cpu) = cgroup_v1::cpu_counterpart(&mountinfo, &root) {
+                let mut missing: Vec<&Path> =
+                    cpu.ancestors().take_while(|dir| !dir.exists()).collect();
+                missing.reverse();
+                for dir in missing {
+                    fs::create_dir(dir).unwrap();
+                    created.push(dir.to_owned());
+                }
+            }
+            MemoryHost::V1 { root, created }
+        }
+
+        fn mode(&self) -> Mode {
+            match self {
+                MemoryHost::V1 { root, .. } => Mode::CgroupV1(cgroup_v1::prepare(root).unwrap()),
+                MemoryHost::V2(cgroup) => Mode::Cgroup {
+                    cpu: prepare_root(&cgroup.root).unwrap(),
+                    root: cgroup.root.clone(),
+                },
+            }
+        }
+    }
+
+    impl Drop for MemoryHost {
+        fn drop(&mut self) {
+            if let MemoryHost::V1 { created, .. } = self {
+                for dir in created.iter().rev() {
+                    let _ = fs::remove_dir(dir);
+                }
+            }
+        }
+    }
+
+    /// The kernel enforces the limit: a cold child that touches 4× its memory limit is
+    /// OOM-killed in its cgroup, the sentence names the limit, and this test's process (in the
+    /// parent cgroup) is untouched; a forked process is moved in, its CPU quota is written,
+    /// and dropping the placement kills what is left and removes the cgroups.
+    #[tokio::test]
+    async fn a_child_past_its_memory_limit_is_killed_by_the_kernel_alone() {
+        let host = MemoryHost::new();
+        let limiter = StepLimiter::with_mode(
+            Limits {
+                memory: Some(64 * MIB),
+                cpu: Some(250),
+            },
+            host.mode(),
+        );
+        let placement = limiter
+            .prepare(&BTreeMap::new(), "task-oom")
+            .unwrap()
+            .unwrap();
+        let cgroup = placement.cgroup.as_ref().unwrap();
+        let dirs = cgroup.dirs().to_vec();
+
+        let mut hog = Command::new("python3");
+        hog.args([
+            "-c",
+            "b = bytearray(256 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('survived')",
+        ]);
+        placement.before_exec(&mut hog).unwrap();
+        let out = hog.output().await.unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{out:?}");
+        let sentence = placement
+            .out_of_memory(StepExit::Signal(9), false)
+            .expect("an OOM kill in the step's cgroup");
+        assert!(
+            sentence.starts_with("out of memory: 64 MiB limit (the step's cgroup reached memory."),
+            "{sentence}"
+        );
+
+        let mut forked = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        placement.adopt(forked.id()).unwrap();
+        for dir in &dirs {
+            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+            assert_eq!(procs.trim(), forked.id().to_string(), "{}", dir.display());
+        }
+        // A quarter core: 25 ms of every 100 ms.
+        let quota = match cgroup {
+            StepCgroup::V2(dir) => fs::read_to_string(dir.join("cpu.max")),
+            StepCgroup::V1(dirs) => {
+                assert_eq!(dirs.len(), 2, "no cpu cgroup: {dirs:?}");
+                fs::read_to_string(dirs[1].join("cpu.cfs_quota_us"))
+            }
+        };
+        assert!(quota.unwrap().starts_with("25000"));
+        drop(placement);
+        assert_eq!(forked.wait().unwrap().signal(), Some(libc::SIGKILL));
+        for dir in &dirs {
+            assert!(!dir.exists(), "{} is still there", dir.display());
+        }
     }
 
     /// A real rlimit on a real child.
