@@ -53,10 +53,16 @@ versions: $(VERSION_VENVS)
 build:
 	cargo build --release --locked
 
-# A no-op after `cargo test`, which builds the binary for the integration tests (with the
-# same features: a plain `cargo build` would compile the library a second time).
+# The debug build of every target (the binary the Python suite runs, the tests, the benches)
+# with clippy's lints on our crate, -D warnings: clippy-driver compiles as rustc does and lints
+# on the way (what `cargo clippy` runs in check mode), so `make test` compiles the dependencies
+# once instead of once to check and once to build. test-rust builds with the same wrapper, so
+# nothing is compiled again.
+CLIPPY_DRIVER = $(or $(shell rustup which clippy-driver 2>/dev/null),$(shell command -v clippy-driver),$(error clippy-driver not found: rustup component add clippy))
+LINTED_BUILD = RUSTC_WORKSPACE_WRAPPER=$(CLIPPY_DRIVER) CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
 build-debug:
-	cargo test --locked --no-run
+	cargo fmt --check
+	$(LINTED_BUILD) cargo test --locked --no-run --all-targets
 
 # Headless Chromium for the dashboard's browser test (Debian package; needs root and apt).
 browser:
@@ -103,7 +109,7 @@ lint-python: setup
 	$(VENV)/bin/ruff format --check --config python/pyproject.toml $(RUFF_PATHS)
 
 test-rust: setup
-	MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server cargo test --locked
+	$(LINTED_BUILD) MOTO_SERVER=$(CURDIR)/$(VENV)/bin/moto_server cargo test --locked
 
 # Against the debug binary `cargo test` built. First in parallel (pytest-xdist workers, one
 # moto server for all), then the tests marked `serial` (fixed wall-clock budgets on step work)
@@ -116,9 +122,10 @@ test-python: setup build-debug browser a11y postgresql versions
 	$(PYTEST_ENV) $(PYTEST) -m serial --durations=10
 
 # The Python environments (the package's venv, then the older Dagster versions') and the browser
-# and PostgreSQL packages install in the background (mostly network and disk) while the Rust
-# lint and test build use the CPU; the Python lint and the Rust tests (which need moto from the
-# venv) follow, and test-python waits for the packages.
+# and PostgreSQL packages install in the background (mostly network and disk) while the linted
+# Rust build (build-debug: rustfmt, clippy and the test build in one compilation) uses the CPU;
+# the Python lint and the Rust tests (which need moto from the venv) follow, and test-python
+# waits for the packages.
 VERSIONS_LOG := .venv-versions/build.log
 PACKAGES_LOG := .venv-versions/packages.log
 test:
@@ -126,7 +133,7 @@ test:
 	@{ $(MAKE) --no-print-directory setup && $(MAKE) --no-print-directory versions; } \
 		> $(VERSIONS_LOG) 2>&1 & python=$$!; \
 	$(MAKE) --no-print-directory browser a11y postgresql > $(PACKAGES_LOG) 2>&1 & packages=$$!; \
-	$(MAKE) --no-print-directory lint-rust build-debug; status=$$?; \
+	$(MAKE) --no-print-directory build-debug; status=$$?; \
 	if ! wait $$python; then echo "make setup versions failed:"; cat $(VERSIONS_LOG); exit 1; fi; \
 	[ $$status -eq 0 ] || exit $$status; \
 	$(MAKE) --no-print-directory lint-python test-rust || exit $$?; \

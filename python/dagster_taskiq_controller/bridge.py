@@ -553,13 +553,17 @@ class Bridge:
         attempt = _attempt_param(params)
         instance = self.instance()
         run = instance.get_run_by_id(run_id)
-        state = self._step_state(instance, run, step_key, attempt)
-        if run is not None:
-            state["stored_step"] = self._stored_step(instance, run, step_key)
-            if state["attempt_finished"]:
-                state["failure_classes"] = self._failure_classes(
-                    instance, run_id, step_key, attempt
-                )
+        if run is None:
+            return _state_of(None, [], attempt)
+        terminal = self._terminal_events(instance, run_id, step_key)
+        state = _state_of(run, terminal, attempt)
+        state["stored_step"] = self._stored_step(instance, run, step_key)
+        if len(terminal) > attempt:
+            # Its failure's errors are read only when it failed: a success reads nothing more.
+            failed = terminal[attempt] != DagsterEventType.STEP_SUCCESS.value
+            state["failure_classes"] = (
+                self._failure_classes(instance, run_id, step_key, attempt) if failed else []
+            )
         return state
 
     def _failure_classes(

@@ -15,6 +15,7 @@ import threading
 import urllib.request
 import uuid
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,14 @@ def test_a_killed_controller_is_replaced_and_its_running_tasks_are_adopted(stack
         ("total", 0): 1,
     }
     assert stack.log("controller-b").count("adopting the running ECS task") == 3
+    # Each task's "runs as" event is written once, by the launch (an adopted task gets none
+    # again; the first controller may have died before writing one).
+    runs_as = Counter(
+        e.step_key
+        for e in events_of(stack.instance, run_id, DagsterEventType.ENGINE_EVENT)
+        if " runs as arn:aws:ecs:" in (e.message or "")
+    )
+    assert runs_as["total"] == 1 and max(runs_as.values()) == 1, runs_as
     assert not verdicts_of(stack.instance, run_id)
     wait_for(stack.queue_empty, 15, "every message to be deleted")
 

@@ -140,9 +140,10 @@ pub(super) async fn live(
 
 /// Writes an engine event with the execution's pages (an ECS task, its log stream) into the
 /// step's Dagster log, in the background: the Dagster UI then leads to the step's logs. An
-/// execution without such pages (a local process) writes nothing.
+/// execution without such pages (a local process) writes nothing, nor does an adopted one
+/// (the delivery that launched it wrote its event).
 fn report_launch(ctx: &Context, step: &StepRequest, running: &dyn RunningStep, links: &[Link]) {
-    if links.is_empty() {
+    if links.is_empty() || running.adopted() {
         return;
     }
     let metadata = BTreeMap::from([

@@ -448,7 +448,7 @@ impl EcsLauncher {
         })
     }
 
-    fn running(&self, view: TaskView, step: &StepRequest) -> Box<dyn RunningStep> {
+    fn running(&self, view: TaskView, step: &StepRequest, adopted: bool) -> Box<dyn RunningStep> {
         let arn = view.task_arn.clone();
         let rx = self.tracker.track(&arn, Some(view));
         let links = crate::links::ecs_links(
@@ -469,6 +469,7 @@ impl EcsLauncher {
             stop_sent: false,
             // The request put the shim with the timeout in the task (request/build.rs).
             enforces_timeout: step.timeout.is_some(),
+            adopted,
         })
     }
 
@@ -505,7 +506,7 @@ impl Launcher for EcsLauncher {
                 if let Some(view) = existing {
                     let state = if view.is_stopped() { "stopped" } else { "running" };
                     tracing::info!(task = %view.task_arn, status = %view.last_status, "adopting the {state} ECS task of the attempt");
-                    return Ok(self.running(view, step));
+                    return Ok(self.running(view, step, true));
                 }
             }
             let mut settings =
@@ -520,7 +521,7 @@ impl Launcher for EcsLauncher {
                 .await?;
             let view = self.run_task(&request).await?;
             tracing::info!(task = %view.task_arn, "ECS task started");
-            Ok(self.running(view, step))
+            Ok(self.running(view, step, false))
         }
         .instrument(span)
         .await
@@ -568,6 +569,8 @@ struct EcsStep {
     exit: Option<StepExit>,
     stop_sent: bool,
     enforces_timeout: bool,
+    /// Found running from an earlier delivery, not launched by this one.
+    adopted: bool,
 }
 
 impl EcsStep {
@@ -633,6 +636,10 @@ impl RunningStep for EcsStep {
 
     fn survives_controller(&self) -> bool {
         true
+    }
+
+    fn adopted(&self) -> bool {
+        self.adopted
     }
 
     fn enforces_timeout(&self) -> bool {

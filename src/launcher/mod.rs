@@ -161,6 +161,11 @@ pub trait RunningStep: Send + Sync {
     fn out_of_memory(&self, _failed_allocation: bool) -> Option<String> {
         None
     }
+    /// True when this execution was adopted (an ECS task an earlier delivery launched): its
+    /// launch was reported then.
+    fn adopted(&self) -> bool {
+        false
+    }
     /// True when the execution keeps running without this controller (an ECS task): on
     /// shutdown or lease loss its message is handed back for another replica to adopt the
     /// execution, instead of killing it.
