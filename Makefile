@@ -14,8 +14,9 @@ DEBUG_BIN := target/debug/dagster-taskiq-controller
 BINARY_ENV := DAGSTER_TASKIQ_CONTROLLER_BINARY
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
-# pytest-xdist workers of `make test-python` (see the Development section of README.md).
-PYTEST_WORKERS ?= 3
+# pytest-xdist workers of `make test-python` (see the Development section of README.md): 4 on
+# 2 cores, as the outage tests hold a worker for minutes while they mostly wait.
+PYTEST_WORKERS ?= 4
 RUFF_PATHS := bench examples
 
 .PHONY: setup versions build build-debug browser a11y postgresql demo test test-rust test-python test-deploy lint lint-rust lint-python fmt bench bench-e2e chaos fuzz clean

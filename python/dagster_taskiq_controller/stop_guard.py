@@ -15,10 +15,16 @@ Dagster wants this attempt stopped:
 - yes (the run is CANCELING or over, or the executor's ``terminate_step`` asked for this
   attempt: what the controller stops a step for): SIGINT to itself, Dagster's own interrupt,
   so a cancel ends exactly as before;
-- no (or the instance cannot say): it writes why to stderr, SIGKILLs the rest of its process
-  group and exits with ``EXIT_STOPPED_FROM_OUTSIDE`` without writing anything to Dagster. The
-  controller then finds no outcome for the attempt and writes its verdict (the ECS stop cause,
-  or the outside SIGTERM).
+- no (or the instance cannot say), at the first look and at each of ``RECHECK_PAUSES`` after
+  it: it writes why to stderr, SIGKILLs the rest of its process group and exits with
+  ``EXIT_STOPPED_FROM_OUTSIDE`` without writing anything to Dagster. The controller then finds
+  no outcome for the attempt and writes its verdict (the ECS stop cause, or the outside
+  SIGTERM).
+
+The looks again are for a read that trails the write the stop follows: the controller stops a
+run's steps as soon as its own read shows the run CANCELING, and this process's read may not
+show it yet (a cancel reached only some steps' guards on CI's SQLite instance). An
+infrastructure stop pays for them with under 2 s of its grace (ECS gives 30 s, Spot 2 min).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Mapping
 from types import FrameType
@@ -38,6 +45,8 @@ ARGS_ENV = "DAGSTER_COMPRESSED_EXECUTE_STEP_ARGS"
 # local step names it (src/launcher/mod.rs, STOPPED_FROM_OUTSIDE_EXIT).
 EXIT_STOPPED_FROM_OUTSIDE = 128 + signal.SIGTERM
 PREFIX = "dagster_taskiq_controller.stop_guard"
+# Seconds between the looks at the instance before a SIGTERM counts as from outside.
+RECHECK_PAUSES = (0.2, 0.5, 1.0)
 
 _lock = threading.Lock()
 # None until the first SIGTERM; then "deciding", "dagster" (passed on) or "outside".
@@ -92,14 +101,22 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 
 
-def _decide() -> None:
+def _ask() -> tuple[str | None, str]:
+    """Why Dagster wants this attempt stopped (None: it does not), and a doubt to log when the
+    instance could not say."""
     try:
-        why = stop_requested_by_dagster(os.environ)
+        return stop_requested_by_dagster(os.environ), ""
     except Exception as exc:
-        why = None
-        doubt = f" (the instance could not say: {type(exc).__name__}: {exc})"
-    else:
-        doubt = ""
+        return None, f" (the instance could not say: {type(exc).__name__}: {exc})"
+
+
+def _decide() -> None:
+    why, doubt = _ask()
+    for pause in RECHECK_PAUSES:
+        if why is not None:
+            break
+        time.sleep(pause)
+        why, doubt = _ask()
     if why is not None:
         with _lock:
             _verdict["state"] = "dagster"

@@ -142,3 +142,22 @@ def test_a_sigterm_during_a_requested_stop_is_dagsters_interrupt() -> None:
     )
     assert result.stdout.strip() == "interrupted", result.stderr
     assert "the run is CANCELING: interrupting the step" in result.stderr
+
+
+def test_a_stop_whose_cancel_this_read_does_not_show_yet_is_still_dagsters() -> None:
+    # The first look trails the write the stop followed (the run's CANCELING); a later look
+    # shows it, and the stop is Dagster's interrupt, not one from outside.
+    result = _python(
+        "import os, signal, time\n"
+        "from dagster_taskiq_controller import stop_guard\n"
+        "answers = [None, None, 'the run is CANCELING']\n"
+        "stop_guard.stop_requested_by_dagster = lambda env: answers.pop(0)\n"
+        "stop_guard.install()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', len(answers))\n"
+    )
+    assert result.stdout.strip() == "interrupted 0", result.stderr
+    assert "did not ask for" not in result.stderr
