@@ -81,6 +81,8 @@ class Measured:
     seconds: dict[str, list[float]] = field(default_factory=dict)
     # Seconds from message received (controller) or task entry (taskiq) to op code running.
     start_latency: list[float] = field(default_factory=list)
+    # The same per job (graph name).
+    start_latency_by_graph: dict[str, list[float]] = field(default_factory=dict)
     # Controller only: per phase, seconds.
     phases: dict[str, list[float]] = field(default_factory=dict)
 
@@ -190,8 +192,15 @@ class Bench:
                 seconds, run_id = self.run_job(job_name, variant.run_config)
                 times.append(seconds)
                 if observe is not None:
+                    before = len(measured.start_latency)
                     observe(run_id, measured)
+                    measured.start_latency_by_graph.setdefault(graph, []).extend(
+                        measured.start_latency[before:]
+                    )
                 self.observe_hop(variant.name, run_id)
+                # Per job too: in the fan-out most branches wait for one of the controller's
+                # run slots, which the diamond's steps (at most 2 at once) never do.
+                self.observe_hop(f"{variant.name}/{graph}", run_id)
             self.hop_calls_since(variant.name, calls_before)
             measured.seconds[graph] = times
             log(
@@ -226,9 +235,19 @@ class Bench:
 
     def hop_report(self, present: list[tuple[str, str]]) -> list[str]:
         rows = [(label, self.hops[name]) for name, label in present if name in self.hops]
-        lines = hop.hop_table(rows, percentile)
+        per_job = [
+            (f"{label}, {graph}", self.hops[f"{name}/{graph}"])
+            for name, label in present
+            for graph in GRAPHS
+            if f"{name}/{graph}" in self.hops
+        ]
+        lines = hop.hop_table(rows + per_job, percentile)
         for label, breakdown in rows:
             lines += hop.report_lines(label, breakdown, percentile)
+        # The stages without the wait for a run slot: the diamond's.
+        for label, breakdown in per_job:
+            if label.endswith(f", {GRAPHS[0]}"):
+                lines += hop.report_lines(label, breakdown, percentile)
         return lines
 
     def run_in_process(self) -> None:
@@ -471,12 +490,16 @@ class Bench:
             "|---|---|---|---|",
         ]
         for name, label in present:
-            latency = self.results[name].start_latency
-            if latency:
-                lines.append(
-                    f"| {label} | {len(latency)} | {percentile(latency, 0.5):.3f} | "
-                    f"{percentile(latency, 0.99):.3f} |"
-                )
+            rows = [(label, self.results[name].start_latency)] + [
+                (f"{label}, {graph}", values)
+                for graph, values in self.results[name].start_latency_by_graph.items()
+            ]
+            for row_label, latency in rows:
+                if latency:
+                    lines.append(
+                        f"| {row_label} | {len(latency)} | {percentile(latency, 0.5):.3f} | "
+                        f"{percentile(latency, 0.99):.3f} |"
+                    )
         lines += self.hop_report(present)
         for name, label in present:
             phases = self.results[name].phases
@@ -788,6 +811,9 @@ def bench_jobs_scale_leaves() -> tuple[int, ...]:
 
 
 def main() -> int:
+    # Before anything imports bench_jobs (the parser's choices do): the taskiq variant's broker
+    # takes its queue name when taskiq_app is imported.
+    os.environ["BENCH_TASKIQ_QUEUE"] = f"bench-taskiq-{uuid.uuid4().hex[:8]}"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -848,7 +874,6 @@ def main() -> int:
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH", "")) if p
         )
-        os.environ["BENCH_TASKIQ_QUEUE"] = f"bench-taskiq-{uuid.uuid4().hex[:8]}"
         os.environ["BENCH_TASKIQ_START_LOG"] = str(workdir / "taskiq-starts.log")
         bench = Bench(args.repeats, args.binary, workdir, args.controller_concurrency)
         import bench_jobs
