@@ -237,11 +237,28 @@ enum Line {
 #[derive(Deserialize)]
 struct Response {
     id: u64,
+    #[serde(flatten)]
+    answer: Answer,
+}
+
+/// An answer: to a request, or to one entry of a `step_states` batch.
+#[derive(Deserialize)]
+struct Answer {
     ok: bool,
     #[serde(default)]
     result: Value,
     #[serde(default)]
     error: Option<ErrorBody>,
+}
+
+impl Answer {
+    fn into_result(self) -> Result<Value, BridgeError> {
+        if self.ok {
+            Ok(self.result)
+        } else {
+            Err(error_of(self.error))
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -265,20 +282,10 @@ fn error_of(error: Option<ErrorBody>) -> BridgeError {
     }
 }
 
-/// One entry of the result of `step_states`.
-#[derive(Deserialize)]
-struct Entry {
-    ok: bool,
-    #[serde(default)]
-    result: Value,
-    #[serde(default)]
-    error: Option<ErrorBody>,
-}
-
 /// The result of `step_states`.
 #[derive(Deserialize)]
 struct States {
-    states: Vec<Entry>,
+    states: Vec<Answer>,
 }
 
 /// The answers of a `step_states` request of `asked` steps.
@@ -295,13 +302,7 @@ fn entries_of(
     }
     Ok(states
         .into_iter()
-        .map(|entry| {
-            if entry.ok {
-                parse("step_states", entry.result)
-            } else {
-                Err(error_of(entry.error))
-            }
-        })
+        .map(|entry| entry.into_result().and_then(|v| parse("step_states", v)))
         .collect())
 }
 
@@ -462,8 +463,7 @@ impl SidecarBridge {
             Ok(Err(_)) => Err(BridgeError::Unavailable(
                 "sidecar exited before answering".into(),
             )),
-            Ok(Ok(response)) if response.ok => Ok(response.result),
-            Ok(Ok(response)) => Err(error_of(response.error)),
+            Ok(Ok(response)) => response.answer.into_result(),
         }
     }
 
@@ -670,15 +670,17 @@ fn fail_over_long_reply(line: OutputLine, pending: &Pending) {
     };
     let _ = waiter.send(Response {
         id: id.unwrap_or_default(),
-        ok: false,
-        result: Value::Null,
-        error: Some(ErrorBody {
-            kind: REPLY_TOO_LARGE.into(),
-            message: format!(
+        answer: Answer {
+            ok: false,
+            result: Value::Null,
+            error: Some(ErrorBody {
+                kind: REPLY_TOO_LARGE.into(),
+                message: format!(
                 "the reply is {size} bytes, over the {MAX_REPLY_BYTES}-byte limit of the bridge's \
                  reply channel"
             ),
-        }),
+            }),
+        },
     });
 }
 
@@ -912,8 +914,7 @@ mod tests {
             serde_json::from_str::<Line>(response).unwrap(),
             Line::Response(Response {
                 id: 4,
-                ok: true,
-                ..
+                answer: Answer { ok: true, .. },
             })
         ));
         // An unknown push kind is neither: logged and skipped by the reader.
