@@ -177,16 +177,6 @@ pub(super) fn create(
     }
 }
 
-/// How many times the kernel's OOM killer killed in the step's memory cgroup
-/// (`memory.oom_control`'s `oom_kill`, Linux 4.13+).
-pub(super) fn oom_kills(memory: &Path) -> Option<u64> {
-    let control = fs::read_to_string(memory.join("memory.oom_control")).ok()?;
-    control
-        .lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|n| n.trim().parse().ok())
-}
-
 /// SIGKILLs every process left in `dir` (v1 has no `cgroup.kill`).
 pub(super) fn kill_all(dir: &Path) {
     let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();

@@ -546,18 +546,26 @@ impl StepCgroup {
         }
     }
 
-    /// The kernel's OOM kills in the step's memory cgroup so far.
-    fn oom_kills(&self) -> Option<u64> {
+    /// The file of the step's memory cgroup that holds its limit, as the verdict names it.
+    fn limit_file(&self) -> &'static str {
         match self {
-            StepCgroup::V2(dir) => {
-                let events = fs::read_to_string(dir.join("memory.events")).ok()?;
-                events
-                    .lines()
-                    .find_map(|l| l.strip_prefix("oom_kill "))
-                    .and_then(|n| n.trim().parse().ok())
-            }
-            StepCgroup::V1(dirs) => cgroup_v1::oom_kills(dirs.first()?),
+            StepCgroup::V2(_) => "memory.max",
+            StepCgroup::V1(_) => "memory.limit_in_bytes",
         }
+    }
+
+    /// The kernel's OOM kills in the step's memory cgroup so far: the `oom_kill` line of
+    /// `memory.events` (v2) or `memory.oom_control` (v1, Linux 4.13+).
+    fn oom_kills(&self) -> Option<u64> {
+        let file = match self {
+            StepCgroup::V2(dir) => dir.join("memory.events"),
+            StepCgroup::V1(dirs) => dirs.first()?.join("memory.oom_control"),
+        };
+        fs::read_to_string(file)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
     }
 
     /// Ends what the step left running in its cgroup (v2: `cgroup.kill`; v1: each process).
@@ -637,10 +645,7 @@ impl Placement {
         let limit = human_bytes(self.limits.memory?);
         match &self.cgroup {
             Some(cgroup) => {
-                let file = match cgroup {
-                    StepCgroup::V2(_) => "memory.max",
-                    StepCgroup::V1(_) => "memory.limit_in_bytes",
-                };
+                let file = cgroup.limit_file();
                 (cgroup.oom_kills().unwrap_or(0) > 0).then(|| {
                     format!(
                         "out of memory: {limit} limit (the step's cgroup reached {file} and \
