@@ -197,9 +197,8 @@ class Bench:
                     measured.start_latency_by_graph.setdefault(graph, []).extend(
                         measured.start_latency[before:]
                     )
-                self.observe_hop(variant.name, run_id)
-                # Per job too: in the fan-out most branches wait for one of the controller's
-                # run slots, which the diamond's steps (at most 2 at once) never do.
+                # Per job: in the fan-out most branches wait for one of the controller's run
+                # slots, which the diamond's steps (at most 2 at once) never do.
                 self.observe_hop(f"{variant.name}/{graph}", run_id)
             self.hop_calls_since(variant.name, calls_before)
             measured.seconds[graph] = times
@@ -234,7 +233,13 @@ class Bench:
             hop.add_calls(self.hops.setdefault(name, hop.Breakdown()), before, self.hop_calls())
 
     def hop_report(self, present: list[tuple[str, str]]) -> list[str]:
-        rows = [(label, self.hops[name]) for name, label in present if name in self.hops]
+        # Each run was observed once, into its job's breakdown; a variant's is their union
+        # with the calls of its timed runs.
+        rows = []
+        for name, label in present:
+            jobs = [self.hops[f"{name}/{g}"] for g in GRAPHS if f"{name}/{g}" in self.hops]
+            if jobs or name in self.hops:
+                rows.append((label, hop.merged(jobs, self.hops.get(name))))
         per_job = [
             (f"{label}, {graph}", self.hops[f"{name}/{graph}"])
             for name, label in present

@@ -124,6 +124,21 @@ class Breakdown:
     calls: dict[str, list[float]] = field(default_factory=dict)
 
 
+def merged(parts: list[Breakdown], calls: Breakdown | None = None) -> Breakdown:
+    """One breakdown of the hops and stages of ``parts`` (in order), with the calls of
+    ``calls``."""
+    total = Breakdown(calls=dict(calls.calls) if calls is not None else {})
+    for part in parts:
+        total.hops += part.hops
+        for into, stages in (
+            (total.hop_stages, part.hop_stages),
+            (total.start_stages, part.start_stages),
+        ):
+            for stage, values in stages.items():
+                into.setdefault(stage, []).extend(values)
+    return total
+
+
 def upstreams(instance: Any, run_id: str) -> dict[str, set[str]]:
     """Step key -> the step keys whose outputs it reads, from the run's execution plan."""
     run = instance.get_run_by_id(run_id)
