@@ -132,22 +132,24 @@ def step_cgroup(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     name = f"dagster-taskiq-test-{uuid.uuid4().hex[:8]}"
     if own_memory is not None:
         memory = own_memory / name
-        created = [memory]
         memory.mkdir()
+        leaves = [memory]
         cpu_mount, memory_mount = _v1_mount("cpu"), _v1_mount("memory")
         if cpu_mount is not None and memory_mount is not None:
             cpu = cpu_mount[0] / memory.relative_to(memory_mount[0])
-            missing = [d for d in [cpu, *cpu.parents] if not d.exists()]
-            for d in reversed(missing):
-                d.mkdir()
-                created.append(d)
+            # Its parents mirror this process's memory cgroup in the cpu hierarchy and are
+            # shared by every test that runs here at the same time (the cold and warm variants
+            # run on two workers at once): created when missing, never removed (empty cgroups).
+            cpu.parent.mkdir(parents=True, exist_ok=True)
+            cpu.mkdir()
+            leaves.append(cpu)
         try:
             yield memory, "memory.limit_in_bytes"
         finally:
-            for d in reversed(created):
-                for child in d.glob("step-*/"):
+            for leaf in leaves:
+                for child in leaf.glob("step-*/"):
                     child.rmdir()
-                d.rmdir()
+                leaf.rmdir()
         return
     mount = tmp_path / "cgroup2"
     mount.mkdir()

@@ -898,8 +898,9 @@ mod tests {
 
     /// The step cgroup root a memory test can use on this host: where memory is still on v1,
     /// a child of this process's own memory cgroup and the cpu hierarchy's directory at the
-    /// same place (created for the test, as an operator delegates both); else a cgroup2
-    /// mount's. Fails loudly when neither can be made (root is needed).
+    /// same place (created for the test, as an operator delegates both; `created` lists the
+    /// two, removed after the test); else a cgroup2 mount's. Fails loudly when neither can be
+    /// made (root is needed).
     enum MemoryHost {
         V1 {
             root: PathBuf,
@@ -921,13 +922,12 @@ mod tests {
                 .unwrap_or_else(|e| panic!("cannot create {} (needs root): {e}", root.display()));
             created.push(root.clone());
             if let Some(cpu) = cgroup_v1::cpu_counterpart(&mountinfo, &root) {
-                let mut missing: Vec<&Path> =
-                    cpu.ancestors().take_while(|dir| !dir.exists()).collect();
-                missing.reverse();
-                for dir in missing {
-                    fs::create_dir(dir).unwrap();
-                    created.push(dir.to_owned());
-                }
+                // Its parents mirror this process's memory cgroup in the cpu hierarchy, shared
+                // with any other test placing cgroups here at the same time: created when
+                // missing, never removed (empty cgroups).
+                fs::create_dir_all(cpu.parent().unwrap()).unwrap();
+                fs::create_dir(&cpu).unwrap();
+                created.push(cpu);
             }
             MemoryHost::V1 { root, created }
         }
